@@ -1,0 +1,146 @@
+"""The command line: a thin Typer layer. Every command parses arguments and calls one function
+in the module that owns the concept; no training, mining or evaluation logic lives here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from tripletctl.errors import TripletctlError
+
+app = typer.Typer(
+    name="tripletctl",
+    help=(
+        "Train triplet-loss text embedding models from YAML curricula "
+        "(semi-hard -> hard-negative -> batch-hard, batches 500 -> 1000 -> 2000), "
+        "evaluate retrieval and detect embedding collapse."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(error: TripletctlError) -> None:
+    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=error.exit_code)
+
+
+OVERRIDES_HELP = "key=value overrides applied on top of the file, e.g. phases.2.steps=500 train.lr=3e-5"
+
+
+@app.command()
+def train(
+    curriculum: Path = typer.Argument(..., help="Curriculum YAML file."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output directory: same phase, step and stream position."),
+) -> None:
+    """Run every phase of a curriculum: stream, mine online, step, log, checkpoint."""
+    from tripletctl.curriculum import load_curriculum
+    from tripletctl.runner import train as run_training
+
+    try:
+        plan = load_curriculum(curriculum, overrides or [])
+        code = run_training(plan, resume=resume, console=console)
+    except TripletctlError as error:
+        _fail(error)
+    raise typer.Exit(code=code or 0)
+
+
+@app.command()
+def validate(
+    curriculum: Path = typer.Argument(..., help="Curriculum YAML file."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+) -> None:
+    """Check a curriculum (and overrides) and print the plan as a table, or every error found."""
+    from tripletctl.curriculum import load_curriculum, plan_table
+
+    try:
+        plan = load_curriculum(curriculum, overrides or [])
+    except TripletctlError as error:
+        _fail(error)
+    console.print(plan_table(plan))
+
+
+@app.command(name="eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."),
+    data: str = typer.Option(..., "--data", help="Held-out labelled source: hub dataset name, local file, directory or glob."),
+    format: Optional[str] = typer.Option(None, "--format", help="json | parquet | csv | text (default: from the file extension)."),
+    split: str = typer.Option("train", "--split", help="Split to read."),
+    text_column: str = typer.Option("text", "--text-column"),
+    label_column: str = typer.Option("label", "--label-column"),
+    max_rows: int = typer.Option(10000, "--max-rows", help="Read at most this many rows."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Encoding batch size."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
+) -> None:
+    """Measure retrieval quality: recall@1/5/10, MAP@R, R-precision, triplet accuracy."""
+    from tripletctl.evaluation import run_eval_command
+
+    try:
+        run_eval_command(
+            checkpoint, data, format=format, split=split, text_column=text_column,
+            label_column=label_column, max_rows=max_rows, batch_size=batch_size,
+            device=device, as_json=as_json, console=console,
+        )
+    except TripletctlError as error:
+        _fail(error)
+
+
+@app.command(name="inspect-collapse")
+def inspect_collapse(
+    checkpoint: Path = typer.Argument(..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."),
+    data: str = typer.Option(..., "--data", help="Labelled source to sample: hub dataset name, local file, directory or glob."),
+    format: Optional[str] = typer.Option(None, "--format", help="json | parquet | csv | text (default: from the file extension)."),
+    split: str = typer.Option("train", "--split"),
+    text_column: str = typer.Option("text", "--text-column"),
+    label_column: str = typer.Option("label", "--label-column"),
+    max_rows: int = typer.Option(2000, "--max-rows", help="Sample size."),
+    margin: float = typer.Option(0.2, "--margin", help="Margin the model was trained with."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write d(a,p)/d(a,n) histograms and the singular-value spectrum to this PNG."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Say whether embeddings have collapsed: numbers, a verdict and exit code 0 healthy / 1 at risk / 3 collapsed."""
+    from tripletctl.collapse import run_inspect_command
+
+    try:
+        code = run_inspect_command(
+            checkpoint, data, format=format, split=split, text_column=text_column,
+            label_column=label_column, max_rows=max_rows, margin=margin, plot=plot,
+            device=device, as_json=as_json, console=console,
+        )
+    except TripletctlError as error:
+        _fail(error)
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="Run directory (the curriculum's train.output_dir)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN_DIR/run.png)."),
+) -> None:
+    """Draw a whole run: mining and batch-hard loss with phase boundaries, active fraction, eval metrics."""
+    from tripletctl.plots import plot_run
+
+    try:
+        written = plot_run(run_dir, out)
+    except TripletctlError as error:
+        _fail(error)
+    console.print(f"wrote {written}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
