@@ -40,6 +40,7 @@ def train(
     curriculum: Path = typer.Argument(..., help="Curriculum YAML file."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output directory: same phase, step and stream position."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop (with a checkpoint) after this many steps in this invocation; --resume continues."),
 ) -> None:
     """Run every phase of a curriculum: stream, mine online, step, log, checkpoint."""
     from tripletctl.curriculum import load_curriculum
@@ -47,7 +48,7 @@ def train(
 
     try:
         plan = load_curriculum(curriculum, overrides or [])
-        code = run_training(plan, resume=resume, console=console)
+        code = run_training(plan, resume=resume, console=console, max_steps=max_steps)
     except TripletctlError as error:
         _fail(error)
     raise typer.Exit(code=code or 0)

@@ -1,0 +1,235 @@
+"""The embedding model: a transformers encoder, pooling, an optional MLP head and L2 normalisation.
+
+Saved models stay usable outside tripletctl: the encoder directory loads with plain
+`transformers.AutoModel.from_pretrained`, and the pieces tripletctl adds (pooling, head,
+normalisation) live beside it in `head.safetensors` and `tripletctl_model.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from tripletctl.curriculum import ModelConfig
+
+POOLINGS = ("mean", "cls")
+HEAD_FILE = "head.safetensors"
+META_FILE = "tripletctl_model.json"
+FORMAT_VERSION = 1
+
+
+class TripletEncoder(nn.Module):
+    """Encoder + pooling + optional MLP head + optional L2 norm; returns one float32 row per text."""
+
+    def __init__(self, encoder: PreTrainedModel, pooling: str = "mean",
+                 head: Sequence[int] = (), normalize: bool = True):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.head_sizes = tuple(int(s) for s in head)
+        self.head = make_head(encoder.config.hidden_size, self.head_sizes)
+        self.normalize = normalize
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.head_sizes[-1] if self.head_sizes else int(self.encoder.config.hidden_size)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Pooling, head and norm run outside autocast: bf16 sums over long rows and a bf16 norm
+        # make distances noisy enough to flip semi-hard mining decisions.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            pooled = pool(hidden.float(), attention_mask, self.pooling)
+            if self.head is not None:
+                pooled = self.head(pooled)
+            if self.normalize:
+                pooled = nn.functional.normalize(pooled, p=2.0, dim=-1, eps=1e-12)
+        return pooled
+
+
+def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """Mean over real tokens (padding excluded), or the first ([CLS]) token."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def make_head(hidden_size: int, sizes: Sequence[int]) -> nn.Sequential | None:
+    """Linear-GELU-...-Linear; the last layer has no activation so outputs can be negative."""
+    if not sizes:
+        return None
+    layers: list[nn.Module] = []
+    previous = hidden_size
+    for i, size in enumerate(sizes):
+        layers.append(nn.Linear(previous, int(size)))
+        if i < len(sizes) - 1:
+            layers.append(nn.GELU())
+        previous = int(size)
+    return nn.Sequential(*layers)
+
+
+def _with_fallbacks(load: Callable[..., PreTrainedModel], *args: Any, **kwargs: Any) -> PreTrainedModel:
+    """Ask for SDPA and no pooler layer; drop each request the model class does not support.
+
+    The unused BERT pooler would leave parameters without gradients, which DDP rejects.
+    """
+    kwargs = {"attn_implementation": "sdpa", "add_pooling_layer": False, **kwargs}
+    while True:
+        try:
+            return load(*args, **kwargs)
+        except TypeError as e:  # e.g. DistilBertModel.__init__() got an unexpected keyword 'add_pooling_layer'
+            if "add_pooling_layer" not in str(e) or "add_pooling_layer" not in kwargs:
+                raise
+            kwargs.pop("add_pooling_layer")
+        except (ValueError, ImportError):  # this architecture has no SDPA path
+            if "attn_implementation" not in kwargs:
+                raise
+            kwargs.pop("attn_implementation")
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Fast (Rust) tokenizers only: batching, offsets and worker throughput depend on them."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenizer {name_or_path!r} has no fast (tokenizers) implementation")
+    return tokenizer
+
+
+def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrainedTokenizerBase]:
+    """Build from a curriculum's model block.
+
+    `init: pretrained` loads hub/local weights; `init: config` draws random weights from
+    config.json under `torch.manual_seed(seed)`, so the same seed gives the same model.
+    """
+    if model.init == "pretrained":
+        encoder = _with_fallbacks(AutoModel.from_pretrained, model.name, dtype=torch.float32)
+    elif model.init == "config":
+        config = AutoConfig.from_pretrained(model.name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = _with_fallbacks(AutoModel.from_config, config, dtype=torch.float32)
+    else:
+        raise ValueError(f"model.init must be 'pretrained' or 'config', got {model.init!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the head is random in both modes: seed it too
+        triplet = TripletEncoder(encoder, pooling=model.pooling, head=tuple(model.head),
+                                 normalize=model.normalize)
+    return triplet, load_tokenizer(model.tokenizer or model.name)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers before saving."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
+    """Encoder (safetensors, plain-transformers loadable) + tokenizer + head + tripletctl_model.json."""
+    model = unwrap(model)
+    assert isinstance(model, TripletEncoder), type(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    unwrap(model.encoder).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    if model.head is not None:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
+        save_file(state, str(directory / HEAD_FILE))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "pooling": model.pooling,
+        "head": list(model.head_sizes),
+        "normalize": model.normalize,
+        "embedding_dim": model.embedding_dim,
+        "hidden_size": int(unwrap(model.encoder).config.hidden_size),
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[TripletEncoder, PreTrainedTokenizerBase]:
+    """Inverse of `save_model`; returns the model on `device`, in eval mode."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a tripletctl model directory (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    encoder = _with_fallbacks(AutoModel.from_pretrained, str(directory), dtype=torch.float32)
+    model = TripletEncoder(encoder, pooling=meta["pooling"], head=tuple(meta["head"]),
+                           normalize=bool(meta["normalize"]))
+    if model.head is not None:
+        model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+    return model.to(device).eval(), load_tokenizer(str(directory))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+           batch_size: int = 256, max_length: int = 128, device: str | torch.device | None = None,
+           progress: bool = False) -> Tensor:
+    """Embed `texts` → (N, D) float32 on CPU, rows in input order.
+
+    Rows are batched longest-first so each batch pads to similar lengths. `device=None` uses the
+    device the model is already on. The model's train/eval mode is restored afterwards, so the
+    collapse watchdog can call this in the middle of training.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    texts = list(texts)
+    if not texts:
+        dim = unwrap(model).embedding_dim if isinstance(unwrap(model), TripletEncoder) else 0
+        return torch.empty(0, dim, dtype=torch.float32)
+    ids = tokenizer(texts, truncation=True, max_length=max_length,
+                    return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    was_training = model.training
+    model.eval()
+    out: Tensor | None = None
+    try:
+        for start, batch_rows in _batches(order, batch_size, progress):
+            padded = tokenizer.pad({"input_ids": [ids[i] for i in batch_rows]}, return_tensors="pt")
+            emb = model(padded["input_ids"].to(device), padded["attention_mask"].to(device))
+            emb = emb.float().cpu()
+            if out is None:
+                out = torch.empty(len(texts), emb.shape[1], dtype=torch.float32)
+            out[torch.tensor(batch_rows)] = emb
+    finally:
+        model.train(was_training)
+    assert out is not None
+    return out
+
+
+def _batches(order: list[int], batch_size: int, progress: bool):
+    """Yield (start, rows) slices of `order`, optionally behind a rich progress bar."""
+    starts = range(0, len(order), batch_size)
+    if not progress:
+        for s in starts:
+            yield s, order[s:s + batch_size]
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("encoding", total=len(order))
+        for s in starts:
+            rows = order[s:s + batch_size]
+            yield s, rows
+            bar.advance(task, len(rows))

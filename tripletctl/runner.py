@@ -1,0 +1,547 @@
+"""The phase runner: one explicit loop per phase, embed -> mine -> loss -> step -> log -> checkpoint.
+
+Read `run_phase` top to bottom to know exactly what a training step does. `train` only sets up
+the model, optimiser and output directory, runs the phases in order and evaluates around them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tripletctl import mining
+from tripletctl.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from tripletctl.chunking import embed_and_backward, resolve_chunk_size
+from tripletctl.collapse import CollapseWatchdog
+from tripletctl.curriculum import Curriculum, PhaseConfig, curriculum_to_dict
+from tripletctl.data import BatchStream, check_source, read_rows
+from tripletctl.distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    check_world_size,
+    cleanup,
+    gather_labels,
+    gather_with_grad,
+    init_distributed,
+    no_sync_for,
+    wrap_model,
+)
+from tripletctl.errors import TripletctlError
+from tripletctl.evaluation import evaluate_model
+from tripletctl.model import build_model
+
+EXIT_DONE = 0
+EXIT_COLLAPSE_STOP = 1
+EXIT_INTERRUPTED = 130
+PAUSED = -1  # internal: the step budget of this invocation is spent (exit 0, resume later)
+
+
+def get_lr(step: int, phase: PhaseConfig, decay: str) -> float:
+    """Learning rate at `step` (0-based) of a phase: linear warm-up, then `decay` to 0 at the end.
+
+    Pure, like nanoGPT's get_lr: resume needs no scheduler state, only the step counter.
+    """
+    if phase.warmup_steps > 0 and step < phase.warmup_steps:
+        return phase.lr * (step + 1) / phase.warmup_steps
+    if decay == "none":
+        return phase.lr
+    decay_steps = max(1, phase.steps - phase.warmup_steps)
+    progress = min(1.0, (step - phase.warmup_steps) / decay_steps)
+    if decay == "linear":
+        return phase.lr * (1.0 - progress)
+    return phase.lr * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+@dataclass
+class RunProgress:
+    """Where the run stands; saved in every checkpoint's state.json."""
+
+    phase_index: int = 0
+    step: int = 0  # optimiser steps done in the current phase
+    global_step: int = 0
+    samples_seen: int = 0
+    mining_override: str | None = None  # set by on_collapse: fallback
+    watchdog: dict = field(default_factory=dict)
+    eval_history: list = field(default_factory=list)
+
+
+@dataclass
+class PhaseOutcome:
+    exit_code: int
+    stream_state: dict | None
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM set this; the loop checkpoints and exits cleanly at the end of the step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. tests calling train in a thread)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _device(ctx: DistContext) -> torch.device:
+    return ctx.device
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _phase_dir(output: Path, index: int, phase: PhaseConfig) -> Path:
+    return output / f"phase-{index}-{phase.name}"
+
+
+def _truncate_metrics(path: Path, global_step: int) -> None:
+    """On resume, drop records written after the checkpoint so the log has no duplicate steps."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the crash
+        if record.get("global_step", 0) <= global_step:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _evaluate(model: torch.nn.Module, tokenizer: Any, rows: Any, curriculum: Curriculum, device: torch.device) -> dict:
+    """Retrieval metrics on the held-out rows, without disturbing training RNG or mode."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    was_training = model.training
+    try:
+        metrics = evaluate_model(
+            model, tokenizer, rows, batch_size=curriculum.eval.batch_size,
+            max_length=curriculum.data.max_length, device=device,
+        )
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return metrics
+
+
+def run_phase(
+    *,
+    curriculum: Curriculum,
+    phase_index: int,
+    model: torch.nn.Module,
+    train_model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    progress: RunProgress,
+    stream_state: dict | None,
+    ctx: DistContext,
+    eval_rows: Any,
+    stop: StopFlag,
+    console: Console,
+    stop_at_global_step: int | None,
+) -> PhaseOutcome:
+    """Run one phase from `progress.step` to its last step. `model` is the bare TripletEncoder,
+    `train_model` the same model possibly wrapped in DDP (used for the forward passes)."""
+    phase = curriculum.phases[phase_index]
+    train_cfg = curriculum.train
+    device = _device(ctx)
+    output = Path(train_cfg.output_dir)
+    phase_dir = _phase_dir(output, phase_index, phase)
+    metrics_path = phase_dir / "metrics.jsonl"
+    if ctx.is_main:
+        phase_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, progress.global_step)
+
+    local_batch = phase.batch_size // ctx.world_size
+    stream = BatchStream(
+        curriculum.data, tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
+        batch_size=local_batch, seed=train_cfg.seed, state=stream_state,
+        rank=ctx.rank, world_size=ctx.world_size,
+    )
+    chunk_size = resolve_chunk_size(phase.chunk_size, local_batch, model, device, curriculum.data.max_length)
+    autocast_dtype = _autocast_dtype(train_cfg.precision, device)
+    watchdog = CollapseWatchdog(train_cfg.collapse_patience, train_cfg.collapse_tolerance)
+    if progress.watchdog:
+        watchdog.load_state_dict(progress.watchdog)
+    gather = partial(gather_with_grad, ctx=ctx) if ctx.enabled else None
+    no_sync = no_sync_for(train_model) if ctx.enabled else None
+
+    def checkpoint(state_after: dict | None) -> None:
+        progress.watchdog = watchdog.state_dict()
+        if ctx.is_main:
+            save_checkpoint(
+                phase_dir / "checkpoint", model=model, tokenizer=tokenizer, optimizer=optimizer,
+                state={**progress.__dict__, "phase_name": phase.name, "world_size": ctx.world_size},
+                stream_state=state_after, curriculum=curriculum_to_dict(curriculum),
+            )
+        barrier(ctx)
+
+    metrics_file = metrics_path.open("a", encoding="utf-8") if ctx.is_main else None
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f} hardest {task.fields[hardest]:.4f} "
+                   "active {task.fields[active]:.2f} {task.fields[rate]:.0f} samples/s"),
+        TimeRemainingColumn(),
+    )
+    bar = Progress(*columns, console=console, disable=not ctx.is_main)
+    last_state = stream_state
+    exit_code = EXIT_DONE
+    train_model.train()
+    try:
+        bar.start()
+        task = bar.add_task(f"phase {phase_index} {phase.name}", total=phase.steps, completed=progress.step,
+                            loss=float("nan"), hardest=float("nan"), active=float("nan"), rate=0.0)
+        batches = iter(stream)
+        while progress.step < phase.steps:
+            started = time.perf_counter()
+            # 1. the next class-balanced batch (tokenised in worker processes, pinned memory)
+            batch = next(batches)
+            input_ids = batch.input_ids.to(device, non_blocking=True)
+            attention_mask = batch.attention_mask.to(device, non_blocking=True)
+            labels = batch.labels.to(device, non_blocking=True)
+            global_labels = gather_labels(labels, ctx) if ctx.enabled else labels
+
+            # 2. learning rate: a pure function of the step
+            lr = get_lr(progress.step, phase, train_cfg.decay)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # 3. embed in chunks, mine over the whole (global) batch, back-propagate chunk by chunk
+            mode = progress.mining_override or phase.mining
+            generator = torch.Generator(device=device).manual_seed(train_cfg.seed * 1_000_003 + progress.global_step)
+            loss_fn = partial(
+                mining.mine, mode=mode, margin=phase.margin, distance=phase.distance,
+                fallback=phase.fallback, generator=generator,
+            )
+            loss_value, stats, _ = embed_and_backward(
+                train_model, input_ids, attention_mask, global_labels, loss_fn, chunk_size,
+                autocast_dtype=autocast_dtype, gather=gather, no_sync=no_sync,
+            )
+
+            # 4. optimiser step
+            grad_norm = None
+            if train_cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.global_step += 1
+            progress.samples_seen += phase.batch_size
+            last_state = batch.state
+
+            # 5. log: the phase's mining loss beside the batch-hard loss of the same batch
+            elapsed = time.perf_counter() - started
+            rows_skipped = int(all_reduce_sum(float(batch.rows_skipped), ctx))
+            record = {
+                "phase": phase.name, "phase_index": phase_index, "step": progress.step,
+                "global_step": progress.global_step, "mining": mode,
+                "loss": float(loss_value), "batch_hard_loss": stats.batch_hard_loss,
+                "active_fraction": stats.active_fraction, "mean_ap": stats.mean_ap, "mean_an": stats.mean_an,
+                "embedding_spread": stats.embedding_spread, "skipped_anchors": stats.skipped_anchors,
+                "num_triplets": stats.num_triplets, "lr": lr, "grad_norm": grad_norm,
+                "samples_per_s": phase.batch_size / elapsed if elapsed > 0 else None,
+                "rows_seen": int(all_reduce_sum(float(batch.rows_seen), ctx)),
+                "rows_skipped": rows_skipped,
+                "classes_evicted": int(all_reduce_sum(float(batch.classes_evicted), ctx)),
+                "chunk_size": chunk_size, "time": time.time(),
+            }
+            events = []
+            # 6. collapse watchdog: batch-hard loss stuck at the margin and no spread
+            if watchdog.update(stats.batch_hard_loss, phase.margin, stats.embedding_spread):
+                events.append({"event": "collapse", "global_step": progress.global_step, "phase": phase.name,
+                                "action": phase.on_collapse, "batch_hard_loss": stats.batch_hard_loss,
+                                "embedding_spread": stats.embedding_spread, "margin": phase.margin})
+                if ctx.is_main:
+                    bar.console.print(
+                        f"[bold yellow]collapse suspected[/] at step {progress.step} of phase {phase.name}: "
+                        f"batch-hard loss {stats.batch_hard_loss:.4f} ~ margin {phase.margin}, "
+                        f"spread {stats.embedding_spread:.4f} (on_collapse: {phase.on_collapse})"
+                    )
+                if phase.on_collapse == "fallback" and mode != "semi-hard":
+                    progress.mining_override = "semi-hard"
+                    watchdog.reset()
+                elif phase.on_collapse == "stop":
+                    exit_code = EXIT_COLLAPSE_STOP
+                elif phase.on_collapse == "warn":
+                    watchdog.reset()
+            if eval_rows is not None and curriculum.eval.every and progress.step % curriculum.eval.every == 0 \
+                    and progress.step < phase.steps:
+                events.append(_eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx))
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                for event in events:
+                    metrics_file.write(json.dumps(event) + "\n")
+                metrics_file.flush()
+            bar.update(task, completed=progress.step, loss=record["loss"], hardest=stats.batch_hard_loss,
+                       active=stats.active_fraction, rate=record["samples_per_s"] or 0.0)
+
+            # 7. checkpoint: every N steps, at the end of the phase, on Ctrl-C/SIGTERM, on a collapse stop
+            done = progress.step >= phase.steps
+            paused = stop_at_global_step is not None and progress.global_step >= stop_at_global_step
+            if done and eval_rows is not None:
+                event = _eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(event) + "\n")
+                    metrics_file.flush()
+            every = train_cfg.checkpoint_every
+            if done or paused or stop.signal is not None or exit_code == EXIT_COLLAPSE_STOP \
+                    or (every and progress.step % every == 0):
+                checkpoint(last_state)
+            if exit_code == EXIT_COLLAPSE_STOP:
+                return PhaseOutcome(EXIT_COLLAPSE_STOP, last_state)
+            if stop.signal is not None:
+                return PhaseOutcome(EXIT_INTERRUPTED, last_state)
+            if paused:
+                return PhaseOutcome(PAUSED, last_state)
+    finally:
+        bar.stop()
+        stream.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    return PhaseOutcome(EXIT_DONE, last_state)
+
+
+def _eval_event(model, tokenizer, rows, curriculum, progress, phase, ctx) -> dict:
+    metrics = _evaluate(model, tokenizer, rows, curriculum, ctx.device) if ctx.is_main else {}
+    barrier(ctx)
+    event = {"event": "eval", "global_step": progress.global_step, "phase": phase.name, "step": progress.step, **metrics}
+    progress.eval_history.append(event)
+    return event
+
+
+def _phase_summary(curriculum: Curriculum, index: int, progress: RunProgress, started: float) -> dict:
+    """Summarise a phase from its own metrics file, so the summary is true after a resume too."""
+    phase = curriculum.phases[index]
+    phase_dir = _phase_dir(Path(curriculum.train.output_dir), index, phase)
+    steps, evals, collapses = [], [], []
+    metrics_path = phase_dir / "metrics.jsonl"
+    if metrics_path.exists():
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            kind = record.get("event")
+            (evals if kind == "eval" else collapses if kind == "collapse" else steps).append(record)
+    tail = steps[-max(1, len(steps) // 10):] if steps else []
+
+    def mean(key: str, records: list) -> float | None:
+        values = [r[key] for r in records if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {
+        "index": index, "name": phase.name, "mining": phase.mining, "batch_size": phase.batch_size,
+        "margin": phase.margin, "steps": phase.steps, "steps_done": len(steps),
+        "first_loss": steps[0]["loss"] if steps else None,
+        "first_batch_hard_loss": steps[0]["batch_hard_loss"] if steps else None,
+        "final_loss": mean("loss", tail), "final_batch_hard_loss": mean("batch_hard_loss", tail),
+        "final_active_fraction": mean("active_fraction", tail),
+        "final_embedding_spread": mean("embedding_spread", tail),
+        "mean_samples_per_s": mean("samples_per_s", steps),
+        "rows_skipped": steps[-1]["rows_skipped"] if steps else 0,
+        "classes_evicted": steps[-1]["classes_evicted"] if steps else 0,
+        "collapse_events": len(collapses), "eval": evals[-1] if evals else None,
+        "wall_seconds": time.time() - started,
+    }
+
+
+def _run_index(curriculum: Curriculum, ctx: DistContext, status: dict[int, str], extra: dict) -> dict:
+    output = Path(curriculum.train.output_dir)
+    return {
+        "curriculum": str(curriculum.path),
+        "output_dir": str(output),
+        "world_size": ctx.world_size,
+        "phases": [
+            {"index": i, "name": p.name, "dir": _phase_dir(output, i, p).name, "mining": p.mining,
+             "batch_size": p.batch_size, "margin": p.margin, "steps": p.steps, "status": status.get(i, "pending")}
+            for i, p in enumerate(curriculum.phases)
+        ],
+        **extra,
+    }
+
+
+def train(curriculum: Curriculum, resume: bool = False, console: Console | None = None,
+          max_steps: int | None = None) -> int:
+    """Run the curriculum's phases in order. Returns the process exit code.
+
+    `max_steps` stops after that many optimiser steps in this invocation (checkpointed), for
+    time-boxed jobs; `--resume` continues exactly where it stopped.
+    """
+    console = console or Console()
+    ctx = init_distributed(curriculum.train.device)
+    try:
+        return _train(curriculum, resume, console, max_steps, ctx)
+    finally:
+        cleanup(ctx)
+
+
+def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: int | None, ctx: DistContext) -> int:
+    train_cfg = curriculum.train
+    output = Path(train_cfg.output_dir)
+    device = ctx.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # Fail on bad input before any work starts.
+    check_source(curriculum.data)
+    previous = latest_checkpoint(output)
+    if previous is not None and not resume:
+        raise TripletctlError(
+            f"{output} already holds a run (latest checkpoint {previous}); "
+            "pass --resume to continue it, or set train.output_dir=... to start a new one"
+        )
+    if resume and previous is None:
+        raise TripletctlError(f"--resume: no checkpoint found under {output}")
+
+    _seed_everything(train_cfg.seed)
+    model, tokenizer = build_model(curriculum.model, seed=train_cfg.seed)
+    model.to(device)
+    if train_cfg.compile:
+        model.encoder = torch.compile(model.encoder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=curriculum.phases[0].lr, weight_decay=train_cfg.weight_decay)
+    progress = RunProgress()
+    stream_state: dict | None = None
+    rng_state = None
+    if resume:
+        loaded = load_checkpoint(previous, model=model, optimizer=optimizer, map_location=device)
+        check_world_size(int(loaded.state.get("world_size", 1)), ctx)
+        known = set(RunProgress.__dataclass_fields__)
+        progress = RunProgress(**{k: v for k, v in loaded.state.items() if k in known})
+        stream_state = loaded.stream_state
+        rng_state = loaded.rng
+        phase = curriculum.phases[progress.phase_index]
+        if progress.step >= phase.steps:  # the checkpoint closed its phase: start the next one
+            progress.phase_index += 1
+            progress.step = 0
+            progress.mining_override = None
+            progress.watchdog = {}
+        if ctx.is_main:
+            console.print(f"resuming from {previous} at phase {progress.phase_index}, step {progress.step} "
+                          f"(global step {progress.global_step})")
+    train_model = wrap_model(model, ctx)
+
+    eval_rows = None
+    if curriculum.eval is not None:
+        e = curriculum.eval
+        eval_rows = read_rows(
+            e.source, format=e.format, split=e.split, text_column=e.text_column, label_column=e.label_column,
+            layout=e.layout, anchor_column=e.anchor_column, positive_column=e.positive_column,
+            load_dataset_kwargs=dict(e.load_dataset), limit=e.max_rows,
+        )
+
+    status: dict[int, str] = {i: "done" for i in range(progress.phase_index)}
+    run_extra: dict = {}
+    run_json = output / "run.json"
+    if ctx.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        if run_json.exists():
+            run_extra = {k: v for k, v in json.loads(run_json.read_text()).items()
+                         if k in ("eval_untrained", "started")}
+        else:
+            run_extra = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        import yaml
+
+        (output / "curriculum.yaml").write_text(yaml.safe_dump(curriculum_to_dict(curriculum), sort_keys=False))
+        if eval_rows is not None and "eval_untrained" not in run_extra:
+            run_extra["eval_untrained"] = _evaluate(model, tokenizer, eval_rows, curriculum, device)
+        _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra))
+    barrier(ctx)
+    if rng_state is not None:
+        restore_rng(rng_state)  # last, so nothing above consumes random numbers after the restore
+
+    exit_code = EXIT_DONE
+    stop_at = progress.global_step + max_steps if max_steps is not None else None
+    with StopFlag() as stop:
+        for index in range(progress.phase_index, len(curriculum.phases)):
+            progress.phase_index = index
+            started = time.time()
+            status[index] = "running"
+            if ctx.is_main:
+                _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra))
+            outcome = run_phase(
+                curriculum=curriculum, phase_index=index, model=model, train_model=train_model,
+                tokenizer=tokenizer, optimizer=optimizer, progress=progress, stream_state=stream_state,
+                ctx=ctx, eval_rows=eval_rows, stop=stop, console=console, stop_at_global_step=stop_at,
+            )
+            stream_state = outcome.stream_state  # the next phase continues the stream, never restarts it
+            phase_done = progress.step >= curriculum.phases[index].steps
+            if ctx.is_main:
+                summary = _phase_summary(curriculum, index, progress, started)
+                _write_json_atomic(_phase_dir(output, index, curriculum.phases[index]) / "summary.json", summary)
+            status[index] = "done" if phase_done else {
+                EXIT_COLLAPSE_STOP: "stopped (collapse)", EXIT_INTERRUPTED: "interrupted"}.get(outcome.exit_code, "paused")
+            if outcome.exit_code != EXIT_DONE:
+                exit_code = outcome.exit_code if outcome.exit_code > 0 else EXIT_DONE
+                break
+            progress.step = 0
+            progress.mining_override = None
+            progress.watchdog = {}
+    if ctx.is_main:
+        if all(s == "done" for s in status.values()) and len(status) == len(curriculum.phases) and eval_rows is not None:
+            run_extra["eval_final"] = progress.eval_history[-1] if progress.eval_history else None
+        _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra))
+        _print_outcome(console, curriculum, status, run_extra, exit_code)
+    return exit_code
+
+
+def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, str], run_extra: dict, exit_code: int) -> None:
+    output = Path(curriculum.train.output_dir)
+    if exit_code == EXIT_INTERRUPTED:
+        console.print(f"[bold]interrupted[/]: checkpoint written; continue with "
+                      f"`tripletctl train {curriculum.path} --resume`")
+    elif exit_code == EXIT_COLLAPSE_STOP:
+        console.print("[bold red]stopped: embeddings collapsed[/] (on_collapse: stop); checkpoint written. "
+                      f"Inspect with `tripletctl inspect-collapse {output}`")
+    untrained, final = run_extra.get("eval_untrained"), run_extra.get("eval_final")
+    if untrained and final:
+        table = Table(title=f"held-out retrieval ({curriculum.eval.source})")
+        table.add_column("metric")
+        table.add_column("untrained", justify="right")
+        table.add_column("trained", justify="right")
+        for key in ("recall@1", "recall@5", "recall@10", "map@r", "r_precision", "triplet_accuracy"):
+            if key in untrained and key in final:
+                table.add_row(key, f"{untrained[key]:.4f}", f"{final[key]:.4f}")
+        console.print(table)
+    console.print(f"run directory: {output}  (phases: {', '.join(f'{i}:{s}' for i, s in sorted(status.items()))})")
