@@ -30,8 +30,8 @@ CPU_AUTO_CHUNK = 256
 matmuls large enough to be efficient, so no probing (it would cost a real forward+backward)."""
 
 AUTO_MEMORY_FRACTION = 0.7
-"""Share of free GPU memory `auto` plans to fill: the rest covers the allocator's fragmentation,
-the O(B²) mining matrices and the last chunk being re-planned by nothing."""
+"""Share of free GPU memory `auto` plans to fill: the rest covers the allocator's fragmentation, the
+O(B²) mining matrices and activations that grow with padding beyond the probed `seq_len`."""
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -178,10 +178,12 @@ def resolve_chunk_size(
         small, large = peak_bytes(8), peak_bytes(16)
     for p, g in zip(params, saved_grads):
         p.grad = g
-    bytes_per_row = max((large - small) / 8, large / 16 / 4, 1.0)  # guard a noisy difference
+    bytes_per_row = (large - small) / 8 if large > small else large / 16  # a flat curve: be safe
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    optimizer_state = 2 * sum(p.numel() * 4 for p in params)  # AdamW exp_avg + exp_avg_sq, fp32
+    # AdamW's exp_avg + exp_avg_sq (fp32) appear at the first optimiser step; subtracting them again
+    # when they already exist only makes the chunk a little smaller.
+    optimizer_state = 2 * sum(p.numel() * 4 for p in params)
     usable = AUTO_MEMORY_FRACTION * free - optimizer_state
     rows = int(usable / bytes_per_row) // 8 * 8
-    return max(1, min(batch_size, rows))
+    return max(1, min(batch_size, rows))  # below 8 rows: still run, slowly, rather than refuse

@@ -1,0 +1,329 @@
+"""Distributed training on CPU with gloo and 2 processes: gathered mining equals single-process mining.
+
+One 2-process job (this file run as a script, one subprocess per rank, torchrun's environment
+variables) runs every scenario and writes its results; the tests compare them with a single-process
+computation on the same global batch in the pytest process. Dropout is off so the two compute the
+same function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_BERT = REPO / "curricula" / "quickstart" / "tiny-bert"
+WORLD = 2
+SEED = 0
+SEQ_LEN = 12
+CHUNK = 3  # smaller than the local batch of 8, and 8 % 3 != 0: an uneven last chunk
+# Whole classes per rank, and class 0 on both ranks: labels must be globally consistent.
+RANK_LABELS = [[0, 0, 0, 0, 1, 1, 1, 1], [2, 2, 2, 2, 0, 0, 0, 0]]
+MODES = ("batch-hard", "semi-hard", "batch-all", "hard-negative")
+MARGIN = 0.2
+
+
+# ---------------------------------------------------------------- shared by the ranks and the reference
+
+def _build_model() -> torch.nn.Module:
+    """Tiny BERT (dropout off, no pooler) + mean pooling + a 16-wide head + L2 norm, seeded."""
+    from transformers import AutoConfig, AutoModel
+
+    from tripletctl.model import TripletEncoder
+
+    config = AutoConfig.from_pretrained(TINY_BERT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(SEED)
+    encoder = AutoModel.from_config(config, add_pooling_layer=False)
+    torch.manual_seed(SEED)
+    return TripletEncoder(encoder, pooling="mean", head=(16,), normalize=True)
+
+
+def _rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s rows, padded to the longest row *of this rank* (as data.py pads)."""
+    g = torch.Generator().manual_seed(1000 + rank)
+    labels = torch.tensor(RANK_LABELS[rank])
+    lengths = torch.randint(3, SEQ_LEN + 1 - 2 * rank, (len(labels),), generator=g)  # ranks pad differently
+    width = int(lengths.max())
+    ids = torch.randint(5, 900, (len(labels), width), generator=g)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return ids * mask, mask, labels
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    parts = [_rank_batch(r) for r in range(WORLD)]
+    width = max(p[0].shape[1] for p in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return (torch.cat([pad(p[0]) for p in parts]), torch.cat([pad(p[1]) for p in parts]),
+            torch.cat([p[2] for p in parts]))
+
+
+def _loss_fn(mode: str):
+    from tripletctl import mining
+
+    return lambda embeddings, labels: mining.mine(embeddings, labels, mode, MARGIN)
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(f"tripletctl.{module}")
+    except ImportError:
+        return False
+    return True
+
+
+def _flat_grads(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([
+        (p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()
+    ])
+
+
+# ---------------------------------------------------------------- the rank side (this file as a script)
+
+def _worker(out_dir: Path) -> None:
+    from functools import partial
+
+    from tripletctl import distributed as D
+
+    torch.set_num_threads(1)
+    ctx = D.init_distributed("cpu")
+    assert ctx.enabled and ctx.world_size == WORLD and ctx.device.type == "cpu"
+    results: dict = {"rank": ctx.rank}
+
+    # Gradient scale of the raw gather: L = sum(w * gather(x)) on every rank, so dL/dx_r = w_r, and
+    # x_r.grad = world_size * w_r if the backward sums over ranks (1 * w_r if it averaged).
+    # Uneven row counts on purpose (3 rows on rank 0, 2 on rank 1).
+    x = torch.full((3 - ctx.rank, 4), float(ctx.rank + 1), requires_grad=True)
+    gathered = D.gather_with_grad(x, ctx)
+    w = torch.arange(gathered.numel(), dtype=torch.float32).reshape(gathered.shape)
+    (gathered * w).sum().backward()
+    start = 0 if ctx.rank == 0 else 3
+    results["gather_rows"] = gathered[:, 0].tolist()
+    results["gather_grad_ratio"] = (x.grad / w[start:start + x.shape[0]].clamp(min=1e-9))[w[start:start + x.shape[0]] > 0].unique().tolist()
+    results["labels"] = D.gather_labels(torch.tensor(RANK_LABELS[ctx.rank][: 8 - 3 * ctx.rank]), ctx).tolist()
+    results["sum"] = D.all_reduce_sum(ctx.rank + 1, ctx)
+    results["mean"] = D.all_reduce_mean(ctx.rank + 1, ctx)
+    results["max"] = D.all_reduce_max(ctx.rank + 1, ctx)
+    results["objects"] = D.gather_object({"rank": ctx.rank}, ctx)
+    results["broadcast"] = D.broadcast_object(f"from {ctx.rank}", ctx)
+
+    # The real thing: DDP + gather + mining, plain forward and chunked gradient caching.
+    ids, mask, labels = _rank_batch(ctx.rank)
+    global_labels = D.gather_labels(labels, ctx)
+    scenarios = []
+    if _has("mining"):
+        scenarios += [(mode, "plain") for mode in MODES]
+        if _has("chunking"):
+            scenarios += [(mode, "chunked") for mode in MODES]
+    results["scenarios"] = {}
+    for mode, how in scenarios:
+        model = D.wrap_model(_build_model(), ctx)
+        model.train()
+        loss_fn = _loss_fn(mode)
+        if how == "plain":
+            loss, _ = loss_fn(D.gather_with_grad(model(ids, mask), ctx), global_labels)
+            loss.backward()
+        else:
+            from tripletctl.chunking import embed_and_backward
+
+            loss, _, _ = embed_and_backward(
+                model, ids, mask, global_labels, loss_fn, CHUNK,
+                gather=partial(D.gather_with_grad, ctx=ctx), no_sync=D.no_sync_for(model),
+            )
+        grads = _flat_grads(D.unwrap_model(model))
+        key = f"{mode}/{how}"
+        results["scenarios"][key] = {"losses": D.gather_object(float(loss), ctx)}
+        # DDP must leave identical gradients on every rank.
+        all_grads = [torch.empty_like(grads) for _ in range(WORLD)]
+        torch.distributed.all_gather(all_grads, grads)
+        results["scenarios"][key]["rank_grad_diff"] = float((all_grads[0] - all_grads[1]).abs().max())
+        if ctx.is_main:
+            torch.save(grads, out_dir / f"{mode}-{how}.pt")
+
+    if ctx.is_main:
+        (out_dir / "results.json").write_text(json.dumps(results))
+    D.barrier(ctx)
+    D.cleanup(ctx)
+
+
+# ---------------------------------------------------------------- launching
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (bind port 0 and let the OS choose)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def launch_ranks(args: list[str], world_size: int = WORLD, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Run `python ARGS` once per rank with the environment torchrun would give it."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for r in range(world_size)
+    ]
+    done = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
+def torchrun_train(curriculum: str | Path, *overrides: str, nproc: int = WORLD, resume: bool = False,
+                   cwd: str | Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node=N -m tripletctl train CURRICULUM ...` on a
+    free port: the end-to-end launch (e.g. the quickstart with train.output_dir=... overrides)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           "-m", "tripletctl", "train", str(curriculum), *overrides]
+    if resume:
+        cmd.append("--resume")
+    return subprocess.run(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("dist")
+    runs = launch_ranks([str(Path(__file__).resolve()), "--worker", str(out)])
+    for r, run in enumerate(runs):
+        assert run.returncode == 0, f"rank {r} failed:\n{run.stdout[-4000:]}"
+    return json.loads((out / "results.json").read_text()), out
+
+
+# ---------------------------------------------------------------- tests
+
+def test_gather_concatenates_in_rank_order_with_uneven_sizes(two_ranks):
+    results, _ = two_ranks
+    assert results["gather_rows"] == [1.0, 1.0, 1.0, 2.0, 2.0]
+    assert results["labels"] == RANK_LABELS[0] + RANK_LABELS[1][:5]
+
+
+def test_gather_backward_sums_over_ranks(two_ranks):
+    """The fact the DDP gradient scale rests on: all_gather's backward sums, it does not average."""
+    results, _ = two_ranks
+    assert results["gather_grad_ratio"] == [float(WORLD)]
+
+
+def test_reductions_and_objects(two_ranks):
+    results, _ = two_ranks
+    assert results["sum"] == 3.0 and results["mean"] == 1.5 and results["max"] == 2.0
+    assert results["objects"] == [{"rank": 0}, {"rank": 1}]
+    assert results["broadcast"] == "from 0"
+
+
+def _reference(mode: str) -> tuple[float, torch.Tensor]:
+    """One process, the whole global batch, one forward, no gather, no DDP."""
+    model = _build_model()
+    model.train()
+    ids, mask, labels = _global_batch()
+    loss, _ = _loss_fn(mode)(model(ids, mask), labels)
+    loss.backward()
+    return float(loss), _flat_grads(model)
+
+
+@pytest.mark.parametrize("how", ["plain", "chunked"])
+@pytest.mark.parametrize("mode", MODES)
+def test_ddp_gather_equals_single_process(two_ranks, mode, how):
+    if not _has("mining"):
+        pytest.skip("tripletctl.mining not there yet")
+    if how == "chunked" and not _has("chunking"):
+        pytest.skip("tripletctl.chunking not there yet")
+    results, out = two_ranks
+    got = results["scenarios"][f"{mode}/{how}"]
+    losses = got["losses"]
+    assert losses[0] == losses[1], "every rank must compute the same loss"
+    assert got["rank_grad_diff"] == 0.0, "DDP must leave identical gradients on every rank"
+
+    ref_loss, ref_grads = _reference(mode)
+    grads = torch.load(out / f"{mode}-{how}.pt")
+    assert losses[0] > 0
+    assert abs(losses[0] - ref_loss) < 1e-5
+    assert ref_grads.abs().max() > 1e-4  # the comparison is not vacuous
+    torch.testing.assert_close(grads, ref_grads, atol=1e-5, rtol=1e-4)
+
+
+def test_check_world_size():
+    from tripletctl.distributed import DistContext, check_world_size
+    from tripletctl.errors import TripletctlError
+
+    two = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    check_world_size(2, two)
+    with pytest.raises(TripletctlError) as e:
+        check_world_size(8, two)
+    message = str(e.value)
+    assert "8" in message and "world size 2" in message and "resume with world size 8" in message
+    with pytest.raises(TripletctlError, match="single process"):
+        check_world_size(1, two)
+    check_world_size(None, DistContext(0, 1, 0, torch.device("cpu")))
+
+
+def test_single_process_is_identity(monkeypatch):
+    from tripletctl import distributed as D
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = D.init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.enabled) == (0, 1, True, False)
+    x = torch.randn(3, 2)
+    assert D.gather_with_grad(x, ctx) is x and D.gather_labels(x, ctx) is x
+    model = torch.nn.Linear(2, 2)
+    assert D.wrap_model(model, ctx) is model and D.no_sync_for(model) is None
+    assert D.all_reduce_sum(2.5, ctx) == 2.5 and D.all_reduce_mean(2.5, ctx) == 2.5
+    assert D.gather_object("a", ctx) == ["a"]
+    assert D.local_batch_size(64, 4, ctx) == 64
+    D.barrier(ctx)
+    D.cleanup(ctx)
+
+
+def test_local_batch_size_needs_whole_classes_per_rank():
+    from tripletctl import distributed as D
+    from tripletctl.errors import TripletctlError
+
+    ctx = D.DistContext(rank=1, world_size=8, local_rank=1, device=torch.device("cpu"))
+    assert D.local_batch_size(2048, 4, ctx) == 256
+    with pytest.raises(TripletctlError, match="divisible by 32"):
+        D.local_batch_size(2000, 4, ctx)
+
+
+def test_missing_master_addr_is_a_clear_error(monkeypatch):
+    from tripletctl import distributed as D
+    from tripletctl.errors import TripletctlError
+
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(TripletctlError, match="torchrun"):
+        D.init_distributed("cpu")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        _worker(Path(sys.argv[2]))
+    else:
+        sys.exit("usage: test_distributed.py --worker OUT_DIR (run by the tests, one process per rank)")

@@ -1,0 +1,169 @@
+"""End-to-end tests of the phase runner on the tiny BERT and small local files: the real CLI,
+all phases, outputs, exact resume, Ctrl-C/SIGTERM, refusing to overwrite a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from tripletctl.cli import app
+from tripletctl.curriculum import PhaseConfig, load_curriculum
+from tripletctl.runner import get_lr, train
+
+from conftest import REPO, TINY_BERT
+
+QUICKSTART_DATA = REPO / "curricula" / "quickstart" / "train.jsonl"
+QUICKSTART_HELDOUT = REPO / "curricula" / "quickstart" / "heldout.jsonl"
+
+
+def write_curriculum(tmp_path: Path, source: Path = QUICKSTART_DATA, steps: tuple[int, ...] = (4, 3, 3),
+                     checkpoint_every: int = 2, with_eval: bool = False, **train_extra) -> Path:
+    """A three-phase curriculum (semi-hard -> hard-negative -> batch-hard, growing batches)."""
+    modes = ("semi-hard", "hard-negative", "batch-hard")
+    spec = {
+        "model": {"name": str(TINY_BERT), "init": "config", "pooling": "mean", "head": [32]},
+        "data": {"source": str(source), "shuffle_buffer": 256, "max_length": 24, "samples_per_class": 4,
+                 "tokenizer_workers": 0},
+        "train": {"lr": 1e-3, "warmup_steps": 2, "seed": 7, "output_dir": str(tmp_path / "run"),
+                  "checkpoint_every": checkpoint_every, "device": "cpu", "chunk_size": 16, **train_extra},
+        "phases": [
+            {"name": mode, "mining": mode, "batch_size": 16 * (2 ** i), "margin": 0.2, "steps": n}
+            for i, (mode, n) in enumerate(zip(modes, steps))
+        ],
+    }
+    if with_eval:
+        spec["eval"] = {"source": str(QUICKSTART_HELDOUT), "max_rows": 200}
+    path = tmp_path / "curriculum.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    model_dir = run_dir / "phase-2-batch-hard" / "checkpoint" / "model"
+    weights = load_file(str(next(model_dir.glob("model*.safetensors"))))
+    weights.update({f"head.{k}": v for k, v in load_file(str(model_dir / "head.safetensors")).items()})
+    return weights
+
+
+def test_get_lr_warms_up_then_decays_to_zero():
+    phase = PhaseConfig(name="p", mining="batch-hard", batch_size=8, steps=10, margin=0.2, lr=1.0,
+                        warmup_steps=4, distance="euclidean", fallback="hardest", chunk_size=8, on_collapse="warn")
+    warm = [get_lr(s, phase, "linear") for s in range(4)]
+    assert warm == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert get_lr(4, phase, "linear") == pytest.approx(1.0)
+    assert get_lr(9, phase, "linear") == pytest.approx(1.0 - 5 / 6)
+    assert get_lr(7, phase, "none") == 1.0
+    assert get_lr(4, phase, "cosine") == pytest.approx(1.0)
+    assert get_lr(10, phase, "cosine") == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_train_runs_all_phases_and_writes_outputs(tmp_path, fmt):
+    source = QUICKSTART_DATA
+    if fmt == "parquet":
+        import pyarrow.json as pj
+        import pyarrow.parquet as pq
+
+        source = tmp_path / "train.parquet"
+        pq.write_table(pj.read_json(QUICKSTART_DATA), source)
+    path = write_curriculum(tmp_path, source=source)
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    index = json.loads((run / "run.json").read_text())
+    assert [p["status"] for p in index["phases"]] == ["done", "done", "done"]
+    assert [p["dir"] for p in index["phases"]] == ["phase-0-semi-hard", "phase-1-hard-negative", "phase-2-batch-hard"]
+    for phase, steps, batch in zip(index["phases"], (4, 3, 3), (16, 32, 64)):
+        records = [json.loads(l) for l in (run / phase["dir"] / "metrics.jsonl").read_text().splitlines()]
+        step_records = [r for r in records if "event" not in r]
+        assert [r["step"] for r in step_records] == list(range(1, steps + 1))
+        for r in step_records:
+            assert r["mining"] == phase["mining"]
+            for key in ("loss", "batch_hard_loss", "active_fraction", "mean_ap", "mean_an", "embedding_spread"):
+                assert math.isfinite(r[key]), key
+            # the batch-hard loss is the hardest: never below the mined loss of the same batch
+            assert r["batch_hard_loss"] >= r["loss"] - 1e-6
+        summary = json.loads((run / phase["dir"] / "summary.json").read_text())
+        assert summary["steps_done"] == steps and summary["batch_size"] == batch
+        assert (run / phase["dir"] / "checkpoint" / "COMPLETE").exists()
+    # the encoder loads in plain transformers
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(run / "phase-2-batch-hard" / "checkpoint" / "model")
+
+
+@pytest.mark.parametrize("interrupt_after", [1, 4, 6])
+def test_resume_matches_uninterrupted_run(tmp_path, interrupt_after):
+    """Stop after k steps (mid-phase, at a phase boundary, in a later phase), resume, and end
+    with the same weights as a run that was never interrupted. Dropout is on."""
+    straight = write_curriculum(tmp_path / "straight", checkpoint_every=3)
+    assert train(load_curriculum(straight)) == 0
+
+    broken = write_curriculum(tmp_path / "broken", checkpoint_every=3)
+    assert train(load_curriculum(broken), max_steps=interrupt_after) == 0
+    index = json.loads((tmp_path / "broken" / "run" / "run.json").read_text())
+    assert any(p["status"] in ("paused", "pending") for p in index["phases"])
+    assert train(load_curriculum(broken), resume=True) == 0
+
+    a, b = final_weights(tmp_path / "straight" / "run"), final_weights(tmp_path / "broken" / "run")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    # no step logged twice after the resume
+    for phase_dir in sorted((tmp_path / "broken" / "run").glob("phase-*")):
+        steps = [json.loads(l)["global_step"] for l in (phase_dir / "metrics.jsonl").read_text().splitlines()
+                 if "event" not in json.loads(l)]
+        assert steps == sorted(set(steps))
+
+
+def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tmp_path):
+    path = write_curriculum(tmp_path, steps=(1, 1, 1))
+    runner = CliRunner()
+    missing = runner.invoke(app, ["train", str(path), "--resume"])
+    assert missing.exit_code == 2 and "no checkpoint" in missing.output
+    assert runner.invoke(app, ["train", str(path)]).exit_code == 0
+    again = runner.invoke(app, ["train", str(path)])
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_bad_source_fails_before_training(tmp_path):
+    path = write_curriculum(tmp_path, source=tmp_path / "nowhere" / "*.jsonl")
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 2
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path):
+    path = write_curriculum(tmp_path, steps=(400, 2, 2), checkpoint_every=0)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tripletctl", "train", str(path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = tmp_path / "run" / "phase-0-semi-hard" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output
+    state = json.loads((tmp_path / "run" / "phase-0-semi-hard" / "checkpoint" / "state.json").read_text())
+    assert 2 <= state["step"] < 400
+    logged = [json.loads(l) for l in metrics.read_text().splitlines()]
+    assert logged[-1]["step"] == state["step"]
+    index = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert index["phases"][0]["status"] == "interrupted"
+    # resume with fewer steps left to do: finish phase 0 quickly by overriding its length
+    resumed = CliRunner().invoke(app, ["train", str(path), f"phases.0.steps={state['step'] + 1}", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["phases"][2]["status"] == "done"

@@ -1,0 +1,326 @@
+"""Atomic checkpoint directories: a crash at any moment leaves a loadable checkpoint behind.
+
+Layout of one checkpoint (`OUTPUT/phase-K-NAME/checkpoint/`, K the 0-based phase index):
+
+    model/            save_model output (encoder loads in plain transformers)
+    optimizer.pt      optimizer.state_dict()
+    state.json        {"format_version", "state": {...caller's counters...}, "stream", "stream_file"}
+    stream.pt         data-stream state, only when it does not survive a JSON round trip
+    rng.pt            python / numpy / torch CPU / torch CUDA RNG states
+    curriculum.yaml   the curriculum as run
+    COMPLETE          written last: a directory without it is never trusted
+
+Saving writes `checkpoint.tmp-<pid>`, then `checkpoint` → `checkpoint.prev`, tmp → `checkpoint`,
+and removes `checkpoint.prev`. Readers take `checkpoint` when it is complete, else `checkpoint.prev`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tripletctl.errors import CheckpointError
+from tripletctl.model import load_model, save_model, unwrap
+
+CHECKPOINT = "checkpoint"
+COMPLETE = "COMPLETE"
+FORMAT_VERSION = 1
+PHASE_DIR_RE = re.compile(r"^phase-(\d+)-(.+)$")
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path                  # the checkpoint directory actually read (may be checkpoint.prev)
+    state: dict                 # the `state` dict given to save_checkpoint
+    stream_state: dict | None
+    curriculum: dict
+    rng: dict                   # pass to restore_rng when the run is ready to continue
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+
+# ---------------------------------------------------------------------------------------- layout
+
+def phase_dir(output_dir: str | Path, index: int, name: str) -> Path:
+    """`OUTPUT/phase-K-NAME` with K 0-based; the name is made filesystem-safe."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "phase"
+    return Path(output_dir) / f"phase-{index}-{safe}"
+
+
+def checkpoint_dir(output_dir: str | Path, index: int, name: str) -> Path:
+    return phase_dir(output_dir, index, name) / CHECKPOINT
+
+
+def _prev(target: Path) -> Path:
+    return target.with_name(target.name + ".prev")
+
+
+def _is_complete(directory: Path) -> bool:
+    return (directory / COMPLETE).is_file()
+
+
+# ------------------------------------------------------------------------------------------- rng
+
+def capture_rng() -> dict:
+    """Every RNG a training step may draw from, as plain Python / tensors (weights_only-loadable)."""
+    rng: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if "numpy" in sys.modules:  # only if something in the process uses numpy
+        name, keys, pos, has_gauss, cached = sys.modules["numpy"].random.get_state()
+        rng["numpy"] = (name, keys.tolist(), int(pos), int(has_gauss), float(cached))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict) -> None:
+    """Inverse of `capture_rng`; states for RNGs absent in this process are ignored."""
+    random.setstate(_to_tuple(rng["python"]))
+    torch.set_rng_state(rng["torch"])
+    if "numpy" in rng:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in rng and torch.cuda.is_available():
+        states = rng["cuda"][: torch.cuda.device_count()]
+        for device, state in enumerate(states):
+            torch.cuda.set_rng_state(state, device)
+
+
+def _to_tuple(value: Any) -> Any:
+    """random.setstate wants nested tuples; a serializer may hand back lists."""
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ------------------------------------------------------------------------------------------ save
+
+def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer: Any,
+                    optimizer: torch.optim.Optimizer | None, state: dict,
+                    stream_state: dict | None, curriculum: dict) -> Path:
+    """Write a complete checkpoint at `directory` atomically and return its path.
+
+    `state` must be JSON-serialisable (phase index/name, step, global step, counters, world size).
+    RNG states are captured here, so call this at the point the run would continue from.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(target)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    _write_contents(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, state=state,
+                    stream_state=stream_state, curriculum=curriculum)
+    _swap_in(tmp, target)
+    return target
+
+
+def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_state, curriculum) -> None:
+    record: dict[str, Any] = {"format_version": FORMAT_VERSION, "state": state,
+                              "stream": None, "stream_file": None}
+    if stream_state is not None and _json_roundtrips(stream_state):
+        record["stream"] = stream_state
+    elif stream_state is not None:  # tensors, tuples, int keys...: keep them exact
+        torch.save(stream_state, tmp / "stream.pt")
+        record["stream_file"] = "stream.pt"
+    (tmp / "state.json").write_text(json.dumps(record, indent=2) + "\n")
+    save_model(model, tokenizer, tmp / "model")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(capture_rng(), tmp / "rng.pt")
+    (tmp / "curriculum.yaml").write_text(yaml.safe_dump(_plain(curriculum), sort_keys=False))
+    _fsync_tree(tmp)
+    _write_synced(tmp / COMPLETE, "ok\n")  # last: its presence vouches for everything above
+    _fsync_dir(tmp)
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """tmp → target, keeping a complete copy on disk at every instant."""
+    prev = _prev(target)
+    if target.exists():
+        if _is_complete(target):
+            if prev.exists():  # leftover of an interrupted removal; target supersedes it
+                shutil.rmtree(prev)
+            os.replace(target, prev)
+        else:  # never rotate junk over a good .prev
+            shutil.rmtree(target)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    if prev.exists():
+        shutil.rmtree(prev)
+
+
+def _clean_stale_tmp(target: Path) -> None:
+    """Remove `checkpoint.tmp-*` left by saves that were killed; they are never read."""
+    for stale in target.parent.glob(f"{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _json_roundtrips(value: Any) -> bool:
+    try:
+        return json.loads(json.dumps(value, allow_nan=False)) == value
+    except (TypeError, ValueError):
+        return False
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists so yaml.safe_dump accepts dataclass-derived dicts."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames/creations inside `path` durable (no-op where directories can't be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ load
+
+def load_checkpoint(directory: str | Path, *, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Read a checkpoint (any path `resolve_checkpoint` accepts) and restore model/optimizer in place.
+
+    RNG states are returned, not applied: the caller restores them once everything that draws
+    random numbers while setting up (data streams, workers) exists.
+    """
+    path = resolve_checkpoint(Path(directory))
+    try:
+        record = json.loads((path / "state.json").read_text())
+        stream_state = record.get("stream")
+        if record.get("stream_file"):
+            stream_state = torch.load(path / record["stream_file"], map_location="cpu", weights_only=False)
+        curriculum = yaml.safe_load((path / "curriculum.yaml").read_text()) or {}
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: {e}") from e
+    if model is not None:
+        _restore_model(path / "model", model)
+    if optimizer is not None:
+        _restore_optimizer(path / "optimizer.pt", optimizer, map_location)
+    return LoadedCheckpoint(path=path, state=record["state"], stream_state=stream_state,
+                            curriculum=curriculum, rng=rng)
+
+
+def _restore_model(model_dir: Path, model: torch.nn.Module) -> None:
+    """Copy saved weights into `model` (wherever its parameters live)."""
+    try:
+        saved, _ = load_model(model_dir, device="cpu")
+    except OSError as e:
+        raise CheckpointError(f"checkpoint model in {model_dir} cannot be loaded: {e}") from e
+    target = unwrap(model)
+    try:  # part by part, so a torch.compile'd encoder inside `model` is fine too
+        ours = (target.pooling, target.head_sizes, target.normalize)
+        theirs = (saved.pooling, saved.head_sizes, saved.normalize)
+        if ours != theirs:
+            raise RuntimeError(f"(pooling, head, normalize) {ours} vs saved {theirs}")
+        unwrap(target.encoder).load_state_dict(saved.encoder.state_dict(), strict=True)
+        if target.head is not None:
+            target.head.load_state_dict(saved.head.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint model in {model_dir} does not match this model "
+                              f"(different architecture, pooling or head?): {e}") from e
+
+
+def _restore_optimizer(path: Path, optimizer: torch.optim.Optimizer, map_location) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no optimizer state to resume from")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {path} does not match this optimizer: {e}") from e
+
+
+# --------------------------------------------------------------------------------------- resolve
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, a phase dir (holding checkpoint/) or a run dir (latest phase) → checkpoint dir."""
+    path = Path(path)
+    if path.name == CHECKPOINT or _is_complete(path) or (path / "state.json").exists():
+        found = _usable(path)
+        if found is None:
+            raise CheckpointError(f"{path} is not a complete checkpoint (a save was interrupted and "
+                                  f"no {_prev(path).name} survives)")
+        return found
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory: expected a checkpoint, phase or run directory")
+    if (path / CHECKPOINT).exists() or _prev(path / CHECKPOINT).exists():
+        found = _usable(path / CHECKPOINT)
+        if found is None:
+            raise CheckpointError(f"phase directory {path} has no complete checkpoint")
+        return found
+    if (path / "run.json").exists() or _phase_dirs(path):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"run directory {path} has no complete checkpoint in any phase")
+        return found
+    raise CheckpointError(f"{path} is not a checkpoint (no {COMPLETE}), a phase directory "
+                          f"(no {CHECKPOINT}/) or a run directory (no run.json or phase-K-NAME/)")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint of the highest-numbered phase that has one (for --resume)."""
+    for _, phase in sorted(_phase_dirs(Path(run_dir)), reverse=True):
+        found = _usable(phase / CHECKPOINT)
+        if found is not None:
+            return found
+    return None
+
+
+def _usable(target: Path) -> Path | None:
+    """`checkpoint` if complete, else `checkpoint.prev` if complete (crash mid-swap), else None."""
+    for candidate in (target, _prev(target)):
+        if _is_complete(candidate):
+            return candidate
+    return None
+
+
+def _phase_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        match = PHASE_DIR_RE.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return found
