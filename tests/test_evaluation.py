@@ -153,3 +153,43 @@ def test_accepts_torch_input():
     assert retrieval_metrics(torch.tensor(emb), torch.tensor(labels)) == pytest.approx(
         retrieval_metrics(emb, labels)
     )
+
+
+# ------------------------------------------------------------------------------------ command
+
+
+def test_eval_cli_json_and_table(tmp_path, tiny_bert_dir):
+    """`tripletctl eval` on a run directory made by checkpoint.save_checkpoint (latest phase wins)."""
+    pytest.importorskip("tripletctl.data")
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModel
+    from typer.testing import CliRunner
+
+    from tripletctl.checkpoint import save_checkpoint
+    from tripletctl.cli import app
+    from tripletctl.model import TripletEncoder, load_tokenizer
+
+    torch.manual_seed(0)
+    model = TripletEncoder(AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir)), head=(16,))
+    tokenizer = load_tokenizer(str(tiny_bert_dir))
+    run = tmp_path / "run"
+    save_checkpoint(run / "phase-0-semi-hard" / "checkpoint", model=model, tokenizer=tokenizer, optimizer=None,
+                    state={"phase_index": 0}, stream_state=None, curriculum={"data": {"max_length": 32}})
+    heldout = Path(tiny_bert_dir).parent / "heldout.jsonl"
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("\n".join(heldout.read_text().splitlines()[:80]) + "\n")
+
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(data), "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)  # nothing but JSON on stdout
+    assert payload["rows"] == 80 and payload["checkpoint"].endswith("checkpoint")
+    for key in ("recall@1", "recall@5", "recall@10", "map@r", "r_precision", "triplet_accuracy"):
+        assert 0.0 <= payload[key] <= 1.0, key
+
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(data), "--max-rows", "40"])
+    assert result.exit_code == 0, result.output
+    assert "recall@1" in result.output and "40 rows" in result.output
+
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "nothing"), "--data", str(data)])
+    assert result.exit_code == 2 and "does not exist" in result.output

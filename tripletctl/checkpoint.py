@@ -4,7 +4,8 @@ Layout of one checkpoint (`OUTPUT/phase-K-NAME/checkpoint/`, K the 0-based phase
 
     model/            save_model output (encoder loads in plain transformers)
     optimizer.pt      optimizer.state_dict()
-    state.json        {"format_version", "state": {...caller's counters...}, "stream", "stream_file"}
+    state.json        the caller's `state` keys (phase, step, counters...) + "format_version",
+                      "stream" (JSON-able stream state) and "stream_file" (else "stream.pt")
     stream.pt         data-stream state, only when it does not survive a JSON round trip
     rng.pt            python / numpy / torch CPU / torch CUDA RNG states
     curriculum.yaml   the curriculum as run
@@ -35,6 +36,7 @@ from tripletctl.model import load_model, save_model, unwrap
 CHECKPOINT = "checkpoint"
 COMPLETE = "COMPLETE"
 FORMAT_VERSION = 1
+RESERVED_STATE_KEYS = ("format_version", "stream", "stream_file")  # state.json keys we own
 PHASE_DIR_RE = re.compile(r"^phase-(\d+)-(.+)$")
 
 
@@ -54,9 +56,8 @@ class LoadedCheckpoint:
 # ---------------------------------------------------------------------------------------- layout
 
 def phase_dir(output_dir: str | Path, index: int, name: str) -> Path:
-    """`OUTPUT/phase-K-NAME` with K 0-based; the name is made filesystem-safe."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "phase"
-    return Path(output_dir) / f"phase-{index}-{safe}"
+    """`OUTPUT/phase-K-NAME`, K the 0-based phase index (curriculum.py rejects names with separators)."""
+    return Path(output_dir) / f"phase-{index}-{name}"
 
 
 def checkpoint_dir(output_dir: str | Path, index: int, name: str) -> Path:
@@ -111,22 +112,31 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer:
                     stream_state: dict | None, curriculum: dict) -> Path:
     """Write a complete checkpoint at `directory` atomically and return its path.
 
-    `state` must be JSON-serialisable (phase index/name, step, global step, counters, world size).
+    `state` must be JSON-serialisable (phase index/name, step, global step, counters, world size);
+    its keys land at the top level of state.json, beside the reserved "format_version", "stream"
+    and "stream_file".
     RNG states are captured here, so call this at the point the run would continue from.
     """
+    clash = [k for k in RESERVED_STATE_KEYS if k in state]
+    if clash:
+        raise ValueError(f"state keys {clash} are reserved by the checkpoint format")
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(target)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     tmp.mkdir()
-    _write_contents(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, state=state,
-                    stream_state=stream_state, curriculum=curriculum)
+    try:
+        _write_contents(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, state=state,
+                        stream_state=stream_state, curriculum=curriculum)
+    except BaseException:  # e.g. unserialisable state, disk full: the old checkpoint stays in place
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _swap_in(tmp, target)
     return target
 
 
 def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_state, curriculum) -> None:
-    record: dict[str, Any] = {"format_version": FORMAT_VERSION, "state": state,
+    record: dict[str, Any] = {**state, "format_version": FORMAT_VERSION,
                               "stream": None, "stream_file": None}
     if stream_state is not None and _json_roundtrips(stream_state):
         record["stream"] = stream_state
@@ -235,7 +245,8 @@ def load_checkpoint(directory: str | Path, *, model: torch.nn.Module | None = No
         _restore_model(path / "model", model)
     if optimizer is not None:
         _restore_optimizer(path / "optimizer.pt", optimizer, map_location)
-    return LoadedCheckpoint(path=path, state=record["state"], stream_state=stream_state,
+    state = {k: v for k, v in record.items() if k not in RESERVED_STATE_KEYS}
+    return LoadedCheckpoint(path=path, state=state, stream_state=stream_state,
                             curriculum=curriculum, rng=rng)
 
 

@@ -174,7 +174,7 @@ def resolve_chunk_size(
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
 
-    with torch.random.fork_rng(devices=[device]):
+    with torch.random.fork_rng(devices=[device], device_type="cuda"):
         small, large = peak_bytes(8), peak_bytes(16)
     for p, g in zip(params, saved_grads):
         p.grad = g

@@ -28,7 +28,13 @@ err_console = Console(stderr=True)
 
 
 def _fail(error: TripletctlError) -> None:
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    """Print every problem on its own line (markup off: messages quote user text) and exit 2."""
+    problems = getattr(error, "problems", None) or [str(error)]
+    if len(problems) > 1:
+        err_console.print(f"[bold red]error:[/] {len(problems)} problems")
+    for problem in problems:
+        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print(problem, highlight=False, soft_wrap=True, markup=False)
     raise typer.Exit(code=error.exit_code)
 
 

@@ -173,14 +173,14 @@ def collapse_report(
 
     # batch-hard on the whole sample: hardest positive vs hardest negative per anchor
     valid = same.any(dim=1) & diff.any(dim=1)
-    hardest_pos = torch.where(same, dist, torch.full_like(dist, -math.inf)).amax(dim=1)
-    hardest_neg = torch.where(diff, dist, torch.full_like(dist, math.inf)).amin(dim=1)
+    hardest_pos = dist.masked_fill(~same, -math.inf).amax(dim=1)
+    hardest_neg = dist.masked_fill(~diff, math.inf).amin(dim=1)
     losses = (hardest_pos - hardest_neg + margin).clamp_min(0.0)[valid]
     anchors = int(losses.numel())
     batch_hard = float(losses.mean()) if anchors else float("nan")
     near = float(((losses - margin).abs() <= NEAR_MARGIN_TOLERANCE * margin).double().mean()) if anchors else float("nan")
 
-    edges, ap_hist, an_hist = _histograms(d_ap, d_an)
+    edges, ap_hist, an_hist = _histograms(d_ap, d_an, margin)
     verdict, reasons = judge(
         mean_cosine=mean_cosine, effective_rank=erank, dim=dim, classes=classes,
         near_margin_fraction=near, relative_spread=spread / max(mean_norm, 1e-12),
@@ -206,13 +206,16 @@ def _quantiles(values: torch.Tensor) -> dict[str, float]:
     return {f"p{round(level * 100):02d}": float(v) for level, v in zip(QUANTILES, q)}
 
 
-def _histograms(d_ap: torch.Tensor, d_an: torch.Tensor) -> tuple[list[float], list[int], list[int]]:
-    """Shared bins so the two distributions can be overlaid (and read from JSON)."""
+def _histograms(d_ap: torch.Tensor, d_an: torch.Tensor, margin: float) -> tuple[list[float], list[int], list[int]]:
+    """Shared bins so the two distributions can be overlaid (and read from JSON).
+
+    The range reaches at least the margin, so a collapsed sample (all distances 0) still shows
+    as a visible spike at 0 next to where the margin says negatives should be.
+    """
     both = torch.cat([d_ap, d_an])
     if both.numel() == 0:
         return [], [], []
-    hi = float(both.max())
-    hi = hi if hi > 0 else 1e-6
+    hi = max(float(both.max()), float(margin), 1e-6)
     edges = torch.linspace(0.0, hi, HIST_BINS + 1, dtype=torch.float64)
     ap = torch.histc(d_ap, bins=HIST_BINS, min=0.0, max=hi) if d_ap.numel() else torch.zeros(HIST_BINS)
     an = torch.histc(d_an, bins=HIST_BINS, min=0.0, max=hi) if d_an.numel() else torch.zeros(HIST_BINS)
@@ -273,9 +276,11 @@ class CollapseWatchdog:
 
     A step looks collapsed when the batch-hard loss is within `tolerance * margin` of the margin
     AND the embedding spread is below `spread_threshold` (a loss at alpha alone can be a hard batch;
-    with no spread it is the fixed point of collapse). `update` returns True once, on the step where
-    `patience` such steps in a row are reached; it fires again only after a healthy step (or
-    `reset`) starts a new streak. Keep the state in checkpoints so resume keeps counting.
+    with no spread it is the fixed point of collapse). `update` returns True on the step where
+    `patience` such steps in a row are reached, and again every further `patience` steps while the
+    streak lasts (so a run resumed after `on_collapse: stop` stops again if it is still collapsed).
+    A healthy step or `reset` starts counting from 0. Keep the state in checkpoints so resume keeps
+    counting.
     """
 
     def __init__(self, patience: int, tolerance: float, spread_threshold: float = 0.05):
@@ -302,7 +307,7 @@ class CollapseWatchdog:
             self.streak += 1
         else:
             self.streak = 0
-        fired = self.streak == self.patience
+        fired = self.streak > 0 and self.streak % self.patience == 0
         self.detections += fired
         return fired
 

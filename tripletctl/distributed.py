@@ -114,6 +114,21 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 
 
+def local_batch_size(batch_size: int, samples_per_class: int, ctx: DistContext) -> int:
+    """Rows this rank contributes to a global batch of `batch_size`: each rank builds whole
+    classes of `samples_per_class` rows, so the global batch must split into them evenly."""
+    unit = ctx.world_size * samples_per_class
+    if batch_size % unit:
+        lower, upper = batch_size // unit * unit, (batch_size // unit + 1) * unit
+        suggestion = f"{lower} or {upper}" if lower else f"{upper}"
+        raise TripletctlError(
+            f"batch_size {batch_size} is the global batch and must be divisible by world size "
+            f"x samples_per_class = {ctx.world_size} x {samples_per_class} = {unit} "
+            f"(whole classes on every rank); use {suggestion}"
+        )
+    return batch_size // ctx.world_size
+
+
 def _gather_sizes(n: int, ctx: DistContext, device: torch.device) -> list[int]:
     size = torch.tensor([n], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(ctx.world_size)]
@@ -136,12 +151,31 @@ def gather_with_grad(local: Tensor, ctx: DistContext) -> Tensor:
     """
     if not ctx.enabled:
         return local
-    from torch.distributed.nn.functional import all_gather
-
     sizes = _gather_sizes(local.shape[0], ctx, local.device)
     largest = max(sizes)
-    parts = all_gather(_pad_rows(local, largest))
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    gathered = _all_gather_autograd(_pad_rows(local, largest).contiguous())
+    if all(n == largest for n in sizes):
+        return gathered
+    return torch.cat([gathered[r * largest : r * largest + n] for r, n in enumerate(sizes)])
+
+
+def _all_gather_autograd(t: Tensor) -> Tensor:
+    """(W*n, ...) from every rank's (n, ...), differentiable; the backward is a SUM reduce-scatter.
+
+    torch >= 2.13 deprecates `torch.distributed.nn.functional.all_gather` in favour of the
+    functional collective `all_gather_single` (one all-gather forward, one reduce-scatter backward,
+    on gloo as on NCCL); older torch only has the former (backward: reduce-scatter on NCCL,
+    all-to-all + sum on gloo). Both sum, which tests/test_distributed.py checks.
+    """
+    try:
+        from torch.distributed._functional_collectives import all_gather_single
+    except ImportError:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(t))
+    gathered = all_gather_single(t, 0, dist.group.WORLD)
+    wait = getattr(gathered, "wait", None)  # AsyncCollectiveTensor: materialise before slicing
+    return wait() if wait is not None else gathered
 
 
 @torch.no_grad()

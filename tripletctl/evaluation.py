@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -192,6 +192,8 @@ def evaluate_model(model, tokenizer, rows, batch_size: int = 256, max_length: in
     if len(rows.texts) < 2:
         raise DataError(f"need at least 2 rows to evaluate, got {len(rows.texts)}")
     embeddings = encode(model, tokenizer, rows.texts, batch_size=batch_size, max_length=max_length, device=device)
+    if torch.device(device).type == "cuda":  # the chunked search is matmul + topk: much faster there
+        embeddings = embeddings.to(device)
     metrics = retrieval_metrics(embeddings, torch.as_tensor(rows.labels))
     metrics["skipped_rows"] = int(getattr(rows, "skipped", 0))
     return metrics
@@ -248,7 +250,6 @@ def load_checkpoint_and_rows(
 ) -> LoadedCheckpoint:
     """Resolve a checkpoint (phase checkpoint, phase dir or run dir), load its model and read rows."""
     from tripletctl.checkpoint import resolve_checkpoint
-    from tripletctl.data import read_rows
     from tripletctl.model import load_model
 
     device = resolve_device(device)
@@ -256,7 +257,13 @@ def load_checkpoint_and_rows(
     model_dir = checkpoint_dir / "model"
     if not model_dir.is_dir():
         raise CheckpointError(f"{checkpoint_dir} has no model/ directory")
-    model, tokenizer = load_model(model_dir, device=device)
+    try:
+        model, tokenizer = load_model(model_dir, device=device)
+    except (OSError, ValueError) as error:  # FileNotFoundError included: not a tripletctl model
+        raise CheckpointError(f"cannot load the model in {model_dir}: {error}") from None
+
+    from tripletctl.data import read_rows
+
     rows = read_rows(data, format=format, split=split, text_column=text_column,
                      label_column=label_column, limit=max_rows)
     settings = _training_settings(checkpoint_dir)

@@ -1,13 +1,12 @@
 """Online triplet mining: pure tensor functions over one batch of embeddings.
 
-Everything works on the B×B distance matrix and B×B per-row sorts, so memory is
-O(B²) in every mode and for every class structure: no B×B×B tensor is ever
-built, not even for batch-all (see ``docs/mining.md`` for the prefix-sum trick).
+Everything works on the B×B distance matrix, one B×B per-row sort and a (B, P)
+layout of the anchor-positive pairs (P = largest class - 1), so memory is O(B²)
+in every mode and for every class structure: no B×B×B tensor is ever built, not
+even for batch-all (see ``docs/mining.md`` for the prefix-sum trick).
 
 Anchor-positive pairs are all ordered pairs (a, p), a != p, with the same label;
-negatives of a are all samples with another label.  The (a, p) pairs are kept
-as a B×B mask instead of being extracted into a list, which keeps every step a
-dense, vectorised op and needs no host synchronisation until the stats.
+negatives of a are all samples with another label.
 """
 
 from __future__ import annotations
@@ -25,10 +24,6 @@ FALLBACKS = ("hardest", "easiest")
 # infinite, so duplicate embeddings (d = 0) would give inf/nan gradients; with
 # the floor their distance reads 1e-6 and the clamp passes a zero gradient.
 SQRT_EPS = 1e-12
-
-# Modes that mine one triplet per anchor-positive pair (the rest: per anchor / all).
-_PAIR_MODES = ("random", "semi-hard", "hard-negative")
-
 
 @dataclass(frozen=True)
 class MiningStats:
@@ -63,9 +58,9 @@ def pairwise_distances(embeddings: Tensor, distance: str = "euclidean") -> Tenso
     with torch.autocast(device_type=e.device.type, enabled=False):
         gram = e @ e.T
     sq_norm = torch.diagonal(gram)
-    sq = (sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram).clamp(min=0.0)
+    sq = torch.add(sq_norm[:, None] + sq_norm[None, :], gram, alpha=-2.0)
     if distance == "squared-euclidean":
-        return sq
+        return sq.clamp(min=0.0)  # rounding can dip below 0
     return sq.clamp(min=SQRT_EPS).sqrt()
 
 
@@ -83,89 +78,103 @@ def _check(embeddings: Tensor, labels: Tensor, mode: str, fallback: str) -> None
 
 
 @dataclass(frozen=True)
-class _Masks:
-    pos: Tensor  # B×B bool: (a, p) anchor-positive pairs of usable anchors
-    neg: Tensor  # B×B bool: n is a negative of a
-    n_neg: Tensor  # (B,) int64 negatives per anchor
+class _Layout:
+    """Who is a positive/negative of whom, without B×B masks where they are not needed.
+
+    Samples are sorted by label once (1-D), so each class is a contiguous block of
+    ``order``: anchor a's positives are its block minus itself, its negatives the
+    rest.  The anchor-positive pairs are laid out as a (B, P) matrix, P = largest
+    class size - 1, which is ≤ B² cells (half of them with two classes, 3B with
+    classes of 4) instead of scanning all B² cells.
+    """
+
+    labels: Tensor  # (B,)
+    order: Tensor  # (B,) sample indices sorted by label (stable)
+    start: Tensor  # (B,) where each sample's class block starts in ``order``
+    size: Tensor  # (B,) class size of each sample
+    n_neg: Tensor  # (B,) negatives per anchor
     anchors: Tensor  # (B,) bool: has a positive and a negative
+    pos_idx: Tensor  # (B, P) positive sample indices (junk where not valid)
+    valid: Tensor  # (B, P) bool: real anchor-positive pair of a usable anchor
+
+    def neg_mask(self) -> Tensor:
+        return self.labels[:, None] != self.labels[None, :]
 
 
-def _masks(labels: Tensor) -> _Masks:
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
-    neg = ~same
-    n_neg = neg.sum(1)
-    anchors = (same & ~eye).any(1) & (n_neg > 0)
-    pos = same & ~eye & anchors[:, None]
-    return _Masks(pos=pos, neg=neg, n_neg=n_neg, anchors=anchors)
+def _layout(labels: Tensor) -> _Layout:
+    b = labels.shape[0]
+    order = torch.argsort(labels, stable=True)
+    _, cls_sorted, counts = torch.unique_consecutive(
+        labels[order], return_inverse=True, return_counts=True
+    )
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(b, device=labels.device)
+    cls = cls_sorted[rank]
+    start = (counts.cumsum(0) - counts)[cls]
+    size = counts[cls]
+    n_pos, n_neg = size - 1, b - size
+    anchors = (n_pos > 0) & (n_neg > 0)
+    p_max = max(int(n_pos.max()) if b else 0, 1)  # one host sync, to size the layout
+    j = torch.arange(p_max, device=labels.device)
+    within = rank - start  # the anchor's own slot in its block, skipped below
+    col = start[:, None] + j + (j >= within[:, None]).long()
+    pos_idx = order[col.clamp(max=max(b - 1, 0))]
+    valid = (j < n_pos[:, None]) & anchors[:, None]
+    return _Layout(labels, order, start, size, n_neg, anchors, pos_idx, valid)
 
 
-def _sorted_negatives(dist: Tensor, m: _Masks, margin: float) -> tuple[Tensor, Tensor]:
+def _sorted_negatives(dist: Tensor, lay: _Layout, margin: float) -> tuple[Tensor, Tensor]:
     """Each row's negative distances ascending, non-negatives pushed to the end.
 
     The filler is a finite sentinel larger than any ``d(a,p) + margin`` so that
     searchsorted never counts it and no inf ever enters a differentiated op.
     """
     sentinel = dist.detach().max() + abs(float(margin)) + 1.0
-    values, indices = dist.where(m.neg, sentinel).sort(dim=1)
-    return values, indices
+    return dist.where(lay.neg_mask(), sentinel).sort(dim=1)
 
 
-def _hardest_pairs(dist: Tensor, m: _Masks) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per anchor: farthest positive and closest negative (values and indices)."""
-    d_ap, p_idx = dist.where(m.pos, -1.0).max(dim=1)
+def _closest_negative(dist: Tensor, lay: _Layout) -> tuple[Tensor, Tensor]:
+    """Per anchor: distance and index of the closest negative (one B×B pass, no sort)."""
     far = dist.detach().max() + 1.0
-    d_an, n_idx = dist.where(m.neg, far).min(dim=1)
-    return d_ap, p_idx, d_an, n_idx
+    return dist.where(lay.neg_mask(), far).min(dim=1)
 
 
 def _pair_negatives(
     dist: Tensor,
-    m: _Masks,
+    d_ap: Tensor,
+    lay: _Layout,
     mode: str,
     margin: float,
     fallback: str,
     generator: torch.Generator | None,
+    sorted_neg: tuple[Tensor, Tensor] | None,
 ) -> tuple[Tensor, Tensor]:
-    """For every (a, p) cell: the chosen negative's distance and index (both B×B).
-
-    Cells that are not anchor-positive pairs hold junk (finite) and are masked later.
-    """
-    b = dist.shape[0]
-    last = (m.n_neg - 1).clamp(min=0)[:, None]
+    """For every (a, p) slot of the layout: the chosen negative's distance and index, (B, P) each."""
+    b, p = d_ap.shape
+    last = (lay.n_neg - 1).clamp(min=0)[:, None]
     if mode == "hard-negative":
-        far = dist.detach().max() + 1.0
-        d_an, n_idx = dist.where(m.neg, far).min(dim=1)
-        return d_an[:, None].expand(b, b), n_idx[:, None].expand(b, b)
+        d_an, n_idx = _closest_negative(dist, lay)
+        return d_an[:, None].expand(b, p), n_idx[:, None].expand(b, p)
     if mode == "random":
-        # k-th negative of row a = first column where the running count of negatives reaches k+1.
-        u = torch.rand((b, b), generator=generator, device=dist.device)
-        k = (u * m.n_neg[:, None]).long().clamp(max=last.expand(b, b))
-        counts = m.neg.to(torch.int32).cumsum(dim=1)
-        n_idx = torch.searchsorted(counts, (k + 1).to(torch.int32)).clamp(max=b - 1)
+        # k-th negative in label order: skip over the anchor's own class block.
+        u = torch.rand((b, p), generator=generator, device=dist.device)
+        k = torch.minimum((u * lay.n_neg[:, None]).long(), last)
+        k = k + lay.size[:, None] * (k >= lay.start[:, None]).long()
+        n_idx = lay.order[k.clamp(max=b - 1)]
         return dist.gather(1, n_idx), n_idx
     # semi-hard: the closest negative strictly farther than the positive.
-    values, indices = _sorted_negatives(dist, m, margin)
-    pos = torch.searchsorted(values.detach(), dist.detach().contiguous(), right=True)
-    outside = pos < m.n_neg[:, None]
+    values, indices = sorted_neg if sorted_neg is not None else _sorted_negatives(dist, lay, margin)
+    col = torch.searchsorted(values.detach(), d_ap.detach().contiguous(), right=True)
     fb = torch.zeros_like(last) if fallback == "hardest" else last
-    col = torch.where(outside, pos, fb.expand(b, b))
+    col = torch.where(col < lay.n_neg[:, None], col, fb)
     return values.gather(1, col), indices.gather(1, col)
 
 
-def _select(
-    embeddings: Tensor,
-    labels: Tensor,
-    mode: str,
-    margin: float,
-    distance: str,
-    fallback: str,
-    generator: torch.Generator | None,
-):
+def _prepare(embeddings: Tensor, labels: Tensor, mode: str, distance: str, fallback: str):
     _check(embeddings, labels, mode, fallback)
     dist = pairwise_distances(embeddings, distance)
-    m = _masks(labels.to(dist.device))
-    return dist, m
+    lay = _layout(labels.to(dist.device))
+    return dist, lay
 
 
 def mine(
@@ -184,56 +193,62 @@ def mine(
     positive or a negative are skipped; with nothing valid the loss is a zero
     that is still connected to ``embeddings``.
     """
-    dist, m = _select(embeddings, labels, mode, margin, distance, fallback, generator)
+    dist, lay = _prepare(embeddings, labels, mode, distance, fallback)
     zero = dist.new_zeros(())
-    n_anchors = m.anchors.sum()
+    valid = lay.valid
+    d_ap = dist.gather(1, lay.pos_idx)  # (B, P) anchor-positive distances
+    sorted_neg = _sorted_negatives(dist, lay, margin) if mode in ("semi-hard", "batch-all") else None
 
     # Batch-hard is the yardstick in every mode (compare phases on the hardest task);
     # outside batch-hard mode it is computed without graph.
     with torch.set_grad_enabled(mode == "batch-hard" and torch.is_grad_enabled()):
-        bh_ap, _, bh_an, _ = _hardest_pairs(dist if mode == "batch-hard" else dist.detach(), m)
-        bh_terms = torch.relu(bh_ap - bh_an + margin)
+        src = d_ap if mode == "batch-hard" else d_ap.detach()
+        bh_ap = src.where(valid, -1.0).max(dim=1).values
+        if sorted_neg is not None:
+            bh_an = sorted_neg[0][:, 0].detach()
+        else:
+            bh_an = _closest_negative(dist if mode == "batch-hard" else dist.detach(), lay)[0]
+        bh_terms = torch.relu(bh_ap - bh_an + margin).where(lay.anchors, zero)
+    n_anchors = lay.anchors.sum()
 
     if mode == "batch-hard":
-        terms = bh_terms.where(m.anchors, zero)
         n_trip = n_anchors
-        loss = terms.sum() / n_trip.clamp(min=1)
+        loss = bh_terms.sum() / n_trip.clamp(min=1)
         with torch.no_grad():
-            active = ((terms > 0) & m.anchors).sum()
-            sum_ap = bh_ap.where(m.anchors, zero).sum()
-            sum_an = bh_an.where(m.anchors, zero).sum()
+            active = (bh_terms > 0).sum()
+            sum_ap = bh_ap.where(lay.anchors, zero).sum()
+            sum_an = bh_an.where(lay.anchors, zero).sum()
     elif mode == "batch-all":
-        values, _ = _sorted_negatives(dist, m, margin)
-        query = dist + margin
+        values = sorted_neg[0]
+        query = d_ap + margin
         # Negatives with d(a,n) < d(a,p) + margin are exactly the active ones;
         # their summed loss is k*(d_ap + margin) - (sum of the k smallest d_an).
         k = torch.searchsorted(values.detach(), query.detach().contiguous(), right=False)
         prefix = torch.cat([values.new_zeros((values.shape[0], 1)), values.cumsum(dim=1)], dim=1)
-        pair_sum = k.to(dist.dtype) * query - prefix.gather(1, k)
-        pair_sum = pair_sum.where(m.pos, zero)
-        k = k.where(m.pos, torch.zeros_like(k))
-        active = k.sum()
+        pair_sum = (k.to(dist.dtype) * query - prefix.gather(1, k)).where(valid, zero)
+        active = k.where(valid, torch.zeros_like(k)).sum()
         loss = pair_sum.sum() / active.clamp(min=1).to(dist.dtype)
         with torch.no_grad():
-            n_neg_f = m.n_neg.to(dist.dtype)
-            n_pos_f = m.pos.sum(1).to(dist.dtype)
-            n_trip = (m.pos.sum(1) * m.n_neg).sum()
-            sum_ap = (dist.where(m.pos, zero) * n_neg_f[:, None]).sum()
-            sum_an = (dist.where(m.neg, zero).sum(1) * n_pos_f).sum()
+            n_neg = lay.n_neg.to(dist.dtype)
+            n_pos = valid.sum(1).to(dist.dtype)
+            n_trip = (valid.sum(1) * lay.n_neg).sum()
+            sum_ap = (d_ap.where(valid, zero).sum(1) * n_neg).sum()
+            neg_total = prefix.gather(1, lay.n_neg[:, None]).squeeze(1)  # all of a row's negatives
+            sum_an = (neg_total * n_pos).sum()
     else:
-        d_an, _ = _pair_negatives(dist, m, mode, margin, fallback, generator)
-        terms = torch.relu(dist - d_an + margin).where(m.pos, zero)
-        n_trip = m.pos.sum()
+        d_an, _ = _pair_negatives(dist, d_ap, lay, mode, margin, fallback, generator, sorted_neg)
+        terms = torch.relu(d_ap - d_an + margin).where(valid, zero)
+        n_trip = valid.sum()
         loss = terms.sum() / n_trip.clamp(min=1).to(dist.dtype)
         with torch.no_grad():
-            active = ((terms > 0) & m.pos).sum()
-            sum_ap = dist.where(m.pos, zero).sum()
-            sum_an = d_an.where(m.pos, zero).sum()
+            active = (terms > 0).sum()
+            sum_ap = d_ap.where(valid, zero).sum()
+            sum_an = d_an.where(valid, zero).sum()
 
     with torch.no_grad():
         e = _working_dtype(embeddings.detach())
         spread = (e - e.mean(0)).pow(2).sum(1).mean().sqrt() if e.shape[0] else zero
-        bh_loss = bh_terms.where(m.anchors, zero).sum() / n_anchors.clamp(min=1)
+        bh_loss = bh_terms.detach().sum() / n_anchors.clamp(min=1)
         denom = n_trip.clamp(min=1).to(dist.dtype)
         # One host transfer for all the numbers.
         nums = torch.stack(
@@ -241,8 +256,8 @@ def mine(
                 loss.detach().to(dist.dtype),
                 bh_loss.to(dist.dtype),
                 active.to(dist.dtype) / denom,
-                sum_ap / denom,
-                sum_an / denom,
+                sum_ap.detach() / denom,
+                sum_an.detach() / denom,
                 n_trip.to(dist.dtype),
                 (labels.shape[0] - n_anchors).to(dist.dtype),
                 spread.to(dist.dtype),
@@ -278,11 +293,13 @@ def mine_indices(
     if mode == "batch-all":
         raise ValueError("batch-all uses every active triplet; there is no O(B²) list to return")
     with torch.no_grad():
-        dist, m = _select(embeddings, labels, mode, margin, distance, fallback, generator)
+        dist, lay = _prepare(embeddings, labels, mode, distance, fallback)
+        d_ap = dist.gather(1, lay.pos_idx)
         if mode == "batch-hard":
-            _, p_idx, _, n_idx = _hardest_pairs(dist, m)
-            a = m.anchors.nonzero().squeeze(1)
-            return a, p_idx[a], n_idx[a]
-        _, n_idx = _pair_negatives(dist, m, mode, margin, fallback, generator)
-        a, p = m.pos.nonzero(as_tuple=True)
-        return a, p, n_idx[a, p]
+            slot = d_ap.where(lay.valid, -1.0).argmax(dim=1)
+            _, n_idx = _closest_negative(dist, lay)
+            a = lay.anchors.nonzero().squeeze(1)
+            return a, lay.pos_idx[a, slot[a]], n_idx[a]
+        _, n_idx = _pair_negatives(dist, d_ap, lay, mode, margin, fallback, generator, None)
+        a, j = lay.valid.nonzero(as_tuple=True)
+        return a, lay.pos_idx[a, j], n_idx[a, j]

@@ -8,7 +8,7 @@ normalisation) live beside it in `head.safetensors` and `tripletctl_model.json`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,7 +205,7 @@ def encode(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence
     model.eval()
     out: Tensor | None = None
     try:
-        for start, batch_rows in _batches(order, batch_size, progress):
+        for batch_rows in _batches(order, batch_size, progress):
             padded = tokenizer.pad({"input_ids": [ids[i] for i in batch_rows]}, return_tensors="pt")
             emb = model(padded["input_ids"].to(device), padded["attention_mask"].to(device))
             emb = emb.float().cpu()
@@ -218,12 +218,12 @@ def encode(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence
     return out
 
 
-def _batches(order: list[int], batch_size: int, progress: bool):
-    """Yield (start, rows) slices of `order`, optionally behind a rich progress bar."""
+def _batches(order: list[int], batch_size: int, progress: bool) -> Iterator[list[int]]:
+    """Yield consecutive slices of `order`, optionally behind a transient rich progress bar."""
     starts = range(0, len(order), batch_size)
     if not progress:
         for s in starts:
-            yield s, order[s:s + batch_size]
+            yield order[s:s + batch_size]
         return
     from rich.progress import Progress
 
@@ -231,5 +231,5 @@ def _batches(order: list[int], batch_size: int, progress: bool):
         task = bar.add_task("encoding", total=len(order))
         for s in starts:
             rows = order[s:s + batch_size]
-            yield s, rows
+            yield rows
             bar.advance(task, len(rows))

@@ -1,0 +1,309 @@
+"""Checkpoints: exact round trip, path resolution, and survival of a save killed half-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tripletctl.checkpoint import (
+    capture_rng, checkpoint_dir, latest_checkpoint, load_checkpoint, phase_dir, resolve_checkpoint,
+    restore_rng, save_checkpoint,
+)
+from tripletctl.errors import CheckpointError
+from tripletctl.model import build_model
+
+from tripletctl.curriculum import ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+STATE = {"phase_index": 0, "phase": "semi-hard", "step": 3, "global_step": 3,
+         "counters": {"rows_seen": 96}, "world_size": 1}
+CURRICULUM = {"model": {"name": "tiny", "head": (16,)}, "phases": [{"name": "semi-hard", "steps": 5}]}
+
+
+def tiny(tiny_bert_dir: Path, seed: int = 0, head: tuple[int, ...] = (16,)):
+    return build_model(ModelConfig(name=str(tiny_bert_dir), init="config", head=head), seed)
+
+
+def trained(tiny_bert_dir: Path):
+    """A model and an AdamW that has taken one step, so the optimizer has per-param state."""
+    model, tok = tiny(tiny_bert_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    enc = tok(["abc", "de f"], padding=True, return_tensors="pt")
+    model(enc["input_ids"], enc["attention_mask"]).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    return model, tok, opt
+
+
+def assert_same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def fake_checkpoint(directory: Path, complete: bool = True) -> Path:
+    """Enough of a checkpoint for path resolution (which only trusts COMPLETE)."""
+    directory.mkdir(parents=True)
+    (directory / "state.json").write_text("{}")
+    if complete:
+        (directory / "COMPLETE").write_text("ok\n")
+    return directory
+
+
+# ------------------------------------------------------------------------------------ round trip
+
+def test_round_trip_restores_everything(tiny_bert_dir, tmp_path):
+    model, tok, opt = trained(tiny_bert_dir)
+    target = checkpoint_dir(tmp_path, 0, "semi-hard")
+    assert target == tmp_path / "phase-0-semi-hard" / "checkpoint"
+    stream = {"offset": 12, "buffer": [1, 2, 3]}
+    path = save_checkpoint(target, model=model, tokenizer=tok, optimizer=opt, state=STATE,
+                           stream_state=stream, curriculum=CURRICULUM)
+    expected = (random.random(), np.random.rand(), torch.rand(2))  # draws right after the save
+
+    assert path == target
+    assert {p.name for p in target.iterdir()} == {
+        "model", "optimizer.pt", "state.json", "rng.pt", "curriculum.yaml", "COMPLETE"}
+    on_disk = json.loads((target / "state.json").read_text())
+    assert {k: on_disk[k] for k in STATE} == STATE and on_disk["stream"] == stream
+    assert on_disk["step"] == 3  # top-level keys: tools and tests read state.json directly
+
+    fresh, _, fresh_opt = trained(tiny_bert_dir)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+
+    loaded = load_checkpoint(tmp_path / "phase-0-semi-hard", model=fresh, optimizer=fresh_opt)
+    assert loaded.path == target and loaded.model_dir == target / "model"
+    assert loaded.state == STATE and loaded.stream_state == stream
+    assert loaded.curriculum == {"model": {"name": "tiny", "head": [16]},
+                                 "phases": [{"name": "semi-hard", "steps": 5}]}
+    assert_same_params(fresh, model)
+    saved_opt, restored_opt = opt.state_dict(), fresh_opt.state_dict()
+    assert saved_opt["param_groups"] == restored_opt["param_groups"]
+    for idx, st in saved_opt["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, restored_opt["state"][idx][key]), (idx, key)
+
+    restore_rng(loaded.rng)
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_non_json_stream_state_goes_to_stream_pt(tiny_bert_dir, tmp_path):
+    model, tok = tiny(tiny_bert_dir)
+    stream = {"position": (3, 4), 7: torch.arange(3)}  # tuple and int key do not survive JSON
+    save_checkpoint(tmp_path / "checkpoint", model=model, tokenizer=tok, optimizer=None,
+                    state=STATE, stream_state=stream, curriculum={})
+    assert (tmp_path / "checkpoint" / "stream.pt").is_file()
+    loaded = load_checkpoint(tmp_path / "checkpoint")
+    assert loaded.stream_state["position"] == (3, 4)
+    assert torch.equal(loaded.stream_state[7], torch.arange(3))
+
+
+def test_reserved_state_keys_are_refused(tiny_bert_dir, tmp_path):
+    model, tok = tiny(tiny_bert_dir)
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(tmp_path / "checkpoint", model=model, tokenizer=tok, optimizer=None,
+                        state={"stream": 1}, stream_state=None, curriculum={})
+    with pytest.raises(TypeError):  # not JSON: fails before anything replaces the old checkpoint
+        save_checkpoint(tmp_path / "checkpoint", model=model, tokenizer=tok, optimizer=None,
+                        state={"x": object()}, stream_state=None, curriculum={})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_capture_restore_rng_repeats_draws():
+    state = capture_rng()
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    restore_rng(state)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+def test_mismatched_model_is_a_clear_error(tiny_bert_dir, tmp_path):
+    model, tok = tiny(tiny_bert_dir, head=(16,))
+    save_checkpoint(tmp_path / "checkpoint", model=model, tokenizer=tok, optimizer=None,
+                    state=STATE, stream_state=None, curriculum={})
+    other, _ = tiny(tiny_bert_dir, head=(8,))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(tmp_path / "checkpoint", model=other)
+
+
+def test_resave_replaces_and_cleans(tiny_bert_dir, tmp_path):
+    model, tok = tiny(tiny_bert_dir)
+    target = tmp_path / "checkpoint"
+    stale = fake_checkpoint(tmp_path / "checkpoint.tmp-999999", complete=False)
+    for step in (1, 2):
+        save_checkpoint(target, model=model, tokenizer=tok, optimizer=None,
+                        state={"global_step": step}, stream_state=None, curriculum={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert not stale.exists()
+    assert load_checkpoint(target).state == {"global_step": 2}
+
+
+# ------------------------------------------------------------------------------------ resolution
+
+def test_resolve_checkpoint_phase_and_run_dirs(tmp_path):
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "run.json").write_text("{}")
+    p0 = fake_checkpoint(phase_dir(run, 0, "random") / "checkpoint")
+    p2 = fake_checkpoint(phase_dir(run, 2, "semi-hard") / "checkpoint")
+    fake_checkpoint(phase_dir(run, 10, "batch-hard") / "checkpoint", complete=False)  # interrupted
+
+    assert resolve_checkpoint(p0) == p0
+    assert resolve_checkpoint(p0.parent) == p0
+    assert resolve_checkpoint(run) == p2  # numeric order; phase 10 has nothing complete
+    assert latest_checkpoint(run) == p2
+    assert latest_checkpoint(tmp_path / "nowhere") is None
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resolve_checkpoint(run / "phase-10-batch-hard" / "checkpoint")
+    with pytest.raises(CheckpointError, match="phase directory .* no complete checkpoint"):
+        resolve_checkpoint(run / "phase-10-batch-hard")
+
+
+def test_resolve_run_dir_without_run_json(tmp_path):
+    p1 = fake_checkpoint(tmp_path / "phase-1-hard" / "checkpoint")
+    assert resolve_checkpoint(tmp_path) == p1
+
+
+def test_resolve_prefers_prev_when_checkpoint_incomplete(tmp_path):
+    prev = fake_checkpoint(tmp_path / "checkpoint.prev")
+    assert resolve_checkpoint(tmp_path / "checkpoint") == prev  # checkpoint missing entirely
+    assert resolve_checkpoint(tmp_path) == prev
+    fake_checkpoint(tmp_path / "checkpoint", complete=False)
+    assert resolve_checkpoint(tmp_path / "checkpoint") == prev
+
+
+def test_resolve_junk_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match="not a checkpoint .* phase directory .* run directory"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        resolve_checkpoint(tmp_path / "notes.txt")
+    empty_run = tmp_path / "run"
+    (empty_run / "phase-0-x").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_checkpoint(empty_run)
+
+
+def test_only_prev_after_crash_between_renames(tiny_bert_dir, tmp_path):
+    """Simulated: `checkpoint` → `checkpoint.prev` happened, tmp → `checkpoint` did not."""
+    model, tok = tiny(tiny_bert_dir)
+    target = tmp_path / "phase-0-x" / "checkpoint"
+    save_checkpoint(target, model=model, tokenizer=tok, optimizer=None, state={"global_step": 1},
+                    stream_state=None, curriculum={})
+    os.replace(target, target.with_name("checkpoint.prev"))
+    fresh, _ = tiny(tiny_bert_dir, seed=1)
+    loaded = load_checkpoint(tmp_path, model=fresh)
+    assert loaded.path.name == "checkpoint.prev" and loaded.state == {"global_step": 1}
+    assert_same_params(fresh, model)
+
+
+# ----------------------------------------------------------------------------- killed mid-save
+
+KILL_SCRIPT = r"""
+import os, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import torch
+import tripletctl.checkpoint as ck
+from tripletctl.model import build_model
+
+target, tiny_bert, stage = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+cfg = SimpleNamespace(name=tiny_bert, init="config", tokenizer=None, pooling="mean", head=(16,),
+                      normalize=True)
+model, tok = build_model(cfg, 0)
+opt = torch.optim.AdamW(model.parameters())
+
+def save(step):
+    ck.save_checkpoint(target, model=model, tokenizer=tok, optimizer=opt,
+                       state={"global_step": step}, stream_state={"step": step}, curriculum={})
+
+save(1)
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(1.0)
+
+def pause():
+    print("PAUSED", flush=True)
+    time.sleep(120)
+
+if stage == "write":  # the model is in the tmp dir, the rest is not
+    real_save_model = ck.save_model
+    def slow_save_model(*a, **k):
+        real_save_model(*a, **k)
+        pause()
+    ck.save_model = slow_save_model
+else:  # "swap": checkpoint -> checkpoint.prev done, tmp -> checkpoint not yet
+    real_replace = os.replace
+    def slow_replace(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".prev"):
+            pause()
+    ck.os.replace = slow_replace
+save(2)
+print("SECOND SAVE FINISHED", flush=True)
+"""
+
+
+@pytest.mark.parametrize("stage", ["write", "swap"])
+def test_sigkill_during_save_keeps_previous_checkpoint(tiny_bert_dir, tmp_path, stage):
+    script = tmp_path / "saver.py"
+    script.write_text(KILL_SCRIPT)
+    target = tmp_path / "run" / "phase-0-semi-hard" / "checkpoint"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with subprocess.Popen([sys.executable, str(script), str(target), str(tiny_bert_dir), stage],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        watchdog = threading.Timer(120, proc.kill)  # never hang the suite
+        watchdog.start()
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if line.strip() == "PAUSED":
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+            proc.wait()
+        finally:
+            watchdog.cancel()
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+
+    leftovers = sorted(p.name for p in target.parent.iterdir())
+    tmp_name = f"checkpoint.tmp-{proc.pid}"
+    if stage == "write":
+        assert leftovers == ["checkpoint", tmp_name]
+        assert not (target.parent / tmp_name / "COMPLETE").exists()
+        expected_path = target
+    else:
+        assert leftovers == ["checkpoint.prev", tmp_name]
+        expected_path = target.with_name("checkpoint.prev")
+
+    first, tok = tiny(tiny_bert_dir, seed=0)  # what the first save held: the seed-0 weights
+    restored, _ = tiny(tiny_bert_dir, seed=3)
+    for path in (tmp_path / "run", target.parent, target):
+        assert resolve_checkpoint(path) == expected_path
+    loaded = load_checkpoint(tmp_path / "run", model=restored)
+    assert loaded.path == expected_path
+    assert loaded.state == {"global_step": 1} and loaded.stream_state == {"step": 1}
+    assert_same_params(restored, first)
+
+    # the next save recovers the layout: one complete checkpoint, nothing stale
+    save_checkpoint(target, model=first, tokenizer=tok, optimizer=None, state={"global_step": 2},
+                    stream_state=None, curriculum={})
+    assert sorted(p.name for p in target.parent.iterdir()) == ["checkpoint"]
+    assert load_checkpoint(target).state == {"global_step": 2}

@@ -1,0 +1,573 @@
+"""Curriculum loading: every error names file, phase and key; overrides are typed; paths resolve;
+the dict form round-trips. Pure Python: no model, no data, no network."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+from typer.testing import CliRunner
+
+from conftest import QUICKSTART, REPO
+from tripletctl.cli import app
+from tripletctl.curriculum import (
+    BLOCK_KEYS,
+    PHASE_KEYS,
+    Curriculum,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    PhaseConfig,
+    TrainConfig,
+    curriculum_to_dict,
+    load_curriculum,
+    plan_table,
+)
+from tripletctl.errors import ConfigError
+
+FACENET = REPO / "curricula" / "facenet.yaml"
+
+MINIMAL = """\
+model:
+  name: bert-base-uncased
+data:
+  source: org/corpus
+phases:
+  - name: warmup
+    mining: semi-hard
+    batch_size: 16
+    steps: 10
+  - name: easy
+    mining: hard-negative
+    batch_size: 32
+    steps: 10
+  - name: hard
+    mining: batch-hard
+    batch_size: 64
+    steps: 10
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "curriculum.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def edit(**changes) -> str:
+    """MINIMAL with some blocks replaced (dicts) or removed (None)."""
+    tree = yaml.safe_load(MINIMAL)
+    for key, value in changes.items():
+        if value is None:
+            tree.pop(key, None)
+        else:
+            tree[key] = value
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def problems_of(path: Path | str, overrides: list[str] = ()) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_curriculum(path, overrides)
+    return caught.value.problems
+
+
+def only(problems: list[str], fragment: str) -> str:
+    matching = [p for p in problems if fragment in p]
+    assert len(matching) == 1, (fragment, problems)
+    return matching[0]
+
+
+def phases_with(**changes) -> list[dict]:
+    """MINIMAL's phases with keys of phase 2 ('hard') changed."""
+    phases = yaml.safe_load(MINIMAL)["phases"]
+    phases[2].update(changes)
+    return phases
+
+
+# ---------------------------------------------------------------- valid files
+
+
+def test_minimal_curriculum_fills_defaults_and_resolves_phases_from_train(tmp_path):
+    c = load_curriculum(write(tmp_path, MINIMAL))
+    assert c.model == ModelConfig(name="bert-base-uncased")
+    assert c.data == DataConfig(source="org/corpus")
+    assert c.train == TrainConfig()
+    assert c.eval is None
+    assert [p.name for p in c.phases] == ["warmup", "easy", "hard"]
+    for phase in c.phases:
+        assert phase.margin == 0.2
+        assert (phase.lr, phase.warmup_steps, phase.distance, phase.fallback, phase.chunk_size, phase.on_collapse) == (
+            2e-5, 100, "euclidean", "hardest", "auto", "warn"
+        )
+
+
+def test_phase_overrides_win_over_train_block(tmp_path):
+    text = edit(
+        train={"lr": 1e-4, "distance": "squared-euclidean", "chunk_size": 64, "on_collapse": "stop"},
+        phases=phases_with(lr=5e-6, fallback="easiest", chunk_size="auto", warmup_steps=3, margin=0.5),
+    )
+    c = load_curriculum(write(tmp_path, text))
+    assert (c.phases[0].lr, c.phases[0].distance, c.phases[0].chunk_size, c.phases[0].on_collapse) == (
+        1e-4, "squared-euclidean", 64, "stop"
+    )
+    hard = c.phases[2]
+    assert (hard.lr, hard.fallback, hard.chunk_size, hard.warmup_steps, hard.margin) == (5e-6, "easiest", "auto", 3, 0.5)
+    assert hard.distance == "squared-euclidean"
+
+
+def test_quickstart_validates_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = load_curriculum(QUICKSTART)
+    assert c.model.name == str(REPO / "curricula" / "quickstart" / "tiny-bert")
+    assert c.data.source == str(REPO / "curricula" / "quickstart" / "train.jsonl")
+    assert c.eval is not None and c.eval.source == str(REPO / "curricula" / "quickstart" / "heldout.jsonl")
+    assert c.train.output_dir == "runs/quickstart"  # relative to where training runs
+    assert [p.mining for p in c.phases] == ["semi-hard", "hard-negative", "batch-hard"]
+    assert isinstance(c.train.lr, float) and c.train.lr == 1e-3
+
+
+def test_facenet_validates_offline_with_the_shipped_plan():
+    c = load_curriculum(FACENET)
+    assert c.model.name == "bert-base-uncased"
+    assert [(p.mining, p.batch_size, p.margin) for p in c.phases] == [
+        ("semi-hard", 500, 0.2), ("hard-negative", 1000, 0.2), ("batch-hard", 2000, 0.2)
+    ]
+    assert c.train.lr == 2e-5 and c.train.precision == "auto" and c.train.chunk_size == "auto"
+    assert c.train.warmup_steps > 0
+    assert c.eval is not None and c.eval.split == "test"
+    assert not os.path.exists(c.data.source)  # a hub name, left untouched
+
+
+def test_dataclasses_are_frozen_and_curriculum_owns_its_dicts(tmp_path):
+    kwargs = {"name": "pair", "data_files": ["a.parquet"]}
+    c = load_curriculum(write(tmp_path, edit(data={"source": "org/corpus", "load_dataset": kwargs})))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.train.lr = 1.0  # type: ignore[misc]
+    assert c.data.load_dataset == kwargs
+    assert isinstance(c.phases, tuple) and isinstance(c.model.head, tuple)
+    other = load_curriculum(tmp_path / "curriculum.yaml")
+    c.data.load_dataset["data_files"].append("b.parquet")
+    assert other.data.load_dataset == kwargs  # no shared state between loads
+
+
+def test_schema_tables_match_the_dataclasses():
+    for block, cls in [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("eval", EvalConfig)]:
+        assert set(BLOCK_KEYS[block]) == {f.name for f in dataclasses.fields(cls)}
+    assert list(PHASE_KEYS) == [f.name for f in dataclasses.fields(PhaseConfig)]
+    assert [f.name for f in dataclasses.fields(PhaseConfig)][5:] == [
+        "lr", "warmup_steps", "distance", "fallback", "chunk_size", "on_collapse"
+    ]
+
+
+def test_yaml_exponent_without_dot_is_read_as_a_number(tmp_path):
+    c = load_curriculum(write(tmp_path, MINIMAL + "train:\n  lr: 3e-5\n"))
+    assert c.train.lr == 3e-5 and isinstance(c.train.lr, float)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "model:\n  name: bert\ndata:\n  source: [unclosed\nphases: []\n")
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}: line ")
+    assert "malformed YAML" in problem
+
+
+def test_malformed_yaml_line_number_is_ones_based(tmp_path):
+    path = write(tmp_path, "model:\n  name: bert\n bad: indent\n")
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}: line 3: malformed YAML: ")
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    [problem] = problems_of(tmp_path / "nope.yaml")
+    assert problem.startswith(f"{tmp_path / 'nope.yaml'}: cannot read the curriculum")
+
+
+def test_messages_use_the_path_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, edit(train={"lr": "fast"}))
+    assert problems_of("curriculum.yaml") == ["curriculum.yaml: train.lr must be a positive number, got 'fast'"]
+
+
+def test_unknown_phase_key_with_did_you_mean(tmp_path):
+    phases = yaml.safe_load(MINIMAL)["phases"]
+    phases[0]["minning"] = phases[0].pop("mining")
+    path = write(tmp_path, edit(phases=phases))
+    problems = problems_of(path)
+    assert f"{path}: phases[0] (warmup): unknown key 'minning' (did you mean 'mining'?)" in problems
+    assert f"{path}: phases[0] (warmup): missing required key 'mining'" in problems
+
+
+def test_unknown_mining_mode_lists_valid_ones(tmp_path):
+    path = write(tmp_path, edit(phases=phases_with(mining="semihard")))
+    problem = only(problems_of(path), "mining")
+    assert problem.startswith(f"{path}: phases[2] (hard): mining must be one of random, semi-hard, hard-negative, "
+                              "batch-hard, batch-all, got 'semihard'")
+    assert problem.endswith("(did you mean 'semi-hard'?)")
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("steps", 0, "steps must be a positive integer, got 0"),
+        ("steps", -5, "steps must be a positive integer, got -5"),
+        ("steps", True, "steps must be a positive integer, got true"),
+        ("steps", 2.5, "steps must be a positive integer, got 2.5"),
+        ("margin", 0, "margin must be a positive number, got 0"),
+        ("margin", -0.1, "margin must be a positive number, got -0.1"),
+        ("batch_size", 0, "batch_size must be a positive integer, got 0"),
+        ("batch_size", "64", "batch_size must be a positive integer, got '64'"),
+        ("chunk_size", 0, "chunk_size must be a positive integer or 'auto', got 0"),
+        ("chunk_size", "max", "chunk_size must be a positive integer or 'auto', got 'max'"),
+        ("distance", "cosine", "distance must be one of euclidean, squared-euclidean, got 'cosine'"),
+        ("fallback", "median", "fallback must be one of hardest, easiest, got 'median'"),
+        ("on_collapse", "abort", "on_collapse must be one of warn, stop, fallback, got 'abort'"),
+        ("lr", "fast", "lr must be a positive number, got 'fast'"),
+        ("warmup_steps", -1, "warmup_steps must be a non-negative integer, got -1"),
+        ("name", "a/b", "name must be a name without path separators, got 'a/b'"),
+    ],
+)
+def test_bad_phase_values_name_file_phase_and_key(tmp_path, key, value, expected):
+    path = write(tmp_path, edit(phases=phases_with(**{key: value})))
+    label = "phases[2] (hard)" if key != "name" else "phases[2] (a/b)"
+    assert problems_of(path) == [f"{path}: {label}: {expected}"]
+
+
+def test_batch_size_must_split_into_whole_classes(tmp_path):
+    path = write(tmp_path, edit(phases=phases_with(batch_size=1002)))
+    assert problems_of(path) == [
+        f"{path}: phases[2] (hard): batch_size must be a multiple of data.samples_per_class (4), got 1002"
+    ]
+
+
+def test_batch_size_needs_at_least_two_classes(tmp_path):
+    path = write(tmp_path, edit(phases=phases_with(batch_size=4)))
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}: phases[2] (hard): batch_size must hold at least 2 classes")
+    assert "at least 8, got 4" in problem
+
+
+def test_invalid_samples_per_class_does_not_cascade_into_batch_errors(tmp_path):
+    path = write(tmp_path, edit(data={"source": "x", "samples_per_class": 1}))
+    assert problems_of(path) == [f"{path}: data.samples_per_class must be an integer >= 2, got 1"]
+
+
+@pytest.mark.parametrize("phases, expected", [
+    ([], "phases must be a non-empty list of phases, got []"),
+    ("warmup", "phases must be a non-empty list of phases, got 'warmup'"),
+])
+def test_empty_phase_list(tmp_path, phases, expected):
+    path = write(tmp_path, edit(phases=phases))
+    assert problems_of(path) == [f"{path}: {expected}"]
+
+
+def test_missing_phase_list(tmp_path):
+    path = write(tmp_path, edit(phases=None))
+    assert problems_of(path) == [f"{path}: missing required key 'phases' (a non-empty list of phases)"]
+
+
+def test_phase_that_is_not_a_mapping(tmp_path):
+    phases = yaml.safe_load(MINIMAL)["phases"] + ["oops"]
+    [problem] = problems_of(write(tmp_path, edit(phases=phases)))
+    assert "phases[3]: must be a mapping with name, mining, batch_size and steps, got 'oops'" in problem
+
+
+def test_missing_phase_keys(tmp_path):
+    path = write(tmp_path, edit(phases=[{"name": "only-a-name"}]))
+    problems = problems_of(path)
+    for key in ("mining", "batch_size", "steps"):
+        assert f"{path}: phases[0] (only-a-name): missing required key '{key}'" in problems
+
+
+def test_duplicate_phase_names(tmp_path):
+    path = write(tmp_path, edit(phases=phases_with(name="easy")))
+    assert problems_of(path) == [f"{path}: phases[2] (easy): duplicate phase name 'easy' (also phases[1])"]
+
+
+def test_unknown_top_level_and_block_keys(tmp_path):
+    path = write(tmp_path, MINIMAL + "evl: {}\ntrain:\n  lrr: 1.0\n  sead: 3\n  gizmo: 1\n")
+    problems = problems_of(path)
+    assert f"{path}: unknown key 'evl' (did you mean 'eval'?)" in problems
+    assert f"{path}: unknown key 'train.lrr' (did you mean 'train.lr'?)" in problems
+    assert f"{path}: unknown key 'train.sead' (did you mean 'train.seed'?)" in problems
+    assert f"{path}: unknown key 'train.gizmo'" in problems
+
+
+def test_missing_required_blocks(tmp_path):
+    path = write(tmp_path, edit(model=None, data=None))
+    problems = problems_of(path)
+    assert f"{path}: missing required key 'model.name'" in problems
+    assert f"{path}: missing required key 'data.source'" in problems
+
+
+@pytest.mark.parametrize(
+    "block, key, value, expected",
+    [
+        ("train", "lr", "fast", "train.lr must be a positive number, got 'fast'"),
+        ("train", "lr", True, "train.lr must be a positive number, got true"),
+        ("train", "seed", True, "train.seed must be a non-negative integer, got true"),
+        ("train", "compile", "yes please", "train.compile must be true or false, got 'yes please'"),
+        ("train", "precision", "fp16", "train.precision must be one of auto, fp32, bf16, got 'fp16' (did you mean 'bf16'?)"),
+        ("train", "decay", "cosin", "train.decay must be one of none, linear, cosine, got 'cosin' (did you mean 'cosine'?)"),
+        ("train", "device", "mps", "train.device must be one of auto, cpu, cuda, got 'mps'"),
+        ("train", "optimizer", "sgd", "train.optimizer must be one of adamw, got 'sgd'"),
+        ("train", "grad_clip", -1, "train.grad_clip must be a non-negative number, got -1"),
+        ("train", "output_dir", "", "train.output_dir must be a non-empty string, got ''"),
+        ("model", "pooling", "max", "model.pooling must be one of mean, cls, got 'max'"),
+        ("model", "init", "random", "model.init must be one of pretrained, config, got 'random'"),
+        ("model", "head", [256, 0], "model.head must be a list of positive integers (layer sizes), e.g. [256, 128], got [256, 0]"),
+        ("model", "normalize", 1, "model.normalize must be true or false, got 1"),
+        ("data", "layout", "labeled", "data.layout must be one of labelled, pairs, got 'labeled' (did you mean 'labelled'?)"),
+        ("data", "format", "jsonl", "data.format must be one of json, parquet, csv, text or null, got 'jsonl' (did you mean 'json'?)"),
+        ("data", "tokenizer_workers", -1, "data.tokenizer_workers must be a non-negative integer, got -1"),
+        ("data", "load_dataset", ["name"], "data.load_dataset must be a mapping of keyword arguments for datasets.load_dataset, got ['name']"),
+        ("data", "load_dataset", {"split": "x"}, "data.load_dataset must be free of 'split', which is set by data.split, got {'split': 'x'}"),
+    ],
+)
+def test_bad_block_values(tmp_path, block, key, value, expected):
+    tree = yaml.safe_load(MINIMAL)
+    tree.setdefault(block, {})[key] = value
+    path = write(tmp_path, yaml.safe_dump(tree))
+    assert problems_of(path) == [f"{path}: {expected}"]
+
+
+def test_pairs_layout_requires_two_samples_per_class(tmp_path):
+    path = write(tmp_path, edit(data={"source": "x", "layout": "pairs"}))
+    [problem] = problems_of(path)
+    assert problem == (f"{path}: data.samples_per_class must be 2 when data.layout is pairs "
+                       "(each pair is its own class), got 4")
+    load_curriculum(write(tmp_path, edit(data={"source": "x", "layout": "pairs", "samples_per_class": 2})))
+
+
+def test_text_format_needs_a_label_mapping_and_vice_versa(tmp_path):
+    path = write(tmp_path, edit(data={"source": "./pos/*.txt", "format": "text"},
+                                eval={"source": {"a": "./a/*.txt"}}))
+    problems = problems_of(path)
+    only(problems, "data.source must be a {label: glob} mapping when data.format is text")
+    only(problems, "eval.source is a {label: glob} mapping, which needs eval.format: text, got null")
+
+
+def test_max_buffered_rows_must_fit_the_largest_batch(tmp_path):
+    path = write(tmp_path, edit(data={"source": "x", "max_buffered_rows": 32}))
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}: data.max_buffered_rows must be at least the largest phase batch_size (64)")
+
+
+def test_eval_block_requires_a_source(tmp_path):
+    path = write(tmp_path, edit(eval={"every": 10}))
+    assert problems_of(path) == [f"{path}: missing required key 'eval.source'"]
+
+
+def test_duplicate_yaml_keys_are_reported_with_their_line(tmp_path):
+    path = write(tmp_path, MINIMAL + "train:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")
+    assert problems_of(path) == [
+        f"{path}: line {MINIMAL.count(chr(10)) + 3}: duplicate key 'lr' (YAML would silently keep only the last value)"
+    ]
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    phases = phases_with(batch_size=1002, mining="semihard", steps=0)
+    phases[0]["minning"] = phases[0].pop("mining")
+    path = write(tmp_path, edit(train={"lr": "fast"}, model={"name": "m", "pooling": "max"}, phases=phases))
+    problems = problems_of(path, ["phases.9.steps=1", "trian.lr=1"])
+    assert len(problems) == 9, problems
+    assert all(p.startswith(f"{path}: ") for p in problems)
+    for fragment in ["train.lr must be", "model.pooling", "phases[0] (warmup): unknown key 'minning'",
+                     "phases[0] (warmup): missing required key 'mining'", "phases[2] (hard): mining",
+                     "phases[2] (hard): steps", "phases[2] (hard): batch_size must be a multiple",
+                     "override 'phases.9.steps=1'", "override 'trian.lr=1'"]:
+        only(problems, fragment)
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def test_overrides_are_converted_to_the_declared_types(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    c = load_curriculum(path, [
+        "phases.2.steps=500", "train.lr=3e-5", "model.head=[256,128]", "eval.every=10",
+        "eval.source=org/heldout", "train.chunk_size=auto", "phases.0.chunk_size=32", "train.compile=true",
+        "data.split=2020", "model.tokenizer=null", "train.weight_decay=0", "phases.1.margin=1",
+        "data.load_dataset.name=pair",
+    ])
+    assert c.phases[2].steps == 500
+    assert c.train.lr == 3e-5 and isinstance(c.train.lr, float)
+    assert c.phases[0].lr == 3e-5  # the phase default follows the overridden train value
+    assert c.model.head == (256, 128)
+    assert c.eval == EvalConfig(source="org/heldout", every=10)
+    assert c.train.chunk_size == "auto" and c.phases[0].chunk_size == 32
+    assert c.train.compile is True
+    assert c.data.split == "2020"
+    assert c.model.tokenizer is None
+    assert c.train.weight_decay == 0.0 and isinstance(c.train.weight_decay, float)
+    assert c.phases[1].margin == 1.0 and isinstance(c.phases[1].margin, float)
+    assert c.data.load_dataset == {"name": "pair"}
+
+
+def test_bad_override_value_is_reported_like_the_file(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    problems = problems_of(path, ["train.lr=fast", "phases.1.steps=-1", "model.pooling=max"])
+    assert sorted(problems) == sorted([
+        f"{path}: override 'train.lr=fast': train.lr must be a positive number, got 'fast'",
+        f"{path}: override 'model.pooling=max': model.pooling must be one of mean, cls, got 'max'",
+        f"{path}: override 'phases.1.steps=-1': phases[1] (easy): steps must be a positive integer, got -1",
+    ])
+
+
+def test_override_batch_size_checked_against_samples_per_class(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    [problem] = problems_of(path, ["phases.2.batch_size=1002"])
+    assert problem == (f"{path}: override 'phases.2.batch_size=1002': phases[2] (hard): batch_size must be a "
+                       "multiple of data.samples_per_class (4), got 1002")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trian.lr=1", "unknown key 'trian.lr' (did you mean 'train.lr'?)"),
+    ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    ("phases.0.minning=random", "phases[0] (warmup): unknown key 'minning' (did you mean 'mining'?)"),
+    ("phases.3.steps=1", "phases[3] does not exist: the curriculum has 3 phases (0 to 2)"),
+    ("phases.last.steps=1", "'last' is not a phase index: use phases.N.KEY with N from 0 to 2"),
+    ("phases.1=1", "phases[1] (easy): expected phases.1.KEY, e.g. phases.1.steps=500"),
+    ("train.lr", "expected key=value, e.g. train.lr=3e-5"),
+    ("model.name.x=1", "'model.name' has no sub-keys"),
+])
+def test_bad_override_keys_are_fatal(tmp_path, override, expected):
+    path = write(tmp_path, MINIMAL)
+    assert problems_of(path, [override]) == [f"{path}: override '{override}': {expected}"]
+
+
+def test_override_creates_missing_block(tmp_path):
+    c = load_curriculum(write(tmp_path, MINIMAL), ["eval.source=org/heldout", "train.seed=7"])
+    assert c.eval is not None and c.eval.source == "org/heldout"
+    assert c.train.seed == 7
+
+
+# ---------------------------------------------------------------- paths
+
+
+def test_relative_paths_in_the_file_resolve_against_its_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = write(folder, edit(
+        model={"name": "./models/bert", "tokenizer": "../tok"},
+        data={"source": "./corpus/*.parquet"},
+        eval={"source": {"a": "./a/*.txt", "b": "/abs/b/*.txt"}, "format": "text"},
+        train={"output_dir": "./runs/x"},
+    ))
+    monkeypatch.chdir(tmp_path / "..")
+    c = load_curriculum(path)
+    assert c.model.name == str(folder / "models" / "bert")
+    assert c.model.tokenizer == str(tmp_path / "tok")
+    assert c.data.source == str(folder / "corpus" / "*.parquet")
+    assert c.eval.source == {"a": str(folder / "a" / "*.txt"), "b": "/abs/b/*.txt"}
+    assert c.train.output_dir == "./runs/x"  # stays relative to the current directory
+
+
+def test_relative_paths_in_overrides_resolve_against_the_current_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = write(folder, MINIMAL)
+    monkeypatch.chdir(tmp_path)
+    c = load_curriculum(path, ["data.source=./corpus/*.parquet", "model.name=../models/m"])
+    assert c.data.source == str(tmp_path / "corpus" / "*.parquet")
+    assert c.model.name == str(tmp_path.parent / "models" / "m")
+
+
+def test_hub_names_are_left_untouched(tmp_path):
+    c = load_curriculum(write(tmp_path, edit(model={"name": "bert-base-uncased", "tokenizer": "org/tok"},
+                                             data={"source": "org/name"})))
+    assert (c.model.name, c.model.tokenizer, c.data.source) == ("bert-base-uncased", "org/tok", "org/name")
+
+
+def test_glob_override_that_yaml_cannot_parse_is_taken_as_text(tmp_path):
+    c = load_curriculum(write(tmp_path, MINIMAL), ["data.source=*.parquet"])
+    assert c.data.source == "*.parquet"
+
+
+# ---------------------------------------------------------------- round trip and table
+
+
+@pytest.mark.parametrize("source", ["quickstart", "facenet", "overridden"])
+def test_round_trip_through_yaml(tmp_path, source):
+    if source == "quickstart":
+        original = load_curriculum(QUICKSTART)
+    elif source == "facenet":
+        original = load_curriculum(FACENET)
+    else:
+        original = load_curriculum(FACENET, ["model.head=[]", "eval.source={a: ./a/*.txt}", "eval.format=text",
+                                             "eval.layout=labelled",                                              "data.load_dataset.revision=main", "phases.1.lr=1e-6"])
+    dumped = yaml.safe_dump(curriculum_to_dict(original), sort_keys=False)
+    elsewhere = tmp_path / "deeper" / "as-run.yaml"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(dumped)
+    again = load_curriculum(elsewhere)
+    assert again == original
+    assert isinstance(again, Curriculum) and again.path == str(elsewhere)
+
+
+def test_curriculum_to_dict_is_plain(tmp_path):
+    result = curriculum_to_dict(load_curriculum(QUICKSTART))
+    assert set(result) == {"model", "data", "train", "phases", "eval"}
+    assert result["model"]["head"] == [64] and isinstance(result["phases"], list)
+    assert "path" not in result
+    yaml.safe_dump(result)  # no tuples or other non-YAML types
+
+
+def test_plan_table_shows_phases_and_totals():
+    console = Console(record=True, width=160)
+    console.print(plan_table(load_curriculum(FACENET)))
+    text = console.export_text()
+    for fragment in ["semi-hard", "hard-negative", "batch-hard", "1,000,000", "2,000,000", "2e-05", "1e-05",
+                     "squared-euclidean", "bert-base-uncased", "sentence-transformers/all-nli", "runs/facenet",
+                     "4,500,000 samples"]:
+        assert fragment in text, fragment
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_validate_command_prints_the_plan():
+    result = CliRunner().invoke(app, ["validate", str(QUICKSTART)])
+    assert result.exit_code == 0, result.output
+    assert "semi-hard" in result.output and "batch-hard" in result.output
+
+
+def test_validate_command_accepts_overrides():
+    result = CliRunner().invoke(app, ["validate", str(FACENET), "phases.2.steps=500", "train.lr=3e-5"])
+    assert result.exit_code == 0, result.output
+
+
+def test_validate_command_exits_2_with_every_error(tmp_path):
+    path = write(tmp_path, edit(train={"lr": "fast"}, phases=phases_with(batch_size=1002)))
+    result = CliRunner().invoke(app, ["validate", str(path), "phases.7.steps=1"])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())  # undo terminal wrapping
+    assert "train.lr must be a positive number, got 'fast'" in output
+    assert "phases[2] (hard): batch_size must be a multiple" in output
+    assert "override 'phases.7.steps=1'" in output
+
+
+def test_python_dash_m_validate_quickstart(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "tripletctl", "validate", str(QUICKSTART)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "batch-hard" in done.stdout
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "the curriculum is empty: expected model, data, train and phases"),
+    ("- model\n", "expected a mapping with model, data, train, phases (and optional eval) at the top, got ['model']"),
+])
+def test_empty_or_non_mapping_file(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    assert problems_of(path) == [f"{path}: {expected}"]

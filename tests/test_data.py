@@ -1,0 +1,251 @@
+"""data.py: class balance, eviction, bad rows, formats, errors, padding, exact resume, workers, ranks."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+import pytest
+import torch
+
+from tripletctl.data import BatchStream, check_source, read_rows
+from tripletctl.errors import DataError
+
+try:
+    from tripletctl.curriculum import DataConfig
+except ImportError:  # stand-in until curriculum.py lands: the contract's attribute names
+    @dataclass(frozen=True)
+    class DataConfig:  # type: ignore[no-redef]
+        source: str | dict[str, str]
+        format: str | None = None
+        split: str = "train"
+        text_column: str = "text"
+        label_column: str = "label"
+        layout: str = "labelled"
+        anchor_column: str = "anchor"
+        positive_column: str = "positive"
+        shuffle_buffer: int = 10_000
+        max_length: int = 128
+        samples_per_class: int = 4
+        max_buffered_rows: int = 200_000
+        tokenizer_workers: int = 1
+        prefetch_batches: int = 2
+        load_dataset: dict = field(default_factory=dict)
+
+
+def cfg(assets_dir, name, **kw) -> DataConfig:
+    source = name if isinstance(name, dict) else str(assets_dir / name)
+    kw.setdefault("tokenizer_workers", 0)
+    kw.setdefault("shuffle_buffer", 64)
+    kw.setdefault("max_length", 16)
+    return DataConfig(source=source, **kw)
+
+
+def take(data, tok, batch_size, n, seed=0, state=None, **kw):
+    stream = BatchStream(data, str(tok), batch_size, seed, state=state, **kw)
+    try:
+        return [next(stream) for _ in range(n)]
+    finally:
+        stream.close()
+
+
+def text_source(assets_dir) -> dict[str, str]:
+    return {f"c{c}": str(assets_dir / "text" / f"c{c}.txt") for c in range(6)}
+
+
+# ------------------------------------------------------------------------------ batch composition
+
+def test_two_classes_give_exact_halves(assets_dir, tiny_bert_dir):
+    for batch in take(cfg(assets_dir, "two_class.jsonl"), tiny_bert_dir, 16, 30):
+        assert sorted(Counter(batch.labels.tolist()).values()) == [8, 8]
+        assert {t.split()[0] for t in batch.texts} == {"yes", "no"}
+
+
+def test_many_classes_one_slot_each(assets_dir, tiny_bert_dir):
+    for batch in take(cfg(assets_dir, "many_class.jsonl", shuffle_buffer=200), tiny_bert_dir, 32, 20):
+        counts = Counter(batch.labels.tolist())
+        assert len(counts) == 32 // 4 and set(counts.values()) == {4}
+        # labels are the class: same text prefix <-> same id
+        by_label = {}
+        for text, label in zip(batch.texts, batch.labels.tolist()):
+            by_label.setdefault(label, set()).add(text.split()[0])
+        assert all(len(v) == 1 for v in by_label.values())
+
+
+def test_evictions_counted_and_buffers_bounded(assets_dir, tiny_bert_dir):
+    data = cfg(assets_dir, "many_class.jsonl", shuffle_buffer=300, max_buffered_rows=30)
+    batches = take(data, tiny_bert_dir, 16, 10)
+    assert batches[-1].classes_evicted > 0 and batches[-1].rows_evicted >= batches[-1].classes_evicted
+    assert batches[0].classes_evicted <= batches[-1].classes_evicted
+    for b in batches:
+        buffered = sum(len(texts) for _, texts in b.state["snapshot"]["classes"]["classes"])
+        assert buffered <= 30 + 2 * 16 + 4
+        counts = Counter(b.labels.tolist())  # a tight bound may reuse classes: still >= 4 rows each
+        assert len(counts) >= 2 and min(counts.values()) >= 4 and sum(counts.values()) == 16
+
+
+def test_pairs_layout(assets_dir, tiny_bert_dir):
+    data = cfg(assets_dir, "pairs.jsonl", layout="pairs")
+    batches = take(data, tiny_bert_dir, 10, 12)  # 40 pairs, 5 per batch: crosses epochs
+    for b in batches:
+        counts = Counter(b.labels.tolist())
+        assert len(counts) == 5 and set(counts.values()) == {2}
+        for i in range(0, 10, 2):
+            assert b.labels[i] == b.labels[i + 1]
+            assert b.texts[i].split()[0] == b.texts[i + 1].split()[0]
+    assert batches[-1].epoch >= 1
+    rows = read_rows(str(assets_dir / "pairs.jsonl"), layout="pairs", limit=7)
+    assert len(rows.texts) == 6 and rows.labels == [0, 0, 1, 1, 2, 2]
+
+
+# ------------------------------------------------------------------------------ rows and formats
+
+def test_bad_rows_are_skipped_and_counted(assets_dir, tiny_bert_dir):
+    rows = read_rows(str(assets_dir / "bad_rows.jsonl"))
+    assert rows.skipped == 25 and len(rows.texts) == 15
+    assert all(t.strip() for t in rows.texts)
+    data = cfg(assets_dir, "bad_rows.jsonl", samples_per_class=2)
+    batches = take(data, tiny_bert_dir, 6, 8)
+    assert batches[-1].rows_skipped >= 25 and batches[-1].rows_seen >= 40
+    assert batches[-1].rows_skipped % 25 == 0  # whole epochs: 25 bad rows each
+    check_source(data)  # usable rows exist: no error
+
+
+def test_formats_give_the_same_rows(assets_dir):
+    def pairs(rows):
+        names = {}
+        return sorted((t, names.setdefault(lab, t.split()[0])) for t, lab in zip(rows.texts, rows.labels))
+
+    expected = pairs(read_rows(str(assets_dir / "train.jsonl")))
+    assert len(expected) == 60
+    assert pairs(read_rows(str(assets_dir / "train.parquet"))) == expected
+    assert pairs(read_rows(str(assets_dir / "train.csv"))) == expected
+    assert pairs(read_rows(text_source(assets_dir))) == expected
+    assert pairs(read_rows(str(assets_dir / "train.j*l"))) == expected  # glob
+    # jsonl, parquet and csv keep the file order
+    assert read_rows(str(assets_dir / "train.csv")).texts == read_rows(str(assets_dir / "train.jsonl")).texts
+    assert len(read_rows(str(assets_dir / "train.jsonl"), limit=25).texts) == 25
+
+
+def test_text_format_stream_is_labelled_by_file(assets_dir, tiny_bert_dir):
+    data = cfg(assets_dir, text_source(assets_dir), samples_per_class=2)
+    for b in take(data, tiny_bert_dir, 8, 10):
+        by_label = {}
+        for text, label in zip(b.texts, b.labels.tolist()):
+            by_label.setdefault(label, set()).add(text.split()[0])
+        assert len(by_label) == 4 and all(len(v) == 1 for v in by_label.values())
+
+
+# ------------------------------------------------------------------------------ errors
+
+def test_missing_column_lists_existing_columns(assets_dir):
+    with pytest.raises(DataError) as err:
+        check_source(cfg(assets_dir, "wrong_columns.jsonl"))
+    message = str(err.value)
+    assert "'text'" in message and "body" in message and "topic" in message and "\n" not in message
+    with pytest.raises(DataError, match="available columns: text, label"):
+        check_source(cfg(assets_dir, "train.jsonl", label_column="topic"))
+
+
+def test_missing_files_and_no_rows(assets_dir, tmp_path):
+    with pytest.raises(DataError, match="no files match .*nothing-\\*.jsonl"):
+        check_source(cfg(assets_dir, "nothing-*.jsonl"))
+    with pytest.raises(DataError, match="no files match"):
+        read_rows(str(tmp_path / "absent.parquet"))
+    with pytest.raises(DataError, match="no files match"):
+        check_source(cfg(assets_dir, {"a": str(tmp_path / "none-*.txt")}))
+    with pytest.raises(DataError, match="no usable rows"):
+        check_source(cfg(assets_dir, "all_bad.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError):
+        check_source(DataConfig(source=str(tmp_path / "empty.jsonl")))
+
+
+# ------------------------------------------------------------------------------ tokenisation
+
+def test_padding_to_longest_row_and_truncation(assets_dir, tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    for b in take(cfg(assets_dir, "train.jsonl", max_length=256), tiny_bert_dir, 12, 3):
+        lengths = [len(tok(t)["input_ids"]) for t in b.texts]
+        assert b.input_ids.shape == (12, max(lengths)) and b.input_ids.dtype == torch.int64
+        assert b.attention_mask.sum(1).tolist() == lengths
+    b = take(cfg(assets_dir, "train.jsonl", max_length=5), tiny_bert_dir, 12, 1)[0]
+    assert b.input_ids.shape[1] == 5
+
+
+def test_worker_processes_tokenise_like_the_main_process(assets_dir, tiny_bert_dir):
+    in_process = take(cfg(assets_dir, "train.jsonl"), tiny_bert_dir, 12, 4)
+    workers = take(cfg(assets_dir, "train.jsonl", tokenizer_workers=2, prefetch_batches=3), tiny_bert_dir, 12, 4)
+    for a, b in zip(in_process, workers):
+        assert a.texts == b.texts
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)
+        assert torch.equal(a.labels, b.labels) and a.state == b.state
+
+
+# ------------------------------------------------------------------------------ resume
+
+def roundtrip_json(state: dict) -> dict:
+    return json.loads(json.dumps(state))
+
+
+def roundtrip_torch(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def same(a, b):
+    assert a.texts == b.texts
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.input_ids, b.input_ids)
+    assert (a.rows_seen, a.rows_skipped, a.classes_evicted, a.epoch) == (b.rows_seen, b.rows_skipped,
+                                                                        b.classes_evicted, b.epoch)
+
+
+@pytest.mark.parametrize("name, batch, k, m, extra, roundtrip", [
+    ("two_class.jsonl", 16, 20, 15, {}, roundtrip_json),                       # crosses the epoch at ~25
+    ("many_class.jsonl", 16, 5, 5, {"max_buffered_rows": 40}, roundtrip_json),  # with evictions
+    ("pairs.jsonl", 6, 5, 10, {"layout": "pairs"}, roundtrip_torch),
+    ("bad_rows.jsonl", 4, 3, 12, {"samples_per_class": 2}, roundtrip_json),
+])
+def test_resume_continues_exactly(assets_dir, tiny_bert_dir, name, batch, k, m, extra, roundtrip):
+    data = cfg(assets_dir, name, **extra)
+    straight = take(data, tiny_bert_dir, batch, k + m, seed=3)
+    assert any(b.state["replay"] > 0 for b in straight)  # states that re-assemble after a snapshot
+    resumed = take(data, tiny_bert_dir, batch, m, seed=3, state=roundtrip(straight[k - 1].state))
+    for a, b in zip(straight[k:], resumed):
+        same(a, b)
+    if name in ("two_class.jsonl", "pairs.jsonl"):
+        assert straight[k - 1].epoch < straight[-1].epoch  # the epoch boundary lies after the resume
+
+
+def test_resume_checks_the_state_belongs_to_the_run(assets_dir, tiny_bert_dir):
+    data = cfg(assets_dir, "two_class.jsonl")
+    state = take(data, tiny_bert_dir, 8, 1)[0].state
+    with pytest.raises(DataError, match="seed"):
+        BatchStream(data, str(tiny_bert_dir), 8, seed=1, state=state)
+    with pytest.raises(DataError, match="source"):
+        BatchStream(cfg(assets_dir, "many_class.jsonl"), str(tiny_bert_dir), 8, seed=0, state=state)
+
+
+def test_seeds_differ(assets_dir, tiny_bert_dir):
+    a = take(cfg(assets_dir, "many_class.jsonl"), tiny_bert_dir, 16, 2, seed=0)
+    b = take(cfg(assets_dir, "many_class.jsonl"), tiny_bert_dir, 16, 2, seed=1)
+    assert a[0].texts != b[0].texts
+
+
+# ------------------------------------------------------------------------------ distributed
+
+def test_ranks_read_disjoint_rows(assets_dir, tiny_bert_dir):
+    data = cfg(assets_dir, "many_class.jsonl", shuffle_buffer=16)
+    seen = []
+    for rank in (0, 1):
+        batches = take(data, tiny_bert_dir, 32, 4, rank=rank, world_size=2)
+        assert all(b.input_ids.shape[0] == 16 and set(Counter(b.labels.tolist()).values()) == {4} for b in batches)
+        assert all(b.epoch == 0 for b in batches)
+        seen.append({t for b in batches for t in b.texts})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]

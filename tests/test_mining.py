@@ -1,0 +1,373 @@
+"""tripletctl.mining against an independent brute force over all triplets.
+
+The brute force loops over (a, p, n) in plain Python, computing each distance
+from the embeddings with torch ops, and builds the mined set straight from the
+definitions; values and gradients must agree with the O(B²) library to 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tripletctl.mining import (
+    MODES,
+    SQRT_EPS,
+    MiningStats,
+    mine,
+    mine_indices,
+    pairwise_distances,
+)
+
+TOL = 1e-5
+
+
+# ----------------------------------------------------------------------------- brute force
+
+
+def _bf_dist(e: torch.Tensor, i: int, j: int, distance: str) -> torch.Tensor:
+    sq = ((e[i] - e[j]) ** 2).sum()
+    if distance == "squared-euclidean":
+        return sq
+    return torch.sqrt(torch.clamp(sq, min=SQRT_EPS))
+
+
+def brute_force(e, labels, mode, margin, distance="euclidean", fallback="hardest", negatives=None):
+    """Returns (loss tensor, dict of stats) from plain loops over the definitions.
+
+    ``negatives`` ({(a, p): n}) supplies the draws for ``random``, which cannot be
+    reproduced independently; everything else is decided here.
+    """
+    labels = [int(x) for x in labels]
+    b = len(labels)
+    d = [[_bf_dist(e, i, j, distance) for j in range(b)] for i in range(b)]
+    f = [[d[i][j].item() for j in range(b)] for i in range(b)]
+    pos = {a: [p for p in range(b) if p != a and labels[p] == labels[a]] for a in range(b)}
+    neg = {a: [n for n in range(b) if labels[n] != labels[a]] for a in range(b)}
+    anchors = [a for a in range(b) if pos[a] and neg[a]]
+
+    def term(a, p, n):
+        return torch.relu(d[a][p] - d[a][n] + margin)
+
+    # batch-hard, needed in every mode
+    bh = []
+    for a in anchors:
+        p = max(pos[a], key=lambda q: f[a][q])
+        n = min(neg[a], key=lambda q: f[a][q])
+        bh.append((a, p, n))
+    zero = (e * 0).sum()
+    bh_loss = sum((term(*t) for t in bh), zero) / max(len(bh), 1)
+
+    if mode == "batch-all":
+        triplets = [(a, p, n) for a in anchors for p in pos[a] for n in neg[a]]
+        terms = [term(*t) for t in triplets]
+        active = [x for x in terms if x.item() > 0]
+        loss = sum(active, zero) / max(len(active), 1)
+    else:
+        if mode == "batch-hard":
+            triplets = bh
+        else:
+            triplets = []
+            for a in anchors:
+                for p in pos[a]:
+                    if mode == "hard-negative":
+                        n = min(neg[a], key=lambda q: f[a][q])
+                    elif mode == "semi-hard":
+                        farther = [q for q in neg[a] if f[a][q] > f[a][p]]
+                        if farther:
+                            n = min(farther, key=lambda q: f[a][q])
+                        elif fallback == "hardest":
+                            n = min(neg[a], key=lambda q: f[a][q])
+                        else:
+                            n = max(neg[a], key=lambda q: f[a][q])
+                    else:  # random
+                        n = negatives[(a, p)]
+                    triplets.append((a, p, n))
+        terms = [term(*t) for t in triplets]
+        loss = sum(terms, zero) / max(len(terms), 1)
+    nt = len(triplets)
+    stats = {
+        "batch_hard_loss": bh_loss.item(),
+        "active_fraction": sum(1 for x in terms if x.item() > 0) / nt if nt else 0.0,
+        "mean_ap": sum(f[a][p] for a, p, _ in triplets) / nt if nt else 0.0,
+        "mean_an": sum(f[a][n] for a, _, n in triplets) / nt if nt else 0.0,
+        "num_triplets": nt,
+        "skipped_anchors": b - len(anchors),
+    }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _emb(b, d=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(b, d, generator=g, dtype=dtype), dim=1)
+
+
+LABELS = {
+    "four-classes": lambda: torch.tensor([i % 4 for i in range(16)]),
+    "uneven": lambda: torch.tensor([0] * 7 + [1] * 5 + [2] * 3 + [3] * 2 + [4] * 3),
+    "singletons": lambda: torch.tensor([0, 0, 0, 1, 1, 2, 3, 4, 4, 4, 5, 6, 7, 7]),
+    "two-classes": lambda: torch.tensor([0] * 9 + [1] * 11),
+    "all-distinct": lambda: torch.arange(12),
+    "one-class": lambda: torch.zeros(12, dtype=torch.long),
+}
+
+
+def _random_negatives(e, labels, mode, margin, distance, fallback, seed):
+    if mode != "random":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    a, p, n = mine_indices(e, labels, mode, margin, distance, fallback, generator=g)
+    return {(int(i), int(j)): int(k) for i, j, k in zip(a, p, n)}
+
+
+def _compare(e, labels, mode, margin, distance, fallback, seed=0, group_grads=None):
+    """Loss, gradients and stats of `mine` against the brute force."""
+    leaf = e.clone().requires_grad_(True)
+    g = torch.Generator().manual_seed(seed) if mode == "random" else None
+    loss, stats = mine(leaf, labels, mode, margin, distance, fallback, generator=g)
+    negs = _random_negatives(e, labels, mode, margin, distance, fallback, seed)
+    leaf_bf = e.clone().requires_grad_(True)
+    loss_bf, st_bf = brute_force(leaf_bf, labels, mode, margin, distance, fallback, negs)
+
+    assert loss.dim() == 0 and loss.grad_fn is not None
+    assert loss.item() == pytest.approx(loss_bf.item(), abs=TOL)
+    assert stats.loss == pytest.approx(loss.item(), abs=1e-12)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    (grad_bf,) = torch.autograd.grad(loss_bf, leaf_bf, allow_unused=True)
+    grad_bf = torch.zeros_like(e) if grad_bf is None else grad_bf
+    assert torch.isfinite(grad).all()
+    if group_grads is not None:  # ties between identical rows: compare per duplicate group
+        grad, grad_bf = group_grads @ grad, group_grads @ grad_bf
+    torch.testing.assert_close(grad, grad_bf, atol=TOL, rtol=0)
+    for key, value in st_bf.items():
+        assert getattr(stats, key) == pytest.approx(value, abs=TOL), key
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- brute-force agreement
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("distance", ["euclidean", "squared-euclidean"])
+@pytest.mark.parametrize("structure", sorted(LABELS))
+def test_matches_brute_force(mode, distance, structure):
+    labels = LABELS[structure]()
+    e = _emb(len(labels), seed=len(labels))
+    fallbacks = ["hardest", "easiest"] if mode == "semi-hard" else ["hardest"]
+    for fallback in fallbacks:
+        _compare(e, labels, mode, 0.2, distance, fallback)
+
+
+@pytest.mark.parametrize("fallback", ["hardest", "easiest"])
+@pytest.mark.parametrize("margin", [0.05, 0.5, 1.5])
+def test_semi_hard_fallbacks_and_margins(fallback, margin):
+    """Several seeds and margins so both branches (a farther negative exists / fallback) occur."""
+    labels = torch.tensor([0] * 5 + [1] * 5 + [2] * 4 + [3] * 4 + [4] * 4)
+    for seed in range(3):
+        e = _emb(len(labels), seed=100 + seed)
+        _compare(e, labels, "semi-hard", margin, "euclidean", fallback)
+        _compare(e, labels, "batch-all", margin, "squared-euclidean", fallback)
+
+
+def test_fallback_branch_is_exercised():
+    """Tight clusters of other classes closer than the positives: the fallback matters."""
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    e = torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.6, 0.8], [0.8, 0.6], [1.0, 0.0]], dtype=torch.float64)
+    hardest, _ = mine(e, labels, "semi-hard", 0.2, fallback="hardest")
+    easiest, _ = mine(e, labels, "semi-hard", 0.2, fallback="easiest")
+    assert hardest.item() != pytest.approx(easiest.item())
+    for fb in ("hardest", "easiest"):
+        _compare(e, labels, "semi-hard", 0.2, "euclidean", fb)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_duplicate_embeddings_have_finite_grads(mode):
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3])
+    e = _emb(len(labels), seed=7)
+    e[1] = e[0]  # duplicate inside a class
+    e[4] = e[0]  # duplicate across classes (negative at distance 0)
+    e[8] = e[7]
+    e[11] = e[10]
+    groups = {}
+    for i in range(len(labels)):
+        key = tuple(e[i].tolist())
+        groups.setdefault(key, []).append(i)
+    m = torch.zeros(len(groups), len(labels), dtype=e.dtype)
+    for row, idx in enumerate(groups.values()):
+        m[row, idx] = 1.0
+    for distance in ("euclidean", "squared-euclidean"):
+        for fallback in ("hardest", "easiest"):
+            _compare(e, labels, mode, 0.2, distance, fallback, group_grads=m)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nothing_valid_is_a_connected_zero(mode):
+    e = _emb(6, seed=3).requires_grad_(True)
+    for labels in (torch.zeros(6, dtype=torch.long), torch.arange(6)):
+        loss, stats = mine(e, labels, mode, 0.2, generator=torch.Generator().manual_seed(0))
+        assert loss.item() == 0.0 and loss.grad_fn is not None
+        (grad,) = torch.autograd.grad(loss, e)
+        assert torch.equal(grad, torch.zeros_like(e))
+        assert stats.skipped_anchors == 6 and stats.num_triplets == 0
+        assert stats.active_fraction == 0.0 and stats.mean_ap == 0.0 and stats.mean_an == 0.0
+
+
+# ----------------------------------------------------------------------------- random mode
+
+
+def test_random_negatives_have_other_labels_and_are_seeded():
+    labels = torch.tensor([i % 5 for i in range(40)])
+    e = _emb(40, seed=1)
+
+    def draw(seed):
+        return mine_indices(e, labels, "random", generator=torch.Generator().manual_seed(seed))
+
+    a, p, n = draw(0)
+    assert len(a) == 40 * 7  # every ordered anchor-positive pair, one negative each
+    assert (labels[a] == labels[p]).all() and (a != p).all()
+    assert (labels[n] != labels[a]).all()
+    assert all(torch.equal(x, y) for x, y in zip(draw(0), draw(0)))
+    assert not torch.equal(draw(0)[2], draw(1)[2])
+    # mine() with the same seed draws the same negatives as mine_indices()
+    _compare(e, labels, "random", 0.2, "euclidean", "hardest", seed=5)
+    l0, _ = mine(e, labels, "random", 0.2, generator=torch.Generator().manual_seed(0))
+    l1, _ = mine(e, labels, "random", 0.2, generator=torch.Generator().manual_seed(1))
+    assert l0.item() != l1.item()
+
+
+def test_random_negatives_are_uniform():
+    """Each anchor's negatives are drawn about equally often (no bias to the first/last)."""
+    labels = torch.tensor([0] * 30 + [1] * 6)
+    e = _emb(36, seed=2)
+    counts = torch.zeros(36)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        a, _, n = mine_indices(e, labels, "random", generator=g)
+        counts += torch.bincount(n[labels[a] == 0], minlength=36).float()
+    per_negative = counts[30:]  # 20 draws × 30 anchors × 29 positives / 6 negatives = 2900 each
+    assert per_negative.sum() == 20 * 30 * 29
+    assert ((per_negative - 2900).abs() < 250).all(), per_negative
+
+
+def test_mine_indices_match_definitions():
+    labels = LABELS["uneven"]()
+    e = _emb(len(labels), seed=4)
+    d = pairwise_distances(e)
+    a, p, n = mine_indices(e, labels, "batch-hard")
+    for i, j, k in zip(a.tolist(), p.tolist(), n.tolist()):
+        same = labels == labels[i]
+        assert d[i, j] == d[i][same & (torch.arange(len(labels)) != i)].max()
+        assert d[i, k] == d[i][~same].min()
+    for fallback in ("hardest", "easiest"):
+        a, p, n = mine_indices(e, labels, "semi-hard", fallback=fallback)
+        for i, j, k in zip(a.tolist(), p.tolist(), n.tolist()):
+            negs = d[i][labels != labels[i]]
+            farther = negs[negs > d[i, j]]
+            if len(farther):
+                assert d[i, k] == farther.min()
+            else:
+                assert d[i, k] == (negs.min() if fallback == "hardest" else negs.max())
+    with pytest.raises(ValueError):
+        mine_indices(e, labels, "batch-all")
+
+
+# ----------------------------------------------------------------------------- collapse, dtypes, errors
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_collapsed_embeddings_give_the_margin(mode, dtype):
+    labels = torch.tensor([i % 4 for i in range(32)])
+    e = F.normalize(torch.ones(32, 16, dtype=dtype), dim=1).requires_grad_(True)
+    loss, stats = mine(e, labels, mode, 0.3, generator=torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(0.3, abs=1e-6)
+    assert stats.batch_hard_loss == pytest.approx(0.3, abs=1e-6)
+    assert stats.embedding_spread == pytest.approx(0.0, abs=1e-6)
+    assert stats.active_fraction == 1.0
+    assert torch.isfinite(torch.autograd.grad(loss, e)[0]).all()
+
+
+def test_spread_of_spread_embeddings():
+    e = _emb(2000, d=64, seed=0)
+    _, stats = mine(e, torch.arange(2000) % 10, "batch-hard", 0.2)
+    assert stats.embedding_spread == pytest.approx(1.0, abs=0.02)
+    assert isinstance(stats, MiningStats)
+    with pytest.raises(AttributeError):
+        stats.loss = 1.0  # frozen
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bfloat16_embeddings(mode):
+    labels = LABELS["four-classes"]()
+    e64 = _emb(len(labels), seed=9)
+    e = e64.to(torch.bfloat16).requires_grad_(True)
+    loss, stats = mine(e, labels, mode, 0.2, generator=torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32
+    (grad,) = torch.autograd.grad(loss, e)
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad.float()).all()
+    ref, _ = mine(e.detach().double(), labels, mode, 0.2, generator=torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-4)
+
+
+def test_pairwise_distances():
+    e = _emb(10, seed=11)
+    d = pairwise_distances(e)
+    ref = torch.cdist(e, e)
+    off = ~torch.eye(10, dtype=torch.bool)
+    torch.testing.assert_close(d[off], ref[off])
+    torch.testing.assert_close(pairwise_distances(e, "squared-euclidean")[off], ref[off] ** 2)
+    assert (d.diagonal() == math.sqrt(SQRT_EPS)).all()
+
+
+def test_bad_arguments():
+    e, labels = _emb(4), torch.tensor([0, 0, 1, 1])
+    for kwargs in ({"mode": "hardest"}, {"mode": "batch-all", "distance": "cosine"},
+                   {"mode": "semi-hard", "fallback": "middle"}):
+        with pytest.raises(ValueError):
+            mine(e, labels, margin=0.2, **kwargs)
+    with pytest.raises(ValueError):
+        mine(e, labels[:3], "batch-all", 0.2)
+
+
+# ----------------------------------------------------------------------------- memory shape
+
+
+class _MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any op (forward or backward) produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.max_numel:
+                self.max_numel, self.op = t.numel(), func
+        return out
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [torch.arange(2000) // 1000, torch.arange(2000) // 4],
+    ids=["2000-two-classes", "500-classes-of-4"],
+)
+def test_memory_is_quadratic(labels):
+    b = len(labels)
+    e = F.normalize(torch.randn(b, 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    for mode in MODES:
+        leaf = e.clone().requires_grad_(True)
+        probe = _MaxNumel()
+        with probe:
+            loss, _ = mine(leaf, labels, mode, 0.2, generator=torch.Generator().manual_seed(0))
+            loss.backward()
+        assert torch.isfinite(leaf.grad).all()
+        assert probe.max_numel >= b * b  # the probe saw the B×B tensors...
+        assert probe.max_numel < b**3 / 8, (mode, probe.op, probe.max_numel)  # ...and nothing cubic

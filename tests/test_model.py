@@ -1,0 +1,139 @@
+"""TripletEncoder on the tiny BERT the repo ships (random weights from config.json, no download)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from tripletctl.model import build_model, encode, load_model, save_model
+
+from tripletctl.curriculum import ModelConfig
+
+
+TEXTS = ["the quick brown fox", "a", "jumps over the lazy dog and keeps running", "hello world"]
+
+
+def tiny(tiny_bert_dir: Path, seed: int = 0, **kw):
+    cfg = ModelConfig(name=str(tiny_bert_dir), init="config", **kw)
+    return build_model(cfg, seed)
+
+
+def batch(tokenizer, texts):
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_shape_and_unit_norm(tiny_bert_dir):
+    model, tok = tiny(tiny_bert_dir)
+    assert tok.is_fast
+    out = model.eval()(*batch(tok, TEXTS))
+    assert out.shape == (len(TEXTS), 64) and out.dtype == torch.float32
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(len(TEXTS)))
+
+
+def test_no_normalize_is_not_unit_norm(tiny_bert_dir):
+    model, tok = tiny(tiny_bert_dir, normalize=False)
+    norms = model.eval()(*batch(tok, TEXTS)).norm(dim=1)
+    assert not torch.allclose(norms, torch.ones_like(norms))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_padding_does_not_change_embedding(tiny_bert_dir, pooling):
+    model, tok = tiny(tiny_bert_dir, pooling=pooling)
+    model.eval()
+    alone = model(*batch(tok, ["a"]))
+    padded = model(*batch(tok, ["a", TEXTS[2]]))  # "a" padded to the long row's length
+    assert batch(tok, ["a", TEXTS[2]])[1][0].sum() < batch(tok, ["a", TEXTS[2]])[1][1].sum()
+    torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cls_pooling_uses_first_token(tiny_bert_dir):
+    model, tok = tiny(tiny_bert_dir, pooling="cls", normalize=False)
+    model.eval()
+    ids, mask = batch(tok, TEXTS)
+    hidden = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(model(ids, mask), hidden[:, 0])
+    mean_model, _ = tiny(tiny_bert_dir, pooling="mean", normalize=False)
+    assert not torch.allclose(mean_model.eval()(ids, mask), hidden[:, 0])
+
+
+def test_head_sizes(tiny_bert_dir):
+    model, tok = tiny(tiny_bert_dir, head=(32, 16))
+    linears = [m for m in model.head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64, 32), (32, 16)]
+    assert isinstance(model.head[1], torch.nn.GELU) and len(model.head) == 3  # no final activation
+    assert model.embedding_dim == 16
+    out = model.eval()(*batch(tok, TEXTS))
+    assert out.shape == (len(TEXTS), 16)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(len(TEXTS)))
+
+
+def test_no_unused_pooler(tiny_bert_dir):
+    """DDP fails on parameters that never get gradients: BERT's pooler must not be built."""
+    model, _ = tiny(tiny_bert_dir)
+    assert not any(name.startswith("encoder.pooler") for name, _ in model.named_parameters())
+
+
+def test_same_seed_same_weights(tiny_bert_dir):
+    a, _ = tiny(tiny_bert_dir, seed=7, head=(8,))
+    b, _ = tiny(tiny_bert_dir, seed=7, head=(8,))
+    c, _ = tiny(tiny_bert_dir, seed=8, head=(8,))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_build_leaves_global_rng_alone(tiny_bert_dir):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny(tiny_bert_dir, seed=5)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_float32_output_under_bf16_autocast(tiny_bert_dir):
+    model, tok = tiny(tiny_bert_dir, head=(16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.eval()(*batch(tok, TEXTS))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(len(TEXTS)))
+
+
+def test_save_load_identical(tiny_bert_dir, tmp_path):
+    model, tok = tiny(tiny_bert_dir, head=(32, 16), pooling="cls")
+    save_model(model, tok, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "tripletctl_model.json").read_text())
+    assert meta["pooling"] == "cls" and meta["head"] == [32, 16] and meta["embedding_dim"] == 16
+    assert meta["normalize"] is True
+    assert (tmp_path / "m" / "head.safetensors").is_file()
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    loaded, tok2 = load_model(tmp_path / "m")
+    assert not loaded.training
+    torch.testing.assert_close(loaded(*batch(tok2, TEXTS)), model.eval()(*batch(tok, TEXTS)),
+                               atol=1e-6, rtol=0)
+    assert tok2(TEXTS)["input_ids"] == tok(TEXTS)["input_ids"]
+
+
+def test_encoder_dir_loads_in_plain_transformers(tiny_bert_dir, tmp_path):
+    model, tok = tiny(tiny_bert_dir)
+    save_model(model, tok, tmp_path)
+    plain = AutoModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    ids, mask = batch(tok, TEXTS)
+    torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).last_hidden_state,
+                               model.encoder.eval()(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_encode_returns_input_order(tiny_bert_dir):
+    model, tok = tiny(tiny_bert_dir)
+    model.train()
+    out = encode(model, tok, TEXTS, batch_size=2, max_length=64, progress=True)
+    assert model.training  # mode restored for callers in the middle of training
+    assert out.shape == (len(TEXTS), 64) and out.dtype == torch.float32 and out.device.type == "cpu"
+    assert not out.requires_grad
+    for i, text in enumerate(TEXTS):
+        torch.testing.assert_close(out[i], model.eval()(*batch(tok, [text]))[0], atol=1e-5, rtol=1e-5)
+    assert encode(model, tok, [], device="cpu").shape == (0, 64)

@@ -1,0 +1,116 @@
+"""`tripletctl plot` and the inspect-collapse figure, from synthetic files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+import torch
+
+from tripletctl.errors import CheckpointError, TripletctlError
+from tripletctl.plots import load_run, plot_collapse, plot_run
+
+PHASES = [("semi-hard", 64, 40), ("hard-negative", 128, 30), ("batch-hard", 256, 20)]
+
+
+def write_run(run_dir: Path, with_run_json: bool = True, collapse_at: int | None = 75) -> Path:
+    """A plausible 3-phase run: loss falls, spread grows, evals at each phase end."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"curriculum": "quickstart.yaml", "phases": []}
+    global_step = 0
+    for index, (name, batch, steps) in enumerate(PHASES):
+        directory = run_dir / f"phase-{index}-{name}"
+        directory.mkdir()
+        meta["phases"].append({"index": index, "name": name, "dir": directory.name, "mining": name,
+                               "batch_size": batch, "margin": 0.2, "steps": steps, "status": "done"})
+        lines = []
+        for step in range(1, steps + 1):
+            global_step += 1
+            t = global_step / 90
+            lines.append(json.dumps({
+                "phase": name, "phase_index": index, "step": step, "global_step": global_step,
+                "loss": 0.05 * (1 - t) + 0.02 * index, "batch_hard_loss": 0.35 - 0.2 * t + 0.01 * math.sin(step),
+                "active_fraction": 0.8 - 0.5 * t, "mean_ap": 0.4, "mean_an": 0.9,
+                "embedding_spread": 0.3 + 0.6 * t, "lr": 1e-3,
+            }))
+            if collapse_at == global_step:
+                lines.append(json.dumps({"event": "collapse", "global_step": global_step, "phase": name,
+                                         "action": "warn"}))
+        lines.append(json.dumps({"event": "eval", "global_step": global_step, "phase": name,
+                                 "recall@1": 0.3 + 0.2 * index, "map@r": 0.1 + 0.15 * index}))
+        lines.append('{"phase": "torn line')  # a run killed mid-write
+        (directory / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if with_run_json:
+        (run_dir / "run.json").write_text(json.dumps(meta))
+    return run_dir
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = mpimg.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 300
+
+
+def test_plot_run_default_output(tmp_path):
+    run = write_run(tmp_path / "run")
+    written = plot_run(run)
+    assert written == run / "run.png"
+    assert_png(written)
+
+
+def test_plot_run_without_run_json_globs_phases_in_index_order(tmp_path):
+    run = write_run(tmp_path / "run", with_run_json=False, collapse_at=None)
+    (run / "phase-10-extra").mkdir()
+    (run / "phase-10-extra" / "metrics.jsonl").write_text(
+        json.dumps({"phase": "extra", "global_step": 91, "loss": 0.01, "batch_hard_loss": 0.1}) + "\n")
+    phases = load_run(run)
+    assert [p["index"] for p in phases] == [0, 1, 2, 10]  # numeric, not lexicographic
+    assert [p["name"] for p in phases][:3] == [name for name, _, _ in PHASES]
+    assert all(len(p["records"]) for p in phases)
+    out = plot_run(run, tmp_path / "elsewhere" / "run.png")
+    assert_png(out)
+
+
+def test_margins_come_from_run_json(tmp_path):
+    phases = load_run(write_run(tmp_path / "run"))
+    assert [p["margin"] for p in phases] == [0.2, 0.2, 0.2]
+    assert sum(r.get("event") == "eval" for p in phases for r in p["records"]) == 3
+
+
+def test_missing_or_empty_run_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        plot_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TripletctlError, match="no metrics to plot"):
+        plot_run(tmp_path / "empty")
+
+
+def test_cli_plot(tmp_path):
+    from typer.testing import CliRunner
+
+    from tripletctl.cli import app
+
+    run = write_run(tmp_path / "run")
+    result = CliRunner().invoke(app, ["plot", str(run), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 0, result.output
+    assert_png(tmp_path / "x.png")
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.parametrize("collapsed", [False, True])
+def test_plot_collapse(tmp_path, collapsed):
+    from tripletctl.collapse import collapse_report
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat_interleave(10)
+    if collapsed:
+        emb = torch.nn.functional.normalize(torch.ones(100, 16), dim=1)
+    else:
+        centres = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=1)
+        emb = torch.nn.functional.normalize(centres[labels] + 0.08 * torch.randn(100, 16, generator=g), dim=1)
+    out = plot_collapse(collapse_report(emb, labels), tmp_path / "sub" / "c.png")
+    assert_png(out)

@@ -1,0 +1,829 @@
+"""A curriculum: the YAML file that says what to train, on which data, and how hard to mine, phase
+by phase.
+
+Loading turns the file plus `key=value` overrides into frozen dataclasses and checks every value
+before any work starts. All problems are reported together, each naming the file, the phase and the
+key, so a long run never dies on a typo in phase 3 and a user fixes everything in one edit.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from tripletctl.errors import ConfigError
+
+MINING_MODES = ("random", "semi-hard", "hard-negative", "batch-hard", "batch-all")
+INIT_MODES = ("pretrained", "config")
+POOLINGS = ("mean", "cls")
+FORMATS = ("json", "parquet", "csv", "text")
+LAYOUTS = ("labelled", "pairs")
+OPTIMIZERS = ("adamw",)
+DECAYS = ("none", "linear", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+DISTANCES = ("euclidean", "squared-euclidean")
+FALLBACKS = ("hardest", "easiest")
+ON_COLLAPSE = ("warn", "stop", "fallback")
+
+# Keys of data.load_dataset that tripletctl passes itself: a second value would be a TypeError
+# deep inside `datasets`, so they are refused here with a pointer to the key that sets them.
+RESERVED_LOAD_DATASET_KEYS = {
+    "path": "data.source",
+    "split": "data.split",
+    "streaming": "tripletctl (training always streams)",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str                     # hub name or local directory
+    init: str = "pretrained"      # "pretrained" | "config" (random weights from config.json, seeded by train.seed)
+    tokenizer: str | None = None  # defaults to `name`
+    pooling: str = "mean"         # "mean" | "cls"
+    head: tuple[int, ...] = ()    # MLP layer sizes after pooling; () = no head
+    normalize: bool = True        # project to the unit sphere
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str | dict[str, str]  # hub name, local file / dir / glob; for format "text": {label: glob}
+    format: str | None = None     # "json" | "parquet" | "csv" | "text" | None (auto: extension, else hub)
+    split: str = "train"
+    text_column: str = "text"
+    label_column: str = "label"
+    layout: str = "labelled"      # "labelled" | "pairs" (anchor/positive columns, each pair its own class)
+    anchor_column: str = "anchor"
+    positive_column: str = "positive"
+    shuffle_buffer: int = 10_000
+    max_length: int = 128         # tokens
+    samples_per_class: int = 4
+    max_buffered_rows: int = 200_000  # bound on all per-class buffers together
+    tokenizer_workers: int = 1    # worker processes that tokenise (0 = in the main process)
+    prefetch_batches: int = 2
+    load_dataset: dict = field(default_factory=dict)  # extra kwargs, passed unchanged to datasets.load_dataset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adamw"
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 100       # per phase
+    decay: str = "linear"         # "none" | "linear" | "cosine" to 0 at the end of each phase
+    grad_clip: float = 1.0        # 0 disables
+    precision: str = "auto"       # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    seed: int = 0
+    output_dir: str = "runs/tripletctl"
+    checkpoint_every: int = 0     # steps; 0 = only at the end of each phase (and on Ctrl-C/SIGTERM)
+    device: str = "auto"          # "auto" | "cpu" | "cuda"
+    chunk_size: int | str = "auto"  # rows per forward chunk (gradient caching); "auto" fits free memory
+    compile: bool = False         # torch.compile the encoder
+    distance: str = "euclidean"   # "euclidean" | "squared-euclidean" (default for phases)
+    fallback: str = "hardest"     # semi-hard fallback "hardest" | "easiest" (default for phases)
+    on_collapse: str = "warn"     # "warn" | "stop" | "fallback" (default for phases)
+    collapse_patience: int = 50   # consecutive steps
+    collapse_tolerance: float = 0.01  # relative to the margin
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One phase, complete: `load_curriculum` fills every override the file leaves out from the
+    train block, so the runner never looks anywhere else. The defaults below only make hand-built
+    phases (in tests) convenient; they mirror TrainConfig's."""
+
+    name: str
+    mining: str                   # one of MINING_MODES
+    batch_size: int
+    steps: int
+    margin: float = 0.2
+    lr: float = TrainConfig.lr
+    warmup_steps: int = TrainConfig.warmup_steps
+    distance: str = TrainConfig.distance
+    fallback: str = TrainConfig.fallback
+    chunk_size: int | str = TrainConfig.chunk_size
+    on_collapse: str = TrainConfig.on_collapse
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    source: str | dict[str, str]
+    format: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    label_column: str = "label"
+    layout: str = "labelled"
+    anchor_column: str = "anchor"
+    positive_column: str = "positive"
+    load_dataset: dict = field(default_factory=dict)
+    max_rows: int = 2000
+    every: int = 0                # also evaluate every N steps inside a phase; 0 = phase ends only
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    path: str = field(compare=False)  # the file it came from, for messages; not part of equality
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    phases: tuple[PhaseConfig, ...]
+    eval: EvalConfig | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks. Each takes the value (as YAML typed it) and, for a key set by an override, the raw
+# text after '=', and returns the value converted to the key's type or raises _Invalid.
+
+
+class _Invalid(Exception):
+    """A value that does not fit its key: what was expected, plus an optional did-you-mean hint."""
+
+    def __init__(self, expected: str, hint: str = ""):
+        super().__init__(expected)
+        self.expected = expected
+        self.hint = hint
+
+
+_Check = Callable[[Any, "str | None"], Any]
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is not None and not isinstance(value, (str, list, dict))
+
+
+def _integer(minimum: int = 1) -> _Check:
+    expected = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+
+    def check(value: Any, raw: str | None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _Invalid(expected)
+        return value
+
+    return check
+
+
+def _number(positive: bool = True) -> _Check:
+    expected = "a positive number" if positive else "a non-negative number"
+
+    def check(value: Any, raw: str | None) -> float:
+        if isinstance(value, str):  # PyYAML reads `3e-5` (no dot) as a string, so parse it here
+            try:
+                value = float(value)
+            except ValueError:
+                raise _Invalid(expected) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _Invalid(expected)
+        if value < 0 or (positive and value == 0):
+            raise _Invalid(expected)
+        return float(value)
+
+    return check
+
+
+def _boolean(value: Any, raw: str | None) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("true or false")
+    return value
+
+
+def _text(optional: bool = False) -> _Check:
+    expected = "a non-empty string or null" if optional else "a non-empty string"
+
+    def check(value: Any, raw: str | None) -> str | None:
+        if value is None and optional:
+            return None
+        if raw is not None and _is_scalar(value):  # `data.split=2020` on the command line means the text
+            value = raw
+        if not isinstance(value, str) or not value.strip():
+            raise _Invalid(expected)
+        return value
+
+    return check
+
+
+def _phase_name(value: Any, raw: str | None) -> str:
+    value = _text()(value, raw)
+    if "/" in value or "\\" in value or value in (".", ".."):
+        raise _Invalid("a name without path separators")
+    return value
+
+
+def _did_you_mean(value: Any, options: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        return ""
+    matches = difflib.get_close_matches(value.lower(), options, n=1, cutoff=0.6)
+    return f" (did you mean '{matches[0]}'?)" if matches else ""
+
+
+def _choice(options: tuple[str, ...], optional: bool = False) -> _Check:
+    expected = "one of " + ", ".join(options) + (" or null" if optional else "")
+
+    def check(value: Any, raw: str | None) -> str | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, str) and value in options:
+            return value
+        raise _Invalid(expected, _did_you_mean(value, options))
+
+    return check
+
+
+def _int_or_auto(value: Any, raw: str | None) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise _Invalid("a positive integer or 'auto'")
+
+
+def _layer_sizes(value: Any, raw: str | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        return tuple(value)
+    raise _Invalid("a list of positive integers (layer sizes), e.g. [256, 128]")
+
+
+def _source(value: Any, raw: str | None) -> str | dict[str, str]:
+    if raw is not None and _is_scalar(value):
+        value = raw
+    if isinstance(value, str) and value.strip():
+        return value
+    if (
+        isinstance(value, dict)
+        and value
+        and all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in value)
+        and all(isinstance(v, str) and v.strip() for v in value.values())
+    ):
+        return {str(label): glob for label, glob in value.items()}
+    raise _Invalid("a hub dataset name, a local file, directory or glob, or a {label: glob} mapping")
+
+
+def _load_dataset_kwargs(value: Any, raw: str | None) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise _Invalid("a mapping of keyword arguments for datasets.load_dataset")
+    for key, owner in RESERVED_LOAD_DATASET_KEYS.items():
+        if key in value:
+            raise _Invalid(f"free of '{key}', which is set by {owner}")
+    return copy.deepcopy(value)  # the curriculum owns its copy: nothing outside can mutate it
+
+
+# --------------------------------------------------------------------------------------------
+# The schema: which keys each block accepts and how each value is checked. Field order and
+# defaults come from the dataclasses above; tests check both agree.
+
+_SOURCE_KEYS: dict[str, _Check] = {
+    "source": _source,
+    "format": _choice(FORMATS, optional=True),
+    "split": _text(),
+    "text_column": _text(),
+    "label_column": _text(),
+    "layout": _choice(LAYOUTS),
+    "anchor_column": _text(),
+    "positive_column": _text(),
+    "load_dataset": _load_dataset_kwargs,
+}
+
+BLOCK_KEYS: dict[str, dict[str, _Check]] = {
+    "model": {
+        "name": _text(),
+        "init": _choice(INIT_MODES),
+        "tokenizer": _text(optional=True),
+        "pooling": _choice(POOLINGS),
+        "head": _layer_sizes,
+        "normalize": _boolean,
+    },
+    "data": {
+        **_SOURCE_KEYS,
+        "shuffle_buffer": _integer(1),
+        "max_length": _integer(1),
+        "samples_per_class": _integer(2),
+        "max_buffered_rows": _integer(1),
+        "tokenizer_workers": _integer(0),
+        "prefetch_batches": _integer(0),
+    },
+    "train": {
+        "optimizer": _choice(OPTIMIZERS),
+        "lr": _number(),
+        "weight_decay": _number(positive=False),
+        "warmup_steps": _integer(0),
+        "decay": _choice(DECAYS),
+        "grad_clip": _number(positive=False),
+        "precision": _choice(PRECISIONS),
+        "seed": _integer(0),
+        "output_dir": _text(),
+        "checkpoint_every": _integer(0),
+        "device": _choice(DEVICES),
+        "chunk_size": _int_or_auto,
+        "compile": _boolean,
+        "distance": _choice(DISTANCES),
+        "fallback": _choice(FALLBACKS),
+        "on_collapse": _choice(ON_COLLAPSE),
+        "collapse_patience": _integer(1),
+        "collapse_tolerance": _number(positive=False),
+    },
+    "eval": {
+        **_SOURCE_KEYS,
+        "max_rows": _integer(1),
+        "every": _integer(0),
+        "batch_size": _integer(1),
+    },
+}
+
+PHASE_KEYS: dict[str, _Check] = {
+    "name": _phase_name,
+    "mining": _choice(MINING_MODES),
+    "batch_size": _integer(1),
+    "steps": _integer(1),
+    "margin": _number(),
+    "lr": BLOCK_KEYS["train"]["lr"],
+    "warmup_steps": BLOCK_KEYS["train"]["warmup_steps"],
+    "distance": BLOCK_KEYS["train"]["distance"],
+    "fallback": BLOCK_KEYS["train"]["fallback"],
+    "chunk_size": BLOCK_KEYS["train"]["chunk_size"],
+    "on_collapse": BLOCK_KEYS["train"]["on_collapse"],
+}
+
+# Phase keys that default to the train block's value rather than to a constant.
+PHASE_KEYS_FROM_TRAIN = ("lr", "warmup_steps", "distance", "fallback", "chunk_size", "on_collapse")
+
+TOP_KEYS = ("model", "data", "train", "phases", "eval")
+_REQUIRED = {"model": ("name",), "data": ("source",), "train": (), "eval": ("source",)}
+_PHASE_REQUIRED = ("name", "mining", "batch_size", "steps")
+_PATH_KEYS = {"model": ("name", "tokenizer"), "data": ("source",), "eval": ("source",), "train": ()}
+_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the file and collecting problems.
+
+
+@dataclass(frozen=True)
+class _Override:
+    text: str        # as typed, for messages
+    value_text: str  # the part after '=', for keys whose type is a string
+
+
+class _Problems:
+    """Every problem found so far, each prefixed with the file (and the override it came from)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.messages: list[str] = []
+
+    def add(self, message: str, override: _Override | None = None) -> None:
+        origin = f"override '{override.text}': " if override else ""
+        self.messages.append(f"{self.path}: {origin}{message}")
+
+
+class _DuplicateKeyLoader(yaml.SafeLoader):
+    """SafeLoader that records duplicate mapping keys, which PyYAML would resolve silently (the
+    last one wins), hiding the first value from the user."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, str]] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    self.duplicates.append((key_node.start_mark.line + 1, key_node.value))
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: str, problems: _Problems) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read the curriculum: {error.strerror or error}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: cannot read the curriculum: not UTF-8 text"]) from None
+    loader = _DuplicateKeyLoader(text)
+    try:
+        tree = loader.get_single_data()
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError([f"{path}: {where}malformed YAML: {problem}"]) from None
+    finally:
+        loader.dispose()
+    for line, key in loader.duplicates:
+        problems.add(f"line {line}: duplicate key '{key}' (YAML would silently keep only the last value)")
+    return tree
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, short enough for a one-line message."""
+    if isinstance(value, bool):
+        shown = "true" if value else "false"
+    elif value is None:
+        shown = "null"
+    else:
+        shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def _unknown_key(key: str, options: Sequence[str], qualifier: str = "") -> str:
+    matches = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    hint = f" (did you mean '{qualifier}{matches[0]}'?)" if matches else ""
+    return f"unknown key '{qualifier}{key}'{hint}"
+
+
+def _phase_label(index: int, raw_phase: Any) -> str:
+    name = raw_phase.get("name") if isinstance(raw_phase, dict) else None
+    return f"phases[{index}] ({name})" if isinstance(name, str) and name.strip() else f"phases[{index}]"
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides: applied to the parsed YAML tree before validation, so an overridden value is checked
+# exactly like one written in the file. Each records where it came from, for messages and for
+# resolving relative paths against the current directory instead of the file's.
+
+
+def _parse_override_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:  # e.g. `*.parquet` reads as a YAML alias: it is meant as plain text
+        return text
+
+
+def _apply_override(tree: dict, text: str, origins: dict[tuple, _Override], problems: _Problems) -> None:
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    override = _Override(text, value_text.strip())
+    if not sep or not key:
+        problems.add("expected key=value, e.g. train.lr=3e-5", override)
+        return
+    value = _parse_override_value(value_text)
+    parts = key.split(".")
+    top = parts[0]
+    if top not in TOP_KEYS:
+        matches = difflib.get_close_matches(top, TOP_KEYS, n=1, cutoff=0.6)
+        hint = f" (did you mean '{'.'.join([matches[0], *parts[1:]])}'?)" if matches else ""
+        problems.add(f"unknown key '{key}'{hint}", override)
+        return
+    if len(parts) == 1:  # a whole block, e.g. `eval={source: ./heldout.jsonl}`
+        tree[top] = value
+        origins[(top,)] = override
+        return
+    if top == "phases":
+        _apply_phase_override(tree, parts, value, override, origins, problems)
+        return
+    name = parts[1]
+    if name not in BLOCK_KEYS[top]:
+        problems.add(_unknown_key(name, list(BLOCK_KEYS[top]), f"{top}."), override)
+        return
+    if len(parts) > 2 and name != "load_dataset":
+        problems.add(f"'{top}.{name}' has no sub-keys", override)
+        return
+    if tree.get(top) is None:  # overrides may create a block the file leaves out
+        tree[top] = {}
+    target = tree[top]
+    for part in parts[1:-1]:  # only data.load_dataset.KEY / eval.load_dataset.KEY go deeper
+        if not isinstance(target, dict):
+            break
+        if not isinstance(target.get(part), dict):
+            target[part] = {}
+        target = target[part]
+    if not isinstance(target, dict):
+        problems.add(f"cannot set '{key}': {top} is not a mapping in the file", override)
+        return
+    target[parts[-1]] = value
+    origins[(top, name)] = override
+
+
+def _apply_phase_override(
+    tree: dict, parts: list[str], value: Any, override: _Override, origins: dict, problems: _Problems
+) -> None:
+    phases = tree.get("phases")
+    if not isinstance(phases, list) or not phases:
+        problems.add(f"cannot set '{'.'.join(parts)}': the file has no list of phases", override)
+        return
+    last = len(phases) - 1
+    if not parts[1].isdigit():
+        problems.add(f"'{parts[1]}' is not a phase index: use phases.N.KEY with N from 0 to {last}", override)
+        return
+    index = int(parts[1])
+    if index > last:
+        problems.add(f"phases[{index}] does not exist: the curriculum has {len(phases)} phases (0 to {last})", override)
+        return
+    label = _phase_label(index, phases[index])
+    if len(parts) != 3:
+        problems.add(f"{label}: expected phases.{index}.KEY, e.g. phases.{index}.steps=500", override)
+        return
+    name = parts[2]
+    if name not in PHASE_KEYS:
+        problems.add(f"{label}: {_unknown_key(name, list(PHASE_KEYS))}", override)
+        return
+    if not isinstance(phases[index], dict):
+        problems.add(f"{label}: cannot set '{name}': the phase is not a mapping in the file", override)
+        return
+    phases[index][name] = value
+    origins[("phases", index, name)] = override
+
+
+def _origin(origins: dict[tuple, _Override], key_path: tuple) -> _Override | None:
+    """The override that set this key (or a block containing it), if any."""
+    for length in range(len(key_path), 0, -1):
+        if key_path[:length] in origins:
+            return origins[key_path[:length]]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: raw tree -> checked values, with every problem collected.
+
+
+def _resolve_path(value: Any, base_dir: str) -> Any:
+    """`./x` and `../x` are local paths relative to `base_dir`; anything else (a hub name such as
+    `bert-base-uncased` or `org/name`, an absolute path) is left as written."""
+    if isinstance(value, dict):
+        return {label: _resolve_path(glob, base_dir) for label, glob in value.items()}
+    if isinstance(value, str) and (value in (".", "..") or value.startswith(("./", "../"))):
+        return os.path.normpath(os.path.join(base_dir, value))
+    return value
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    return values
+
+
+def _check_keys(
+    raw: dict,
+    checks: dict[str, _Check],
+    required: Sequence[str],
+    *,
+    context: str,
+    qualifier: str,
+    key_path: tuple,
+    origins: dict[tuple, _Override],
+    problems: _Problems,
+) -> dict[str, Any]:
+    """Check one mapping; returns the valid values (keys with problems are left out)."""
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        origin = _origin(origins, (*key_path, key))
+        if key not in checks:
+            problems.add(f"{context}{_unknown_key(str(key), list(checks), qualifier)}", origin)
+            continue
+        exact = origins.get((*key_path, key))
+        try:
+            values[key] = checks[key](value, exact.value_text if exact else None)
+        except _Invalid as invalid:
+            problems.add(
+                f"{context}{qualifier}{key} must be {invalid.expected}, got {_show(value)}{invalid.hint}", origin
+            )
+    for key in required:
+        if key not in raw:
+            problems.add(f"{context}missing required key '{qualifier}{key}'", _origin(origins, key_path))
+    return values
+
+
+def _check_block(
+    tree: dict, block: str, file_dir: str, origins: dict[tuple, _Override], problems: _Problems
+) -> tuple[dict[str, Any], set[str]]:
+    """Values of one block with defaults filled in, and the keys whose written value was invalid
+    (so rules between keys can skip them instead of piling a second error onto a default)."""
+    raw = tree.get(block)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.add(f"{block} must be a mapping of keys, got {_show(raw)}", _origin(origins, (block,)))
+        return _defaults(_CLASSES[block]), set(BLOCK_KEYS[block])
+    values = _check_keys(
+        raw, BLOCK_KEYS[block], _REQUIRED[block], context="", qualifier=f"{block}.",
+        key_path=(block,), origins=origins, problems=problems,
+    )
+    for key in _PATH_KEYS[block]:
+        if key in values:
+            base_dir = os.getcwd() if _origin(origins, (block, key)) else file_dir
+            values[key] = _resolve_path(values[key], base_dir)
+    invalid = {key for key in raw if key in BLOCK_KEYS[block] and key not in values}
+    return {**_defaults(_CLASSES[block]), **values}, invalid
+
+
+def _check_source_block(block: str, values: dict, origins: dict, problems: _Problems) -> None:
+    """Rules between keys shared by `data` and `eval`."""
+    source, fmt = values.get("source"), values.get("format")
+    if isinstance(source, dict) and fmt != "text":
+        problems.add(
+            f"{block}.source is a {{label: glob}} mapping, which needs {block}.format: text, got {_show(fmt)}",
+            _origin(origins, (block, "format")) or _origin(origins, (block, "source")),
+        )
+    if isinstance(source, str) and fmt == "text":
+        problems.add(
+            f"{block}.source must be a {{label: glob}} mapping when {block}.format is text "
+            f"(plain text files carry no labels), got {_show(source)}",
+            _origin(origins, (block, "source")),
+        )
+    if fmt == "text" and values.get("layout") == "pairs":
+        problems.add(f"{block}.layout must be labelled when {block}.format is text, got 'pairs'",
+                     _origin(origins, (block, "layout")))
+
+
+def _check_phases(
+    tree: dict, train: dict, samples_per_class: int | None, origins: dict, problems: _Problems
+) -> list[dict] | None:
+    raw_phases = tree.get("phases")
+    if raw_phases is None:
+        problems.add("missing required key 'phases' (a non-empty list of phases)")
+        return None
+    if not isinstance(raw_phases, list) or not raw_phases:
+        problems.add(f"phases must be a non-empty list of phases, got {_show(raw_phases)}",
+                     _origin(origins, ("phases",)))
+        return None
+    phases, first_index_of = [], {}
+    for index, raw_phase in enumerate(raw_phases):
+        label = _phase_label(index, raw_phase)
+        if not isinstance(raw_phase, dict):
+            problems.add(f"{label}: must be a mapping with name, mining, batch_size and steps, got {_show(raw_phase)}",
+                         _origin(origins, ("phases", index)))
+            continue
+        values = _check_keys(
+            raw_phase, PHASE_KEYS, _PHASE_REQUIRED, context=f"{label}: ", qualifier="",
+            key_path=("phases", index), origins=origins, problems=problems,
+        )
+        for key in PHASE_KEYS_FROM_TRAIN:
+            if key not in values and key in train:
+                values[key] = train[key]
+        values.setdefault("margin", PhaseConfig.margin)
+        batch_size = values.get("batch_size")
+        batch_origin = _origin(origins, ("phases", index, "batch_size"))
+        if batch_size is not None and samples_per_class is not None:
+            if batch_size % samples_per_class:
+                problems.add(
+                    f"{label}: batch_size must be a multiple of data.samples_per_class ({samples_per_class}), "
+                    f"got {batch_size}", batch_origin,
+                )
+            elif batch_size // samples_per_class < 2:
+                problems.add(
+                    f"{label}: batch_size must hold at least 2 classes of data.samples_per_class "
+                    f"({samples_per_class}) rows, i.e. be at least {2 * samples_per_class}, got {batch_size}",
+                    batch_origin,
+                )
+        name = values.get("name")
+        if name in first_index_of:
+            problems.add(f"{label}: duplicate phase name '{name}' (also phases[{first_index_of[name]}])",
+                         _origin(origins, ("phases", index, "name")))
+        elif name is not None:
+            first_index_of[name] = index
+        phases.append(values)
+    return phases
+
+
+def _check_tree(tree: Any, path: str, origins: dict, problems: _Problems) -> Curriculum | None:
+    if tree is None:
+        problems.add("the curriculum is empty: expected model, data, train and phases")
+        return None
+    if not isinstance(tree, dict):
+        problems.add(f"expected a mapping with model, data, train, phases (and optional eval) at the top, "
+                     f"got {_show(tree)}")
+        return None
+    for key in tree:
+        if key not in TOP_KEYS:
+            problems.add(_unknown_key(str(key), TOP_KEYS), _origin(origins, (key,)))
+    file_dir = os.path.dirname(os.path.abspath(path))
+    model, _ = _check_block(tree, "model", file_dir, origins, problems)
+    data, invalid_data = _check_block(tree, "data", file_dir, origins, problems)
+    _check_source_block("data", data, origins, problems)
+    train, _ = _check_block(tree, "train", file_dir, origins, problems)
+    evaluation = None
+    if tree.get("eval") is not None:
+        evaluation, _ = _check_block(tree, "eval", file_dir, origins, problems)
+        _check_source_block("eval", evaluation, origins, problems)
+    samples_per_class = None if "samples_per_class" in invalid_data else data["samples_per_class"]
+    if data["layout"] == "pairs" and samples_per_class not in (2, None):
+        problems.add(
+            f"data.samples_per_class must be 2 when data.layout is pairs (each pair is its own class), "
+            f"got {samples_per_class}",
+            _origin(origins, ("data", "samples_per_class")) or _origin(origins, ("data", "layout")),
+        )
+    phases = _check_phases(tree, train, samples_per_class, origins, problems)
+    if phases and "max_buffered_rows" not in invalid_data:
+        largest = max((p.get("batch_size") or 0 for p in phases), default=0)
+        if data["max_buffered_rows"] < largest:
+            problems.add(
+                f"data.max_buffered_rows must be at least the largest phase batch_size ({largest}) so a whole "
+                f"batch fits in the buffers, got {data['max_buffered_rows']}",
+                _origin(origins, ("data", "max_buffered_rows")),
+            )
+    if problems.messages:
+        return None
+    return Curriculum(
+        path=path,
+        model=ModelConfig(**model),
+        data=DataConfig(**data),
+        train=TrainConfig(**train),
+        phases=tuple(PhaseConfig(**values) for values in phases),
+        eval=EvalConfig(**evaluation) if evaluation is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+
+
+def load_curriculum(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Curriculum:
+    """Read, override and check a curriculum; raise ConfigError listing every problem found.
+
+    Pure: it reads the one file and touches neither the network nor any path named inside it.
+    """
+    label = str(path)
+    problems = _Problems(label)
+    tree = _read_yaml(label, problems)
+    origins: dict[tuple, _Override] = {}
+    if isinstance(tree, dict):
+        for text in overrides:
+            _apply_override(tree, text, origins, problems)
+    curriculum = _check_tree(tree, label, origins, problems)
+    if problems.messages or curriculum is None:
+        raise ConfigError(problems.messages)
+    return curriculum
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "path"}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def curriculum_to_dict(c: Curriculum) -> dict:
+    """The curriculum as run: every key explicit, paths already resolved, plain YAML-able types.
+    `load_curriculum` of its YAML dump gives an equal Curriculum (checkpoints rely on that)."""
+    result = {
+        "model": _plain(c.model),
+        "data": _plain(c.data),
+        "train": _plain(c.train),
+        "phases": _plain(c.phases),
+    }
+    if c.eval is not None:
+        result["eval"] = _plain(c.eval)
+    return result
+
+
+def _describe_source(source: str | dict[str, str]) -> str:
+    if isinstance(source, dict):
+        return "{" + ", ".join(f"{label}: {glob}" for label, glob in source.items()) + "}"
+    return source
+
+
+def plan_table(c: Curriculum) -> Table:
+    """What `validate` prints: one row per phase, with the samples each phase will see."""
+    # No vertical rules and folding instead of "…": a full plan fits an 80-column pipe unabridged.
+    table = Table(
+        title=escape(f"{c.path}: {len(c.phases)} phases"), caption_justify="left",
+        box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), collapse_padding=True, pad_edge=False,
+    )
+    for header, justify in [
+        ("#", "right"), ("phase", "left"), ("mining", "left"), ("batch", "right"), ("margin", "right"),
+        ("steps", "right"), ("samples", "right"), ("lr", "right"), ("distance", "left"),
+    ]:
+        table.add_column(header, justify=justify, overflow="fold")
+    for index, phase in enumerate(c.phases):
+        table.add_row(
+            str(index), escape(phase.name), phase.mining, f"{phase.batch_size:,}", f"{phase.margin:g}",
+            f"{phase.steps:,}", f"{phase.batch_size * phase.steps:,}", f"{phase.lr:g}", phase.distance,
+        )
+    total_steps = sum(p.steps for p in c.phases)
+    total_samples = sum(p.batch_size * p.steps for p in c.phases)
+    lines = [
+        f"model: {c.model.name} ({c.model.init}, {c.model.pooling} pooling"
+        + (f", head {list(c.model.head)}" if c.model.head else "") + ")",
+        f"data: {_describe_source(c.data.source)} (split {c.data.split}, {c.data.layout}, "
+        f"{c.data.samples_per_class} per class)",
+    ]
+    if c.eval is not None:
+        every = f"every {c.eval.every} steps and " if c.eval.every else ""
+        lines.append(f"eval: {_describe_source(c.eval.source)} (split {c.eval.split}, {every}at phase ends)")
+    lines += [
+        f"output: {c.train.output_dir}",
+        f"total: {total_steps:,} steps, {total_samples:,} samples",
+    ]
+    table.caption = escape("\n".join(lines))
+    return table

@@ -1,0 +1,802 @@
+"""Training data: a seeded, resumable stream of class-balanced, tokenised batches.
+
+The corpus is read with `datasets` in streaming mode, so memory depends on the buffer sizes, never on
+the corpus size. The shuffle buffer and the per-class buffers are ours (not `IterableDataset.shuffle`)
+because `datasets` cannot restore a shuffle buffer's content, and exact resume needs it: the stream
+state is the raw read position (`IterableDataset.state_dict()`) plus every buffered row.
+See docs/data.md for the user-facing rules.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import queue
+import random
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from tripletctl.errors import DataError
+
+FORMATS = ("json", "parquet", "csv", "text")
+LAYOUTS = ("labelled", "pairs")
+STATE_VERSION = 1
+CHUNK_ROWS = 1000          # rows per read from `datasets` (row-by-row iteration is ~6x slower)
+CHECK_ROWS = 1000          # rows check_source reads looking for a usable one
+REUSE_FACTOR = 2           # reuse classes once the ready classes hold this many batches of rows
+_EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet",
+               ".pq": "parquet", ".csv": "csv", ".txt": "text"}
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+_GLOB_CHARS = set("*?[")
+
+
+# ----------------------------------------------------------------------------- public types
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor         # (B, L) padded to the longest row in the batch
+    attention_mask: torch.Tensor
+    labels: torch.Tensor            # (B,) int64: a stable 63-bit hash of the class, equal on every rank
+    state: dict                     # stream state *after* this batch (JSON-serialisable)
+    rows_seen: int                  # cumulative rows read from the source by this rank (bad ones included)
+    rows_skipped: int               # cumulative bad rows (missing/empty text, missing label)
+    classes_evicted: int            # cumulative classes dropped from the buffers before they filled
+    texts: list[str] = field(default_factory=list)  # the rows, in batch order
+    epoch: int = 0                  # passes over this rank's shard started so far, minus one
+    rows_evicted: int = 0           # cumulative rows dropped with evicted classes
+
+
+@dataclass
+class LabelledRows:
+    texts: list[str]
+    labels: list[int]               # dense ints; same original label -> same int
+    skipped: int
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass(frozen=True)
+class _Source:
+    """A resolved `data.source`: a hub name, or concrete files and the builder that reads them."""
+    builder: str                                  # "json" | "parquet" | "csv" | "text" | hub name
+    files: list[str] | dict[str, list[str]] | None  # None for the hub; {label: files} for text
+    label: str                                    # for messages
+
+    @property
+    def hub(self) -> bool:
+        return self.files is None
+
+
+def _one_line(error: BaseException | str, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _expand(path: str) -> list[str]:
+    """Files named by a file, a directory (recursively) or a glob; remote URLs pass through."""
+    if "://" in path:
+        return [path]
+    path = os.path.expanduser(path)
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        found = []
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+        return found
+    if _GLOB_CHARS & set(path):
+        return sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    return []
+
+
+def _format_of(path: str) -> str | None:
+    name = path.lower()
+    for suffix in _COMPRESSION:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return _EXTENSIONS.get(os.path.splitext(name)[1])
+
+
+def _looks_local(path: str) -> bool:
+    return (path.startswith((".", "/", "~")) or bool(_GLOB_CHARS & set(path))
+            or _format_of(path) is not None or os.sep + os.sep in path or path.count("/") > 1)
+
+
+def _files_or_error(pattern: str) -> list[str]:
+    files = _expand(pattern)
+    if not files:
+        raise DataError(f"no files match '{pattern}' (tried it as a file, a directory and a glob)")
+    return files
+
+
+def _resolve(source: str | dict[str, str], format: str | None) -> _Source:
+    if isinstance(source, dict):
+        if format not in (None, "text"):
+            raise DataError(f"a {{label: glob}} source needs format 'text', not '{format}'")
+        if not source:
+            raise DataError("format 'text' needs at least one {label: glob} entry")
+        return _Source("text", {str(label): _files_or_error(str(pattern)) for label, pattern in source.items()},
+                       label=json.dumps(source))
+    source = str(source)
+    if format == "text":
+        raise DataError(f"format 'text' needs a {{label: glob}} mapping as source, got '{source}'")
+    if format is not None:
+        if format not in FORMATS:
+            raise DataError(f"unknown data format '{format}' (choose from {', '.join(FORMATS)})")
+        return _Source(format, _files_or_error(source), label=source)
+    files = _expand(source)
+    if not files:
+        if _looks_local(source):
+            raise DataError(f"no files match '{source}' (tried it as a file, a directory and a glob)")
+        return _Source(source, None, label=source)
+    formats = {_format_of(f) for f in files}
+    if len(formats) != 1 or None in formats or "text" in formats:
+        kinds = ", ".join(sorted({os.path.splitext(f)[1] or "(none)" for f in files}))
+        raise DataError(f"cannot tell the format of '{source}' from its file extensions ({kinds}): "
+                        f"set data.format to one of json, parquet, csv (text needs a {{label: glob}} source)")
+    return _Source(formats.pop(), files, label=source)
+
+
+def _load(src: _Source, split: str, kwargs: dict | None, order_seed: int | None):
+    """An IterableDataset over the source; local file order is shuffled with `order_seed`."""
+    import datasets
+
+    kwargs = dict(kwargs or {})
+    kwargs.update(split=split, streaming=True)
+
+    def ordered(files: list[str]) -> list[str]:
+        files = list(files)
+        if order_seed is not None:
+            random.Random(order_seed).shuffle(files)
+        return files
+
+    try:
+        if src.hub:
+            return datasets.load_dataset(src.builder, **kwargs)
+        if isinstance(src.files, dict):
+            parts = [
+                datasets.load_dataset("text", data_files={split: ordered(files)}, **kwargs)
+                .map(lambda row, label=label: {"label": label})
+                for label, files in src.files.items()
+            ]
+            if len(parts) == 1:
+                return parts[0]
+            return datasets.interleave_datasets(parts, stopping_strategy="all_exhausted_without_replacement")
+        return datasets.load_dataset(src.builder, data_files={split: ordered(src.files)}, **kwargs)
+    except DataError:
+        raise
+    except Exception as error:  # datasets raises many types (FileNotFound, DatasetNotFound, Connection...)
+        where = (f"not a local path; tried the Hugging Face Hub dataset '{src.builder}', split '{split}'"
+                 if src.hub else f"tried the '{src.builder}' builder on {len(src.files)} file(s)")
+        raise DataError(f"cannot load data source '{src.label}' ({where}): {_one_line(error)}") from error
+
+
+# ----------------------------------------------------------------------------- rows
+
+@dataclass(frozen=True)
+class _Columns:
+    """Which columns make a row, and how: `text` format always reads `text`/`label`."""
+    layout: str
+    first: str      # text (labelled) or anchor (pairs)
+    second: str     # label (labelled) or positive (pairs)
+
+    @staticmethod
+    def of(layout: str, text_column: str, label_column: str, anchor_column: str, positive_column: str,
+           is_text_format: bool) -> "_Columns":
+        if layout not in LAYOUTS:
+            raise DataError(f"unknown data layout '{layout}' (choose from {', '.join(LAYOUTS)})")
+        if is_text_format:
+            return _Columns("labelled", "text", "label")
+        if layout == "pairs":
+            return _Columns("pairs", anchor_column, positive_column)
+        return _Columns("labelled", text_column, label_column)
+
+
+def _columns_for(data: Any, src: _Source) -> _Columns:
+    return _Columns.of(getattr(data, "layout", "labelled"), data.text_column, data.label_column,
+                       getattr(data, "anchor_column", "anchor"), getattr(data, "positive_column", "positive"),
+                       isinstance(src.files, dict))
+
+
+def _good_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _good_label(value: Any) -> Any:
+    """The label as a JSON-able hashable value, or None when the row has no usable label."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, (int, float)):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _rows_of_chunk(chunk: dict[str, list], cols: _Columns) -> tuple[list[list], int, int]:
+    """Normalised rows [text, label] (pairs: [anchor, positive]), rows read, rows skipped."""
+    n = len(next(iter(chunk.values()))) if chunk else 0
+    first, second = chunk.get(cols.first), chunk.get(cols.second)
+    if first is None or second is None:
+        return [], n, n
+    rows = []
+    if cols.layout == "pairs":
+        for a, p in zip(first, second):
+            if _good_text(a) and _good_text(p):
+                rows.append([a, p])
+    else:
+        for text, label in zip(first, second):
+            label = _good_label(label)
+            if label is not None and _good_text(text):
+                rows.append([text, label])
+    return rows, n, n - len(rows)
+
+
+def _label_id(label: Any) -> int:
+    """A stable non-negative int63 per class: same class -> same id on every rank and after resume."""
+    digest = hashlib.blake2b(repr((type(label).__name__, label)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _column_names(ds) -> list[str] | None:
+    try:
+        names = ds.column_names
+    except Exception:
+        names = None
+    return list(names) if names else None
+
+
+# ----------------------------------------------------------------------------- the raw stream
+
+class _RawRows:
+    """Good rows of this rank's shard, epoch after epoch, forever.
+
+    Position = (epoch, `IterableDataset.state_dict()` after the last chunk read, the chunk's unread rows).
+    Epoch e reads local files in an order shuffled with seed + e."""
+
+    def __init__(self, data: Any, seed: int, rank: int, world_size: int, state: dict | None):
+        self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
+        self.src = _resolve(data.source, data.format)
+        self.cols = _columns_for(data, self.src)
+        state = state or {}
+        self.epoch: int = state.get("epoch", 0)
+        self.pending: list[list] = list(state.get("pending", []))
+        self.cursor = 0
+        self.rows_read: int = state.get("rows_read", 0)
+        self.rows_skipped: int = state.get("rows_skipped", 0)
+        self.good_this_epoch: int = state.get("good_this_epoch", 0)
+        self._ds_state: dict | None = state.get("dataset")
+        self._open(self._ds_state)
+
+    def _open(self, ds_state: dict | None) -> None:
+        from datasets.distributed import split_dataset_by_node
+
+        ds = _load(self.src, self.data.split, dict(self.data.load_dataset or {}), self.seed + self.epoch)
+        names = _column_names(ds)
+        wanted = [self.cols.first, self.cols.second]
+        if names and all(c in names for c in wanted) and len(names) > 2:
+            ds = ds.select_columns(wanted)  # do not decode columns nobody reads
+        if self.world_size > 1:
+            ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+        if ds_state is not None:
+            ds.load_state_dict(ds_state)
+        self._ds = ds
+        self._chunks = ds.iter(batch_size=CHUNK_ROWS)
+
+    def _fill(self) -> None:
+        while self.cursor >= len(self.pending):
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                if self.good_this_epoch == 0:
+                    raise DataError(
+                        f"no usable rows in data source '{self.src.label}' for rank {self.rank} of "
+                        f"{self.world_size} ({self.rows_skipped} rows skipped: missing/empty text or label)")
+                self.epoch += 1
+                self.good_this_epoch = 0
+                self._open(None)
+                continue
+            except DataError:
+                raise
+            except Exception as error:
+                raise DataError(f"reading data source '{self.src.label}' failed: {_one_line(error)}") from error
+            rows, read, skipped = _rows_of_chunk(chunk, self.cols)
+            self._ds_state = self._ds.state_dict()
+            self.pending, self.cursor = rows, 0
+            self.rows_read += read
+            self.rows_skipped += skipped
+            self.good_this_epoch += len(rows)
+
+    def next_row(self) -> list:
+        self._fill()
+        row = self.pending[self.cursor]
+        self.cursor += 1
+        return row
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "dataset": self._ds_state, "pending": self.pending[self.cursor:],
+                "rows_read": self.rows_read, "rows_skipped": self.rows_skipped,
+                "good_this_epoch": self.good_this_epoch}
+
+
+class _Shuffler:
+    """Reservoir-style shuffle buffer with a seeded RNG: each new row swaps out a random buffered one."""
+
+    def __init__(self, raw: _RawRows, size: int, seed: int, state: dict | None):
+        self.raw, self.size = raw, max(int(size), 1)
+        self.rng = random.Random(seed)
+        self.buffer: list[list] = []
+        if state:
+            self.buffer = list(state["buffer"])
+            version, internal, gauss = state["rng"]
+            self.rng.setstate((version, tuple(internal), gauss))
+
+    def next_row(self) -> list:
+        if self.size <= 1 and not self.buffer:
+            return self.raw.next_row()
+        if len(self.buffer) > self.size:  # resumed with a smaller buffer: drain without reading
+            i = self.rng.randrange(len(self.buffer))
+            self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+            return self.buffer.pop()
+        while len(self.buffer) < self.size:
+            self.buffer.append(self.raw.next_row())
+        i = self.rng.randrange(self.size)
+        row, self.buffer[i] = self.buffer[i], self.raw.next_row()
+        return row
+
+    def state(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"buffer": list(self.buffer), "rng": [version, list(internal), gauss]}
+
+
+class _Batcher:
+    """Class-balanced batches from shuffled rows (rules in docs/data.md, "Batch composition").
+
+    A class is *ready* once it holds `samples_per_class` rows. With `slots = rows // samples_per_class`:
+    as soon as `slots` classes are ready the batch takes the `slots` that became ready first; if 2 or
+    more (but fewer than `slots`) classes are ready and they hold REUSE_FACTOR batches of rows, the batch
+    takes all of them. Rows are split over the chosen classes as evenly as their buffers allow
+    (round-robin, one row at a time), so every class gets >= samples_per_class rows. Classes that have
+    not filled are evicted oldest-first when they hold more than `max_buffered_rows` rows together; ready
+    classes hold < REUSE_FACTOR batches of rows (a lone ready class drops its oldest rows beyond that)."""
+
+    def __init__(self, shuffler: _Shuffler, rows_per_step: int, samples_per_class: int,
+                 max_buffered_rows: int, state: dict | None):
+        self.shuffler = shuffler
+        self.rows = rows_per_step
+        self.spc = max(int(samples_per_class), 1)
+        self.max_rows = int(max_buffered_rows)
+        if self.rows // self.spc < 2:
+            raise DataError(f"a batch of {self.rows} rows per rank cannot hold two classes of "
+                            f"samples_per_class={self.spc} rows")
+        if self.max_rows < self.spc:
+            raise DataError(f"max_buffered_rows={self.max_rows} is smaller than samples_per_class={self.spc}: "
+                            f"no class could ever fill")
+        self.buffers: OrderedDict[Any, list[str]] = OrderedDict()
+        self.ready: deque = deque()
+        self.classes_evicted = self.rows_evicted = 0
+        if state:
+            self.buffers = OrderedDict((label, list(texts)) for label, texts in state["classes"])
+            self.ready = deque(state["ready"])
+            self.classes_evicted, self.rows_evicted = state["classes_evicted"], state["rows_evicted"]
+        self.ready_set = set(self.ready)
+        self.total = sum(len(t) for t in self.buffers.values())
+        self.ready_rows = sum(len(self.buffers[label]) for label in self.ready)
+
+    def _add(self, text: str, label: Any) -> None:
+        texts = self.buffers.get(label)
+        if texts is None:
+            texts = self.buffers[label] = []
+        texts.append(text)
+        self.total += 1
+        if label in self.ready_set:
+            self.ready_rows += 1
+            if len(self.ready) == 1 and len(texts) > REUSE_FACTOR * self.rows:
+                texts.pop(0)  # one class alone cannot make a batch: keep only its newest rows
+                self.total -= 1
+                self.ready_rows -= 1
+                self.rows_evicted += 1
+        elif len(texts) >= self.spc:
+            self.ready.append(label)
+            self.ready_set.add(label)
+            self.ready_rows += len(texts)
+        while self.total - self.ready_rows > self.max_rows and self._evict_one():
+            pass
+
+    def _evict_one(self) -> bool:
+        for label, texts in self.buffers.items():
+            if label not in self.ready_set:
+                del self.buffers[label]
+                self.total -= len(texts)
+                self.classes_evicted += 1
+                self.rows_evicted += len(texts)
+                return True
+        return False
+
+    def _take(self, labels: list) -> tuple[list[str], list[Any]]:
+        counts = [0] * len(labels)
+        sizes = [len(self.buffers[label]) for label in labels]
+        remaining = self.rows
+        while remaining:
+            progressed = False
+            for i in range(len(labels)):
+                if remaining and counts[i] < sizes[i]:
+                    counts[i] += 1
+                    remaining -= 1
+                    progressed = True
+            if not progressed:
+                break
+        texts, out_labels = [], []
+        for label, n in zip(labels, counts):
+            buf = self.buffers[label]
+            texts += buf[:n]
+            out_labels += [label] * n
+            del buf[:n]
+            self.total -= n
+            self.ready_rows -= n
+            if not buf:
+                del self.buffers[label]
+            if len(buf) >= self.spc:
+                self.ready.append(label)
+            else:
+                self.ready_set.discard(label)
+                self.ready_rows -= len(buf)
+        return texts, out_labels
+
+    def next_batch(self) -> tuple[list[str], list[Any]]:
+        slots = self.rows // self.spc
+        while True:
+            if len(self.ready) >= slots:
+                return self._take([self.ready.popleft() for _ in range(slots)])
+            if len(self.ready) >= 2 and self.ready_rows >= REUSE_FACTOR * self.rows:
+                chosen = list(self.ready)
+                self.ready.clear()
+                return self._take(chosen)
+            text, label = self.shuffler.next_row()
+            self._add(text, label)
+
+    def state(self) -> dict:
+        return {"classes": [[label, list(texts)] for label, texts in self.buffers.items()],
+                "ready": list(self.ready), "classes_evicted": self.classes_evicted,
+                "rows_evicted": self.rows_evicted}
+
+
+class _Assembler:
+    """Rows of the next batch and the full stream state right after it (runs in the reader thread).
+
+    Copying every buffer after every batch would cost O(buffered rows) per batch (far too slow with
+    200k buffered rows), so the state is the last full snapshot plus the number of batches assembled
+    since; a snapshot is taken once the rows emitted since the last one reach the rows buffered, and
+    resuming re-assembles (without tokenising) at most that many rows."""
+
+    def __init__(self, data: Any, rows_per_step: int, seed: int, rank: int, world_size: int,
+                 state: dict | None):
+        self.identity = {"version": STATE_VERSION, "source": _fingerprint(data), "seed": seed,
+                         "rank": rank, "world_size": world_size}
+        if state is not None:
+            state = _state_for_rank(state, rank)
+            for key, value in self.identity.items():
+                if state.get(key) != value:
+                    raise DataError(f"the saved data-stream state does not match this run ({key}: saved "
+                                    f"{state.get(key)!r}, now {value!r})")
+        replay = (state or {}).get("replay", 0)
+        replay_rows = (state or {}).get("replay_rows_per_step", rows_per_step)
+        state = (state or {}).get("snapshot") or {}
+        self.raw = _RawRows(data, seed, rank, world_size, state.get("raw"))
+        self.shuffler = _Shuffler(self.raw, data.shuffle_buffer, seed * 1_000_003 + rank, state.get("shuffle"))
+        self.pairs = self.raw.cols.layout == "pairs"
+        self.pair_count: int = state.get("pairs", 0)
+        self.rank = rank
+        self.batcher = None if self.pairs else _Batcher(
+            self.shuffler, rows_per_step, data.samples_per_class, data.max_buffered_rows, state.get("classes"))
+        self.rows = rows_per_step
+        if self.pairs and rows_per_step < 2:
+            raise DataError(f"a pairs batch needs at least 2 rows per rank, got {rows_per_step}")
+        self._snapshot: dict | None = None
+        self._replay = 0
+        self._rows_since_snapshot = 0
+        if replay:  # re-assemble (without tokenising) the batches made since the saved snapshot
+            self._set_rows(replay_rows)
+            for _ in range(replay):
+                self._assemble()
+            self._set_rows(rows_per_step)
+        self._take_snapshot()
+
+    def _set_rows(self, rows: int) -> None:
+        self.rows = rows
+        if self.batcher is not None:
+            self.batcher.rows = rows
+
+    def _take_snapshot(self) -> None:
+        self._snapshot = {"raw": self.raw.state(), "shuffle": self.shuffler.state(),
+                          "classes": self.batcher.state() if self.batcher else None, "pairs": self.pair_count}
+        self._replay = self._rows_since_snapshot = 0
+
+    def _buffered(self) -> int:
+        classes = self.batcher.total if self.batcher else 0
+        return classes + len(self.shuffler.buffer) + len(self.raw.pending) - self.raw.cursor
+
+    def next(self) -> tuple[list[str], list[int], dict]:
+        texts, ids = self._assemble()
+        self._replay += 1
+        self._rows_since_snapshot += len(texts)
+        if self._rows_since_snapshot >= self._buffered():
+            self._take_snapshot()  # amortised: copies the buffers at most once per row emitted
+        return texts, ids, self.state()
+
+    def _assemble(self) -> tuple[list[str], list[int]]:
+        if self.pairs:
+            texts, ids = [], []
+            for _ in range(self.rows // 2):
+                anchor, positive = self.shuffler.next_row()
+                pair = _label_id(("pair", self.rank, self.pair_count))
+                self.pair_count += 1
+                texts += [anchor, positive]
+                ids += [pair, pair]
+        else:
+            texts, labels = self.batcher.next_batch()
+            ids = [_label_id(label) for label in labels]
+        return texts, ids
+
+    def state(self) -> dict:
+        """The last full snapshot (shared, never mutated) and how many batches to re-assemble after it."""
+        return {**self.identity, "snapshot": self._snapshot, "replay": self._replay,
+                "replay_rows_per_step": self.rows}
+
+
+def _fingerprint(data: Any) -> str:
+    keys = ("source", "format", "split", "text_column", "label_column", "layout", "anchor_column",
+            "positive_column")
+    return json.dumps({k: getattr(data, k, None) for k in keys}, sort_keys=True, default=str)
+
+
+def _state_for_rank(state: dict, rank: int) -> dict:
+    """Accept one rank's state, or {"per_rank": [state of rank 0, state of rank 1, ...]}."""
+    if "per_rank" in state:
+        per_rank = state["per_rank"]
+        if rank >= len(per_rank):
+            raise DataError(f"the saved data-stream state has {len(per_rank)} ranks, this is rank {rank}")
+        return per_rank[rank]
+    return state
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+_WORKER_TOKENIZER = None
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _init_worker(path: str) -> None:
+    """Runs once per worker process: the tokenizer is loaded once, not per batch."""
+    global _WORKER_TOKENIZER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(1)
+    _WORKER_TOKENIZER = _load_tokenizer(path)
+
+
+def _encode(tokenizer, texts: list[str], max_length: int):
+    out = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="np")
+    return out["input_ids"].astype("int64"), out["attention_mask"].astype("int64")
+
+
+def _encode_in_worker(texts: list[str], max_length: int):
+    return _encode(_WORKER_TOKENIZER, texts, max_length)
+
+
+# ----------------------------------------------------------------------------- the stream
+
+_STOP = object()
+
+
+class BatchStream:
+    """Infinite iterator of class-balanced, tokenised batches for one phase's batch size.
+
+    A reader thread assembles batches and hands their texts to `tokenizer_workers` processes; up to
+    `prefetch_batches` finished batches wait in a queue so the trainer does not wait for data."""
+
+    def __init__(self, data: Any, tokenizer_path: str, batch_size: int, seed: int,
+                 state: dict | None = None, rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"bad rank {rank} for world size {world_size}")
+        self.data = data
+        self.tokenizer_path = str(tokenizer_path)
+        self.rows_per_step = batch_size // world_size
+        self.max_length = int(data.max_length)
+        self.workers = int(getattr(data, "tokenizer_workers", 1))
+        self.prefetch = max(int(getattr(data, "prefetch_batches", 2)), 1)
+        self._assembler = _Assembler(data, self.rows_per_step, seed, rank, world_size, state)
+        self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._tokenizer = None
+        self._pin = torch.cuda.is_available()
+        self._closed = False
+
+    # -- producer side (reader thread)
+    def _start(self) -> None:
+        if self.workers > 0:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(self.tokenizer_path,))
+        else:
+            self._tokenizer = _load_tokenizer(self.tokenizer_path)
+        self._thread = threading.Thread(target=self._produce, name="tripletctl-data", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                texts, ids, state = self._assembler.next()
+                if self._pool is not None:
+                    encoded: Any = self._pool.submit(_encode_in_worker, texts, self.max_length)
+                else:
+                    encoded = _encode(self._tokenizer, texts, self.max_length)
+                counters = (self._assembler.raw.rows_read, self._assembler.raw.rows_skipped,
+                            self._assembler.batcher.classes_evicted if self._assembler.batcher else 0,
+                            self._assembler.batcher.rows_evicted if self._assembler.batcher else 0,
+                            self._assembler.raw.epoch)
+                if not self._put((texts, ids, state, encoded, counters)):
+                    return
+        except BaseException as error:  # hand every failure to the consumer, which re-raises it
+            self._put(error)
+
+    # -- consumer side
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._closed:
+            raise StopIteration
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        texts, ids, state, encoded, (rows_seen, skipped, evicted, rows_evicted, epoch) = item
+        if isinstance(encoded, Future):
+            try:
+                encoded = encoded.result()
+            except Exception as error:
+                self.close()
+                raise DataError(f"tokenisation failed in a worker process: {_one_line(error)}") from error
+        input_ids, attention_mask = (torch.from_numpy(a) for a in encoded)
+        labels = torch.tensor(ids, dtype=torch.int64)
+        if self._pin:
+            input_ids, attention_mask, labels = input_ids.pin_memory(), attention_mask.pin_memory(), labels.pin_memory()
+        return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels, state=state,
+                     rows_seen=rows_seen, rows_skipped=skipped, classes_evicted=evicted, texts=texts,
+                     epoch=epoch, rows_evicted=rows_evicted)
+
+    def close(self) -> None:
+        """Stops the reader thread and the worker processes; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                try:
+                    self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "BatchStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------- checks and eval rows
+
+def _check_columns(ds, cols: _Columns, label: str) -> None:
+    names = _column_names(ds)
+    if names is None:
+        try:
+            first = next(iter(ds.take(1)), None)
+        except Exception as error:
+            raise DataError(f"reading data source '{label}' failed: {_one_line(error)}") from error
+        names = list(first) if first else None
+    if names is None:
+        return  # empty: the usable-rows check reports it
+    missing = [c for c in (cols.first, cols.second) if c not in names]
+    if missing:
+        kind = "column" if len(missing) == 1 else "columns"
+        raise DataError(f"{kind} {', '.join(repr(c) for c in missing)} not found in data source '{label}'; "
+                        f"available columns: {', '.join(names)}")
+
+
+def check_source(data: Any) -> None:
+    """Fail before training, with one line, when the source cannot feed a run: unreachable, a column
+    missing (the existing ones are listed), or no usable row among the first CHECK_ROWS."""
+    src = _resolve(data.source, data.format)
+    cols = _columns_for(data, src)
+    ds = _load(src, data.split, dict(getattr(data, "load_dataset", None) or {}), None)
+    _check_columns(ds, cols, src.label)
+    read = good = 0
+    try:
+        for chunk in ds.iter(batch_size=CHUNK_ROWS):
+            rows, n, _ = _rows_of_chunk(chunk, cols)
+            read += n
+            good += len(rows)
+            if good or read >= CHECK_ROWS:
+                break
+    except Exception as error:
+        raise DataError(f"reading data source '{src.label}' failed: {_one_line(error)}") from error
+    if read == 0:
+        raise DataError(f"data source '{src.label}' has no rows")
+    if good == 0:
+        what = "anchor/positive texts" if cols.layout == "pairs" else "text or label"
+        raise DataError(f"no usable rows in the first {read} rows of '{src.label}' (all have a missing or "
+                        f"empty {what}: columns {cols.first!r}, {cols.second!r})")
+
+
+def read_rows(source: str | dict[str, str], *, format: str | None = None, split: str = "train",
+              text_column: str = "text", label_column: str = "label", layout: str = "labelled",
+              anchor_column: str = "anchor", positive_column: str = "positive",
+              load_dataset_kwargs: dict | None = None, limit: int | None = None) -> LabelledRows:
+    """A finite, unshuffled read of up to `limit` texts (for evaluation); labels become dense ints in
+    order of first appearance; in the pairs layout each pair's two texts get a new label."""
+    src = _resolve(source, format)
+    cols = _Columns.of(layout, text_column, label_column, anchor_column, positive_column,
+                       isinstance(src.files, dict))
+    ds = _load(src, split, load_dataset_kwargs, None)
+    _check_columns(ds, cols, src.label)
+    texts: list[str] = []
+    labels: list[int] = []
+    dense: dict[Any, int] = {}
+    skipped = 0
+    step = 2 if cols.layout == "pairs" else 1
+    try:
+        for chunk in ds.iter(batch_size=CHUNK_ROWS):
+            rows, _, bad = _rows_of_chunk(chunk, cols)
+            skipped += bad
+            for first, second in rows:
+                if limit is not None and len(texts) + step > limit:
+                    return LabelledRows(texts, labels, skipped)
+                if cols.layout == "pairs":
+                    texts += [first, second]
+                    labels += [len(dense)] * 2
+                    dense[len(dense)] = len(dense)
+                else:
+                    texts.append(first)
+                    labels.append(dense.setdefault(second, len(dense)))
+    except DataError:
+        raise
+    except Exception as error:
+        raise DataError(f"reading data source '{src.label}' failed: {_one_line(error)}") from error
+    return LabelledRows(texts, labels, skipped)
