@@ -15,8 +15,9 @@ methods of one case run round-robin so that load changes on a shared machine hit
 them alike.  Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the
 inputs; on CPU torch's allocations are invisible to tracemalloc, so each method
 runs once in a fresh subprocess and we report the growth of the process's peak
-resident set (``ru_maxrss``) during that first forward+backward: a real,
-allocator-inclusive measurement, noisy below a few MiB.
+resident set (Linux ``VmHWM``, reset just before) over its resident set before
+that first forward+backward: a real, allocator-inclusive measurement (Linux
+only), noisy below a few MiB.
 
 Target: at B=2000 with two classes every mode takes at most the time of
 sentence-transformers' semi-hard on the same machine in the same run.
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -122,14 +122,26 @@ def peak_memory_mib(name: str, b: int, classes: int, args) -> float | None:
     return float(res.stdout.strip().splitlines()[-1])
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
 def _memory_child(spec: str) -> None:
+    """Peak RSS growth of this process during one forward+backward, in MiB.
+
+    ru_maxrss would be wrong here: Linux carries it over from the parent across
+    fork+exec.  VmHWM is per address space, and writing 5 to clear_refs resets it.
+    """
     name, b, classes, dim, limit = json.loads(spec)
     e, y = inputs(b, classes, dim, "cpu")
     fn = methods(b, limit)[name]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
     step(fn, e, y, "cpu")
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)  # KiB -> MiB
+    print((_status_kib("VmHWM") - before) / 1024)
 
 
 def main() -> None:

@@ -19,10 +19,9 @@ from tripletctl.checkpoint import (
     capture_rng, checkpoint_dir, latest_checkpoint, load_checkpoint, phase_dir, resolve_checkpoint,
     restore_rng, save_checkpoint,
 )
+from tripletctl.curriculum import ModelConfig
 from tripletctl.errors import CheckpointError
 from tripletctl.model import build_model
-
-from tripletctl.curriculum import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = {"phase_index": 0, "phase": "semi-hard", "step": 3, "global_step": 3,

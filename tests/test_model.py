@@ -9,10 +9,8 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from tripletctl.model import build_model, encode, load_model, save_model
-
 from tripletctl.curriculum import ModelConfig
-
+from tripletctl.model import build_model, encode, load_model, save_model
 
 TEXTS = ["the quick brown fox", "a", "jumps over the lazy dog and keeps running", "hello world"]
 

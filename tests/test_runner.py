@@ -45,6 +45,7 @@ def write_curriculum(tmp_path: Path, source: Path = QUICKSTART_DATA, steps: tupl
     }
     if with_eval:
         spec["eval"] = {"source": str(QUICKSTART_HELDOUT), "max_rows": 200}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "curriculum.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

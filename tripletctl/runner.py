@@ -202,8 +202,9 @@ def run_phase(
         batch_size=local_batch, seed=train_cfg.seed, state=stream_state,
         rank=ctx.rank, world_size=ctx.world_size,
     )
-    chunk_size = resolve_chunk_size(phase.chunk_size, local_batch, model, device, curriculum.data.max_length)
     autocast_dtype = _autocast_dtype(train_cfg.precision, device)
+    chunk_size = resolve_chunk_size(phase.chunk_size, local_batch, model, device, curriculum.data.max_length,
+                                    autocast_dtype=autocast_dtype)
     watchdog = CollapseWatchdog(train_cfg.collapse_patience, train_cfg.collapse_tolerance)
     if progress.watchdog:
         watchdog.load_state_dict(progress.watchdog)
