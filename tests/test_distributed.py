@@ -340,9 +340,9 @@ def test_torchrun_quickstart_runs_and_resumes(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     # batch-hard mines one triplet per anchor: the whole global batch of 256, not 256 / world_size.
     assert all(r["num_triplets"] + r["skipped_anchors"] == 256 for r in records), records
-    # A different world size is refused with a clear message.
+    # A different world size is refused with a clear message (torchrun itself exits 1).
     third = torchrun_train(QUICKSTART, *short, "phases.2.steps=3", nproc=1, resume=True)
-    assert third.returncode == 2 and "world size 2" in third.stdout, third.stdout[-4000:]
+    assert third.returncode != 0 and "resume with world size 2" in third.stdout, third.stdout[-4000:]
 
 
 QUICKSTART = REPO / "curricula" / "quickstart.yaml"
