@@ -20,6 +20,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_BERT = REPO / "curricula" / "quickstart" / "tiny-bert"
+QUICKSTART = REPO / "curricula" / "quickstart.yaml"
 WORLD = 2
 SEED = 0
 SEQ_LEN = 12
@@ -344,8 +345,6 @@ def test_torchrun_quickstart_runs_and_resumes(tmp_path):
     third = torchrun_train(QUICKSTART, *short, "phases.2.steps=3", nproc=1, resume=True)
     assert third.returncode != 0 and "resume with world size 2" in third.stdout, third.stdout[-4000:]
 
-
-QUICKSTART = REPO / "curricula" / "quickstart.yaml"
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":

@@ -334,6 +334,16 @@ def test_bad_arguments():
             mine(e, labels, margin=0.2, **kwargs)
     with pytest.raises(ValueError):
         mine(e, labels[:3], "batch-all", 0.2)
+    with pytest.raises(ValueError):
+        mine(e[:0], labels[:0], "batch-all", 0.2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_single_sample_batch(mode):
+    e = _emb(1).requires_grad_(True)
+    loss, stats = mine(e, torch.tensor([3]), mode, 0.2)
+    assert loss.item() == 0.0 and stats.skipped_anchors == 1
+    loss.backward()
 
 
 # ----------------------------------------------------------------------------- memory shape

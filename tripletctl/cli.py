@@ -3,6 +3,7 @@ in the module that owns the concept; no training, mining or evaluation logic liv
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -144,8 +145,24 @@ def plot(
     console.print(f"wrote {written}")
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages replace the libraries' per-file ones."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import datasets
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
 def main() -> None:
     """Console-script entry point."""
+    _quiet_libraries()
     app()
 
 

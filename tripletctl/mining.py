@@ -71,6 +71,8 @@ def _check(embeddings: Tensor, labels: Tensor, mode: str, fallback: str) -> None
         raise ValueError(f"unknown fallback {fallback!r}; expected one of {', '.join(FALLBACKS)}")
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be (B, D), got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[0] == 0:
+        raise ValueError("cannot mine an empty batch")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(
             f"labels must be (B,) with B={embeddings.shape[0]}, got shape {tuple(labels.shape)}"
@@ -114,11 +116,11 @@ def _layout(labels: Tensor) -> _Layout:
     size = counts[cls]
     n_pos, n_neg = size - 1, b - size
     anchors = (n_pos > 0) & (n_neg > 0)
-    p_max = max(int(n_pos.max()) if b else 0, 1)  # one host sync, to size the layout
+    p_max = max(int(n_pos.max()), 1)  # one host sync, to size the layout
     j = torch.arange(p_max, device=labels.device)
     within = rank - start  # the anchor's own slot in its block, skipped below
     col = start[:, None] + j + (j >= within[:, None]).long()
-    pos_idx = order[col.clamp(max=max(b - 1, 0))]
+    pos_idx = order[col.clamp(max=b - 1)]
     valid = (j < n_pos[:, None]) & anchors[:, None]
     return _Layout(labels, order, start, size, n_neg, anchors, pos_idx, valid)
 
@@ -247,7 +249,7 @@ def mine(
 
     with torch.no_grad():
         e = _working_dtype(embeddings.detach())
-        spread = (e - e.mean(0)).pow(2).sum(1).mean().sqrt() if e.shape[0] else zero
+        spread = (e - e.mean(0)).pow(2).sum(1).mean().sqrt()
         bh_loss = bh_terms.detach().sum() / n_anchors.clamp(min=1)
         denom = n_trip.clamp(min=1).to(dist.dtype)
         # One host transfer for all the numbers.

@@ -24,19 +24,23 @@ from rich.table import Table
 
 from tripletctl import mining
 from tripletctl.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from tripletctl.checkpoint import phase_dir as phase_dir_of
 from tripletctl.chunking import embed_and_backward, resolve_chunk_size
 from tripletctl.collapse import CollapseWatchdog
 from tripletctl.curriculum import Curriculum, PhaseConfig, curriculum_to_dict
 from tripletctl.data import BatchStream, check_source, read_rows
 from tripletctl.distributed import (
     DistContext,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     check_world_size,
     cleanup,
     gather_labels,
+    gather_object,
     gather_with_grad,
     init_distributed,
+    local_batch_size,
     no_sync_for,
     wrap_model,
 )
@@ -126,10 +130,6 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _phase_dir(output: Path, index: int, phase: PhaseConfig) -> Path:
-    return output / f"phase-{index}-{phase.name}"
-
-
 def _truncate_metrics(path: Path, global_step: int) -> None:
     """On resume, drop records written after the checkpoint so the log has no duplicate steps."""
     if not path.exists():
@@ -190,16 +190,17 @@ def run_phase(
     train_cfg = curriculum.train
     device = _device(ctx)
     output = Path(train_cfg.output_dir)
-    phase_dir = _phase_dir(output, phase_index, phase)
+    phase_dir = phase_dir_of(output, phase_index, phase.name)
     metrics_path = phase_dir / "metrics.jsonl"
     if ctx.is_main:
         phase_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, progress.global_step)
 
-    local_batch = phase.batch_size // ctx.world_size
+    # batch_size is the global batch: the stream yields this rank's share of whole classes
+    local_batch = local_batch_size(phase.batch_size, curriculum.data.samples_per_class, ctx)
     stream = BatchStream(
         curriculum.data, tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
-        batch_size=local_batch, seed=train_cfg.seed, state=stream_state,
+        batch_size=phase.batch_size, seed=train_cfg.seed, state=stream_state,
         rank=ctx.rank, world_size=ctx.world_size,
     )
     autocast_dtype = _autocast_dtype(train_cfg.precision, device)
@@ -213,6 +214,8 @@ def run_phase(
 
     def checkpoint(state_after: dict | None) -> None:
         progress.watchdog = watchdog.state_dict()
+        if ctx.enabled:  # every rank reads its own shard: keep every rank's stream position
+            state_after = {"per_rank": gather_object(state_after, ctx)}
         if ctx.is_main:
             save_checkpoint(
                 phase_dir / "checkpoint", model=model, tokenizer=tokenizer, optimizer=optimizer,
@@ -321,6 +324,8 @@ def run_phase(
                        active=stats.active_fraction, rate=record["samples_per_s"] or 0.0)
 
             # 7. checkpoint: every N steps, at the end of the phase, on Ctrl-C/SIGTERM, on a collapse stop
+            if ctx.enabled and all_reduce_max(float(stop.signal is not None), ctx) > 0 and stop.signal is None:
+                stop.signal = signal.SIGTERM  # another rank was signalled: all ranks stop at the same step
             done = progress.step >= phase.steps
             paused = stop_at_global_step is not None and progress.global_step >= stop_at_global_step
             if done and eval_rows is not None:
@@ -357,7 +362,7 @@ def _eval_event(model, tokenizer, rows, curriculum, progress, phase, ctx) -> dic
 def _phase_summary(curriculum: Curriculum, index: int, progress: RunProgress, started: float) -> dict:
     """Summarise a phase from its own metrics file, so the summary is true after a resume too."""
     phase = curriculum.phases[index]
-    phase_dir = _phase_dir(Path(curriculum.train.output_dir), index, phase)
+    phase_dir = phase_dir_of(curriculum.train.output_dir, index, phase.name)
     steps, evals, collapses = [], [], []
     metrics_path = phase_dir / "metrics.jsonl"
     if metrics_path.exists():
@@ -394,7 +399,7 @@ def _run_index(curriculum: Curriculum, ctx: DistContext, status: dict[int, str],
         "output_dir": str(output),
         "world_size": ctx.world_size,
         "phases": [
-            {"index": i, "name": p.name, "dir": _phase_dir(output, i, p).name, "mining": p.mining,
+            {"index": i, "name": p.name, "dir": phase_dir_of(output, i, p.name).name, "mining": p.mining,
              "batch_size": p.batch_size, "margin": p.margin, "steps": p.steps, "status": status.get(i, "pending")}
             for i, p in enumerate(curriculum.phases)
         ],
@@ -510,7 +515,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             phase_done = progress.step >= curriculum.phases[index].steps
             if ctx.is_main:
                 summary = _phase_summary(curriculum, index, progress, started)
-                _write_json_atomic(_phase_dir(output, index, curriculum.phases[index]) / "summary.json", summary)
+                _write_json_atomic(phase_dir_of(output, index, curriculum.phases[index].name) / "summary.json", summary)
             status[index] = "done" if phase_done else {
                 EXIT_COLLAPSE_STOP: "stopped (collapse)", EXIT_INTERRUPTED: "interrupted"}.get(outcome.exit_code, "paused")
             if outcome.exit_code != EXIT_DONE:
