@@ -12,7 +12,7 @@ of 4), every mining mode is timed beside
 
 Time: median over ``--repeats`` of one forward+backward, after one warm-up; all
 methods of one case run round-robin so that load changes on a shared machine hit
-them alike.  Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the
+them alike (the naive reference on its own afterwards).  Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the
 inputs; on CPU torch's allocations are invisible to tracemalloc, so each method
 runs once in a fresh subprocess and we report the growth of the process's peak
 resident set (Linux ``VmHWM``, reset just before) over its resident set before
@@ -68,14 +68,16 @@ def st_semi_hard():
     return lambda e, y: loss.batch_semi_hard_triplet_loss(y, e)
 
 
-def methods(b: int, naive_limit_gb: float) -> dict:
+def methods(b: int, naive_limit_gb: float, only: str | None = None) -> dict:
+    """name -> fn(embeddings, labels) returning the loss; ``only`` skips importing the others."""
     out = {
         mode: (lambda e, y, mode=mode: mine(e, y, mode, MARGIN, generator=_gen(e))[0])
         for mode in MODES
+        if only in (None, mode)
     }
-    if b**3 * 4 <= naive_limit_gb * 2**30:
+    if b**3 * 4 <= naive_limit_gb * 2**30 and only in (None, NAIVE):
         out[NAIVE] = lambda e, y: naive_batch_all(e, y, MARGIN)
-    st = st_semi_hard()
+    st = st_semi_hard() if only in (None, ST) else None
     if st is not None:
         out[ST] = st
     return out
@@ -109,7 +111,7 @@ def step(fn, e, y, device) -> float:
 def peak_memory_mib(name: str, b: int, classes: int, args) -> float | None:
     if args.device.startswith("cuda"):
         e, y = inputs(b, classes, args.dim, args.device)
-        fn = methods(b, args.naive_limit_gb)[name]
+        fn = methods(b, args.naive_limit_gb, only=name)[name]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -137,7 +139,7 @@ def _memory_child(spec: str) -> None:
     """
     name, b, classes, dim, limit = json.loads(spec)
     e, y = inputs(b, classes, dim, "cpu")
-    fn = methods(b, limit)[name]
+    fn = methods(b, limit, only=name)[name]
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
     step(fn, e, y, "cpu")
@@ -152,6 +154,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--naive-limit-gb", type=float, default=0.5,
                    help="run the naive B×B×B reference only where one B³ float32 tensor fits")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -159,6 +162,8 @@ def main() -> None:
         _memory_child(args._memory)
         return
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"# torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, dim {args.dim}, margin {MARGIN}, "
@@ -175,11 +180,18 @@ def main() -> None:
             e, y = inputs(b, classes, args.dim, args.device)
             fns = methods(b, args.naive_limit_gb)
             times = {name: [] for name in fns}
-            for name, fn in fns.items():  # warm-up
-                step(fn, e, y, args.device)
+            # Round-robin so load changes on a shared machine hit every method alike; the
+            # naive reference runs on its own afterwards, since its gigabytes of short-lived
+            # tensors (page faults, evicted caches) would slow down whichever method runs next.
+            fast = [n for n in fns if n != NAIVE]
+            for name in fast:  # warm-up
+                step(fns[name], e, y, args.device)
             for _ in range(args.repeats):
-                for name, fn in fns.items():
-                    times[name].append(step(fn, e, y, args.device))
+                for name in fast:
+                    times[name].append(step(fns[name], e, y, args.device))
+            if NAIVE in fns:
+                step(fns[NAIVE], e, y, args.device)
+                times[NAIVE] = [step(fns[NAIVE], e, y, args.device) for _ in range(args.repeats)]
             med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
             for name in fns:
                 mem = None if args.no_memory else peak_memory_mib(name, b, classes, args)

@@ -25,6 +25,7 @@ FALLBACKS = ("hardest", "easiest")
 # the floor their distance reads 1e-6 and the clamp passes a zero gradient.
 SQRT_EPS = 1e-12
 
+
 @dataclass(frozen=True)
 class MiningStats:
     """What one mining step saw; plain floats so they can be logged without the graph."""

@@ -51,7 +51,7 @@ def build_topics(rng: random.Random) -> tuple[list[list[str]], list[str]]:
 def sentence(rng: random.Random, topic_words: list[str], background: list[str]) -> str:
     length = rng.randint(8, 20)
     tokens = [
-        rng.choice(topic_words) if rng.random() < 0.3 else rng.choice(background)
+        rng.choice(topic_words) if rng.random() < 0.45 else rng.choice(background)
         for _ in range(length)
     ]
     return " ".join(tokens)
