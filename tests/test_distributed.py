@@ -323,8 +323,6 @@ def test_missing_master_addr_is_a_clear_error(monkeypatch):
         D.init_distributed("cpu")
 
 
-@pytest.mark.skipif(os.environ.get("TRIPLETCTL_DIST_E2E") != "1",
-                    reason="2-process quickstart end to end (~2 min on 2 cores): set TRIPLETCTL_DIST_E2E=1")
 def test_torchrun_quickstart_runs_and_resumes(tmp_path):
     """torchrun with 2 gloo processes: the quickstart completes, the batch is global, resume works."""
     out = tmp_path / "run"
