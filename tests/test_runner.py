@@ -168,3 +168,50 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path):
     resumed = CliRunner().invoke(app, ["train", str(path), f"phases.0.steps={state['step'] + 1}", "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((tmp_path / "run" / "run.json").read_text())["phases"][2]["status"] == "done"
+
+
+def _collapsed_build(real_build):
+    """The real model with its head's last layer zeroed and a constant bias: every input maps to
+    one point, the loss sits at the margin and the gradients vanish (a collapse that stays)."""
+
+    def build(model_cfg, seed):
+        model, tokenizer = real_build(model_cfg, seed)
+        last = model.head[-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.constant_(last.bias, 0.5)
+        return model, tokenizer
+
+    return build
+
+
+@pytest.mark.parametrize("action", ["warn", "stop", "fallback"])
+def test_collapse_watchdog_acts_as_on_collapse_says(tmp_path, monkeypatch, action):
+    import tripletctl.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "build_model", _collapsed_build(runner_module.build_model))
+    path = write_curriculum(tmp_path, steps=(1, 4, 1), checkpoint_every=0, with_eval=True,
+                            on_collapse=action, collapse_patience=2)
+    if action == "warn":  # also: eval every N steps inside a phase
+        spec = yaml.safe_load(path.read_text())
+        spec["eval"]["every"] = 2
+        path.write_text(yaml.safe_dump(spec))
+    code = train(load_curriculum(path))
+    run = tmp_path / "run"
+    records = [json.loads(l) for l in (run / "phase-1-hard-negative" / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in records if r.get("event") == "collapse"]
+    steps = [r for r in records if "event" not in r]
+    assert events and events[0]["action"] == action and events[0]["embedding_spread"] < 0.05
+    assert abs(events[0]["batch_hard_loss"] - 0.2) < 0.002
+    status = [p["status"] for p in json.loads((run / "run.json").read_text())["phases"]]
+    if action == "stop":
+        assert code == 1 and status == ["done", "stopped (collapse)", "pending"]
+        state = json.loads((run / "phase-1-hard-negative" / "checkpoint" / "state.json").read_text())
+        assert state["step"] == events[0]["global_step"] - 1 == 2
+    elif action == "fallback":
+        assert code == 0 and status == ["done", "done", "done"]
+        assert [r["mining"] for r in steps] == ["hard-negative", "hard-negative", "semi-hard", "semi-hard"]
+    else:
+        assert code == 0 and status == ["done", "done", "done"]
+        assert {r["mining"] for r in steps} == {"hard-negative"}
+        evals = [r for r in records if r.get("event") == "eval"]
+        assert [e["step"] for e in evals] == [2, 4] and all("recall@1" in e for e in evals)
