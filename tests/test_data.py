@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,26 +13,7 @@ import torch
 from tripletctl.data import BatchStream, check_source, read_rows
 from tripletctl.errors import DataError
 
-try:
-    from tripletctl.curriculum import DataConfig
-except ImportError:  # stand-in until curriculum.py lands: the contract's attribute names
-    @dataclass(frozen=True)
-    class DataConfig:  # type: ignore[no-redef]
-        source: str | dict[str, str]
-        format: str | None = None
-        split: str = "train"
-        text_column: str = "text"
-        label_column: str = "label"
-        layout: str = "labelled"
-        anchor_column: str = "anchor"
-        positive_column: str = "positive"
-        shuffle_buffer: int = 10_000
-        max_length: int = 128
-        samples_per_class: int = 4
-        max_buffered_rows: int = 200_000
-        tokenizer_workers: int = 1
-        prefetch_batches: int = 2
-        load_dataset: dict = field(default_factory=dict)
+from tripletctl.curriculum import DataConfig
 
 
 def cfg(assets_dir, name, **kw) -> DataConfig:
