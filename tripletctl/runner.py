@@ -12,12 +12,13 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -114,10 +115,6 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def _device(ctx: DistContext) -> torch.device:
-    return ctx.device
-
-
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -188,7 +185,7 @@ def run_phase(
     `train_model` the same model possibly wrapped in DDP (used for the forward passes)."""
     phase = curriculum.phases[phase_index]
     train_cfg = curriculum.train
-    device = _device(ctx)
+    device = ctx.device
     output = Path(train_cfg.output_dir)
     phase_dir = phase_dir_of(output, phase_index, phase.name)
     metrics_path = phase_dir / "metrics.jsonl"
@@ -487,8 +484,6 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
                          if k in ("eval_untrained", "started")}
         else:
             run_extra = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        import yaml
-
         (output / "curriculum.yaml").write_text(yaml.safe_dump(curriculum_to_dict(curriculum), sort_keys=False))
         if eval_rows is not None and "eval_untrained" not in run_extra:
             run_extra["eval_untrained"] = _evaluate(model, tokenizer, eval_rows, curriculum, device)
