@@ -94,7 +94,7 @@ class TrainConfig:
     fallback: str = "hardest"     # semi-hard fallback "hardest" | "easiest" (default for phases)
     on_collapse: str = "warn"     # "warn" | "stop" | "fallback" (default for phases)
     collapse_patience: int = 50   # consecutive steps
-    collapse_tolerance: float = 0.01  # relative to the margin
+    collapse_tolerance: float = 0.1  # relative to the margin
 
 
 @dataclass(frozen=True)
