@@ -49,7 +49,13 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output directory: same phase, step and stream position."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop (with a checkpoint) after this many steps in this invocation; --resume continues."),
 ) -> None:
-    """Run every phase of a curriculum: stream, mine online, step, log, checkpoint."""
+    """Run every phase of a curriculum: stream, mine online, step, log, checkpoint.
+
+    Writes OUTPUT/run.json and, per phase, OUTPUT/phase-K-NAME/ with checkpoint/, metrics.jsonl and
+    summary.json (OUTPUT is train.output_dir). Exit codes: 0 done, 1 stopped by the collapse
+    watchdog (on_collapse: stop), 2 bad input, 130 interrupted by Ctrl-C/SIGTERM after a checkpoint.
+    Under torchrun the batch size is the global batch.
+    """
     from tripletctl.curriculum import load_curriculum
     from tripletctl.runner import train as run_training
 
