@@ -537,7 +537,9 @@ def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, s
                       f"Inspect with `tripletctl inspect-collapse {output}`")
     untrained, final = run_extra.get("eval_untrained"), run_extra.get("eval_final")
     if untrained and final:
-        table = Table(title=f"held-out retrieval ({curriculum.eval.source})")
+        source = curriculum.eval.source
+        name = Path(source).name if isinstance(source, str) else "the eval files"
+        table = Table(title=f"held-out retrieval ({untrained.get('rows', '?')} rows of {name})")
         table.add_column("metric")
         table.add_column("untrained", justify="right")
         table.add_column("trained", justify="right")
@@ -546,3 +548,6 @@ def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, s
                 table.add_row(key, f"{untrained[key]:.4f}", f"{final[key]:.4f}")
         console.print(table)
     console.print(f"run directory: {output}  (phases: {', '.join(f'{i}:{s}' for i, s in sorted(status.items()))})")
+    if exit_code == EXIT_DONE and curriculum.eval is not None and isinstance(curriculum.eval.source, str):
+        console.print(f"next: tripletctl inspect-collapse {output} --data {curriculum.eval.source} --plot collapse.png\n"
+                      f"      tripletctl plot {output}", highlight=False, soft_wrap=True)
