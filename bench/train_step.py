@@ -74,7 +74,6 @@ def rss_mb() -> float:
 
 def build_model(name: str, device):
     """A TripletEncoder with random weights from a config: weights do not change the speed."""
-    import torch
     from transformers import AutoConfig, AutoModel, BertConfig
 
     from tripletctl.model import TripletEncoder

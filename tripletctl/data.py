@@ -300,7 +300,7 @@ class _RawRows:
                 if self.good_this_epoch == 0:
                     raise DataError(
                         f"no usable rows in data source '{self.src.label}' for rank {self.rank} of "
-                        f"{self.world_size} ({self.rows_skipped} rows skipped: missing/empty text or label)")
+                        f"{self.world_size} ({self.rows_skipped} rows skipped: missing/empty text or label)") from None
                 self.epoch += 1
                 self.good_this_epoch = 0
                 self._open(None)
