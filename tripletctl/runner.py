@@ -460,7 +460,9 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             progress.step = 0
             progress.mining_override = None
             progress.watchdog = {}
-        if ctx.is_main:
+        if ctx.is_main and progress.phase_index >= len(curriculum.phases):
+            console.print(f"nothing to resume: every phase of {curriculum.path} is done ({previous})")
+        elif ctx.is_main:
             console.print(f"resuming from {previous} at phase {progress.phase_index}, step {progress.step} "
                           f"(global step {progress.global_step})")
     train_model = wrap_model(model, ctx)
