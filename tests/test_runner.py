@@ -29,13 +29,14 @@ QUICKSTART_HELDOUT = REPO / "curricula" / "quickstart" / "heldout.jsonl"
 
 
 def write_curriculum(tmp_path: Path, source: Path = QUICKSTART_DATA, steps: tuple[int, ...] = (4, 3, 3),
-                     checkpoint_every: int = 2, with_eval: bool = False, **train_extra) -> Path:
+                     checkpoint_every: int = 2, with_eval: bool = False, tokenizer_workers: int = 0,
+                     **train_extra) -> Path:
     """A three-phase curriculum (semi-hard -> hard-negative -> batch-hard, growing batches)."""
     modes = ("semi-hard", "hard-negative", "batch-hard")
     spec = {
         "model": {"name": str(TINY_BERT), "init": "config", "pooling": "mean", "head": [32]},
         "data": {"source": str(source), "shuffle_buffer": 256, "max_length": 24, "samples_per_class": 4,
-                 "tokenizer_workers": 0},
+                 "tokenizer_workers": tokenizer_workers},
         "train": {"lr": 1e-3, "warmup_steps": 2, "seed": 7, "output_dir": str(tmp_path / "run"),
                   "checkpoint_every": checkpoint_every, "device": "cpu", "chunk_size": 16, **train_extra},
         "phases": [
@@ -105,14 +106,15 @@ def test_train_runs_all_phases_and_writes_outputs(tmp_path, fmt):
     AutoModel.from_pretrained(run / "phase-2-batch-hard" / "checkpoint" / "model")
 
 
-@pytest.mark.parametrize("interrupt_after", [1, 4, 6])
-def test_resume_matches_uninterrupted_run(tmp_path, interrupt_after):
+@pytest.mark.parametrize(("interrupt_after", "workers"), [(1, 0), (4, 0), (6, 0), (5, 1)])
+def test_resume_matches_uninterrupted_run(tmp_path, interrupt_after, workers):
     """Stop after k steps (mid-phase, at a phase boundary, in a later phase), resume, and end
-    with the same weights as a run that was never interrupted. Dropout is on."""
-    straight = write_curriculum(tmp_path / "straight", checkpoint_every=3)
+    with the same weights as a run that was never interrupted. Dropout is on; tokenisation runs
+    in the main process or in a worker process that works ahead of the trainer."""
+    straight = write_curriculum(tmp_path / "straight", checkpoint_every=3, tokenizer_workers=workers)
     assert train(load_curriculum(straight)) == 0
 
-    broken = write_curriculum(tmp_path / "broken", checkpoint_every=3)
+    broken = write_curriculum(tmp_path / "broken", checkpoint_every=3, tokenizer_workers=workers)
     assert train(load_curriculum(broken), max_steps=interrupt_after) == 0
     index = json.loads((tmp_path / "broken" / "run" / "run.json").read_text())
     assert any(p["status"] in ("paused", "pending") for p in index["phases"])
