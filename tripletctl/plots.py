@@ -113,6 +113,13 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
     return xs, ys
 
 
+def _untrained_eval(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("eval_untrained")
+    except (OSError, ValueError):
+        return None
+
+
 # --------------------------------------------------------------------------------------------
 # run figure
 
@@ -125,6 +132,9 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
 
     steps = [r for p in phases for r in p["records"] if "event" not in r]
     evals = [r for p in phases for r in p["records"] if r.get("event") == "eval"]
+    untrained = _untrained_eval(run_dir)
+    if untrained:  # measured before the first step: the baseline every later point is read against
+        evals = [{**untrained, "global_step": 0}, *evals]
     collapses = [r for p in phases for r in p["records"] if r.get("event") == "collapse"]
 
     fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True,
