@@ -324,23 +324,37 @@ def test_missing_master_addr_is_a_clear_error(monkeypatch):
 
 
 def test_torchrun_quickstart_runs_and_resumes(tmp_path):
-    """torchrun with 2 gloo processes: the quickstart completes, the batch is global, resume works."""
+    """torchrun with 2 gloo processes: the quickstart completes, the batch is global, and a run
+    stopped mid-phase and resumed ends with the same weights as one that never stopped."""
+    from safetensors.torch import load_file
+
+    def short(out: Path) -> list[str]:
+        return [f"train.output_dir={out}", "phases.0.steps=2", "phases.1.steps=1", "phases.2.steps=2",
+                "train.checkpoint_every=1", "eval.max_rows=200"]
+
+    def final_weights(out: Path) -> dict:
+        model_dir = out / "phase-2-batch-hard" / "checkpoint" / "model"
+        return load_file(str(next(model_dir.glob("model*.safetensors"))))
+
+    straight = torchrun_train(QUICKSTART, *short(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stdout[-4000:]
     out = tmp_path / "run"
-    short = [f"train.output_dir={out}", "phases.0.steps=2", "phases.1.steps=1", "train.checkpoint_every=1",
-             "eval.max_rows=200"]
-    first = torchrun_train(QUICKSTART, *short, "phases.2.steps=1")
+    first = torchrun_train(QUICKSTART, *short(out), "--max-steps", "4")  # stops inside phase 2
     assert first.returncode == 0, first.stdout[-4000:]
-    second = torchrun_train(QUICKSTART, *short, "phases.2.steps=2", resume=True)
+    second = torchrun_train(QUICKSTART, *short(out), resume=True)
     assert second.returncode == 0, second.stdout[-4000:]
     state = json.loads((out / "phase-2-batch-hard" / "checkpoint" / "state.json").read_text())
-    assert state["world_size"] == 2
+    assert state["world_size"] == 2 and state["step"] == 2
     records = [json.loads(line) for line in (out / "phase-2-batch-hard" / "metrics.jsonl").read_text().splitlines()
                if '"loss"' in line]
     assert [r["step"] for r in records] == [1, 2]
     # batch-hard mines one triplet per anchor: the whole global batch of 256, not 256 / world_size.
     assert all(r["num_triplets"] + r["skipped_anchors"] == 256 for r in records), records
+    a, b = final_weights(tmp_path / "straight"), final_weights(out)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     # A different world size is refused with a clear message (torchrun itself exits 1).
-    third = torchrun_train(QUICKSTART, *short, "phases.2.steps=3", nproc=1, resume=True)
+    third = torchrun_train(QUICKSTART, *short(out), "phases.2.steps=3", nproc=1, resume=True)
     assert third.returncode != 0 and "resume with world size 2" in third.stdout, third.stdout[-4000:]
 
 

@@ -7,7 +7,7 @@ Layout of one checkpoint (`OUTPUT/phase-K-NAME/checkpoint/`, K the 0-based phase
     state.json        the caller's `state` keys (phase, step, counters...) + "format_version",
                       "stream" (JSON-able stream state) and "stream_file" (else "stream.pt")
     stream.pt         data-stream state, only when it does not survive a JSON round trip
-    rng.pt            python / numpy / torch CPU / torch CUDA RNG states
+    rng.pt            python / numpy / torch CPU / torch CUDA RNG states (a list of them, one per rank, under torchrun)
     curriculum.yaml   the curriculum as run
     COMPLETE          written last: a directory without it is never trusted
 
@@ -46,7 +46,7 @@ class LoadedCheckpoint:
     state: dict                 # the `state` dict given to save_checkpoint
     stream_state: dict | None
     curriculum: dict
-    rng: dict                   # pass to restore_rng when the run is ready to continue
+    rng: dict | list[dict]      # pass to restore_rng when ready; a list holds one state per rank (torchrun)
 
     @property
     def model_dir(self) -> Path:
@@ -109,13 +109,15 @@ def _to_tuple(value: Any) -> Any:
 
 def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer: Any,
                     optimizer: torch.optim.Optimizer | None, state: dict,
-                    stream_state: dict | None, curriculum: dict) -> Path:
+                    stream_state: dict | None, curriculum: dict,
+                    rng: list[dict] | None = None) -> Path:
     """Write a complete checkpoint at `directory` atomically and return its path.
 
     `state` must be JSON-serialisable (phase index/name, step, global step, counters, world size);
     its keys land at the top level of state.json, beside the reserved "format_version", "stream"
     and "stream_file".
-    RNG states are captured here, so call this at the point the run would continue from.
+    RNG states are captured here, so call this at the point the run would continue from; under
+    torchrun pass `rng`, every rank's `capture_rng()` in rank order, so each rank resumes its own.
     """
     clash = [k for k in RESERVED_STATE_KEYS if k in state]
     if clash:
@@ -127,7 +129,7 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer:
     tmp.mkdir()
     try:
         _write_contents(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, state=state,
-                        stream_state=stream_state, curriculum=curriculum)
+                        stream_state=stream_state, curriculum=curriculum, rng=rng)
     except BaseException:  # e.g. unserialisable state, disk full: the old checkpoint stays in place
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -135,7 +137,7 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer:
     return target
 
 
-def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_state, curriculum) -> None:
+def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_state, curriculum, rng) -> None:
     record: dict[str, Any] = {**state, "format_version": FORMAT_VERSION,
                               "stream": None, "stream_file": None}
     if stream_state is not None and _json_roundtrips(stream_state):
@@ -147,7 +149,7 @@ def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_sta
     save_model(model, tokenizer, tmp / "model")
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(capture_rng(), tmp / "rng.pt")
+    torch.save(rng if rng is not None else capture_rng(), tmp / "rng.pt")
     (tmp / "curriculum.yaml").write_text(yaml.safe_dump(_plain(curriculum), sort_keys=False))
     _fsync_tree(tmp)
     _write_synced(tmp / COMPLETE, "ok\n")  # last: its presence vouches for everything above

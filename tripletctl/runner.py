@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tripletctl import mining
-from tripletctl.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from tripletctl.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from tripletctl.checkpoint import phase_dir as phase_dir_of
 from tripletctl.chunking import embed_and_backward, resolve_chunk_size
 from tripletctl.collapse import CollapseWatchdog
@@ -211,13 +211,15 @@ def run_phase(
 
     def checkpoint(state_after: dict | None) -> None:
         progress.watchdog = watchdog.state_dict()
-        if ctx.enabled:  # every rank reads its own shard: keep every rank's stream position
+        rng = None
+        if ctx.enabled:  # every rank reads its own shard and draws its own dropout: keep each one's
             state_after = {"per_rank": gather_object(state_after, ctx)}
+            rng = gather_object(capture_rng(), ctx)
         if ctx.is_main:
             save_checkpoint(
                 phase_dir / "checkpoint", model=model, tokenizer=tokenizer, optimizer=optimizer,
                 state={**progress.__dict__, "phase_name": phase.name, "world_size": ctx.world_size},
-                stream_state=state_after, curriculum=curriculum_to_dict(curriculum),
+                stream_state=state_after, curriculum=curriculum_to_dict(curriculum), rng=rng,
             )
         barrier(ctx)
 
@@ -438,7 +440,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
     if resume and previous is None:
         raise TripletctlError(f"--resume: no checkpoint found under {output}")
 
-    _seed_everything(train_cfg.seed)
+    _seed_everything(train_cfg.seed + ctx.rank)  # ranks draw different dropout masks (weights are seeded apart)
     model, tokenizer = build_model(curriculum.model, seed=train_cfg.seed)
     model.to(device)
     if train_cfg.compile:
@@ -454,6 +456,8 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         progress = RunProgress(**{k: v for k, v in loaded.state.items() if k in known})
         stream_state = loaded.stream_state
         rng_state = loaded.rng
+        if isinstance(rng_state, list):  # one state per rank (check_world_size made the counts equal)
+            rng_state = rng_state[ctx.rank]
         phase = curriculum.phases[progress.phase_index]
         if progress.step >= phase.steps:  # the checkpoint closed its phase: start the next one
             progress.phase_index += 1
