@@ -111,6 +111,8 @@ def _worker(out_dir: Path) -> None:
     results["sum"] = D.all_reduce_sum(ctx.rank + 1, ctx)
     results["mean"] = D.all_reduce_mean(ctx.rank + 1, ctx)
     results["max"] = D.all_reduce_max(ctx.rank + 1, ctx)
+    # the runner's per-step decision: counters summed, a flag raised on one rank seen by all
+    results["sums"] = D.all_reduce_sums([ctx.rank + 1, 10, ctx.rank == 1, False], ctx)
     results["objects"] = D.gather_object({"rank": ctx.rank}, ctx)
     results["broadcast"] = D.broadcast_object(f"from {ctx.rank}", ctx)
 
@@ -232,6 +234,7 @@ def test_gather_backward_sums_over_ranks(two_ranks):
 def test_reductions_and_objects(two_ranks):
     results, _ = two_ranks
     assert results["sum"] == 3.0 and results["mean"] == 1.5 and results["max"] == 2.0
+    assert results["sums"] == [3.0, 20.0, 1.0, 0.0]
     assert results["objects"] == [{"rank": 0}, {"rank": 1}]
     assert results["broadcast"] == "from 0"
 
@@ -293,6 +296,7 @@ def test_single_process_is_identity(monkeypatch):
     model = torch.nn.Linear(2, 2)
     assert D.wrap_model(model, ctx) is model and D.no_sync_for(model) is None
     assert D.all_reduce_sum(2.5, ctx) == 2.5 and D.all_reduce_mean(2.5, ctx) == 2.5
+    assert D.all_reduce_sums([2, True, False], ctx) == [2.0, 1.0, 0.0]
     assert D.gather_object("a", ctx) == ["a"]
     assert D.local_batch_size(64, 4, ctx) == 64
     D.barrier(ctx)

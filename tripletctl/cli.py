@@ -64,6 +64,9 @@ def train(
         code = run_training(plan, resume=resume, console=console, max_steps=max_steps)
     except TripletctlError as error:
         _fail(error)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the checkpoint the first one asks for
+        err_console.print("interrupted twice: stopped without writing a checkpoint")
+        raise typer.Exit(code=130) from None
     raise typer.Exit(code=code or 0)
 
 
@@ -117,7 +120,7 @@ def inspect_collapse(
     text_column: str = typer.Option("text", "--text-column"),
     label_column: str = typer.Option("label", "--label-column"),
     max_rows: int = typer.Option(2000, "--max-rows", help="Sample size."),
-    margin: float = typer.Option(0.2, "--margin", help="Margin the model was trained with."),
+    margin: Optional[float] = typer.Option(None, "--margin", help="Margin to judge against (default: the last phase's margin in the checkpoint's curriculum, else 0.2)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write d(a,p)/d(a,n) histograms and the singular-value spectrum to this PNG."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),

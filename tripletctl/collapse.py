@@ -198,11 +198,17 @@ def collapse_report(
     )
 
 
+QUANTILE_SAMPLE = 1 << 24
+
+
 def _quantiles(values: torch.Tensor) -> dict[str, float]:
     if values.numel() == 0:
         return {}
-    q = torch.quantile(values[:1_000_000] if values.numel() > 1_000_000 else values,
-                       torch.tensor(QUANTILES, dtype=values.dtype))
+    if values.numel() > QUANTILE_SAMPLE:  # torch.quantile's input limit: a seeded uniform sample,
+        # not the first rows (the file's order, often grouped by label, would bias the quantiles)
+        pick = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:QUANTILE_SAMPLE]
+        values = values[pick]
+    q = torch.quantile(values, torch.tensor(QUANTILES, dtype=values.dtype))
     return {f"p{round(level * 100):02d}": float(v) for level, v in zip(QUANTILES, q)}
 
 
@@ -366,7 +372,7 @@ def run_inspect_command(
     text_column: str = "text",
     label_column: str = "label",
     max_rows: int | None = 2000,
-    margin: float = 0.2,
+    margin: float | None = None,
     plot: Path | None = None,
     device: str = "auto",
     as_json: bool = False,
@@ -388,6 +394,8 @@ def run_inspect_command(
     embeddings = encode(loaded.model, loaded.tokenizer, loaded.rows.texts, max_length=loaded.max_length,
                         device=loaded.device)
     distance = loaded.distance if loaded.distance in DISTANCES else "euclidean"
+    if margin is None:  # judge against the margin the model was trained with
+        margin = loaded.margin if loaded.margin else 0.2
     report = collapse_report(embeddings, torch.as_tensor(loaded.rows.labels), margin=margin, distance=distance)
     written = None
     if plot is not None:

@@ -244,6 +244,17 @@ def all_reduce_sum(value: float, ctx: DistContext) -> float:
     return _reduce(value, ctx, dist.ReduceOp.SUM)
 
 
+def all_reduce_sums(values: list[float | bool | int], ctx: DistContext) -> list[float]:
+    """Sum several numbers over ranks in one collective (the runner's per-step counters and flags:
+    a flag summed over ranks is > 0 when any rank raised it)."""
+    if not ctx.enabled:
+        return [float(v) for v in values]
+    device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+    packed = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return packed.tolist()
+
+
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
     """Mean over ranks, e.g. a per-rank timing."""
     return _reduce(value, ctx, dist.ReduceOp.SUM) / ctx.world_size

@@ -136,8 +136,15 @@ def retrieval_metrics(
     hits_at_k = {k: 0.0 for k in ks}
     map_sum = 0.0
     rprec_sum = 0.0
-    for begin in range(0, queries.numel(), chunk_size):
+    begin = 0
+    while begin < queries.numel():
         idx = queries[begin : begin + chunk_size]
+        k_chunk = min(n - 1, max(ks[-1], int(r_all[idx].max().item())))
+        # MAP@R needs the top R of every query, and R can be N/2 (two classes): the (rows, k) float64
+        # work tensors would then dwarf the (rows, N) distance block, so take fewer rows per chunk.
+        rows = max(1, min(idx.numel(), chunk_size * n // (8 * k_chunk)))
+        idx = idx[:rows]
+        begin += rows
         r = r_all[idx]
         k_chunk = min(n - 1, max(ks[-1], int(r.max().item())))
         dist = _distance_block(emb[idx], emb, keys_sq)

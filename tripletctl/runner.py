@@ -32,8 +32,7 @@ from tripletctl.curriculum import Curriculum, PhaseConfig, curriculum_to_dict
 from tripletctl.data import BatchStream, check_source, read_rows
 from tripletctl.distributed import (
     DistContext,
-    all_reduce_max,
-    all_reduce_sum,
+    all_reduce_sums,
     barrier,
     check_world_size,
     cleanup,
@@ -139,7 +138,9 @@ def _truncate_metrics(path: Path, global_step: int) -> None:
             continue  # a line cut by the crash
         if record.get("global_step", 0) <= global_step:
             kept.append(line)
-    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")  # a crash now must not lose the log
+    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _seed_everything(seed: int) -> None:
@@ -200,6 +201,7 @@ def run_phase(
         batch_size=phase.batch_size, seed=train_cfg.seed, state=stream_state,
         rank=ctx.rank, world_size=ctx.world_size,
     )
+    train_model.train()  # before the auto chunk probe: dropout masks take memory too
     autocast_dtype = _autocast_dtype(train_cfg.precision, device)
     chunk_size = resolve_chunk_size(phase.chunk_size, local_batch, model, device, curriculum.data.max_length,
                                     autocast_dtype=autocast_dtype)
@@ -233,7 +235,6 @@ def run_phase(
     bar = Progress(*columns, console=console, disable=not ctx.is_main)
     last_state = stream_state
     exit_code = EXIT_DONE
-    train_model.train()
     try:
         bar.start()
         task = bar.add_task(f"phase {phase_index} {phase.name}", total=phase.steps, completed=progress.step,
@@ -276,9 +277,16 @@ def run_phase(
             progress.samples_seen += phase.batch_size
             last_state = batch.state
 
-            # 5. log: the phase's mining loss beside the batch-hard loss of the same batch
+            # 5. one collective per step decides for every rank: stream counters, Ctrl-C/SIGTERM
+            #    (it may reach the ranks at different moments) and the collapse watchdog
+            rows_seen, rows_skipped, classes_evicted, signalled, collapsed = all_reduce_sums([
+                batch.rows_seen, batch.rows_skipped, batch.classes_evicted, stop.signal is not None,
+                watchdog.update(stats.batch_hard_loss, phase.margin, stats.embedding_spread),
+            ], ctx)
+            stop_now = signalled > 0
+
+            # 6. log: the phase's mining loss beside the batch-hard loss of the same batch
             elapsed = time.perf_counter() - started
-            rows_skipped = int(all_reduce_sum(float(batch.rows_skipped), ctx))
             record = {
                 "phase": phase.name, "phase_index": phase_index, "step": progress.step,
                 "global_step": progress.global_step, "mining": mode,
@@ -287,14 +295,12 @@ def run_phase(
                 "embedding_spread": stats.embedding_spread, "skipped_anchors": stats.skipped_anchors,
                 "num_triplets": stats.num_triplets, "lr": lr, "grad_norm": grad_norm,
                 "samples_per_s": phase.batch_size / elapsed if elapsed > 0 else None,
-                "rows_seen": int(all_reduce_sum(float(batch.rows_seen), ctx)),
-                "rows_skipped": rows_skipped,
-                "classes_evicted": int(all_reduce_sum(float(batch.classes_evicted), ctx)),
-                "chunk_size": chunk_size, "time": time.time(),
+                "rows_seen": int(rows_seen), "rows_skipped": int(rows_skipped),
+                "classes_evicted": int(classes_evicted), "chunk_size": chunk_size, "time": time.time(),
             }
             events = []
-            # 6. collapse watchdog: batch-hard loss stuck at the margin and no spread
-            if watchdog.update(stats.batch_hard_loss, phase.margin, stats.embedding_spread):
+            # collapse watchdog: batch-hard loss stuck at the margin and no spread
+            if collapsed > 0:
                 events.append({"event": "collapse", "global_step": progress.global_step, "phase": phase.name,
                                 "action": phase.on_collapse, "batch_hard_loss": stats.batch_hard_loss,
                                 "embedding_spread": stats.embedding_spread, "margin": phase.margin})
@@ -323,8 +329,6 @@ def run_phase(
                        active=stats.active_fraction, rate=record["samples_per_s"] or 0.0)
 
             # 7. checkpoint: every N steps, at the end of the phase, on Ctrl-C/SIGTERM, on a collapse stop
-            if ctx.enabled and all_reduce_max(float(stop.signal is not None), ctx) > 0 and stop.signal is None:
-                stop.signal = signal.SIGTERM  # another rank was signalled: all ranks stop at the same step
             done = progress.step >= phase.steps
             paused = stop_at_global_step is not None and progress.global_step >= stop_at_global_step
             if done and eval_rows is not None:
@@ -333,12 +337,11 @@ def run_phase(
                     metrics_file.write(json.dumps(event) + "\n")
                     metrics_file.flush()
             every = train_cfg.checkpoint_every
-            if done or paused or stop.signal is not None or exit_code == EXIT_COLLAPSE_STOP \
-                    or (every and progress.step % every == 0):
+            if done or paused or stop_now or exit_code == EXIT_COLLAPSE_STOP or (every and progress.step % every == 0):
                 checkpoint(last_state)
             if exit_code == EXIT_COLLAPSE_STOP:
                 return PhaseOutcome(EXIT_COLLAPSE_STOP, last_state)
-            if stop.signal is not None:
+            if stop_now:
                 return PhaseOutcome(EXIT_INTERRUPTED, last_state)
             if paused:
                 return PhaseOutcome(PAUSED, last_state)
@@ -517,7 +520,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             if ctx.is_main:
                 summary = _phase_summary(curriculum, index, progress, started)
                 _write_json_atomic(phase_dir_of(output, index, curriculum.phases[index].name) / "summary.json", summary)
-            status[index] = "done" if phase_done else {
+            status[index] = "done" if phase_done and outcome.exit_code in (EXIT_DONE, PAUSED) else {
                 EXIT_COLLAPSE_STOP: "stopped (collapse)", EXIT_INTERRUPTED: "interrupted"}.get(outcome.exit_code, "paused")
             if outcome.exit_code != EXIT_DONE:
                 exit_code = outcome.exit_code if outcome.exit_code > 0 else EXIT_DONE
