@@ -229,3 +229,40 @@ def test_ranks_read_disjoint_rows(assets_dir, tiny_bert_dir):
         assert all(b.epoch == 0 for b in batches)
         seen.append({t for b in batches for t in b.texts})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+@pytest.mark.parametrize("labels", ["one class", "unique ids"])
+def test_a_corpus_that_can_never_fill_two_classes_is_an_error_not_a_hang(tmp_path, tiny_bert_dir, labels):
+    path = tmp_path / "corpus.jsonl"
+    with path.open("w") as handle:
+        for i in range(300):
+            label = "only" if labels == "one class" else f"id-{i}"
+            handle.write(json.dumps({"text": f"row {i} alpha beta", "label": label}) + "\n")
+    data = DataConfig(source=str(path), tokenizer_workers=0, shuffle_buffer=16, max_length=16,
+                      samples_per_class=4, max_buffered_rows=64)
+    stream = BatchStream(data, str(tiny_bert_dir), 16, seed=0)
+    try:
+        with pytest.raises(DataError, match="cannot form class-balanced batches"):
+            next(stream)
+    finally:
+        stream.close()
+
+
+def test_close_returns_while_a_batch_is_still_being_assembled(tmp_path, tiny_bert_dir):
+    import threading
+    import time
+
+    path = tmp_path / "corpus.jsonl"
+    with path.open("w") as handle:  # 20,000 classes of one row each: no batch for a long while
+        for i in range(20_000):
+            handle.write(json.dumps({"text": f"row {i}", "label": f"c{i}"}) + "\n")
+    data = DataConfig(source=str(path), tokenizer_workers=0, shuffle_buffer=16, max_length=16,
+                      samples_per_class=4, max_buffered_rows=100_000)
+    stream = BatchStream(data, str(tiny_bert_dir), 16, seed=0)
+    reader = threading.Thread(target=lambda: next(stream, None), daemon=True)
+    reader.start()
+    time.sleep(0.5)
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive(), "close() hung while the reader thread was assembling a batch"

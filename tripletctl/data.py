@@ -16,15 +16,16 @@ import multiprocessing
 import os
 import queue
 import random
+import signal
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from tripletctl.errors import DataError
+from tripletctl.errors import DataError, TripletctlError
 
 FORMATS = ("json", "parquet", "csv", "text")
 LAYOUTS = ("labelled", "pairs")
@@ -358,6 +359,14 @@ class _Shuffler:
         return {"buffer": list(self.buffer), "rng": [version, list(internal), gauss]}
 
 
+STOP_CHECK_ROWS = 4096  # rows read between checks of close() while a batch is being assembled
+STALL_EPOCHS = 3  # passes over the data with no class filling before the stream gives up with an error
+
+
+class _Stopped(Exception):
+    """close() was called while the reader thread was assembling a batch."""
+
+
 class _Batcher:
     """Class-balanced batches from shuffled rows (rules in docs/data.md, "Batch composition").
 
@@ -381,6 +390,8 @@ class _Batcher:
         if self.max_rows < self.spc:
             raise DataError(f"max_buffered_rows={self.max_rows} is smaller than samples_per_class={self.spc}: "
                             f"no class could ever fill")
+        self.should_stop: Callable[[], bool] = lambda: False  # the stream's close() sets this
+        self.classes_filled = 0  # classes that reached samples_per_class rows (progress, for stall detection)
         self.buffers: OrderedDict[Any, list[str]] = OrderedDict()
         self.ready: deque = deque()
         self.classes_evicted = self.rows_evicted = 0
@@ -408,6 +419,7 @@ class _Batcher:
         elif len(texts) >= self.spc:
             self.ready.append(label)
             self.ready_set.add(label)
+            self.classes_filled += 1
             self.ready_rows += len(texts)
         while self.total - self.ready_rows > self.max_rows and self._evict_one():
             pass
@@ -454,6 +466,8 @@ class _Batcher:
 
     def next_batch(self) -> tuple[list[str], list[Any]]:
         slots = self.rows // self.spc
+        mark: tuple[int, int] | None = None  # (raw epoch, classes filled) once the shuffle buffer has turned over
+        rows_read = 0
         while True:
             if len(self.ready) >= slots:
                 return self._take([self.ready.popleft() for _ in range(slots)])
@@ -461,6 +475,20 @@ class _Batcher:
                 chosen = list(self.ready)
                 self.ready.clear()
                 return self._take(chosen)
+            if rows_read == self.shuffler.size:
+                mark = (self.shuffler.raw.epoch, self.classes_filled)
+            if mark is not None and len(self.ready) < 2 and self.shuffler.raw.epoch - mark[0] >= STALL_EPOCHS \
+                    and self.classes_filled == mark[1]:
+                # passes over the data and no class filled up: two never will
+                raise DataError(
+                    f"cannot form class-balanced batches: {STALL_EPOCHS} passes over the data filled no new class "
+                    f"to samples_per_class={self.spc} rows and fewer than 2 are ready ({self.classes_evicted} classes "
+                    f"evicted, max_buffered_rows={self.max_rows}); is data.label_column a real class "
+                    f"(not a unique id), does the corpus hold 2 or more classes, or should "
+                    f"data.samples_per_class be smaller or data.max_buffered_rows larger?")
+            rows_read += 1
+            if rows_read % STOP_CHECK_ROWS == 0 and self.should_stop():
+                raise _Stopped
             text, label = self.shuffler.next_row()
             self._add(text, label)
 
@@ -555,7 +583,7 @@ class _Assembler:
 
 def _fingerprint(data: Any) -> str:
     keys = ("source", "format", "split", "text_column", "label_column", "layout", "anchor_column",
-            "positive_column")
+            "positive_column", "load_dataset")
     return json.dumps({k: getattr(data, k, None) for k in keys}, sort_keys=True, default=str)
 
 
@@ -583,6 +611,7 @@ def _load_tokenizer(path: str):
 def _init_worker(path: str) -> None:
     """Runs once per worker process: the tokenizer is loaded once, not per batch."""
     global _WORKER_TOKENIZER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, then closes us
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(1)
     _WORKER_TOKENIZER = _load_tokenizer(path)
@@ -648,6 +677,8 @@ class BatchStream:
         return False
 
     def _produce(self) -> None:
+        if self._assembler.batcher is not None:
+            self._assembler.batcher.should_stop = self._stop.is_set
         try:
             while not self._stop.is_set():
                 texts, ids, state = self._assembler.next()
@@ -661,6 +692,8 @@ class BatchStream:
                             self._assembler.raw.epoch)
                 if not self._put((texts, ids, state, encoded, counters)):
                     return
+        except _Stopped:
+            return
         except BaseException as error:  # hand every failure to the consumer, which re-raises it
             self._put(error)
 
@@ -676,7 +709,9 @@ class BatchStream:
         item = self._queue.get()
         if isinstance(item, BaseException):
             self.close()
-            raise item
+            if isinstance(item, TripletctlError):
+                raise item
+            raise DataError(f"reading the data stream failed: {_one_line(item)}") from item
         texts, ids, state, encoded, (rows_seen, skipped, evicted, rows_evicted, epoch) = item
         if isinstance(encoded, Future):
             try:
