@@ -311,7 +311,7 @@ def test_missing_required_blocks(tmp_path):
     [
         ("train", "lr", "fast", "train.lr must be a positive number, got 'fast'"),
         ("train", "lr", True, "train.lr must be a positive number, got true"),
-        ("train", "seed", True, "train.seed must be a non-negative integer, got true"),
+        ("train", "seed", True, "train.seed must be an integer from 0 to 4294967295, got true"),
         ("train", "compile", "yes please", "train.compile must be true or false, got 'yes please'"),
         ("train", "precision", "fp16", "train.precision must be one of auto, fp32, bf16, got 'fp16' (did you mean 'bf16'?)"),
         ("train", "decay", "cosin", "train.decay must be one of none, linear, cosine, got 'cosin' (did you mean 'cosine'?)"),

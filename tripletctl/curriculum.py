@@ -163,11 +163,14 @@ def _is_scalar(value: Any) -> bool:
     return value is not None and not isinstance(value, (str, list, dict))
 
 
-def _integer(minimum: int = 1) -> _Check:
+def _integer(minimum: int = 1, maximum: int | None = None) -> _Check:
     expected = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+    if maximum is not None:
+        expected = f"an integer from {minimum} to {maximum}"
 
     def check(value: Any, raw: str | None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum \
+                or (maximum is not None and value > maximum):
             raise _Invalid(expected)
         return value
 
@@ -312,7 +315,7 @@ BLOCK_KEYS: dict[str, dict[str, _Check]] = {
         "samples_per_class": _integer(2),
         "max_buffered_rows": _integer(1),
         "tokenizer_workers": _integer(0),
-        "prefetch_batches": _integer(0),
+        "prefetch_batches": _integer(1),
     },
     "train": {
         "optimizer": _choice(OPTIMIZERS),
@@ -322,7 +325,7 @@ BLOCK_KEYS: dict[str, dict[str, _Check]] = {
         "decay": _choice(DECAYS),
         "grad_clip": _number(positive=False),
         "precision": _choice(PRECISIONS),
-        "seed": _integer(0),
+        "seed": _integer(0, 2**32 - 1),  # torch.manual_seed's range; the per-step mining seed derives from it
         "output_dir": _text(),
         "checkpoint_every": _integer(0),
         "device": _choice(DEVICES),

@@ -445,6 +445,10 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
 
     _seed_everything(train_cfg.seed + ctx.rank)  # ranks draw different dropout masks (weights are seeded apart)
     model, tokenizer = build_model(curriculum.model, seed=train_cfg.seed)
+    positions = getattr(model.encoder.config, "max_position_embeddings", None)
+    if positions and curriculum.data.max_length > positions:  # would crash in the first forward
+        raise TripletctlError(f"{curriculum.path}: data.max_length must be at most the model's "
+                              f"max_position_embeddings ({positions}), got {curriculum.data.max_length}")
     model.to(device)
     if train_cfg.compile:
         model.encoder = torch.compile(model.encoder)
