@@ -99,14 +99,12 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
 ) -> None:
     """Measure retrieval quality: recall@1/5/10, MAP@R, R-precision, triplet accuracy."""
-    from tripletctl.evaluation import run_eval_command
+    from tripletctl.evaluation import HeldOut, run_eval_command
 
+    held_out = HeldOut(data, format, split, text_column, label_column, max_rows)
     try:
-        run_eval_command(
-            checkpoint, data, format=format, split=split, text_column=text_column,
-            label_column=label_column, max_rows=max_rows, batch_size=batch_size,
-            device=device, as_json=as_json, console=console,
-        )
+        run_eval_command(checkpoint, held_out, batch_size=batch_size, device=device, as_json=as_json,
+                         console=console)
     except TripletctlError as error:
         _fail(error)
 
@@ -127,13 +125,12 @@ def inspect_collapse(
 ) -> None:
     """Say whether embeddings have collapsed: numbers, a verdict and exit code 0 healthy / 1 at risk / 3 collapsed."""
     from tripletctl.collapse import run_inspect_command
+    from tripletctl.evaluation import HeldOut
 
+    held_out = HeldOut(data, format, split, text_column, label_column, max_rows)
     try:
-        code = run_inspect_command(
-            checkpoint, data, format=format, split=split, text_column=text_column,
-            label_column=label_column, max_rows=max_rows, margin=margin, plot=plot,
-            device=device, as_json=as_json, console=console,
-        )
+        code = run_inspect_command(checkpoint, held_out, margin=margin, plot=plot, device=device,
+                                   as_json=as_json, console=console)
     except TripletctlError as error:
         _fail(error)
     raise typer.Exit(code=code)

@@ -13,14 +13,18 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from tripletctl.mining import DISTANCES, pairwise_distances
+
+if TYPE_CHECKING:
+    from tripletctl.evaluation import HeldOut
+
 HEALTHY, AT_RISK, COLLAPSED = "healthy", "at risk", "collapsed"
 EXIT_CODES = {HEALTHY: 0, AT_RISK: 1, COLLAPSED: 3}
-DISTANCES = ("euclidean", "squared-euclidean")
 
 # Verdict thresholds (documented in docs/collapse.md; tuned on a collapsed head, an untrained tiny
 # BERT and separated synthetic clusters).
@@ -111,13 +115,6 @@ def effective_rank(singular_values: torch.Tensor, scale: float) -> float:
     return float(torch.exp(-(p * p.log()).sum()).item())
 
 
-def _pairwise(emb: torch.Tensor, distance: str) -> torch.Tensor:
-    sq = (emb * emb).sum(dim=1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * emb @ emb.T).clamp_min(0.0)
-    d2.fill_diagonal_(0.0)
-    return d2 if distance == "squared-euclidean" else d2.sqrt()
-
-
 def collapse_report(
     embeddings: Any,
     labels: Any,
@@ -158,7 +155,7 @@ def collapse_report(
     erank = effective_rank(singular, float(emb.norm()))
 
     # Wang & Isola 2020 (alpha = 2, t = 2)
-    sqd = _pairwise(emb, "squared-euclidean")
+    sqd = pairwise_distances(emb, "squared-euclidean").fill_diagonal_(0.0)
     alignment = float(sqd[same & upper].mean()) if bool((same & upper).any()) else float("nan")
     all_pairs = sqd[upper]
     uniformity = float(torch.logsumexp(-2.0 * all_pairs, dim=0) - math.log(all_pairs.numel()))
@@ -365,13 +362,8 @@ def report_table(report: CollapseReport):
 
 def run_inspect_command(
     checkpoint: Path,
-    data: str,
+    held_out: HeldOut,
     *,
-    format: str | None = None,
-    split: str = "train",
-    text_column: str = "text",
-    label_column: str = "label",
-    max_rows: int | None = 2000,
     margin: float | None = None,
     plot: Path | None = None,
     device: str = "auto",
@@ -385,8 +377,8 @@ def run_inspect_command(
     from tripletctl.model import encode
 
     console = console or Console()
-    loaded = load_checkpoint_and_rows(checkpoint, data, format=format, split=split, text_column=text_column,
-                                      label_column=label_column, max_rows=max_rows, device=device)
+    loaded = load_checkpoint_and_rows(checkpoint, held_out, device)
+    data = held_out.source
     if len(loaded.rows.texts) < 2:
         from tripletctl.errors import DataError
 

@@ -206,6 +206,18 @@ def evaluate_model(model, tokenizer, rows, batch_size: int = 256, max_length: in
     return metrics
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The labelled rows `eval` and `inspect-collapse` read (their --data options), in one place."""
+
+    source: str
+    format: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    label_column: str = "label"
+    max_rows: int | None = None
+
+
 @dataclass
 class LoadedCheckpoint:
     """Everything `eval` and `inspect-collapse` need: model, tokenizer, rows and training settings."""
@@ -244,17 +256,7 @@ def _training_settings(checkpoint_dir: Path) -> dict[str, Any]:
     return settings
 
 
-def load_checkpoint_and_rows(
-    checkpoint: Path | str,
-    data: str,
-    *,
-    format: str | None = None,
-    split: str = "train",
-    text_column: str = "text",
-    label_column: str = "label",
-    max_rows: int | None = None,
-    device: str = "auto",
-) -> LoadedCheckpoint:
+def load_checkpoint_and_rows(checkpoint: Path | str, held_out: HeldOut, device: str = "auto") -> LoadedCheckpoint:
     """Resolve a checkpoint (phase checkpoint, phase dir or run dir), load its model and read rows."""
     from tripletctl.checkpoint import resolve_checkpoint
     from tripletctl.model import load_model
@@ -271,8 +273,8 @@ def load_checkpoint_and_rows(
 
     from tripletctl.data import read_rows
 
-    rows = read_rows(data, format=format, split=split, text_column=text_column,
-                     label_column=label_column, limit=max_rows)
+    rows = read_rows(held_out.source, format=held_out.format, split=held_out.split,
+                     text_column=held_out.text_column, label_column=held_out.label_column, limit=held_out.max_rows)
     settings = _training_settings(checkpoint_dir)
     return LoadedCheckpoint(checkpoint_dir, model, tokenizer, rows, device, **settings)
 
@@ -301,13 +303,8 @@ def metrics_table(metrics: dict[str, Any], title: str):
 
 def run_eval_command(
     checkpoint: Path,
-    data: str,
+    held_out: HeldOut,
     *,
-    format: str | None = None,
-    split: str = "train",
-    text_column: str = "text",
-    label_column: str = "label",
-    max_rows: int | None = 10000,
     batch_size: int = 256,
     device: str = "auto",
     as_json: bool = False,
@@ -317,8 +314,8 @@ def run_eval_command(
     from rich.console import Console
 
     console = console or Console()
-    loaded = load_checkpoint_and_rows(checkpoint, data, format=format, split=split, text_column=text_column,
-                                      label_column=label_column, max_rows=max_rows, device=device)
+    loaded = load_checkpoint_and_rows(checkpoint, held_out, device)
+    data = held_out.source
     metrics = evaluate_model(loaded.model, loaded.tokenizer, loaded.rows, batch_size=batch_size,
                              max_length=loaded.max_length, device=loaded.device)
     if as_json:

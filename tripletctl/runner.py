@@ -82,6 +82,10 @@ class RunProgress:
     watchdog: dict = field(default_factory=dict)
     eval_history: list = field(default_factory=list)
 
+    def start_phase(self, index: int) -> None:
+        """Counters and per-phase state for the first step of phase `index`."""
+        self.phase_index, self.step, self.mining_override, self.watchdog = index, 0, None, {}
+
 
 @dataclass
 class PhaseOutcome:
@@ -120,10 +124,15 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
+def _replace_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename: a crash leaves the old file or the new, never half."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    _replace_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def _truncate_metrics(path: Path, global_step: int) -> None:
@@ -138,9 +147,7 @@ def _truncate_metrics(path: Path, global_step: int) -> None:
             continue  # a line cut by the crash
         if record.get("global_step", 0) <= global_step:
             kept.append(line)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")  # a crash now must not lose the log
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    _replace_text(path, "".join(k + "\n" for k in kept))  # a crash now must not lose the log
 
 
 def _seed_everything(seed: int) -> None:
@@ -149,21 +156,14 @@ def _seed_everything(seed: int) -> None:
 
 
 def _evaluate(model: torch.nn.Module, tokenizer: Any, rows: Any, curriculum: Curriculum, device: torch.device) -> dict:
-    """Retrieval metrics on the held-out rows, without disturbing training RNG or mode."""
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    was_training = model.training
+    """Retrieval metrics on the held-out rows, without disturbing the training RNG (so a resumed
+    run draws what an uninterrupted one would); `encode` restores the train/eval mode itself."""
+    rng = capture_rng()
     try:
-        metrics = evaluate_model(
-            model, tokenizer, rows, batch_size=curriculum.eval.batch_size,
-            max_length=curriculum.data.max_length, device=device,
-        )
+        return evaluate_model(model, tokenizer, rows, batch_size=curriculum.eval.batch_size,
+                              max_length=curriculum.data.max_length, device=device)
     finally:
-        model.train(was_training)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-    return metrics
+        restore_rng(rng)
 
 
 def run_phase(
@@ -317,8 +317,8 @@ def run_phase(
                     exit_code = EXIT_COLLAPSE_STOP
                 elif phase.on_collapse == "warn":
                     watchdog.reset()
-            if eval_rows is not None and curriculum.eval.every and progress.step % curriculum.eval.every == 0 \
-                    and progress.step < phase.steps:
+            done = progress.step >= phase.steps
+            if eval_rows is not None and (done or (curriculum.eval.every and progress.step % curriculum.eval.every == 0)):
                 events.append(_eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx))
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record) + "\n")
@@ -329,13 +329,7 @@ def run_phase(
                        active=stats.active_fraction, rate=record["samples_per_s"] or 0.0)
 
             # 7. checkpoint: every N steps, at the end of the phase, on Ctrl-C/SIGTERM, on a collapse stop
-            done = progress.step >= phase.steps
             paused = stop_at_global_step is not None and progress.global_step >= stop_at_global_step
-            if done and eval_rows is not None:
-                event = _eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(event) + "\n")
-                    metrics_file.flush()
             every = train_cfg.checkpoint_every
             if done or paused or stop_now or exit_code == EXIT_COLLAPSE_STOP or (every and progress.step % every == 0):
                 checkpoint(last_state)
@@ -361,7 +355,7 @@ def _eval_event(model, tokenizer, rows, curriculum, progress, phase, ctx) -> dic
     return event
 
 
-def _phase_summary(curriculum: Curriculum, index: int, progress: RunProgress, started: float) -> dict:
+def _phase_summary(curriculum: Curriculum, index: int, started: float) -> dict:
     """Summarise a phase from its own metrics file, so the summary is true after a resume too."""
     phase = curriculum.phases[index]
     phase_dir = phase_dir_of(curriculum.train.output_dir, index, phase.name)
@@ -467,10 +461,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             rng_state = rng_state[ctx.rank]
         phase = curriculum.phases[progress.phase_index]
         if progress.step >= phase.steps:  # the checkpoint closed its phase: start the next one
-            progress.phase_index += 1
-            progress.step = 0
-            progress.mining_override = None
-            progress.watchdog = {}
+            progress.start_phase(progress.phase_index + 1)
         if ctx.is_main and progress.phase_index >= len(curriculum.phases):
             console.print(f"nothing to resume: every phase of {curriculum.path} is done ({previous})")
         elif ctx.is_main:
@@ -509,7 +500,6 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
     stop_at = progress.global_step + max_steps if max_steps is not None else None
     with StopFlag() as stop:
         for index in range(progress.phase_index, len(curriculum.phases)):
-            progress.phase_index = index
             started = time.time()
             status[index] = "running"
             if ctx.is_main:
@@ -522,16 +512,15 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             stream_state = outcome.stream_state  # the next phase continues the stream, never restarts it
             phase_done = progress.step >= curriculum.phases[index].steps
             if ctx.is_main:
-                summary = _phase_summary(curriculum, index, progress, started)
+                summary = _phase_summary(curriculum, index, started)
                 _write_json_atomic(phase_dir_of(output, index, curriculum.phases[index].name) / "summary.json", summary)
             status[index] = "done" if phase_done and outcome.exit_code in (EXIT_DONE, PAUSED) else {
                 EXIT_COLLAPSE_STOP: "stopped (collapse)", EXIT_INTERRUPTED: "interrupted"}.get(outcome.exit_code, "paused")
             if outcome.exit_code != EXIT_DONE:
                 exit_code = outcome.exit_code if outcome.exit_code > 0 else EXIT_DONE
                 break
-            progress.step = 0
-            progress.mining_override = None
-            progress.watchdog = {}
+            if index + 1 < len(curriculum.phases):
+                progress.start_phase(index + 1)
     if ctx.is_main:
         if all(s == "done" for s in status.values()) and len(status) == len(curriculum.phases) and eval_rows is not None:
             run_extra["eval_final"] = progress.eval_history[-1] if progress.eval_history else None
