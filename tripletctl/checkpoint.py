@@ -13,6 +13,10 @@ Layout of one checkpoint (`OUTPUT/phase-K-NAME/checkpoint/`, K the 0-based phase
 
 Saving writes `checkpoint.tmp-<pid>`, then `checkpoint` → `checkpoint.prev`, tmp → `checkpoint`,
 and removes `checkpoint.prev`. Readers take `checkpoint` when it is complete, else `checkpoint.prev`.
+A directory is deleted only after a rename to `checkpoint.trash-*`, so a kill half-way through a
+deletion never leaves a half-deleted directory under a name readers trust. A write the environment
+refuses (disk full, read-only) raises `OutputError` naming the file, and leaves the previous
+checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import random
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,8 @@ from typing import Any
 import torch
 import yaml
 
-from tripletctl.errors import CheckpointError
+from tripletctl.errors import CheckpointError, OutputError, writing
+from tripletctl.faults import fault_point
 from tripletctl.model import load_model, save_model, unwrap
 
 CHECKPOINT = "checkpoint"
@@ -123,17 +129,22 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer:
     if clash:
         raise ValueError(f"state keys {clash} are reserved by the checkpoint format")
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(target)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
     try:
+        with writing(target.parent):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(target)
+            tmp.mkdir()
         _write_contents(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, state=state,
                         stream_state=stream_state, curriculum=curriculum, rng=rng)
-    except BaseException:  # e.g. unserialisable state, disk full: the old checkpoint stays in place
+        with writing(target):
+            _swap_in(tmp, target)
+    except BaseException as error:  # disk full, read-only, Ctrl-C: the old checkpoint stays in place
         shutil.rmtree(tmp, ignore_errors=True)
+        kept = _usable(target)
+        if isinstance(error, OutputError) and kept is not None:
+            raise OutputError(f"{error}; the last good checkpoint {kept} is kept") from error
         raise
-    _swap_in(tmp, target)
     return target
 
 
@@ -143,39 +154,92 @@ def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_sta
     if stream_state is not None and _json_roundtrips(stream_state):
         record["stream"] = stream_state
     elif stream_state is not None:  # tensors, tuples, int keys...: keep them exact
-        torch.save(stream_state, tmp / "stream.pt")
+        _torch_save(stream_state, tmp / "stream.pt")
         record["stream_file"] = "stream.pt"
-    (tmp / "state.json").write_text(json.dumps(record, indent=2) + "\n")
-    save_model(model, tokenizer, tmp / "model")
+    with writing(tmp / "state.json"):
+        (tmp / "state.json").write_text(json.dumps(record, indent=2) + "\n")
+    with writing(tmp / "model"):
+        save_model(model, tokenizer, tmp / "model")
+    fault_point("checkpoint-write")
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng if rng is not None else capture_rng(), tmp / "rng.pt")
-    (tmp / "curriculum.yaml").write_text(yaml.safe_dump(_plain(curriculum), sort_keys=False))
-    _fsync_tree(tmp)
-    _write_synced(tmp / COMPLETE, "ok\n")  # last: its presence vouches for everything above
-    _fsync_dir(tmp)
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _torch_save(rng if rng is not None else capture_rng(), tmp / "rng.pt")
+    with writing(tmp / "curriculum.yaml"):
+        (tmp / "curriculum.yaml").write_text(yaml.safe_dump(_plain(curriculum), sort_keys=False))
+        _fsync_tree(tmp)
+        _write_synced(tmp / COMPLETE, "ok\n")  # last: its presence vouches for everything above
+        _fsync_dir(tmp)
+
+
+class _RecordingFile:
+    """A file for torch.save that keeps the OSError of a failed write: torch.save replaces it with
+    an opaque RuntimeError ("unexpected pos ..."), and the user needs to read "No space left"."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with writing(path):
+        with open(path, "wb") as handle:
+            recording = _RecordingFile(handle)
+            try:
+                torch.save(obj, recording)
+            except RuntimeError as error:
+                if recording.error is not None:
+                    raise recording.error from error
+                raise
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
-    """tmp → target, keeping a complete copy on disk at every instant."""
+    """tmp → target, keeping a complete copy on disk under a trusted name at every instant."""
     prev = _prev(target)
     if target.exists():
         if _is_complete(target):
-            if prev.exists():  # leftover of an interrupted removal; target supersedes it
-                shutil.rmtree(prev)
+            if prev.exists():  # leftover of an interrupted save; target supersedes it
+                _discard(prev)
             os.replace(target, prev)
         else:  # never rotate junk over a good .prev
-            shutil.rmtree(target)
+            _discard(target)
+    fault_point("checkpoint-swap")
     os.replace(tmp, target)
     _fsync_dir(target.parent)
     if prev.exists():
-        shutil.rmtree(prev)
+        _discard(prev)
 
 
-def _clean_stale_tmp(target: Path) -> None:
-    """Remove `checkpoint.tmp-*` left by saves that were killed; they are never read."""
-    for stale in target.parent.glob(f"{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+def _discard(directory: Path) -> None:
+    """Delete a directory crash-safely: rename it to `NAME.trash-*` (atomic) first, then remove it.
+    A kill during the removal leaves only a trash directory, which nothing reads and the next save
+    or start-up removes."""
+    base = directory.name.split(".")[0]
+    trash = directory.with_name(f"{base}.trash-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(directory, trash)
+    _fsync_dir(directory.parent)
+    fault_point("checkpoint-cleanup")
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_leftovers(target: Path) -> None:
+    """Remove what killed saves left beside `target` (a `checkpoint` path): `checkpoint.tmp-*` and
+    `checkpoint.trash-*` directories (never read), and `checkpoint.prev` once `checkpoint` is
+    complete (it is then never read either)."""
+    for pattern in (f"{target.name}.tmp-*", f"{target.name}.trash-*"):
+        for stale in target.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+    prev = _prev(target)
+    if prev.exists() and _is_complete(target):
+        _discard(prev)
 
 
 def _json_roundtrips(value: Any) -> bool:

@@ -53,20 +53,27 @@ def train(
 
     Writes OUTPUT/run.json and, per phase, OUTPUT/phase-K-NAME/ with checkpoint/, metrics.jsonl and
     summary.json (OUTPUT is train.output_dir). Exit codes: 0 done, 1 stopped by the collapse
-    watchdog (on_collapse: stop), 2 bad input, 130 interrupted by Ctrl-C/SIGTERM after a checkpoint.
-    Under torchrun the batch size is the global batch.
+    watchdog (on_collapse: stop), 2 bad input or an environment fault (disk full, read-only
+    directory), 5 a tokenizer worker process died (checkpoint written: --resume continues),
+    130 interrupted: the first Ctrl-C/SIGTERM stops after the step with a checkpoint, a second
+    one stops at once without. Under torchrun the batch size is the global batch.
     """
-    from tripletctl.curriculum import load_curriculum
-    from tripletctl.runner import train as run_training
+    from tripletctl.interrupt import SECOND_MESSAGE, InterruptedTwice, StopFlag
 
-    try:
-        plan = load_curriculum(curriculum, overrides or [])
-        code = run_training(plan, resume=resume, console=console, max_steps=max_steps)
-    except TripletctlError as error:
-        _fail(error)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the checkpoint the first one asks for
-        err_console.print("interrupted twice: stopped without writing a checkpoint")
-        raise typer.Exit(code=130) from None
+    with StopFlag() as stop:  # first, before the slow imports: a Ctrl-C during start-up is never lost
+        try:
+            from tripletctl.curriculum import load_curriculum
+            from tripletctl.runner import train as run_training
+
+            plan = load_curriculum(curriculum, overrides or [])
+            code = run_training(plan, resume=resume, console=console, max_steps=max_steps, stop=stop)
+        except TripletctlError as error:
+            _fail(error)
+        except KeyboardInterrupt as interrupt:
+            stop.settled()
+            err_console.print(SECOND_MESSAGE if isinstance(interrupt, InterruptedTwice) else "interrupted",
+                              highlight=False)
+            raise typer.Exit(code=130) from None
     raise typer.Exit(code=code or 0)
 
 

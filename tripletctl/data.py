@@ -9,23 +9,26 @@ See docs/data.md for the user-facing rules.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import random
 import signal
+import sys
 import threading
+import time
 from collections import OrderedDict, deque
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
-from tripletctl.errors import DataError, TripletctlError
+from tripletctl.errors import DataError, TripletctlError, WorkerDiedError
 
 FORMATS = ("json", "parquet", "csv", "text")
 LAYOUTS = ("labelled", "pairs")
@@ -599,7 +602,8 @@ def _state_for_rank(state: dict, rank: int) -> dict:
 
 # ----------------------------------------------------------------------------- tokenisation
 
-_WORKER_TOKENIZER = None
+POLL_SECONDS = 0.1         # how often a wait for data checks for a stop request or a dead worker
+CLOSE_SECONDS = 2.0        # close() waits this long for workers and the reader thread, then kills
 
 
 def _load_tokenizer(path: str):
@@ -608,22 +612,145 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _init_worker(path: str) -> None:
-    """Runs once per worker process: the tokenizer is loaded once, not per batch."""
-    global _WORKER_TOKENIZER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, then closes us
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(1)
-    _WORKER_TOKENIZER = _load_tokenizer(path)
-
-
 def _encode(tokenizer, texts: list[str], max_length: int):
     out = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="np")
     return out["input_ids"].astype("int64"), out["attention_mask"].astype("int64")
 
 
-def _encode_in_worker(texts: list[str], max_length: int):
-    return _encode(_WORKER_TOKENIZER, texts, max_length)
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker must not outlive a trainer killed with SIGKILL: it holds a tokenizer (hundreds of MB)
+    and keeps the multiprocessing resource tracker alive. On Linux the kernel kills it when the
+    trainer dies (PR_SET_PDEATHSIG); everywhere a thread also watches the parent's pid."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the trainer died before the above took effect
+        os._exit(0)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="tripletctl-parent-watch", daemon=True).start()
+
+
+def _worker_main(tokenizer_path: str, requests: Any, replies: Any, parent_pid: int) -> None:
+    """One tokenizer worker: (texts, max_length) in, ("ok", ids, mask) or ("error", text) out, in order.
+    Ends when the request pipe closes (the stream closed, or the trainer died)."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, then closes us
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(1)
+    try:
+        tokenizer, failure = _load_tokenizer(tokenizer_path), None
+    except Exception as error:  # answered to every request, so the trainer reports it as bad input
+        tokenizer, failure = None, f"cannot load the tokenizer {tokenizer_path}: {_one_line(error)}"
+    while True:
+        try:
+            texts, max_length = requests.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply = ("error", failure) if failure else ("ok", *_encode(tokenizer, texts, max_length))
+        except Exception as error:
+            reply = ("error", f"tokenisation failed in a worker process: {_one_line(error)}")
+        try:
+            replies.send(reply)
+        except OSError:
+            return
+
+
+class StreamInterrupted(Exception):
+    """The wait for the next batch ended because the caller asked to stop (Ctrl-C / SIGTERM)."""
+
+
+class _TokenizerPool:
+    """Worker processes with their own pair of pipes: batch k goes to worker k % n and its reply comes
+    back on that worker's pipe, so replies stay in order.
+
+    Not ProcessPoolExecutor: when one of its workers is killed half-way through sending a result, its
+    manager thread blocks for ever in recv() on the half message (the parent holds the pipe's write
+    end, so no end-of-file comes), futures never resolve and shutdown() joins that thread: training
+    hangs and SIGTERM cannot stop it. Here the parent holds no write end of a reply pipe, so a dead
+    worker reads as end-of-file, and waits also watch each worker's sentinel."""
+
+    def __init__(self, workers: int, tokenizer_path: str):
+        context = multiprocessing.get_context("spawn")
+        self._workers: list[tuple[Any, Any, Any]] = []  # (process, request writer, reply reader)
+        self._next = 0
+        try:
+            for i in range(workers):
+                request_reader, request_writer = context.Pipe(duplex=False)
+                reply_reader, reply_writer = context.Pipe(duplex=False)
+                process = context.Process(target=_worker_main, name=f"tripletctl-tokenizer-{i}", daemon=True,
+                                          args=(tokenizer_path, request_reader, reply_writer, os.getpid()))
+                process.start()
+                request_reader.close()  # the worker's ends: keeping them would hide its death
+                reply_writer.close()
+                self._workers.append((process, request_writer, reply_reader))
+        except BaseException:
+            self.kill()
+            raise
+
+    def submit(self, texts: list[str], max_length: int) -> int:
+        """Send a batch to the next worker; returns the ticket to pass to `result`."""
+        index = self._next
+        self._next = (index + 1) % len(self._workers)
+        try:
+            self._workers[index][1].send((texts, max_length))
+        except OSError:  # broken pipe: that worker is gone
+            raise self._died(index) from None
+        return index
+
+    def result(self, index: int, should_stop: Callable[[], bool]) -> tuple[Any, Any]:
+        process, _, replies = self._workers[index]
+        while True:
+            if should_stop():
+                raise StreamInterrupted
+            ready = multiprocessing.connection.wait([replies, process.sentinel], timeout=POLL_SECONDS)
+            if replies in ready:
+                try:
+                    reply = replies.recv()
+                except (EOFError, OSError):  # end-of-file or a reply cut off by the worker's death
+                    raise self._died(index) from None
+                if reply[0] == "error":
+                    raise DataError(reply[1])
+                return reply[1], reply[2]
+            if ready:  # the sentinel alone: dead with nothing left to read
+                raise self._died(index)
+
+    def _died(self, index: int) -> WorkerDiedError:
+        process = self._workers[index][0]
+        process.join(timeout=1.0)
+        code = process.exitcode
+        if code is not None and code < 0:
+            how = f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"signal {-code}"
+            if -code == signal.SIGKILL:
+                how += ", e.g. by `kill -9` or the out-of-memory killer"
+        else:
+            how = f"exit code {code}" if code is not None else "its pipe broke"
+        return WorkerDiedError(f"tokenizer worker process {process.pid} died ({how})")
+
+    def close(self, timeout: float = CLOSE_SECONDS) -> None:
+        """End-of-file to every worker, a short wait, then SIGKILL for any still running: never blocks."""
+        for _, requests, _ in self._workers:
+            requests.close()
+        deadline = time.monotonic() + timeout
+        for process, _, _ in self._workers:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.kill()
+
+    def kill(self) -> None:
+        for process, requests, replies in self._workers:
+            if process.exitcode is None:
+                process.kill()
+                process.join(timeout=1.0)
+            requests.close()
+            replies.close()
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -635,10 +762,13 @@ class BatchStream:
     """Infinite iterator of class-balanced, tokenised batches for one phase's batch size.
 
     A reader thread assembles batches and hands their texts to `tokenizer_workers` processes; up to
-    `prefetch_batches` finished batches wait in a queue so the trainer does not wait for data."""
+    `prefetch_batches` finished batches wait in a queue so the trainer does not wait for data.
+    `should_stop` (polled while waiting for a batch) ends a wait with `StreamInterrupted`; a dead
+    worker ends it with `WorkerDiedError`, within POLL_SECONDS."""
 
     def __init__(self, data: Any, tokenizer_path: str, batch_size: int, seed: int,
-                 state: dict | None = None, rank: int = 0, world_size: int = 1):
+                 state: dict | None = None, rank: int = 0, world_size: int = 1,
+                 should_stop: Callable[[], bool] | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"bad rank {rank} for world size {world_size}")
         self.data = data
@@ -650,18 +780,17 @@ class BatchStream:
         self._assembler = _Assembler(data, self.rows_per_step, seed, rank, world_size, state)
         self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self._stop = threading.Event()
+        self._should_stop = should_stop or (lambda: False)
         self._thread: threading.Thread | None = None
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: _TokenizerPool | None = None
         self._tokenizer = None
         self._pin = torch.cuda.is_available()
         self._closed = False
 
     # -- producer side (reader thread)
     def _start(self) -> None:
-        if self.workers > 0:
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(self.tokenizer_path,))
+        if self.workers > 0:  # started from the consumer's thread: PR_SET_PDEATHSIG follows that thread
+            self._pool = _TokenizerPool(self.workers, self.tokenizer_path)
         else:
             self._tokenizer = _load_tokenizer(self.tokenizer_path)
         self._thread = threading.Thread(target=self._produce, name="tripletctl-data", daemon=True)
@@ -670,7 +799,7 @@ class BatchStream:
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=0.1)
+                self._queue.put(item, timeout=POLL_SECONDS)
                 return True
             except queue.Full:
                 continue
@@ -683,7 +812,7 @@ class BatchStream:
             while not self._stop.is_set():
                 texts, ids, state = self._assembler.next()
                 if self._pool is not None:
-                    encoded: Any = self._pool.submit(_encode_in_worker, texts, self.max_length)
+                    encoded: Any = _Ticket(self._pool.submit(texts, self.max_length))
                 else:
                     encoded = _encode(self._tokenizer, texts, self.max_length)
                 counters = (self._assembler.raw.rows_read, self._assembler.raw.rows_skipped,
@@ -695,30 +824,42 @@ class BatchStream:
         except _Stopped:
             return
         except BaseException as error:  # hand every failure to the consumer, which re-raises it
-            self._put(error)
+            if not self._stop.is_set():
+                self._put(error)
 
     # -- consumer side
     def __iter__(self) -> Iterator[Batch]:
         return self
+
+    def _next_item(self) -> Any:
+        while True:
+            if self._closed:
+                raise StopIteration
+            if self._should_stop():
+                raise StreamInterrupted
+            try:
+                return self._queue.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
 
     def __next__(self) -> Batch:
         if self._closed:
             raise StopIteration
         if self._thread is None:
             self._start()
-        item = self._queue.get()
+        item = self._next_item()
         if isinstance(item, BaseException):
             self.close()
             if isinstance(item, TripletctlError):
                 raise item
             raise DataError(f"reading the data stream failed: {_one_line(item)}") from item
         texts, ids, state, encoded, (rows_seen, skipped, evicted, rows_evicted, epoch) = item
-        if isinstance(encoded, Future):
+        if isinstance(encoded, _Ticket):
             try:
-                encoded = encoded.result()
-            except Exception as error:
+                encoded = self._pool.result(encoded.worker, self._should_stop)
+            except TripletctlError:
                 self.close()
-                raise DataError(f"tokenisation failed in a worker process: {_one_line(error)}") from error
+                raise
         input_ids, attention_mask = (torch.from_numpy(a) for a in encoded)
         labels = torch.tensor(ids, dtype=torch.int64)
         if self._pin:
@@ -728,20 +869,26 @@ class BatchStream:
                      epoch=epoch, rows_evicted=rows_evicted)
 
     def close(self) -> None:
-        """Stops the reader thread and the worker processes; safe to call twice."""
+        """Stops the reader thread and the worker processes; safe to call twice, never blocks for
+        long (a worker that does not end within CLOSE_SECONDS is killed)."""
         if self._closed:
             return
         self._closed = True
         self._stop.set()
-        if self._thread is not None:
-            while self._thread.is_alive():
-                try:
-                    self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            self._thread.join()
+        self._drain_until_reader_ends(CLOSE_SECONDS)
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()  # also unblocks a reader thread stuck sending to a worker
+        self._drain_until_reader_ends(CLOSE_SECONDS)
+
+    def _drain_until_reader_ends(self, timeout: float) -> None:
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
 
     def __enter__(self) -> "BatchStream":
         return self
@@ -750,10 +897,15 @@ class BatchStream:
         self.close()
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        # Only what cannot block: a __del__ swallows every exception, Ctrl-C included.
+        pool = getattr(self, "_pool", None)
+        if pool is not None and not getattr(self, "_closed", True):
+            pool.kill()
+
+
+@dataclass(frozen=True)
+class _Ticket:
+    worker: int  # which worker's pipe the batch's tokens come back on
 
 
 # ----------------------------------------------------------------------------- checks and eval rows

@@ -1,6 +1,14 @@
-"""Errors that mean "bad input": the CLI turns them into a message and exit code 2."""
+"""Errors that mean "bad input" or a fault of the environment: the CLI turns them into one line
+and their `exit_code` (2 unless a subclass says otherwise)."""
 
 from __future__ import annotations
+
+import errno as errno_codes
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 
 class TripletctlError(Exception):
@@ -23,3 +31,70 @@ class DataError(TripletctlError):
 
 class CheckpointError(TripletctlError):
     """A checkpoint path that does not hold a usable checkpoint."""
+
+
+class OutputError(TripletctlError):
+    """The run directory cannot be written: disk full, read-only file system, permission denied."""
+
+
+class WorkerDiedError(TripletctlError):
+    """A tokenizer worker process died (killed, out of memory): not bad input, and the run can resume.
+
+    The trainer checkpoints and exits with `runner.EXIT_WORKER_DIED`; this code is the same number
+    for the rare case where the error escapes before a checkpoint can be written."""
+
+    exit_code = 5
+
+
+_OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)|\[Errno (\d+)\]")
+
+
+def write_failure(path: str | Path, error: BaseException) -> OutputError | None:
+    """An `OutputError` naming `path` and the cause when `error` is the environment refusing a write
+    (disk full, read-only, permission), else None (a real bug: let it crash with its traceback).
+
+    Writers report this differently: Python raises OSError, safetensors a SafetensorError whose
+    text holds "os error 28", torch.save a RuntimeError without the errno (checkpoint.py records
+    the OSError for it); as a last resort the file system is asked whether it is full or read-only.
+    """
+    code = getattr(error, "errno", None) if isinstance(error, OSError) else None
+    if code is None:
+        match = _OS_ERROR_IN_TEXT.search(str(error))
+        code = int(match.group(1) or match.group(2)) if match else _probe(Path(path))
+    if code is None or (not isinstance(error, OSError) and code not in _ENVIRONMENT_ERRNOS):
+        return None
+    return OutputError(f"cannot write {path}: {os.strerror(code)}")
+
+
+_ENVIRONMENT_ERRNOS = {errno_codes.ENOSPC, errno_codes.EROFS, errno_codes.EACCES, errno_codes.EPERM,
+                       errno_codes.EDQUOT, errno_codes.EIO, errno_codes.EFBIG}
+
+
+def _probe(path: Path) -> int | None:
+    """ENOSPC / EROFS when the file system holding `path` is (nearly) full or mounted read-only."""
+    for candidate in (path, *path.parents):
+        try:
+            stats = os.statvfs(candidate)
+        except OSError:
+            continue
+        if stats.f_flag & os.ST_RDONLY:
+            return errno_codes.EROFS
+        if stats.f_bavail * stats.f_frsize < 1 << 20:
+            return errno_codes.ENOSPC
+        return None
+    return None
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a write that the environment refuses (disk full, read-only...) into one `OutputError`
+    line naming `path`; any other failure goes on as it is."""
+    try:
+        yield
+    except TripletctlError:
+        raise
+    except Exception as error:
+        failure = write_failure(path, error)
+        if failure is None:
+            raise
+        raise failure from error

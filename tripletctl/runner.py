@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,12 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tripletctl import mining
-from tripletctl.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from tripletctl.checkpoint import (
+    CHECKPOINT, capture_rng, clean_leftovers, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint,
+)
 from tripletctl.checkpoint import phase_dir as phase_dir_of
 from tripletctl.chunking import embed_and_backward, resolve_chunk_size
 from tripletctl.collapse import CollapseWatchdog
 from tripletctl.curriculum import Curriculum, PhaseConfig, curriculum_to_dict
-from tripletctl.data import BatchStream, check_source, read_rows
+from tripletctl.data import BatchStream, StreamInterrupted, check_source, read_rows
 from tripletctl.distributed import (
     DistContext,
     all_reduce_sums,
@@ -44,13 +45,16 @@ from tripletctl.distributed import (
     no_sync_for,
     wrap_model,
 )
-from tripletctl.errors import TripletctlError
+from tripletctl.errors import TripletctlError, WorkerDiedError, writing
+from tripletctl.faults import fault_point
+from tripletctl.interrupt import StopFlag
 from tripletctl.evaluation import evaluate_model
 from tripletctl.model import build_model
 
 EXIT_DONE = 0
 EXIT_COLLAPSE_STOP = 1
-EXIT_INTERRUPTED = 130
+EXIT_WORKER_DIED = 5  # a tokenizer worker process died: checkpoint written, resumable (WorkerDiedError)
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM (tripletctl.interrupt)
 PAUSED = -1  # internal: the step budget of this invocation is spent (exit 0, resume later)
 
 
@@ -91,31 +95,7 @@ class RunProgress:
 class PhaseOutcome:
     exit_code: int
     stream_state: dict | None
-
-
-class StopFlag:
-    """Ctrl-C / SIGTERM set this; the loop checkpoints and exits cleanly at the end of the step."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. tests calling train in a thread)
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    reason: str | None = None  # what stopped the phase, for the closing line
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -125,10 +105,27 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def _replace_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename: a crash leaves the old file or the new, never half."""
+    """Write via a temporary file and rename: a crash leaves the old file or the new, never half;
+    a refused write (disk full, read-only) is one OutputError line and leaves no temporary file."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with writing(path):
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _clean_stale_files(output: Path) -> None:
+    """Start-up: remove what killed runs left behind (`*.tmp-PID` files, checkpoint tmp/trash
+    directories, a superseded `checkpoint.prev`); none of it is ever read."""
+    for directory in (output, *(d for d in output.glob("phase-*") if d.is_dir())):
+        for stale in directory.glob("*.tmp-*"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+        if directory != output:
+            clean_leftovers(directory / CHECKPOINT)
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -140,7 +137,7 @@ def _truncate_metrics(path: Path, global_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -191,7 +188,8 @@ def run_phase(
     phase_dir = phase_dir_of(output, phase_index, phase.name)
     metrics_path = phase_dir / "metrics.jsonl"
     if ctx.is_main:
-        phase_dir.mkdir(parents=True, exist_ok=True)
+        with writing(phase_dir):
+            phase_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, progress.global_step)
 
     # batch_size is the global batch: the stream yields this rank's share of whole classes
@@ -200,6 +198,8 @@ def run_phase(
         curriculum.data, tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
         batch_size=phase.batch_size, seed=train_cfg.seed, state=stream_state,
         rank=ctx.rank, world_size=ctx.world_size,
+        # a wait for data ends on Ctrl-C/SIGTERM; under torchrun the ranks decide together after the step
+        should_stop=None if ctx.enabled else (lambda: stop.requested),
     )
     train_model.train()  # before the auto chunk probe: dropout masks take memory too
     autocast_dtype = _autocast_dtype(train_cfg.precision, device)
@@ -225,7 +225,8 @@ def run_phase(
             )
         barrier(ctx)
 
-    metrics_file = metrics_path.open("a", encoding="utf-8") if ctx.is_main else None
+    with writing(metrics_path):
+        metrics_file = metrics_path.open("a", encoding="utf-8") if ctx.is_main else None
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f} hardest {task.fields[hardest]:.4f} "
@@ -242,8 +243,19 @@ def run_phase(
         batches = iter(stream)
         while progress.step < phase.steps:
             started = time.perf_counter()
-            # 1. the next class-balanced batch (tokenised in worker processes, pinned memory)
-            batch = next(batches)
+            # 1. the next class-balanced batch (tokenised in worker processes, pinned memory). Between
+            #    steps the state is consistent: a checkpoint now equals one at the end of the last step
+            try:
+                batch = next(batches)
+            except StreamInterrupted:  # Ctrl-C/SIGTERM while waiting for data
+                if progress.step > 0:  # at step 0 the last checkpoint (if any) already holds this state
+                    checkpoint(last_state)
+                return PhaseOutcome(EXIT_INTERRUPTED, last_state)
+            except WorkerDiedError as error:
+                if ctx.enabled:  # the other ranks cannot join a checkpoint now: the last good one stays
+                    raise
+                checkpoint(last_state)
+                return PhaseOutcome(EXIT_WORKER_DIED, last_state, reason=str(error))
             input_ids = batch.input_ids.to(device, non_blocking=True)
             attention_mask = batch.attention_mask.to(device, non_blocking=True)
             labels = batch.labels.to(device, non_blocking=True)
@@ -272,6 +284,7 @@ def run_phase(
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            fault_point("step")
             progress.step += 1
             progress.global_step += 1
             progress.samples_seen += phase.batch_size
@@ -321,10 +334,9 @@ def run_phase(
             if eval_rows is not None and (done or (curriculum.eval.every and progress.step % curriculum.eval.every == 0)):
                 events.append(_eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx))
             if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                for event in events:
-                    metrics_file.write(json.dumps(event) + "\n")
-                metrics_file.flush()
+                with writing(metrics_path):
+                    metrics_file.write("".join(json.dumps(r) + "\n" for r in (record, *events)))
+                    metrics_file.flush()
             bar.update(task, completed=progress.step, loss=record["loss"], hardest=stats.batch_hard_loss,
                        active=stats.active_fraction, rate=record["samples_per_s"] or 0.0)
 
@@ -343,7 +355,10 @@ def run_phase(
         bar.stop()
         stream.close()
         if metrics_file is not None:
-            metrics_file.close()
+            try:
+                metrics_file.close()
+            except OSError:  # a full disk already reported by the write above
+                pass
     return PhaseOutcome(EXIT_DONE, last_state)
 
 
@@ -355,15 +370,18 @@ def _eval_event(model, tokenizer, rows, curriculum, progress, phase, ctx) -> dic
     return event
 
 
-def _phase_summary(curriculum: Curriculum, index: int, started: float) -> dict:
+def _phase_summary(curriculum: Curriculum, index: int, started: float | None) -> dict:
     """Summarise a phase from its own metrics file, so the summary is true after a resume too."""
     phase = curriculum.phases[index]
     phase_dir = phase_dir_of(curriculum.train.output_dir, index, phase.name)
     steps, evals, collapses = [], [], []
     metrics_path = phase_dir / "metrics.jsonl"
     if metrics_path.exists():
-        for line in metrics_path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
+        for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash or a full disk
             kind = record.get("event")
             (evals if kind == "eval" else collapses if kind == "collapse" else steps).append(record)
     tail = steps[-max(1, len(steps) // 10):] if steps else []
@@ -384,7 +402,7 @@ def _phase_summary(curriculum: Curriculum, index: int, started: float) -> dict:
         "rows_skipped": steps[-1]["rows_skipped"] if steps else 0,
         "classes_evicted": steps[-1]["classes_evicted"] if steps else 0,
         "collapse_events": len(collapses), "eval": evals[-1] if evals else None,
-        "wall_seconds": time.time() - started,
+        "wall_seconds": time.time() - started if started is not None else None,
     }
 
 
@@ -404,21 +422,26 @@ def _run_index(curriculum: Curriculum, ctx: DistContext, status: dict[int, str],
 
 
 def train(curriculum: Curriculum, resume: bool = False, console: Console | None = None,
-          max_steps: int | None = None) -> int:
+          max_steps: int | None = None, stop: StopFlag | None = None) -> int:
     """Run the curriculum's phases in order. Returns the process exit code.
 
     `max_steps` stops after that many optimiser steps in this invocation (checkpointed), for
-    time-boxed jobs; `--resume` continues exactly where it stopped.
+    time-boxed jobs; `--resume` continues exactly where it stopped. `stop` is the Ctrl-C/SIGTERM
+    flag, installed by the CLI before start-up; without one, `train` installs its own.
     """
     console = console or Console()
+    if stop is None:
+        with StopFlag() as own:
+            return train(curriculum, resume, console, max_steps, own)
     ctx = init_distributed(curriculum.train.device)
     try:
-        return _train(curriculum, resume, console, max_steps, ctx)
+        return _train(curriculum, resume, console, max_steps, ctx, stop)
     finally:
         cleanup(ctx)
 
 
-def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: int | None, ctx: DistContext) -> int:
+def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: int | None, ctx: DistContext,
+           stop: StopFlag) -> int:
     train_cfg = curriculum.train
     output = Path(train_cfg.output_dir)
     device = ctx.device
@@ -436,6 +459,13 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         )
     if resume and previous is None:
         raise TripletctlError(f"--resume: no checkpoint found under {output}")
+    if ctx.is_main:  # a read-only or full output directory fails here, before the model is built
+        with writing(output):
+            output.mkdir(parents=True, exist_ok=True)
+            _clean_stale_files(output)
+        _replace_text(output / "curriculum.yaml", yaml.safe_dump(curriculum_to_dict(curriculum), sort_keys=False))
+    if stop.requested:
+        return _interrupted_during_start_up(console, curriculum, previous)
 
     _seed_everything(train_cfg.seed + ctx.rank)  # ranks draw different dropout masks (weights are seeded apart)
     model, tokenizer = build_model(curriculum.model, seed=train_cfg.seed)
@@ -450,6 +480,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
     progress = RunProgress()
     stream_state: dict | None = None
     rng_state = None
+    closed_phase: int | None = None
     if resume:
         loaded = load_checkpoint(previous, model=model, optimizer=optimizer, map_location=device)
         check_world_size(int(loaded.state.get("world_size", 1)), ctx)
@@ -461,6 +492,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             rng_state = rng_state[ctx.rank]
         phase = curriculum.phases[progress.phase_index]
         if progress.step >= phase.steps:  # the checkpoint closed its phase: start the next one
+            closed_phase = progress.phase_index
             progress.start_phase(progress.phase_index + 1)
         if ctx.is_main and progress.phase_index >= len(curriculum.phases):
             console.print(f"nothing to resume: every phase of {curriculum.path} is done ({previous})")
@@ -468,6 +500,8 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             console.print(f"resuming from {previous} at phase {progress.phase_index}, step {progress.step} "
                           f"(global step {progress.global_step})")
     train_model = wrap_model(model, ctx)
+    if stop.requested:
+        return _interrupted_during_start_up(console, curriculum, previous)
 
     eval_rows = None
     if curriculum.eval is not None:
@@ -482,23 +516,28 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
     run_extra: dict = {}
     run_json = output / "run.json"
     if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
         if run_json.exists():
             run_extra = {k: v for k, v in json.loads(run_json.read_text()).items()
                          if k in ("eval_untrained", "started")}
         else:
             run_extra = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (output / "curriculum.yaml").write_text(yaml.safe_dump(curriculum_to_dict(curriculum), sort_keys=False))
-        if eval_rows is not None and "eval_untrained" not in run_extra:
+        if closed_phase is not None:  # killed between its last checkpoint and its summary
+            summary_path = phase_dir_of(output, closed_phase, curriculum.phases[closed_phase].name) / "summary.json"
+            if not summary_path.exists():
+                _write_json_atomic(summary_path, _phase_summary(curriculum, closed_phase, None))
+        if eval_rows is not None and "eval_untrained" not in run_extra and not stop.requested:
             run_extra["eval_untrained"] = _evaluate(model, tokenizer, eval_rows, curriculum, device)
         _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra))
     barrier(ctx)
+    if stop.requested:
+        return _interrupted_during_start_up(console, curriculum, previous)
     if rng_state is not None:
         restore_rng(rng_state)  # last, so nothing above consumes random numbers after the restore
 
     exit_code = EXIT_DONE
+    reason = None
     stop_at = progress.global_step + max_steps if max_steps is not None else None
-    with StopFlag() as stop:
+    try:
         for index in range(progress.phase_index, len(curriculum.phases)):
             started = time.time()
             status[index] = "running"
@@ -515,25 +554,70 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
                 summary = _phase_summary(curriculum, index, started)
                 _write_json_atomic(phase_dir_of(output, index, curriculum.phases[index].name) / "summary.json", summary)
             status[index] = "done" if phase_done and outcome.exit_code in (EXIT_DONE, PAUSED) else {
-                EXIT_COLLAPSE_STOP: "stopped (collapse)", EXIT_INTERRUPTED: "interrupted"}.get(outcome.exit_code, "paused")
+                EXIT_COLLAPSE_STOP: "stopped (collapse)", EXIT_INTERRUPTED: "interrupted",
+                EXIT_WORKER_DIED: "stopped (worker died)"}.get(outcome.exit_code, "paused")
             if outcome.exit_code != EXIT_DONE:
                 exit_code = outcome.exit_code if outcome.exit_code > 0 else EXIT_DONE
+                reason = outcome.reason
                 break
             if index + 1 < len(curriculum.phases):
                 progress.start_phase(index + 1)
+        if ctx.is_main:
+            if all(s == "done" for s in status.values()) and len(status) == len(curriculum.phases) and eval_rows is not None:
+                run_extra["eval_final"] = progress.eval_history[-1] if progress.eval_history else None
+            _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra))
+    except BaseException as error:  # run.json must not say "running" for a run that is gone
+        if ctx.is_main:
+            _record_failure(run_json, curriculum, ctx, status, run_extra, error)
+        raise
     if ctx.is_main:
-        if all(s == "done" for s in status.values()) and len(status) == len(curriculum.phases) and eval_rows is not None:
-            run_extra["eval_final"] = progress.eval_history[-1] if progress.eval_history else None
-        _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra))
-        _print_outcome(console, curriculum, status, run_extra, exit_code)
+        _print_outcome(console, curriculum, status, run_extra, exit_code, reason)
     return exit_code
 
 
-def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, str], run_extra: dict, exit_code: int) -> None:
+def _record_failure(run_json: Path, curriculum: Curriculum, ctx: DistContext, status: dict[int, str],
+                    run_extra: dict, error: BaseException) -> None:
+    """Best effort (the disk may be the problem): the running phase becomes `interrupted` or
+    `failed`, and run.json says why."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    for index, value in status.items():
+        if value == "running":
+            status[index] = "interrupted" if interrupted else "failed"
+    if not interrupted:
+        run_extra["error"] = str(error) if isinstance(error, TripletctlError) else f"{type(error).__name__}: {error}"
+    try:
+        _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra))
+    except Exception:
+        pass
+
+
+def _interrupted_during_start_up(console: Console, curriculum: Curriculum, previous: Path | None) -> int:
+    if previous is not None:
+        _one_line(console, "bold", "interrupted during start-up", f"nothing new to save, {previous} is unchanged; "
+                  f"continue with `tripletctl train {curriculum.path} --resume`")
+    else:
+        _one_line(console, "bold", "interrupted during start-up", "nothing was trained, nothing to save; "
+                  f"start again with `tripletctl train {curriculum.path}`")
+    return EXIT_INTERRUPTED
+
+
+def _one_line(console: Console, style: str, label: str, text: str) -> None:
+    """A styled label and a message kept on one line (paths in it are never read as markup)."""
+    console.print(f"[{style}]{label}[/]: ", end="")
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, str], run_extra: dict, exit_code: int,
+                   reason: str | None = None) -> None:
     output = Path(curriculum.train.output_dir)
+    resume_hint = f"continue with `tripletctl train {curriculum.path} --resume`"
+    latest = latest_checkpoint(output)
+    where = "nothing to save yet" if latest is None else f"checkpoint {latest} ({_saved_step(latest)})"
     if exit_code == EXIT_INTERRUPTED:
-        console.print(f"[bold]interrupted[/]: checkpoint written; continue with "
-                      f"`tripletctl train {curriculum.path} --resume`")
+        _one_line(console, "bold", "interrupted", f"{where}; " + (
+            resume_hint if latest else f"start again with `tripletctl train {curriculum.path}`"))
+    elif exit_code == EXIT_WORKER_DIED:
+        _one_line(console, "bold red", "stopped", f"{reason}; {where}; {resume_hint}")
     elif exit_code == EXIT_COLLAPSE_STOP:
         console.print("[bold red]stopped: embeddings collapsed[/] (on_collapse: stop); checkpoint written. "
                       f"Inspect with `tripletctl inspect-collapse {output}`")
@@ -553,3 +637,11 @@ def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, s
     if exit_code == EXIT_DONE and curriculum.eval is not None and isinstance(curriculum.eval.source, str):
         console.print(f"next: tripletctl inspect-collapse {output} --data {curriculum.eval.source} --plot collapse.png\n"
                       f"      tripletctl plot {output}", highlight=False, soft_wrap=True)
+
+
+def _saved_step(checkpoint: Path) -> str:
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+        return f"phase {state['phase_index']}, step {state['step']}"
+    except (OSError, ValueError, KeyError):
+        return "?"
