@@ -306,3 +306,56 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tiny_bert_dir, tmp_path, 
                     stream_state=None, curriculum={})
     assert sorted(p.name for p in target.parent.iterdir()) == ["checkpoint"]
     assert load_checkpoint(target).state == {"global_step": 2}
+
+
+# ----------------------------------------------------------------------------- deletion and leftovers
+
+def test_a_directory_is_renamed_before_it_is_deleted(tiny_bert_dir, tmp_path, monkeypatch):
+    """A removal that dies half-way (here: rmtree raising after deleting COMPLETE's siblings) leaves
+    a trash directory, never a half-deleted `checkpoint.prev` that still holds COMPLETE."""
+    import tripletctl.checkpoint as ck
+
+    model, tok = tiny(tiny_bert_dir)
+    target = tmp_path / "phase-0-x" / "checkpoint"
+    save = lambda step: save_checkpoint(target, model=model, tokenizer=tok, optimizer=None,  # noqa: E731
+                                        state={"global_step": step}, stream_state=None, curriculum={})
+    save(1)
+    seen = []
+
+    def dies_half_way(path, ignore_errors=False):
+        seen.append(Path(path).name)
+        for child in Path(path).iterdir():
+            if child.name != "COMPLETE":
+                child.unlink() if child.is_file() else None
+        raise KeyboardInterrupt  # as if killed right here
+
+    monkeypatch.setattr(ck.shutil, "rmtree", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save(2)
+    monkeypatch.undo()
+    assert seen and all(".trash-" in name for name in seen)
+    names = sorted(p.name for p in target.parent.iterdir())
+    assert "checkpoint.prev" not in names and "checkpoint" in names
+    assert load_checkpoint(target.parent).state == {"global_step": 2}
+    save(3)  # the next save clears the trash
+    assert sorted(p.name for p in target.parent.iterdir()) == ["checkpoint"]
+
+
+def test_clean_leftovers_removes_what_killed_saves_left(tiny_bert_dir, tmp_path):
+    from tripletctl.checkpoint import clean_leftovers
+
+    model, tok = tiny(tiny_bert_dir)
+    target = tmp_path / "phase-0-x" / "checkpoint"
+    save_checkpoint(target, model=model, tokenizer=tok, optimizer=None, state={"global_step": 4},
+                    stream_state=None, curriculum={})
+    half = fake_checkpoint(target.with_name("checkpoint.prev"))  # what the old removal could leave: COMPLETE, no model
+    fake_checkpoint(target.with_name("checkpoint.tmp-999999"), complete=False)
+    fake_checkpoint(target.with_name("checkpoint.trash-999999-1"))
+    assert resolve_checkpoint(target.parent) == target  # never the half-deleted one
+    clean_leftovers(target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["checkpoint"] and not half.exists()
+    # but a complete checkpoint.prev beside an incomplete checkpoint is the one to keep
+    os.replace(target, target.with_name("checkpoint.prev"))
+    fake_checkpoint(target, complete=False)
+    clean_leftovers(target)
+    assert resolve_checkpoint(target.parent) == target.with_name("checkpoint.prev")
