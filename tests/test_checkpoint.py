@@ -321,13 +321,16 @@ def test_a_directory_is_renamed_before_it_is_deleted(tiny_bert_dir, tmp_path, mo
                                         state={"global_step": step}, stream_state=None, curriculum={})
     save(1)
     seen = []
+    real_rmtree = ck.shutil.rmtree
 
     def dies_half_way(path, ignore_errors=False):
-        seen.append(Path(path).name)
-        for child in Path(path).iterdir():
-            if child.name != "COMPLETE":
-                child.unlink() if child.is_file() else None
-        raise KeyboardInterrupt  # as if killed right here
+        if not seen and Path(path).exists():
+            seen.append(Path(path).name)
+            for child in Path(path).iterdir():
+                if child.is_file() and child.name != "COMPLETE":
+                    child.unlink()
+            raise KeyboardInterrupt  # as if killed right here
+        real_rmtree(path, ignore_errors=ignore_errors)
 
     monkeypatch.setattr(ck.shutil, "rmtree", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
