@@ -17,6 +17,7 @@ from tripletctl.cli import app
 from tripletctl.curriculum import (
     BLOCK_KEYS,
     PHASE_KEYS,
+    UNTIL_KEYS,
     Curriculum,
     DataConfig,
     EvalConfig,
@@ -27,6 +28,7 @@ from tripletctl.curriculum import (
     load_curriculum,
     plan_table,
 )
+from tripletctl.conditions import Plateau, UntilConfig
 from tripletctl.errors import ConfigError
 
 FACENET = REPO / "curricula" / "facenet.yaml"
@@ -158,9 +160,10 @@ def test_schema_tables_match_the_dataclasses():
     for block, cls in [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("eval", EvalConfig)]:
         assert set(BLOCK_KEYS[block]) == {f.name for f in dataclasses.fields(cls)}
     assert list(PHASE_KEYS) == [f.name for f in dataclasses.fields(PhaseConfig)]
-    assert [f.name for f in dataclasses.fields(PhaseConfig)][5:] == [
+    assert [f.name for f in dataclasses.fields(PhaseConfig)][5:11] == [
         "lr", "warmup_steps", "distance", "fallback", "chunk_size", "on_collapse"
     ]
+    assert list(UNTIL_KEYS) == [f.name for f in dataclasses.fields(UntilConfig)]
 
 
 def test_yaml_exponent_without_dot_is_read_as_a_number(tmp_path):
@@ -571,3 +574,83 @@ def test_python_dash_m_validate_quickstart(tmp_path):
 def test_empty_or_non_mapping_file(tmp_path, text, expected):
     path = write(tmp_path, text)
     assert problems_of(path) == [f"{path}: {expected}"]
+
+
+# ---------------------------------------------------------------- until: phase end conditions
+
+
+def test_until_loads_with_defaults_and_round_trips(tmp_path):
+    phases = phases_with(steps=200, until={"active_fraction_below": 0.05,
+                                           "plateau": {"metric": "batch_hard_loss", "patience": 30}})
+    phases[0]["until"] = {"loss_below": 0.01, "min_steps": 3, "window": 5, "combine": "all",
+                          "batch_hard_loss_below": 0.1}
+    c = load_curriculum(write(tmp_path, edit(phases=phases)))
+    assert c.phases[2].until == UntilConfig(min_steps=20, window=20, combine="any", active_fraction_below=0.05,
+                                            plateau=Plateau("batch_hard_loss", 30, 0.0))
+    assert c.phases[0].until.min_steps == 3 and c.phases[0].until.combine == "all"
+    assert c.phases[1].until is None
+    dumped = write(tmp_path, yaml.safe_dump(curriculum_to_dict(c), sort_keys=False), "as-run.yaml")
+    assert load_curriculum(dumped) == c
+
+
+def test_until_problems_are_all_reported_one_line_each(tmp_path):
+    phases = phases_with(until={"loss_belw": 0.1, "active_fraction_below": 1.5, "window": 0,
+                                "plateau": {"metric": "recall@1", "patience": 0, "min_delta": 2, "extra": 1},
+                                "eval_plateau": {"metric": "recall@1", "patience": 2}, "min_steps": 11})
+    phases[0]["until"] = {"combine": "some"}
+    problems = problems_of(write(tmp_path, edit(phases=phases)))
+    assert only(problems, "unknown key 'until.loss_belw'").endswith("(did you mean 'until.loss_below'?)")
+    only(problems, "phases[2] (hard): until.active_fraction_below must be a number in (0, 1], got 1.5")
+    only(problems, "until.window must be a positive integer, got 0")
+    only(problems, "until.plateau.metric must be one of loss, batch_hard_loss, active_fraction, got 'recall@1'")
+    only(problems, "until.plateau.patience must be a positive integer, got 0")
+    only(problems, "until.plateau.min_delta must be a relative improvement in [0, 1)")
+    only(problems, "unknown key 'until.plateau.extra'")
+    only(problems, "phases[2] (hard): until.min_steps must be at most steps (10), got 11")
+    only(problems, "phases[2] (hard): until.eval_plateau needs held-out evals inside the phase: set eval.every")
+    only(problems, "phases[0] (warmup): until.combine must be one of any, all, got 'some'")
+    only(problems, "phases[0] (warmup): until must set at least one condition")
+    assert len(problems) == 11, problems
+    assert all("\n" not in p and p.startswith(str(tmp_path)) for p in problems)
+
+
+def test_eval_plateau_needs_eval_every_and_room_for_its_patience(tmp_path):
+    plateau = {"eval_plateau": {"metric": "map@r", "patience": 3}}
+    with_eval = edit(phases=phases_with(until=plateau), eval={"source": "org/heldout", "every": 5})
+    assert "gives at most 2 in 10 steps" in only(problems_of(write(tmp_path, with_eval)), "eval_plateau.patience (3)")
+    no_every = edit(phases=phases_with(until=plateau), eval={"source": "org/heldout"})
+    only(problems_of(write(tmp_path, no_every)), "got eval.every 0")
+    ok = edit(phases=phases_with(until=plateau), eval={"source": "org/heldout", "every": 2})
+    assert load_curriculum(write(tmp_path, ok)).phases[2].until.eval_plateau == Plateau("map@r", 3)
+
+
+def test_until_keys_can_be_overridden(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    c = load_curriculum(path, ["phases.0.until.loss_below=0.2", "phases.0.until.plateau.metric=loss",
+                               "phases.0.until.plateau.patience=4", "phases.1.until={active_fraction_below: 0.1}"])
+    assert c.phases[0].until == UntilConfig(min_steps=1, loss_below=0.2, plateau=Plateau("loss", 4))
+    assert c.phases[1].until.active_fraction_below == 0.1
+    bad = problems_of(path, ["phases.0.until.loss_below=low", "phases.0.until.min_steps=50"])
+    assert "override 'phases.0.until.loss_below=low': phases[0] (warmup): until.loss_below must be a positive " \
+           "number, got 'low'" in " ".join(bad)
+    only(bad, "override 'phases.0.until.min_steps=50'")
+
+
+def test_plan_table_shows_the_conditions(tmp_path):
+    phases = phases_with(until={"active_fraction_below": 0.05, "plateau": {"metric": "loss", "patience": 3,
+                                                                           "min_delta": 0.02}})
+    console = Console(record=True, width=200)
+    console.print(plan_table(load_curriculum(write(tmp_path, edit(phases=phases)))))
+    text = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    assert "≤10" in text and "≤640" in text and "total: at most 30 steps" in text
+    assert ("until: phase 2 (hard) ends early when active_fraction < 0.05 or loss plateau (3 steps, min_delta 2%) "
+            "(checked from step 1, EMA over 20 steps)") in text
+
+
+def test_validate_command_reports_until_problems_with_exit_2(tmp_path):
+    path = write(tmp_path, edit(phases=phases_with(until={"plateau": {"metric": "loss"}, "min_steps": 99})))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert "until.min_steps must be at most steps (10), got 99" in output
+    assert "missing required key 'until.plateau.patience'" in output

@@ -22,6 +22,9 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from tripletctl.conditions import COMBINE, CONDITIONS, EVAL_METRICS, STEP_METRICS, Plateau, UntilConfig
+from tripletctl.conditions import default_min_steps
+from tripletctl.conditions import describe as describe_until
 from tripletctl.errors import ConfigError
 
 MINING_MODES = ("random", "semi-hard", "hard-negative", "batch-hard", "batch-all")
@@ -114,6 +117,7 @@ class PhaseConfig:
     fallback: str = TrainConfig.fallback
     chunk_size: int | str = TrainConfig.chunk_size
     on_collapse: str = TrainConfig.on_collapse
+    until: UntilConfig | None = None  # end conditions; `steps` is then the maximum (conditions.py)
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,41 @@ def _choice(options: tuple[str, ...], optional: bool = False) -> _Check:
     return check
 
 
+def _optional(check: _Check) -> _Check:
+    def optional(value: Any, raw: str | None) -> Any:
+        return None if value is None else check(value, raw)
+
+    return optional
+
+
+def _fraction(value: Any, raw: str | None) -> float:
+    value = _number()(value, raw)
+    if value > 1:
+        raise _Invalid("a number in (0, 1]")
+    return value
+
+
+def _relative_delta(value: Any, raw: str | None) -> float:
+    try:
+        value = _number(positive=False)(value, raw)
+    except _Invalid:
+        raise _Invalid("a relative improvement in [0, 1), e.g. 0.01 for 1%") from None
+    if value >= 1:
+        raise _Invalid("a relative improvement in [0, 1), e.g. 0.01 for 1%")
+    return value
+
+
+def _mapping(expected: str) -> _Check:
+    def check(value: Any, raw: str | None) -> dict | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise _Invalid(expected)
+        return dict(value)
+
+    return check
+
+
 def _int_or_auto(value: Any, raw: str | None) -> int | str:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
         return value
@@ -357,6 +396,23 @@ PHASE_KEYS: dict[str, _Check] = {
     "fallback": BLOCK_KEYS["train"]["fallback"],
     "chunk_size": BLOCK_KEYS["train"]["chunk_size"],
     "on_collapse": BLOCK_KEYS["train"]["on_collapse"],
+    "until": _mapping("a mapping of end conditions, e.g. {active_fraction_below: 0.05}, or null"),
+}
+
+# `until:` (checked by _check_until once the phase's steps and eval.every are known)
+UNTIL_KEYS: dict[str, _Check] = {
+    "min_steps": _integer(1),
+    "window": _integer(1),
+    "combine": _choice(COMBINE),
+    "active_fraction_below": _optional(_fraction),
+    "loss_below": _optional(_number()),
+    "batch_hard_loss_below": _optional(_number()),
+    "plateau": _mapping("a mapping {metric, patience, min_delta}, or null"),
+    "eval_plateau": _mapping("a mapping {metric, patience, min_delta}, or null"),
+}
+PLATEAU_KEYS: dict[str, dict[str, _Check]] = {
+    "plateau": {"metric": _choice(STEP_METRICS), "patience": _integer(1), "min_delta": _relative_delta},
+    "eval_plateau": {"metric": _choice(EVAL_METRICS), "patience": _integer(1), "min_delta": _relative_delta},
 }
 
 # Phase keys that default to the train block's value rather than to a constant.
@@ -527,7 +583,7 @@ def _apply_phase_override(
         problems.add(f"phases[{index}] does not exist: the curriculum has {len(phases)} phases (0 to {last})", override)
         return
     label = _phase_label(index, phases[index])
-    if len(parts) != 3:
+    if len(parts) != 3 and not (len(parts) in (4, 5) and parts[2] == "until"):  # until.KEY, until.plateau.KEY
         problems.add(f"{label}: expected phases.{index}.KEY, e.g. phases.{index}.steps=500", override)
         return
     name = parts[2]
@@ -537,8 +593,13 @@ def _apply_phase_override(
     if not isinstance(phases[index], dict):
         problems.add(f"{label}: cannot set '{name}': the phase is not a mapping in the file", override)
         return
-    phases[index][name] = value
-    origins[("phases", index, name)] = override
+    target = phases[index]
+    for part in parts[2:-1]:  # the until block (and its plateau mappings) may be created by the override
+        if not isinstance(target.get(part), dict):
+            target[part] = {}
+        target = target[part]
+    target[parts[-1]] = value
+    origins[("phases", index, *parts[2:])] = override
 
 
 def _origin(origins: dict[tuple, _Override], key_path: tuple) -> _Override | None:
@@ -646,8 +707,50 @@ def _check_source_block(block: str, values: dict, origins: dict, problems: _Prob
                      _origin(origins, (block, "layout")))
 
 
+_EVERY_UNKNOWN = -1
+
+
+def _check_until(
+    raw: dict, steps: int | None, eval_every: int | None, label: str, index: int, origins: dict, problems: _Problems
+) -> UntilConfig | None:
+    """A phase's `until:` block; every problem is reported, each on its own line."""
+    before = len(problems.messages)
+    key_path = ("phases", index, "until")
+    values = _check_keys(raw, UNTIL_KEYS, (), context=f"{label}: ", qualifier="until.", key_path=key_path,
+                         origins=origins, problems=problems)
+    for name, keys in PLATEAU_KEYS.items():
+        if values.get(name) is not None:
+            checked = _check_keys(values[name], keys, ("metric", "patience"), context=f"{label}: ",
+                                  qualifier=f"until.{name}.", key_path=(*key_path, name), origins=origins,
+                                  problems=problems)
+            values[name] = Plateau(**checked) if {"metric", "patience"} <= set(checked) else None
+    if all(raw.get(name) is None for name in CONDITIONS) and set(raw) <= set(UNTIL_KEYS):
+        problems.add(f"{label}: until must set at least one condition ({', '.join(CONDITIONS)})",
+                     _origin(origins, key_path))
+    if steps is not None:
+        values.setdefault("min_steps", default_min_steps(steps))
+        if values["min_steps"] > steps:
+            problems.add(f"{label}: until.min_steps must be at most steps ({steps}), got {values['min_steps']}",
+                         _origin(origins, (*key_path, "min_steps")) or _origin(origins, ("phases", index, "steps")))
+    eval_plateau = values.get("eval_plateau")
+    if eval_plateau is not None and eval_every != _EVERY_UNKNOWN:
+        origin = _origin(origins, (*key_path, "eval_plateau"))
+        if not eval_every:
+            problems.add(f"{label}: until.eval_plateau needs held-out evals inside the phase: set eval.every "
+                         f"(and an eval block), got {'no eval block' if eval_every is None else 'eval.every 0'}",
+                         origin)
+        elif steps is not None and (eval_plateau.patience + 1) * eval_every > steps:
+            problems.add(f"{label}: until.eval_plateau.patience ({eval_plateau.patience}) needs "
+                         f"{eval_plateau.patience + 1} evals, but eval.every {eval_every} gives at most "
+                         f"{steps // eval_every} in {steps} steps", origin)
+    if len(problems.messages) > before:
+        return None
+    return UntilConfig(**values)
+
+
 def _check_phases(
-    tree: dict, train: dict, samples_per_class: int | None, origins: dict, problems: _Problems
+    tree: dict, train: dict, samples_per_class: int | None, origins: dict, problems: _Problems,
+    eval_every: int | None = None,
 ) -> list[dict] | None:
     raw_phases = tree.get("phases")
     if raw_phases is None:
@@ -672,6 +775,9 @@ def _check_phases(
             if key not in values and key in train:
                 values[key] = train[key]
         values.setdefault("margin", PhaseConfig.margin)
+        if values.get("until") is not None:
+            values["until"] = _check_until(values["until"], values.get("steps"), eval_every, label, index,
+                                           origins, problems)
         batch_size = values.get("batch_size")
         batch_origin = _origin(origins, ("phases", index, "batch_size"))
         if batch_size is not None and samples_per_class is not None:
@@ -712,9 +818,9 @@ def _check_tree(tree: Any, path: str, origins: dict, problems: _Problems) -> Cur
     data, invalid_data = _check_block(tree, "data", file_dir, origins, problems)
     _check_source_block("data", data, origins, problems)
     train, _ = _check_block(tree, "train", file_dir, origins, problems)
-    evaluation = None
+    evaluation, invalid_eval = None, set()
     if tree.get("eval") is not None:
-        evaluation, _ = _check_block(tree, "eval", file_dir, origins, problems)
+        evaluation, invalid_eval = _check_block(tree, "eval", file_dir, origins, problems)
         _check_source_block("eval", evaluation, origins, problems)
     samples_per_class = None if "samples_per_class" in invalid_data else data["samples_per_class"]
     if data["layout"] == "pairs" and samples_per_class not in (2, None):
@@ -723,7 +829,10 @@ def _check_tree(tree: Any, path: str, origins: dict, problems: _Problems) -> Cur
             f"got {samples_per_class}",
             _origin(origins, ("data", "samples_per_class")) or _origin(origins, ("data", "layout")),
         )
-    phases = _check_phases(tree, train, samples_per_class, origins, problems)
+    eval_every = evaluation["every"] if evaluation is not None else None
+    if "every" in invalid_eval:
+        eval_every = _EVERY_UNKNOWN  # already reported: no second error about it
+    phases = _check_phases(tree, train, samples_per_class, origins, problems, eval_every)
     if phases and "max_buffered_rows" not in invalid_data:
         largest = max((p.get("batch_size") or 0 for p in phases), default=0)
         if data["max_buffered_rows"] < largest:
@@ -809,13 +918,18 @@ def plan_table(c: Curriculum) -> Table:
     ]:
         table.add_column(header, justify=justify, overflow="fold")
     for index, phase in enumerate(c.phases):
+        at_most = "≤" if phase.until else ""  # conditions may end the phase earlier
         table.add_row(
             str(index), escape(phase.name), phase.mining, f"{phase.batch_size:,}", f"{phase.margin:g}",
-            f"{phase.steps:,}", f"{phase.batch_size * phase.steps:,}", f"{phase.lr:g}", phase.distance,
+            f"{at_most}{phase.steps:,}", f"{at_most}{phase.batch_size * phase.steps:,}", f"{phase.lr:g}",
+            phase.distance,
         )
     total_steps = sum(p.steps for p in c.phases)
     total_samples = sum(p.batch_size * p.steps for p in c.phases)
     lines = [
+        f"until: phase {index} ({phase.name}) ends early {describe_until(phase.until)}"
+        for index, phase in enumerate(c.phases) if phase.until
+    ] + [
         f"model: {c.model.name} ({c.model.init}, {c.model.pooling} pooling"
         + (f", head {list(c.model.head)}" if c.model.head else "") + ")",
         f"data: {_describe_source(c.data.source)} (split {c.data.split}, {c.data.layout}, "
@@ -826,7 +940,8 @@ def plan_table(c: Curriculum) -> Table:
         lines.append(f"eval: {_describe_source(c.eval.source)} (split {c.eval.split}, {every}at phase ends)")
     lines += [
         f"output: {c.train.output_dir}",
-        f"total: {total_steps:,} steps, {total_samples:,} samples",
+        f"total: {'at most ' if any(p.until for p in c.phases) else ''}{total_steps:,} steps, "
+        f"{total_samples:,} samples",
     ]
     table.caption = escape("\n".join(lines))
     return table

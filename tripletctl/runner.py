@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tripletctl import mining
+from tripletctl import conditions, mining
 from tripletctl.checkpoint import (
     CHECKPOINT, capture_rng, clean_leftovers, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint,
 )
@@ -35,6 +35,7 @@ from tripletctl.distributed import (
     DistContext,
     all_reduce_sums,
     barrier,
+    broadcast_object,
     check_world_size,
     cleanup,
     gather_labels,
@@ -84,11 +85,18 @@ class RunProgress:
     samples_seen: int = 0
     mining_override: str | None = None  # set by on_collapse: fallback
     watchdog: dict = field(default_factory=dict)
+    conditions: dict = field(default_factory=dict)  # the phase's `until:` state (conditions.ConditionState)
     eval_history: list = field(default_factory=list)
+    phase_ends: dict = field(default_factory=dict)  # str(phase index) -> steps planned/done, why it ended
 
     def start_phase(self, index: int) -> None:
         """Counters and per-phase state for the first step of phase `index`."""
         self.phase_index, self.step, self.mining_override, self.watchdog = index, 0, None, {}
+        self.conditions = {}
+
+    def phase_finished(self, phase: PhaseConfig) -> bool:
+        """The current phase has ended: all its steps done, or an `until:` condition ended it."""
+        return str(self.phase_index) in self.phase_ends or self.step >= phase.steps
 
 
 @dataclass
@@ -208,6 +216,8 @@ def run_phase(
     watchdog = CollapseWatchdog(train_cfg.collapse_patience, train_cfg.collapse_tolerance)
     if progress.watchdog:
         watchdog.load_state_dict(progress.watchdog)
+    until = phase.until
+    until_state = conditions.ConditionState.from_dict(progress.conditions)
     gather = partial(gather_with_grad, ctx=ctx) if ctx.enabled else None
     no_sync = no_sync_for(train_model) if ctx.enabled else None
 
@@ -227,21 +237,24 @@ def run_phase(
 
     with writing(metrics_path):
         metrics_file = metrics_path.open("a", encoding="utf-8") if ctx.is_main else None
-    columns = (
+    columns = [
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f} hardest {task.fields[hardest]:.4f} "
                    "active {task.fields[active]:.2f} {task.fields[rate]:.0f} samples/s"),
         TimeRemainingColumn(),
-    )
+    ]
+    if until is not None:  # the smoothed signals against their thresholds
+        columns.insert(4, TextColumn("until {task.fields[until]}"))
     bar = Progress(*columns, console=console, disable=not ctx.is_main)
     last_state = stream_state
     exit_code = EXIT_DONE
     try:
         bar.start()
         task = bar.add_task(f"phase {phase_index} {phase.name}", total=phase.steps, completed=progress.step,
-                            loss=float("nan"), hardest=float("nan"), active=float("nan"), rate=0.0)
+                            loss=float("nan"), hardest=float("nan"), active=float("nan"), rate=0.0,
+                            until=_until_display(until, until_state))
         batches = iter(stream)
-        while progress.step < phase.steps:
+        while not progress.phase_finished(phase):
             started = time.perf_counter()
             # 1. the next class-balanced batch (tokenised in worker processes, pinned memory). Between
             #    steps the state is consistent: a checkpoint now equals one at the end of the last step
@@ -291,12 +304,15 @@ def run_phase(
             last_state = batch.state
 
             # 5. one collective per step decides for every rank: stream counters, Ctrl-C/SIGTERM
-            #    (it may reach the ranks at different moments) and the collapse watchdog
-            rows_seen, rows_skipped, classes_evicted, signalled, collapsed = all_reduce_sums([
+            #    (it may reach the ranks at different moments), the collapse watchdog and the signals
+            #    `until:` conditions read (averaged, so every rank smooths the very same numbers)
+            rows_seen, rows_skipped, classes_evicted, signalled, collapsed, *signals = all_reduce_sums([
                 batch.rows_seen, batch.rows_skipped, batch.classes_evicted, stop.signal is not None,
                 watchdog.update(stats.batch_hard_loss, phase.margin, stats.embedding_spread),
+                float(loss_value), stats.batch_hard_loss, stats.active_fraction,
             ], ctx)
             stop_now = signalled > 0
+            agreed = {name: value / ctx.world_size for name, value in zip(conditions.STEP_METRICS, signals)}
 
             # 6. log: the phase's mining loss beside the batch-hard loss of the same batch
             elapsed = time.perf_counter() - started
@@ -330,15 +346,39 @@ def run_phase(
                     exit_code = EXIT_COLLAPSE_STOP
                 elif phase.on_collapse == "warn":
                     watchdog.reset()
-            done = progress.step >= phase.steps
-            if eval_rows is not None and (done or (curriculum.eval.every and progress.step % curriculum.eval.every == 0)):
-                events.append(_eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx))
+            planned_end = progress.step >= phase.steps
+            evaluated = None
+            if eval_rows is not None and (planned_end or (curriculum.eval.every and progress.step % curriculum.eval.every == 0)):
+                evaluated = _eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx)
+            early_end = None  # `until:` conditions, on agreed numbers: every rank ends at the same step
+            if until is not None:
+                until_state, held = conditions.advance(until, until_state, step=progress.step, metrics=agreed,
+                                                       eval_metrics=evaluated)
+                progress.conditions = until_state.to_dict()
+                if held and not planned_end:
+                    early_end = _until_event(until, held, progress, phase)
+                    events.append(early_end)
+                    if ctx.is_main:
+                        bar.console.print(f"phase {phase.name} ends at step {progress.step} of {phase.steps}: "
+                                          f"{early_end['reason']}")
+                    if eval_rows is not None and evaluated is None:  # the phase-end eval, as at a planned end
+                        evaluated = _eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx)
+            if evaluated is not None:
+                events.append(evaluated)
+            done = planned_end or early_end is not None
+            if done:
+                progress.phase_ends[str(phase_index)] = {
+                    "steps_planned": phase.steps, "steps_done": progress.step,
+                    "ended_by": "until" if early_end else "steps",
+                    "reason": early_end["reason"] if early_end else f"all {phase.steps} steps done",
+                }
             if metrics_file is not None:
                 with writing(metrics_path):
                     metrics_file.write("".join(json.dumps(r) + "\n" for r in (record, *events)))
                     metrics_file.flush()
             bar.update(task, completed=progress.step, loss=record["loss"], hardest=stats.batch_hard_loss,
-                       active=stats.active_fraction, rate=record["samples_per_s"] or 0.0)
+                       active=stats.active_fraction, rate=record["samples_per_s"] or 0.0,
+                       until=_until_display(until, until_state))
 
             # 7. checkpoint: every N steps, at the end of the phase, on Ctrl-C/SIGTERM, on a collapse stop
             paused = stop_at_global_step is not None and progress.global_step >= stop_at_global_step
@@ -362,15 +402,34 @@ def run_phase(
     return PhaseOutcome(EXIT_DONE, last_state)
 
 
+def _until_display(until: conditions.UntilConfig | None, state: conditions.ConditionState) -> str:
+    return "" if until is None else "  ".join(r.short() for r in conditions.readings(until, state))
+
+
+def _until_event(until: conditions.UntilConfig, held: list[conditions.Reading], progress: RunProgress,
+                 phase: PhaseConfig) -> dict:
+    """The metrics.jsonl line saying which condition ended the phase, on which smoothed value."""
+    first = held[0]
+    return {
+        "event": "until", "global_step": progress.global_step, "phase": phase.name, "step": progress.step,
+        "steps_planned": phase.steps, "condition": first.condition, "metric": first.metric, "value": first.value,
+        "threshold": first.threshold, "combine": until.combine, "window": until.window,
+        "held": [{"condition": r.condition, "metric": r.metric, "value": r.value, "threshold": r.threshold,
+                  "count": r.count} for r in held],
+        "reason": "; ".join(r.describe(until.window) for r in held),
+    }
+
+
 def _eval_event(model, tokenizer, rows, curriculum, progress, phase, ctx) -> dict:
     metrics = _evaluate(model, tokenizer, rows, curriculum, ctx.device) if ctx.is_main else {}
-    barrier(ctx)
+    metrics = broadcast_object(metrics, ctx)  # every rank holds the numbers (eval_plateau decides on them)
     event = {"event": "eval", "global_step": progress.global_step, "phase": phase.name, "step": progress.step, **metrics}
     progress.eval_history.append(event)
     return event
 
 
-def _phase_summary(curriculum: Curriculum, index: int, started: float | None) -> dict:
+def _phase_summary(curriculum: Curriculum, index: int, started: float | None,
+                   progress: RunProgress | None = None) -> dict:
     """Summarise a phase from its own metrics file, so the summary is true after a resume too."""
     phase = curriculum.phases[index]
     phase_dir = phase_dir_of(curriculum.train.output_dir, index, phase.name)
@@ -383,16 +442,21 @@ def _phase_summary(curriculum: Curriculum, index: int, started: float | None) ->
             except json.JSONDecodeError:
                 continue  # a line cut by a crash or a full disk
             kind = record.get("event")
-            (evals if kind == "eval" else collapses if kind == "collapse" else steps).append(record)
+            if kind is None:
+                steps.append(record)
+            elif kind in ("eval", "collapse"):
+                (evals if kind == "eval" else collapses).append(record)
     tail = steps[-max(1, len(steps) // 10):] if steps else []
 
     def mean(key: str, records: list) -> float | None:
         values = [r[key] for r in records if r.get(key) is not None]
         return sum(values) / len(values) if values else None
 
+    end = progress.phase_ends.get(str(index), {}) if progress is not None else {}
     return {
         "index": index, "name": phase.name, "mining": phase.mining, "batch_size": phase.batch_size,
-        "margin": phase.margin, "steps": phase.steps, "steps_done": len(steps),
+        "margin": phase.margin, "steps": phase.steps, "steps_planned": phase.steps, "steps_done": len(steps),
+        "ended_by": end.get("ended_by"), "end_reason": end.get("reason"),
         "first_loss": steps[0]["loss"] if steps else None,
         "first_batch_hard_loss": steps[0]["batch_hard_loss"] if steps else None,
         "final_loss": mean("loss", tail), "final_batch_hard_loss": mean("batch_hard_loss", tail),
@@ -406,15 +470,29 @@ def _phase_summary(curriculum: Curriculum, index: int, started: float | None) ->
     }
 
 
-def _run_index(curriculum: Curriculum, ctx: DistContext, status: dict[int, str], extra: dict) -> dict:
+def _run_index(curriculum: Curriculum, ctx: DistContext, status: dict[int, str], extra: dict,
+               progress: RunProgress | None = None) -> dict:
     output = Path(curriculum.train.output_dir)
+
+    def steps_done(index: int) -> int | None:
+        if progress is None:
+            return None
+        if str(index) in progress.phase_ends:
+            return progress.phase_ends[str(index)]["steps_done"]
+        return progress.step if index == progress.phase_index else 0
+
+    def ended(index: int) -> dict:
+        end = progress.phase_ends.get(str(index), {}) if progress is not None else {}
+        return {"ended_by": end.get("ended_by"), "end_reason": end.get("reason")}
+
     return {
         "curriculum": str(curriculum.path),
         "output_dir": str(output),
         "world_size": ctx.world_size,
         "phases": [
             {"index": i, "name": p.name, "dir": phase_dir_of(output, i, p.name).name, "mining": p.mining,
-             "batch_size": p.batch_size, "margin": p.margin, "steps": p.steps, "status": status.get(i, "pending")}
+             "batch_size": p.batch_size, "margin": p.margin, "steps": p.steps, "steps_planned": p.steps,
+             "steps_done": steps_done(i), **ended(i), "status": status.get(i, "pending")}
             for i, p in enumerate(curriculum.phases)
         ],
         **extra,
@@ -491,7 +569,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         if isinstance(rng_state, list):  # one state per rank (check_world_size made the counts equal)
             rng_state = rng_state[ctx.rank]
         phase = curriculum.phases[progress.phase_index]
-        if progress.step >= phase.steps:  # the checkpoint closed its phase: start the next one
+        if progress.phase_finished(phase):  # the checkpoint closed its phase: start the next one
             closed_phase = progress.phase_index
             progress.start_phase(progress.phase_index + 1)
         if ctx.is_main and progress.phase_index >= len(curriculum.phases):
@@ -524,10 +602,10 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         if closed_phase is not None:  # killed between its last checkpoint and its summary
             summary_path = phase_dir_of(output, closed_phase, curriculum.phases[closed_phase].name) / "summary.json"
             if not summary_path.exists():
-                _write_json_atomic(summary_path, _phase_summary(curriculum, closed_phase, None))
+                _write_json_atomic(summary_path, _phase_summary(curriculum, closed_phase, None, progress))
         if eval_rows is not None and "eval_untrained" not in run_extra and not stop.requested:
             run_extra["eval_untrained"] = _evaluate(model, tokenizer, eval_rows, curriculum, device)
-        _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra))
+        _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra, progress))
     barrier(ctx)
     if stop.requested:
         return _interrupted_during_start_up(console, curriculum, previous)
@@ -542,16 +620,16 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             started = time.time()
             status[index] = "running"
             if ctx.is_main:
-                _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra))
+                _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra, progress))
             outcome = run_phase(
                 curriculum=curriculum, phase_index=index, model=model, train_model=train_model,
                 tokenizer=tokenizer, optimizer=optimizer, progress=progress, stream_state=stream_state,
                 ctx=ctx, eval_rows=eval_rows, stop=stop, console=console, stop_at_global_step=stop_at,
             )
             stream_state = outcome.stream_state  # the next phase continues the stream, never restarts it
-            phase_done = progress.step >= curriculum.phases[index].steps
+            phase_done = progress.phase_finished(curriculum.phases[index])
             if ctx.is_main:
-                summary = _phase_summary(curriculum, index, started)
+                summary = _phase_summary(curriculum, index, started, progress)
                 _write_json_atomic(phase_dir_of(output, index, curriculum.phases[index].name) / "summary.json", summary)
             status[index] = "done" if phase_done and outcome.exit_code in (EXIT_DONE, PAUSED) else {
                 EXIT_COLLAPSE_STOP: "stopped (collapse)", EXIT_INTERRUPTED: "interrupted",
@@ -565,7 +643,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         if ctx.is_main:
             if all(s == "done" for s in status.values()) and len(status) == len(curriculum.phases) and eval_rows is not None:
                 run_extra["eval_final"] = progress.eval_history[-1] if progress.eval_history else None
-            _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra))
+            _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra, progress))
     except BaseException as error:  # run.json must not say "running" for a run that is gone
         if ctx.is_main:
             _record_failure(run_json, curriculum, ctx, status, run_extra, error)
