@@ -362,6 +362,31 @@ def test_torchrun_quickstart_runs_and_resumes(tmp_path):
     assert third.returncode != 0 and "resume with world size 2" in third.stdout, third.stdout[-4000:]
 
 
+def test_torchrun_ranks_end_phases_on_until_conditions_together(tmp_path):
+    """torchrun with 2 gloo processes: `until:` conditions end phases at the same step on every rank.
+    The eval plateau is decided on rank 0's held-out numbers (broadcast), the thresholds and plateau
+    on the all-reduced step signals; a rank that ended a phase at another step would leave the
+    collectives out of step (a hang or an error), and the run would not finish with exit 0."""
+    out = tmp_path / "run"
+    result = torchrun_train(
+        QUICKSTART, f"train.output_dir={out}", "train.checkpoint_every=0", "eval.max_rows=200", "eval.every=1",
+        "phases.0.steps=4", "phases.0.until={eval_plateau: {metric: recall@1, patience: 1, min_delta: 0.9}}",
+        "phases.1.steps=3", "phases.1.until={loss_below: 1.0, min_steps: 1}",
+        "phases.2.steps=3", "phases.2.until={plateau: {metric: batch_hard_loss, patience: 1, min_delta: 0.5}, "
+                            "min_steps: 2}",
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    index = json.loads((out / "run.json").read_text())
+    assert [p["ended_by"] for p in index["phases"]] == ["until", "until", "until"], index["phases"]
+    assert [p["steps_done"] for p in index["phases"]] == [2, 1, 2]
+    events = [json.loads(line) for line in (out / "phase-0-semi-hard" / "metrics.jsonl").read_text().splitlines()
+              if '"event"' in line]
+    assert [e["event"] for e in events] == ["eval", "until", "eval"]
+    assert events[1]["condition"] == "eval_plateau" and events[1]["value"] == events[0]["recall@1"]
+    state = json.loads((out / "phase-2-batch-hard" / "checkpoint" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["global_step"] == 5
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(Path(sys.argv[2]))

@@ -103,7 +103,7 @@ class Reading:
             return f"{self.metric} {_fmt(self.value)} {relation} {self.threshold:g} (EMA over {window} steps)"
         unit = _plural(self.count or 0, "step" if self.condition == "plateau" else "eval")
         return (f"{self.metric} plateau: {unit} without improvement (patience {self.threshold}, "
-                f"{'EMA ' if self.condition == 'plateau' else ''}{_fmt(self.value)})")
+                f"{'EMA' if self.condition == 'plateau' else 'best'} {_fmt(self.value)})")
 
     def short(self) -> str:
         """For the progress bar: the smoothed value against its threshold."""
@@ -199,4 +199,6 @@ def describe(until: UntilConfig) -> str:
             delta = f", min_delta {p.min_delta * 100:g}%" if p.min_delta else ""
             parts.append(f"{p.metric} plateau ({_plural(p.patience, unit)}{delta})")
     joiner = " or " if until.combine == "any" else " and "
-    return f"when {joiner.join(parts)} (checked from step {until.min_steps}, EMA over {until.window} steps)"
+    smoothed = any(getattr(until, name) is not None for name in (*THRESHOLDS, "plateau"))
+    ema = f", EMA over {until.window} steps" if smoothed else ""
+    return f"when {joiner.join(parts)} (checked from step {until.min_steps}{ema})"

@@ -370,7 +370,7 @@ def run_phase(
                 progress.phase_ends[str(phase_index)] = {
                     "steps_planned": phase.steps, "steps_done": progress.step,
                     "ended_by": "until" if early_end else "steps",
-                    "reason": early_end["reason"] if early_end else f"all {phase.steps} steps done",
+                    "reason": early_end["reason"] if early_end else f"planned end (step {phase.steps})",
                 }
             if metrics_file is not None:
                 with writing(metrics_path):
