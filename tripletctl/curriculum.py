@@ -732,17 +732,12 @@ def _check_until(
         if values["min_steps"] > steps:
             problems.add(f"{label}: until.min_steps must be at most steps ({steps}), got {values['min_steps']}",
                          _origin(origins, (*key_path, "min_steps")) or _origin(origins, ("phases", index, "steps")))
-    eval_plateau = values.get("eval_plateau")
-    if eval_plateau is not None and eval_every != _EVERY_UNKNOWN:
+    if values.get("eval_plateau") is not None and eval_every != _EVERY_UNKNOWN:
         origin = _origin(origins, (*key_path, "eval_plateau"))
         if not eval_every:
             problems.add(f"{label}: until.eval_plateau needs held-out evals inside the phase: set eval.every "
                          f"(and an eval block), got {'no eval block' if eval_every is None else 'eval.every 0'}",
                          origin)
-        elif steps is not None and (eval_plateau.patience + 1) * eval_every > steps:
-            problems.add(f"{label}: until.eval_plateau.patience ({eval_plateau.patience}) needs "
-                         f"{eval_plateau.patience + 1} evals, but eval.every {eval_every} gives at most "
-                         f"{steps // eval_every} in {steps} steps", origin)
     if len(problems.messages) > before:
         return None
     return UntilConfig(**values)
