@@ -121,6 +121,40 @@ def test_phase_overrides_win_over_train_block(tmp_path):
     assert hard.distance == "squared-euclidean"
 
 
+def test_chunk_tokens_is_a_budget_that_phases_inherit_or_replace(tmp_path):
+    text = edit(train={"chunk_tokens": 8192}, phases=phases_with(chunk_size=64))
+    c = load_curriculum(write(tmp_path, text))
+    assert (c.train.chunk_size, c.train.chunk_tokens) == ("auto", 8192)
+    assert (c.phases[0].chunk_size, c.phases[0].chunk_tokens) == ("auto", 8192)  # inherited budget
+    assert (c.phases[2].chunk_size, c.phases[2].chunk_tokens) == (64, None)  # the phase's rows win
+    text = edit(train={"chunk_size": 32}, phases=phases_with(chunk_tokens="auto"))
+    c = load_curriculum(write(tmp_path, text))
+    assert (c.phases[0].chunk_size, c.phases[0].chunk_tokens) == (32, None)
+    assert (c.phases[2].chunk_size, c.phases[2].chunk_tokens) == ("auto", "auto")  # the phase's budget wins
+    again = load_curriculum(write(tmp_path, yaml.safe_dump(curriculum_to_dict(c)), "again.yaml"))
+    assert again.phases == c.phases and again.train == c.train
+    assert TrainConfig().chunk_tokens is None
+
+
+def test_chunk_size_and_chunk_tokens_together_are_refused(tmp_path):
+    path = write(tmp_path, edit(train={"chunk_size": 64, "chunk_tokens": 4096}))
+    assert problems_of(path) == [f"{path}: train: set chunk_size (rows per chunk) or chunk_tokens (a token budget), "
+                                 f"not both, got chunk_size 64 and chunk_tokens 4096"]
+    path = write(tmp_path, edit(phases=phases_with(chunk_size=64, chunk_tokens="auto")))
+    assert problems_of(path) == [f"{path}: phases[2] (hard): set chunk_size (rows per chunk) or chunk_tokens "
+                                 f"(a token budget), not both, got chunk_size 64 and chunk_tokens 'auto'"]
+    path = write(tmp_path, edit(phases=phases_with(chunk_tokens=0)))
+    assert problems_of(path) == [f"{path}: phases[2] (hard): chunk_tokens must be a positive integer or 'auto', got 0"]
+
+
+def test_plan_table_names_the_chunking(tmp_path):
+    console = Console(record=True, width=80)
+    console.print(plan_table(load_curriculum(write(tmp_path, edit(phases=phases_with(chunk_tokens=4096))))))
+    text = console.export_text()
+    assert "chunks: 0: length-sorted, auto token budget, 1: length-sorted, auto token budget, 2: length-sorted, 4,096" \
+        in " ".join(text.split())
+
+
 def test_quickstart_validates_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     c = load_curriculum(QUICKSTART)
@@ -160,8 +194,8 @@ def test_schema_tables_match_the_dataclasses():
     for block, cls in [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("eval", EvalConfig)]:
         assert set(BLOCK_KEYS[block]) == {f.name for f in dataclasses.fields(cls)}
     assert list(PHASE_KEYS) == [f.name for f in dataclasses.fields(PhaseConfig)]
-    assert [f.name for f in dataclasses.fields(PhaseConfig)][5:11] == [
-        "lr", "warmup_steps", "distance", "fallback", "chunk_size", "on_collapse"
+    assert [f.name for f in dataclasses.fields(PhaseConfig)][5:12] == [
+        "lr", "warmup_steps", "distance", "fallback", "chunk_size", "chunk_tokens", "on_collapse"
     ]
     assert list(UNTIL_KEYS) == [f.name for f in dataclasses.fields(UntilConfig)]
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tripletctl.data import BatchStream, check_source, read_rows
+from tripletctl.data import BatchStream, check_source, pad_ragged, read_rows
 from tripletctl.errors import DataError
 
 from tripletctl.curriculum import DataConfig
@@ -155,6 +155,21 @@ def test_padding_to_longest_row_and_truncation(assets_dir, tiny_bert_dir):
         assert b.attention_mask.sum(1).tolist() == lengths
     b = take(cfg(assets_dir, "train.jsonl", max_length=5), tiny_bert_dir, 12, 1)[0]
     assert b.input_ids.shape[1] == 5
+
+
+def test_batches_travel_unpadded_and_pad_like_the_tokenizer(assets_dir, tiny_bert_dir):
+    """Rows go back to back with their lengths (no padding on the host); padded where used, they
+    equal what the tokenizer's own padding gives."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    for b in take(cfg(assets_dir, "train.jsonl", max_length=9), tiny_bert_dir, 12, 2):
+        want = tok(b.texts, padding="longest", truncation=True, max_length=9, return_tensors="pt")
+        assert b.token_ids.dim() == 1 and b.token_ids.numel() == int(b.lengths.sum()) == int(want["attention_mask"].sum())
+        ids, mask = pad_ragged(b.token_ids, b.lengths, b.pad_id)
+        assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
+    ids, mask = pad_ragged(torch.tensor([7, 8, 9, 5]), torch.tensor([3, 0, 1]), pad_id=-1)
+    assert ids.tolist() == [[7, 8, 9], [-1, -1, -1], [5, -1, -1]] and mask.tolist() == [[1, 1, 1], [0, 0, 0], [1, 0, 0]]
 
 
 def test_worker_processes_tokenise_like_the_main_process(assets_dir, tiny_bert_dir):

@@ -135,3 +135,18 @@ def test_encode_returns_input_order(tiny_bert_dir):
     for i, text in enumerate(TEXTS):
         torch.testing.assert_close(out[i], model.eval()(*batch(tok, [text]))[0], atol=1e-5, rtol=1e-5)
     assert encode(model, tok, [], device="cpu").shape == (0, 64)
+
+
+def test_encode_packs_rows_by_length(tiny_bert_dir):
+    """Encoding sorts rows by length and packs them like training: a long text does not pad the
+    short ones, and the output still equals each text embedded alone, in input order."""
+    model, tok = tiny(tiny_bert_dir)
+    texts = ["short"] * 6 + [" ".join(["word"] * 12)] + ["a bit longer text"] * 3
+    shapes = []
+    model.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    out = encode(model, tok, texts, batch_size=4, max_length=64)
+    real = sum(len(ids) for ids in tok(texts, truncation=True, max_length=64)["input_ids"])
+    assert sum(rows * width for rows, width in shapes) <= 1.15 * real
+    assert all(rows * width <= 4 * 64 for rows, width in shapes)
+    for i, text in enumerate(texts):
+        torch.testing.assert_close(out[i], model.eval()(*batch(tok, [text]))[0], atol=1e-5, rtol=1e-5)

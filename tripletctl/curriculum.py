@@ -91,7 +91,8 @@ class TrainConfig:
     output_dir: str = "runs/tripletctl"
     checkpoint_every: int = 0     # steps; 0 = only at the end of each phase (and on Ctrl-C/SIGTERM)
     device: str = "auto"          # "auto" | "cpu" | "cuda"
-    chunk_size: int | str = "auto"  # rows per forward chunk (gradient caching); "auto" fits free memory
+    chunk_size: int | str = "auto"  # rows per forward chunk (gradient caching); "auto": a token budget
+    chunk_tokens: int | str | None = None  # padded tokens per length-sorted chunk; "auto" fits free memory
     compile: bool = False         # torch.compile the encoder
     distance: str = "euclidean"   # "euclidean" | "squared-euclidean" (default for phases)
     fallback: str = "hardest"     # semi-hard fallback "hardest" | "easiest" (default for phases)
@@ -116,6 +117,7 @@ class PhaseConfig:
     distance: str = TrainConfig.distance
     fallback: str = TrainConfig.fallback
     chunk_size: int | str = TrainConfig.chunk_size
+    chunk_tokens: int | str | None = TrainConfig.chunk_tokens
     on_collapse: str = TrainConfig.on_collapse
     until: UntilConfig | None = None  # end conditions; `steps` is then the maximum (conditions.py)
 
@@ -288,6 +290,17 @@ def _int_or_auto(value: Any, raw: str | None) -> int | str:
     raise _Invalid("a positive integer or 'auto'")
 
 
+def _int_or_auto_or_null(value: Any, raw: str | None) -> int | str | None:
+    if value is None:
+        return None
+    return _int_or_auto(value, raw)
+
+
+def _chunking_conflict(values: dict) -> bool:
+    """A row count and a token budget together: which one is meant?"""
+    return isinstance(values.get("chunk_size"), int) and values.get("chunk_tokens") is not None
+
+
 def _layer_sizes(value: Any, raw: str | None) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -369,6 +382,7 @@ BLOCK_KEYS: dict[str, dict[str, _Check]] = {
         "checkpoint_every": _integer(0),
         "device": _choice(DEVICES),
         "chunk_size": _int_or_auto,
+        "chunk_tokens": _int_or_auto_or_null,
         "compile": _boolean,
         "distance": _choice(DISTANCES),
         "fallback": _choice(FALLBACKS),
@@ -395,6 +409,7 @@ PHASE_KEYS: dict[str, _Check] = {
     "distance": BLOCK_KEYS["train"]["distance"],
     "fallback": BLOCK_KEYS["train"]["fallback"],
     "chunk_size": BLOCK_KEYS["train"]["chunk_size"],
+    "chunk_tokens": BLOCK_KEYS["train"]["chunk_tokens"],
     "on_collapse": BLOCK_KEYS["train"]["on_collapse"],
     "until": _mapping("a mapping of end conditions, e.g. {active_fraction_below: 0.05}, or null"),
 }
@@ -416,7 +431,7 @@ PLATEAU_KEYS: dict[str, dict[str, _Check]] = {
 }
 
 # Phase keys that default to the train block's value rather than to a constant.
-PHASE_KEYS_FROM_TRAIN = ("lr", "warmup_steps", "distance", "fallback", "chunk_size", "on_collapse")
+PHASE_KEYS_FROM_TRAIN = ("lr", "warmup_steps", "distance", "fallback", "chunk_size", "chunk_tokens", "on_collapse")
 
 TOP_KEYS = ("model", "data", "train", "phases", "eval")
 _REQUIRED = {"model": ("name",), "data": ("source",), "train": (), "eval": ("source",)}
@@ -766,6 +781,14 @@ def _check_phases(
             raw_phase, PHASE_KEYS, _PHASE_REQUIRED, context=f"{label}: ", qualifier="",
             key_path=("phases", index), origins=origins, problems=problems,
         )
+        if _chunking_conflict(values):
+            problems.add(f"{label}: set chunk_size (rows per chunk) or chunk_tokens (a token budget), not both, "
+                         f"got chunk_size {values['chunk_size']} and chunk_tokens {_show(values['chunk_tokens'])}",
+                         _origin(origins, ("phases", index, "chunk_tokens")))
+        elif "chunk_size" in values and "chunk_tokens" not in values:
+            values["chunk_tokens"] = None  # the phase's row count wins over the train block's budget
+        elif "chunk_tokens" in values and "chunk_size" not in values:
+            values["chunk_size"] = "auto"  # and its budget over the train block's row count
         for key in PHASE_KEYS_FROM_TRAIN:
             if key not in values and key in train:
                 values[key] = train[key]
@@ -813,6 +836,10 @@ def _check_tree(tree: Any, path: str, origins: dict, problems: _Problems) -> Cur
     data, invalid_data = _check_block(tree, "data", file_dir, origins, problems)
     _check_source_block("data", data, origins, problems)
     train, _ = _check_block(tree, "train", file_dir, origins, problems)
+    if _chunking_conflict(train):
+        problems.add(f"train: set chunk_size (rows per chunk) or chunk_tokens (a token budget), not both, got "
+                     f"chunk_size {train['chunk_size']} and chunk_tokens {_show(train['chunk_tokens'])}",
+                     _origin(origins, ("train", "chunk_tokens")))
     evaluation, invalid_eval = None, set()
     if tree.get("eval") is not None:
         evaluation, invalid_eval = _check_block(tree, "eval", file_dir, origins, problems)
@@ -900,6 +927,14 @@ def _describe_source(source: str | dict[str, str]) -> str:
     return source
 
 
+def _describe_chunks(phase: PhaseConfig) -> str:
+    if isinstance(phase.chunk_size, int) and phase.chunk_tokens is None:
+        return f"{phase.chunk_size} rows each"
+    if isinstance(phase.chunk_tokens, int):
+        return f"length-sorted, {phase.chunk_tokens:,} tokens each"
+    return "length-sorted, auto token budget"
+
+
 def plan_table(c: Curriculum) -> Table:
     """What `validate` prints: one row per phase, with the samples each phase will see."""
     # No vertical rules and folding instead of "…": a full plan fits an 80-column pipe unabridged.
@@ -933,6 +968,9 @@ def plan_table(c: Curriculum) -> Table:
     if c.eval is not None:
         every = f"every {c.eval.every} steps and " if c.eval.every else ""
         lines.append(f"eval: {_describe_source(c.eval.source)} (split {c.eval.split}, {every}at phase ends)")
+    chunks = [_describe_chunks(p) for p in c.phases]
+    lines.append("chunks: " + (chunks[0] if len(set(chunks)) == 1 else
+                               ", ".join(f"{i}: {text}" for i, text in enumerate(chunks))))
     lines += [
         f"output: {c.train.output_dir}",
         f"total: {'at most ' if any(p.until for p in c.phases) else ''}{total_steps:,} steps, "

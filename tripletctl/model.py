@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
+from tripletctl.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -49,9 +51,9 @@ class TripletEncoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # Pooling, head and norm run outside autocast: bf16 sums over long rows and a bf16 norm
-        # make distances noisy enough to flip semi-hard mining decisions.
+        # make distances noisy enough to flip semi-hard mining decisions. (float64 stays float64.)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            pooled = pool(hidden.float(), attention_mask, self.pooling)
+            pooled = pool(hidden.to(torch.promote_types(hidden.dtype, torch.float32)), attention_mask, self.pooling)
             if self.head is not None:
                 pooled = self.head(pooled)
             if self.normalize:
@@ -189,8 +191,10 @@ def encode(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence
            progress: bool = False) -> Tensor:
     """Embed `texts` → (N, D) float32 on CPU, rows in input order.
 
-    Rows are batched longest-first so each batch pads to similar lengths. `device=None` uses the
-    device the model is already on. The model's train/eval mode is restored afterwards, so the
+    Rows are packed as in training (`chunking.plan_chunks`): sorted by length and cut into chunks of
+    at most `batch_size × max_length` padded tokens, each padded to its own longest row, so short
+    texts are not padded to long ones and a chunk of short texts holds more rows. `device=None` uses
+    the device the model is already on. The model's train/eval mode is restored afterwards, so the
     collapse watchdog can call this in the middle of training.
     """
     device = torch.device(device) if device is not None else _model_device(model)
@@ -200,12 +204,14 @@ def encode(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence
         return torch.empty(0, dim, dtype=torch.float32)
     ids = tokenizer(texts, truncation=True, max_length=max_length,
                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    chunking = Chunking(tokens=max(1, batch_size * max_length),
+                        overhead_tokens=CHUNK_OVERHEAD_TOKENS.get(device.type, CHUNK_OVERHEAD_TOKENS["cpu"]))
+    plan = plan_chunks([len(row) for row in ids], chunking)
     was_training = model.training
     model.eval()
     out: Tensor | None = None
     try:
-        for batch_rows in _batches(order, batch_size, progress):
+        for batch_rows in _batches(plan.chunks, progress):
             padded = tokenizer.pad({"input_ids": [ids[i] for i in batch_rows]}, return_tensors="pt")
             emb = model(padded["input_ids"].to(device), padded["attention_mask"].to(device))
             emb = emb.float().cpu()
@@ -218,18 +224,15 @@ def encode(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence
     return out
 
 
-def _batches(order: list[int], batch_size: int, progress: bool) -> Iterator[list[int]]:
-    """Yield consecutive slices of `order`, optionally behind a transient rich progress bar."""
-    starts = range(0, len(order), batch_size)
+def _batches(chunks: Sequence[Sequence[int]], progress: bool) -> Iterator[Sequence[int]]:
+    """Yield the chunks, optionally behind a transient rich progress bar."""
     if not progress:
-        for s in starts:
-            yield order[s:s + batch_size]
+        yield from chunks
         return
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
-        task = bar.add_task("encoding", total=len(order))
-        for s in starts:
-            rows = order[s:s + batch_size]
+        task = bar.add_task("encoding", total=sum(len(c) for c in chunks))
+        for rows in chunks:
             yield rows
             bar.advance(task, len(rows))

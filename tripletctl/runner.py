@@ -27,10 +27,10 @@ from tripletctl.checkpoint import (
     CHECKPOINT, capture_rng, clean_leftovers, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint,
 )
 from tripletctl.checkpoint import phase_dir as phase_dir_of
-from tripletctl.chunking import embed_and_backward, resolve_chunk_size
+from tripletctl.chunking import embed_and_backward, plan_chunks, resolve_chunking
 from tripletctl.collapse import CollapseWatchdog
 from tripletctl.curriculum import Curriculum, PhaseConfig, curriculum_to_dict
-from tripletctl.data import BatchStream, StreamInterrupted, check_source, read_rows
+from tripletctl.data import BatchStream, StreamInterrupted, check_source, pad_ragged, read_rows
 from tripletctl.distributed import (
     DistContext,
     all_reduce_sums,
@@ -211,8 +211,8 @@ def run_phase(
     )
     train_model.train()  # before the auto chunk probe: dropout masks take memory too
     autocast_dtype = _autocast_dtype(train_cfg.precision, device)
-    chunk_size = resolve_chunk_size(phase.chunk_size, local_batch, model, device, curriculum.data.max_length,
-                                    autocast_dtype=autocast_dtype)
+    chunking = resolve_chunking(phase.chunk_size, phase.chunk_tokens, local_batch, model, device,
+                                curriculum.data.max_length, autocast_dtype=autocast_dtype)
     watchdog = CollapseWatchdog(train_cfg.collapse_patience, train_cfg.collapse_tolerance)
     if progress.watchdog:
         watchdog.load_state_dict(progress.watchdog)
@@ -269,8 +269,10 @@ def run_phase(
                     raise
                 checkpoint(last_state)
                 return PhaseOutcome(EXIT_WORKER_DIED, last_state, reason=str(error))
-            input_ids = batch.input_ids.to(device, non_blocking=True)
-            attention_mask = batch.attention_mask.to(device, non_blocking=True)
+            # rows travel unpadded: padded on the device, sorted by length and packed into chunks
+            plan = plan_chunks(batch.lengths, chunking)
+            input_ids, attention_mask = pad_ragged(batch.token_ids.to(device, non_blocking=True),
+                                                   batch.lengths.to(device, non_blocking=True), batch.pad_id)
             labels = batch.labels.to(device, non_blocking=True)
             global_labels = gather_labels(labels, ctx) if ctx.enabled else labels
 
@@ -287,7 +289,7 @@ def run_phase(
                 fallback=phase.fallback, generator=generator,
             )
             loss_value, stats, _ = embed_and_backward(
-                train_model, input_ids, attention_mask, global_labels, loss_fn, chunk_size,
+                train_model, input_ids, attention_mask, global_labels, loss_fn, plan,
                 autocast_dtype=autocast_dtype, gather=gather, no_sync=no_sync,
             )
 
@@ -325,7 +327,9 @@ def run_phase(
                 "num_triplets": stats.num_triplets, "lr": lr, "grad_norm": grad_norm,
                 "samples_per_s": phase.batch_size / elapsed if elapsed > 0 else None,
                 "rows_seen": int(rows_seen), "rows_skipped": int(rows_skipped),
-                "classes_evicted": int(classes_evicted), "chunk_size": chunk_size, "time": time.time(),
+                "classes_evicted": int(classes_evicted), **chunking.describe(), "chunks": len(plan.chunks),
+                "graph_kept": plan.keep_graph, "padded_tokens": plan.padded_tokens, "real_tokens": plan.real_tokens,
+                "time": time.time(),
             }
             events = []
             # collapse watchdog: batch-hard loss stuck at the margin and no spread
