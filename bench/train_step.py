@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="minilm-config, bert-base-config (random weights from a config: speed only), or a config dir")
     p.add_argument("--lengths", default="lognormal", choices=("lognormal", "fixed"))
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="every row this long: the same as --lengths fixed --max-length N (the pre-issue-14 option)")
     p.add_argument("--median", type=float, default=12.0, help="median tokens per row (lognormal)")
     p.add_argument("--sigma", type=float, default=0.5, help="log-normal shape: the tail's weight")
     p.add_argument("--batch-sizes", default="128,512,2000", help="comma-separated")
@@ -243,6 +245,8 @@ def peak_tflops(device_name: str, given: float | None) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.seq_len is not None:
+        args.lengths, args.max_length = "fixed", args.seq_len
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0

@@ -29,6 +29,18 @@ CHUNK = 3  # smaller than the local batch of 8, and 8 % 3 != 0: an uneven last c
 RANK_LABELS = [[0, 0, 0, 0, 1, 1, 1, 1], [2, 2, 2, 2, 0, 0, 0, 0]]
 MODES = ("batch-hard", "semi-hard", "batch-all", "hard-negative")
 MARGIN = 0.2
+# Length-sorted token-budget chunks: ranks cut their rows into different numbers of chunks; gradient
+# caching (budget below a rank's padded tokens), or several chunks whose graphs are all kept.
+TOKEN_CHUNKING = {"tokens-cached": (24, 2), "tokens-kept": (10_000, 0)}  # budget, overhead tokens
+
+
+def _chunking(how: str):
+    from tripletctl.chunking import Chunking
+
+    if how == "chunked":
+        return CHUNK
+    budget, overhead = TOKEN_CHUNKING[how]
+    return Chunking(tokens=budget, overhead_tokens=overhead)
 
 
 # ---------------------------------------------------------------- shared by the ranks and the reference
@@ -123,7 +135,7 @@ def _worker(out_dir: Path) -> None:
     if _has("mining"):
         scenarios += [(mode, "plain") for mode in MODES]
         if _has("chunking"):
-            scenarios += [(mode, "chunked") for mode in MODES]
+            scenarios += [(mode, how) for mode in MODES for how in ("chunked", *TOKEN_CHUNKING)]
     results["scenarios"] = {}
     for mode, how in scenarios:
         model = D.wrap_model(_build_model(), ctx)
@@ -136,7 +148,7 @@ def _worker(out_dir: Path) -> None:
             from tripletctl.chunking import embed_and_backward
 
             loss, _, _ = embed_and_backward(
-                model, ids, mask, global_labels, loss_fn, CHUNK,
+                model, ids, mask, global_labels, loss_fn, _chunking(how),
                 gather=partial(D.gather_with_grad, ctx=ctx), no_sync=D.no_sync_for(model),
             )
         grads = _flat_grads(D.unwrap_model(model))
@@ -249,13 +261,20 @@ def _reference(mode: str) -> tuple[float, torch.Tensor]:
     return float(loss.detach()), _flat_grads(model)
 
 
-@pytest.mark.parametrize("how", ["plain", "chunked"])
+@pytest.mark.parametrize("how", ["plain", "chunked", *TOKEN_CHUNKING])
 @pytest.mark.parametrize("mode", MODES)
 def test_ddp_gather_equals_single_process(two_ranks, mode, how):
     if not _has("mining"):
         pytest.skip("tripletctl.mining not there yet")
-    if how == "chunked" and not _has("chunking"):
+    if how != "plain" and not _has("chunking"):
         pytest.skip("tripletctl.chunking not there yet")
+    if how in TOKEN_CHUNKING:
+        from tripletctl.chunking import plan_chunks
+
+        plans = [plan_chunks(_rank_batch(rank)[1].sum(1), _chunking(how)) for rank in range(WORLD)]
+        assert all(len(p.chunks) > 1 and p.keep_graph == (how == "tokens-kept") for p in plans)
+        if how == "tokens-cached":
+            assert len(plans[0].chunks) != len(plans[1].chunks)  # the ranks run different chunk counts
     results, out = two_ranks
     got = results["scenarios"][f"{mode}/{how}"]
     losses = got["losses"]

@@ -150,3 +150,20 @@ def test_encode_packs_rows_by_length(tiny_bert_dir):
     assert all(rows * width <= 4 * 64 for rows, width in shapes)
     for i, text in enumerate(texts):
         torch.testing.assert_close(out[i], model.eval()(*batch(tok, [text]))[0], atol=1e-5, rtol=1e-5)
+
+
+def test_attn_implementation_is_passed_to_transformers(tiny_bert_dir):
+    """eager and SDPA compute the same embeddings; a named implementation that cannot load (the
+    flash-attn package is not installed in CI) is a one-line error, not a silent padded fallback."""
+    from tripletctl.errors import TripletctlError
+
+    eager, tok = tiny(tiny_bert_dir, attn_implementation="eager")
+    sdpa, _ = tiny(tiny_bert_dir)
+    assert eager.encoder.config._attn_implementation == "eager"
+    assert sdpa.encoder.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(eager.eval()(*batch(tok, TEXTS)), sdpa.eval()(*batch(tok, TEXTS)), atol=1e-5, rtol=1e-5)
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(TripletctlError, match="model.attn_implementation 'flash_attention_2' cannot be used"):
+            tiny(tiny_bert_dir, attn_implementation="flash_attention_2")

@@ -131,6 +131,26 @@ def test_resume_matches_uninterrupted_run(tmp_path, interrupt_after, workers):
         assert steps == sorted(set(steps))
 
 
+def test_resume_with_token_budget_chunks_matches_uninterrupted_run(tmp_path):
+    """Length-sorted token-budget chunks: the small first batches fit the budget (graphs kept), the
+    larger ones do not (gradient caching); an interrupted run still ends with the same weights."""
+    chunks = {"chunk_size": "auto", "chunk_tokens": 200}
+    straight = write_curriculum(tmp_path / "straight", checkpoint_every=3, **chunks)
+    assert train(load_curriculum(straight)) == 0
+    broken = write_curriculum(tmp_path / "broken", checkpoint_every=3, **chunks)
+    assert train(load_curriculum(broken), max_steps=5) == 0
+    assert train(load_curriculum(broken), resume=True) == 0
+    a, b = final_weights(tmp_path / "straight" / "run"), final_weights(tmp_path / "broken" / "run")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    records = [json.loads(line) for phase_dir in sorted((tmp_path / "straight" / "run").glob("phase-*"))
+               for line in (phase_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "event" not in r]
+    assert {r["chunk_tokens"] for r in steps} == {200} and {r["chunk_size"] for r in steps} == {None}
+    assert {r["graph_kept"] for r in steps} == {True, False}
+    assert all(r["real_tokens"] <= r["padded_tokens"] <= 1.3 * r["real_tokens"] for r in steps)
+
+
 def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tmp_path):
     path = write_curriculum(tmp_path, steps=(1, 1, 1))
     runner = CliRunner()

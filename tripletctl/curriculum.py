@@ -57,6 +57,7 @@ class ModelConfig:
     pooling: str = "mean"         # "mean" | "cls"
     head: tuple[int, ...] = ()    # MLP layer sizes after pooling; () = no head
     normalize: bool = True        # project to the unit sphere
+    attn_implementation: str = "sdpa"  # passed to transformers unchanged, e.g. "flash_attention_2" (unpadded)
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,7 @@ BLOCK_KEYS: dict[str, dict[str, _Check]] = {
         "pooling": _choice(POOLINGS),
         "head": _layer_sizes,
         "normalize": _boolean,
+        "attn_implementation": _text(),
     },
     "data": {
         **_SOURCE_KEYS,

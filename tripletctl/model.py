@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from tripletctl.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks
+from tripletctl.errors import TripletctlError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -83,12 +84,15 @@ def make_head(hidden_size: int, sizes: Sequence[int]) -> nn.Sequential | None:
     return nn.Sequential(*layers)
 
 
-def _with_fallbacks(load: Callable[..., PreTrainedModel], *args: Any, **kwargs: Any) -> PreTrainedModel:
-    """Ask for SDPA and no pooler layer; drop each request the model class does not support.
+def _with_fallbacks(load: Callable[..., PreTrainedModel], *args: Any, attn_implementation: str = "sdpa",
+                    **kwargs: Any) -> PreTrainedModel:
+    """Ask for `attn_implementation` and no pooler layer; drop each default request the model class
+    does not support. An attention implementation asked for by name (not the default SDPA) that
+    cannot be used is an error, not a silent fallback to padded attention.
 
     The unused BERT pooler would leave parameters without gradients, which DDP rejects.
     """
-    kwargs = {"attn_implementation": "sdpa", "add_pooling_layer": False, **kwargs}
+    kwargs = {"attn_implementation": attn_implementation, "add_pooling_layer": False, **kwargs}
     while True:
         try:
             return load(*args, **kwargs)
@@ -96,7 +100,11 @@ def _with_fallbacks(load: Callable[..., PreTrainedModel], *args: Any, **kwargs: 
             if "add_pooling_layer" not in str(e) or "add_pooling_layer" not in kwargs:
                 raise
             kwargs.pop("add_pooling_layer")
-        except (ValueError, ImportError):  # this architecture has no SDPA path
+        except (ValueError, ImportError) as e:  # this architecture has no such attention path
+            if attn_implementation != "sdpa":
+                message = " ".join(str(e).split())
+                raise TripletctlError(f"model.attn_implementation '{attn_implementation}' cannot be used: "
+                                      f"{message[:300]}") from None
             if "attn_implementation" not in kwargs:
                 raise
             kwargs.pop("attn_implementation")
@@ -117,12 +125,14 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
     config.json under `torch.manual_seed(seed)`, so the same seed gives the same model.
     """
     if model.init == "pretrained":
-        encoder = _with_fallbacks(AutoModel.from_pretrained, model.name, dtype=torch.float32)
+        encoder = _with_fallbacks(AutoModel.from_pretrained, model.name, dtype=torch.float32,
+                                  attn_implementation=model.attn_implementation)
     elif model.init == "config":
         config = AutoConfig.from_pretrained(model.name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            encoder = _with_fallbacks(AutoModel.from_config, config, dtype=torch.float32)
+            encoder = _with_fallbacks(AutoModel.from_config, config, dtype=torch.float32,
+                                      attn_implementation=model.attn_implementation)
     else:
         raise ValueError(f"model.init must be 'pretrained' or 'config', got {model.init!r}")
     with torch.random.fork_rng(devices=[]):
