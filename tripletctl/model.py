@@ -124,15 +124,16 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
     `init: pretrained` loads hub/local weights; `init: config` draws random weights from
     config.json under `torch.manual_seed(seed)`, so the same seed gives the same model.
     """
+    attention = getattr(model, "attn_implementation", "sdpa")
     if model.init == "pretrained":
         encoder = _with_fallbacks(AutoModel.from_pretrained, model.name, dtype=torch.float32,
-                                  attn_implementation=model.attn_implementation)
+                                  attn_implementation=attention)
     elif model.init == "config":
         config = AutoConfig.from_pretrained(model.name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             encoder = _with_fallbacks(AutoModel.from_config, config, dtype=torch.float32,
-                                      attn_implementation=model.attn_implementation)
+                                      attn_implementation=attention)
     else:
         raise ValueError(f"model.init must be 'pretrained' or 'config', got {model.init!r}")
     with torch.random.fork_rng(devices=[]):
