@@ -132,8 +132,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, interrupt_after, workers):
 
 
 def test_resume_with_token_budget_chunks_matches_uninterrupted_run(tmp_path):
-    """Length-sorted token-budget chunks: the small first batches fit the budget (graphs kept), the
-    larger ones do not (gradient caching); an interrupted run still ends with the same weights."""
+    """Length-sorted token-budget chunks smaller than the batches (gradient caching over packed
+    chunks): an interrupted run still ends with the same weights."""
     chunks = {"chunk_size": "auto", "chunk_tokens": 200}
     straight = write_curriculum(tmp_path / "straight", checkpoint_every=3, **chunks)
     assert train(load_curriculum(straight)) == 0
@@ -147,7 +147,7 @@ def test_resume_with_token_budget_chunks_matches_uninterrupted_run(tmp_path):
                for line in (phase_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "event" not in r]
     assert {r["chunk_tokens"] for r in steps} == {200} and {r["chunk_size"] for r in steps} == {None}
-    assert {r["graph_kept"] for r in steps} == {True, False}
+    assert {r["graph_kept"] for r in steps} == {False} and all(r["chunks"] > 1 for r in steps)
     assert all(r["real_tokens"] <= r["padded_tokens"] <= 1.3 * r["real_tokens"] for r in steps)
 
 
