@@ -670,7 +670,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(tokenizer_path: str, requests: Any, replies: Any, parent_pid: int) -> None:
-    """One tokenizer worker: (texts, max_length) in, ("ok", ids, mask) or ("error", text) out, in order.
+    """One tokenizer worker: (texts, max_length) in, ("ok", token ids, lengths, pad id) or ("error", text) out, in order.
     Ends when the request pipe closes (the stream closed, or the trainer died)."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, then closes us
@@ -750,7 +750,7 @@ class _TokenizerPool:
                     raise self._died(index) from None
                 if reply[0] == "error":
                     raise DataError(reply[1])
-                return reply[1], reply[2]
+                return tuple(reply[1:])  # (token ids back to back, lengths, pad id)
             if ready:  # the sentinel alone: dead with nothing left to read
                 raise self._died(index)
 
