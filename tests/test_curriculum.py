@@ -21,6 +21,7 @@ from tripletctl.curriculum import (
     Curriculum,
     DataConfig,
     EvalConfig,
+    MemoryConfig,
     ModelConfig,
     PhaseConfig,
     TrainConfig,
@@ -198,6 +199,38 @@ def test_schema_tables_match_the_dataclasses():
         "lr", "warmup_steps", "distance", "fallback", "chunk_size", "chunk_tokens", "on_collapse"
     ]
     assert list(UNTIL_KEYS) == [f.name for f in dataclasses.fields(UntilConfig)]
+
+
+def test_memory_is_off_by_default_inherited_from_train_and_overridable(tmp_path):
+    assert load_curriculum(write(tmp_path, MINIMAL)).phases[0].memory is None
+    text = edit(train={"memory": {"size": 4096}},
+                phases=phases_with(memory={"size": 512, "start_step": 100}))
+    c = load_curriculum(write(tmp_path, text))
+    assert c.train.memory == MemoryConfig(size=4096, start_step=0)
+    assert c.phases[0].memory == MemoryConfig(size=4096, start_step=0)  # from the train block
+    assert c.phases[2].memory == MemoryConfig(size=512, start_step=100)
+    off = load_curriculum(write(tmp_path, text), ["phases.0.memory=null", "phases.1.memory={size: 8}"])
+    assert off.phases[0].memory is None and off.phases[1].memory == MemoryConfig(size=8)
+    assert load_curriculum(write(tmp_path, yaml.safe_dump(curriculum_to_dict(c)))) == c  # round trip
+    console = Console(record=True, width=160)
+    console.print(plan_table(c))
+    assert "512 from step 100" in console.export_text()
+
+
+@pytest.mark.parametrize(("value", "hint"), [
+    (4096, "got 4096"),
+    ({"start_step": 3}, "size is missing"),
+    ({"size": 0}, "got {'size': 0}"),
+    ({"size": 64, "start_step": -1}, "start_step"),
+    ({"size": 64, "sise": 3}, "unknown key 'sise'; did you mean 'size'?"),
+])
+def test_bad_memory_values_name_file_phase_and_key(tmp_path, value, hint):
+    path = write(tmp_path, edit(phases=phases_with(memory=value)))
+    with pytest.raises(ConfigError) as info:
+        load_curriculum(path)
+    message = str(info.value)
+    assert f"{path}: phases[2] (hard): memory must be null or a mapping {{size: M, start_step: S}}" in message
+    assert hint in message
 
 
 def test_yaml_exponent_without_dot_is_read_as_a_number(tmp_path):

@@ -36,18 +36,25 @@ def _bf_dist(e: torch.Tensor, i: int, j: int, distance: str) -> torch.Tensor:
     return torch.sqrt(torch.clamp(sq, min=SQRT_EPS))
 
 
-def brute_force(e, labels, mode, margin, distance="euclidean", fallback="hardest", negatives=None):
+def brute_force(e, labels, mode, margin, distance="euclidean", fallback="hardest", negatives=None, memory=None):
     """Returns (loss tensor, dict of stats) from plain loops over the definitions.
 
     ``negatives`` ({(a, p): n}) supplies the draws for ``random``, which cannot be
-    reproduced independently; everything else is decided here.
+    reproduced independently; everything else is decided here.  ``memory``
+    ((M, D) embeddings, (M,) labels): extra candidates numbered B..B+M-1; anchors
+    stay the batch rows, and the batch-hard stat stays in-batch.
     """
-    labels = [int(x) for x in labels]
     b = len(labels)
-    d = [[_bf_dist(e, i, j, distance) for j in range(b)] for i in range(b)]
-    f = [[d[i][j].item() for j in range(b)] for i in range(b)]
-    pos = {a: [p for p in range(b) if p != a and labels[p] == labels[a]] for a in range(b)}
-    neg = {a: [n for n in range(b) if labels[n] != labels[a]] for a in range(b)}
+    if memory is not None:
+        in_batch = brute_force(e.detach(), labels, "batch-hard", margin, distance)[1]["batch_hard_loss"]
+        e = torch.cat([e, memory[0]])
+        labels = torch.cat([labels, memory[1]])
+    labels = [int(x) for x in labels]
+    n_cand = len(labels)
+    d = [[_bf_dist(e, i, j, distance) for j in range(n_cand)] for i in range(b)]
+    f = [[d[i][j].item() for j in range(n_cand)] for i in range(b)]
+    pos = {a: [p for p in range(n_cand) if p != a and labels[p] == labels[a]] for a in range(b)}
+    neg = {a: [n for n in range(n_cand) if labels[n] != labels[a]] for a in range(b)}
     anchors = [a for a in range(b) if pos[a] and neg[a]]
 
     def term(a, p, n):
@@ -97,7 +104,10 @@ def brute_force(e, labels, mode, margin, distance="euclidean", fallback="hardest
         "mean_an": sum(f[a][n] for a, _, n in triplets) / nt if nt else 0.0,
         "num_triplets": nt,
         "skipped_anchors": b - len(anchors),
+        "memory_rows": n_cand - b,
     }
+    if memory is not None:
+        stats["batch_hard_loss"] = in_batch
     return loss, stats
 
 
@@ -119,22 +129,24 @@ LABELS = {
 }
 
 
-def _random_negatives(e, labels, mode, margin, distance, fallback, seed):
+def _random_negatives(e, labels, mode, margin, distance, fallback, seed, memory=None):
     if mode != "random":
         return None
     g = torch.Generator().manual_seed(seed)
-    a, p, n = mine_indices(e, labels, mode, margin, distance, fallback, generator=g)
+    mem = {} if memory is None else {"memory_embeddings": memory[0], "memory_labels": memory[1]}
+    a, p, n = mine_indices(e, labels, mode, margin, distance, fallback, generator=g, **mem)
     return {(int(i), int(j)): int(k) for i, j, k in zip(a, p, n)}
 
 
-def _compare(e, labels, mode, margin, distance, fallback, seed=0, group_grads=None):
-    """Loss, gradients and stats of `mine` against the brute force."""
+def _compare(e, labels, mode, margin, distance, fallback, seed=0, group_grads=None, memory=None):
+    """Loss, gradients and stats of `mine` against the brute force (over batch ∪ memory candidates)."""
     leaf = e.clone().requires_grad_(True)
     g = torch.Generator().manual_seed(seed) if mode == "random" else None
-    loss, stats = mine(leaf, labels, mode, margin, distance, fallback, generator=g)
-    negs = _random_negatives(e, labels, mode, margin, distance, fallback, seed)
+    mem = {} if memory is None else {"memory_embeddings": memory[0], "memory_labels": memory[1]}
+    loss, stats = mine(leaf, labels, mode, margin, distance, fallback, generator=g, **mem)
+    negs = _random_negatives(e, labels, mode, margin, distance, fallback, seed, memory)
     leaf_bf = e.clone().requires_grad_(True)
-    loss_bf, st_bf = brute_force(leaf_bf, labels, mode, margin, distance, fallback, negs)
+    loss_bf, st_bf = brute_force(leaf_bf, labels, mode, margin, distance, fallback, negs, memory)
 
     assert loss.dim() == 0 and loss.grad_fn is not None
     assert loss.item() == pytest.approx(loss_bf.item(), abs=TOL)
@@ -163,6 +175,91 @@ def test_matches_brute_force(mode, distance, structure):
     fallbacks = ["hardest", "easiest"] if mode == "semi-hard" else ["hardest"]
     for fallback in fallbacks:
         _compare(e, labels, mode, 0.2, distance, fallback)
+
+
+MEMORIES = {  # (memory labels, batch structure) pairs: classes shared with the batch, new ones, none
+    "shared-classes": (lambda: torch.tensor([i % 4 for i in range(10)]), "four-classes"),
+    "new-and-shared": (lambda: torch.tensor([0, 0, 9, 9, 9, 8, 1, 7]), "uneven"),
+    "completes-singletons": (lambda: torch.tensor([5, 6, 6, 3, 2]), "singletons"),
+    "only-new-classes": (lambda: torch.tensor([20, 20, 21, 22, 22, 22]), "one-class"),
+    "one-row": (lambda: torch.tensor([1]), "two-classes"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("distance", ["euclidean", "squared-euclidean"])
+@pytest.mark.parametrize("case", sorted(MEMORIES))
+def test_memory_matches_brute_force(mode, distance, case):
+    """Mining with a memory = the brute force over (batch ∪ memory) candidates, anchors batch rows only."""
+    memory_labels, structure = MEMORIES[case]
+    labels, mem_labels = LABELS[structure](), memory_labels()
+    e = _emb(len(labels), seed=len(labels))
+    mem = _emb(len(mem_labels), seed=50 + len(mem_labels))
+    fallbacks = ["hardest", "easiest"] if mode == "semi-hard" else ["hardest"]
+    for fallback in fallbacks:
+        _, stats = _compare(e, labels, mode, 0.2, distance, fallback, seed=3, memory=(mem, mem_labels))
+        assert stats.memory_rows == len(mem_labels)
+
+
+@pytest.mark.parametrize("fallback", ["hardest", "easiest"])
+@pytest.mark.parametrize("margin", [0.05, 0.5, 1.5])
+def test_semi_hard_with_memory_fallbacks_and_margins(fallback, margin):
+    """Both semi-hard branches and batch-all's prefix sums with most candidates in the memory."""
+    labels = torch.tensor([0] * 3 + [1] * 3 + [2] * 2)
+    mem_labels = torch.tensor([i % 5 for i in range(24)])
+    for seed in range(2):
+        e, mem = _emb(len(labels), seed=200 + seed), _emb(24, seed=300 + seed)
+        _compare(e, labels, "semi-hard", margin, "euclidean", fallback, memory=(mem, mem_labels))
+        _compare(e, labels, "batch-all", margin, "squared-euclidean", fallback, memory=(mem, mem_labels))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_gradient_reaches_memory_rows(mode):
+    labels, mem_labels = LABELS["four-classes"](), torch.tensor([i % 6 for i in range(12)])
+    e = _emb(len(labels), seed=1).requires_grad_(True)
+    mem = _emb(12, seed=2).requires_grad_(True)  # even a memory that asks for gradients gets none
+    loss, stats = mine(e, labels, mode, 0.5, generator=torch.Generator().manual_seed(0),
+                       memory_embeddings=mem, memory_labels=mem_labels)
+    assert stats.num_triplets > 0 and loss.item() > 0
+    grad_e, grad_mem = torch.autograd.grad(loss, (e, mem), allow_unused=True)
+    assert grad_mem is None
+    assert torch.isfinite(grad_e).all() and grad_e.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_or_absent_memory_is_exactly_in_batch_mining(mode):
+    """Memory off (None) or empty (M = 0): bit-identical loss, gradients and stats to plain mining."""
+    labels = LABELS["uneven"]()
+    e = _emb(len(labels), seed=5, dtype=torch.float32)
+    results = []
+    for mem in ({}, {"memory_embeddings": e[:0], "memory_labels": labels[:0]}):
+        leaf = e.clone().requires_grad_(True)
+        loss, stats = mine(leaf, labels, mode, 0.2, generator=torch.Generator().manual_seed(0), **mem)
+        results.append((loss, torch.autograd.grad(loss, leaf)[0], stats))
+    (l0, g0, s0), (l1, g1, s1) = results
+    assert torch.equal(l0, l1) and torch.equal(g0, g1) and s0 == s1 and s1.memory_rows == 0
+
+
+def test_memory_batch_hard_stat_stays_in_batch():
+    """The logged batch-hard loss ignores the memory, while the mined loss uses it."""
+    labels = torch.tensor([0, 0, 1, 1])
+    e = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], dtype=torch.float64)
+    e = F.normalize(e, dim=1)
+    _, alone = mine(e, labels, "batch-hard", 0.2)
+    mem = F.normalize(torch.tensor([[0.95, 0.05]], dtype=torch.float64), dim=1)  # a class-1 row among class 0
+    loss, with_memory = mine(e, labels, "batch-hard", 0.2, memory_embeddings=mem, memory_labels=torch.tensor([1]))
+    assert with_memory.batch_hard_loss == pytest.approx(alone.batch_hard_loss, abs=1e-12)
+    assert loss.item() > alone.loss + 0.1  # the memory row is a much harder negative for class 0
+
+
+def test_memory_bad_arguments():
+    e, labels = _emb(4), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError):
+        mine(e, labels, "batch-hard", 0.2, memory_embeddings=_emb(3))
+    with pytest.raises(ValueError):
+        mine(e, labels, "batch-hard", 0.2, memory_embeddings=_emb(3, d=4), memory_labels=torch.zeros(3))
+    with pytest.raises(ValueError):
+        mine(e, labels, "batch-hard", 0.2, memory_embeddings=_emb(3), memory_labels=torch.zeros(2))
 
 
 @pytest.mark.parametrize("fallback", ["hardest", "easiest"])
@@ -381,3 +478,24 @@ def test_memory_is_quadratic(labels):
         assert torch.isfinite(leaf.grad).all()
         assert probe.max_numel >= b * b  # the probe saw the B×B tensors...
         assert probe.max_numel < b**3 / 8, (mode, probe.op, probe.max_numel)  # ...and nothing cubic
+
+
+@pytest.mark.parametrize("memory_classes", [2, 1000], ids=["two-classes", "classes-of-4"])
+def test_memory_is_batch_times_candidates(memory_classes):
+    """With M memory rows the largest tensor is O(B·(B+M)): no B×M×M or B×B×M tensor."""
+    b, m = 256, 4096
+    labels = torch.arange(b) % (2 if memory_classes == 2 else b // 4)
+    mem_labels = torch.arange(m) % memory_classes
+    g = torch.Generator().manual_seed(0)
+    e = F.normalize(torch.randn(b, 16, generator=g), dim=1)
+    mem = F.normalize(torch.randn(m, 16, generator=g), dim=1)
+    for mode in MODES:
+        leaf = e.clone().requires_grad_(True)
+        probe = _MaxNumel()
+        with probe:
+            loss, _ = mine(leaf, labels, mode, 0.2, generator=torch.Generator().manual_seed(0),
+                           memory_embeddings=mem, memory_labels=mem_labels)
+            loss.backward()
+        assert torch.isfinite(leaf.grad).all()
+        assert probe.max_numel >= b * (b + m)
+        assert probe.max_numel <= 2 * b * (b + m) + b, (mode, probe.op, probe.max_numel)

@@ -8,6 +8,7 @@ Layout of one checkpoint (`OUTPUT/phase-K-NAME/checkpoint/`, K the 0-based phase
                       "stream" (JSON-able stream state) and "stream_file" (else "stream.pt")
     stream.pt         data-stream state, only when it does not survive a JSON round trip
     rng.pt            python / numpy / torch CPU / torch CUDA RNG states (a list of them, one per rank, under torchrun)
+    memory.pt         the cross-batch memory queue (tensors only), in a phase with `memory`
     curriculum.yaml   the curriculum as run
     COMPLETE          written last: a directory without it is never trusted
 
@@ -53,6 +54,7 @@ class LoadedCheckpoint:
     stream_state: dict | None
     curriculum: dict
     rng: dict | list[dict]      # pass to restore_rng when ready; a list holds one state per rank (torchrun)
+    memory: dict | None = None  # EmbeddingMemory.state_dict() when the phase had a memory
 
     @property
     def model_dir(self) -> Path:
@@ -116,7 +118,7 @@ def _to_tuple(value: Any) -> Any:
 def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer: Any,
                     optimizer: torch.optim.Optimizer | None, state: dict,
                     stream_state: dict | None, curriculum: dict,
-                    rng: list[dict] | None = None) -> Path:
+                    rng: list[dict] | None = None, memory: dict | None = None) -> Path:
     """Write a complete checkpoint at `directory` atomically and return its path.
 
     `state` must be JSON-serialisable (phase index/name, step, global step, counters, world size);
@@ -124,6 +126,7 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer:
     and "stream_file".
     RNG states are captured here, so call this at the point the run would continue from; under
     torchrun pass `rng`, every rank's `capture_rng()` in rank order, so each rank resumes its own.
+    `memory` (a dict of tensors) is the cross-batch memory queue, saved as memory.pt.
     """
     clash = [k for k in RESERVED_STATE_KEYS if k in state]
     if clash:
@@ -136,7 +139,7 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer:
             clean_leftovers(target)
             tmp.mkdir()
         _write_contents(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, state=state,
-                        stream_state=stream_state, curriculum=curriculum, rng=rng)
+                        stream_state=stream_state, curriculum=curriculum, rng=rng, memory=memory)
         with writing(target):
             _swap_in(tmp, target)
     except BaseException as error:  # disk full, read-only, Ctrl-C: the old checkpoint stays in place
@@ -148,7 +151,7 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer:
     return target
 
 
-def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_state, curriculum, rng) -> None:
+def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_state, curriculum, rng, memory) -> None:
     record: dict[str, Any] = {**state, "format_version": FORMAT_VERSION,
                               "stream": None, "stream_file": None}
     if stream_state is not None and _json_roundtrips(stream_state):
@@ -164,6 +167,8 @@ def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_sta
     if optimizer is not None:
         _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
     _torch_save(rng if rng is not None else capture_rng(), tmp / "rng.pt")
+    if memory is not None:
+        _torch_save(memory, tmp / "memory.pt")
     with writing(tmp / "curriculum.yaml"):
         (tmp / "curriculum.yaml").write_text(yaml.safe_dump(_plain(curriculum), sort_keys=False))
         _fsync_tree(tmp)
@@ -307,13 +312,19 @@ def load_checkpoint(directory: str | Path, *, model: torch.nn.Module | None = No
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged: {e}") from e
+    memory = None
+    if (path / "memory.pt").exists():
+        try:  # a torn or foreign file fails in pickle or zip code with many exception types
+            memory = torch.load(path / "memory.pt", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} is damaged: memory.pt: {e}") from e
     if model is not None:
         _restore_model(path / "model", model)
     if optimizer is not None:
         _restore_optimizer(path / "optimizer.pt", optimizer, map_location)
     state = {k: v for k, v in record.items() if k not in RESERVED_STATE_KEYS}
     return LoadedCheckpoint(path=path, state=state, stream_state=stream_state,
-                            curriculum=curriculum, rng=rng)
+                            curriculum=curriculum, rng=rng, memory=memory)
 
 
 def _restore_model(model_dir: Path, model: torch.nn.Module) -> None:

@@ -80,6 +80,15 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """Cross-batch memory (docs/mining.md): the last `size` embeddings join every step's candidates
+    from the phase's step `start_step` on (the queue fills from step 0)."""
+
+    size: int
+    start_step: int = 0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     optimizer: str = "adamw"
     lr: float = 2e-5
@@ -100,6 +109,7 @@ class TrainConfig:
     on_collapse: str = "warn"     # "warn" | "stop" | "fallback" (default for phases)
     collapse_patience: int = 50   # consecutive steps
     collapse_tolerance: float = 0.1  # relative to the margin
+    memory: MemoryConfig | None = None  # cross-batch memory (default for phases); None = off
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,7 @@ class PhaseConfig:
     chunk_tokens: int | str | None = TrainConfig.chunk_tokens
     on_collapse: str = TrainConfig.on_collapse
     until: UntilConfig | None = None  # end conditions; `steps` is then the maximum (conditions.py)
+    memory: MemoryConfig | None = TrainConfig.memory
 
 
 @dataclass(frozen=True)
@@ -310,6 +321,29 @@ def _layer_sizes(value: Any, raw: str | None) -> tuple[int, ...]:
     raise _Invalid("a list of positive integers (layer sizes), e.g. [256, 128]")
 
 
+_MEMORY_EXPECTED = "null or a mapping {size: M, start_step: S} (M a positive integer, S a non-negative integer)"
+
+
+def _memory(value: Any, raw: str | None) -> MemoryConfig | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _Invalid(_MEMORY_EXPECTED)
+    unknown = [k for k in value if k not in ("size", "start_step")]
+    if unknown:
+        matches = difflib.get_close_matches(str(unknown[0]), ("size", "start_step"), n=1, cutoff=0.6)
+        suggestion = f"; did you mean '{matches[0]}'?" if matches else ""
+        raise _Invalid(_MEMORY_EXPECTED, f" (unknown key '{unknown[0]}'{suggestion})")
+    if "size" not in value:
+        raise _Invalid(_MEMORY_EXPECTED, " (size is missing)")
+    try:
+        size = _integer(1)(value["size"], None)
+        start_step = _integer(0)(value.get("start_step", 0), None)
+    except _Invalid:
+        raise _Invalid(_MEMORY_EXPECTED) from None
+    return MemoryConfig(size=size, start_step=start_step)
+
+
 def _source(value: Any, raw: str | None) -> str | dict[str, str]:
     if raw is not None and _is_scalar(value):
         value = raw
@@ -391,6 +425,7 @@ BLOCK_KEYS: dict[str, dict[str, _Check]] = {
         "on_collapse": _choice(ON_COLLAPSE),
         "collapse_patience": _integer(1),
         "collapse_tolerance": _number(positive=False),
+        "memory": _memory,
     },
     "eval": {
         **_SOURCE_KEYS,
@@ -414,6 +449,7 @@ PHASE_KEYS: dict[str, _Check] = {
     "chunk_tokens": BLOCK_KEYS["train"]["chunk_tokens"],
     "on_collapse": BLOCK_KEYS["train"]["on_collapse"],
     "until": _mapping("a mapping of end conditions, e.g. {active_fraction_below: 0.05}, or null"),
+    "memory": BLOCK_KEYS["train"]["memory"],
 }
 
 # `until:` (checked by _check_until once the phase's steps and eval.every are known)
@@ -433,7 +469,7 @@ PLATEAU_KEYS: dict[str, dict[str, _Check]] = {
 }
 
 # Phase keys that default to the train block's value rather than to a constant.
-PHASE_KEYS_FROM_TRAIN = ("lr", "warmup_steps", "distance", "fallback", "chunk_size", "chunk_tokens", "on_collapse")
+PHASE_KEYS_FROM_TRAIN = ("lr", "warmup_steps", "distance", "fallback", "chunk_size", "chunk_tokens", "on_collapse", "memory")
 
 TOP_KEYS = ("model", "data", "train", "phases", "eval")
 _REQUIRED = {"model": ("name",), "data": ("source",), "train": (), "eval": ("source",)}
@@ -949,12 +985,17 @@ def plan_table(c: Curriculum) -> Table:
         ("steps", "right"), ("samples", "right"), ("lr", "right"), ("distance", "left"),
     ]:
         table.add_column(header, justify=justify, overflow="fold")
+    with_memory = any(p.memory is not None for p in c.phases)
+    if with_memory:  # only then: plans without a memory print as they always did
+        table.add_column("memory", justify="right", overflow="fold")
     for index, phase in enumerate(c.phases):
         at_most = "≤" if phase.until else ""  # conditions may end the phase earlier
+        memory = [] if not with_memory else [
+            "-" if phase.memory is None else f"{phase.memory.size:,} from step {phase.memory.start_step:,}"]
         table.add_row(
             str(index), escape(phase.name), phase.mining, f"{phase.batch_size:,}", f"{phase.margin:g}",
             f"{at_most}{phase.steps:,}", f"{at_most}{phase.batch_size * phase.steps:,}", f"{phase.lr:g}",
-            phase.distance,
+            phase.distance, *memory,
         )
     total_steps = sum(p.steps for p in c.phases)
     total_samples = sum(p.batch_size * p.steps for p in c.phases)

@@ -7,6 +7,11 @@ even for batch-all (see ``docs/mining.md`` for the prefix-sum trick).
 
 Anchor-positive pairs are all ordered pairs (a, p), a != p, with the same label;
 negatives of a are all samples with another label.
+
+With a cross-batch memory (``memory_embeddings``/``memory_labels``: M detached
+rows of earlier batches) the anchors stay the B batch rows but the candidates
+are batch ∪ memory: the matrices become B×(B+M), still never three-way, and no
+gradient reaches the memory rows.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ class MiningStats:
     """What one mining step saw; plain floats so they can be logged without the graph."""
 
     loss: float  # the mined loss (same number as the returned tensor)
-    batch_hard_loss: float  # batch-hard loss of the same batch, whatever the mode
+    batch_hard_loss: float  # in-batch batch-hard loss of the same batch, whatever the mode or memory
     active_fraction: float  # fraction of the mode's triplets with loss > 0
     mean_ap: float  # mean d(a,p) over the mined triplets (0.0 when there are none)
     mean_an: float  # mean d(a,n) over the mined triplets (0.0 when there are none)
     num_triplets: int  # triplets the loss averages over (batch-all: all valid triplets)
     skipped_anchors: int  # anchors with no valid positive or no valid negative
     embedding_spread: float  # sqrt(mean ||e - mean(e)||^2): 0 when collapsed
+    memory_rows: int = 0  # memory rows among the candidates (0: in-batch mining)
 
 
 def _working_dtype(embeddings: Tensor) -> Tensor:
@@ -47,25 +53,34 @@ def _working_dtype(embeddings: Tensor) -> Tensor:
     return embeddings
 
 
-def pairwise_distances(embeddings: Tensor, distance: str = "euclidean") -> Tensor:
+def pairwise_distances(embeddings: Tensor, distance: str = "euclidean", memory: Tensor | None = None) -> Tensor:
     """B×B distance matrix from the Gram matrix (one matmul, O(B²) memory).
 
     ``euclidean`` is ``sqrt(clamp(||x-y||², min=SQRT_EPS))``: finite gradients for
     duplicate embeddings (zero gradient there) at the cost of reading 1e-6 instead of 0.
+    With ``memory`` (M, D): B×(B+M), columns the batch then the memory rows, which
+    are detached (no gradient may reach a stored embedding).
     """
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; expected one of {', '.join(DISTANCES)}")
     e = _working_dtype(embeddings)
     with torch.autocast(device_type=e.device.type, enabled=False):
-        gram = e @ e.T
-    sq_norm = torch.diagonal(gram)
-    sq = torch.add(sq_norm[:, None] + sq_norm[None, :], gram, alpha=-2.0)
+        if memory is None:
+            gram = e @ e.T
+            sq_norm = sq_cols = torch.diagonal(gram)
+        else:
+            m = memory.detach().to(e.dtype)
+            gram = e @ torch.cat([e, m]).T
+            sq_norm = torch.diagonal(gram[:, : e.shape[0]])
+            sq_cols = torch.cat([sq_norm, (m * m).sum(1)])
+    sq = torch.add(sq_norm[:, None] + sq_cols[None, :], gram, alpha=-2.0)
     if distance == "squared-euclidean":
         return sq.clamp(min=0.0)  # rounding can dip below 0
     return sq.clamp(min=SQRT_EPS).sqrt()
 
 
-def _check(embeddings: Tensor, labels: Tensor, mode: str, fallback: str) -> None:
+def _check(embeddings: Tensor, labels: Tensor, mode: str, fallback: str,
+           memory_embeddings: Tensor | None = None, memory_labels: Tensor | None = None) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mining mode {mode!r}; expected one of {', '.join(MODES)}")
     if fallback not in FALLBACKS:
@@ -78,52 +93,65 @@ def _check(embeddings: Tensor, labels: Tensor, mode: str, fallback: str) -> None
         raise ValueError(
             f"labels must be (B,) with B={embeddings.shape[0]}, got shape {tuple(labels.shape)}"
         )
+    if (memory_embeddings is None) != (memory_labels is None):
+        raise ValueError("memory_embeddings and memory_labels come together (or not at all)")
+    if memory_embeddings is not None:
+        if memory_embeddings.dim() != 2 or memory_embeddings.shape[1] != embeddings.shape[1]:
+            raise ValueError(f"memory_embeddings must be (M, {embeddings.shape[1]}), "
+                             f"got shape {tuple(memory_embeddings.shape)}")
+        if memory_labels.dim() != 1 or memory_labels.shape[0] != memory_embeddings.shape[0]:
+            raise ValueError(f"memory_labels must be (M,) with M={memory_embeddings.shape[0]}, "
+                             f"got shape {tuple(memory_labels.shape)}")
 
 
 @dataclass(frozen=True)
 class _Layout:
     """Who is a positive/negative of whom, without B×B masks where they are not needed.
 
-    Samples are sorted by label once (1-D), so each class is a contiguous block of
-    ``order``: anchor a's positives are its block minus itself, its negatives the
-    rest.  The anchor-positive pairs are laid out as a (B, P) matrix, P = largest
-    class size - 1, which is ≤ B² cells (half of them with two classes, 3B with
-    classes of 4) instead of scanning all B² cells.
+    Candidates (the batch, then any memory rows: N = B + M) are sorted by label once
+    (1-D), so each class is a contiguous block of ``order``: anchor a's positives are
+    its block minus itself, its negatives the rest.  The anchor-positive pairs are
+    laid out as a (B, P) matrix, P = largest class size - 1, which is ≤ B·N cells
+    (3B with classes of 4 and no memory) instead of scanning all B·N cells.
     """
 
-    labels: Tensor  # (B,)
-    order: Tensor  # (B,) sample indices sorted by label (stable)
-    start: Tensor  # (B,) where each sample's class block starts in ``order``
-    size: Tensor  # (B,) class size of each sample
+    labels: Tensor  # (B,) the anchors' labels
+    candidate_labels: Tensor  # (N,) the batch's labels, then the memory's
+    order: Tensor  # (N,) candidate indices sorted by label (stable)
+    start: Tensor  # (B,) where each anchor's class block starts in ``order``
+    size: Tensor  # (B,) class size of each anchor among the candidates
     n_neg: Tensor  # (B,) negatives per anchor
     anchors: Tensor  # (B,) bool: has a positive and a negative
-    pos_idx: Tensor  # (B, P) positive sample indices (junk where not valid)
+    pos_idx: Tensor  # (B, P) positive candidate indices (junk where not valid)
     valid: Tensor  # (B, P) bool: real anchor-positive pair of a usable anchor
 
     def neg_mask(self) -> Tensor:
-        return self.labels[:, None] != self.labels[None, :]
+        return self.labels[:, None] != self.candidate_labels[None, :]
 
 
-def _layout(labels: Tensor) -> _Layout:
+def _layout(labels: Tensor, memory_labels: Tensor | None = None) -> _Layout:
     b = labels.shape[0]
-    order = torch.argsort(labels, stable=True)
+    candidates = labels if memory_labels is None else torch.cat([labels, memory_labels.to(labels.device)])
+    n = candidates.shape[0]
+    order = torch.argsort(candidates, stable=True)
     _, cls_sorted, counts = torch.unique_consecutive(
-        labels[order], return_inverse=True, return_counts=True
+        candidates[order], return_inverse=True, return_counts=True
     )
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(b, device=labels.device)
+    rank[order] = torch.arange(n, device=labels.device)
+    rank = rank[:b]  # anchors are the first B candidates
     cls = cls_sorted[rank]
     start = (counts.cumsum(0) - counts)[cls]
     size = counts[cls]
-    n_pos, n_neg = size - 1, b - size
+    n_pos, n_neg = size - 1, n - size
     anchors = (n_pos > 0) & (n_neg > 0)
     p_max = max(int(n_pos.max()), 1)  # one host sync, to size the layout
     j = torch.arange(p_max, device=labels.device)
     within = rank - start  # the anchor's own slot in its block, skipped below
     col = start[:, None] + j + (j >= within[:, None]).long()
-    pos_idx = order[col.clamp(max=b - 1)]
+    pos_idx = order[col.clamp(max=n - 1)]
     valid = (j < n_pos[:, None]) & anchors[:, None]
-    return _Layout(labels, order, start, size, n_neg, anchors, pos_idx, valid)
+    return _Layout(labels, candidates, order, start, size, n_neg, anchors, pos_idx, valid)
 
 
 def _sorted_negatives(dist: Tensor, lay: _Layout, margin: float) -> tuple[Tensor, Tensor]:
@@ -154,6 +182,7 @@ def _pair_negatives(
 ) -> tuple[Tensor, Tensor]:
     """For every (a, p) slot of the layout: the chosen negative's distance and index, (B, P) each."""
     b, p = d_ap.shape
+    n = dist.shape[1]
     last = (lay.n_neg - 1).clamp(min=0)[:, None]
     if mode == "hard-negative":
         d_an, n_idx = _closest_negative(dist, lay)
@@ -163,7 +192,7 @@ def _pair_negatives(
         u = torch.rand((b, p), generator=generator, device=dist.device)
         k = torch.minimum((u * lay.n_neg[:, None]).long(), last)
         k = k + lay.size[:, None] * (k >= lay.start[:, None]).long()
-        n_idx = lay.order[k.clamp(max=b - 1)]
+        n_idx = lay.order[k.clamp(max=n - 1)]
         return dist.gather(1, n_idx), n_idx
     # semi-hard: the closest negative strictly farther than the positive.
     values, indices = sorted_neg if sorted_neg is not None else _sorted_negatives(dist, lay, margin)
@@ -173,11 +202,15 @@ def _pair_negatives(
     return values.gather(1, col), indices.gather(1, col)
 
 
-def _prepare(embeddings: Tensor, labels: Tensor, mode: str, distance: str, fallback: str):
-    _check(embeddings, labels, mode, fallback)
-    dist = pairwise_distances(embeddings, distance)
-    lay = _layout(labels.to(dist.device))
+def _prepare(embeddings: Tensor, labels: Tensor, mode: str, distance: str, fallback: str,
+             memory_embeddings: Tensor | None, memory_labels: Tensor | None):
+    _check(embeddings, labels, mode, fallback, memory_embeddings, memory_labels)
+    if memory_embeddings is not None and memory_embeddings.shape[0] == 0:
+        memory_embeddings = memory_labels = None  # an empty memory is today's in-batch mining, exactly
+    dist = pairwise_distances(embeddings, distance, memory_embeddings)
+    lay = _layout(labels.to(dist.device), None if memory_labels is None else memory_labels.to(dist.device))
     return dist, lay
+
 
 
 def mine(
@@ -188,6 +221,8 @@ def mine(
     distance: str = "euclidean",
     fallback: str = "hardest",
     generator: torch.Generator | None = None,
+    memory_embeddings: Tensor | None = None,
+    memory_labels: Tensor | None = None,
 ) -> tuple[Tensor, MiningStats]:
     """Mine triplets in one batch and return (differentiable scalar loss, stats).
 
@@ -195,8 +230,12 @@ def mine(
     mode's triplets (batch-all: over the active ones).  Anchors without a
     positive or a negative are skipped; with nothing valid the loss is a zero
     that is still connected to ``embeddings``.
+
+    ``memory_embeddings`` (M, D) and ``memory_labels`` (M,): extra candidates
+    (positives and negatives) for the batch's anchors, never anchors themselves,
+    never differentiated.  ``stats.batch_hard_loss`` stays the in-batch one.
     """
-    dist, lay = _prepare(embeddings, labels, mode, distance, fallback)
+    dist, lay = _prepare(embeddings, labels, mode, distance, fallback, memory_embeddings, memory_labels)
     zero = dist.new_zeros(())
     valid = lay.valid
     d_ap = dist.gather(1, lay.pos_idx)  # (B, P) anchor-positive distances
@@ -213,6 +252,14 @@ def mine(
             bh_an = _closest_negative(dist if mode == "batch-hard" else dist.detach(), lay)[0]
         bh_terms = torch.relu(bh_ap - bh_an + margin).where(lay.anchors, zero)
     n_anchors = lay.anchors.sum()
+    memory_rows = dist.shape[1] - dist.shape[0]
+    if memory_rows:  # the logged yardstick stays in-batch, so phases with and without memory compare
+        with torch.no_grad():
+            in_batch, ib_dist = _layout(lay.labels), dist[:, : dist.shape[0]].detach()
+            ib_ap = ib_dist.gather(1, in_batch.pos_idx).where(in_batch.valid, -1.0).max(dim=1).values
+            ib_an = _closest_negative(ib_dist, in_batch)[0]
+            ib_loss = torch.relu(ib_ap - ib_an + margin).where(in_batch.anchors, zero).sum() \
+                / in_batch.anchors.sum().clamp(min=1)
 
     if mode == "batch-hard":
         n_trip = n_anchors
@@ -251,7 +298,7 @@ def mine(
     with torch.no_grad():
         e = _working_dtype(embeddings.detach())
         spread = (e - e.mean(0)).pow(2).sum(1).mean().sqrt()
-        bh_loss = bh_terms.detach().sum() / n_anchors.clamp(min=1)
+        bh_loss = ib_loss if memory_rows else bh_terms.detach().sum() / n_anchors.clamp(min=1)
         denom = n_trip.clamp(min=1).to(dist.dtype)
         # One host transfer for all the numbers.
         nums = torch.stack(
@@ -275,6 +322,7 @@ def mine(
         num_triplets=int(round(nums[5])),
         skipped_anchors=int(round(nums[6])),
         embedding_spread=nums[7],
+        memory_rows=memory_rows,
     )
     return loss, stats
 
@@ -287,16 +335,20 @@ def mine_indices(
     distance: str = "euclidean",
     fallback: str = "hardest",
     generator: torch.Generator | None = None,
+    memory_embeddings: Tensor | None = None,
+    memory_labels: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The mined triplets as (anchor, positive, negative) index vectors, for inspection and tests.
 
-    Same selection as ``mine`` (same generator state → same triplets).  Not for
-    ``batch-all``: it uses every active triplet, which is O(B³) to list.
+    Same selection as ``mine`` (same generator state → same triplets).  With a
+    memory, positive and negative indices count the batch first (0..B-1), then the
+    memory rows (B..B+M-1).  Not for ``batch-all``: it uses every active triplet,
+    which is O(B³) to list.
     """
     if mode == "batch-all":
         raise ValueError("batch-all uses every active triplet; there is no O(B²) list to return")
     with torch.no_grad():
-        dist, lay = _prepare(embeddings, labels, mode, distance, fallback)
+        dist, lay = _prepare(embeddings, labels, mode, distance, fallback, memory_embeddings, memory_labels)
         d_ap = dist.gather(1, lay.pos_idx)
         if mode == "batch-hard":
             slot = d_ap.where(lay.valid, -1.0).argmax(dim=1)

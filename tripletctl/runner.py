@@ -46,10 +46,11 @@ from tripletctl.distributed import (
     no_sync_for,
     wrap_model,
 )
-from tripletctl.errors import TripletctlError, WorkerDiedError, writing
+from tripletctl.errors import CheckpointError, TripletctlError, WorkerDiedError, writing
 from tripletctl.faults import fault_point
 from tripletctl.interrupt import StopFlag
 from tripletctl.evaluation import evaluate_model
+from tripletctl.memory import EmbeddingMemory, carry_over
 from tripletctl.model import build_model
 
 EXIT_DONE = 0
@@ -104,6 +105,7 @@ class PhaseOutcome:
     exit_code: int
     stream_state: dict | None
     reason: str | None = None  # what stopped the phase, for the closing line
+    memory: EmbeddingMemory | None = None  # the cross-batch memory, for the next phase
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -186,9 +188,11 @@ def run_phase(
     stop: StopFlag,
     console: Console,
     stop_at_global_step: int | None,
+    memory: EmbeddingMemory | None = None,
 ) -> PhaseOutcome:
     """Run one phase from `progress.step` to its last step. `model` is the bare TripletEncoder,
-    `train_model` the same model possibly wrapped in DDP (used for the forward passes)."""
+    `train_model` the same model possibly wrapped in DDP (used for the forward passes). `memory`
+    is the cross-batch memory the previous phase (or the checkpoint) left."""
     phase = curriculum.phases[phase_index]
     train_cfg = curriculum.train
     device = ctx.device
@@ -220,6 +224,8 @@ def run_phase(
     until_state = conditions.ConditionState.from_dict(progress.conditions)
     gather = partial(gather_with_grad, ctx=ctx) if ctx.enabled else None
     no_sync = no_sync_for(train_model) if ctx.enabled else None
+    memory = carry_over(memory, phase.memory.size if phase.memory else None,
+                        dim=model.embedding_dim, normalized=model.normalize)
 
     def checkpoint(state_after: dict | None) -> None:
         progress.watchdog = watchdog.state_dict()
@@ -232,6 +238,7 @@ def run_phase(
                 phase_dir / "checkpoint", model=model, tokenizer=tokenizer, optimizer=optimizer,
                 state={**progress.__dict__, "phase_name": phase.name, "world_size": ctx.world_size},
                 stream_state=state_after, curriculum=curriculum_to_dict(curriculum), rng=rng,
+                memory=memory.state_dict() if memory is not None else None,
             )
         barrier(ctx)
 
@@ -263,12 +270,12 @@ def run_phase(
             except StreamInterrupted:  # Ctrl-C/SIGTERM while waiting for data
                 if progress.step > 0:  # at step 0 the last checkpoint (if any) already holds this state
                     checkpoint(last_state)
-                return PhaseOutcome(EXIT_INTERRUPTED, last_state)
+                return PhaseOutcome(EXIT_INTERRUPTED, last_state, memory=memory)
             except WorkerDiedError as error:
                 if ctx.enabled:  # the other ranks cannot join a checkpoint now: the last good one stays
                     raise
                 checkpoint(last_state)
-                return PhaseOutcome(EXIT_WORKER_DIED, last_state, reason=str(error))
+                return PhaseOutcome(EXIT_WORKER_DIED, last_state, reason=str(error), memory=memory)
             # rows travel unpadded: padded on the device, sorted by length and packed into chunks
             plan = plan_chunks(batch.lengths, chunking)
             input_ids, attention_mask = pad_ragged(batch.token_ids.to(device, non_blocking=True),
@@ -284,14 +291,23 @@ def run_phase(
             # 3. embed in chunks, mine over the whole (global) batch, back-propagate chunk by chunk
             mode = progress.mining_override or phase.mining
             generator = torch.Generator(device=device).manual_seed(train_cfg.seed * 1_000_003 + progress.global_step)
-            loss_fn = partial(
-                mining.mine, mode=mode, margin=phase.margin, distance=phase.distance,
-                fallback=phase.fallback, generator=generator,
-            )
+            #    (with a memory: against its rows too, from start_step on; then the global batch enters it)
+            use_memory = memory is not None and memory.filled > 0 and progress.step >= phase.memory.start_step
+            memory_embeddings, memory_labels = memory.contents() if use_memory else (None, None)
+            mined_batch = []
+
+            def loss_fn(embeddings: torch.Tensor, labels: torch.Tensor):
+                mined_batch.append((embeddings.detach(), labels))
+                return mining.mine(embeddings, labels, mode=mode, margin=phase.margin, distance=phase.distance,
+                                   fallback=phase.fallback, generator=generator,
+                                   memory_embeddings=memory_embeddings, memory_labels=memory_labels)
+
             loss_value, stats, _ = embed_and_backward(
                 train_model, input_ids, attention_mask, global_labels, loss_fn, plan,
                 autocast_dtype=autocast_dtype, gather=gather, no_sync=no_sync,
             )
+            if memory is not None:
+                memory.push(*mined_batch[0])
 
             # 4. optimiser step
             grad_norm = None
@@ -331,6 +347,8 @@ def run_phase(
                 "graph_kept": plan.keep_graph, "padded_tokens": plan.padded_tokens, "real_tokens": plan.real_tokens,
                 "time": time.time(),
             }
+            if phase.memory is not None:  # `loss` above is then mined against the memory too
+                record["memory_rows"] = stats.memory_rows
             events = []
             # collapse watchdog: batch-hard loss stuck at the margin and no spread
             if collapsed > 0:
@@ -390,11 +408,11 @@ def run_phase(
             if done or paused or stop_now or exit_code == EXIT_COLLAPSE_STOP or (every and progress.step % every == 0):
                 checkpoint(last_state)
             if exit_code == EXIT_COLLAPSE_STOP:
-                return PhaseOutcome(EXIT_COLLAPSE_STOP, last_state)
+                return PhaseOutcome(EXIT_COLLAPSE_STOP, last_state, memory=memory)
             if stop_now:
-                return PhaseOutcome(EXIT_INTERRUPTED, last_state)
+                return PhaseOutcome(EXIT_INTERRUPTED, last_state, memory=memory)
             if paused:
-                return PhaseOutcome(PAUSED, last_state)
+                return PhaseOutcome(PAUSED, last_state, memory=memory)
     finally:
         bar.stop()
         stream.close()
@@ -403,7 +421,7 @@ def run_phase(
                 metrics_file.close()
             except OSError:  # a full disk already reported by the write above
                 pass
-    return PhaseOutcome(EXIT_DONE, last_state)
+    return PhaseOutcome(EXIT_DONE, last_state, memory=memory)
 
 
 def _until_display(until: conditions.UntilConfig | None, state: conditions.ConditionState) -> str:
@@ -561,6 +579,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
     optimizer = torch.optim.AdamW(model.parameters(), lr=curriculum.phases[0].lr, weight_decay=train_cfg.weight_decay)
     progress = RunProgress()
     stream_state: dict | None = None
+    memory: EmbeddingMemory | None = None
     rng_state = None
     closed_phase: int | None = None
     if resume:
@@ -569,6 +588,11 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         known = set(RunProgress.__dataclass_fields__)
         progress = RunProgress(**{k: v for k, v in loaded.state.items() if k in known})
         stream_state = loaded.stream_state
+        if loaded.memory is not None:
+            try:
+                memory = EmbeddingMemory.from_state_dict(loaded.memory, device=device)
+            except ValueError as e:
+                raise CheckpointError(f"checkpoint {loaded.path} is damaged: memory.pt: {e}") from None
         rng_state = loaded.rng
         if isinstance(rng_state, list):  # one state per rank (check_world_size made the counts equal)
             rng_state = rng_state[ctx.rank]
@@ -629,8 +653,10 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
                 curriculum=curriculum, phase_index=index, model=model, train_model=train_model,
                 tokenizer=tokenizer, optimizer=optimizer, progress=progress, stream_state=stream_state,
                 ctx=ctx, eval_rows=eval_rows, stop=stop, console=console, stop_at_global_step=stop_at,
+                memory=memory,
             )
             stream_state = outcome.stream_state  # the next phase continues the stream, never restarts it
+            memory = outcome.memory
             phase_done = progress.phase_finished(curriculum.phases[index])
             if ctx.is_main:
                 summary = _phase_summary(curriculum, index, started, progress)

@@ -1,0 +1,96 @@
+"""The cross-batch memory queue against a plain Python list of the rows pushed so far."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tripletctl.memory import EmbeddingMemory, carry_over
+
+
+def _batch(start: int, rows: int, dim: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose values name them: row i is [i, i, i] with label i (easy to check order)."""
+    ids = torch.arange(start, start + rows)
+    return ids[:, None].expand(rows, dim).double(), ids
+
+
+@pytest.mark.parametrize(("size", "batches"), [(10, [4, 4, 4, 4]), (8, [3, 5, 2, 7, 1]), (5, [12, 2]), (6, [6, 6])])
+def test_fifo_keeps_the_newest_rows(size, batches):
+    memory = EmbeddingMemory(size, normalized=True)
+    reference: list[int] = []
+    start = 0
+    for rows in batches:
+        memory.push(*_batch(start, rows))
+        reference = (reference + list(range(start, start + rows)))[-size:]
+        start += rows
+        e, y = memory.chronological()
+        assert y.tolist() == reference
+        assert e[:, 0].tolist() == [float(i) for i in reference]
+        assert e.dtype == torch.float32 and y.dtype == torch.long
+        # mining sees the same rows, in slot order
+        slot_e, slot_y = memory.contents()
+        assert sorted(slot_y.tolist()) == sorted(reference) and memory.filled == len(reference)
+        assert torch.equal(slot_e[:, 0].long(), slot_y)
+
+
+def test_push_detaches():
+    memory = EmbeddingMemory(4, normalized=True)
+    e = torch.ones(2, 3, requires_grad=True)
+    memory.push(e * 2, torch.tensor([0, 1]))
+    assert not memory.contents()[0].requires_grad
+
+
+def test_state_dict_round_trips_through_weights_only_load(tmp_path):
+    memory = EmbeddingMemory(5, normalized=False)
+    for start in (0, 3, 6):
+        memory.push(*_batch(start, 3))
+    torch.save(memory.state_dict(), tmp_path / "memory.pt")
+    state = torch.load(tmp_path / "memory.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    back = EmbeddingMemory.from_state_dict(state)
+    assert (back.size, back.normalized, back.filled, back.head) == (5, False, 5, memory.head)
+    assert torch.equal(back.embeddings, memory.embeddings) and torch.equal(back.labels, memory.labels)
+    # both go on identically
+    memory.push(*_batch(9, 2))
+    back.push(*_batch(9, 2))
+    assert torch.equal(back.embeddings, memory.embeddings) and torch.equal(back.labels, memory.labels)
+    empty = EmbeddingMemory.from_state_dict(EmbeddingMemory(3, True).state_dict())
+    assert empty.filled == 0 and empty.embeddings is None
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: s.pop("labels"),
+    lambda s: s.update(filled=torch.tensor(9)),
+    lambda s: s.update(size=torch.tensor(0)),
+    lambda s: s.update(embeddings=torch.zeros(2, 3)),
+    lambda s: s.update(head=torch.tensor(1)),  # not full: the next slot must be `filled`
+])
+def test_damaged_state_is_a_value_error(damage):
+    memory = EmbeddingMemory(5, normalized=True)
+    memory.push(*_batch(0, 3))
+    state = memory.state_dict()
+    damage(state)
+    with pytest.raises(ValueError):
+        EmbeddingMemory.from_state_dict(state)
+
+
+def test_carry_over_between_phases():
+    memory = EmbeddingMemory(6, normalized=True)
+    memory.push(*_batch(0, 8))
+    assert carry_over(memory, None, dim=3, normalized=True) is None  # a phase without memory
+    assert carry_over(memory, 6, dim=3, normalized=True) is memory  # same queue goes on
+    smaller = carry_over(memory, 4, dim=3, normalized=True)
+    assert smaller.chronological()[1].tolist() == [4, 5, 6, 7]
+    larger = carry_over(memory, 10, dim=3, normalized=True)
+    assert larger.chronological()[1].tolist() == [2, 3, 4, 5, 6, 7] and larger.size == 10
+    for changed in ({"dim": 4, "normalized": True}, {"dim": 3, "normalized": False}):  # cleared
+        fresh = carry_over(memory, 6, **changed)
+        assert fresh.filled == 0 and fresh.normalized == changed["normalized"]
+    assert carry_over(None, 6, dim=3, normalized=True).filled == 0
+
+
+def test_a_different_embedding_size_restarts_the_queue():
+    memory = EmbeddingMemory(6, normalized=True)
+    memory.push(*_batch(0, 4, dim=3))
+    memory.push(*_batch(4, 2, dim=5))
+    assert memory.chronological()[1].tolist() == [4, 5] and memory.dim == 5
