@@ -21,6 +21,13 @@ only), noisy below a few MiB.
 
 Target: at B=2000 with two classes every mode takes at most the time of
 sentence-transformers' semi-hard on the same machine in the same run.
+
+With ``--memory 0,4096,16384`` it instead reports the cost of a cross-batch memory:
+every mode at each batch size with M memory rows as extra candidates (classes of 4,
+the memory's first classes shared with the batch), each M's time and peak memory
+beside the M = 0 figure of the same run:
+
+    python bench/mining.py --memory 0,4096,16384 --sizes 128,512,2000 --repeats 3
 """
 
 from __future__ import annotations
@@ -94,6 +101,18 @@ def inputs(b: int, classes: int, dim: int, device: str):
     return e, y
 
 
+def memory_inputs(m: int, dim: int, device: str):
+    """M memory rows in classes of 4: the first B/4 classes are the batch's, the rest are new."""
+    g = torch.Generator().manual_seed(m)
+    e = F.normalize(torch.randn(m, dim, generator=g), dim=1).to(device)
+    return e, (torch.arange(m) // 4).to(device)
+
+
+def with_memory(mode: str, mem: tuple | None):
+    kwargs = {} if mem is None else {"memory_embeddings": mem[0], "memory_labels": mem[1]}
+    return lambda e, y: mine(e, y, mode, MARGIN, generator=_gen(e), **kwargs)[0]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -137,9 +156,13 @@ def _memory_child(spec: str) -> None:
     ru_maxrss would be wrong here: Linux carries it over from the parent across
     fork+exec.  VmHWM is per address space, and writing 5 to clear_refs resets it.
     """
-    name, b, classes, dim, limit = json.loads(spec)
-    e, y = inputs(b, classes, dim, "cpu")
-    fn = methods(b, limit, only=name)[name]
+    name, b, classes, dim, limit, *memory = json.loads(spec)
+    if memory:  # a memory-table entry: name is the mode, memory[0] = M
+        e, y = inputs(b, b // 4, dim, "cpu")
+        fn = with_memory(name, memory_inputs(memory[0], dim, "cpu") if memory[0] else None)
+    else:
+        e, y = inputs(b, classes, dim, "cpu")
+        fn = methods(b, limit, only=name)[name]
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
     step(fn, e, y, "cpu")
@@ -156,6 +179,8 @@ def main() -> None:
                    help="run the naive B×B×B reference only where one B³ float32 tensor fits")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    p.add_argument("--memory", default=None,
+                   help="comma-separated memory sizes M (e.g. 0,4096,16384): report the cross-batch memory's cost")
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._memory:
@@ -164,6 +189,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory is not None:
+        memory_table(args)
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"# torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, dim {args.dim}, margin {MARGIN}, "
@@ -226,6 +254,67 @@ def main() -> None:
               + ", ".join(f"{n} {v}" if r is None else f"{n} {r:.2f}x {v}" for n, r, v in verdicts))
     elif 2000 in sizes and st_semi_hard() is None:
         print("\ntarget not checked: sentence-transformers not installed, skipped")
+
+
+def memory_table(args) -> None:
+    """Every mode at each B with each M, time and peak memory beside M = 0 (classes of 4)."""
+    sizes = [int(s) for s in args.sizes.split(",")]
+    memories = [int(m) for m in args.memory.split(",")]
+    if 0 not in memories:
+        memories = [0, *memories]
+    print(f"# torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, dim {args.dim}, margin {MARGIN}, classes of 4, "
+          f"median of {args.repeats} after 1 warm-up; cross-batch memory M rows (classes of 4, the first B/4 "
+          f"classes shared with the batch)")
+    mem_what = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS growth of a fresh process"
+    head = " | ".join(f"M={m} ms" + ("" if m == 0 else " (× M=0)") for m in memories)
+    mem_head = " | ".join(f"M={m} MiB" for m in memories)
+    print(f"| B | mode | {head} | {mem_head} ({mem_what}) |")
+    print("|---:|---|" + "---:|" * (2 * len(memories)))
+    for b in sizes:
+        e, y = inputs(b, b // 4, args.dim, args.device)
+        mems = {m: memory_inputs(m, args.dim, args.device) if m else None for m in memories}
+        fns = {(mode, m): with_memory(mode, mems[m]) for mode in MODES for m in memories}
+        times = {key: [] for key in fns}
+        oom = set()
+        for key in fns:  # warm-up, and out-of-memory detection
+            try:
+                step(fns[key], e, y, args.device)
+            except torch.OutOfMemoryError:
+                oom.add(key)
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        for _ in range(args.repeats):  # round-robin, as above
+            for key in fns:
+                if key not in oom:
+                    times[key].append(step(fns[key], e, y, args.device))
+        for mode in MODES:
+            cells, mem_cells = [], []
+            base = statistics.median(times[(mode, 0)]) * 1e3 if times[(mode, 0)] else None
+            for m in memories:
+                if (mode, m) in oom:
+                    cells.append("OOM")
+                    mem_cells.append("")
+                    continue
+                ms = statistics.median(times[(mode, m)]) * 1e3
+                cells.append(f"{ms:.1f}" if m == 0 or base is None else f"{ms:.1f} ({ms / base:.1f}×)")
+                peak = None if args.no_memory else _memory_peak(mode, b, m, args)
+                mem_cells.append("-" if peak is None else f"{peak:.0f}")
+            print(f"| {b} | {mode} | " + " | ".join(cells) + " | " + " | ".join(mem_cells) + " |", flush=True)
+
+
+def _memory_peak(mode: str, b: int, m: int, args) -> float | None:
+    if args.device.startswith("cuda"):
+        e, y = inputs(b, b // 4, args.dim, args.device)
+        fn = with_memory(mode, memory_inputs(m, args.dim, args.device) if m else None)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(fn, e, y, args.device)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    cmd = [sys.executable, __file__, "--_memory", json.dumps([mode, b, b // 4, args.dim, 0, m])]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    return float(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else None
 
 
 if __name__ == "__main__":
