@@ -406,6 +406,42 @@ def test_torchrun_ranks_end_phases_on_until_conditions_together(tmp_path):
     assert state["world_size"] == 2 and state["global_step"] == 5
 
 
+def test_torchrun_memory_holds_the_global_batch_and_resumes_exactly(tmp_path):
+    """With a cross-batch memory under torchrun, every rank queues the gathered global batch, so the
+    queue rank 0 checkpoints is every rank's: a resumed run (all ranks load it) ends with the same
+    weights as one that never stopped, and the queue grows by the global batch per step."""
+    from safetensors.torch import load_file
+
+    def short(out: Path) -> list[str]:
+        return [f"train.output_dir={out}", "phases.0.steps=2", "phases.1.steps=1", "phases.2.steps=2",
+                "train.memory={size: 640, start_step: 1}", "eval.max_rows=100",
+                "phases.0.until=null", "phases.1.until=null", "phases.2.until=null"]  # fixed lengths
+
+    straight = torchrun_train(QUICKSTART, *short(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stdout[-4000:]
+    out = tmp_path / "run"
+    first = torchrun_train(QUICKSTART, *short(out), "--max-steps", "4")  # stops inside phase 2
+    assert first.returncode == 0, first.stdout[-4000:]
+    second = torchrun_train(QUICKSTART, *short(out), resume=True)
+    assert second.returncode == 0, second.stdout[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "straight" / "phase-0-semi-hard" / "metrics.jsonl")
+               .read_text().splitlines() if '"loss"' in line]
+    from tripletctl.curriculum import load_curriculum
+
+    batch = load_curriculum(QUICKSTART).phases[0].batch_size
+    assert [r["memory_rows"] for r in records] == [0, batch]  # the global batch, not batch / world_size
+    for name in ("model", "memory"):
+        if name == "model":
+            files = [next((o / "phase-2-batch-hard" / "checkpoint" / "model").glob("model*.safetensors"))
+                     for o in (tmp_path / "straight", out)]
+            a, b = (load_file(str(f)) for f in files)
+        else:
+            a, b = (torch.load(o / "phase-2-batch-hard" / "checkpoint" / "memory.pt", weights_only=True)
+                    for o in (tmp_path / "straight", out))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(Path(sys.argv[2]))
