@@ -94,3 +94,9 @@ def test_a_different_embedding_size_restarts_the_queue():
     memory.push(*_batch(0, 4, dim=3))
     memory.push(*_batch(4, 2, dim=5))
     assert memory.chronological()[1].tolist() == [4, 5] and memory.dim == 5
+
+
+def test_not_a_state_at_all_is_a_value_error():
+    for junk in (torch.zeros(3), [1, 2], {"size": "x"}, {**EmbeddingMemory(3, True).state_dict(), "labels": [1]}):
+        with pytest.raises(ValueError):
+            EmbeddingMemory.from_state_dict(junk)

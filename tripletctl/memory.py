@@ -87,15 +87,19 @@ class EmbeddingMemory:
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], device: torch.device | str = "cpu") -> EmbeddingMemory:
         """Inverse of `state_dict`; a ValueError says what does not fit (a damaged file)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"not a memory state: a {type(state).__name__}, not a dict of tensors")
         try:
             size, filled, head = int(state["size"]), int(state["filled"]), int(state["head"])
             normalized = bool(state["normalized"])
             embeddings, labels = state["embeddings"], state["labels"]
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise ValueError(f"not a memory state: {e!r}") from None
         memory = cls(size, normalized) if size >= 1 else None
         if memory is None or not 0 <= filled <= size or not 0 <= head < size:
             raise ValueError(f"inconsistent memory state (size {size}, filled {filled}, head {head})")
+        if not isinstance(embeddings, Tensor) or not isinstance(labels, Tensor):
+            raise ValueError("memory state tensors are missing")
         if embeddings.numel() == 0:
             if filled:
                 raise ValueError(f"memory state says {filled} rows but holds none")
