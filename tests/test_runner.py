@@ -227,7 +227,7 @@ def test_collapse_watchdog_acts_as_on_collapse_says(tmp_path, monkeypatch, actio
     assert abs(events[0]["batch_hard_loss"] - 0.2) < 0.002
     status = [p["status"] for p in json.loads((run / "run.json").read_text())["phases"]]
     if action == "stop":
-        assert code == 1 and status == ["done", "stopped (collapse)", "pending"]
+        assert code == 3 and status == ["done", "stopped (collapse)", "pending"]  # EXIT_COLLAPSE_STOP
         state = json.loads((run / "phase-1-hard-negative" / "checkpoint" / "state.json").read_text())
         assert state["step"] == events[0]["global_step"] - 1 == 2
     elif action == "fallback":

@@ -3,6 +3,7 @@ in the module that owns the concept; no training, mining or evaluation logic liv
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from tripletctl import __version__
 from tripletctl.errors import TripletctlError
 
 app = typer.Typer(
@@ -21,11 +23,28 @@ app = typer.Typer(
         "evaluate retrieval and detect embedding collapse."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 console = Console()
 err_console = Console(stderr=True)
+PIPE_WIDTH = 1000  # stdout to a file or pipe: tables take the width they need, nothing wraps mid-word
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tripletctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    # Decided per invocation, not at import: tests and wrappers swap sys.stdout.
+    for output in (console, err_console):
+        output.width = PIPE_WIDTH if not output.is_terminal else None  # None: the terminal's own width
 
 
 def _fail(error: TripletctlError) -> None:
@@ -42,21 +61,39 @@ def _fail(error: TripletctlError) -> None:
 OVERRIDES_HELP = "key=value overrides applied on top of the file, e.g. phases.2.steps=500 train.lr=3e-5"
 
 
+CURRICULUM_HELP = "Curriculum YAML file, or the name of a built-in one (see `tripletctl curricula`)."
+
+
+def _curriculum_file(argument: Path) -> Path:
+    """The file to load for a curriculum argument: a path, else a built-in curriculum's name."""
+    from tripletctl.builtin_curricula import names, resolve
+
+    path, builtin = resolve(argument)
+    if not builtin and not path.exists() and "/" not in str(argument) and not str(argument).endswith((".yaml", ".yml")):
+        raise TripletctlError(f"{argument}: no such file, and no built-in curriculum of that name "
+                              f"(built-in: {', '.join(names())})")
+    return path
+
+
 @app.command()
 def train(
-    curriculum: Path = typer.Argument(..., help="Curriculum YAML file."),
+    curriculum: Path = typer.Argument(..., help=CURRICULUM_HELP),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output directory: same phase, step and stream position."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop (with a checkpoint) after this many steps in this invocation; --resume continues."),
 ) -> None:
     """Run every phase of a curriculum: stream, mine online, step, log, checkpoint.
 
-    Writes OUTPUT/run.json and, per phase, OUTPUT/phase-K-NAME/ with checkpoint/, metrics.jsonl and
-    summary.json (OUTPUT is train.output_dir). Exit codes: 0 done, 1 stopped by the collapse
-    watchdog (on_collapse: stop), 2 bad input or an environment fault (disk full, read-only
-    directory), 5 a tokenizer worker process died (checkpoint written: --resume continues),
-    130 interrupted: the first Ctrl-C/SIGTERM stops after the step with a checkpoint, a second
-    one stops at once without. Under torchrun the batch size is the global batch.
+    Writes OUTPUT/run.json and, per phase, OUTPUT/phase-K-NAME/ with checkpoint/, metrics.jsonl and summary.json (OUTPUT is train.output_dir). On a terminal a progress bar; in a file or pipe one line every train.log_every steps. Under torchrun the batch size is the global batch.
+
+    Exit codes:
+    0    done, or paused by --max-steps (continue with --resume)
+    1    unexpected crash (a bug: please report it)
+    2    bad input, damaged file or environment fault, reported before any work where possible
+    3    stopped by the collapse watchdog (on_collapse: stop), after a checkpoint
+    4    stopped on a non-finite loss or gradient
+    5    a tokenizer worker died (resumable with --resume)
+    130  interrupted by Ctrl-C / SIGTERM, after a checkpoint (continue with --resume)
     """
     from tripletctl.interrupt import SECOND_MESSAGE, InterruptedTwice, StopFlag
 
@@ -65,8 +102,12 @@ def train(
             from tripletctl.curriculum import load_curriculum
             from tripletctl.runner import train as run_training
 
-            plan = load_curriculum(curriculum, overrides or [])
-            code = run_training(plan, resume=resume, console=console, max_steps=max_steps, stop=stop)
+            path = _curriculum_file(curriculum)
+            if path != curriculum:
+                console.print(f"built-in curriculum {curriculum}: {path}", soft_wrap=True, highlight=False)
+            plan = load_curriculum(path, overrides or [])
+            code = run_training(plan, resume=resume, console=console, max_steps=max_steps, stop=stop,
+                                command=[str(curriculum), *(overrides or [])])
         except TripletctlError as error:
             _fail(error)
         except KeyboardInterrupt as interrupt:
@@ -79,17 +120,60 @@ def train(
 
 @app.command()
 def validate(
-    curriculum: Path = typer.Argument(..., help="Curriculum YAML file."),
+    curriculum: Path = typer.Argument(..., help=CURRICULUM_HELP),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the fully resolved curriculum (every key, paths resolved) as JSON."),
 ) -> None:
     """Check a curriculum (and overrides) and print the plan as a table, or every error found."""
-    from tripletctl.curriculum import load_curriculum, plan_table
+    from tripletctl.curriculum import curriculum_to_dict, load_curriculum, plan_table
 
     try:
-        plan = load_curriculum(curriculum, overrides or [])
+        plan = load_curriculum(_curriculum_file(curriculum), overrides or [])
     except TripletctlError as error:
         _fail(error)
-    console.print(plan_table(plan))
+    if as_json:
+        print(json.dumps(curriculum_to_dict(plan), indent=2))
+    else:
+        console.print(plan_table(plan), crop=False)  # caption lines are never cut (see plan_table)
+
+
+curricula_app = typer.Typer(help="The built-in curricula: list them, or copy one to edit.", no_args_is_help=False)
+app.add_typer(curricula_app, name="curricula")
+
+
+@curricula_app.callback(invoke_without_command=True)
+def curricula(context: typer.Context) -> None:
+    """List the built-in curricula, one line each (run one with `tripletctl train NAME`)."""
+    from tripletctl.builtin_curricula import describe, names
+
+    if context.invoked_subcommand is None:
+        width = max(len(name) for name in names())
+        for name in names():
+            print(f"{name:<{width}}  {describe(name)}")
+
+
+def _builtin_names(prefix: str) -> list[str]:
+    from tripletctl.builtin_curricula import names
+
+    return [name for name in names() if name.startswith(prefix)]
+
+
+@curricula_app.command(name="copy")
+def curricula_copy(
+    name: str = typer.Argument(..., help="A built-in curriculum (see `tripletctl curricula`).",
+                               autocompletion=lambda incomplete: _builtin_names(incomplete)),
+    dest: Path = typer.Argument(Path("."), help="Directory to write NAME.yaml (and its NAME/ assets) into."),
+) -> None:
+    """Write an editable copy of a built-in curriculum, with its assets; its ./ paths keep working."""
+    from tripletctl.builtin_curricula import copy
+
+    try:
+        written = copy(name, dest)
+    except TripletctlError as error:
+        _fail(error)
+    for path in written:
+        console.print(f"wrote {path}", soft_wrap=True, highlight=False)
+    console.print(f"train it with: tripletctl train {written[0]}", soft_wrap=True, highlight=False)
 
 
 @app.command(name="eval")

@@ -21,6 +21,7 @@ import yaml
 from rich import box
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from tripletctl.conditions import COMBINE, CONDITIONS, EVAL_METRICS, STEP_METRICS, Plateau, UntilConfig
 from tripletctl.conditions import default_min_steps
@@ -39,6 +40,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DISTANCES = ("euclidean", "squared-euclidean")
 FALLBACKS = ("hardest", "easiest")
 ON_COLLAPSE = ("warn", "stop", "fallback")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.report_to; see tripletctl/trackers.py
 
 # Keys of data.load_dataset that tripletctl passes itself: a second value would be a TypeError
 # deep inside `datasets`, so they are refused here with a pointer to the key that sets them.
@@ -110,6 +112,8 @@ class TrainConfig:
     collapse_patience: int = 50   # consecutive steps
     collapse_tolerance: float = 0.1  # relative to the margin
     memory: MemoryConfig | None = None  # cross-batch memory (default for phases); None = off
+    log_every: int | str = "auto"  # plain progress lines (stdout not a terminal): every N steps, or "auto"
+    report_to: tuple[str, ...] = ()  # experiment trackers, any of TRACKERS
 
 
 @dataclass(frozen=True)
@@ -313,6 +317,22 @@ def _chunking_conflict(values: dict) -> bool:
     return isinstance(values.get("chunk_size"), int) and values.get("chunk_tokens") is not None
 
 
+def _trackers(value: Any, raw: str | None) -> tuple[str, ...]:
+    """A list of tracker names; a single name or `none` as a convenience (HF Trainer accepts both)."""
+    if value is None or value == "none":
+        return ()
+    names = [value] if isinstance(value, str) else value
+    expected = "a list of trackers from " + ", ".join(TRACKERS) + " (or [] / none)"
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise _Invalid(expected)
+    for name in names:
+        if name not in TRACKERS:
+            raise _Invalid(expected, _did_you_mean(name, TRACKERS))
+    if len(set(names)) != len(names):
+        raise _Invalid(expected + ", each at most once")
+    return tuple(names)
+
+
 def _layer_sizes(value: Any, raw: str | None) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -426,6 +446,8 @@ BLOCK_KEYS: dict[str, dict[str, _Check]] = {
         "collapse_patience": _integer(1),
         "collapse_tolerance": _number(positive=False),
         "memory": _memory,
+        "log_every": _int_or_auto,
+        "report_to": _trackers,
     },
     "eval": {
         **_SOURCE_KEYS,
@@ -1015,9 +1037,12 @@ def plan_table(c: Curriculum) -> Table:
     lines.append("chunks: " + (chunks[0] if len(set(chunks)) == 1 else
                                ", ".join(f"{i}: {text}" for i, text in enumerate(chunks))))
     lines += [
-        f"output: {c.train.output_dir}",
+        f"output: {c.train.output_dir}"
+        + (f" (reported to {', '.join(c.train.report_to)})" if c.train.report_to else ""),
         f"total: {'at most ' if any(p.until for p in c.phases) else ''}{total_steps:,} steps, "
         f"{total_samples:,} samples",
     ]
-    table.caption = escape("\n".join(lines))
+    # caption lines are not wrapped at the table's width: a long path stays one line (print with
+    # crop=False so a terminal narrower than a line wraps it itself rather than rich cutting it)
+    table.caption = Text("\n".join(lines), no_wrap=True, overflow="ignore")
     return table

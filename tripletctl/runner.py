@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shlex
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from tripletctl import conditions, mining
 from tripletctl.checkpoint import (
@@ -52,11 +53,16 @@ from tripletctl.interrupt import StopFlag
 from tripletctl.evaluation import evaluate_model
 from tripletctl.memory import EmbeddingMemory, carry_over
 from tripletctl.model import build_model
+from tripletctl.progress import phase_progress
+from tripletctl.trackers import Trackers, open_trackers, require_installed
 
-EXIT_DONE = 0
-EXIT_COLLAPSE_STOP = 1
-EXIT_WORKER_DIED = 5  # a tokenizer worker process died: checkpoint written, resumable (WorkerDiedError)
-EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM (tripletctl.interrupt)
+# Exit codes of `train` (the table in README.md and `train --help`).
+EXIT_DONE = 0            # done, or paused by --max-steps
+EXIT_CRASH = 1           # an unexpected crash only (Python's own code for an uncaught exception)
+EXIT_BAD_INPUT = 2       # bad input, damaged file, environment fault (TripletctlError.exit_code)
+EXIT_COLLAPSE_STOP = 3   # stopped by the collapse watchdog (on_collapse: stop)
+EXIT_WORKER_DIED = 5     # a tokenizer worker process died: checkpoint written, resumable (WorkerDiedError)
+EXIT_INTERRUPTED = 130   # Ctrl-C / SIGTERM (tripletctl.interrupt)
 PAUSED = -1  # internal: the step budget of this invocation is spent (exit 0, resume later)
 
 
@@ -189,6 +195,7 @@ def run_phase(
     console: Console,
     stop_at_global_step: int | None,
     memory: EmbeddingMemory | None = None,
+    trackers: Trackers | None = None,
 ) -> PhaseOutcome:
     """Run one phase from `progress.step` to its last step. `model` is the bare TripletEncoder,
     `train_model` the same model possibly wrapped in DDP (used for the forward passes). `memory`
@@ -244,22 +251,13 @@ def run_phase(
 
     with writing(metrics_path):
         metrics_file = metrics_path.open("a", encoding="utf-8") if ctx.is_main else None
-    columns = [
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f} hardest {task.fields[hardest]:.4f} "
-                   "active {task.fields[active]:.2f} {task.fields[rate]:.0f} samples/s"),
-        TimeRemainingColumn(),
-    ]
-    if until is not None:  # the smoothed signals against their thresholds
-        columns.insert(4, TextColumn("until {task.fields[until]}"))
-    bar = Progress(*columns, console=console, disable=not ctx.is_main)
     last_state = stream_state
     exit_code = EXIT_DONE
+    # a live bar on a terminal, plain lines every train.log_every steps in a file or pipe
+    bar = phase_progress(console, f"phase {phase_index} {phase.name}", phase.steps, progress.step,
+                         train_cfg.log_every, show=ctx.is_main,
+                         until=_until_display(until, until_state) if until is not None else None)
     try:
-        bar.start()
-        task = bar.add_task(f"phase {phase_index} {phase.name}", total=phase.steps, completed=progress.step,
-                            loss=float("nan"), hardest=float("nan"), active=float("nan"), rate=0.0,
-                            until=_until_display(until, until_state))
         batches = iter(stream)
         while not progress.phase_finished(phase):
             started = time.perf_counter()
@@ -356,7 +354,7 @@ def run_phase(
                                 "action": phase.on_collapse, "batch_hard_loss": stats.batch_hard_loss,
                                 "embedding_spread": stats.embedding_spread, "margin": phase.margin})
                 if ctx.is_main:
-                    bar.console.print(
+                    bar.print(
                         f"[bold yellow]collapse suspected[/] at step {progress.step} of phase {phase.name}: "
                         f"batch-hard loss {stats.batch_hard_loss:.4f} ~ margin {phase.margin}, "
                         f"spread {stats.embedding_spread:.4f} (on_collapse: {phase.on_collapse})"
@@ -381,7 +379,7 @@ def run_phase(
                     early_end = _until_event(until, held, progress, phase)
                     events.append(early_end)
                     if ctx.is_main:
-                        bar.console.print(f"phase {phase.name} ends at step {progress.step} of {phase.steps}: "
+                        bar.print(f"phase {phase.name} ends at step {progress.step} of {phase.steps}: "
                                           f"{early_end['reason']}")
                     if eval_rows is not None and evaluated is None:  # the phase-end eval, as at a planned end
                         evaluated = _eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx)
@@ -398,12 +396,14 @@ def run_phase(
                 with writing(metrics_path):
                     metrics_file.write("".join(json.dumps(r) + "\n" for r in (record, *events)))
                     metrics_file.flush()
-            bar.update(task, completed=progress.step, loss=record["loss"], hardest=stats.batch_hard_loss,
-                       active=stats.active_fraction, rate=record["samples_per_s"] or 0.0,
-                       until=_until_display(until, until_state))
+            if trackers is not None:
+                trackers.log(record, *events)
 
             # 7. checkpoint: every N steps, at the end of the phase, on Ctrl-C/SIGTERM, on a collapse stop
             paused = stop_at_global_step is not None and progress.global_step >= stop_at_global_step
+            bar.update(progress.step, record, phase.batch_size,
+                       final=done or paused or stop_now or exit_code == EXIT_COLLAPSE_STOP,
+                       until=_until_display(until, until_state) if until is not None else None)
             every = train_cfg.checkpoint_every
             if done or paused or stop_now or exit_code == EXIT_COLLAPSE_STOP or (every and progress.step % every == 0):
                 checkpoint(last_state)
@@ -522,26 +522,28 @@ def _run_index(curriculum: Curriculum, ctx: DistContext, status: dict[int, str],
 
 
 def train(curriculum: Curriculum, resume: bool = False, console: Console | None = None,
-          max_steps: int | None = None, stop: StopFlag | None = None) -> int:
+          max_steps: int | None = None, stop: StopFlag | None = None, command: list[str] | None = None) -> int:
     """Run the curriculum's phases in order. Returns the process exit code.
 
     `max_steps` stops after that many optimiser steps in this invocation (checkpointed), for
     time-boxed jobs; `--resume` continues exactly where it stopped. `stop` is the Ctrl-C/SIGTERM
-    flag, installed by the CLI before start-up; without one, `train` installs its own.
+    flag, installed by the CLI before start-up; without one, `train` installs its own. `command` is
+    the curriculum and overrides as typed, repeated in the hint that says how to resume.
     """
     console = console or Console()
+    require_installed(curriculum.train.report_to)  # before any work: a missing extra is one line
     if stop is None:
         with StopFlag() as own:
-            return train(curriculum, resume, console, max_steps, own)
+            return train(curriculum, resume, console, max_steps, own, command)
     ctx = init_distributed(curriculum.train.device)
     try:
-        return _train(curriculum, resume, console, max_steps, ctx, stop)
+        return _train(curriculum, resume, console, max_steps, ctx, stop, command or [str(curriculum.path)])
     finally:
         cleanup(ctx)
 
 
 def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: int | None, ctx: DistContext,
-           stop: StopFlag) -> int:
+           stop: StopFlag, command: list[str]) -> int:
     train_cfg = curriculum.train
     output = Path(train_cfg.output_dir)
     device = ctx.device
@@ -618,6 +620,10 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             load_dataset_kwargs=dict(e.load_dataset), limit=e.max_rows,
         )
 
+    trackers = Trackers()
+    if ctx.is_main:  # before the first eval: a tracker that cannot start its run fails early
+        trackers = open_trackers(train_cfg.report_to, output, curriculum_to_dict(curriculum), console=console,
+                                 resume_step=progress.global_step if resume else None)
     status: dict[int, str] = {i: "done" for i in range(progress.phase_index)}
     run_extra: dict = {}
     run_json = output / "run.json"
@@ -634,6 +640,8 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         if eval_rows is not None and "eval_untrained" not in run_extra and not stop.requested:
             run_extra["eval_untrained"] = _evaluate(model, tokenizer, eval_rows, curriculum, device)
         _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra, progress))
+    if ctx.is_main and not resume and run_extra.get("eval_untrained"):  # step 0 of the first phase's eval
+        trackers.log({"event": "eval", "global_step": 0, "phase": curriculum.phases[0].name, **run_extra["eval_untrained"]})
     barrier(ctx)
     if stop.requested:
         return _interrupted_during_start_up(console, curriculum, previous)
@@ -654,6 +662,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
                 tokenizer=tokenizer, optimizer=optimizer, progress=progress, stream_state=stream_state,
                 ctx=ctx, eval_rows=eval_rows, stop=stop, console=console, stop_at_global_step=stop_at,
                 memory=memory,
+                trackers=trackers,
             )
             stream_state = outcome.stream_state  # the next phase continues the stream, never restarts it
             memory = outcome.memory
@@ -675,11 +684,13 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
                 run_extra["eval_final"] = progress.eval_history[-1] if progress.eval_history else None
             _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra, progress))
     except BaseException as error:  # run.json must not say "running" for a run that is gone
+        trackers.close(EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else EXIT_CRASH)
         if ctx.is_main:
             _record_failure(run_json, curriculum, ctx, status, run_extra, error)
         raise
     if ctx.is_main:
-        _print_outcome(console, curriculum, status, run_extra, exit_code, reason)
+        trackers.close(exit_code)
+        _print_outcome(console, curriculum, status, run_extra, exit_code, command, reason)
     return exit_code
 
 
@@ -716,9 +727,9 @@ def _one_line(console: Console, style: str, label: str, text: str) -> None:
 
 
 def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, str], run_extra: dict, exit_code: int,
-                   reason: str | None = None) -> None:
+                   command: list[str], reason: str | None = None) -> None:
     output = Path(curriculum.train.output_dir)
-    resume_hint = f"continue with `tripletctl train {curriculum.path} --resume`"
+    resume_hint = f"continue with `{shlex.join(['tripletctl', 'train', *command, '--resume'])}`"
     latest = latest_checkpoint(output)
     where = "nothing to save yet" if latest is None else f"checkpoint {latest} ({_saved_step(latest)})"
     if exit_code == EXIT_INTERRUPTED:
@@ -726,6 +737,8 @@ def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, s
             resume_hint if latest else f"start again with `tripletctl train {curriculum.path}`"))
     elif exit_code == EXIT_WORKER_DIED:
         _one_line(console, "bold red", "stopped", f"{reason}; {where}; {resume_hint}")
+    elif exit_code == EXIT_DONE and [status.get(i) for i in range(len(curriculum.phases))] != ["done"] * len(curriculum.phases):
+        _one_line(console, "bold", "paused by --max-steps", f"{where}; {resume_hint}")
     elif exit_code == EXIT_COLLAPSE_STOP:
         console.print("[bold red]stopped: embeddings collapsed[/] (on_collapse: stop); checkpoint written. "
                       f"Inspect with `tripletctl inspect-collapse {output}`")
@@ -733,7 +746,8 @@ def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, s
     if untrained and final:
         source = curriculum.eval.source
         name = Path(source).name if isinstance(source, str) else "the eval files"
-        table = Table(title=f"held-out retrieval ({untrained.get('rows', '?')} rows of {name})")
+        title = Text(f"held-out retrieval ({untrained.get('rows', '?')} rows of {name})", no_wrap=True, overflow="ignore")
+        table = Table(title=title)  # the title is not wrapped at the (narrow) table's width
         table.add_column("metric")
         table.add_column("untrained", justify="right")
         table.add_column("trained", justify="right")

@@ -1,0 +1,108 @@
+"""CLI conventions: --version, shell completion, validate --json, tables through a pipe, the exit-code
+table in --help, and resume hints that repeat the overrides in effect (and work when run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+import tripletctl.runner as runner_module
+from tripletctl.cli import app
+from tripletctl.curriculum import curriculum_to_dict, load_curriculum
+
+from conftest import QUICKSTART
+from test_runner import write_curriculum
+
+
+def test_version_is_the_installed_one():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"tripletctl {version('tripletctl')}"
+
+
+def test_shell_completion_completes_commands_and_builtin_names():
+    env = {**os.environ, "_TRIPLETCTL_COMPLETE": "complete_bash", "COMP_WORDS": "tripletctl cur", "COMP_CWORD": "1"}
+    script = str(Path(sys.executable).parent / "tripletctl")  # the console script the shell would complete
+    commands = subprocess.run([script], env=env, capture_output=True, text=True)
+    assert commands.stdout.split() == ["curricula"]
+    env.update(COMP_WORDS="tripletctl curricula copy qu", COMP_CWORD="3")
+    names = subprocess.run([script], env=env, capture_output=True, text=True)
+    assert names.stdout.split() == ["quickstart"]
+    assert "--install-completion" in CliRunner().invoke(app, ["--help"]).output
+
+
+def test_validate_json_prints_the_fully_resolved_curriculum():
+    result = CliRunner().invoke(app, ["validate", str(QUICKSTART), "phases.1.steps=7", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    assert printed == curriculum_to_dict(load_curriculum(QUICKSTART, ["phases.1.steps=7"]))
+    assert printed["phases"][1]["steps"] == 7
+    assert printed["model"]["name"] == str(QUICKSTART.parent / "quickstart" / "tiny-bert")  # ./quickstart/tiny-bert, resolved
+    assert printed["train"]["log_every"] == "auto" and printed["train"]["report_to"] == []
+    assert printed["phases"][0]["on_collapse"] == "warn"  # filled in from the train block
+
+
+def test_tables_in_a_pipe_take_the_width_they_need(tmp_path):
+    """`validate | cat`: no cell or caption line is wrapped, whatever COLUMNS says."""
+    path = write_curriculum(tmp_path, steps=(4, 3, 3))
+    long_dir = tmp_path / ("a-rather-long-directory-name-for-the-outputs-of-this-run" * 2)
+    result = CliRunner().invoke(app, ["validate", str(path), f"train.output_dir={long_dir}",
+                                      "phases.1.name=hard-negative-mining-with-a-long-name"],
+                                env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(re.match(r"^1\s+hard-negative-mining-with-a-long-name\s+hard-negative\s+32\s", line) for line in lines)
+    assert f"output: {long_dir}" in lines
+
+
+def test_train_help_has_the_exit_code_table():
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "120"})
+    codes = re.findall(r"^\s*(\d+)\s{2,}\S", result.output, flags=re.MULTILINE)
+    assert codes == ["0", "1", "2", "3", "4", "5", "130"]
+    assert runner_module.EXIT_COLLAPSE_STOP == 3 and runner_module.EXIT_INTERRUPTED == 130
+
+
+class _SignalledAtOnce(runner_module.StopFlag):
+    """As if Ctrl-C arrived during the first step."""
+
+    def __enter__(self):
+        super().__enter__()
+        self.signal = signal.SIGINT
+        return self
+
+
+def _hint(output: str) -> list[str]:
+    command = re.search(r"continue with `([^`]+)`", output)
+    assert command, output
+    return shlex.split(command[1])
+
+
+def test_resume_hint_after_ctrl_c_repeats_the_overrides_and_works(tmp_path, monkeypatch):
+    path = write_curriculum(tmp_path, steps=(3, 1, 1), checkpoint_every=0, output_dir=str(tmp_path / "default"))
+    overrides = [f"train.output_dir={tmp_path / 'my run'}", "phases.0.steps=2"]
+    monkeypatch.setattr(runner_module, "StopFlag", _SignalledAtOnce)
+    interrupted = CliRunner().invoke(app, ["train", str(path), *overrides])
+    assert interrupted.exit_code == 130, interrupted.output
+    hint = _hint(interrupted.output)
+    assert hint == ["tripletctl", "train", str(path), *overrides, "--resume"]
+    monkeypatch.setattr(runner_module, "StopFlag", _SignalledAtOnce.__mro__[1])
+    resumed = CliRunner().invoke(app, hint[1:])
+    assert resumed.exit_code == 0, resumed.output
+    index = json.loads((tmp_path / "my run" / "run.json").read_text())
+    assert [p["status"] for p in index["phases"]] == ["done", "done", "done"]
+    assert index["phases"][0]["steps"] == 2 and not (tmp_path / "default").exists()
+
+
+def test_pause_by_max_steps_says_how_to_continue(tmp_path):
+    path = write_curriculum(tmp_path, steps=(2, 1, 1), checkpoint_every=0)
+    result = CliRunner().invoke(app, ["train", str(path), "phases.2.steps=2", "--max-steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert _hint(result.output) == ["tripletctl", "train", str(path), "phases.2.steps=2", "--resume"]
