@@ -15,6 +15,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+import tripletctl.interrupt as interrupt
 import tripletctl.runner as runner_module
 from tripletctl.cli import app
 from tripletctl.curriculum import curriculum_to_dict, load_curriculum
@@ -70,8 +71,11 @@ def test_train_help_has_the_exit_code_table():
     assert runner_module.EXIT_COLLAPSE_STOP == 3 and runner_module.EXIT_INTERRUPTED == 130
 
 
-class _SignalledAtOnce(runner_module.StopFlag):
-    """As if Ctrl-C arrived during the first step."""
+class _SignalledAtOnce(interrupt.StopFlag):
+    """As if Ctrl-C arrived during the first step: start-up (which asks `requested`) sees nothing,
+    the training loop (which shares `signal` across ranks) stops after its step."""
+
+    requested = False
 
     def __enter__(self):
         super().__enter__()
@@ -88,12 +92,12 @@ def _hint(output: str) -> list[str]:
 def test_resume_hint_after_ctrl_c_repeats_the_overrides_and_works(tmp_path, monkeypatch):
     path = write_curriculum(tmp_path, steps=(3, 1, 1), checkpoint_every=0, output_dir=str(tmp_path / "default"))
     overrides = [f"train.output_dir={tmp_path / 'my run'}", "phases.0.steps=2"]
-    monkeypatch.setattr(runner_module, "StopFlag", _SignalledAtOnce)
+    monkeypatch.setattr(interrupt, "StopFlag", _SignalledAtOnce)
     interrupted = CliRunner().invoke(app, ["train", str(path), *overrides])
     assert interrupted.exit_code == 130, interrupted.output
     hint = _hint(interrupted.output)
     assert hint == ["tripletctl", "train", str(path), *overrides, "--resume"]
-    monkeypatch.setattr(runner_module, "StopFlag", _SignalledAtOnce.__mro__[1])
+    monkeypatch.undo()
     resumed = CliRunner().invoke(app, hint[1:])
     assert resumed.exit_code == 0, resumed.output
     index = json.loads((tmp_path / "my run" / "run.json").read_text())
