@@ -393,7 +393,7 @@ def test_missing_required_blocks(tmp_path):
         ("model", "init", "random", "model.init must be one of pretrained, config, got 'random'"),
         ("model", "head", [256, 0], "model.head must be a list of positive integers (layer sizes), e.g. [256, 128], got [256, 0]"),
         ("model", "normalize", 1, "model.normalize must be true or false, got 1"),
-        ("data", "layout", "labeled", "data.layout must be one of labelled, pairs, got 'labeled' (did you mean 'labelled'?)"),
+        ("data", "layout", "labeled", "data.layout must be one of labelled, pairs, triplets, got 'labeled' (did you mean 'labelled'?)"),
         ("data", "format", "jsonl", "data.format must be one of json, parquet, csv, text or null, got 'jsonl' (did you mean 'json'?)"),
         ("data", "tokenizer_workers", -1, "data.tokenizer_workers must be a non-negative integer, got -1"),
         ("data", "load_dataset", ["name"], "data.load_dataset must be a mapping of keyword arguments for datasets.load_dataset, got ['name']"),

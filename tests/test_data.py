@@ -12,7 +12,11 @@ import torch
 from tripletctl.data import BatchStream, check_source, pad_ragged, read_rows
 from tripletctl.errors import DataError
 
-from tripletctl.curriculum import DataConfig
+from tripletctl.curriculum import DataConfig, SourceConfig
+
+
+def rows_of(source, limit=None, **kw):
+    return read_rows(SourceConfig(source=source, **kw), limit=limit)
 
 
 def cfg(assets_dir, name, **kw) -> DataConfig:
@@ -76,14 +80,14 @@ def test_pairs_layout(assets_dir, tiny_bert_dir):
             assert b.labels[i] == b.labels[i + 1]
             assert b.texts[i].split()[0] == b.texts[i + 1].split()[0]
     assert batches[-1].epoch >= 1
-    rows = read_rows(str(assets_dir / "pairs.jsonl"), layout="pairs", limit=7)
+    rows = rows_of(str(assets_dir / "pairs.jsonl"), layout="pairs", limit=7)
     assert len(rows.texts) == 6 and rows.labels == [0, 0, 1, 1, 2, 2]
 
 
 # ------------------------------------------------------------------------------ rows and formats
 
 def test_bad_rows_are_skipped_and_counted(assets_dir, tiny_bert_dir):
-    rows = read_rows(str(assets_dir / "bad_rows.jsonl"))
+    rows = rows_of(str(assets_dir / "bad_rows.jsonl"))
     assert rows.skipped == 25 and len(rows.texts) == 15
     assert all(t.strip() for t in rows.texts)
     data = cfg(assets_dir, "bad_rows.jsonl", samples_per_class=2)
@@ -98,15 +102,15 @@ def test_formats_give_the_same_rows(assets_dir):
         names = {}
         return sorted((t, names.setdefault(lab, t.split()[0])) for t, lab in zip(rows.texts, rows.labels))
 
-    expected = pairs(read_rows(str(assets_dir / "train.jsonl")))
+    expected = pairs(rows_of(str(assets_dir / "train.jsonl")))
     assert len(expected) == 60
-    assert pairs(read_rows(str(assets_dir / "train.parquet"))) == expected
-    assert pairs(read_rows(str(assets_dir / "train.csv"))) == expected
-    assert pairs(read_rows(text_source(assets_dir))) == expected
-    assert pairs(read_rows(str(assets_dir / "train.j*l"))) == expected  # glob
+    assert pairs(rows_of(str(assets_dir / "train.parquet"))) == expected
+    assert pairs(rows_of(str(assets_dir / "train.csv"))) == expected
+    assert pairs(rows_of(text_source(assets_dir))) == expected
+    assert pairs(rows_of(str(assets_dir / "train.j*l"))) == expected  # glob
     # jsonl, parquet and csv keep the file order
-    assert read_rows(str(assets_dir / "train.csv")).texts == read_rows(str(assets_dir / "train.jsonl")).texts
-    assert len(read_rows(str(assets_dir / "train.jsonl"), limit=25).texts) == 25
+    assert rows_of(str(assets_dir / "train.csv")).texts == rows_of(str(assets_dir / "train.jsonl")).texts
+    assert len(rows_of(str(assets_dir / "train.jsonl"), limit=25).texts) == 25
 
 
 def test_text_format_stream_is_labelled_by_file(assets_dir, tiny_bert_dir):
@@ -133,7 +137,7 @@ def test_missing_files_and_no_rows(assets_dir, tmp_path):
     with pytest.raises(DataError, match="no files match .*nothing-\\*.jsonl"):
         check_source(cfg(assets_dir, "nothing-*.jsonl"))
     with pytest.raises(DataError, match="no files match"):
-        read_rows(str(tmp_path / "absent.parquet"))
+        rows_of(str(tmp_path / "absent.parquet"))
     with pytest.raises(DataError, match="no files match"):
         check_source(cfg(assets_dir, {"a": str(tmp_path / "none-*.txt")}))
     with pytest.raises(DataError, match="no usable rows"):

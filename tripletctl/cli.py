@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -176,26 +176,64 @@ def curricula_copy(
     console.print(f"train it with: tripletctl train {written[0]}", soft_wrap=True, highlight=False)
 
 
+# The held-out source options of `eval` and `inspect-collapse`, declared once. Each maps 1:1 onto a
+# field of curriculum.SourceConfig (tests check both agree); without --data they change the eval
+# block saved with the run's curriculum.
+SOURCE_OPTIONS = {
+    "source": "--data", "format": "--format", "split": "--split", "layout": "--layout",
+    "text_column": "--text-column", "label_column": "--label-column", "anchor_column": "--anchor-column",
+    "positive_column": "--positive-column", "negative_columns": "--negative-column",
+    "load_dataset": "--load-dataset",
+}
+_PANEL = "Held-out source (default: the run's eval block)"
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Hub dataset name, local file, directory or glob (default: the eval block saved with the run's curriculum).", rich_help_panel=_PANEL)]
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="json | parquet | csv (default: from the file extension, else the hub).", rich_help_panel=_PANEL)]
+SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split to read (default: train).", rich_help_panel=_PANEL)]
+LayoutOpt = Annotated[Optional[str], typer.Option("--layout", help="labelled | pairs | triplets (docs/data.md) (default: labelled).", rich_help_panel=_PANEL)]
+TextColumnOpt = Annotated[Optional[str], typer.Option("--text-column", help="labelled: text column (default: text).", rich_help_panel=_PANEL)]
+LabelColumnOpt = Annotated[Optional[str], typer.Option("--label-column", help="labelled: label column (default: label).", rich_help_panel=_PANEL)]
+AnchorColumnOpt = Annotated[Optional[str], typer.Option("--anchor-column", help="pairs/triplets: anchor column (default: anchor).", rich_help_panel=_PANEL)]
+PositiveColumnOpt = Annotated[Optional[str], typer.Option("--positive-column", help="pairs/triplets: positive column (default: positive).", rich_help_panel=_PANEL)]
+NegativeColumnOpt = Annotated[Optional[list[str]], typer.Option("--negative-column", help="triplets: a negative column; repeat for several (default: negative).", rich_help_panel=_PANEL, show_default=False)]
+LoadDatasetOpt = Annotated[Optional[list[str]], typer.Option("--load-dataset", help="KEY=VALUE passed unchanged to datasets.load_dataset, e.g. name=pair; repeatable.", rich_help_panel=_PANEL, show_default=False)]
+
+
+def _source_options(data, format, split, layout, text_column, label_column, anchor_column, positive_column,
+                    negative_column, load_dataset) -> dict:
+    """The typed source options by SourceConfig field (None: not given)."""
+    return {"source": data, "format": format, "split": split, "layout": layout, "text_column": text_column,
+            "label_column": label_column, "anchor_column": anchor_column, "positive_column": positive_column,
+            "negative_columns": negative_column, "load_dataset": load_dataset}
+
+
 @app.command(name="eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."),
-    data: str = typer.Option(..., "--data", help="Held-out labelled source: hub dataset name, local file, directory or glob."),
-    format: Optional[str] = typer.Option(None, "--format", help="json | parquet | csv | text (default: from the file extension)."),
-    split: str = typer.Option("train", "--split", help="Split to read."),
-    text_column: str = typer.Option("text", "--text-column"),
-    label_column: str = typer.Option("label", "--label-column"),
-    max_rows: int = typer.Option(10000, "--max-rows", help="Read at most this many rows."),
+    data: DataOpt = None,
+    format: FormatOpt = None,
+    split: SplitOpt = None,
+    layout: LayoutOpt = None,
+    text_column: TextColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    anchor_column: AnchorColumnOpt = None,
+    positive_column: PositiveColumnOpt = None,
+    negative_column: NegativeColumnOpt = None,
+    load_dataset: LoadDatasetOpt = None,
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="Read at most this many texts (default: the eval block's max_rows, else 10000)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Encoding batch size."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
 ) -> None:
-    """Measure retrieval quality: recall@1/5/10, MAP@R, R-precision, triplet accuracy."""
-    from tripletctl.evaluation import HeldOut, run_eval_command
+    """Measure retrieval quality: recall@1/5/10, MAP@R, R-precision, triplet accuracy (and, on triplet
+    data, accuracy on the data's own negatives)."""
+    from tripletctl.evaluation import held_out_source, run_eval_command
 
-    held_out = HeldOut(data, format, split, text_column, label_column, max_rows)
+    given = _source_options(data, format, split, layout, text_column, label_column, anchor_column,
+                            positive_column, negative_column, load_dataset)
     try:
-        run_eval_command(checkpoint, held_out, batch_size=batch_size, device=device, as_json=as_json,
-                         console=console)
+        source, rows = held_out_source(checkpoint, given, SOURCE_OPTIONS, max_rows, default_max_rows=10000)
+        run_eval_command(checkpoint, source, max_rows=rows, batch_size=batch_size, device=device,
+                         as_json=as_json, console=console)
     except TripletctlError as error:
         _fail(error)
 
@@ -203,12 +241,17 @@ def evaluate(
 @app.command(name="inspect-collapse")
 def inspect_collapse(
     checkpoint: Path = typer.Argument(..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."),
-    data: str = typer.Option(..., "--data", help="Labelled source to sample: hub dataset name, local file, directory or glob."),
-    format: Optional[str] = typer.Option(None, "--format", help="json | parquet | csv | text (default: from the file extension)."),
-    split: str = typer.Option("train", "--split"),
-    text_column: str = typer.Option("text", "--text-column"),
-    label_column: str = typer.Option("label", "--label-column"),
-    max_rows: int = typer.Option(2000, "--max-rows", help="Sample size."),
+    data: DataOpt = None,
+    format: FormatOpt = None,
+    split: SplitOpt = None,
+    layout: LayoutOpt = None,
+    text_column: TextColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    anchor_column: AnchorColumnOpt = None,
+    positive_column: PositiveColumnOpt = None,
+    negative_column: NegativeColumnOpt = None,
+    load_dataset: LoadDatasetOpt = None,
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="Sample size in texts (default: the eval block's max_rows, else 2000)."),
     margin: Optional[float] = typer.Option(None, "--margin", help="Margin to judge against (default: the last phase's margin in the checkpoint's curriculum, else 0.2)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write d(a,p)/d(a,n) histograms and the singular-value spectrum to this PNG."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
@@ -216,11 +259,13 @@ def inspect_collapse(
 ) -> None:
     """Say whether embeddings have collapsed: numbers, a verdict and exit code 0 healthy / 1 at risk / 3 collapsed."""
     from tripletctl.collapse import run_inspect_command
-    from tripletctl.evaluation import HeldOut
+    from tripletctl.evaluation import held_out_source
 
-    held_out = HeldOut(data, format, split, text_column, label_column, max_rows)
+    given = _source_options(data, format, split, layout, text_column, label_column, anchor_column,
+                            positive_column, negative_column, load_dataset)
     try:
-        code = run_inspect_command(checkpoint, held_out, margin=margin, plot=plot, device=device,
+        source, rows = held_out_source(checkpoint, given, SOURCE_OPTIONS, max_rows, default_max_rows=2000)
+        code = run_inspect_command(checkpoint, source, max_rows=rows, margin=margin, plot=plot, device=device,
                                    as_json=as_json, console=console)
     except TripletctlError as error:
         _fail(error)

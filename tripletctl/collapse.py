@@ -21,7 +21,7 @@ import torch
 from tripletctl.mining import DISTANCES, pairwise_distances
 
 if TYPE_CHECKING:
-    from tripletctl.evaluation import HeldOut
+    from tripletctl.curriculum import SourceConfig
 
 HEALTHY, AT_RISK, COLLAPSED = "healthy", "at risk", "collapsed"
 EXIT_CODES = {HEALTHY: 0, AT_RISK: 1, COLLAPSED: 3}
@@ -362,8 +362,9 @@ def report_table(report: CollapseReport):
 
 def run_inspect_command(
     checkpoint: Path,
-    held_out: HeldOut,
+    source: SourceConfig,
     *,
+    max_rows: int | None = None,
     margin: float | None = None,
     plot: Path | None = None,
     device: str = "auto",
@@ -377,8 +378,10 @@ def run_inspect_command(
     from tripletctl.model import encode
 
     console = console or Console()
-    loaded = load_checkpoint_and_rows(checkpoint, held_out, device)
-    data = held_out.source
+    from tripletctl.curriculum import describe_source
+
+    loaded = load_checkpoint_and_rows(checkpoint, source, max_rows, device)
+    data = describe_source(source.source)
     if len(loaded.rows.texts) < 2:
         from tripletctl.errors import DataError
 

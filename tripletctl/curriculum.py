@@ -32,7 +32,7 @@ MINING_MODES = ("random", "semi-hard", "hard-negative", "batch-hard", "batch-all
 INIT_MODES = ("pretrained", "config")
 POOLINGS = ("mean", "cls")
 FORMATS = ("json", "parquet", "csv", "text")
-LAYOUTS = ("labelled", "pairs")
+LAYOUTS = ("labelled", "pairs", "triplets")
 OPTIMIZERS = ("adamw",)
 DECAYS = ("none", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -63,22 +63,55 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class SourceConfig:
+    """Where rows come from and what a row is: the one description of a source, shared by the `data`
+    and `eval` blocks, `tripletctl eval` / `inspect-collapse` options and the readers in data.py.
+    Layouts (docs/data.md): labelled = text + class label; pairs = anchor + positive, each pair its
+    own class; triplets = anchor + positive + given negatives (negatives of every anchor in a batch)."""
+
     source: str | dict[str, str]  # hub name, local file / dir / glob; for format "text": {label: glob}
     format: str | None = None     # "json" | "parquet" | "csv" | "text" | None (auto: extension, else hub)
     split: str = "train"
-    text_column: str = "text"
-    label_column: str = "label"
-    layout: str = "labelled"      # "labelled" | "pairs" (anchor/positive columns, each pair its own class)
-    anchor_column: str = "anchor"
-    positive_column: str = "positive"
+    layout: str = "labelled"      # "labelled" | "pairs" | "triplets"
+    text_column: str = "text"     # labelled
+    label_column: str = "label"   # labelled
+    anchor_column: str = "anchor"      # pairs, triplets
+    positive_column: str = "positive"  # pairs, triplets
+    negative_columns: tuple[str, ...] = ("negative",)  # triplets: e.g. [negative_1, negative_2, negative_3]
+    load_dataset: dict = field(default_factory=dict)  # extra kwargs, passed unchanged to datasets.load_dataset
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns one row of this layout reads, in row order."""
+        if self.layout == "pairs":
+            return (self.anchor_column, self.positive_column)
+        if self.layout == "triplets":
+            return (self.anchor_column, self.positive_column, *self.negative_columns)
+        return (self.text_column, self.label_column)
+
+
+def source_fields(config: SourceConfig) -> dict[str, Any]:
+    """The SourceConfig part of a data or eval block (for the readers' fingerprints and messages)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(SourceConfig)}
+
+
+@dataclass(frozen=True)
+class DataConfig(SourceConfig):
+    """The training source plus how it is streamed, batched and tokenised."""
+
     shuffle_buffer: int = 10_000
     max_length: int = 128         # tokens
     samples_per_class: int = 4
     max_buffered_rows: int = 200_000  # bound on all per-class buffers together
     tokenizer_workers: int = 1    # worker processes that tokenise (0 = in the main process)
     prefetch_batches: int = 2
-    load_dataset: dict = field(default_factory=dict)  # extra kwargs, passed unchanged to datasets.load_dataset
+
+    @property
+    def rows_per_group(self) -> int:
+        """Rows one class brings to a batch; batch_size is a whole number of these groups."""
+        if self.layout == "triplets":
+            return 2 + len(self.negative_columns)
+        return self.samples_per_class
 
 
 @dataclass(frozen=True)
@@ -139,16 +172,9 @@ class PhaseConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    source: str | dict[str, str]
-    format: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    label_column: str = "label"
-    layout: str = "labelled"
-    anchor_column: str = "anchor"
-    positive_column: str = "positive"
-    load_dataset: dict = field(default_factory=dict)
+class EvalConfig(SourceConfig):
+    """The held-out source plus how much of it to read and when."""
+
     max_rows: int = 2000
     every: int = 0                # also evaluate every N steps inside a phase; 0 = phase ends only
     batch_size: int = 256
@@ -379,6 +405,15 @@ def _source(value: Any, raw: str | None) -> str | dict[str, str]:
     raise _Invalid("a hub dataset name, a local file, directory or glob, or a {label: glob} mapping")
 
 
+def _column_names(value: Any, raw: str | None) -> tuple[str, ...]:
+    if isinstance(value, str) and value.strip():
+        value = [value]
+    if (isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value)
+            and len(set(value)) == len(value)):
+        return tuple(value)
+    raise _Invalid("a non-empty list of distinct column names, e.g. [negative_1, negative_2]")
+
+
 def _load_dataset_kwargs(value: Any, raw: str | None) -> dict:
     if value is None:
         return {}
@@ -398,11 +433,12 @@ _SOURCE_KEYS: dict[str, _Check] = {
     "source": _source,
     "format": _choice(FORMATS, optional=True),
     "split": _text(),
+    "layout": _choice(LAYOUTS),
     "text_column": _text(),
     "label_column": _text(),
-    "layout": _choice(LAYOUTS),
     "anchor_column": _text(),
     "positive_column": _text(),
+    "negative_columns": _column_names,
     "load_dataset": _load_dataset_kwargs,
 }
 
@@ -763,23 +799,68 @@ def _check_block(
     return {**_defaults(_CLASSES[block]), **values}, invalid
 
 
-def _check_source_block(block: str, values: dict, origins: dict, problems: _Problems) -> None:
-    """Rules between keys shared by `data` and `eval`."""
+def _check_source_block(block: str, values: dict, origins: dict, problems: _Problems,
+                        name: Callable[[str], str] | None = None) -> None:
+    """Rules between keys shared by `data`, `eval` and the command line's source options (`name`
+    spells a key as the user typed it: `eval.layout`, or `--layout`)."""
+    name = name or (lambda key: f"{block}.{key}")
     source, fmt = values.get("source"), values.get("format")
     if isinstance(source, dict) and fmt != "text":
         problems.add(
-            f"{block}.source is a {{label: glob}} mapping, which needs {block}.format: text, got {_show(fmt)}",
+            f"{name('source')} is a {{label: glob}} mapping, which needs {name('format')}: text, got {_show(fmt)}",
             _origin(origins, (block, "format")) or _origin(origins, (block, "source")),
         )
     if isinstance(source, str) and fmt == "text":
         problems.add(
-            f"{block}.source must be a {{label: glob}} mapping when {block}.format is text "
+            f"{name('source')} must be a {{label: glob}} mapping when {name('format')} is text "
             f"(plain text files carry no labels), got {_show(source)}",
             _origin(origins, (block, "source")),
         )
-    if fmt == "text" and values.get("layout") == "pairs":
-        problems.add(f"{block}.layout must be labelled when {block}.format is text, got 'pairs'",
+    layout = values.get("layout")
+    if fmt == "text" and layout in ("pairs", "triplets"):
+        problems.add(f"{name('layout')} must be labelled when {name('format')} is text, got '{layout}'",
                      _origin(origins, (block, "layout")))
+    if layout in ("pairs", "triplets"):
+        keys = ["anchor_column", "positive_column"] + (["negative_columns"] if layout == "triplets" else [])
+        names = [values.get("anchor_column"), values.get("positive_column")]
+        if layout == "triplets":
+            names += list(values.get("negative_columns") or ())
+        repeated = sorted({n for n in names if n is not None and names.count(n) > 1})
+        if repeated:
+            problems.add(f"the {layout} columns must be distinct, but {', '.join(map(repr, repeated))} is named "
+                         f"twice among {', '.join(name(k) for k in keys)}", _origin(origins, (block, "layout")))
+
+
+def source_from_options(given: dict[str, Any], option_names: dict[str, str],
+                        base: SourceConfig | None = None) -> SourceConfig:
+    """A SourceConfig from command-line source options, checked like a curriculum's block.
+
+    `given` maps SourceConfig fields to what was typed (None: not given; `load_dataset` is a list of
+    KEY=VALUE strings). Without a `source`, the options change `base` (a run's saved eval block)."""
+    problems = _Problems("command line")
+    values: dict[str, Any] = source_fields(base) if base is not None else {}
+    for key, value in given.items():
+        if value is None or value == []:
+            continue
+        if key == "load_dataset":
+            parsed = dict(values.get("load_dataset") or {})
+            for text in value:
+                item, sep, raw = text.partition("=")
+                if not sep or not item.strip():
+                    problems.add(f"{option_names[key]} expects KEY=VALUE, e.g. name=pair, got {text!r}")
+                    continue
+                parsed[item.strip()] = _parse_override_value(raw)
+            value = parsed
+        try:
+            values[key] = _SOURCE_KEYS[key](value, value if isinstance(value, str) else None)
+        except _Invalid as invalid:
+            problems.add(f"{option_names[key]} must be {invalid.expected}, got {_show(value)}{invalid.hint}")
+    if "source" not in values:
+        problems.add(f"{option_names['source']} is required here")
+    _check_source_block("", values, {}, problems, name=lambda key: option_names[key])
+    if problems.messages:
+        raise ConfigError(problems.messages)
+    return SourceConfig(**values)
 
 
 _EVERY_UNKNOWN = -1
@@ -819,9 +900,10 @@ def _check_until(
 
 
 def _check_phases(
-    tree: dict, train: dict, samples_per_class: int | None, origins: dict, problems: _Problems,
+    tree: dict, train: dict, group: tuple[int, str] | None, origins: dict, problems: _Problems,
     eval_every: int | None = None,
 ) -> list[dict] | None:
+    """`group`: the rows one class brings to a batch and how messages name them (None: unknown)."""
     raw_phases = tree.get("phases")
     if raw_phases is None:
         problems.add("missing required key 'phases' (a non-empty list of phases)")
@@ -858,17 +940,15 @@ def _check_phases(
                                            origins, problems)
         batch_size = values.get("batch_size")
         batch_origin = _origin(origins, ("phases", index, "batch_size"))
-        if batch_size is not None and samples_per_class is not None:
-            if batch_size % samples_per_class:
+        if batch_size is not None and group is not None:
+            rows, what = group
+            if batch_size % rows:
+                problems.add(f"{label}: batch_size must be a multiple of {what} ({rows}), got {batch_size}",
+                             batch_origin)
+            elif batch_size // rows < 2:
                 problems.add(
-                    f"{label}: batch_size must be a multiple of data.samples_per_class ({samples_per_class}), "
-                    f"got {batch_size}", batch_origin,
-                )
-            elif batch_size // samples_per_class < 2:
-                problems.add(
-                    f"{label}: batch_size must hold at least 2 classes of data.samples_per_class "
-                    f"({samples_per_class}) rows, i.e. be at least {2 * samples_per_class}, got {batch_size}",
-                    batch_origin,
+                    f"{label}: batch_size must hold at least 2 classes of {what} ({rows}) rows, "
+                    f"i.e. be at least {2 * rows}, got {batch_size}", batch_origin,
                 )
         name = values.get("name")
         if name in first_index_of:
@@ -905,16 +985,22 @@ def _check_tree(tree: Any, path: str, origins: dict, problems: _Problems) -> Cur
         evaluation, invalid_eval = _check_block(tree, "eval", file_dir, origins, problems)
         _check_source_block("eval", evaluation, origins, problems)
     samples_per_class = None if "samples_per_class" in invalid_data else data["samples_per_class"]
-    if data["layout"] == "pairs" and samples_per_class not in (2, None):
+    why = {"pairs": "each pair is its own class", "triplets": "each row's anchor and positive are its class"}
+    if data["layout"] in why and samples_per_class not in (2, None):
         problems.add(
-            f"data.samples_per_class must be 2 when data.layout is pairs (each pair is its own class), "
+            f"data.samples_per_class must be 2 when data.layout is {data['layout']} ({why[data['layout']]}), "
             f"got {samples_per_class}",
             _origin(origins, ("data", "samples_per_class")) or _origin(origins, ("data", "layout")),
         )
     eval_every = evaluation["every"] if evaluation is not None else None
     if "every" in invalid_eval:
         eval_every = _EVERY_UNKNOWN  # already reported: no second error about it
-    phases = _check_phases(tree, train, samples_per_class, origins, problems, eval_every)
+    group = None if samples_per_class is None else (samples_per_class, "data.samples_per_class")
+    if data["layout"] == "triplets" and "negative_columns" not in invalid_data:
+        negatives = len(data["negative_columns"])
+        group = (2 + negatives, f"the rows of one triplet group (anchor, positive and {negatives} "
+                                f"negative{'s' if negatives > 1 else ''})")
+    phases = _check_phases(tree, train, group, origins, problems, eval_every)
     if phases and "max_buffered_rows" not in invalid_data:
         largest = max((p.get("batch_size") or 0 for p in phases), default=0)
         if data["max_buffered_rows"] < largest:
@@ -981,7 +1067,7 @@ def curriculum_to_dict(c: Curriculum) -> dict:
     return result
 
 
-def _describe_source(source: str | dict[str, str]) -> str:
+def describe_source(source: str | dict[str, str]) -> str:
     if isinstance(source, dict):
         return "{" + ", ".join(f"{label}: {glob}" for label, glob in source.items()) + "}"
     return source
@@ -995,6 +1081,17 @@ def _describe_chunks(phase: PhaseConfig) -> str:
     return "length-sorted, auto token budget"
 
 
+def _describe_layout(data: DataConfig) -> str:
+    """What one group of a batch is, so the `groups` column reads right."""
+    if data.layout == "triplets":
+        n = len(data.negative_columns)
+        return (f"triplets: a group is one row's anchor, positive and {n} negative{'s' if n > 1 else ''}, "
+                f"{data.rows_per_group} texts")
+    if data.layout == "pairs":
+        return "pairs: a group is one row's anchor and positive, 2 texts"
+    return f"labelled, {data.samples_per_class} per class"
+
+
 def plan_table(c: Curriculum) -> Table:
     """What `validate` prints: one row per phase, with the samples each phase will see."""
     # No vertical rules and folding instead of "…": a full plan fits an 80-column pipe unabridged.
@@ -1002,9 +1099,12 @@ def plan_table(c: Curriculum) -> Table:
         title=escape(f"{c.path}: {len(c.phases)} phases"), caption_justify="left",
         box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), collapse_padding=True, pad_edge=False,
     )
+    # pairs and triplets: batch_size counts rows embedded, so also show the rows (groups) read per batch
+    groups = c.data.layout != "labelled"
     for header, justify in [
-        ("#", "right"), ("phase", "left"), ("mining", "left"), ("batch", "right"), ("margin", "right"),
-        ("steps", "right"), ("samples", "right"), ("lr", "right"), ("distance", "left"),
+        ("#", "right"), ("phase", "left"), ("mining", "left"), ("batch", "right"),
+        *([("groups", "right")] if groups else []),
+        ("margin", "right"), ("steps", "right"), ("samples", "right"), ("lr", "right"), ("distance", "left"),
     ]:
         table.add_column(header, justify=justify, overflow="fold")
     with_memory = any(p.memory is not None for p in c.phases)
@@ -1015,7 +1115,8 @@ def plan_table(c: Curriculum) -> Table:
         memory = [] if not with_memory else [
             "-" if phase.memory is None else f"{phase.memory.size:,} from step {phase.memory.start_step:,}"]
         table.add_row(
-            str(index), escape(phase.name), phase.mining, f"{phase.batch_size:,}", f"{phase.margin:g}",
+            str(index), escape(phase.name), phase.mining, f"{phase.batch_size:,}",
+            *([f"{phase.batch_size // c.data.rows_per_group:,}"] if groups else []), f"{phase.margin:g}",
             f"{at_most}{phase.steps:,}", f"{at_most}{phase.batch_size * phase.steps:,}", f"{phase.lr:g}",
             phase.distance, *memory,
         )
@@ -1027,12 +1128,12 @@ def plan_table(c: Curriculum) -> Table:
     ] + [
         f"model: {c.model.name} ({c.model.init}, {c.model.pooling} pooling"
         + (f", head {list(c.model.head)}" if c.model.head else "") + ")",
-        f"data: {_describe_source(c.data.source)} (split {c.data.split}, {c.data.layout}, "
-        f"{c.data.samples_per_class} per class)",
+        f"data: {describe_source(c.data.source)} (split {c.data.split}, {_describe_layout(c.data)})",
     ]
     if c.eval is not None:
         every = f"every {c.eval.every} steps and " if c.eval.every else ""
-        lines.append(f"eval: {_describe_source(c.eval.source)} (split {c.eval.split}, {every}at phase ends)")
+        lines.append(f"eval: {describe_source(c.eval.source)} (split {c.eval.split}, {c.eval.layout}, "
+                     f"{every}at phase ends)")
     chunks = [_describe_chunks(p) for p in c.phases]
     lines.append("chunks: " + (chunks[0] if len(set(chunks)) == 1 else
                                ", ".join(f"{i}: {text}" for i, text in enumerate(chunks))))

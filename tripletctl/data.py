@@ -18,6 +18,7 @@ import multiprocessing.connection
 import os
 import queue
 import random
+import re
 import signal
 import sys
 import threading
@@ -28,10 +29,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from tripletctl.curriculum import LAYOUTS, SourceConfig, source_fields
 from tripletctl.errors import DataError, TripletctlError, WorkerDiedError
 
 FORMATS = ("json", "parquet", "csv", "text")
-LAYOUTS = ("labelled", "pairs")
 STATE_VERSION = 1
 CHUNK_ROWS = 1000          # rows per read from `datasets` (row-by-row iteration is ~6x slower)
 CHECK_ROWS = 1000          # rows check_source reads looking for a usable one
@@ -88,6 +89,7 @@ class LabelledRows:
     texts: list[str]
     labels: list[int]               # dense ints; same original label -> same int
     skipped: int
+    triplets: list[tuple[int, int, int]] = field(default_factory=list)  # triplets layout: (a, p, given n)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -213,27 +215,18 @@ def _load(src: _Source, split: str, kwargs: dict | None, order_seed: int | None)
 
 @dataclass(frozen=True)
 class _Columns:
-    """Which columns make a row, and how: `text` format always reads `text`/`label`."""
+    """Which columns make a row, in row order: labelled (text, label), pairs (anchor, positive),
+    triplets (anchor, positive, negative...). `text` format always reads `text`/`label`."""
     layout: str
-    first: str      # text (labelled) or anchor (pairs)
-    second: str     # label (labelled) or positive (pairs)
+    names: tuple[str, ...]
 
     @staticmethod
-    def of(layout: str, text_column: str, label_column: str, anchor_column: str, positive_column: str,
-           is_text_format: bool) -> "_Columns":
-        if layout not in LAYOUTS:
-            raise DataError(f"unknown data layout '{layout}' (choose from {', '.join(LAYOUTS)})")
-        if is_text_format:
-            return _Columns("labelled", "text", "label")
-        if layout == "pairs":
-            return _Columns("pairs", anchor_column, positive_column)
-        return _Columns("labelled", text_column, label_column)
-
-
-def _columns_for(data: Any, src: _Source) -> _Columns:
-    return _Columns.of(getattr(data, "layout", "labelled"), data.text_column, data.label_column,
-                       getattr(data, "anchor_column", "anchor"), getattr(data, "positive_column", "positive"),
-                       isinstance(src.files, dict))
+    def of(config: SourceConfig, src: _Source) -> "_Columns":
+        if config.layout not in LAYOUTS:
+            raise DataError(f"unknown data layout '{config.layout}' (choose from {', '.join(LAYOUTS)})")
+        if isinstance(src.files, dict):
+            return _Columns("labelled", ("text", "label"))
+        return _Columns(config.layout, tuple(config.columns))
 
 
 def _good_text(value: Any) -> bool:
@@ -252,21 +245,22 @@ def _good_label(value: Any) -> Any:
 
 
 def _rows_of_chunk(chunk: dict[str, list], cols: _Columns) -> tuple[list[list], int, int]:
-    """Normalised rows [text, label] (pairs: [anchor, positive]), rows read, rows skipped."""
+    """Normalised rows ([text, label]; pairs [anchor, positive]; triplets [anchor, positive,
+    negative...]), rows read, rows skipped (a missing/empty text or label anywhere in the row)."""
     n = len(next(iter(chunk.values()))) if chunk else 0
-    first, second = chunk.get(cols.first), chunk.get(cols.second)
-    if first is None or second is None:
+    columns = [chunk.get(name) for name in cols.names]
+    if any(column is None for column in columns):
         return [], n, n
     rows = []
-    if cols.layout == "pairs":
-        for a, p in zip(first, second):
-            if _good_text(a) and _good_text(p):
-                rows.append([a, p])
-    else:
-        for text, label in zip(first, second):
+    if cols.layout == "labelled":
+        for text, label in zip(*columns):
             label = _good_label(label)
             if label is not None and _good_text(text):
                 rows.append([text, label])
+    else:
+        for row in zip(*columns):
+            if all(_good_text(text) for text in row):
+                rows.append(list(row))
     return rows, n, n - len(rows)
 
 
@@ -295,7 +289,7 @@ class _RawRows:
     def __init__(self, data: Any, seed: int, rank: int, world_size: int, state: dict | None):
         self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
         self.src = _resolve(data.source, data.format)
-        self.cols = _columns_for(data, self.src)
+        self.cols = _Columns.of(data, self.src)
         state = state or {}
         self.epoch: int = state.get("epoch", 0)
         self.pending: list[list] = list(state.get("pending", []))
@@ -311,8 +305,8 @@ class _RawRows:
 
         ds = _load(self.src, self.data.split, dict(self.data.load_dataset or {}), self.seed + self.epoch)
         names = _column_names(ds)
-        wanted = [self.cols.first, self.cols.second]
-        if names and all(c in names for c in wanted) and len(names) > 2:
+        wanted = list(self.cols.names)
+        if names and all(c in names for c in wanted) and len(names) > len(wanted):
             ds = ds.select_columns(wanted)  # do not decode columns nobody reads
         if self.world_size > 1:
             ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
@@ -549,14 +543,17 @@ class _Assembler:
         state = (state or {}).get("snapshot") or {}
         self.raw = _RawRows(data, seed, rank, world_size, state.get("raw"))
         self.shuffler = _Shuffler(self.raw, data.shuffle_buffer, seed * 1_000_003 + rank, state.get("shuffle"))
-        self.pairs = self.raw.cols.layout == "pairs"
-        self.pair_count: int = state.get("pairs", 0)
+        # pairs and triplets: every row is its own group, made of all its texts (see _assemble)
+        self.grouped = self.raw.cols.layout != "labelled"
+        self.group_rows = len(self.raw.cols.names)
+        self.pair_count: int = state.get("pairs", 0)  # groups made so far: part of each group's label
         self.rank = rank
-        self.batcher = None if self.pairs else _Batcher(
+        self.batcher = None if self.grouped else _Batcher(
             self.shuffler, rows_per_step, data.samples_per_class, data.max_buffered_rows, state.get("classes"))
         self.rows = rows_per_step
-        if self.pairs and rows_per_step < 2:
-            raise DataError(f"a pairs batch needs at least 2 rows per rank, got {rows_per_step}")
+        if self.grouped and rows_per_step < self.group_rows:
+            raise DataError(f"a {self.raw.cols.layout} batch needs at least {self.group_rows} rows per rank "
+                            f"(one group), got {rows_per_step}")
         self._snapshot: dict | None = None
         self._replay = 0
         self._rows_since_snapshot = 0
@@ -590,17 +587,19 @@ class _Assembler:
         return texts, ids, self.state()
 
     def _assemble(self) -> tuple[list[str], list[int]]:
-        if self.pairs:
-            texts, ids = [], []
-            for _ in range(self.rows // 2):
-                anchor, positive = self.shuffler.next_row()
-                pair = _label_id(("pair", self.rank, self.pair_count))
-                self.pair_count += 1
-                texts += [anchor, positive]
-                ids += [pair, pair]
-        else:
+        if not self.grouped:
             texts, labels = self.batcher.next_batch()
-            ids = [_label_id(label) for label in labels]
+            return texts, [_label_id(label) for label in labels]
+        # A group's anchor and positive share one label, new for every group; each given negative gets a
+        # label of its own, so mining pairs it with nobody (never an anchor or a positive) and it is a
+        # negative of every anchor in the batch, even when its text equals another group's positive.
+        texts, ids = [], []
+        for _ in range(self.rows // self.group_rows):
+            anchor, positive, *negatives = self.shuffler.next_row()
+            group = ("pair", self.rank, self.pair_count)
+            self.pair_count += 1
+            texts += [anchor, positive, *negatives]
+            ids += [_label_id(group)] * 2 + [_label_id(("negative", *group, j)) for j in range(len(negatives))]
         return texts, ids
 
     def state(self) -> dict:
@@ -609,10 +608,12 @@ class _Assembler:
                 "replay_rows_per_step": self.rows}
 
 
-def _fingerprint(data: Any) -> str:
-    keys = ("source", "format", "split", "text_column", "label_column", "layout", "anchor_column",
-            "positive_column", "load_dataset")
-    return json.dumps({k: getattr(data, k, None) for k in keys}, sort_keys=True, default=str)
+def _fingerprint(data: SourceConfig) -> str:
+    """The source a stream state belongs to: resuming on another source is refused."""
+    fields = source_fields(data)
+    if data.layout != "triplets":  # states saved before triplets existed match
+        del fields["negative_columns"]
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def _state_for_rank(state: dict, rank: int) -> dict:
@@ -942,7 +943,36 @@ class _Ticket:
 
 # ----------------------------------------------------------------------------- checks and eval rows
 
-def _check_columns(ds, cols: _Columns, label: str) -> None:
+def _negative_columns_in(names: list[str], config: SourceConfig) -> list[str]:
+    """Columns that hold given negatives: the configured ones, else `negative`, else negative_1..N
+    (sentence-transformers' `mine_hard_negatives` output), in number order."""
+    found = [c for c in config.negative_columns if c in names]
+    if found:
+        return found
+    if "negative" in names:
+        return ["negative"]
+    numbered = [(int(m.group(1)), c) for c in names if (m := re.fullmatch(r"negative_(\d+)", c))]
+    return [c for _, c in sorted(numbered)]
+
+
+def _fitting_layout(names: list[str], config: SourceConfig) -> str:
+    """The layout these columns would fit, as a hint for a mismatch message."""
+    if config.anchor_column in names and config.positive_column in names:
+        negatives = _negative_columns_in(names, config)
+        if not negatives:
+            return "layout pairs would fit"
+        if tuple(negatives) == tuple(config.negative_columns):
+            return "layout triplets would fit"
+        return f"layout triplets with negative columns {', '.join(negatives)} would fit"
+    if config.text_column in names and config.label_column in names:
+        return "layout labelled would fit"
+    return ("no layout fits with the column names set: name them (text/label columns for labelled; "
+            "anchor/positive/negative columns for pairs and triplets)")
+
+
+def _check_columns(ds, cols: _Columns, config: SourceConfig, label: str) -> None:
+    """The layout's columns exist, and pairs would not silently drop a negative column: else one line
+    naming the columns found and the layout that would fit them."""
     names = _column_names(ds)
     if names is None:
         try:
@@ -952,20 +982,33 @@ def _check_columns(ds, cols: _Columns, label: str) -> None:
         names = list(first) if first else None
     if names is None:
         return  # empty: the usable-rows check reports it
-    missing = [c for c in (cols.first, cols.second) if c not in names]
+    missing = [c for c in cols.names if c not in names]
     if missing:
         kind = "column" if len(missing) == 1 else "columns"
-        raise DataError(f"{kind} {', '.join(repr(c) for c in missing)} not found in data source '{label}'; "
-                        f"available columns: {', '.join(names)}")
+        problem = f"{kind} {', '.join(repr(c) for c in missing)} not found"
+    elif cols.layout == "pairs" and _negative_columns_in(names, config):
+        dropped = _negative_columns_in(names, config)
+        problem = (f"layout pairs would drop the negative column{'s' if len(dropped) > 1 else ''} "
+                   f"{', '.join(repr(c) for c in dropped)}")
+    else:
+        return
+    raise DataError(f"data source '{label}' does not fit layout {cols.layout}: {problem}; available columns: "
+                    f"{', '.join(names)}; {_fitting_layout(names, config)}")
 
 
-def check_source(data: Any) -> None:
-    """Fail before training, with one line, when the source cannot feed a run: unreachable, a column
-    missing (the existing ones are listed), or no usable row among the first CHECK_ROWS."""
-    src = _resolve(data.source, data.format)
-    cols = _columns_for(data, src)
-    ds = _load(src, data.split, dict(getattr(data, "load_dataset", None) or {}), None)
-    _check_columns(ds, cols, src.label)
+def _open_checked(config: SourceConfig) -> tuple[_Source, _Columns, Any]:
+    src = _resolve(config.source, config.format)
+    cols = _Columns.of(config, src)
+    ds = _load(src, config.split, dict(config.load_dataset or {}), None)
+    _check_columns(ds, cols, config, src.label)
+    return src, cols, ds
+
+
+def check_source(data: SourceConfig) -> None:
+    """Fail before training, with one line, when the source cannot feed a run: unreachable, columns
+    that do not fit the layout (the existing ones are listed), or no usable row among the first
+    CHECK_ROWS."""
+    src, cols, ds = _open_checked(data)
     read = good = 0
     try:
         for chunk in ds.iter(batch_size=CHUNK_ROWS):
@@ -979,43 +1022,43 @@ def check_source(data: Any) -> None:
     if read == 0:
         raise DataError(f"data source '{src.label}' has no rows")
     if good == 0:
-        what = "anchor/positive texts" if cols.layout == "pairs" else "text or label"
+        what = "text or label" if cols.layout == "labelled" else "text"
         raise DataError(f"no usable rows in the first {read} rows of '{src.label}' (all have a missing or "
-                        f"empty {what}: columns {cols.first!r}, {cols.second!r})")
+                        f"empty {what}: columns {', '.join(map(repr, cols.names))})")
 
 
-def read_rows(source: str | dict[str, str], *, format: str | None = None, split: str = "train",
-              text_column: str = "text", label_column: str = "label", layout: str = "labelled",
-              anchor_column: str = "anchor", positive_column: str = "positive",
-              load_dataset_kwargs: dict | None = None, limit: int | None = None) -> LabelledRows:
-    """A finite, unshuffled read of up to `limit` texts (for evaluation); labels become dense ints in
-    order of first appearance; in the pairs layout each pair's two texts get a new label."""
-    src = _resolve(source, format)
-    cols = _Columns.of(layout, text_column, label_column, anchor_column, positive_column,
-                       isinstance(src.files, dict))
-    ds = _load(src, split, load_dataset_kwargs, None)
-    _check_columns(ds, cols, src.label)
+def read_rows(source: SourceConfig, limit: int | None = None) -> LabelledRows:
+    """A finite, unshuffled read of up to `limit` texts (for evaluation). Labels become dense ints in
+    order of first appearance. Pairs and triplets: each row's anchor and positive get a new label and
+    each given negative one of its own (a distractor no query retrieves as relevant); `triplets` lists
+    (anchor, positive, negative) indices for the given-negative accuracy."""
+    src, cols, ds = _open_checked(source)
     texts: list[str] = []
     labels: list[int] = []
+    triplets: list[tuple[int, int, int]] = []
     dense: dict[Any, int] = {}
-    skipped = 0
-    step = 2 if cols.layout == "pairs" else 1
+    next_label = skipped = 0
+    step = 1 if cols.layout == "labelled" else len(cols.names)
     try:
         for chunk in ds.iter(batch_size=CHUNK_ROWS):
             rows, _, bad = _rows_of_chunk(chunk, cols)
             skipped += bad
-            for first, second in rows:
+            for row in rows:
                 if limit is not None and len(texts) + step > limit:
-                    return LabelledRows(texts, labels, skipped)
-                if cols.layout == "pairs":
-                    texts += [first, second]
-                    labels += [len(dense)] * 2
-                    dense[len(dense)] = len(dense)
-                else:
-                    texts.append(first)
-                    labels.append(dense.setdefault(second, len(dense)))
+                    return LabelledRows(texts, labels, skipped, triplets)
+                if cols.layout == "labelled":
+                    texts.append(row[0])
+                    if row[1] not in dense:
+                        dense[row[1]], next_label = next_label, next_label + 1
+                    labels.append(dense[row[1]])
+                    continue
+                a, negatives = len(texts), len(row) - 2
+                texts += row
+                labels += [next_label] * 2 + list(range(next_label + 1, next_label + 1 + negatives))
+                next_label += 1 + negatives
+                triplets += [(a, a + 1, a + 2 + j) for j in range(negatives)]
     except DataError:
         raise
     except Exception as error:
         raise DataError(f"reading data source '{src.label}' failed: {_one_line(error)}") from error
-    return LabelledRows(texts, labels, skipped)
+    return LabelledRows(texts, labels, skipped, triplets)

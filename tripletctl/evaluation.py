@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from tripletctl.curriculum import SourceConfig, describe_source
 from tripletctl.errors import CheckpointError, DataError
 
 DEFAULT_KS = (1, 5, 10)
@@ -99,6 +100,19 @@ def triplet_accuracy(embeddings: Any, labels: Any, num: int = 10000, seed: int =
     d_ap = ((emb[a_t] - emb[p_t]) ** 2).sum(dim=1)
     d_an = ((emb[a_t] - emb[n_t]) ** 2).sum(dim=1)
     return float((d_ap < d_an).double().mean().item()), int(a.size)
+
+
+def given_triplet_accuracy(embeddings: Any, triplets: Sequence[tuple[int, int, int]]) -> tuple[float, int]:
+    """Fraction of the data's own (anchor, positive, negative) triplets with d(a,p) < d(a,n), euclidean
+    (strict, like `triplet_accuracy`). On unit-normalised embeddings this ranks like cosine, so it is
+    the number sentence-transformers' TripletEvaluator reports for the same triplets."""
+    emb = torch.as_tensor(embeddings).detach().to(torch.float32)
+    if not len(triplets):
+        return float("nan"), 0
+    a, p, n = torch.as_tensor(triplets, dtype=torch.int64, device=emb.device).T
+    d_ap = ((emb[a] - emb[p]) ** 2).sum(dim=1)
+    d_an = ((emb[a] - emb[n]) ** 2).sum(dim=1)
+    return float((d_ap < d_an).double().mean().item()), len(triplets)
 
 
 def retrieval_metrics(
@@ -202,20 +216,11 @@ def evaluate_model(model, tokenizer, rows, batch_size: int = 256, max_length: in
     if torch.device(device).type == "cuda":  # the chunked search is matmul + topk: much faster there
         embeddings = embeddings.to(device)
     metrics = retrieval_metrics(embeddings, torch.as_tensor(rows.labels))
+    triplets = getattr(rows, "triplets", None)
+    if triplets:
+        metrics["given_negative_accuracy"], metrics["given_triplets"] = given_triplet_accuracy(embeddings, triplets)
     metrics["skipped_rows"] = int(getattr(rows, "skipped", 0))
     return metrics
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """The labelled rows `eval` and `inspect-collapse` read (their --data options), in one place."""
-
-    source: str
-    format: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    label_column: str = "label"
-    max_rows: int | None = None
 
 
 @dataclass
@@ -256,7 +261,29 @@ def _training_settings(checkpoint_dir: Path) -> dict[str, Any]:
     return settings
 
 
-def load_checkpoint_and_rows(checkpoint: Path | str, held_out: HeldOut, device: str = "auto") -> LoadedCheckpoint:
+def held_out_source(checkpoint: Path | str, given: dict[str, Any], option_names: dict[str, str],
+                    max_rows: int | None, default_max_rows: int) -> tuple[SourceConfig, int]:
+    """The rows `eval` / `inspect-collapse` read: the source options given on the command line, or,
+    without --data, the eval block saved with the run's curriculum (the options given change it)."""
+    from tripletctl.checkpoint import resolve_checkpoint
+    from tripletctl.curriculum import load_curriculum, source_from_options
+
+    if given.get("source") is not None:
+        return source_from_options(given, option_names), max_rows or default_max_rows
+    checkpoint_dir = Path(resolve_checkpoint(Path(checkpoint)))
+    path = checkpoint_dir / "curriculum.yaml"
+    if not path.is_file():
+        raise DataError(f"{checkpoint_dir} holds no curriculum.yaml to take an eval block from: "
+                        f"pass {option_names['source']} SOURCE")
+    saved = load_curriculum(path).eval
+    if saved is None:
+        raise DataError(f"the curriculum saved with {checkpoint_dir} has no eval block: "
+                        f"pass {option_names['source']} SOURCE (and {option_names['layout']} if it is not labelled)")
+    return source_from_options(given, option_names, base=saved), max_rows or saved.max_rows
+
+
+def load_checkpoint_and_rows(checkpoint: Path | str, source: SourceConfig, max_rows: int | None = None,
+                             device: str = "auto") -> LoadedCheckpoint:
     """Resolve a checkpoint (phase checkpoint, phase dir or run dir), load its model and read rows."""
     from tripletctl.checkpoint import resolve_checkpoint
     from tripletctl.model import load_model
@@ -273,8 +300,7 @@ def load_checkpoint_and_rows(checkpoint: Path | str, held_out: HeldOut, device: 
 
     from tripletctl.data import read_rows
 
-    rows = read_rows(held_out.source, format=held_out.format, split=held_out.split,
-                     text_column=held_out.text_column, label_column=held_out.label_column, limit=held_out.max_rows)
+    rows = read_rows(source, limit=max_rows)
     settings = _training_settings(checkpoint_dir)
     return LoadedCheckpoint(checkpoint_dir, model, tokenizer, rows, device, **settings)
 
@@ -303,8 +329,9 @@ def metrics_table(metrics: dict[str, Any], title: str):
 
 def run_eval_command(
     checkpoint: Path,
-    held_out: HeldOut,
+    source: SourceConfig,
     *,
+    max_rows: int | None = None,
     batch_size: int = 256,
     device: str = "auto",
     as_json: bool = False,
@@ -314,8 +341,8 @@ def run_eval_command(
     from rich.console import Console
 
     console = console or Console()
-    loaded = load_checkpoint_and_rows(checkpoint, held_out, device)
-    data = held_out.source
+    loaded = load_checkpoint_and_rows(checkpoint, source, max_rows, device)
+    data = describe_source(source.source)
     metrics = evaluate_model(loaded.model, loaded.tokenizer, loaded.rows, batch_size=batch_size,
                              max_length=loaded.max_length, device=loaded.device)
     if as_json:
@@ -331,4 +358,7 @@ def run_eval_command(
             f"{metrics['skipped_rows']} rows skipped; checkpoint {loaded.checkpoint_dir}",
             highlight=False,
         )
+        if "given_triplets" in metrics:
+            console.print(f"given_negative_accuracy: d(a,p) < d(a,n) on the data's own {metrics['given_triplets']} "
+                          f"(anchor, positive, negative) triplets", highlight=False)
     return metrics

@@ -212,7 +212,7 @@ def run_phase(
         _truncate_metrics(metrics_path, progress.global_step)
 
     # batch_size is the global batch: the stream yields this rank's share of whole classes
-    local_batch = local_batch_size(phase.batch_size, curriculum.data.samples_per_class, ctx)
+    local_batch = local_batch_size(phase.batch_size, curriculum.data.rows_per_group, ctx)
     stream = BatchStream(
         curriculum.data, tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
         batch_size=phase.batch_size, seed=train_cfg.seed, state=stream_state,
@@ -613,12 +613,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
 
     eval_rows = None
     if curriculum.eval is not None:
-        e = curriculum.eval
-        eval_rows = read_rows(
-            e.source, format=e.format, split=e.split, text_column=e.text_column, label_column=e.label_column,
-            layout=e.layout, anchor_column=e.anchor_column, positive_column=e.positive_column,
-            load_dataset_kwargs=dict(e.load_dataset), limit=e.max_rows,
-        )
+        eval_rows = read_rows(curriculum.eval, limit=curriculum.eval.max_rows)
 
     trackers = Trackers()
     if ctx.is_main:  # before the first eval: a tracker that cannot start its run fails early
@@ -751,13 +746,14 @@ def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, s
         table.add_column("metric")
         table.add_column("untrained", justify="right")
         table.add_column("trained", justify="right")
-        for key in ("recall@1", "recall@5", "recall@10", "map@r", "r_precision", "triplet_accuracy"):
+        for key in ("recall@1", "recall@5", "recall@10", "map@r", "r_precision", "triplet_accuracy",
+                    "given_negative_accuracy"):
             if key in untrained and key in final:
                 table.add_row(key, f"{untrained[key]:.4f}", f"{final[key]:.4f}")
         console.print(table)
     console.print(f"run directory: {output}  (phases: {', '.join(f'{i}:{s}' for i, s in sorted(status.items()))})")
-    if exit_code == EXIT_DONE and curriculum.eval is not None and isinstance(curriculum.eval.source, str):
-        console.print(f"next: tripletctl inspect-collapse {output} --data {curriculum.eval.source} --plot collapse.png\n"
+    if exit_code == EXIT_DONE and curriculum.eval is not None:
+        console.print(f"next: tripletctl inspect-collapse {output} --plot collapse.png\n"
                       f"      tripletctl plot {output}", highlight=False, soft_wrap=True)
 
 
