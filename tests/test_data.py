@@ -84,6 +84,125 @@ def test_pairs_layout(assets_dir, tiny_bert_dir):
     assert len(rows.texts) == 6 and rows.labels == [0, 0, 1, 1, 2, 2]
 
 
+NEGATIVES = {"triplets": ("negative",), "triplets3": ("negative_1", "negative_2", "negative_3")}
+
+
+def triplet_file_rows(path) -> list[tuple[str, ...]]:
+    """The file's rows read independently of tripletctl (json / pandas)."""
+    import pandas as pd
+
+    name = path.name.split(".")[0]
+    if path.suffix == ".jsonl":
+        frame = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines()])
+    else:
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    return [tuple(r) for r in frame[["anchor", "positive", *NEGATIVES[name]]].itertuples(index=False)]
+
+
+@pytest.mark.parametrize("name", ["triplets", "triplets3"])
+@pytest.mark.parametrize("ext", ["jsonl", "parquet", "csv"])
+def test_triplets_layout(assets_dir, tiny_bert_dir, name, ext):
+    """Each group is one file row: anchor and positive share a label no other text has; each given
+    negative has a label of its own, so mining never pairs it with anyone (even a duplicate text)."""
+    negatives = NEGATIVES[name]
+    group = 2 + len(negatives)
+    data = cfg(assets_dir, f"{name}.{ext}", layout="triplets", negative_columns=negatives, samples_per_class=2,
+               shuffle_buffer=1)  # file order: the first 240 groups are the file's 240 rows, once each
+    check_source(data)
+    file_rows = set(triplet_file_rows(assets_dir / f"{name}.{ext}"))
+    assert len(file_rows) == 240
+    seen = []
+    for b in take(data, tiny_bert_dir, 8 * group, 32):  # 256 groups: crosses the epoch boundary
+        labels = b.labels.tolist()
+        counts = Counter(labels)
+        assert len(b.texts) == len(labels) == 8 * group
+        for i in range(0, len(labels), group):
+            row = tuple(b.texts[i:i + group])
+            assert row in file_rows
+            seen.append(row)
+            assert labels[i] == labels[i + 1] and counts[labels[i]] == 2  # the group's class: a and p only
+            assert all(counts[labels[i + 2 + j]] == 1 for j in range(len(negatives)))  # never anyone's positive
+    assert len(set(seen[:240])) == 240 and set(seen) == file_rows and b.epoch == 1
+    assert any(row[2] == other[1] for row in file_rows for other in file_rows)  # duplicates are exercised
+
+
+def test_triplets_duplicate_text_is_a_negative_not_a_positive(tmp_path, tiny_bert_dir):
+    rows = [{"anchor": "a0", "positive": "p0", "negative": "p1"},  # p1 is row 1's positive
+            {"anchor": "a1", "positive": "p1", "negative": "p0"}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = DataConfig(source=str(path), layout="triplets", samples_per_class=2, tokenizer_workers=0,
+                      shuffle_buffer=1, max_length=8)
+    b = take(data, tiny_bert_dir, 6, 1)[0]
+    by_text = {}
+    for text, label in zip(b.texts, b.labels.tolist()):
+        by_text.setdefault(text, []).append(label)
+    assert by_text["p0"][0] != by_text["p0"][1] and by_text["p1"][0] != by_text["p1"][1]
+    assert by_text["a0"][0] in by_text["p0"] and by_text["a1"][0] in by_text["p1"]
+    assert len(set(b.labels.tolist())) == 4
+
+
+def test_triplets_read_rows(assets_dir):
+    rows = rows_of(str(assets_dir / "triplets3.jsonl"), layout="triplets",
+                   negative_columns=NEGATIVES["triplets3"], limit=16)
+    assert len(rows.texts) == 15  # whole rows of 5 texts only
+    assert rows.labels == [0, 0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 8, 9, 10, 11]
+    assert rows.triplets == [(0, 1, 2), (0, 1, 3), (0, 1, 4), (5, 6, 7), (5, 6, 8), (5, 6, 9),
+                             (10, 11, 12), (10, 11, 13), (10, 11, 14)]
+    expected = triplet_file_rows(assets_dir / "triplets3.jsonl")[:3]
+    assert [tuple(rows.texts[i:i + 5]) for i in (0, 5, 10)] == expected
+    assert rows_of(str(assets_dir / "pairs.jsonl"), layout="pairs").triplets == []
+
+
+def test_triplet_resume_continues_exactly(assets_dir, tiny_bert_dir):
+    data = cfg(assets_dir, "triplets3.parquet", layout="triplets", negative_columns=NEGATIVES["triplets3"],
+               samples_per_class=2, shuffle_buffer=16)
+    straight = take(data, tiny_bert_dir, 20, 30, seed=5)
+    resumed = take(data, tiny_bert_dir, 20, 10, seed=5, state=roundtrip_json(straight[19].state))
+    for a, b in zip(straight[20:], resumed):
+        same(a, b)
+    other = cfg(assets_dir, "triplets3.parquet", layout="triplets", negative_columns=("negative_1",),
+                samples_per_class=2, shuffle_buffer=16)
+    with pytest.raises(DataError, match="source"):
+        BatchStream(other, str(tiny_bert_dir), 6, seed=5, state=straight[0].state)
+
+
+MISMATCHES = [  # (file, layout and columns, what the message names: found columns and the layout that fits)
+    ("triplets.jsonl", {"layout": "pairs"}, "would drop the negative column 'negative'", "layout triplets would fit"),
+    ("triplets3.csv", {"layout": "pairs"}, "would drop the negative columns 'negative_1', 'negative_2', 'negative_3'",
+     "layout triplets with negative columns negative_1, negative_2, negative_3 would fit"),
+    ("triplets3.parquet", {"layout": "triplets"}, "column 'negative' not found",
+     "layout triplets with negative columns negative_1, negative_2, negative_3 would fit"),
+    ("triplets.jsonl", {}, "columns 'text', 'label' not found", "layout triplets would fit"),
+    ("pairs.jsonl", {}, "columns 'text', 'label' not found", "layout pairs would fit"),
+    ("pairs.jsonl", {"layout": "triplets"}, "column 'negative' not found", "layout pairs would fit"),
+    ("train.jsonl", {"layout": "pairs"}, "columns 'anchor', 'positive' not found", "layout labelled would fit"),
+    ("train.parquet", {"layout": "triplets"}, "columns 'anchor', 'positive', 'negative' not found",
+     "layout labelled would fit"),
+    ("triplets.jsonl", {"layout": "triplets", "anchor_column": "query"}, "column 'query' not found",
+     "no layout fits"),
+    ("wrong_columns.jsonl", {"layout": "pairs"}, "columns 'anchor', 'positive' not found", "no layout fits"),
+]
+
+
+@pytest.mark.parametrize("name, config, problem, fits", MISMATCHES)
+def test_layout_and_columns_mismatch_is_one_line(assets_dir, name, config, problem, fits):
+    import pandas as pd
+
+    source = str(assets_dir / name)
+    path = assets_dir / name
+    frame = (pd.read_json(path, lines=True, nrows=1) if path.suffix == ".jsonl" else
+             pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, nrows=1))
+    found = ", ".join(frame.columns)
+    for call in (lambda: check_source(DataConfig(source=source, **config)),
+                 lambda: rows_of(source, **config)):
+        with pytest.raises(DataError) as err:
+            call()
+        message = str(err.value)
+        assert "\n" not in message and problem in message and fits in message, message
+        assert f"available columns: {found}" in message and f"layout {config.get('layout', 'labelled')}" in message
+
+
 # ------------------------------------------------------------------------------ rows and formats
 
 def test_bad_rows_are_skipped_and_counted(assets_dir, tiny_bert_dir):

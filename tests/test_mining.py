@@ -36,13 +36,16 @@ def _bf_dist(e: torch.Tensor, i: int, j: int, distance: str) -> torch.Tensor:
     return torch.sqrt(torch.clamp(sq, min=SQRT_EPS))
 
 
-def brute_force(e, labels, mode, margin, distance="euclidean", fallback="hardest", negatives=None, memory=None):
+def brute_force(e, labels, mode, margin, distance="euclidean", fallback="hardest", negatives=None, memory=None,
+                groups=None):
     """Returns (loss tensor, dict of stats) from plain loops over the definitions.
 
     ``negatives`` ({(a, p): n}) supplies the draws for ``random``, which cannot be
     reproduced independently; everything else is decided here.  ``memory``
     ((M, D) embeddings, (M,) labels): extra candidates numbered B..B+M-1; anchors
     stay the batch rows, and the batch-hard stat stays in-batch.
+    ``groups`` (triplet data, no memory) replaces ``labels`` by roles: one group id per anchor/positive
+    row, None for a given negative, which is a negative of every anchor and nobody's anchor or positive.
     """
     b = len(labels)
     if memory is not None:
@@ -55,6 +58,11 @@ def brute_force(e, labels, mode, margin, distance="euclidean", fallback="hardest
     f = [[d[i][j].item() for j in range(n_cand)] for i in range(b)]
     pos = {a: [p for p in range(n_cand) if p != a and labels[p] == labels[a]] for a in range(b)}
     neg = {a: [n for n in range(n_cand) if labels[n] != labels[a]] for a in range(b)}
+    if groups is not None:
+        pos = {a: [p for p in range(b) if p != a and groups[a] is not None and groups[p] == groups[a]]
+               for a in range(b)}
+        neg = {a: [n for n in range(b) if n != a and (groups[n] is None or groups[n] != groups[a])]
+               for a in range(b)}
     anchors = [a for a in range(b) if pos[a] and neg[a]]
 
     def term(a, p, n):
@@ -138,7 +146,7 @@ def _random_negatives(e, labels, mode, margin, distance, fallback, seed, memory=
     return {(int(i), int(j)): int(k) for i, j, k in zip(a, p, n)}
 
 
-def _compare(e, labels, mode, margin, distance, fallback, seed=0, group_grads=None, memory=None):
+def _compare(e, labels, mode, margin, distance, fallback, seed=0, group_grads=None, memory=None, groups=None):
     """Loss, gradients and stats of `mine` against the brute force (over batch ∪ memory candidates)."""
     leaf = e.clone().requires_grad_(True)
     g = torch.Generator().manual_seed(seed) if mode == "random" else None
@@ -146,7 +154,7 @@ def _compare(e, labels, mode, margin, distance, fallback, seed=0, group_grads=No
     loss, stats = mine(leaf, labels, mode, margin, distance, fallback, generator=g, **mem)
     negs = _random_negatives(e, labels, mode, margin, distance, fallback, seed, memory)
     leaf_bf = e.clone().requires_grad_(True)
-    loss_bf, st_bf = brute_force(leaf_bf, labels, mode, margin, distance, fallback, negs, memory)
+    loss_bf, st_bf = brute_force(leaf_bf, labels, mode, margin, distance, fallback, negs, memory, groups)
 
     assert loss.dim() == 0 and loss.grad_fn is not None
     assert loss.item() == pytest.approx(loss_bf.item(), abs=TOL)
@@ -164,6 +172,47 @@ def _compare(e, labels, mode, margin, distance, fallback, seed=0, group_grads=No
 
 
 # ----------------------------------------------------------------------------- brute-force agreement
+
+
+@pytest.mark.parametrize("negatives", [("negative",), ("negative_1", "negative_2", "negative_3")])
+def test_triplet_batches_match_the_brute_force_with_given_negatives(assets_dir, tiny_bert_dir, tmp_path, negatives):
+    """A real `layout: triplets` batch (labels as data.py makes them) against the brute force told only
+    the roles: rows i, i+1 of each group are anchor and positive, the rest given negatives. Equal texts
+    get equal embeddings, so a negative equal to another group's positive sits at distance 0 from it."""
+    from tripletctl.curriculum import DataConfig
+    from tripletctl.data import BatchStream
+
+    import json
+
+    name = "triplets.jsonl" if len(negatives) == 1 else "triplets3.jsonl"
+    rows = [json.loads(line) for line in (assets_dir / name).read_text().splitlines()[:8]]
+    for k, row in enumerate(rows):
+        if k % 2 == 0:  # the first negative is the next group's positive (duplicate text)
+            row[negatives[0]] = rows[k + 1]["positive"]
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = DataConfig(source=str(path), layout="triplets", negative_columns=negatives,
+                      samples_per_class=2, tokenizer_workers=0, shuffle_buffer=1, max_length=8)
+    group = 2 + len(negatives)
+    stream = BatchStream(data, str(tiny_bert_dir), 4 * group, seed=0)
+    try:
+        batches = [next(stream) for _ in range(2)]
+    finally:
+        stream.close()
+    duplicated = 0
+    for batch in batches:
+        texts = batch.texts
+        groups = [i // group if i % group < 2 else None for i in range(len(texts))]
+        vectors = {text: _emb(1, seed=1000 + k)[0] for k, text in enumerate(dict.fromkeys(texts))}
+        e = torch.stack([vectors[t] for t in texts])
+        same_text = torch.tensor([[float(a == b) for b in texts] for a in dict.fromkeys(texts)], dtype=e.dtype)
+        duplicated += len(texts) - len(set(texts))
+        for mode in MODES:
+            for fallback in (["hardest", "easiest"] if mode == "semi-hard" else ["hardest"]):
+                _, stats = _compare(e, batch.labels, mode, 0.2, "euclidean", fallback, group_grads=same_text,
+                                    groups=groups)
+                assert stats.skipped_anchors == 4 * len(negatives)  # the given negatives are never anchors
+    assert duplicated == 4  # two per batch
 
 
 @pytest.mark.parametrize("mode", MODES)

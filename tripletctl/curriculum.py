@@ -1043,6 +1043,21 @@ def load_curriculum(path: str | os.PathLike, overrides: Sequence[str] = ()) -> C
     return curriculum
 
 
+def load_eval_block(path: str | os.PathLike) -> EvalConfig | None:
+    """Only the `eval` block of a curriculum (the copy saved with a run), checked like `load_curriculum`
+    checks it; None when there is none. The rest of the file is not needed to re-run the evaluation."""
+    label = str(path)
+    problems = _Problems(label)
+    tree = _read_yaml(label, problems)
+    if not isinstance(tree, dict) or tree.get("eval") is None:
+        return None
+    values, _ = _check_block(tree, "eval", os.path.dirname(os.path.abspath(label)), {}, problems)
+    _check_source_block("eval", values, {}, problems)
+    if problems.messages:
+        raise ConfigError(problems.messages)
+    return EvalConfig(**values)
+
+
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "path"}

@@ -266,7 +266,7 @@ def held_out_source(checkpoint: Path | str, given: dict[str, Any], option_names:
     """The rows `eval` / `inspect-collapse` read: the source options given on the command line, or,
     without --data, the eval block saved with the run's curriculum (the options given change it)."""
     from tripletctl.checkpoint import resolve_checkpoint
-    from tripletctl.curriculum import load_curriculum, source_from_options
+    from tripletctl.curriculum import load_eval_block, source_from_options
 
     if given.get("source") is not None:
         return source_from_options(given, option_names), max_rows or default_max_rows
@@ -275,7 +275,7 @@ def held_out_source(checkpoint: Path | str, given: dict[str, Any], option_names:
     if not path.is_file():
         raise DataError(f"{checkpoint_dir} holds no curriculum.yaml to take an eval block from: "
                         f"pass {option_names['source']} SOURCE")
-    saved = load_curriculum(path).eval
+    saved = load_eval_block(path)
     if saved is None:
         raise DataError(f"the curriculum saved with {checkpoint_dir} has no eval block: "
                         f"pass {option_names['source']} SOURCE (and {option_names['layout']} if it is not labelled)")
