@@ -719,3 +719,107 @@ def test_validate_command_reports_until_problems_with_exit_2(tmp_path):
     output = " ".join(result.output.split())
     assert "until.min_steps must be at most steps (10), got 99" in output
     assert "missing required key 'until.plateau.patience'" in output
+
+# ---------------------------------------------------------------- sources and layouts
+
+
+def test_data_and_eval_blocks_are_one_source_config(tmp_path):
+    from tripletctl.curriculum import SourceConfig
+
+    text = MINIMAL + ("eval:\n  source: org/heldout\n  layout: triplets\n  negative_columns: [negative_1, negative_2]\n"
+                      "  load_dataset: {name: triplet}\n")
+    c = load_curriculum(write(tmp_path, text))
+    assert isinstance(c.data, SourceConfig) and isinstance(c.eval, SourceConfig)
+    source_keys = [f.name for f in dataclasses.fields(SourceConfig)]
+    assert [f.name for f in dataclasses.fields(DataConfig)][: len(source_keys)] == source_keys
+    assert [f.name for f in dataclasses.fields(EvalConfig)][: len(source_keys)] == source_keys
+    assert c.eval.columns == ("anchor", "positive", "negative_1", "negative_2")
+    assert c.eval.load_dataset == {"name": "triplet"}
+    assert load_curriculum(write(tmp_path, yaml.safe_dump(curriculum_to_dict(c)), "again.yaml")) == c
+
+
+def test_cli_source_options_map_one_to_one_onto_source_config():
+    from tripletctl.cli import SOURCE_OPTIONS
+    from tripletctl.curriculum import SourceConfig
+
+    assert list(SOURCE_OPTIONS) == [f.name for f in dataclasses.fields(SourceConfig)]
+
+
+def test_source_from_options(tmp_path):
+    from tripletctl.cli import SOURCE_OPTIONS
+    from tripletctl.curriculum import SourceConfig, source_from_options
+
+    given = {"source": "sentence-transformers/all-nli", "layout": "triplets", "split": "test",
+             "negative_columns": ["negative"], "load_dataset": ["name=triplet", "revision=main", "streaming_x=3"]}
+    source = source_from_options(given, SOURCE_OPTIONS)
+    assert source == SourceConfig(source="sentence-transformers/all-nli", layout="triplets", split="test",
+                                  negative_columns=("negative",),
+                                  load_dataset={"name": "triplet", "revision": "main", "streaming_x": 3})
+    base = SourceConfig(source="a.jsonl", layout="pairs", load_dataset={"name": "pair"})
+    changed = source_from_options({"split": "dev", "load_dataset": ["revision=v1"]}, SOURCE_OPTIONS, base=base)
+    assert changed == SourceConfig(source="a.jsonl", layout="pairs", split="dev",
+                                   load_dataset={"name": "pair", "revision": "v1"})
+    with pytest.raises(ConfigError) as caught:
+        source_from_options({"source": "x.jsonl", "layout": "pair", "format": "text",
+                             "anchor_column": "a", "positive_column": "a"}, SOURCE_OPTIONS)
+    problems = caught.value.problems
+    assert all(p.startswith("command line: ") and "\n" not in p for p in problems)
+    assert any("--layout must be one of labelled, pairs, triplets, got 'pair' (did you mean 'pairs'?)" in p
+               for p in problems)
+    assert any("--data must be a {label: glob} mapping when --format is text" in p for p in problems)
+    with pytest.raises(ConfigError) as caught:
+        source_from_options({"source": "x.jsonl", "layout": "pairs", "anchor_column": "a", "positive_column": "a"},
+                            SOURCE_OPTIONS)
+    assert caught.value.problems == ["command line: the pairs columns must be distinct, but 'a' is named twice "
+                                     "among --anchor-column, --positive-column"]
+
+
+def test_triplets_layout_batch_sizes_count_texts_of_whole_groups(tmp_path):
+    data = {"source": "org/triplets", "layout": "triplets", "samples_per_class": 2,
+            "negative_columns": ["negative_1", "negative_2", "negative_3"]}
+    phases = [{"name": "a", "mining": "semi-hard", "batch_size": 10, "steps": 1},
+              {"name": "b", "mining": "batch-all", "batch_size": 12, "steps": 1},
+              {"name": "c", "mining": "batch-hard", "batch_size": 5, "steps": 1}]
+    path = write(tmp_path, edit(data=data, phases=phases))
+    assert problems_of(path) == [
+        f"{path}: phases[1] (b): batch_size must be a multiple of the rows of one triplet group "
+        "(anchor, positive and 3 negatives) (5), got 12",
+        f"{path}: phases[2] (c): batch_size must hold at least 2 classes of the rows of one triplet group "
+        "(anchor, positive and 3 negatives) (5) rows, i.e. be at least 10, got 5",
+    ]
+    c = load_curriculum(path, ["phases.1.batch_size=15", "phases.2.batch_size=20"])
+    assert c.data.rows_per_group == 5 and c.data.columns[2:] == ("negative_1", "negative_2", "negative_3")
+    console = Console(record=True, width=160)
+    console.print(plan_table(c))
+    text = console.export_text()
+    assert "anchor, positive and 3 negatives, 5 texts" in " ".join(text.split())
+    header = next(line for line in text.splitlines() if "groups" in line).split()
+    rows = [line.split() for line in text.splitlines() if line.split()[:2] in (["0", "a"], ["2", "c"])]
+    assert [row[header.index("groups")] for row in rows] == ["2", "4"]
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"layout": "triplets"}, "data.samples_per_class must be 2 when data.layout is triplets "
+                             "(each row's anchor and positive are its class), got 4"),
+    ({"layout": "triplets", "samples_per_class": 2, "negative_columns": []},
+     "data.negative_columns must be a non-empty list of distinct column names"),
+    ({"layout": "triplets", "samples_per_class": 2, "negative_columns": ["n", "n"]},
+     "data.negative_columns must be a non-empty list of distinct column names"),
+    ({"layout": "triplets", "samples_per_class": 2, "negative_columns": ["anchor"]},
+     "the triplets columns must be distinct, but 'anchor' is named twice among data.anchor_column, "
+     "data.positive_column, data.negative_columns"),
+    ({"layout": "triplets", "format": "text", "source": {"a": "x.txt"}},
+     "data.layout must be labelled when data.format is text, got 'triplets'"),
+])
+def test_triplets_layout_problems(tmp_path, data, fragment):
+    path = write(tmp_path, edit(data={"source": "org/triplets", **data}))
+    only(problems_of(path), fragment)
+
+
+def test_facenet_triplets_validates_offline():
+    c = load_curriculum(REPO / "curricula" / "facenet-triplets.yaml")
+    assert c.data.layout == c.eval.layout == "triplets"
+    assert c.data.load_dataset == c.eval.load_dataset == {"name": "triplet"}
+    assert [p.batch_size // c.data.rows_per_group for p in c.phases] == [166, 333, 666]
+    result = CliRunner().invoke(app, ["validate", str(REPO / "curricula" / "facenet-triplets.yaml")])
+    assert result.exit_code == 0, result.output

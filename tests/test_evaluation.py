@@ -193,3 +193,126 @@ def test_eval_cli_json_and_table(tmp_path, tiny_bert_dir):
 
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "nothing"), "--data", str(data)])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+# ------------------------------------------------------------------------------------ layouts and saved eval blocks
+
+
+def test_given_triplet_accuracy_matches_a_loop():
+    emb, _ = random_set(30, 5, 3, 11)
+    rng = np.random.default_rng(0)
+    triplets = [tuple(int(x) for x in rng.choice(30, 3, replace=False)) for _ in range(200)]
+    triplets.append((0, 1, 1))  # a tie fails (strict), like a collapsed model
+    expected = np.mean([np.linalg.norm(emb[a] - emb[p]) < np.linalg.norm(emb[a] - emb[n]) for a, p, n in triplets])
+    acc, used = evaluation.given_triplet_accuracy(torch.tensor(emb), triplets)
+    assert used == 201 and acc == pytest.approx(float(expected), abs=1e-12)
+    assert np.isnan(evaluation.given_triplet_accuracy(torch.tensor(emb), [])[0])
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run directory per eval block (None: no block), holding one untrained tiny-BERT checkpoint."""
+    from transformers import AutoConfig, AutoModel
+
+    from conftest import ASSETS, TINY_BERT
+    from tripletctl.checkpoint import save_checkpoint
+    from tripletctl.model import TripletEncoder, load_tokenizer
+
+    torch.manual_seed(0)
+    model = TripletEncoder(AutoModel.from_config(AutoConfig.from_pretrained(TINY_BERT)), head=(16,))
+    tokenizer = load_tokenizer(str(TINY_BERT))
+    blocks = {
+        "labelled": {"source": str(TINY_BERT.parent / "heldout.jsonl"), "max_rows": 120},
+        "pairs": {"source": str(ASSETS / "pairs.jsonl"), "layout": "pairs", "max_rows": 60},
+        "triplets": {"source": str(ASSETS / "triplets_heldout.jsonl"), "layout": "triplets", "max_rows": 150},
+        "none": None,
+    }
+    root = tmp_path_factory.mktemp("saved")
+    runs = {}
+    for name, block in blocks.items():
+        curriculum = {"data": {"source": "unused", "max_length": 32}}
+        if block is not None:
+            curriculum["eval"] = block
+        save_checkpoint(root / name / "phase-0-p" / "checkpoint", model=model, tokenizer=tokenizer, optimizer=None,
+                        state={"phase_index": 0}, stream_state=None, curriculum=curriculum)
+        runs[name] = root / name
+    return runs, model, tokenizer
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from tripletctl.cli import app
+
+    return CliRunner().invoke(app, [*map(str, args), "--device", "cpu"])
+
+
+def test_eval_on_triplet_data_reports_given_negative_accuracy(saved_run):
+    from conftest import ASSETS
+    from tripletctl.model import encode
+
+    runs, model, tokenizer = saved_run
+    data = ASSETS / "triplets3.jsonl"
+    result = _cli("eval", runs["none"], "--data", data, "--layout", "triplets", "--negative-column", "negative_1",
+                  "--negative-column", "negative_2", "--negative-column", "negative_3", "--max-rows", 100, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    rows = [json.loads(line) for line in data.read_text().splitlines()][:20]  # 100 texts = 20 rows of 5
+    assert payload["rows"] == 100 and payload["given_triplets"] == 60
+    assert payload["queries"] == 40 and payload["excluded_queries"] == 60  # negatives are distractors only
+    texts = [t for r in rows for t in (r["anchor"], r["positive"], r["negative_1"], r["negative_2"], r["negative_3"])]
+    emb = encode(model, tokenizer, texts, max_length=32, device="cpu").numpy()
+    wins = [np.linalg.norm(emb[5 * i] - emb[5 * i + 1]) < np.linalg.norm(emb[5 * i] - emb[5 * i + j])
+            for i in range(20) for j in (2, 3, 4)]
+    assert payload["given_negative_accuracy"] == pytest.approx(float(np.mean(wins)), abs=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["labelled", "pairs", "triplets"])
+def test_eval_and_inspect_use_the_runs_saved_eval_block(saved_run, layout):
+    from conftest import ASSETS, TINY_BERT
+
+    runs, _, _ = saved_run
+    result = _cli("eval", runs[layout], "--json")
+    assert result.exit_code == 0, result.output
+    saved = json.loads(result.stdout)
+    assert saved["rows"] == {"labelled": 120, "pairs": 60, "triplets": 150}[layout]  # the block's max_rows
+    assert ("given_negative_accuracy" in saved) == (layout == "triplets")
+    # the same numbers as the same source typed on the command line
+    data = {"labelled": TINY_BERT.parent / "heldout.jsonl", "pairs": ASSETS / "pairs.jsonl",
+            "triplets": ASSETS / "triplets_heldout.jsonl"}[layout]
+    typed = _cli("eval", runs["none"], "--data", data, "--layout", layout, "--max-rows", saved["rows"], "--json")
+    assert typed.exit_code == 0, typed.output
+    assert {k: v for k, v in json.loads(typed.stdout).items() if k != "checkpoint"} == \
+        {k: v for k, v in saved.items() if k != "checkpoint"}
+    # options given without --data change the saved block
+    fewer = _cli("eval", runs[layout], "--max-rows", 30, "--json")
+    assert fewer.exit_code == 0 and json.loads(fewer.stdout)["rows"] == 30
+    inspect = _cli("inspect-collapse", runs[layout], "--json")
+    assert inspect.exit_code in (0, 1, 3), inspect.output
+    assert json.loads(inspect.stdout)["rows"] == saved["rows"]
+
+
+@pytest.mark.parametrize("command", ["eval", "inspect-collapse"])
+def test_no_saved_eval_block_and_bad_source_options_are_one_line_exit_2(saved_run, command):
+    from conftest import ASSETS
+
+    runs, _, _ = saved_run
+    cases = [
+        ([runs["none"]], "has no eval block: pass --data SOURCE"),
+        ([runs["none"], "--layout", "pairs"], "has no eval block"),
+        ([runs["none"], "--data", ASSETS / "triplets.jsonl", "--layout", "pairs"],
+         "would drop the negative column 'negative'"),
+        ([runs["triplets"], "--layout", "pairs"], "layout triplets would fit"),  # changes the saved block
+        ([runs["none"], "--data", ASSETS / "triplets3.parquet", "--layout", "triplets"],
+         "layout triplets with negative columns negative_1, negative_2, negative_3 would fit"),
+        ([runs["none"], "--data", ASSETS / "pairs.jsonl"], "layout pairs would fit"),
+        ([runs["none"], "--data", ASSETS / "train.jsonl", "--layout", "tripplets"],
+         "--layout must be one of labelled, pairs, triplets, got 'tripplets' (did you mean 'triplets'?)"),
+        ([runs["none"], "--data", ASSETS / "train.jsonl", "--load-dataset", "split=test"],
+         "--load-dataset must be free of 'split'"),
+        ([runs["none"], "--data", ASSETS / "train.jsonl", "--load-dataset", "name"], "--load-dataset expects KEY=VALUE"),
+    ]
+    for args, expected in cases:
+        result = _cli(command, *args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and expected in lines[0], (args, result.output)

@@ -284,8 +284,10 @@ def held_out_source(checkpoint: Path | str, given: dict[str, Any], option_names:
 
 def load_checkpoint_and_rows(checkpoint: Path | str, source: SourceConfig, max_rows: int | None = None,
                              device: str = "auto") -> LoadedCheckpoint:
-    """Resolve a checkpoint (phase checkpoint, phase dir or run dir), load its model and read rows."""
+    """Resolve a checkpoint (phase checkpoint, phase dir or run dir), read the rows (bad input fails
+    before the model is loaded), then load its model."""
     from tripletctl.checkpoint import resolve_checkpoint
+    from tripletctl.data import read_rows
     from tripletctl.model import load_model
 
     device = resolve_device(device)
@@ -293,14 +295,11 @@ def load_checkpoint_and_rows(checkpoint: Path | str, source: SourceConfig, max_r
     model_dir = checkpoint_dir / "model"
     if not model_dir.is_dir():
         raise CheckpointError(f"{checkpoint_dir} has no model/ directory")
+    rows = read_rows(source, limit=max_rows)
     try:
         model, tokenizer = load_model(model_dir, device=device)
     except (OSError, ValueError) as error:  # FileNotFoundError included: not a tripletctl model
         raise CheckpointError(f"cannot load the model in {model_dir}: {error}") from None
-
-    from tripletctl.data import read_rows
-
-    rows = read_rows(source, limit=max_rows)
     settings = _training_settings(checkpoint_dir)
     return LoadedCheckpoint(checkpoint_dir, model, tokenizer, rows, device, **settings)
 
