@@ -168,6 +168,20 @@ def test_bad_source_fails_before_training(tmp_path):
     assert not (tmp_path / "run" / "run.json").exists()
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.layout=pairs", "data.samples_per_class=2"], "layout pairs would drop the negative column 'negative'"),
+    ([], "columns 'text', 'label' not found; available columns: anchor, positive, negative; layout triplets would fit"),
+])
+def test_layout_mismatch_fails_before_training_in_one_line(tmp_path, overrides, expected):
+    from conftest import ASSETS
+
+    path = write_curriculum(tmp_path, source=ASSETS / "triplets.jsonl")
+    result = CliRunner().invoke(app, ["train", str(path), *overrides])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and expected in lines[0], result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path):
     path = write_curriculum(tmp_path, steps=(400, 2, 2), checkpoint_every=0)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -398,3 +412,42 @@ def test_resume_with_memory_matches_uninterrupted_run(tmp_path, interrupt_after=
     c = final_weights(tmp_path / "plain" / "run")
     assert any(not torch.allclose(a[name], c[name], rtol=0, atol=1e-6) for name in a)
     assert not (tmp_path / "plain" / "run" / "phase-2-batch-hard" / "checkpoint" / "memory.pt").exists()
+
+TRIPLET_RUNS = [  # every file variant trains; the mining modes rotate over them (test_mining checks each
+    # mode on triplet batches against the brute force)
+    ("jsonl", 1, "semi-hard"), ("parquet", 1, "hard-negative"), ("csv", 1, "batch-hard"),
+    ("jsonl", 3, "batch-all"), ("parquet", 3, "random"), ("csv", 3, "semi-hard"),
+]
+
+
+@pytest.mark.parametrize("ext, negatives, mode", TRIPLET_RUNS)
+def test_triplet_files_train_end_to_end(tmp_path, ext, negatives, mode):
+    from conftest import ASSETS
+
+    names = ["negative"] if negatives == 1 else [f"negative_{j + 1}" for j in range(negatives)]
+    group = 2 + negatives
+    spec = {
+        "model": {"name": str(TINY_BERT), "init": "config", "pooling": "mean", "head": [16]},
+        "data": {"source": str(ASSETS / f"{'triplets' if negatives == 1 else 'triplets3'}.{ext}"),
+                 "layout": "triplets", "negative_columns": names, "samples_per_class": 2, "shuffle_buffer": 64,
+                 "max_length": 16, "tokenizer_workers": 0},
+        "train": {"lr": 1e-3, "warmup_steps": 1, "seed": 3, "output_dir": str(tmp_path / "run"), "device": "cpu",
+                  "chunk_size": 16},
+        "phases": [{"name": mode, "mining": mode, "batch_size": 6 * group, "steps": 2}],
+        "eval": {"source": str(ASSETS / "triplets_heldout.jsonl"), "layout": "triplets", "max_rows": 60},
+    }
+    path = tmp_path / "curriculum.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    index = json.loads((run / "run.json").read_text())
+    assert [p["status"] for p in index["phases"]] == ["done"]
+    records = [json.loads(l) for l in (run / index["phases"][0]["dir"] / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert math.isfinite(r["loss"]) and r["mining"] == mode
+        assert r["skipped_anchors"] == 6 * negatives  # the given negatives, never anchors
+    final = index["eval_final"]
+    assert final["rows"] == 60 and final["given_triplets"] == 20 and 0 <= final["given_negative_accuracy"] <= 1
