@@ -113,6 +113,9 @@ def write_triplets() -> None:
         pd.DataFrame(rows).to_parquet(HERE / f"{name}.parquet", index=False)
         pd.DataFrame(rows).to_csv(HERE / f"{name}.csv", index=False)
     write_jsonl(HERE / "triplets_heldout.jsonl", _triplet_rows(heldout, 4, 1, rng))
+    # The built-in quickstart-triplets curriculum ships inside the package, so it carries its own copy.
+    for name in ("triplets.jsonl", "triplets_heldout.jsonl"):
+        (quickstart / name).write_bytes((HERE / name).read_bytes())
 
 
 if __name__ == "__main__":
