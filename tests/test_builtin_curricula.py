@@ -22,7 +22,7 @@ QUICK = ["phases.0.steps=2", "phases.1.steps=1", "phases.2.steps=1", "eval.max_r
 
 
 def test_the_list_has_one_line_per_builtin_and_the_repo_links_to_them():
-    assert names() == ["facenet", "quickstart"]
+    assert names() == ["facenet", "facenet-triplets", "quickstart", "quickstart-triplets"]
     result = CliRunner().invoke(app, ["curricula"])
     assert result.exit_code == 0
     lines = result.output.splitlines()
@@ -46,14 +46,14 @@ def test_copy_writes_an_editable_curriculum_with_its_assets(tmp_path):
     again = runner.invoke(app, ["curricula", "copy", "quickstart", str(tmp_path / "mine")])
     assert again.exit_code == 2 and "already exist" in again.output
     unknown = runner.invoke(app, ["curricula", "copy", "quikstart", str(tmp_path)])
-    assert unknown.exit_code == 2 and "built-in: facenet, quickstart" in unknown.output
+    assert unknown.exit_code == 2 and "built-in: facenet, facenet-triplets, quickstart, quickstart-triplets" in unknown.output
 
 
 def test_a_name_that_is_neither_a_file_nor_a_builtin_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["train", "quikstart"])
     assert result.exit_code == 2
     assert result.output.strip() == ("error: quikstart: no such file, and no built-in curriculum of that name "
-                                     "(built-in: facenet, quickstart)")
+                                     "(built-in: facenet, facenet-triplets, quickstart, quickstart-triplets)")
 
 
 def test_train_quickstart_from_a_wheel_in_a_fresh_venv(tmp_path):
