@@ -36,7 +36,7 @@ def test_shell_completion_completes_commands_and_builtin_names():
     assert commands.stdout.split() == ["curricula"]
     env.update(COMP_WORDS="tripletctl curricula copy qu", COMP_CWORD="3")
     names = subprocess.run([script], env=env, capture_output=True, text=True)
-    assert names.stdout.split() == ["quickstart"]
+    assert names.stdout.split() == ["quickstart", "quickstart-triplets"]
     assert "--install-completion" in CliRunner().invoke(app, ["--help"]).output
 
 
