@@ -70,10 +70,15 @@ def test_head_sizes(tiny_bert_dir):
     torch.testing.assert_close(out.norm(dim=1), torch.ones(len(TEXTS)))
 
 
-def test_no_unused_pooler(tiny_bert_dir):
-    """DDP fails on parameters that never get gradients: BERT's pooler must not be built."""
-    model, _ = tiny(tiny_bert_dir)
-    assert not any(name.startswith("encoder.pooler") for name, _ in model.named_parameters())
+def test_pooler_is_kept_frozen_and_every_trained_parameter_gets_a_gradient(tiny_bert_dir):
+    """DDP (find_unused_parameters=False) fails on a parameter that requires a gradient and gets
+    none: BERT's pooler is kept (so saved folders load cleanly) but frozen."""
+    model, tok = tiny(tiny_bert_dir, head=(16,))
+    pooler = [p for name, p in model.named_parameters() if name.startswith("encoder.pooler")]
+    assert pooler and not any(p.requires_grad for p in pooler)
+    model.train()(*batch(tok, TEXTS)).pow(2).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in pooler)
 
 
 def test_same_seed_same_weights(tiny_bert_dir):
@@ -107,7 +112,9 @@ def test_save_load_identical(tiny_bert_dir, tmp_path):
     meta = json.loads((tmp_path / "m" / "tripletctl_model.json").read_text())
     assert meta["pooling"] == "cls" and meta["head"] == [32, 16] and meta["embedding_dim"] == 16
     assert meta["normalize"] is True
-    assert (tmp_path / "m" / "head.safetensors").is_file()
+    assert meta["format_version"] == 2 and meta["head_modules"] == ["2_Dense", "3_Dense"]
+    assert (tmp_path / "m" / "2_Dense" / "model.safetensors").is_file()
+    assert not (tmp_path / "m" / "head.safetensors").exists()  # one copy of the head: the Dense modules
     assert (tmp_path / "m" / "model.safetensors").is_file()
     loaded, tok2 = load_model(tmp_path / "m")
     assert not loaded.training
@@ -119,7 +126,7 @@ def test_save_load_identical(tiny_bert_dir, tmp_path):
 def test_encoder_dir_loads_in_plain_transformers(tiny_bert_dir, tmp_path):
     model, tok = tiny(tiny_bert_dir)
     save_model(model, tok, tmp_path)
-    plain = AutoModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    plain = AutoModel.from_pretrained(tmp_path).eval()
     ids, mask = batch(tok, TEXTS)
     torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).last_hidden_state,
                                model.encoder.eval()(input_ids=ids, attention_mask=mask).last_hidden_state)

@@ -1,8 +1,10 @@
 """The embedding model: a transformers encoder, pooling, an optional MLP head and L2 normalisation.
 
-Saved models stay usable outside tripletctl: the encoder directory loads with plain
-`transformers.AutoModel.from_pretrained`, and the pieces tripletctl adds (pooling, head,
-normalisation) live beside it in `head.safetensors` and `tripletctl_model.json`.
+Saved models stay usable outside tripletctl: the folder loads with plain
+`transformers.AutoModel.from_pretrained` (no weight missing: the base model's pooler is kept,
+frozen) and is a complete sentence-transformers model (pooling, head as Dense modules,
+normalisation: see sbert.py), with a model card (card.py). `tripletctl_model.json` says how
+tripletctl reads it back; folders of the previous format (head in `head.safetensors`) still load.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
+from tripletctl import sbert
+from tripletctl.card import CARD_FILE, Provenance, render_card
 from tripletctl.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks
 from tripletctl.errors import TripletctlError
 
@@ -26,9 +30,9 @@ if TYPE_CHECKING:
     from tripletctl.curriculum import ModelConfig
 
 POOLINGS = ("mean", "cls")
-HEAD_FILE = "head.safetensors"
+HEAD_FILE = "head.safetensors"  # format 1 only: format 2 keeps the head in the K_Dense modules
 META_FILE = "tripletctl_model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class TripletEncoder(nn.Module):
@@ -40,6 +44,7 @@ class TripletEncoder(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder
+        _freeze_pooler(encoder)
         self.pooling = pooling
         self.head_sizes = tuple(int(s) for s in head)
         self.head = make_head(encoder.config.hidden_size, self.head_sizes)
@@ -60,6 +65,18 @@ class TripletEncoder(nn.Module):
             if self.normalize:
                 pooled = nn.functional.normalize(pooled, p=2.0, dim=-1, eps=1e-12)
         return pooled
+
+
+def _freeze_pooler(encoder: nn.Module) -> None:
+    """Keep the base model's pooler but never train it.
+
+    Pooling reads the hidden states, so the pooler gets no gradient: DDP rejects a parameter
+    that requires one and never receives it. Kept (frozen), it is saved with the encoder, so
+    `AutoModel.from_pretrained` on a saved folder finds every weight it expects.
+    """
+    pooler = getattr(encoder, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)
 
 
 def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
@@ -86,28 +103,20 @@ def make_head(hidden_size: int, sizes: Sequence[int]) -> nn.Sequential | None:
 
 def _with_fallbacks(load: Callable[..., PreTrainedModel], *args: Any, attn_implementation: str = "sdpa",
                     **kwargs: Any) -> PreTrainedModel:
-    """Ask for `attn_implementation` and no pooler layer; drop each default request the model class
-    does not support. An attention implementation asked for by name (not the default SDPA) that
-    cannot be used is an error, not a silent fallback to padded attention.
+    """Ask for `attn_implementation`; drop the default SDPA request where the model class has no
+    SDPA path. An attention implementation asked for by name (not the default SDPA) that cannot
+    be used is an error, not a silent fallback to padded attention.
 
-    The unused BERT pooler would leave parameters without gradients, which DDP rejects.
+    The model keeps its pooler (see `_freeze_pooler`), exactly as `AutoModel` builds it.
     """
-    kwargs = {"attn_implementation": attn_implementation, "add_pooling_layer": False, **kwargs}
-    while True:
-        try:
-            return load(*args, **kwargs)
-        except TypeError as e:  # e.g. DistilBertModel.__init__() got an unexpected keyword 'add_pooling_layer'
-            if "add_pooling_layer" not in str(e) or "add_pooling_layer" not in kwargs:
-                raise
-            kwargs.pop("add_pooling_layer")
-        except (ValueError, ImportError) as e:  # this architecture has no such attention path
-            if attn_implementation != "sdpa":
-                message = " ".join(str(e).split())
-                raise TripletctlError(f"model.attn_implementation '{attn_implementation}' cannot be used: "
-                                      f"{message[:300]}") from None
-            if "attn_implementation" not in kwargs:
-                raise
-            kwargs.pop("attn_implementation")
+    try:
+        return load(*args, attn_implementation=attn_implementation, **kwargs)
+    except (ValueError, ImportError) as e:  # this architecture has no such attention path
+        if attn_implementation != "sdpa":
+            message = " ".join(str(e).split())
+            raise TripletctlError(f"model.attn_implementation '{attn_implementation}' cannot be used: "
+                                  f"{message[:300]}") from None
+        return load(*args, **kwargs)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -154,42 +163,77 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
-    """Encoder (safetensors, plain-transformers loadable) + tokenizer + head + tripletctl_model.json."""
+def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
+               provenance: Provenance | None = None) -> None:
+    """Write a folder that tripletctl, plain transformers and sentence-transformers all load.
+
+    Encoder (safetensors, with its pooler) + tokenizer at the root, the sentence-transformers
+    modules (the head's weights live in its Dense modules), tripletctl_model.json and README.md.
+    `provenance` (the curriculum as run, where training stood, the held-out metrics of these
+    weights) sets max_seq_length, the similarity function and the model card.
+    """
     model = unwrap(model)
     assert isinstance(model, TripletEncoder), type(model)
+    provenance = provenance or Provenance()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    unwrap(model.encoder).save_pretrained(directory, safe_serialization=True)
+    encoder = unwrap(model.encoder)
+    encoder.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    if model.head is not None:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-        save_file(state, str(directory / HEAD_FILE))
+    hidden_size = int(encoder.config.hidden_size)
+    dense_dirs = sbert.write_modules(
+        directory, hidden_size=hidden_size, pooling=model.pooling, head=model.head, normalize=model.normalize,
+        max_seq_length=provenance.max_seq_length, similarity=provenance.distance,
+    )
     meta = {
         "format_version": FORMAT_VERSION,
         "pooling": model.pooling,
         "head": list(model.head_sizes),
         "normalize": model.normalize,
         "embedding_dim": model.embedding_dim,
-        "hidden_size": int(unwrap(model.encoder).config.hidden_size),
+        "hidden_size": hidden_size,
+        "head_modules": dense_dirs,
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (directory / CARD_FILE).write_text(render_card(meta, provenance), encoding="utf-8")
+
+
+def read_meta(directory: str | Path) -> dict:
+    """tripletctl_model.json, checked: ValueError names what is wrong (FileNotFoundError if absent)."""
+    meta_path = Path(directory) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a tripletctl model directory (no {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path} is damaged: {e}") from None
+    missing = [k for k in ("pooling", "head", "normalize") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} lacks {', '.join(missing)}")
+    return meta
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu"
                ) -> tuple[TripletEncoder, PreTrainedTokenizerBase]:
-    """Inverse of `save_model`; returns the model on `device`, in eval mode."""
+    """Inverse of `save_model` (any format version); returns the model on `device`, in eval mode."""
     directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a tripletctl model directory (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(directory)
     encoder = _with_fallbacks(AutoModel.from_pretrained, str(directory), dtype=torch.float32)
     model = TripletEncoder(encoder, pooling=meta["pooling"], head=tuple(meta["head"]),
                            normalize=bool(meta["normalize"]))
     if model.head is not None:
-        model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        if meta.get("format_version", 1) >= 2:
+            state = sbert.read_head_state(directory, list(meta.get("head_modules") or []), model.head)
+        else:
+            state = load_file(str(directory / HEAD_FILE))
+        model.head.load_state_dict(state)
     return model.to(device).eval(), load_tokenizer(str(directory))
+
+
+def is_finite(model: nn.Module) -> bool:
+    """True when no parameter or buffer holds NaN or inf (such weights are never kept as a best model)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def _model_device(model: nn.Module) -> torch.device:
