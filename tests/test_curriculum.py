@@ -823,3 +823,35 @@ def test_facenet_triplets_validates_offline():
     assert [p.batch_size // c.data.rows_per_group for p in c.phases] == [166, 333, 666]
     result = CliRunner().invoke(app, ["validate", str(REPO / "curricula" / "facenet-triplets.yaml")])
     assert result.exit_code == 0, result.output
+
+
+def test_keep_best_takes_an_eval_metric_and_needs_an_eval_block(tmp_path):
+    path = write(tmp_path, MINIMAL + "eval:\n  source: org/heldout\n")
+    assert load_curriculum(path).train.keep_best is None  # off by default
+    assert load_curriculum(path, ["train.keep_best=map@r"]).train.keep_best == "map@r"
+    with pytest.raises(ConfigError) as error:
+        load_curriculum(path, ["train.keep_best=recall@2"])
+    assert error.value.problems == [
+        f"{path}: override 'train.keep_best=recall@2': train.keep_best must be one of recall@1, recall@5, "
+        "recall@10, map@r, r_precision, triplet_accuracy or null, got 'recall@2' (did you mean 'recall@5'?)"]
+    with pytest.raises(ConfigError) as error:
+        load_curriculum(write(tmp_path, MINIMAL, "no_eval.yaml"), ["train.keep_best=recall@1"])
+    assert "train.keep_best (recall@1) needs an eval block" in error.value.problems[0]
+
+
+def test_keep_best_names_are_the_scores_evaluation_reports():
+    import torch
+
+    from tripletctl.curriculum import EVAL_METRICS
+    from tripletctl.evaluation import retrieval_metrics
+
+    metrics = retrieval_metrics(torch.randn(12, 4), torch.arange(12) % 3)
+    scores = {k for k, v in metrics.items() if isinstance(v, float)}
+    assert set(EVAL_METRICS) == scores
+
+
+def test_plan_shows_keep_best(tmp_path):
+    path = write(tmp_path, MINIMAL + "eval:\n  source: org/heldout\n")
+    console = Console(width=200, record=True)
+    console.print(plan_table(load_curriculum(path, ["train.keep_best=recall@1"])))
+    assert "keep best: highest held-out recall@1 -> runs/tripletctl/best" in console.export_text()

@@ -2,7 +2,7 @@
 
 Layout of one checkpoint (`OUTPUT/phase-K-NAME/checkpoint/`, K the 0-based phase index):
 
-    model/            save_model output (encoder loads in plain transformers)
+    model/            save_model output: tripletctl, transformers and sentence-transformers load it
     optimizer.pt      optimizer.state_dict()
     state.json        the caller's `state` keys (phase, step, counters...) + "format_version",
                       "stream" (JSON-able stream state) and "stream_file" (else "stream.pt")
@@ -31,11 +31,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
 
+from tripletctl.card import Provenance
 from tripletctl.errors import CheckpointError, OutputError, writing
 from tripletctl.faults import fault_point
 from tripletctl.model import load_model, save_model, unwrap
@@ -44,6 +45,7 @@ CHECKPOINT = "checkpoint"
 COMPLETE = "COMPLETE"
 FORMAT_VERSION = 1
 RESERVED_STATE_KEYS = ("format_version", "stream", "stream_file")  # state.json keys we own
+POSITION_KEYS = ("phase_index", "phase_name", "step", "global_step")  # state keys the model card quotes
 PHASE_DIR_RE = re.compile(r"^phase-(\d+)-(.+)$")
 
 
@@ -118,7 +120,8 @@ def _to_tuple(value: Any) -> Any:
 def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer: Any,
                     optimizer: torch.optim.Optimizer | None, state: dict,
                     stream_state: dict | None, curriculum: dict,
-                    rng: list[dict] | None = None, memory: dict | None = None) -> Path:
+                    rng: list[dict] | None = None, memory: dict | None = None,
+                    metrics: dict | None = None) -> Path:
     """Write a complete checkpoint at `directory` atomically and return its path.
 
     `state` must be JSON-serialisable (phase index/name, step, global step, counters, world size);
@@ -127,6 +130,7 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer:
     RNG states are captured here, so call this at the point the run would continue from; under
     torchrun pass `rng`, every rank's `capture_rng()` in rank order, so each rank resumes its own.
     `memory` (a dict of tensors) is the cross-batch memory queue, saved as memory.pt.
+    `metrics`: the held-out eval of these exact weights, if one was just measured (model card).
     """
     clash = [k for k in RESERVED_STATE_KEYS if k in state]
     if clash:
@@ -138,8 +142,11 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer:
             target.parent.mkdir(parents=True, exist_ok=True)
             clean_leftovers(target)
             tmp.mkdir()
+        provenance = Provenance(curriculum=_plain(curriculum), metrics=metrics,
+                                position={k: state[k] for k in POSITION_KEYS if k in state})
         _write_contents(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, state=state,
-                        stream_state=stream_state, curriculum=curriculum, rng=rng, memory=memory)
+                        stream_state=stream_state, curriculum=curriculum, rng=rng, memory=memory,
+                        provenance=provenance)
         with writing(target):
             _swap_in(tmp, target)
     except BaseException as error:  # disk full, read-only, Ctrl-C: the old checkpoint stays in place
@@ -151,7 +158,32 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer:
     return target
 
 
-def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_state, curriculum, rng, memory) -> None:
+def write_complete_dir(directory: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Fill a fresh temporary directory, mark it COMPLETE and swap it in for `directory` (as
+    checkpoints are: the old one stays readable until the new one is in place, and a failure while
+    filling leaves it untouched). `best.py` keeps OUTPUT/best this way."""
+    target = Path(directory)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        with writing(target.parent):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(target)
+            tmp.mkdir()
+        with writing(tmp):
+            fill(tmp)
+            _fsync_tree(tmp)
+            _write_synced(tmp / COMPLETE, "ok\n")  # last: its presence vouches for everything above
+            _fsync_dir(tmp)
+        with writing(target):
+            _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_state, curriculum, rng, memory,
+                    provenance: Provenance) -> None:
     record: dict[str, Any] = {**state, "format_version": FORMAT_VERSION,
                               "stream": None, "stream_file": None}
     if stream_state is not None and _json_roundtrips(stream_state):
@@ -162,7 +194,7 @@ def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_sta
     with writing(tmp / "state.json"):
         (tmp / "state.json").write_text(json.dumps(record, indent=2) + "\n")
     with writing(tmp / "model"):
-        save_model(model, tokenizer, tmp / "model")
+        save_model(model, tokenizer, tmp / "model", provenance)
     fault_point("checkpoint-write")
     if optimizer is not None:
         _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -393,6 +425,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         if found is not None:
             return found
     return None
+
+
+def usable_dir(target: str | Path) -> Path | None:
+    """A directory written by `write_complete_dir`, or its `.prev` after a crash mid-swap, or None."""
+    return _usable(Path(target))
 
 
 def _usable(target: Path) -> Path | None:

@@ -84,7 +84,7 @@ def train(
 ) -> None:
     """Run every phase of a curriculum: stream, mine online, step, log, checkpoint.
 
-    Writes OUTPUT/run.json and, per phase, OUTPUT/phase-K-NAME/ with checkpoint/, metrics.jsonl and summary.json (OUTPUT is train.output_dir). On a terminal a progress bar; in a file or pipe one line every train.log_every steps. Under torchrun the batch size is the global batch.
+    Writes OUTPUT/run.json and, per phase, OUTPUT/phase-K-NAME/ with checkpoint/, metrics.jsonl and summary.json (OUTPUT is train.output_dir), and OUTPUT/best/ with train.keep_best. On a terminal a progress bar; in a file or pipe one line every train.log_every steps. Under torchrun the batch size is the global batch.
 
     Exit codes:
     0    done, or paused by --max-steps (continue with --resume)
@@ -285,6 +285,31 @@ def plot(
     except TripletctlError as error:
         _fail(error)
     console.print(f"wrote {written}")
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."),
+    out_dir: Path = typer.Argument(..., help="Directory to write the model folder to (created; must be empty unless --force)."),
+    best: bool = typer.Option(False, "--best", help="Export the run's best held-out model (train.keep_best) instead of the latest."),
+    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty OUT_DIR."),
+) -> None:
+    """Copy only the model folder (no optimizer or stream state), ready for `hf upload`.
+
+    The folder loads with tripletctl, transformers' AutoModel and sentence-transformers'
+    SentenceTransformer, and carries a model card (README.md). Written atomically; exit 2 on a
+    missing, incomplete or damaged checkpoint, or a non-empty OUT_DIR without --force.
+    """
+    from tripletctl.export import export_model
+
+    try:
+        done = export_model(checkpoint, out_dir, best=best, force=force)
+    except TripletctlError as error:
+        _fail(error)
+    upgraded = " (re-saved from the previous format)" if done.upgraded else ""
+    console.print(f"exported {done.source} -> {done.out_dir}: {done.files} files, "
+                  f"{done.bytes / 1e6:.1f} MB{upgraded}", highlight=False, soft_wrap=True)
+    console.print(f"upload: hf upload USER/NAME {done.out_dir}", highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:

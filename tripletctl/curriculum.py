@@ -41,6 +41,9 @@ DISTANCES = ("euclidean", "squared-euclidean")
 FALLBACKS = ("hardest", "easiest")
 ON_COLLAPSE = ("warn", "stop", "fallback")
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.report_to; see tripletctl/trackers.py
+# The scores evaluation.retrieval_metrics reports (all higher-is-better), for train.keep_best;
+# tests/test_curriculum.py checks this list against what evaluation really produces.
+EVAL_METRICS = ("recall@1", "recall@5", "recall@10", "map@r", "r_precision", "triplet_accuracy")
 
 # Keys of data.load_dataset that tripletctl passes itself: a second value would be a TypeError
 # deep inside `datasets`, so they are refused here with a pointer to the key that sets them.
@@ -147,6 +150,7 @@ class TrainConfig:
     memory: MemoryConfig | None = None  # cross-batch memory (default for phases); None = off
     log_every: int | str = "auto"  # plain progress lines (stdout not a terminal): every N steps, or "auto"
     report_to: tuple[str, ...] = ()  # experiment trackers, any of TRACKERS
+    keep_best: str | None = None  # an EVAL_METRICS name: keep the best held-out model under OUTPUT/best
 
 
 @dataclass(frozen=True)
@@ -484,6 +488,7 @@ BLOCK_KEYS: dict[str, dict[str, _Check]] = {
         "memory": _memory,
         "log_every": _int_or_auto,
         "report_to": _trackers,
+        "keep_best": _choice(EVAL_METRICS, optional=True),
     },
     "eval": {
         **_SOURCE_KEYS,
@@ -992,6 +997,9 @@ def _check_tree(tree: Any, path: str, origins: dict, problems: _Problems) -> Cur
             f"got {samples_per_class}",
             _origin(origins, ("data", "samples_per_class")) or _origin(origins, ("data", "layout")),
         )
+    if train.get("keep_best") is not None and evaluation is None:
+        problems.add(f"train.keep_best ({train['keep_best']}) needs an eval block: the best model is "
+                     "judged on held-out data", _origin(origins, ("train", "keep_best")))
     eval_every = evaluation["every"] if evaluation is not None else None
     if "every" in invalid_eval:
         eval_every = _EVERY_UNKNOWN  # already reported: no second error about it
@@ -1152,6 +1160,8 @@ def plan_table(c: Curriculum) -> Table:
     chunks = [_describe_chunks(p) for p in c.phases]
     lines.append("chunks: " + (chunks[0] if len(set(chunks)) == 1 else
                                ", ".join(f"{i}: {text}" for i, text in enumerate(chunks))))
+    if c.train.keep_best:
+        lines.append(f"keep best: highest held-out {c.train.keep_best} -> {c.train.output_dir}/best")
     lines += [
         f"output: {c.train.output_dir}"
         + (f" (reported to {', '.join(c.train.report_to)})" if c.train.report_to else ""),

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tripletctl import conditions, mining
+from tripletctl import best, conditions, mining
 from tripletctl.checkpoint import (
     CHECKPOINT, capture_rng, clean_leftovers, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint,
 )
@@ -196,10 +196,12 @@ def run_phase(
     stop_at_global_step: int | None,
     memory: EmbeddingMemory | None = None,
     trackers: Trackers | None = None,
+    on_eval: Callable[[dict], None] | None = None,
 ) -> PhaseOutcome:
     """Run one phase from `progress.step` to its last step. `model` is the bare TripletEncoder,
     `train_model` the same model possibly wrapped in DDP (used for the forward passes). `memory`
-    is the cross-batch memory the previous phase (or the checkpoint) left."""
+    is the cross-batch memory the previous phase (or the checkpoint) left. `on_eval` sees each
+    held-out eval event on the main process (it keeps the best model)."""
     phase = curriculum.phases[phase_index]
     train_cfg = curriculum.train
     device = ctx.device
@@ -241,11 +243,13 @@ def run_phase(
             state_after = {"per_rank": gather_object(state_after, ctx)}
             rng = gather_object(capture_rng(), ctx)
         if ctx.is_main:
+            last_eval = progress.eval_history[-1] if progress.eval_history else None
             save_checkpoint(
                 phase_dir / "checkpoint", model=model, tokenizer=tokenizer, optimizer=optimizer,
                 state={**progress.__dict__, "phase_name": phase.name, "world_size": ctx.world_size},
                 stream_state=state_after, curriculum=curriculum_to_dict(curriculum), rng=rng,
                 memory=memory.state_dict() if memory is not None else None,
+                metrics=last_eval if last_eval and last_eval.get("global_step") == progress.global_step else None,
             )
         barrier(ctx)
 
@@ -385,6 +389,8 @@ def run_phase(
                         evaluated = _eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx)
             if evaluated is not None:
                 events.append(evaluated)
+                if on_eval is not None and ctx.is_main:
+                    on_eval(evaluated)
             done = planned_end or early_end is not None
             if done:
                 progress.phase_ends[str(phase_index)] = {
@@ -445,7 +451,8 @@ def _until_event(until: conditions.UntilConfig, held: list[conditions.Reading], 
 def _eval_event(model, tokenizer, rows, curriculum, progress, phase, ctx) -> dict:
     metrics = _evaluate(model, tokenizer, rows, curriculum, ctx.device) if ctx.is_main else {}
     metrics = broadcast_object(metrics, ctx)  # every rank holds the numbers (eval_plateau decides on them)
-    event = {"event": "eval", "global_step": progress.global_step, "phase": phase.name, "step": progress.step, **metrics}
+    event = {"event": "eval", "global_step": progress.global_step, "phase": phase.name,
+             "phase_index": progress.phase_index, "step": progress.step, **metrics}
     progress.eval_history.append(event)
     return event
 
@@ -634,12 +641,25 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
                 _write_json_atomic(summary_path, _phase_summary(curriculum, closed_phase, None, progress))
         if eval_rows is not None and "eval_untrained" not in run_extra and not stop.requested:
             run_extra["eval_untrained"] = _evaluate(model, tokenizer, eval_rows, curriculum, device)
+        kept = best.read_best(output) if train_cfg.keep_best else None
+        if kept is not None:
+            run_extra["best"] = kept
         _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra, progress))
     if ctx.is_main and not resume and run_extra.get("eval_untrained"):  # step 0 of the first phase's eval
         trackers.log({"event": "eval", "global_step": 0, "phase": curriculum.phases[0].name, **run_extra["eval_untrained"]})
     barrier(ctx)
     if stop.requested:
         return _interrupted_during_start_up(console, curriculum, previous)
+
+    def keep_best(event: dict) -> None:
+        """A new held-out best replaces OUTPUT/best at once, and run.json names it."""
+        record = best.offer(output, train_cfg.keep_best, event, model=model, tokenizer=tokenizer,
+                            curriculum=curriculum_to_dict(curriculum))
+        if record is not None:
+            event["new_best"] = True
+            run_extra["best"] = record
+            _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra, progress))
+
     if rng_state is not None:
         restore_rng(rng_state)  # last, so nothing above consumes random numbers after the restore
 
@@ -658,6 +678,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
                 ctx=ctx, eval_rows=eval_rows, stop=stop, console=console, stop_at_global_step=stop_at,
                 memory=memory,
                 trackers=trackers,
+                on_eval=keep_best if train_cfg.keep_best else None,
             )
             stream_state = outcome.stream_state  # the next phase continues the stream, never restarts it
             memory = outcome.memory
@@ -752,9 +773,15 @@ def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, s
                 table.add_row(key, f"{untrained[key]:.4f}", f"{final[key]:.4f}")
         console.print(table)
     console.print(f"run directory: {output}  (phases: {', '.join(f'{i}:{s}' for i, s in sorted(status.items()))})")
+    kept = run_extra.get("best")
+    if kept:
+        console.print(f"best model: {output / kept['model']} ({kept['metric']} {kept['value']:.4f} at phase "
+                      f"{kept['phase']}, step {kept['step']})", highlight=False)
     if exit_code == EXIT_DONE and curriculum.eval is not None:
         console.print(f"next: tripletctl inspect-collapse {output} --plot collapse.png\n"
-                      f"      tripletctl plot {output}", highlight=False, soft_wrap=True)
+                      f"      tripletctl plot {output}\n"
+                      f"      tripletctl export {output}{' --best' if kept else ''} ./my-model   # then: hf upload USER/my-model ./my-model",
+                      highlight=False, soft_wrap=True)
 
 
 def _saved_step(checkpoint: Path) -> str:

@@ -1,0 +1,142 @@
+"""`tripletctl export` through the CLI: only the model folder, from any checkpoint path, atomically;
+every bad input is one line and exit 2 with nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tripletctl.checkpoint import save_checkpoint
+from tripletctl.cli import app
+from tripletctl.curriculum import ModelConfig
+from tripletctl.model import build_model, encode, load_model
+
+TEXTS = ["alpha beta", "gamma", "delta epsilon zeta"]
+CURRICULUM = {"model": {"name": "tiny", "init": "config"}, "data": {"source": "x.jsonl", "max_length": 24},
+              "phases": [{"name": "only", "mining": "batch-hard", "batch_size": 8, "margin": 0.2,
+                          "steps": 5, "distance": "euclidean"}]}
+
+
+@pytest.fixture
+def run_dir(tiny_bert_dir, tmp_path) -> Path:
+    model, tok = build_model(ModelConfig(name=str(tiny_bert_dir), init="config", head=(16,)), seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "run.json").write_text("{}")
+    save_checkpoint(run / "phase-0-only" / "checkpoint", model=model, tokenizer=tok, optimizer=opt,
+                    state={"phase_index": 0, "phase_name": "only", "step": 5, "global_step": 5},
+                    stream_state={"row": 3}, curriculum=CURRICULUM)
+    return run
+
+
+def export(*args: str):
+    return CliRunner().invoke(app, ["export", *args])
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("which", ["run", "phase", "checkpoint"])
+def test_exports_only_the_model_folder(run_dir, tmp_path, which):
+    source = {"run": run_dir, "phase": run_dir / "phase-0-only",
+              "checkpoint": run_dir / "phase-0-only" / "checkpoint"}[which]
+    out = tmp_path / "out" / "model"
+    result = export(str(source), str(out))
+    assert result.exit_code == 0, result.output
+    assert "hf upload" in result.output
+    model_dir = run_dir / "phase-0-only" / "checkpoint" / "model"
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(p.relative_to(model_dir) for p in model_dir.rglob("*"))
+    for name in ("optimizer.pt", "rng.pt", "state.json", "COMPLETE"):
+        assert not list(out.rglob(name))
+    assert (out / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # no temporary left beside it
+    exported, tok = load_model(out)
+    original, _ = load_model(model_dir)
+    torch.testing.assert_close(encode(exported, tok, TEXTS), encode(original, tok, TEXTS), atol=0, rtol=0)
+
+
+def test_non_empty_out_dir_needs_force(run_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    line = one_error_line(export(str(run_dir), str(out)))
+    assert "not empty" in line and "--force" in line
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    result = export(str(run_dir), str(out), "--force")
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "modules.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
+
+
+def test_empty_out_dir_is_fine(run_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert export(str(run_dir), str(tmp_path / "empty")).exit_code == 0
+    assert (tmp_path / "empty" / "README.md").is_file()
+
+
+def test_missing_checkpoint(tmp_path):
+    line = one_error_line(export(str(tmp_path / "nowhere"), str(tmp_path / "out")))
+    assert "does not exist" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_incomplete_checkpoint(run_dir, tmp_path):
+    (run_dir / "phase-0-only" / "checkpoint" / "COMPLETE").unlink()
+    line = one_error_line(export(str(run_dir / "phase-0-only"), str(tmp_path / "out")))
+    assert "no complete checkpoint" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated-weights", "missing-dense", "bad-json", "no-model-dir"])
+def test_damaged_checkpoint(run_dir, tmp_path, damage):
+    model_dir = run_dir / "phase-0-only" / "checkpoint" / "model"
+    if damage == "truncated-weights":
+        weights = model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "missing-dense":
+        (model_dir / "2_Dense" / "model.safetensors").unlink()
+    elif damage == "bad-json":
+        (model_dir / "tripletctl_model.json").write_text("{not json")
+    else:
+        import shutil
+
+        shutil.rmtree(model_dir)
+    out = tmp_path / "out"
+    line = one_error_line(export(str(run_dir), str(out)))
+    assert str(model_dir) in line
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_out_dir_overlapping_the_source_is_refused(run_dir):
+    line = one_error_line(export(str(run_dir), str(run_dir), "--force"))
+    assert "overlaps" in line
+    assert (run_dir / "phase-0-only" / "checkpoint" / "COMPLETE").is_file()  # nothing deleted
+
+
+def test_best_without_a_best_model(run_dir, tmp_path):
+    line = one_error_line(export(str(run_dir), str(tmp_path / "out"), "--best"))
+    assert "no complete best model" in line and "keep_best" in line
+
+
+def test_previous_format_is_resaved_in_the_current_one(tiny_bert_dir, tmp_path):
+    from test_sbert import save_previous_format
+
+    model, tok = build_model(ModelConfig(name=str(tiny_bert_dir), init="config", head=(16,)), seed=1)
+    source = tmp_path / "old"
+    save_previous_format(model, tok, source)
+    result = export(str(source), str(tmp_path / "new"))
+    assert result.exit_code == 0, result.output
+    assert "previous format" in result.output
+    meta = json.loads((tmp_path / "new" / "tripletctl_model.json").read_text())
+    assert meta["format_version"] == 2 and (tmp_path / "new" / "modules.json").is_file()
+    exported, tok2 = load_model(tmp_path / "new")
+    torch.testing.assert_close(encode(exported, tok2, TEXTS), encode(model.eval(), tok, TEXTS), atol=1e-6, rtol=0)
