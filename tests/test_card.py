@@ -80,7 +80,7 @@ def test_a_card_without_provenance_still_renders():
 @pytest.mark.parametrize("pooling, normalize", [("mean", True), ("cls", False)])
 def test_usage_examples_run_and_give_the_model_s_embeddings(tiny_bert_dir, tmp_path, pooling, normalize):
     """Each snippet, run as written with the folder's path, reproduces tripletctl's embeddings."""
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import sentence_transformers
     model, tok = build_model(ModelConfig(name=str(tiny_bert_dir), init="config", pooling=pooling,
                                          normalize=normalize), seed=0)
     save_model(model, tok, tmp_path, Provenance({"data": {"max_length": 24}, "phases": []}))

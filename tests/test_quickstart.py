@@ -86,7 +86,6 @@ def ours_and_sentence_transformers(model_dir: Path, texts: list[str]):
 
 def test_sentence_transformers_gives_tripletctl_s_embeddings(quickstart_run):
     """The README's `SentenceTransformer(...)` line on the quickstart's output."""
-    pytest.importorskip("sentence_transformers")
     ours, theirs = ours_and_sentence_transformers(
         quickstart_run / "phase-2-batch-hard" / "checkpoint" / "model", heldout_texts())
     assert abs(theirs - ours).max() <= 1e-5
@@ -108,7 +107,6 @@ def test_keep_best_keeps_the_best_eval(quickstart_run, tmp_path):
 
 @pytest.mark.parametrize("best", [False, True])
 def test_export_for_the_hub(quickstart_run, tmp_path, best):
-    pytest.importorskip("sentence_transformers")
     out = tmp_path / "quickstart-model"
     result = tripletctl("export", str(quickstart_run), str(out), *(["--best"] if best else []), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

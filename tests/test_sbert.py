@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import sentence_transformers  # the test extra: the real library, never skipped
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModel
@@ -16,8 +17,6 @@ from tripletctl.card import Provenance
 from tripletctl.curriculum import ModelConfig
 from tripletctl.model import build_model, encode, load_model, save_model
 from tripletctl.sbert import activation_path, head_layers
-
-sentence_transformers = pytest.importorskip("sentence_transformers")
 
 TEXTS = [
     "the quick brown fox",
