@@ -54,8 +54,10 @@ def write_curriculum(tmp_path: Path, source: Path = QUICKSTART_DATA, steps: tupl
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     model_dir = run_dir / "phase-2-batch-hard" / "checkpoint" / "model"
-    weights = load_file(str(next(model_dir.glob("model*.safetensors"))))
-    weights.update({f"head.{k}": v for k, v in load_file(str(model_dir / "head.safetensors")).items()})
+    weights = load_file(str(model_dir / "model.safetensors"))
+    for dense in sorted(model_dir.glob("*_Dense")):  # the head lives in its sentence-transformers Dense modules
+        weights.update({f"{dense.name}.{k}": v for k, v in load_file(str(dense / "model.safetensors")).items()})
+    assert any(k.endswith("_Dense.linear.weight") for k in weights)
     return weights
 
 
