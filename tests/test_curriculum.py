@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -300,12 +301,12 @@ def test_unknown_mining_mode_lists_valid_ones(tmp_path):
         ("on_collapse", "abort", "on_collapse must be one of warn, stop, fallback, got 'abort'"),
         ("lr", "fast", "lr must be a positive number, got 'fast'"),
         ("warmup_steps", -1, "warmup_steps must be a non-negative integer, got -1"),
-        ("name", "a/b", "name must be a name without path separators, got 'a/b'"),
+        ("name", "a/b", "name must be a name of at most 64 letters, digits, '.', '_', '+' or '-' (it becomes a directory name), got 'a/b'"),
     ],
 )
 def test_bad_phase_values_name_file_phase_and_key(tmp_path, key, value, expected):
     path = write(tmp_path, edit(phases=phases_with(**{key: value})))
-    label = "phases[2] (hard)" if key != "name" else "phases[2] (a/b)"
+    label = "phases[2] (hard)" if key != "name" else "phases[2]"  # an invalid name is not repeated
     assert problems_of(path) == [f"{path}: {label}: {expected}"]
 
 
@@ -417,10 +418,74 @@ def test_pairs_layout_requires_two_samples_per_class(tmp_path):
 
 def test_text_format_needs_a_label_mapping_and_vice_versa(tmp_path):
     path = write(tmp_path, edit(data={"source": "./pos/*.txt", "format": "text"},
-                                eval={"source": {"a": "./a/*.txt"}}))
+                                eval={"source": {"a": "./a/*.txt"}, "format": "json"}))
     problems = problems_of(path)
     only(problems, "data.source must be a {label: glob} mapping when data.format is text")
-    only(problems, "eval.source is a {label: glob} mapping, which needs eval.format: text, got null")
+    only(problems, "eval.source is a {label: glob} mapping, which needs eval.format: text, got 'json'")
+
+
+def test_a_label_mapping_implies_the_text_format(tmp_path):
+    # docs/data.md: "format: text  # optional: a mapping implies it"
+    c = load_curriculum(write(tmp_path, edit(data={"source": {"a": "./a/*.txt", "b": "./b.txt"}},
+                                             eval={"source": {"a": "./a/*.txt"}})))
+    assert c.data.format == "text" and c.eval is not None and c.eval.format == "text"
+    assert c.data.source == {"a": str(tmp_path / "a" / "*.txt"), "b": str(tmp_path / "b.txt")}
+
+
+@pytest.mark.parametrize("name", ["x" * 300, "a\x00b", "two\nlines", "tab\there", "a b", "..", "\u00fc", "a/b"])
+def test_phase_names_are_short_and_safe_for_a_directory(tmp_path, name):
+    path = tmp_path / "curriculum.yaml"
+    path.write_text(edit(phases=phases_with(name=name)))  # safe_dump escapes NUL and newline
+    assert yaml.safe_load(path.read_text())["phases"][2]["name"] == name
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}: phases[2]: name must be a name of at most 64 letters")
+    assert "\n" not in problem and "\x00" not in problem and len(problem) < 400
+
+
+def test_a_phases_override_cannot_add_or_remove_phases(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    one = "phases=[{name: a, mining: random, batch_size: 8, steps: 1}]"
+    [problem] = problems_of(path, [one])
+    assert problem == (f"{path}: override '{one}': overrides cannot add or remove phases: the file has 3, "
+                       f"the override gives 1 phases; change a phase with phases.N.KEY=VALUE")
+    three = "phases=[" + ", ".join(f"{{name: p{i}, mining: random, batch_size: 8, steps: 1}}" for i in range(3)) + "]"
+    assert [p.name for p in load_curriculum(path, [three]).phases] == ["p0", "p1", "p2"]
+
+
+def _alias_bomb(levels: int) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nmodel: {{name: *a{levels - 1}}}\n"
+
+
+@pytest.mark.parametrize("levels", [6, 10])
+def test_yaml_alias_bombs_are_refused_fast_without_printing_the_value(tmp_path, levels):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(levels))
+    started = time.perf_counter()
+    [problem] = problems_of(path)
+    assert time.perf_counter() - started < 2.0
+    assert "expands (through &anchors and *aliases) to more than 100,000 values" in problem
+    assert "lol" not in problem
+
+
+def test_yaml_alias_bomb_in_an_override_is_refused(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    value = "[" + ", ".join(["&a [" + ", ".join(["x"] * 400) + "]"] + ["*a"] * 300) + "]"
+    override = f"model.head={value}"
+    [problem] = problems_of(path, [override])
+    assert "expands (through &anchors and *aliases)" in problem
+    assert len(problem) < len(override) + 300  # the override as typed, never its expansion
+
+
+@pytest.mark.parametrize("text", ["model: " + "[" * 5000 + "]" * 5000 + "\n",
+                                  "model:\n" + "".join("  " * i + "- \n" for i in range(1, 3000)),
+                                  "model: &a [*a]\n"])
+def test_deep_or_recursive_yaml_is_one_problem_not_a_recursion_error(tmp_path, text):
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}: ") and ("levels deep" in problem or "contains it" in problem)
 
 
 def test_max_buffered_rows_must_fit_the_largest_batch(tmp_path):

@@ -410,3 +410,49 @@ def test_close_returns_while_a_batch_is_still_being_assembled(tmp_path, tiny_ber
     closer.start()
     closer.join(timeout=10)
     assert not closer.is_alive(), "close() hung while the reader thread was assembling a batch"
+
+
+def test_all_unique_labels_are_refused_not_filled_with_copies(tmp_path, tiny_bert_dir):
+    # max_buffered_rows far above the corpus: nothing is evicted, so without the distinct-rows rule each
+    # class would fill up with copies of its one row after samples_per_class passes
+    path = tmp_path / "corpus.jsonl"
+    with path.open("w") as handle:
+        for i in range(120):
+            handle.write(json.dumps({"text": f"row {i} alpha beta", "label": f"id-{i}"}) + "\n")
+    data = DataConfig(source=str(path), tokenizer_workers=0, shuffle_buffer=16, max_length=16, samples_per_class=4)
+    stream = BatchStream(data, str(tiny_bert_dir), 16, seed=0)
+    try:
+        with pytest.raises(DataError, match="distinct rows.*not a unique id"):
+            next(stream)
+    finally:
+        stream.close()
+
+
+def test_a_positive_is_never_a_copy_of_its_anchor(tmp_path, tiny_bert_dir):
+    # every class has 3 distinct rows and samples_per_class is 2: rows repeat across passes, but within
+    # a batch each class's rows must be distinct (a brute-force check over every batch)
+    path = tmp_path / "corpus.jsonl"
+    with path.open("w") as handle:
+        for c in range(10):
+            for r in range(3):
+                handle.write(json.dumps({"text": f"class {c} row {r}", "label": c}) + "\n")
+    data = DataConfig(source=str(path), tokenizer_workers=0, shuffle_buffer=8, max_length=16, samples_per_class=2)
+    batches = take(data, tiny_bert_dir, 8, 40)
+    for batch in batches:
+        by_label: dict[int, list[str]] = {}
+        for text, label in zip(batch.texts, batch.labels.tolist()):
+            by_label.setdefault(label, []).append(text)
+        assert all(len(texts) >= 2 and len(set(texts)) == len(texts) for texts in by_label.values()), by_label
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_an_empty_file_says_why(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.write_bytes(b"")
+    for call in (lambda: check_source(DataConfig(source=str(path))), lambda: read_rows(str(path))):
+        with pytest.raises(DataError) as caught:
+            call()
+        message = str(caught.value)
+        reason = message.rsplit("): ", 1)[-1] if "): " in message else message.rsplit(": ", 1)[-1]
+        assert reason.strip() and str(path) in message
+        assert "empty" in message or "No columns" in message

@@ -7,6 +7,7 @@ Layout of one checkpoint (`OUTPUT/phase-K-NAME/checkpoint/`, K the 0-based phase
     state.json        the caller's `state` keys (phase, step, counters...) + "format_version",
                       "stream" (JSON-able stream state) and "stream_file" (else "stream.pt")
     stream.pt         data-stream state, only when it does not survive a JSON round trip
+                      (plain containers and tensors only: it loads with weights_only=True)
     rng.pt            python / numpy / torch CPU / torch CUDA RNG states (a list of them, one per rank, under torchrun)
     memory.pt         the cross-batch memory queue (tensors only), in a phase with `memory`
     curriculum.yaml   the curriculum as run
@@ -18,12 +19,18 @@ A directory is deleted only after a rename to `checkpoint.trash-*`, so a kill ha
 deletion never leaves a half-deleted directory under a name readers trust. A write the environment
 refuses (disk full, read-only) raises `OutputError` naming the file, and leaves the previous
 checkpoint as it was.
+
+A checkpoint is untrusted input (it may come from anywhere): loading runs no code from it. Tensors
+load with `torch.load(weights_only=True)`, weights from safetensors, the rest is JSON/YAML; every file
+read must lie inside the checkpoint directory (no absolute `stream_file`, no `..`, no symlink out).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -37,7 +44,7 @@ import torch
 import yaml
 
 from tripletctl.card import Provenance
-from tripletctl.errors import CheckpointError, OutputError, writing
+from tripletctl.errors import CheckpointError, ModelError, OutputError, writing
 from tripletctl.faults import fault_point
 from tripletctl.model import load_model, save_model, unwrap
 
@@ -189,6 +196,12 @@ def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_sta
     if stream_state is not None and _json_roundtrips(stream_state):
         record["stream"] = stream_state
     elif stream_state is not None:  # tensors, tuples, int keys...: keep them exact
+        buffer = io.BytesIO()
+        torch.save(stream_state, buffer)
+        try:  # refuse to write what a safe reader could not load back
+            torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise TypeError(f"stream state holds objects that cannot load without running code: {e}") from None
         _torch_save(stream_state, tmp / "stream.pt")
         record["stream_file"] = "stream.pt"
     with writing(tmp / "state.json"):
@@ -332,24 +345,24 @@ def load_checkpoint(directory: str | Path, *, model: torch.nn.Module | None = No
     """Read a checkpoint (any path `resolve_checkpoint` accepts) and restore model/optimizer in place.
 
     RNG states are returned, not applied: the caller restores them once everything that draws
-    random numbers while setting up (data streams, workers) exists.
+    random numbers while setting up (data streams, workers) exists. Every problem (a damaged,
+    mistyped or foreign file) is a CheckpointError naming the file; nothing in it runs code.
     """
     path = resolve_checkpoint(Path(directory))
+    check_contained(path)
+    record = _read_state_json(path)
+    stream_state = record.get("stream")
+    if record.get("stream_file") is not None:
+        stream_state = safe_torch_load(_inside(path, record["stream_file"], "stream_file"))
+    curriculum_path = path / "curriculum.yaml"
     try:
-        record = json.loads((path / "state.json").read_text())
-        stream_state = record.get("stream")
-        if record.get("stream_file"):
-            stream_state = torch.load(path / record["stream_file"], map_location="cpu", weights_only=False)
-        curriculum = yaml.safe_load((path / "curriculum.yaml").read_text()) or {}
-        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+        curriculum = yaml.safe_load(curriculum_path.read_text(encoding="utf-8")) or {}
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged: {e}") from e
-    memory = None
-    if (path / "memory.pt").exists():
-        try:  # a torn or foreign file fails in pickle or zip code with many exception types
-            memory = torch.load(path / "memory.pt", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {path} is damaged: memory.pt: {e}") from e
+        raise CheckpointError(f"{curriculum_path} is damaged: {_one_line(e)}") from None
+    if not isinstance(curriculum, dict):
+        raise CheckpointError(f"{curriculum_path} is damaged: expected a mapping")
+    rng = _check_rng(safe_torch_load(path / "rng.pt"), path / "rng.pt")
+    memory = safe_torch_load(path / "memory.pt") if (path / "memory.pt").exists() else None
     if model is not None:
         _restore_model(path / "model", model)
     if optimizer is not None:
@@ -359,12 +372,75 @@ def load_checkpoint(directory: str | Path, *, model: torch.nn.Module | None = No
                             curriculum=curriculum, rng=rng, memory=memory)
 
 
+def _one_line(error: BaseException | str, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_state_json(path: Path) -> dict:
+    file = path / "state.json"
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is damaged: {_one_line(e)}") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{file} is damaged: expected a JSON object, got {type(record).__name__}")
+    stream_file = record.get("stream_file")
+    if stream_file is not None and not isinstance(stream_file, str):
+        raise CheckpointError(f"{file} is damaged: stream_file must be a file name, got {stream_file!r}")
+    return record
+
+
+def _inside(root: Path, name: str, key: str) -> Path:
+    """`root/name` for a plain file name; anything that could point elsewhere is refused."""
+    if not name or Path(name).is_absolute() or Path(name).name != name or name in (".", ".."):
+        raise CheckpointError(f"{root / 'state.json'}: {key} must name a file inside the checkpoint, "
+                              f"got {name!r}")
+    return root / name
+
+
+def check_contained(root: Path) -> None:
+    """Refuse a checkpoint holding a symlink that leads outside it (it would make us read any file)."""
+    top = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            entry = Path(dirpath) / name
+            if entry.is_symlink():
+                target = entry.resolve()
+                if target != top and top not in target.parents:
+                    raise CheckpointError(f"{entry} is a symlink to {target}, outside the checkpoint: refused")
+
+
+def safe_torch_load(file: Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load that can only rebuild tensors and plain containers: a crafted pickle runs nothing."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: the checkpoint is damaged") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file} holds objects that could run code when loaded (an older tripletctl "
+                              f"format or a tampered file); refusing to load it: {_one_line(e)}") from None
+    except Exception as e:  # truncated zip, garbage bytes, wrong device...: torch raises many types
+        raise CheckpointError(f"{file} is damaged: {_one_line(e)}") from None
+
+
+def _check_rng(rng: Any, file: Path) -> dict | list[dict]:
+    """What capture_rng wrote (or a list of them, one per rank), else a clear error now, not at resume."""
+    def ok(state: Any) -> bool:
+        return (isinstance(state, dict) and isinstance(state.get("python"), (list, tuple))
+                and isinstance(state.get("torch"), torch.Tensor) and state["torch"].dtype == torch.uint8)
+
+    if ok(rng) or (isinstance(rng, list) and rng and all(ok(s) for s in rng)):
+        return rng
+    raise CheckpointError(f"{file} is damaged: expected the random-number-generator states tripletctl writes")
+
+
 def _restore_model(model_dir: Path, model: torch.nn.Module) -> None:
     """Copy saved weights into `model` (wherever its parameters live)."""
     try:
         saved, _ = load_model(model_dir, device="cpu")
-    except OSError as e:
-        raise CheckpointError(f"checkpoint model in {model_dir} cannot be loaded: {e}") from e
+    except ModelError as e:
+        raise CheckpointError(f"checkpoint model in {model_dir} cannot be loaded: {e}") from None
     target = unwrap(model)
     try:  # part by part, so a torch.compile'd encoder inside `model` is fine too
         ours = (target.pooling, target.head_sizes, target.normalize)
@@ -376,17 +452,23 @@ def _restore_model(model_dir: Path, model: torch.nn.Module) -> None:
             target.head.load_state_dict(saved.head.state_dict(), strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint model in {model_dir} does not match this model "
-                              f"(different architecture, pooling or head?): {e}") from e
+                              f"(different architecture, pooling or head?): {_one_line(e, 300)}") from None
 
 
 def _restore_optimizer(path: Path, optimizer: torch.optim.Optimizer, map_location) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path.parent} has no optimizer state to resume from")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = safe_torch_load(path, map_location)
     try:
         optimizer.load_state_dict(state)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"optimizer state in {path} does not match this optimizer: {e}") from e
+    except Exception as e:  # a foreign or mistyped file: ValueError, KeyError, TypeError...
+        raise CheckpointError(f"optimizer state in {path} does not match this optimizer: {_one_line(e)}") from None
+    for group in optimizer.param_groups:  # load_state_dict does not look at shapes; step() would crash
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                    raise CheckpointError(f"optimizer state in {path} does not match this model: '{key}' has "
+                                          f"shape {tuple(value.shape)}, its parameter {tuple(param.shape)}")
 
 
 # --------------------------------------------------------------------------------------- resolve

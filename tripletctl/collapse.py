@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tripletctl.errors import NonFiniteError
+from tripletctl.evaluation import check_finite
 from tripletctl.mining import DISTANCES, pairwise_distances
 
 if TYPE_CHECKING:
@@ -115,6 +117,20 @@ def effective_rank(singular_values: torch.Tensor, scale: float) -> float:
     return float(torch.exp(-(p * p.log()).sum()).item())
 
 
+def _singular_values(centred: torch.Tensor) -> torch.Tensor:
+    """svdvals, or, when its iteration does not converge (finite but extreme values), the square roots
+    of the Gram matrix's eigenvalues (the same numbers, less precise for the small ones)."""
+    try:
+        return torch.linalg.svdvals(centred)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        return torch.linalg.eigvalsh(centred.T @ centred).clamp_min(0.0).sqrt().flip(0)
+    except torch.linalg.LinAlgError as error:
+        raise NonFiniteError(f"the embeddings' singular values cannot be computed ({error}): "
+                             f"their values are too extreme to judge") from None
+
+
 def collapse_report(
     embeddings: Any,
     labels: Any,
@@ -133,6 +149,7 @@ def collapse_report(
     lab = torch.as_tensor(labels).detach().to(torch.int64).cpu().reshape(-1)
     if emb.ndim != 2 or emb.shape[0] != lab.shape[0] or emb.shape[0] < 2:
         raise ValueError(f"need (N>=2, D) embeddings and N labels, got {tuple(emb.shape)} and {tuple(lab.shape)}")
+    check_finite(emb)
     if emb.shape[0] > max_rows:
         keep = torch.randperm(emb.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]
         emb, lab = emb[keep], lab[keep]
@@ -151,7 +168,7 @@ def collapse_report(
     spread = float(centred.pow(2).sum(dim=1).mean().sqrt())
     mean_norm = float(emb.pow(2).sum(dim=1).mean().sqrt())
     dim_std = emb.std(dim=0, unbiased=False)
-    singular = torch.linalg.svdvals(centred)
+    singular = _singular_values(centred)
     erank = effective_rank(singular, float(emb.norm()))
 
     # Wang & Isola 2020 (alpha = 2, t = 2)
@@ -388,6 +405,7 @@ def run_inspect_command(
         raise DataError(f"need at least 2 rows to inspect, got {len(loaded.rows.texts)} from {data}")
     embeddings = encode(loaded.model, loaded.tokenizer, loaded.rows.texts, max_length=loaded.max_length,
                         device=loaded.device)
+    check_finite(embeddings, f"the model in {loaded.checkpoint_dir}")
     distance = loaded.distance if loaded.distance in DISTANCES else "euclidean"
     if margin is None:  # judge against the margin the model was trained with
         margin = loaded.margin if loaded.margin else 0.2

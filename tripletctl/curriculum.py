@@ -44,6 +44,11 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.report_to; see tripletctl
 # The scores evaluation.retrieval_metrics reports (all higher-is-better), for train.keep_best;
 # tests/test_curriculum.py checks this list against what evaluation really produces.
 EVAL_METRICS = ("recall@1", "recall@5", "recall@10", "map@r", "r_precision", "triplet_accuracy")
+ON_NONFINITE = ("stop", "skip")
+PHASE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
+PHASE_NAME_MAX = 64  # it becomes a directory name, and every message quotes it
+MAX_YAML_NODES = 100_000   # a curriculum is a few hundred nodes; an alias bomb expands to billions
+MAX_YAML_DEPTH = 100       # nesting; PyYAML's recursive constructor dies near 1,000
 
 # Keys of data.load_dataset that tripletctl passes itself: a second value would be a TypeError
 # deep inside `datasets`, so they are refused here with a pointer to the key that sets them.
@@ -151,6 +156,8 @@ class TrainConfig:
     log_every: int | str = "auto"  # plain progress lines (stdout not a terminal): every N steps, or "auto"
     report_to: tuple[str, ...] = ()  # experiment trackers, any of TRACKERS
     keep_best: str | None = None  # an EVAL_METRICS name: keep the best held-out model under OUTPUT/best
+    on_nonfinite: str = "stop"    # "stop" | "skip" a step whose loss or gradient is NaN/inf (default for phases)
+    max_nonfinite_skips: int = 10  # skip: stop after this many non-finite steps in a row
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,7 @@ class PhaseConfig:
     on_collapse: str = TrainConfig.on_collapse
     until: UntilConfig | None = None  # end conditions; `steps` is then the maximum (conditions.py)
     memory: MemoryConfig | None = TrainConfig.memory
+    on_nonfinite: str = TrainConfig.on_nonfinite
 
 
 @dataclass(frozen=True)
@@ -269,9 +277,11 @@ def _text(optional: bool = False) -> _Check:
 
 
 def _phase_name(value: Any, raw: str | None) -> str:
+    """It names the phase's directory (phase-K-NAME) and appears in every message: a short, safe name."""
     value = _text()(value, raw)
-    if "/" in value or "\\" in value or value in (".", ".."):
-        raise _Invalid("a name without path separators")
+    if len(value) > PHASE_NAME_MAX or not set(value) <= PHASE_NAME_CHARS or value in (".", ".."):
+        raise _Invalid(f"a name of at most {PHASE_NAME_MAX} letters, digits, '.', '_', '+' or '-' "
+                       f"(it becomes a directory name)")
     return value
 
 
@@ -489,6 +499,8 @@ BLOCK_KEYS: dict[str, dict[str, _Check]] = {
         "log_every": _int_or_auto,
         "report_to": _trackers,
         "keep_best": _choice(EVAL_METRICS, optional=True),
+        "on_nonfinite": _choice(ON_NONFINITE),
+        "max_nonfinite_skips": _integer(1),
     },
     "eval": {
         **_SOURCE_KEYS,
@@ -513,6 +525,7 @@ PHASE_KEYS: dict[str, _Check] = {
     "on_collapse": BLOCK_KEYS["train"]["on_collapse"],
     "until": _mapping("a mapping of end conditions, e.g. {active_fraction_below: 0.05}, or null"),
     "memory": BLOCK_KEYS["train"]["memory"],
+    "on_nonfinite": BLOCK_KEYS["train"]["on_nonfinite"],
 }
 
 # `until:` (checked by _check_until once the phase's steps and eval.every are known)
@@ -532,7 +545,8 @@ PLATEAU_KEYS: dict[str, dict[str, _Check]] = {
 }
 
 # Phase keys that default to the train block's value rather than to a constant.
-PHASE_KEYS_FROM_TRAIN = ("lr", "warmup_steps", "distance", "fallback", "chunk_size", "chunk_tokens", "on_collapse", "memory")
+PHASE_KEYS_FROM_TRAIN = ("lr", "warmup_steps", "distance", "fallback", "chunk_size", "chunk_tokens", "on_collapse", "memory",
+                         "on_nonfinite")
 
 TOP_KEYS = ("model", "data", "train", "phases", "eval")
 _REQUIRED = {"model": ("name",), "data": ("source",), "train": (), "eval": ("source",)}
@@ -581,6 +595,84 @@ class _DuplicateKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+class _YamlTooBig(Exception):
+    """A document nested too deep or expanding (through aliases) to too many values."""
+
+
+def _check_yaml_size(text: str) -> None:
+    """Refuse, before anything is built, documents nested deeper than MAX_YAML_DEPTH (PyYAML's
+    recursive composer would die with RecursionError) or whose aliases expand past MAX_YAML_NODES
+    values (a "billion laughs" bomb: tiny on disk, gigabytes once walked or printed)."""
+    depth = 0
+    events = yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # flat, no recursion
+    try:
+        for event in events:
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise _YamlTooBig(f"line {event.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} "
+                                      f"levels deep")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError as error:
+        if "nesting depth" in str(error):  # libyaml's own limit, hit before ours while scanning ahead
+            raise _YamlTooBig(f"nested more than {MAX_YAML_DEPTH} levels deep") from None
+        raise
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    finally:
+        loader.dispose()
+    if root is not None:
+        _expanded_size(root)
+
+
+def _expanded_size(root: yaml.Node) -> None:
+    """Values and depth of the node graph as a reader would see it (every alias expanded), counted
+    without expanding anything: each node once, iteratively, with what it expands to remembered."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in size:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        if not children_done:
+            if key in open_nodes:
+                raise _YamlTooBig(f"line {node.start_mark.line + 1}: an alias refers to the collection that contains it")
+            open_nodes.add(key)
+            stack.append((node, True))
+            for child in children:
+                if id(child) in open_nodes:
+                    raise _YamlTooBig(f"line {child.start_mark.line + 1}: an alias refers to the collection "
+                                      f"that contains it")
+                if id(child) not in size:
+                    stack.append((child, False))
+            continue
+        open_nodes.discard(key)
+        size[key] = 1 + sum(size[id(c)] for c in children)
+        depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+        if size[key] > MAX_YAML_NODES:
+            raise _YamlTooBig(f"line {node.start_mark.line + 1}: the document expands (through &anchors and "
+                              f"*aliases) to more than {MAX_YAML_NODES:,} values")
+        if depth[key] > MAX_YAML_DEPTH:
+            raise _YamlTooBig(f"line {node.start_mark.line + 1}: nested (through &anchors and *aliases) more "
+                              f"than {MAX_YAML_DEPTH} levels deep")
+
+
+def safe_yaml_load(text: str) -> Any:
+    """yaml.safe_load for text from users: bounded in depth and in alias expansion (raises _YamlTooBig)."""
+    _check_yaml_size(text)
+    return yaml.safe_load(text)
+
+
 def _read_yaml(path: str, problems: _Problems) -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -588,6 +680,12 @@ def _read_yaml(path: str, problems: _Problems) -> Any:
         raise ConfigError([f"{path}: cannot read the curriculum: {error.strerror or error}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: cannot read the curriculum: not UTF-8 text"]) from None
+    try:
+        _check_yaml_size(text)
+    except _YamlTooBig as error:
+        raise ConfigError([f"{path}: {error}; refused"]) from None
+    except yaml.YAMLError:
+        pass  # malformed: the loader below reports where
     loader = _DuplicateKeyLoader(text)
     try:
         tree = loader.get_single_data()
@@ -621,8 +719,12 @@ def _unknown_key(key: str, options: Sequence[str], qualifier: str = "") -> str:
 
 
 def _phase_label(index: int, raw_phase: Any) -> str:
+    """`phases[2] (hard)`; an invalid name (too long, control characters...) is left out."""
     name = raw_phase.get("name") if isinstance(raw_phase, dict) else None
-    return f"phases[{index}] ({name})" if isinstance(name, str) and name.strip() else f"phases[{index}]"
+    try:
+        return f"phases[{index}] ({_phase_name(name, None)})"
+    except _Invalid:
+        return f"phases[{index}]"
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,7 +735,7 @@ def _phase_label(index: int, raw_phase: Any) -> str:
 
 def _parse_override_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return safe_yaml_load(text)
     except yaml.YAMLError:  # e.g. `*.parquet` reads as a YAML alias: it is meant as plain text
         return text
 
@@ -645,7 +747,11 @@ def _apply_override(tree: dict, text: str, origins: dict[tuple, _Override], prob
     if not sep or not key:
         problems.add("expected key=value, e.g. train.lr=3e-5", override)
         return
-    value = _parse_override_value(value_text)
+    try:
+        value = _parse_override_value(value_text)
+    except _YamlTooBig as error:
+        problems.add(f"the value is not usable YAML: {error}", override)
+        return
     parts = key.split(".")
     top = parts[0]
     if top not in TOP_KEYS:
@@ -653,6 +759,13 @@ def _apply_override(tree: dict, text: str, origins: dict[tuple, _Override], prob
         hint = f" (did you mean '{'.'.join([matches[0], *parts[1:]])}'?)" if matches else ""
         problems.add(f"unknown key '{key}'{hint}", override)
         return
+    if len(parts) == 1 and top == "phases":  # docs: overrides change phases, never add or remove them
+        count = len(tree["phases"]) if isinstance(tree.get("phases"), list) else 0
+        if not isinstance(value, list) or len(value) != count:
+            given = f"{len(value)} phases" if isinstance(value, list) else _show(value)
+            problems.add(f"overrides cannot add or remove phases: the file has {count}, the override gives "
+                         f"{given}; change a phase with phases.N.KEY=VALUE", override)
+            return
     if len(parts) == 1:  # a whole block, e.g. `eval={source: ./heldout.jsonl}`
         tree[top] = value
         origins[(top,)] = override
@@ -810,6 +923,8 @@ def _check_source_block(block: str, values: dict, origins: dict, problems: _Prob
     spells a key as the user typed it: `eval.layout`, or `--layout`)."""
     name = name or (lambda key: f"{block}.{key}")
     source, fmt = values.get("source"), values.get("format")
+    if isinstance(source, dict) and fmt is None:  # a {label: glob} mapping can only be plain text files
+        values["format"] = fmt = "text"
     if isinstance(source, dict) and fmt != "text":
         problems.add(
             f"{name('source')} is a {{label: glob}} mapping, which needs {name('format')}: text, got {_show(fmt)}",

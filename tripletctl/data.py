@@ -108,7 +108,15 @@ class _Source:
 
 def _one_line(error: BaseException | str, limit: int = 300) -> str:
     text = " ".join(str(error).split())
+    if not text and isinstance(error, BaseException):  # some libraries raise with no message at all
+        text = type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _empty_files(src: "_Source") -> list[str]:
+    """The local files of a source that hold 0 bytes (a frequent cause of blank library errors)."""
+    files = src.files if isinstance(src.files, list) else [f for fs in (src.files or {}).values() for f in fs]
+    return [f for f in files if "://" not in f and os.path.isfile(f) and os.path.getsize(f) == 0]
 
 
 def _expand(path: str) -> list[str]:
@@ -208,7 +216,9 @@ def _load(src: _Source, split: str, kwargs: dict | None, order_seed: int | None)
     except Exception as error:  # datasets raises many types (FileNotFound, DatasetNotFound, Connection...)
         where = (f"not a local path; tried the Hugging Face Hub dataset '{src.builder}', split '{split}'"
                  if src.hub else f"tried the '{src.builder}' builder on {len(src.files)} file(s)")
-        raise DataError(f"cannot load data source '{src.label}' ({where}): {_one_line(error)}") from error
+        empty = _empty_files(src)
+        reason = (f"{len(empty)} file(s) are empty (0 bytes), e.g. '{empty[0]}'" if empty else _one_line(error))
+        raise DataError(f"cannot load data source '{src.label}' ({where}): {reason}") from error
 
 
 # ----------------------------------------------------------------------------- rows
@@ -422,6 +432,9 @@ class _Batcher:
             self.ready = deque(state["ready"])
             self.classes_evicted, self.rows_evicted = state["classes_evicted"], state["rows_evicted"]
         self.ready_set = set(self.ready)
+        # texts waiting in each class: a row read again (next epoch) while its first copy still waits is
+        # dropped, so a class fills with distinct rows only and a positive is never a copy of its anchor
+        self.waiting: dict[Any, set[str]] = {label: set(texts) for label, texts in self.buffers.items()}
         self.total = sum(len(t) for t in self.buffers.values())
         self.ready_rows = sum(len(self.buffers[label]) for label in self.ready)
 
@@ -429,12 +442,17 @@ class _Batcher:
         texts = self.buffers.get(label)
         if texts is None:
             texts = self.buffers[label] = []
+            self.waiting[label] = set()
+        waiting = self.waiting[label]
+        if text in waiting:
+            return
         texts.append(text)
+        waiting.add(text)
         self.total += 1
         if label in self.ready_set:
             self.ready_rows += 1
             if len(self.ready) == 1 and len(texts) > REUSE_FACTOR * self.rows:
-                texts.pop(0)  # one class alone cannot make a batch: keep only its newest rows
+                waiting.discard(texts.pop(0))  # one class alone cannot make a batch: keep only its newest rows
                 self.total -= 1
                 self.ready_rows -= 1
                 self.rows_evicted += 1
@@ -450,6 +468,7 @@ class _Batcher:
         for label, texts in self.buffers.items():
             if label not in self.ready_set:
                 del self.buffers[label]
+                del self.waiting[label]
                 self.total -= len(texts)
                 self.classes_evicted += 1
                 self.rows_evicted += len(texts)
@@ -474,11 +493,13 @@ class _Batcher:
             buf = self.buffers[label]
             texts += buf[:n]
             out_labels += [label] * n
+            self.waiting[label].difference_update(buf[:n])
             del buf[:n]
             self.total -= n
             self.ready_rows -= n
             if not buf:
                 del self.buffers[label]
+                del self.waiting[label]
             if len(buf) >= self.spc:
                 self.ready.append(label)
             else:
@@ -504,7 +525,7 @@ class _Batcher:
                 # passes over the data and no class filled up: two never will
                 raise DataError(
                     f"cannot form class-balanced batches: {STALL_EPOCHS} passes over the data filled no new class "
-                    f"to samples_per_class={self.spc} rows and fewer than 2 are ready ({self.classes_evicted} classes "
+                    f"to samples_per_class={self.spc} distinct rows and fewer than 2 are ready ({self.classes_evicted} classes "
                     f"evicted, max_buffered_rows={self.max_rows}); is data.label_column a real class "
                     f"(not a unique id), does the corpus hold 2 or more classes, or should "
                     f"data.samples_per_class be smaller or data.max_buffered_rows larger?")

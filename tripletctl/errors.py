@@ -98,3 +98,11 @@ def writing(path: str | Path) -> Iterator[None]:
         if failure is None:
             raise
         raise failure from error
+
+
+class ModelError(TripletctlError):
+    """A model that cannot be built or loaded: missing, unreachable, damaged or mismatched files."""
+
+
+class NonFiniteError(TripletctlError):
+    """Embeddings (or weights) that hold NaN or infinity: nothing meaningful can be measured on them."""

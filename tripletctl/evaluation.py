@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tripletctl.curriculum import SourceConfig, describe_source
-from tripletctl.errors import CheckpointError, DataError
+from tripletctl.errors import CheckpointError, DataError, ModelError, NonFiniteError
 
 DEFAULT_KS = (1, 5, 10)
 DEFAULT_MAX_LENGTH = 128
@@ -54,6 +54,26 @@ def _distance_block(queries: torch.Tensor, keys: torch.Tensor, keys_sq: torch.Te
     """
     q_sq = (queries * queries).sum(dim=1, keepdim=True)
     return (q_sq + keys_sq.unsqueeze(0) - 2.0 * queries @ keys.T).clamp_min_(0.0)
+
+
+def _pessimistic_keys(dist: torch.Tensor, labels: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
+    """Sort keys that rank by distance and, among equal distances, put other-label items first.
+
+    Ties are broken against the model: a model that maps everything to one point scores 0, never 1.
+    The bits of a non-negative float32 order like the floats, so (bits << 1) | same_label is exact.
+    """
+    dist = dist.to(torch.float32).add_(0.0).contiguous()  # -0.0 + 0.0 = +0.0: no negative bit patterns
+    same = (labels.unsqueeze(0) == query_labels.unsqueeze(1)).to(torch.int64)
+    return (dist.view(torch.int32).to(torch.int64) << 1) | same
+
+
+def check_finite(embeddings: torch.Tensor, what: str = "the model") -> None:
+    """NaN or infinite embeddings make every distance meaningless (NaN ranks first in a sort)."""
+    bad = int((~torch.isfinite(embeddings)).any(dim=1).sum().item()) if embeddings.numel() else 0
+    if bad:
+        raise NonFiniteError(f"{what} gives non-finite embeddings (NaN or infinity) for {bad} of "
+                             f"{embeddings.shape[0]} rows: its weights are damaged or training diverged; "
+                             f"there is nothing meaningful to measure")
 
 
 def sample_triplets(labels: Any, num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,6 +156,7 @@ def retrieval_metrics(
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     chunk_size = max(1, int(chunk_size))
+    check_finite(emb)
 
     uniq, inverse, counts = torch.unique(lab, return_inverse=True, return_counts=True)
     r_all = counts[inverse] - 1  # other same-label items per query
@@ -146,6 +167,9 @@ def retrieval_metrics(
             f"no label appears twice among {n} rows: retrieval metrics need at least two rows per label"
         )
 
+    # Distances do not change under a shift; with the first row at the origin, identical rows are
+    # exactly 0 apart (the expanded form's rounding would otherwise order them at random).
+    emb = emb - emb[:1]
     keys_sq = (emb * emb).sum(dim=1)
     hits_at_k = {k: 0.0 for k in ks}
     map_sum = 0.0
@@ -163,7 +187,8 @@ def retrieval_metrics(
         k_chunk = min(n - 1, max(ks[-1], int(r.max().item())))
         dist = _distance_block(emb[idx], emb, keys_sq)
         dist[torch.arange(idx.numel(), device=emb.device), idx] = float("inf")  # not itself
-        nearest = torch.topk(dist, k_chunk, dim=1, largest=False, sorted=True).indices
+        nearest = torch.topk(_pessimistic_keys(dist, lab, lab[idx]), k_chunk, dim=1, largest=False,
+                             sorted=True).indices
         del dist
         rel = (lab[nearest] == lab[idx].unsqueeze(1)).to(torch.float64)  # (chunk, k_chunk)
         for k in ks:
@@ -206,13 +231,16 @@ def resolve_device(device: str) -> str:
 
 
 def evaluate_model(model, tokenizer, rows, batch_size: int = 256, max_length: int = DEFAULT_MAX_LENGTH,
-                   device: str = "cpu") -> dict[str, float | int]:
+                   device: str = "cpu", what: str = "the model") -> dict[str, float | int]:
     """Encode labelled rows with the model and score retrieval among them (leave-one-out)."""
     from tripletctl.model import encode
 
     if len(rows.texts) < 2:
         raise DataError(f"need at least 2 rows to evaluate, got {len(rows.texts)}")
+    if batch_size < 1:
+        raise DataError(f"the encoding batch size must be at least 1, got {batch_size}")
     embeddings = encode(model, tokenizer, rows.texts, batch_size=batch_size, max_length=max_length, device=device)
+    check_finite(embeddings, what)
     if torch.device(device).type == "cuda":  # the chunked search is matmul + topk: much faster there
         embeddings = embeddings.to(device)
     metrics = retrieval_metrics(embeddings, torch.as_tensor(rows.labels))
@@ -286,19 +314,20 @@ def load_checkpoint_and_rows(checkpoint: Path | str, source: SourceConfig, max_r
                              device: str = "auto") -> LoadedCheckpoint:
     """Resolve a checkpoint (phase checkpoint, phase dir or run dir), read the rows (bad input fails
     before the model is loaded), then load its model."""
-    from tripletctl.checkpoint import resolve_checkpoint
+    from tripletctl.checkpoint import check_contained, resolve_checkpoint
     from tripletctl.data import read_rows
     from tripletctl.model import load_model
 
     device = resolve_device(device)
     checkpoint_dir = Path(resolve_checkpoint(Path(checkpoint)))
+    check_contained(checkpoint_dir)
     model_dir = checkpoint_dir / "model"
     if not model_dir.is_dir():
         raise CheckpointError(f"{checkpoint_dir} has no model/ directory")
     rows = read_rows(source, limit=max_rows)
     try:
         model, tokenizer = load_model(model_dir, device=device)
-    except (OSError, ValueError) as error:  # FileNotFoundError included: not a tripletctl model
+    except ModelError as error:  # not a tripletctl model, truncated or mismatched files
         raise CheckpointError(f"cannot load the model in {model_dir}: {error}") from None
     settings = _training_settings(checkpoint_dir)
     return LoadedCheckpoint(checkpoint_dir, model, tokenizer, rows, device, **settings)
@@ -340,10 +369,13 @@ def run_eval_command(
     from rich.console import Console
 
     console = console or Console()
+    if batch_size < 1:  # before loading anything
+        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     loaded = load_checkpoint_and_rows(checkpoint, source, max_rows, device)
     data = describe_source(source.source)
     metrics = evaluate_model(loaded.model, loaded.tokenizer, loaded.rows, batch_size=batch_size,
-                             max_length=loaded.max_length, device=loaded.device)
+                             max_length=loaded.max_length, device=loaded.device,
+                             what=f"the model in {loaded.checkpoint_dir}")
     if as_json:
         payload = {"checkpoint": str(loaded.checkpoint_dir), "data": data,
                    **{k: _json_safe(v) for k, v in metrics.items()}}

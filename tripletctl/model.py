@@ -23,6 +23,7 @@ from tripletctl import sbert
 from tripletctl.card import CARD_FILE, Provenance, render_card
 from tripletctl.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks
 from tripletctl.errors import TripletctlError
+from tripletctl.errors import ModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -121,10 +122,18 @@ def _with_fallbacks(load: Callable[..., PreTrainedModel], *args: Any, attn_imple
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Fast (Rust) tokenizers only: batching, offsets and worker throughput depend on them."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # OSError (missing / unreachable), ValueError, JSON errors...
+        raise ModelError(f"cannot load the tokenizer {name_or_path!r}: {_one_line(e)}") from None
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"tokenizer {name_or_path!r} has no fast (tokenizers) implementation")
+        raise ModelError(f"tokenizer {name_or_path!r} has no fast (tokenizers) implementation")
     return tokenizer
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrainedTokenizerBase]:
@@ -134,17 +143,20 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
     config.json under `torch.manual_seed(seed)`, so the same seed gives the same model.
     """
     attention = getattr(model, "attn_implementation", "sdpa")
-    if model.init == "pretrained":
-        encoder = _with_fallbacks(AutoModel.from_pretrained, model.name, dtype=torch.float32,
-                                  attn_implementation=attention)
-    elif model.init == "config":
-        config = AutoConfig.from_pretrained(model.name)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            encoder = _with_fallbacks(AutoModel.from_config, config, dtype=torch.float32,
+    try:  # a missing local directory or an unreachable hub name is bad input, not a crash
+        if model.init == "pretrained":
+            encoder = _with_fallbacks(AutoModel.from_pretrained, model.name, dtype=torch.float32,
                                       attn_implementation=attention)
-    else:
-        raise ValueError(f"model.init must be 'pretrained' or 'config', got {model.init!r}")
+        elif model.init == "config":
+            config = AutoConfig.from_pretrained(model.name)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                encoder = _with_fallbacks(AutoModel.from_config, config, dtype=torch.float32,
+                                          attn_implementation=attention)
+        else:
+            raise ValueError(f"model.init must be 'pretrained' or 'config', got {model.init!r}")
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelError(f"cannot load model {model.name!r} (init: {model.init}): {_one_line(e)}") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the head is random in both modes: seed it too
         triplet = TripletEncoder(encoder, pooling=model.pooling, head=tuple(model.head),
@@ -215,18 +227,34 @@ def read_meta(directory: str | Path) -> dict:
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu"
                ) -> tuple[TripletEncoder, PreTrainedTokenizerBase]:
-    """Inverse of `save_model` (any format version); returns the model on `device`, in eval mode."""
+    """Inverse of `save_model` (any format version); returns the model on `device`, in eval mode.
+
+    Weights load from safetensors only (never a pickle), only from inside `directory`, and every
+    failure (a truncated file, shapes that do not match config.json, mistyped metadata) is one
+    ModelError naming the directory.
+    """
     directory = Path(directory)
-    meta = read_meta(directory)
-    encoder = _with_fallbacks(AutoModel.from_pretrained, str(directory), dtype=torch.float32)
-    model = TripletEncoder(encoder, pooling=meta["pooling"], head=tuple(meta["head"]),
-                           normalize=bool(meta["normalize"]))
-    if model.head is not None:
-        if meta.get("format_version", 1) >= 2:
-            state = sbert.read_head_state(directory, list(meta.get("head_modules") or []), model.head)
-        else:
-            state = load_file(str(directory / HEAD_FILE))
-        model.head.load_state_dict(state)
+    try:
+        meta = read_meta(directory)
+        pooling, head, normalize = meta["pooling"], tuple(int(s) for s in meta["head"]), bool(meta["normalize"])
+        dense_dirs = [str(d) for d in (meta.get("head_modules") or [])]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{directory / META_FILE} is damaged: {_one_line(e)}") from None
+    if any(Path(d).is_absolute() or ".." in Path(d).parts for d in dense_dirs):
+        raise ModelError(f"{directory / META_FILE}: head_modules must name folders inside the model, got {dense_dirs!r:.200}")
+    try:
+        encoder = _with_fallbacks(AutoModel.from_pretrained, str(directory), dtype=torch.float32,
+                                  use_safetensors=True, local_files_only=True)
+        model = TripletEncoder(encoder, pooling=pooling, head=head, normalize=normalize)
+        if model.head is not None:
+            if meta.get("format_version", 1) >= 2:
+                state = sbert.read_head_state(directory, dense_dirs, model.head)
+            else:
+                state = load_file(str(directory / HEAD_FILE))
+            model.head.load_state_dict(state)
+    except Exception as e:  # SafetensorError, OSError, RuntimeError (shapes), ValueError...
+        raise ModelError(f"the model in {directory} cannot be loaded (damaged or mismatched files): "
+                         f"{_one_line(e)}") from None
     return model.to(device).eval(), load_tokenizer(str(directory))
 
 

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tripletctl.errors import CheckpointError  # noqa: E402
+from tripletctl.errors import CheckpointError, TripletctlError  # noqa: E402
 
 PHASE_DIR = re.compile(r"^phase-(\d+)(?:-(.*))?$")
 EVAL_KEYS = (("recall@1", "recall@1"), ("map@r", "MAP@R"))
@@ -28,12 +28,26 @@ EVAL_KEYS = (("recall@1", "recall@1"), ("map@r", "MAP@R"))
 # reading a run
 
 
+def png_path(path: Path | str, default_name: str) -> Path:
+    """Where a picture asked for at `path` goes: inside it when it is a directory, else `path` with a
+    `.png` suffix added when it has none (what matplotlib would do silently; we say the real name)."""
+    path = Path(path)
+    if path.is_dir():
+        return path / default_name
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line; a torn last line (run still writing, or killed) is skipped."""
+    """One JSON object per line; a torn last line (run still writing, or killed) is skipped, and so is
+    anything that is not text (a damaged or foreign file)."""
     records = []
     if not path.is_file():
         return records
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} cannot be read as JSON lines: {error}") from None
+    for line in text.splitlines():
         line = line.strip()
         if not line:
             continue
@@ -58,13 +72,18 @@ def load_run(run_dir: Path | str) -> list[dict[str, Any]]:
     run_json = run_dir / "run.json"
     if run_json.is_file():
         try:
-            meta = json.loads(run_json.read_text())
-        except json.JSONDecodeError as error:
+            meta = json.loads(run_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise CheckpointError(f"{run_json} is not valid JSON: {error}") from None
-        for position, phase in enumerate(meta.get("phases") or []):
-            index = int(phase.get("index", position))
+        listed = meta.get("phases") if isinstance(meta, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(p, dict) for p in listed):
+            raise CheckpointError(f"{run_json} is not a tripletctl run index: expected an object whose "
+                                  f"'phases' is a list of objects")
+        for position, phase in enumerate(listed):
+            index = phase.get("index", position)
+            index = index if isinstance(index, int) and not isinstance(index, bool) else position
             name = str(phase.get("name", f"phase {index}"))
-            directory = run_dir / str(phase.get("dir") or f"phase-{index}-{name}")
+            directory = run_dir / Path(str(phase.get("dir") or f"phase-{index}-{name}")).name
             phases.append({"index": index, "name": name, "margin": phase.get("margin"),
                            "records": _read_jsonl(directory / "metrics.jsonl")})
     else:
@@ -97,9 +116,12 @@ def _fill_margins(run_dir: Path, phases: list[dict[str, Any]]) -> None:
         listed = plan.get("phases") or []
     except Exception:
         return
+    if not isinstance(listed, list):
+        return
     for phase in phases:
-        if not isinstance(phase["margin"], (int, float)) and phase["index"] < len(listed):
-            margin = (listed[phase["index"]] or {}).get("margin", 0.2)
+        if not isinstance(phase["margin"], (int, float)) and 0 <= phase["index"] < len(listed) \
+                and isinstance(listed[phase["index"]], dict):
+            margin = listed[phase["index"]].get("margin", 0.2)
             phase["margin"] = float(margin) if isinstance(margin, (int, float)) else None
 
 
@@ -115,9 +137,10 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
 
 def _untrained_eval(run_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((run_dir / "run.json").read_text()).get("eval_untrained")
-    except (OSError, ValueError):
+        found = json.loads((run_dir / "run.json").read_text()).get("eval_untrained")
+    except (OSError, ValueError, AttributeError):
         return None
+    return found if isinstance(found, dict) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +151,7 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
     """Draw losses (with phase boundaries and margins), active fraction, spread and eval metrics."""
     run_dir = Path(run_dir)
     phases = load_run(run_dir)
-    out = Path(out) if out is not None else run_dir / "run.png"
+    out = png_path(out, "run.png") if out is not None else run_dir / "run.png"
 
     steps = [r for p in phases for r in p["records"] if "event" not in r]
     evals = [r for p in phases for r in p["records"] if r.get("event") == "eval"]
@@ -184,9 +207,7 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
 
     _mark_phases(axes, phases)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
     return out
 
 
@@ -209,8 +230,9 @@ def _mark_phases(axes, phases: list[dict[str, Any]]) -> None:
 
 
 def plot_collapse(report, path: Path | str) -> Path:
-    """d(a,p) vs d(a,n) histograms (margin marked) and the singular-value spectrum (log scale)."""
-    path = Path(path)
+    """d(a,p) vs d(a,n) histograms (margin marked) and the singular-value spectrum (log scale).
+    Returns the file written (see `png_path`: a directory gets collapse.png inside)."""
+    path = png_path(path, "collapse.png")
     fig, (ax_hist, ax_sv) = plt.subplots(1, 2, figsize=(12, 4.5))
 
     if report.hist_edges:
@@ -247,7 +269,16 @@ def plot_collapse(report, path: Path | str) -> Path:
     fig.suptitle(f"verdict: {report.verdict}   (mean cosine {report.mean_cosine:.3f}, "
                  f"batch-hard loss {report.batch_hard_loss:.3f})", color=colour)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
+
+
+def _save(fig, path: Path) -> None:
+    """Write the figure; an unknown image suffix or an unwritable place is one clear error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except (OSError, ValueError) as error:
+        raise TripletctlError(f"cannot write the picture {path}: {error}") from None
+    finally:
+        plt.close(fig)

@@ -47,7 +47,7 @@ from tripletctl.distributed import (
     no_sync_for,
     wrap_model,
 )
-from tripletctl.errors import CheckpointError, TripletctlError, WorkerDiedError, writing
+from tripletctl.errors import CheckpointError, ConfigError, TripletctlError, WorkerDiedError, writing
 from tripletctl.faults import fault_point
 from tripletctl.interrupt import StopFlag
 from tripletctl.evaluation import evaluate_model
@@ -61,6 +61,7 @@ EXIT_DONE = 0            # done, or paused by --max-steps
 EXIT_CRASH = 1           # an unexpected crash only (Python's own code for an uncaught exception)
 EXIT_BAD_INPUT = 2       # bad input, damaged file, environment fault (TripletctlError.exit_code)
 EXIT_COLLAPSE_STOP = 3   # stopped by the collapse watchdog (on_collapse: stop)
+EXIT_NONFINITE = 4       # a non-finite loss or gradient (on_nonfinite): the last good checkpoint is kept
 EXIT_WORKER_DIED = 5     # a tokenizer worker process died: checkpoint written, resumable (WorkerDiedError)
 EXIT_INTERRUPTED = 130   # Ctrl-C / SIGTERM (tripletctl.interrupt)
 PAUSED = -1  # internal: the step budget of this invocation is spent (exit 0, resume later)
@@ -95,15 +96,39 @@ class RunProgress:
     conditions: dict = field(default_factory=dict)  # the phase's `until:` state (conditions.ConditionState)
     eval_history: list = field(default_factory=list)
     phase_ends: dict = field(default_factory=dict)  # str(phase index) -> steps planned/done, why it ended
+    nonfinite_skipped: int = 0  # steps dropped by on_nonfinite: skip, whole run
+    nonfinite_streak: int = 0   # ... in a row, now (stop after train.max_nonfinite_skips)
 
     def start_phase(self, index: int) -> None:
         """Counters and per-phase state for the first step of phase `index`."""
         self.phase_index, self.step, self.mining_override, self.watchdog = index, 0, None, {}
         self.conditions = {}
+        self.nonfinite_streak = 0
 
     def phase_finished(self, phase: PhaseConfig) -> bool:
         """The current phase has ended: all its steps done, or an `until:` condition ended it."""
         return str(self.phase_index) in self.phase_ends or self.step >= phase.steps
+
+    @classmethod
+    def from_state(cls, state: dict, where: Path) -> "RunProgress":
+        """The progress a checkpoint's state.json holds, every field type-checked: a mistyped file is
+        one clear error here rather than a TypeError somewhere in the loop."""
+        kinds = {"phase_index": int, "step": int, "global_step": int, "samples_seen": int,
+                 "mining_override": (str, type(None)), "watchdog": dict, "conditions": dict,
+                 "eval_history": list, "phase_ends": dict,
+                 "nonfinite_skipped": int, "nonfinite_streak": int}
+        values = {}
+        for key, kind in kinds.items():
+            if key not in state:
+                continue
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
+                raise CheckpointError(f"{where / 'state.json'} is damaged: {key} is {value!r}")
+            values[key] = value
+        for key in ("phase_index", "step", "global_step"):
+            if key not in values:
+                raise CheckpointError(f"{where / 'state.json'} is damaged: it has no {key}")
+        return cls(**values)
 
 
 @dataclass
@@ -144,8 +169,23 @@ def _clean_stale_files(output: Path) -> None:
             clean_leftovers(directory / CHECKPOINT)
 
 
+def _finite_or_null(value: Any) -> Any:
+    """Strict JSON has no NaN or Infinity: such numbers are written as null (docs/outputs.md)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def strict_json(payload: Any, indent: int | None = None) -> str:
+    return json.dumps(_finite_or_null(payload), indent=indent, default=str, allow_nan=False)
+
+
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    _replace_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+    _replace_text(path, strict_json(payload, indent=2) + "\n")
 
 
 def _truncate_metrics(path: Path, global_step: int) -> None:
@@ -236,7 +276,10 @@ def run_phase(
     memory = carry_over(memory, phase.memory.size if phase.memory else None,
                         dim=model.embedding_dim, normalized=model.normalize)
 
-    def checkpoint(state_after: dict | None) -> None:
+    def checkpoint(state_after: dict | None) -> bool:
+        """Save (every rank takes part); False, and nothing written, if a weight is NaN/inf."""
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # equal on every rank
+            return False
         progress.watchdog = watchdog.state_dict()
         rng = None
         if ctx.enabled:  # every rank reads its own shard and draws its own dropout: keep each one's
@@ -252,6 +295,7 @@ def run_phase(
                 metrics=last_eval if last_eval and last_eval.get("global_step") == progress.global_step else None,
             )
         barrier(ctx)
+        return True
 
     with writing(metrics_path):
         metrics_file = metrics_path.open("a", encoding="utf-8") if ctx.is_main else None
@@ -308,31 +352,59 @@ def run_phase(
                 train_model, input_ids, attention_mask, global_labels, loss_fn, plan,
                 autocast_dtype=autocast_dtype, gather=gather, no_sync=no_sync,
             )
-            if memory is not None:
-                memory.push(*mined_batch[0])
-
-            # 4. optimiser step
-            grad_norm = None
+            # 4. is this step usable? A NaN/inf loss or gradient must never reach the weights
             if train_cfg.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip))
+            else:
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            step_finite = math.isfinite(float(loss_value)) and math.isfinite(grad_norm)
+
+            # 5. one collective per step decides for every rank: stream counters, Ctrl-C/SIGTERM
+            #    (it may reach the ranks at different moments), the collapse watchdog and a
+            #    non-finite loss or gradient on any rank (each would otherwise step differently)
+            #    and the signals `until:` conditions read (averaged, so every rank smooths the same numbers)
+            rows_seen, rows_skipped, classes_evicted, signalled, collapsed, nonfinite, *signals = all_reduce_sums([
+                batch.rows_seen, batch.rows_skipped, batch.classes_evicted, stop.signal is not None,
+                step_finite and watchdog.update(stats.batch_hard_loss, phase.margin, stats.embedding_spread),
+                not step_finite, float(loss_value), stats.batch_hard_loss, stats.active_fraction,
+            ], ctx)
+            stop_now = signalled > 0
+            agreed = {name: value / ctx.world_size for name, value in zip(conditions.STEP_METRICS, signals)}
+            last_state = batch.state  # this batch is consumed whether or not it is used
+            if nonfinite > 0:
+                optimizer.zero_grad(set_to_none=True)
+                progress.nonfinite_streak += 1
+                give_up = phase.on_nonfinite == "stop" or progress.nonfinite_streak >= train_cfg.max_nonfinite_skips
+                if not give_up:
+                    progress.nonfinite_skipped += 1
+                event = {"event": "nonfinite", "global_step": progress.global_step + 1, "phase": phase.name,
+                         "step": progress.step + 1, "loss": float(loss_value), "grad_norm": grad_norm,
+                         "action": "stop" if give_up else "skip", "in_a_row": progress.nonfinite_streak}
+                if metrics_file is not None:
+                    metrics_file.write(strict_json(event) + "\n")
+                    metrics_file.flush()
+                if give_up:
+                    why = ("on_nonfinite: stop" if phase.on_nonfinite == "stop" else
+                           f"{progress.nonfinite_streak} in a row, train.max_nonfinite_skips: "
+                           f"{train_cfg.max_nonfinite_skips}")
+                    nonfinite_message = (f"non-finite loss or gradient at step {progress.step + 1} of phase "
+                                         f"{phase_index} ({phase.name}) (loss {float(loss_value)}, gradient "
+                                         f"norm {grad_norm}; {why}): stopped without a step")
+                    return PhaseOutcome(EXIT_NONFINITE, last_state, reason=nonfinite_message, memory=memory)
+                if stop_now:  # Ctrl-C during a skipped step: the weights are still the good ones
+                    checkpoint(last_state)
+                    return PhaseOutcome(EXIT_INTERRUPTED, last_state, memory=memory)
+                continue
+            progress.nonfinite_streak = 0
+            if memory is not None:  # only embeddings of a usable step join the memory
+                memory.push(*mined_batch[0])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             fault_point("step")
             progress.step += 1
             progress.global_step += 1
             progress.samples_seen += phase.batch_size
-            last_state = batch.state
-
-            # 5. one collective per step decides for every rank: stream counters, Ctrl-C/SIGTERM
-            #    (it may reach the ranks at different moments), the collapse watchdog and the signals
-            #    `until:` conditions read (averaged, so every rank smooths the very same numbers)
-            rows_seen, rows_skipped, classes_evicted, signalled, collapsed, *signals = all_reduce_sums([
-                batch.rows_seen, batch.rows_skipped, batch.classes_evicted, stop.signal is not None,
-                watchdog.update(stats.batch_hard_loss, phase.margin, stats.embedding_spread),
-                float(loss_value), stats.batch_hard_loss, stats.active_fraction,
-            ], ctx)
-            stop_now = signalled > 0
-            agreed = {name: value / ctx.world_size for name, value in zip(conditions.STEP_METRICS, signals)}
 
             # 6. log: the phase's mining loss beside the batch-hard loss of the same batch
             elapsed = time.perf_counter() - started
@@ -342,7 +414,8 @@ def run_phase(
                 "loss": float(loss_value), "batch_hard_loss": stats.batch_hard_loss,
                 "active_fraction": stats.active_fraction, "mean_ap": stats.mean_ap, "mean_an": stats.mean_an,
                 "embedding_spread": stats.embedding_spread, "skipped_anchors": stats.skipped_anchors,
-                "num_triplets": stats.num_triplets, "lr": lr, "grad_norm": grad_norm,
+                "num_triplets": stats.num_triplets, "lr": lr,
+                "grad_norm": grad_norm if train_cfg.grad_clip > 0 else None,
                 "samples_per_s": phase.batch_size / elapsed if elapsed > 0 else None,
                 "rows_seen": int(rows_seen), "rows_skipped": int(rows_skipped),
                 "classes_evicted": int(classes_evicted), **chunking.describe(), "chunks": len(plan.chunks),
@@ -400,7 +473,7 @@ def run_phase(
                 }
             if metrics_file is not None:
                 with writing(metrics_path):
-                    metrics_file.write("".join(json.dumps(r) + "\n" for r in (record, *events)))
+                    metrics_file.write("".join(strict_json(r) + "\n" for r in (record, *events)))
                     metrics_file.flush()
             if trackers is not None:
                 trackers.log(record, *events)
@@ -412,7 +485,10 @@ def run_phase(
                        until=_until_display(until, until_state) if until is not None else None)
             every = train_cfg.checkpoint_every
             if done or paused or stop_now or exit_code == EXIT_COLLAPSE_STOP or (every and progress.step % every == 0):
-                checkpoint(last_state)
+                if not checkpoint(last_state):
+                    return PhaseOutcome(EXIT_NONFINITE, last_state,
+                                        f"non-finite weights after step {progress.step} of phase {phase_index} "
+                                        f"({phase.name}): not saved over the last good checkpoint")
             if exit_code == EXIT_COLLAPSE_STOP:
                 return PhaseOutcome(EXIT_COLLAPSE_STOP, last_state, memory=memory)
             if stop_now:
@@ -462,7 +538,7 @@ def _phase_summary(curriculum: Curriculum, index: int, started: float | None,
     """Summarise a phase from its own metrics file, so the summary is true after a resume too."""
     phase = curriculum.phases[index]
     phase_dir = phase_dir_of(curriculum.train.output_dir, index, phase.name)
-    steps, evals, collapses = [], [], []
+    steps, evals, collapses, nonfinite = [], [], [], []
     metrics_path = phase_dir / "metrics.jsonl"
     if metrics_path.exists():
         for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -473,8 +549,8 @@ def _phase_summary(curriculum: Curriculum, index: int, started: float | None,
             kind = record.get("event")
             if kind is None:
                 steps.append(record)
-            elif kind in ("eval", "collapse"):
-                (evals if kind == "eval" else collapses).append(record)
+            elif kind in ("eval", "collapse", "nonfinite"):
+                {"eval": evals, "collapse": collapses, "nonfinite": nonfinite}[kind].append(record)
     tail = steps[-max(1, len(steps) // 10):] if steps else []
 
     def mean(key: str, records: list) -> float | None:
@@ -494,7 +570,8 @@ def _phase_summary(curriculum: Curriculum, index: int, started: float | None,
         "mean_samples_per_s": mean("samples_per_s", steps),
         "rows_skipped": steps[-1]["rows_skipped"] if steps else 0,
         "classes_evicted": steps[-1]["classes_evicted"] if steps else 0,
-        "collapse_events": len(collapses), "eval": evals[-1] if evals else None,
+        "collapse_events": len(collapses), "nonfinite_steps": len(nonfinite),
+        "eval": evals[-1] if evals else None,
         "wall_seconds": time.time() - started if started is not None else None,
     }
 
@@ -526,6 +603,52 @@ def _run_index(curriculum: Curriculum, ctx: DistContext, status: dict[int, str],
         ],
         **extra,
     }
+
+
+# What a half-done phase must keep on --resume: changing any of them would train one phase under two
+# configurations (and report the new one for all of it). chunk_size, lr, steps... may change.
+RESUME_PHASE_KEYS = ("batch_size", "mining", "margin", "distance")
+RESUME_DATA_KEYS = ("samples_per_class",)
+
+
+def check_resume_compatible(curriculum: Curriculum, saved: dict, state: dict, progress: RunProgress) -> None:
+    """Refuse a resume that would split, lose or silently re-configure a phase that has started.
+
+    `saved` is the curriculum the checkpoint was written under, `state` its state.json."""
+    saved_phases = saved.get("phases") if isinstance(saved.get("phases"), list) else []
+    index, restart = progress.phase_index, "or start a new run with train.output_dir=..."
+
+    def saved_phase(i: int) -> dict:
+        return saved_phases[i] if i < len(saved_phases) and isinstance(saved_phases[i], dict) else {}
+
+    stopped_in = state.get("phase_name") or saved_phase(index).get("name") or f"phase {index}"
+    for i in range(index + 1):  # every phase that has started keeps its place and its name
+        old = stopped_in if i == index else saved_phase(i).get("name")
+        if old is None:
+            continue
+        if i >= len(curriculum.phases):
+            raise ConfigError([f"--resume: the run stopped in phases[{index}] ({stopped_in}), but {curriculum.path} "
+                               f"now has {len(curriculum.phases)} phases: phases[{i}] ({old}) was removed; "
+                               f"put it back, {restart}"])
+        if curriculum.phases[i].name != old:
+            raise ConfigError([f"--resume: phases[{i}] was '{old}' when the run was checkpointed and is "
+                               f"'{curriculum.phases[i].name}' in {curriculum.path}: renaming, removing or "
+                               f"reordering a phase that has started would split it over two directories; "
+                               f"restore it, {restart}"])
+    phase = curriculum.phases[index]
+    if not 0 < progress.step < phase.steps or progress.phase_finished(phase):
+        return  # the next phase starts from scratch: any configuration is fine
+    where = f"--resume: phases[{index}] ({phase.name}) is half done (step {progress.step} of {phase.steps})"
+    problems = []
+    changes = [(key, saved_phase(index).get(key), getattr(phase, key)) for key in RESUME_PHASE_KEYS]
+    saved_data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    changes += [(f"data.{key}", saved_data.get(key), getattr(curriculum.data, key)) for key in RESUME_DATA_KEYS]
+    for key, old, new in changes:
+        if old is not None and old != new:
+            problems.append(f"{where}: its {key} was {old!r} and is now {new!r}; resuming would mix two "
+                            f"configurations in one phase. Restore {key}, {restart}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def train(curriculum: Curriculum, resume: bool = False, console: Console | None = None,
@@ -593,9 +716,11 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
     closed_phase: int | None = None
     if resume:
         loaded = load_checkpoint(previous, model=model, optimizer=optimizer, map_location=device)
-        check_world_size(int(loaded.state.get("world_size", 1)), ctx)
-        known = set(RunProgress.__dataclass_fields__)
-        progress = RunProgress(**{k: v for k, v in loaded.state.items() if k in known})
+        world_size = loaded.state.get("world_size", 1)
+        if isinstance(world_size, bool) or not isinstance(world_size, int):
+            raise CheckpointError(f"{loaded.path / 'state.json'} is damaged: world_size is {world_size!r}")
+        check_world_size(world_size, ctx)
+        progress = RunProgress.from_state(loaded.state, loaded.path)
         stream_state = loaded.stream_state
         if loaded.memory is not None:
             try:
@@ -604,7 +729,11 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
                 raise CheckpointError(f"checkpoint {loaded.path} is damaged: memory.pt: {e}") from None
         rng_state = loaded.rng
         if isinstance(rng_state, list):  # one state per rank (check_world_size made the counts equal)
+            if len(rng_state) != ctx.world_size:
+                raise CheckpointError(f"{loaded.path / 'rng.pt'} holds {len(rng_state)} ranks' states, "
+                                      f"the run has {ctx.world_size}")
             rng_state = rng_state[ctx.rank]
+        check_resume_compatible(curriculum, loaded.curriculum, loaded.state, progress)
         phase = curriculum.phases[progress.phase_index]
         if progress.phase_finished(phase):  # the checkpoint closed its phase: start the next one
             closed_phase = progress.phase_index
@@ -688,7 +817,7 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
                 _write_json_atomic(phase_dir_of(output, index, curriculum.phases[index].name) / "summary.json", summary)
             status[index] = "done" if phase_done and outcome.exit_code in (EXIT_DONE, PAUSED) else {
                 EXIT_COLLAPSE_STOP: "stopped (collapse)", EXIT_INTERRUPTED: "interrupted",
-                EXIT_WORKER_DIED: "stopped (worker died)"}.get(outcome.exit_code, "paused")
+                EXIT_WORKER_DIED: "stopped (worker died)", EXIT_NONFINITE: "stopped (non-finite)"}.get(outcome.exit_code, "paused")
             if outcome.exit_code != EXIT_DONE:
                 exit_code = outcome.exit_code if outcome.exit_code > 0 else EXIT_DONE
                 reason = outcome.reason
@@ -753,6 +882,9 @@ def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, s
             resume_hint if latest else f"start again with `tripletctl train {curriculum.path}`"))
     elif exit_code == EXIT_WORKER_DIED:
         _one_line(console, "bold red", "stopped", f"{reason}; {where}; {resume_hint}")
+    elif exit_code == EXIT_NONFINITE:
+        _one_line(console, "bold red", "stopped", f"{reason}; the last good checkpoint is kept ({where}); "
+                  f"lower train.lr (or clip gradients), then {resume_hint}")
     elif exit_code == EXIT_DONE and [status.get(i) for i in range(len(curriculum.phases))] != ["done"] * len(curriculum.phases):
         _one_line(console, "bold", "paused by --max-steps", f"{where}; {resume_hint}")
     elif exit_code == EXIT_COLLAPSE_STOP:
