@@ -362,3 +362,25 @@ def test_clean_leftovers_removes_what_killed_saves_left(tiny_bert_dir, tmp_path)
     fake_checkpoint(target, complete=False)
     clean_leftovers(target)
     assert resolve_checkpoint(target.parent) == target.with_name("checkpoint.prev")
+def test_stream_file_must_stay_inside_the_checkpoint(tiny_bert_dir, tmp_path):
+    model, tok = tiny(tiny_bert_dir)
+    target = tmp_path / "checkpoint"
+    save_checkpoint(target, model=model, tokenizer=tok, optimizer=None, state=STATE,
+                    stream_state={"position": (1, 2)}, curriculum={})
+    record = json.loads((target / "state.json").read_text())
+    assert record["stream_file"] == "stream.pt"
+    torch.save({"position": (1, 2)}, tmp_path / "outside.pt")
+    for name in (str(tmp_path / "outside.pt"), "../outside.pt", "sub/stream.pt", "", 7):
+        (target / "state.json").write_text(json.dumps({**record, "stream_file": name}))
+        with pytest.raises(CheckpointError, match="stream_file must (name a file inside the checkpoint|be a file name)"):
+            load_checkpoint(target)
+
+
+def test_a_stream_state_that_needs_code_to_load_is_not_written(tiny_bert_dir, tmp_path):
+    import fractions
+
+    model, tok = tiny(tiny_bert_dir)
+    with pytest.raises(TypeError, match="cannot load without running code"):
+        save_checkpoint(tmp_path / "checkpoint", model=model, tokenizer=tok, optimizer=None, state=STATE,
+                        stream_state={"x": fractions.Fraction(1, 3)}, curriculum={})
+    assert not (tmp_path / "checkpoint").exists()

@@ -284,3 +284,25 @@ def test_cli_bad_checkpoint_is_exit_2(tmp_path, heldout_file):
 
     result = CliRunner().invoke(app, ["inspect-collapse", str(tmp_path / "nope"), "--data", str(heldout_file)])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings_are_refused_not_a_linalg_error(bad):
+    from tripletctl.errors import NonFiniteError
+
+    emb = torch.randn(20, 6)
+    emb[3, 1] = bad
+    with pytest.raises(NonFiniteError, match="non-finite embeddings"):
+        collapse_report(emb, torch.arange(20) % 4)
+
+
+def test_svd_that_does_not_converge_falls_back_to_the_gram_matrix(monkeypatch):
+    emb = torch.randn(30, 5, dtype=torch.float64)
+    want = collapse_report(emb, torch.arange(30) % 3).singular_values
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "svdvals", fail)
+    got = collapse_report(emb, torch.arange(30) % 3).singular_values
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-5)

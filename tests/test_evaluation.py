@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tripletctl import evaluation
-from tripletctl.errors import DataError
+from tripletctl.errors import DataError, NonFiniteError
 from tripletctl.evaluation import retrieval_metrics, sample_triplets, triplet_accuracy
 
 
@@ -27,7 +27,8 @@ def brute_force(emb: np.ndarray, labels: np.ndarray, ks=(1, 5, 10)) -> dict[str,
         if r == 0:
             continue
         q += 1
-        ranked = sorted(others, key=lambda j: (d[i, j], j))
+        # ties broken against the model: other-label items first among equal distances
+        ranked = sorted(others, key=lambda j: (d[i, j], labels[j] == labels[i], j))
         rel = [labels[j] == labels[i] for j in ranked]
         for k in ks:
             out[f"recall@{k}"] += any(rel[:k])
@@ -316,3 +317,32 @@ def test_no_saved_eval_block_and_bad_source_options_are_one_line_exit_2(saved_ru
         result = _cli(command, *args)
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1 and expected in lines[0], (args, result.output)
+def test_a_one_point_model_never_scores_well():
+    # every embedding identical: all distances tie, and ties are broken against the model
+    labels = np.arange(40) % 5
+    for point in (np.ones(8), np.random.default_rng(0).normal(size=8)):
+        emb = np.tile(point.astype(np.float32), (40, 1))
+        m = retrieval_metrics(emb, labels)
+        assert m["recall@1"] == m["recall@5"] == m["recall@10"] == 0.0
+        assert m["map@r"] == m["r_precision"] == m["triplet_accuracy"] == 0.0
+        want = brute_force(emb.astype(np.float64), labels)
+        assert {k: m[k] for k in want if k != "queries"} == pytest.approx({k: v for k, v in want.items() if k != "queries"})
+
+
+def test_partial_ties_are_broken_pessimistically_like_the_reference():
+    # two points only: half the rows at each, labels mixed, so every query has same- and other-label ties
+    rng = np.random.default_rng(3)
+    emb = np.repeat(np.array([[0.0, 0.0], [1.0, 0.0]], dtype=np.float32), 30, axis=0)
+    labels = rng.integers(0, 3, size=60)
+    got = retrieval_metrics(emb, labels, chunk_size=7)
+    want = brute_force(emb.astype(np.float64), labels)
+    for key in ("recall@1", "recall@5", "recall@10", "map@r", "r_precision"):
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings_are_refused(bad):
+    emb, labels = random_set(30, 4, 3, 1)
+    emb[7, 2] = bad
+    with pytest.raises(NonFiniteError, match="non-finite embeddings .* for 1 of 30 rows"):
+        retrieval_metrics(emb, labels)

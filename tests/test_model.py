@@ -174,3 +174,16 @@ def test_attn_implementation_is_passed_to_transformers(tiny_bert_dir):
     except ImportError:
         with pytest.raises(TripletctlError, match="model.attn_implementation 'flash_attention_2' cannot be used"):
             tiny(tiny_bert_dir, attn_implementation="flash_attention_2")
+def test_missing_or_damaged_models_are_model_errors(tiny_bert_dir, tmp_path):
+    from tripletctl.curriculum import ModelConfig
+    from tripletctl.errors import ModelError
+    from tripletctl.model import build_model, load_model, save_model
+
+    with pytest.raises(ModelError, match="cannot load model"):
+        build_model(ModelConfig(name=str(tmp_path / "nope"), init="config"), 0)
+    model, tok = build_model(ModelConfig(name=str(tiny_bert_dir), init="config", head=(8,)), 0)
+    save_model(model, tok, tmp_path / "saved")
+    weights = tmp_path / "saved" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelError, match="cannot be loaded"):
+        load_model(tmp_path / "saved")

@@ -114,3 +114,12 @@ def test_plot_collapse(tmp_path, collapsed):
         emb = torch.nn.functional.normalize(centres[labels] + 0.08 * torch.randn(100, 16, generator=g), dim=1)
     out = plot_collapse(collapse_report(emb, labels), tmp_path / "sub" / "c.png")
     assert_png(out)
+
+
+def test_png_path_says_the_real_file(tmp_path):
+    from tripletctl.plots import png_path
+
+    (tmp_path / "dir").mkdir()
+    assert png_path(tmp_path / "dir", "collapse.png") == tmp_path / "dir" / "collapse.png"
+    assert png_path(tmp_path / "figure", "collapse.png") == tmp_path / "figure.png"
+    assert png_path(tmp_path / "figure.svg", "collapse.png") == tmp_path / "figure.svg"

@@ -274,6 +274,10 @@ def _until_curriculum(tmp_path: Path, *, with_eval: bool = False) -> Path:
         phases[0]["until"] = {"eval_plateau": {"metric": "recall@1", "patience": 1, "min_delta": 0.9}}
         phases[1]["until"] = {"loss_below": 1.0, "min_steps": 2}
         phases[2]["steps"] = 1
+def one_phase(path: Path) -> Path:
+    """Keep only the curriculum's first phase (16 rows a batch): the cheapest real run."""
+    spec = yaml.safe_load(path.read_text())
+    spec["phases"] = spec["phases"][:1]
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
@@ -453,3 +457,97 @@ def test_triplet_files_train_end_to_end(tmp_path, ext, negatives, mode):
         assert r["skipped_anchors"] == 6 * negatives  # the given negatives, never anchors
     final = index["eval_final"]
     assert final["rows"] == 60 and final["given_triplets"] == 20 and 0 <= final["given_negative_accuracy"] <= 1
+def _poisoned(real, bad_calls: set[int]):
+    """embed_and_backward whose loss and one gradient are NaN on the given (1-based) calls."""
+    calls = {"n": 0}
+
+    def run(model, *args, **kwargs):
+        calls["n"] += 1
+        loss, stats, rest = real(model, *args, **kwargs)
+        if calls["n"] in bad_calls:
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+            loss = torch.tensor(float("nan"))
+        return loss, stats, rest
+
+    return run
+
+
+def test_on_nonfinite_skip_drops_the_step_and_the_run_finishes(tmp_path, monkeypatch):
+    import tripletctl.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "embed_and_backward", _poisoned(runner_module.embed_and_backward, {2, 3}))
+    path = one_phase(write_curriculum(tmp_path, steps=(4, 1, 1), checkpoint_every=0, on_nonfinite="skip"))
+    assert train(load_curriculum(path)) == 0
+    run = tmp_path / "run"
+    records = [json.loads(l) for l in (run / "phase-0-semi-hard" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "event" not in r]
+    skipped = [r for r in records if r.get("event") == "nonfinite"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # 4 optimiser steps, taken on 6 batches
+    assert [(r["step"], r["action"], r["in_a_row"], r["loss"]) for r in skipped] == [(2, "skip", 1, None),
+                                                                                     (2, "skip", 2, None)]
+    state = json.loads((run / "phase-0-semi-hard" / "checkpoint" / "state.json").read_text())
+    assert (state["global_step"], state["nonfinite_skipped"], state["nonfinite_streak"]) == (4, 2, 0)
+    summary = json.loads((run / "phase-0-semi-hard" / "summary.json").read_text())
+    assert summary["steps_done"] == 4 and summary["nonfinite_steps"] == 2
+    weights = load_file(str(run / "phase-0-semi-hard" / "checkpoint" / "model" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_on_nonfinite_stop_keeps_the_checkpoint_and_exits_4(tmp_path, monkeypatch):
+    import tripletctl.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "embed_and_backward", _poisoned(runner_module.embed_and_backward, {3}))
+    path = one_phase(write_curriculum(tmp_path, steps=(4, 1, 1), checkpoint_every=1))
+    checkpoint = tmp_path / "run" / "phase-0-semi-hard" / "checkpoint"
+    assert train(load_curriculum(path)) == runner_module.EXIT_NONFINITE == 4
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 2
+    index = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [p["status"] for p in index["phases"]] == ["stopped (non-finite)"]
+    summary = (tmp_path / "run" / "phase-0-semi-hard" / "summary.json").read_text()
+    assert json.loads(summary)["nonfinite_steps"] == 1 and "NaN" not in summary
+
+
+def test_resume_refuses_to_mix_configurations_inside_a_phase(tmp_path):
+    path = write_curriculum(tmp_path, steps=(3, 1, 1), checkpoint_every=0)
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(path), "--max-steps", "2"]).exit_code == 0
+    for override, key, old, new in [("phases.0.batch_size=32", "batch_size", "16", "32"),
+                                    ("phases.0.mining=batch-all", "mining", "'semi-hard'", "'batch-all'"),
+                                    ("phases.0.margin=0.5", "margin", "0.2", "0.5"),
+                                    ("phases.0.distance=squared-euclidean", "distance", "'euclidean'",
+                                     "'squared-euclidean'"),
+                                    ("data.samples_per_class=8", "data.samples_per_class", "4", "8")]:
+        result = runner.invoke(app, ["train", str(path), override, "--resume"])
+        assert result.exit_code == 2, result.output
+        assert (f"phases[0] (semi-hard) is half done (step 2 of 3): its {key} was {old} and is now {new}"
+                in " ".join(result.output.split())), result.output
+    spec = yaml.safe_load(path.read_text())
+    renamed = tmp_path / "renamed.yaml"
+    spec["phases"][0]["name"] = "gentle"
+    renamed.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["train", str(renamed), "--resume"])
+    assert result.exit_code == 2 and "phases[0] was 'semi-hard' when the run was checkpointed and is 'gentle'" \
+        in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "run" / "phase-0-gentle").exists()
+    spec["phases"] = spec["phases"][1:]
+    removed = tmp_path / "removed.yaml"
+    removed.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["train", str(removed), "--resume"])
+    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "phases[0] was 'semi-hard'" in " ".join(result.output.split()), result.output
+    # a chunk size is not a configuration of the phase: it may change
+    assert runner.invoke(app, ["train", str(path), "phases.0.chunk_size=8", "--resume", "--max-steps", "1"]
+                         ).exit_code == 0
+
+
+def test_resume_after_removing_the_last_started_phase_is_a_clear_error(tmp_path):
+    path = write_curriculum(tmp_path, steps=(1, 4, 1), checkpoint_every=0)
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(path), "--max-steps", "2"]).exit_code == 0
+    spec = yaml.safe_load(path.read_text())
+    spec["phases"] = spec["phases"][:1]
+    path.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["train", str(path), "--resume"])
+    assert result.exit_code == 2, result.output
+    assert "the run stopped in phases[1] (hard-negative), but" in " ".join(result.output.split())
+    assert "phases[1] (hard-negative) was removed" in " ".join(result.output.split())

@@ -417,9 +417,9 @@ def safe_torch_load(file: Path, map_location: str | torch.device = "cpu") -> Any
         return torch.load(file, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing: the checkpoint is damaged") from None
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:  # torch's own message is many lines about weights_only=False: not an option
         raise CheckpointError(f"{file} holds objects that could run code when loaded (an older tripletctl "
-                              f"format or a tampered file); refusing to load it: {_one_line(e)}") from None
+                              f"format or a tampered file); refusing to load it") from None
     except Exception as e:  # truncated zip, garbage bytes, wrong device...: torch raises many types
         raise CheckpointError(f"{file} is damaged: {_one_line(e)}") from None
 

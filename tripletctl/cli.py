@@ -91,7 +91,7 @@ def train(
     1    unexpected crash (a bug: please report it)
     2    bad input, damaged file or environment fault, reported before any work where possible
     3    stopped by the collapse watchdog (on_collapse: stop), after a checkpoint
-    4    stopped on a non-finite loss or gradient
+    4    stopped on a non-finite loss or gradient (on_nonfinite), the last good checkpoint kept
     5    a tokenizer worker died (resumable with --resume)
     130  interrupted by Ctrl-C / SIGTERM, after a checkpoint (continue with --resume)
     """

@@ -1277,6 +1277,9 @@ def plan_table(c: Curriculum) -> Table:
                                ", ".join(f"{i}: {text}" for i, text in enumerate(chunks))))
     if c.train.keep_best:
         lines.append(f"keep best: highest held-out {c.train.keep_best} -> {c.train.output_dir}/best")
+    modes = sorted({p.on_nonfinite for p in c.phases})
+    lines.append("non-finite loss or gradient: " + " / ".join(
+        f"skip (stop after {c.train.max_nonfinite_skips} in a row)" if m == "skip" else "stop (exit 4)" for m in modes))
     lines += [
         f"output: {c.train.output_dir}"
         + (f" (reported to {', '.join(c.train.report_to)})" if c.train.report_to else ""),

@@ -682,7 +682,6 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         torch.backends.cudnn.allow_tf32 = True
 
     # Fail on bad input before any work starts.
-    check_source(curriculum.data)
     previous = latest_checkpoint(output)
     if previous is not None and not resume:
         raise TripletctlError(
@@ -691,6 +690,11 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         )
     if resume and previous is None:
         raise TripletctlError(f"--resume: no checkpoint found under {output}")
+    if resume:  # the checkpoint's own files first (cheap, and every damaged one is one clear line)
+        saved = load_checkpoint(previous)
+        check_resume_compatible(curriculum, saved.curriculum, saved.state,
+                                RunProgress.from_state(saved.state, saved.path))
+    check_source(curriculum.data)
     if ctx.is_main:  # a read-only or full output directory fails here, before the model is built
         with writing(output):
             output.mkdir(parents=True, exist_ok=True)
@@ -733,7 +737,6 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
                 raise CheckpointError(f"{loaded.path / 'rng.pt'} holds {len(rng_state)} ranks' states, "
                                       f"the run has {ctx.world_size}")
             rng_state = rng_state[ctx.rank]
-        check_resume_compatible(curriculum, loaded.curriculum, loaded.state, progress)
         phase = curriculum.phases[progress.phase_index]
         if progress.phase_finished(phase):  # the checkpoint closed its phase: start the next one
             closed_phase = progress.phase_index

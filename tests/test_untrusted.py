@@ -1,0 +1,293 @@
+"""Untrusted input end to end, through the real CLI: crafted pickles in every file a checkpoint holds
+run nothing, damaged files and bad arguments are one line and exit 2, a diverging run stops with
+exit 4 and keeps its last good checkpoint, a NaN or one-point model never scores well.
+Reference: docs/reliability.md (one row per case)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from test_runner import QUICKSTART_HELDOUT, one_phase, write_curriculum
+from tripletctl.cli import app
+
+PHASE = "phase-0-semi-hard"
+
+
+class PlantMarker:
+    """A pickle that, if anything ever unpickles it with code execution, creates a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def cli(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def one_error_line(result) -> str:
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A 2-step one-phase run, checkpointed after each step (copied by each test that damages it)."""
+    root = tmp_path_factory.mktemp("trained")
+    path = one_phase(write_curriculum(root, steps=(3, 1, 1), checkpoint_every=1))
+    assert cli("train", path, "--max-steps", "2").exit_code == 0
+    return root
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """A private copy of the trained run; returns the directory holding curriculum.yaml and run/."""
+    target = tmp_path / "copy"
+    shutil.copytree(trained_run, target)
+    spec = yaml.safe_load((target / "curriculum.yaml").read_text())
+    spec["train"]["output_dir"] = str(target / "run")
+    (target / "curriculum.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return target
+
+
+def checkpoint_of(root: Path) -> Path:
+    return root / "run" / PHASE / "checkpoint"
+
+
+# ------------------------------------------------------------------------------- crafted pickles
+
+@pytest.mark.parametrize("plant", ["rng.pt", "optimizer.pt", "stream.pt", "stream_file absolute",
+                                   "stream_file ..", "model pickle"])
+def test_crafted_pickles_in_a_checkpoint_execute_nothing(run_copy, tmp_path, plant):
+    marker = tmp_path / "PWNED"
+    checkpoint = checkpoint_of(run_copy)
+    state_path = checkpoint / "state.json"
+    state = json.loads(state_path.read_text())
+    evil = PlantMarker(marker)
+    if plant in ("rng.pt", "optimizer.pt", "stream.pt"):
+        torch.save(evil, checkpoint / plant)
+        if plant == "stream.pt":
+            state["stream_file"] = "stream.pt"
+    elif plant == "stream_file absolute":
+        torch.save(evil, tmp_path / "evil.pt")
+        state["stream_file"] = str(tmp_path / "evil.pt")
+    elif plant == "stream_file ..":
+        torch.save(evil, checkpoint.parent / "evil.pt")
+        state["stream_file"] = "../evil.pt"
+    else:  # weights as a pickle instead of safetensors: transformers would torch.load it
+        (checkpoint / "model" / "model.safetensors").unlink()
+        torch.save(evil, checkpoint / "model" / "pytorch_model.bin")
+    state_path.write_text(json.dumps(state))
+
+    resumed = cli("train", run_copy / "curriculum.yaml", "--resume")
+    assert resumed.exit_code == 2, resumed.output
+    message = one_error_line(resumed)
+    assert not marker.exists(), "a pickle in the checkpoint ran code"
+    if plant.startswith("stream_file"):
+        assert "stream_file must name a file inside the checkpoint" in message
+    if plant == "model pickle":
+        evaluated = cli("eval", run_copy / "run", "--data", QUICKSTART_HELDOUT)
+        assert evaluated.exit_code == 2 and not marker.exists(), evaluated.output
+
+
+def test_a_symlink_out_of_the_checkpoint_is_refused(run_copy, tmp_path):
+    checkpoint = checkpoint_of(run_copy)
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(checkpoint / "model" / "model.safetensors", outside)
+    (checkpoint / "model" / "model.safetensors").symlink_to(outside)
+    for args in (("train", run_copy / "curriculum.yaml", "--resume"),
+                 ("eval", run_copy / "run", "--data", QUICKSTART_HELDOUT)):
+        result = cli(*args)
+        assert result.exit_code == 2 and "outside the checkpoint" in one_error_line(result)
+
+
+def test_an_old_unsafe_stream_pickle_is_refused_in_one_line(run_copy):
+    checkpoint = checkpoint_of(run_copy)
+    import fractions
+
+    # what an older tripletctl could write: a pickle of a class weights_only cannot rebuild
+    torch.save({"buffer": fractions.Fraction(1, 3)}, checkpoint / "stream.pt")
+    state = json.loads((checkpoint / "state.json").read_text())
+    state["stream_file"] = "stream.pt"
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    result = cli("train", run_copy / "curriculum.yaml", "--resume")
+    assert result.exit_code == 2
+    assert "could run code when loaded" in one_error_line(result)
+
+
+# ------------------------------------------------------------------------------- damaged files
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncated model", "truncated head", "garbage rng", "mistyped rng",
+                                    "garbage optimizer", "mistyped optimizer", "garbage state",
+                                    "list state", "string step", "shape mismatch"])
+def test_damaged_checkpoint_files_are_one_line_and_exit_2(run_copy, damage):
+    checkpoint = checkpoint_of(run_copy)
+    model_dir = checkpoint / "model"
+    if damage == "truncated model":
+        _truncate(model_dir / "model.safetensors")
+    elif damage == "truncated head":
+        _truncate(model_dir / "head.safetensors")
+    elif damage == "garbage rng":
+        (checkpoint / "rng.pt").write_bytes(os.urandom(256))
+    elif damage == "mistyped rng":
+        torch.save([1, 2, 3], checkpoint / "rng.pt")
+    elif damage == "garbage optimizer":
+        (checkpoint / "optimizer.pt").write_bytes(b"\x00not a zip\x00" * 20)
+    elif damage == "mistyped optimizer":
+        torch.save({"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": []}, checkpoint / "optimizer.pt")
+    elif damage == "garbage state":
+        (checkpoint / "state.json").write_bytes(b"{\xff\xfe")
+    elif damage == "list state":
+        (checkpoint / "state.json").write_text("[1, 2]")
+    elif damage == "string step":
+        state = json.loads((checkpoint / "state.json").read_text())
+        state["step"] = "2"
+        (checkpoint / "state.json").write_text(json.dumps(state))
+    else:  # the weights no longer fit the architecture config.json describes
+        config = json.loads((model_dir / "config.json").read_text())
+        config["intermediate_size"] *= 2
+        (model_dir / "config.json").write_text(json.dumps(config))
+    result = cli("train", run_copy / "curriculum.yaml", "--resume")
+    assert result.exit_code == 2, result.output
+    one_error_line(result)
+    if damage in ("truncated model", "truncated head", "shape mismatch"):
+        for command in ("eval", "inspect-collapse"):
+            other = cli(command, run_copy / "run", "--data", QUICKSTART_HELDOUT)
+            assert other.exit_code == 2, other.output
+            assert "cannot load the model" in one_error_line(other)
+
+
+# ------------------------------------------------------------------------------- divergence
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(str(checkpoint / "model" / "model.safetensors"))
+    weights.update({f"head.{k}": v for k, v in load_file(str(checkpoint / "model" / "head.safetensors")).items()})
+    return weights
+
+
+def _strict(text: str):
+    def refuse(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_diverging_run_stops_with_exit_4_and_keeps_the_last_good_checkpoint(tmp_path, mode):
+    # lr = 1e6: the first step blows the weights up (still finite), the second loss is NaN
+    overrides = ["train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0", f"train.on_nonfinite={mode}",
+                 "train.max_nonfinite_skips=3"]
+    path = one_phase(write_curriculum(tmp_path / "nan", steps=(6, 1, 1), checkpoint_every=1))
+    reference = one_phase(write_curriculum(tmp_path / "ref", steps=(6, 1, 1), checkpoint_every=1))
+    assert cli("train", reference, *overrides, "--max-steps", "1").exit_code == 0
+
+    result = cli("train", path, *overrides)
+    assert result.exit_code == 4, result.output
+    text = " ".join(result.output.split())
+    assert "non-finite loss or gradient at step 2 of phase 0 (semi-hard)" in text
+    run = tmp_path / "nan" / "run"
+    checkpoint = run / PHASE / "checkpoint"
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 1
+    good, expected = _weights(checkpoint), _weights(checkpoint_of(tmp_path / "ref"))
+    assert all(torch.isfinite(w).all() for w in good.values())
+    assert good.keys() == expected.keys() and all(torch.equal(good[k], expected[k]) for k in good)
+
+    index = _strict((run / "run.json").read_text())
+    assert index["phases"][0]["status"] == "stopped (non-finite)"
+    summary = _strict((run / PHASE / "summary.json").read_text())
+    records = [_strict(line) for line in (run / PHASE / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in records if r.get("event") == "nonfinite"]
+    assert [e["action"] for e in events] == (["stop"] if mode == "stop" else ["skip", "skip", "stop"])
+    assert summary["nonfinite_steps"] == len(events) and summary["steps_done"] == 1
+    assert all(e["loss"] is None for e in events)
+
+
+def _nan_checkpoint(run_copy: Path) -> None:
+    head = checkpoint_of(run_copy) / "model" / "head.safetensors"
+    weights = load_file(str(head))
+    weights = {k: torch.full_like(v, float("nan")) for k, v in weights.items()}
+    save_file(weights, str(head))
+
+
+def test_eval_and_inspect_refuse_a_nan_model(run_copy, tmp_path):
+    _nan_checkpoint(run_copy)
+    for command in ("eval", "inspect-collapse"):
+        result = cli(command, run_copy / "run", "--data", QUICKSTART_HELDOUT, "--max-rows", "200")
+        assert result.exit_code == 2, result.output
+        message = one_error_line(result)
+        assert "non-finite embeddings" in message and "LinAlgError" not in message
+
+
+def test_a_one_point_model_scores_zero(run_copy):
+    head = checkpoint_of(run_copy) / "model" / "head.safetensors"
+    weights = load_file(str(head))
+    last_weight = max(k for k in weights if k.endswith("weight"))
+    weights[last_weight] = torch.zeros_like(weights[last_weight])
+    weights[last_weight.replace("weight", "bias")] = torch.full_like(
+        weights[last_weight.replace("weight", "bias")], 0.5)
+    save_file(weights, str(head))
+    result = cli("eval", run_copy / "run", "--data", QUICKSTART_HELDOUT, "--max-rows", "200", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output[result.output.index("{\n"):])  # after transformers' progress bars
+    assert metrics["recall@1"] == metrics["recall@10"] == metrics["triplet_accuracy"] == 0.0
+
+
+# ------------------------------------------------------------------------------- bad arguments
+
+def test_missing_local_model_and_unreachable_hub_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub call fails at once instead of timing out
+    for name, init in ((str(tmp_path / "no-such-model"), "config"), ("tripletctl-test/no-such-model", "pretrained")):
+        path = write_curriculum(tmp_path / init)
+        spec = yaml.safe_load(path.read_text())
+        spec["model"].update(name=name, init=init)
+        path.write_text(yaml.safe_dump(spec))
+        result = cli("train", path)
+        assert result.exit_code == 2, result.output
+        assert f"cannot load model '{name}'" in one_error_line(result)
+
+
+def test_eval_batch_size_zero(run_copy):
+    result = cli("eval", run_copy / "run", "--data", QUICKSTART_HELDOUT, "--batch-size", "0")
+    assert result.exit_code == 2 and "--batch-size must be at least 1" in one_error_line(result)
+
+
+@pytest.mark.parametrize("damage", ["list run.json", "binary metrics"])
+def test_plot_of_a_damaged_run_is_one_line(run_copy, damage):
+    run = run_copy / "run"
+    if damage == "list run.json":
+        (run / "run.json").write_text("[1, 2, 3]")
+    else:
+        (run / PHASE / "metrics.jsonl").write_bytes(os.urandom(512) + b"\xff\xfe")
+    result = cli("plot", run)
+    assert result.exit_code == 2, result.output
+    one_error_line(result)
+
+
+def test_inspect_collapse_plot_says_the_file_it_wrote(run_copy, tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for target, written in ((folder, folder / "collapse.png"), (tmp_path / "figure", tmp_path / "figure.png")):
+        result = cli("inspect-collapse", run_copy / "run", "--data", QUICKSTART_HELDOUT, "--max-rows", "200",
+                     "--plot", target)
+        assert result.exit_code in (0, 1, 3), result.output
+        assert written.is_file() and f"wrote{written}" in "".join(result.output.split())  # rich wraps paths
