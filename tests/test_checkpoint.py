@@ -384,3 +384,15 @@ def test_a_stream_state_that_needs_code_to_load_is_not_written(tiny_bert_dir, tm
         save_checkpoint(tmp_path / "checkpoint", model=model, tokenizer=tok, optimizer=None, state=STATE,
                         stream_state={"x": fractions.Fraction(1, 3)}, curriculum={})
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_an_alias_bomb_in_the_checkpoint_curriculum_is_refused(tiny_bert_dir, tmp_path):
+    model, tok = tiny(tiny_bert_dir)
+    target = tmp_path / "checkpoint"
+    save_checkpoint(target, model=model, tokenizer=tok, optimizer=None, state=STATE, stream_state=None,
+                    curriculum={})
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    (target / "curriculum.yaml").write_text("\n".join(lines) + "\nphases: *a8\n")
+    with pytest.raises(CheckpointError, match="curriculum.yaml is damaged: .*expands"):
+        load_checkpoint(target)

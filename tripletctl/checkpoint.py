@@ -44,6 +44,7 @@ import torch
 import yaml
 
 from tripletctl.card import Provenance
+from tripletctl.curriculum import safe_yaml_load
 from tripletctl.errors import CheckpointError, ModelError, OutputError, writing
 from tripletctl.faults import fault_point
 from tripletctl.model import load_model, save_model, unwrap
@@ -356,7 +357,7 @@ def load_checkpoint(directory: str | Path, *, model: torch.nn.Module | None = No
         stream_state = safe_torch_load(_inside(path, record["stream_file"], "stream_file"))
     curriculum_path = path / "curriculum.yaml"
     try:
-        curriculum = yaml.safe_load(curriculum_path.read_text(encoding="utf-8")) or {}
+        curriculum = safe_yaml_load(curriculum_path.read_text(encoding="utf-8")) or {}
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise CheckpointError(f"{curriculum_path} is damaged: {_one_line(e)}") from None
     if not isinstance(curriculum, dict):

@@ -595,7 +595,7 @@ class _DuplicateKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-class _YamlTooBig(Exception):
+class _YamlTooBig(yaml.YAMLError):
     """A document nested too deep or expanding (through aliases) to too many values."""
 
 
@@ -736,6 +736,8 @@ def _phase_label(index: int, raw_phase: Any) -> str:
 def _parse_override_value(text: str) -> Any:
     try:
         return safe_yaml_load(text)
+    except _YamlTooBig:
+        raise
     except yaml.YAMLError:  # e.g. `*.parquet` reads as a YAML alias: it is meant as plain text
         return text
 

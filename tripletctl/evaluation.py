@@ -63,8 +63,8 @@ def _pessimistic_keys(dist: torch.Tensor, labels: torch.Tensor, query_labels: to
     The bits of a non-negative float32 order like the floats, so (bits << 1) | same_label is exact.
     """
     dist = dist.to(torch.float32).add_(0.0).contiguous()  # -0.0 + 0.0 = +0.0: no negative bit patterns
-    same = (labels.unsqueeze(0) == query_labels.unsqueeze(1)).to(torch.int64)
-    return (dist.view(torch.int32).to(torch.int64) << 1) | same
+    keys = dist.view(torch.int32).to(torch.int64).bitwise_left_shift_(1)
+    return keys.bitwise_or_(labels.unsqueeze(0) == query_labels.unsqueeze(1))
 
 
 def check_finite(embeddings: torch.Tensor, what: str = "the model") -> None:
@@ -272,10 +272,12 @@ def _training_settings(checkpoint_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return settings
     try:
-        import yaml
+        from tripletctl.curriculum import safe_yaml_load
 
-        plan = yaml.safe_load(path.read_text()) or {}
+        plan = safe_yaml_load(path.read_text()) or {}
     except Exception:  # an unreadable copy must not block evaluation
+        return settings
+    if not isinstance(plan, dict):
         return settings
     data = plan.get("data") or {}
     train = plan.get("train") or {}

@@ -110,9 +110,9 @@ def _fill_margins(run_dir: Path, phases: list[dict[str, Any]]) -> None:
     if not path.is_file():
         return
     try:
-        import yaml
+        from tripletctl.curriculum import safe_yaml_load
 
-        plan = yaml.safe_load(path.read_text()) or {}
+        plan = safe_yaml_load(path.read_text()) or {}
         listed = plan.get("phases") or []
     except Exception:
         return

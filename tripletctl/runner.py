@@ -622,9 +622,10 @@ def check_resume_compatible(curriculum: Curriculum, saved: dict, state: dict, pr
         return saved_phases[i] if i < len(saved_phases) and isinstance(saved_phases[i], dict) else {}
 
     stopped_in = state.get("phase_name") or saved_phase(index).get("name") or f"phase {index}"
+    stopped_in = stopped_in if isinstance(stopped_in, str) and len(stopped_in) <= 80 else f"phase {index}"
     for i in range(index + 1):  # every phase that has started keeps its place and its name
         old = stopped_in if i == index else saved_phase(i).get("name")
-        if old is None:
+        if not isinstance(old, str) or len(old) > 80:
             continue
         if i >= len(curriculum.phases):
             raise ConfigError([f"--resume: the run stopped in phases[{index}] ({stopped_in}), but {curriculum.path} "
@@ -645,7 +646,8 @@ def check_resume_compatible(curriculum: Curriculum, saved: dict, state: dict, pr
     changes += [(f"data.{key}", saved_data.get(key), getattr(curriculum.data, key)) for key in RESUME_DATA_KEYS]
     for key, old, new in changes:
         if old is not None and old != new:
-            problems.append(f"{where}: its {key} was {old!r} and is now {new!r}; resuming would mix two "
+            old = repr(old) if len(repr(old)) <= 80 else repr(old)[:77] + "..."  # a file may hold anything
+            problems.append(f"{where}: its {key} was {old} and is now {new!r}; resuming would mix two "
                             f"configurations in one phase. Restore {key}, {restart}")
     if problems:
         raise ConfigError(problems)
