@@ -253,7 +253,7 @@ def inspect_collapse(
     load_dataset: LoadDatasetOpt = None,
     max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="Sample size in texts (default: the eval block's max_rows, else 2000)."),
     margin: Optional[float] = typer.Option(None, "--margin", help="Margin to judge against (default: the last phase's margin in the checkpoint's curriculum, else 0.2)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write d(a,p)/d(a,n) histograms and the singular-value spectrum to this PNG."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write d(a,p)/d(a,n) histograms and the singular-value spectrum to this PNG (an existing directory gets collapse.png inside; .png is added to a name without a suffix)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -275,7 +275,7 @@ def inspect_collapse(
 @app.command()
 def plot(
     run_dir: Path = typer.Argument(..., help="Run directory (the curriculum's train.output_dir)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN_DIR/run.png)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN_DIR/run.png; an existing directory gets run.png inside; .png is added to a name without a suffix)."),
 ) -> None:
     """Draw a whole run: mining and batch-hard loss with phase boundaries, active fraction, eval metrics."""
     from tripletctl.plots import plot_run
