@@ -362,6 +362,8 @@ def test_clean_leftovers_removes_what_killed_saves_left(tiny_bert_dir, tmp_path)
     fake_checkpoint(target, complete=False)
     clean_leftovers(target)
     assert resolve_checkpoint(target.parent) == target.with_name("checkpoint.prev")
+
+
 def test_stream_file_must_stay_inside_the_checkpoint(tiny_bert_dir, tmp_path):
     model, tok = tiny(tiny_bert_dir)
     target = tmp_path / "checkpoint"

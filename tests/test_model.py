@@ -174,6 +174,8 @@ def test_attn_implementation_is_passed_to_transformers(tiny_bert_dir):
     except ImportError:
         with pytest.raises(TripletctlError, match="model.attn_implementation 'flash_attention_2' cannot be used"):
             tiny(tiny_bert_dir, attn_implementation="flash_attention_2")
+
+
 def test_missing_or_damaged_models_are_model_errors(tiny_bert_dir, tmp_path):
     from tripletctl.curriculum import ModelConfig
     from tripletctl.errors import ModelError

@@ -274,10 +274,6 @@ def _until_curriculum(tmp_path: Path, *, with_eval: bool = False) -> Path:
         phases[0]["until"] = {"eval_plateau": {"metric": "recall@1", "patience": 1, "min_delta": 0.9}}
         phases[1]["until"] = {"loss_below": 1.0, "min_steps": 2}
         phases[2]["steps"] = 1
-def one_phase(path: Path) -> Path:
-    """Keep only the curriculum's first phase (16 rows a batch): the cheapest real run."""
-    spec = yaml.safe_load(path.read_text())
-    spec["phases"] = spec["phases"][:1]
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
@@ -457,6 +453,16 @@ def test_triplet_files_train_end_to_end(tmp_path, ext, negatives, mode):
         assert r["skipped_anchors"] == 6 * negatives  # the given negatives, never anchors
     final = index["eval_final"]
     assert final["rows"] == 60 and final["given_triplets"] == 20 and 0 <= final["given_negative_accuracy"] <= 1
+
+
+def one_phase(path: Path) -> Path:
+    """Keep only the curriculum's first phase (16 rows a batch): the cheapest real run."""
+    spec = yaml.safe_load(path.read_text())
+    spec["phases"] = spec["phases"][:1]
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
 def _poisoned(real, bad_calls: set[int]):
     """embed_and_backward whose loss and one gradient are NaN on the given (1-based) calls."""
     calls = {"n": 0}
