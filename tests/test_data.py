@@ -449,7 +449,7 @@ def test_a_positive_is_never_a_copy_of_its_anchor(tmp_path, tiny_bert_dir):
 def test_an_empty_file_says_why(tmp_path, suffix):
     path = tmp_path / f"empty{suffix}"
     path.write_bytes(b"")
-    for call in (lambda: check_source(DataConfig(source=str(path))), lambda: read_rows(str(path))):
+    for call in (lambda: check_source(DataConfig(source=str(path))), lambda: read_rows(SourceConfig(source=str(path)))):
         with pytest.raises(DataError) as caught:
             call()
         message = str(caught.value)

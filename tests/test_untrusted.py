@@ -69,6 +69,13 @@ def checkpoint_of(root: Path) -> Path:
     return root / "run" / PHASE / "checkpoint"
 
 
+def head_files(model_dir: Path) -> list[Path]:
+    """The head's weights: one sentence-transformers Dense module per layer, in order."""
+    files = sorted(model_dir.glob("*_Dense/model.safetensors"))
+    assert files, f"no Dense modules in {model_dir}"
+    return files
+
+
 # ------------------------------------------------------------------------------- crafted pickles
 
 @pytest.mark.parametrize("plant", ["rng.pt", "optimizer.pt", "stream.pt", "stream_file absolute",
@@ -146,7 +153,7 @@ def test_damaged_checkpoint_files_are_one_line_and_exit_2(run_copy, damage):
     if damage == "truncated model":
         _truncate(model_dir / "model.safetensors")
     elif damage == "truncated head":
-        _truncate(model_dir / "head.safetensors")
+        _truncate(head_files(model_dir)[-1])
     elif damage == "garbage rng":
         (checkpoint / "rng.pt").write_bytes(os.urandom(256))
     elif damage == "mistyped rng":
@@ -181,7 +188,8 @@ def test_damaged_checkpoint_files_are_one_line_and_exit_2(run_copy, damage):
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     weights = load_file(str(checkpoint / "model" / "model.safetensors"))
-    weights.update({f"head.{k}": v for k, v in load_file(str(checkpoint / "model" / "head.safetensors")).items()})
+    for i, file in enumerate(head_files(checkpoint / "model")):
+        weights.update({f"head{i}.{k}": v for k, v in load_file(str(file)).items()})
     return weights
 
 
@@ -223,7 +231,7 @@ def test_a_diverging_run_stops_with_exit_4_and_keeps_the_last_good_checkpoint(tm
 
 
 def _nan_checkpoint(run_copy: Path) -> None:
-    head = checkpoint_of(run_copy) / "model" / "head.safetensors"
+    head = head_files(checkpoint_of(run_copy) / "model")[-1]
     weights = load_file(str(head))
     weights = {k: torch.full_like(v, float("nan")) for k, v in weights.items()}
     save_file(weights, str(head))
@@ -239,7 +247,7 @@ def test_eval_and_inspect_refuse_a_nan_model(run_copy, tmp_path):
 
 
 def test_a_one_point_model_scores_zero(run_copy):
-    head = checkpoint_of(run_copy) / "model" / "head.safetensors"
+    head = head_files(checkpoint_of(run_copy) / "model")[-1]
     weights = load_file(str(head))
     last_weight = max(k for k in weights if k.endswith("weight"))
     weights[last_weight] = torch.zeros_like(weights[last_weight])
