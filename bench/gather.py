@@ -18,6 +18,7 @@ import socket
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,8 +52,9 @@ def _time(fn, device: torch.device, warmup: int, iters: int) -> float:
 
 
 def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(args.threads)
     ctx = D.init_distributed("cuda" if args.backend == "nccl" else "cpu")
     device = ctx.device
@@ -65,19 +67,19 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
         global_labels = D.gather_labels(labels, ctx)
         upstream = torch.randn(args.batch, dim, generator=g).to(device)  # stands in for dL/dE
 
-        def gather_step() -> None:
+        def gather_step(local: torch.Tensor = local, upstream: torch.Tensor = upstream) -> None:
             leaf = local.clone().requires_grad_()
             D.gather_with_grad(leaf, ctx).backward(upstream)
 
         full = D.gather_with_grad(local, ctx).detach()
 
-        def mining_step(mode: str) -> None:
+        def mining_step(mode: str, full: torch.Tensor = full, global_labels: torch.Tensor = global_labels) -> None:
             leaf = full.clone().requires_grad_()
             loss, _ = mine(leaf, global_labels, mode, 0.2)
             loss.backward()
 
         gather_s = _time(gather_step, device, args.warmup, args.iters)
-        mining_s = {mode: _time(lambda: mining_step(mode), device, args.warmup, args.iters) for mode in args.modes}
+        mining_s = {mode: _time(partial(mining_step, mode), device, args.warmup, args.iters) for mode in args.modes}
         gather_s = D.all_reduce_max(gather_s, ctx)  # the slowest rank sets the pace
         mining_s = {m: D.all_reduce_max(s, ctx) for m, s in mining_s.items()}
         if ctx.is_main:
@@ -85,12 +87,16 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
             # all_gather: each rank receives the other ranks' rows; the backward moves as much again.
             received = 2 * (ctx.world_size - 1) * local_rows * dim * element
             label_bytes = (ctx.world_size - 1) * local_rows * 8
-            ratios = "  ".join(f"{m} {s * 1e3:7.1f} ms (gather/mining {gather_s / s:5.1%})"
-                               for m, s in mining_s.items())
-            print(f"{args.backend:5s} world={ctx.world_size} B={args.batch} D={dim:4d}  "
-                  f"gather fwd+bwd {gather_s * 1e3:7.2f} ms  "
-                  f"received/rank/step {received / 2**20:6.2f} MiB (+{label_bytes / 2**10:.1f} KiB labels)  "
-                  f"{ratios}", flush=True)
+            ratios = "  ".join(
+                f"{m} {s * 1e3:7.1f} ms (gather/mining {gather_s / s:5.1%})" for m, s in mining_s.items()
+            )
+            print(
+                f"{args.backend:5s} world={ctx.world_size} B={args.batch} D={dim:4d}  "
+                f"gather fwd+bwd {gather_s * 1e3:7.2f} ms  "
+                f"received/rank/step {received / 2**20:6.2f} MiB (+{label_bytes / 2**10:.1f} KiB labels)  "
+                f"{ratios}",
+                flush=True,
+            )
     D.barrier(ctx)
     D.cleanup(ctx)
 
@@ -98,8 +104,9 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=2, help="processes (ranks); one per GPU with nccl")
-    parser.add_argument("--backend", choices=("gloo", "nccl"), default=None,
-                        help="default: nccl when CUDA is available, gloo otherwise")
+    parser.add_argument(
+        "--backend", choices=("gloo", "nccl"), default=None, help="default: nccl when CUDA is available, gloo otherwise"
+    )
     parser.add_argument("--batch", type=int, default=2000, help="global batch B")
     parser.add_argument("--dims", type=int, nargs="+", default=[768, 128])
     parser.add_argument("--modes", nargs="+", default=["batch-hard", "semi-hard"])

@@ -115,11 +115,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     write_jsonl(work / "train.jsonl", train_rows)
     write_jsonl(work / "heldout.jsonl", heldout_rows)
-    print(f"# corpus: {len(classes)} fortune categories, {len(train_rows)} train rows, {len(heldout_rows)} held-out "
-          f"rows ({args.heldout_per_class} per class); encoder all-MiniLM-L6-v2; {args.mining}, margin {args.margin}, "
-          f"batch {args.batch_size} ({args.samples_per_class} per class), {args.steps} steps = "
-          f"{args.steps * args.batch_size:,} samples, lr {args.lr}, max_length {args.max_length}, memory from step "
-          f"{args.start_step}, device {args.device}, precision {args.precision}", flush=True)
+    print(
+        f"# corpus: {len(classes)} fortune categories, {len(train_rows)} train rows, {len(heldout_rows)} held-out "
+        f"rows ({args.heldout_per_class} per class); encoder all-MiniLM-L6-v2; {args.mining}, margin {args.margin}, "
+        f"batch {args.batch_size} ({args.samples_per_class} per class), {args.steps} steps = "
+        f"{args.steps * args.batch_size:,} samples, lr {args.lr}, max_length {args.max_length}, memory from step "
+        f"{args.start_step}, device {args.device}, precision {args.precision}",
+        flush=True,
+    )
     print("\n| run | seed | held-out recall@1 | held-out MAP@R | train wall s |")
     print("|---|---:|---:|---:|---:|", flush=True)
 
@@ -145,13 +148,31 @@ def run_one(args, work: Path, heldout_rows: list[dict], size: int, seed: int) ->
     memory = {"size": size, "start_step": args.start_step} if size else None
     spec = {
         "model": {"name": model_dir(args.model), "init": "pretrained", "pooling": "mean", "normalize": True},
-        "data": {"source": str(work / "train.jsonl"), "max_length": args.max_length, "shuffle_buffer": 20_000,
-                 "samples_per_class": args.samples_per_class},
-        "train": {"lr": args.lr, "warmup_steps": max(1, args.steps // 10), "seed": seed,
-                  "output_dir": str(work / f"run-{name}"), "device": args.device, "chunk_size": args.batch_size,
-                  "precision": args.precision},
-        "phases": [{"name": "train", "mining": args.mining, "batch_size": args.batch_size,
-                    "margin": args.margin, "steps": args.steps, "memory": memory}],
+        "data": {
+            "source": str(work / "train.jsonl"),
+            "max_length": args.max_length,
+            "shuffle_buffer": 20_000,
+            "samples_per_class": args.samples_per_class,
+        },
+        "train": {
+            "lr": args.lr,
+            "warmup_steps": max(1, args.steps // 10),
+            "seed": seed,
+            "output_dir": str(work / f"run-{name}"),
+            "device": args.device,
+            "chunk_size": args.batch_size,
+            "precision": args.precision,
+        },
+        "phases": [
+            {
+                "name": "train",
+                "mining": args.mining,
+                "batch_size": args.batch_size,
+                "margin": args.margin,
+                "steps": args.steps,
+                "memory": memory,
+            }
+        ],
         "eval": {"source": str(work / "heldout.jsonl"), "max_rows": len(heldout_rows)},
     }
     path = work / f"{name}.yaml"

@@ -175,12 +175,19 @@ def main() -> None:
     p.add_argument("--sizes", default="500,1000,2000", help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--naive-limit-gb", type=float, default=0.5,
-                   help="run the naive B×B×B reference only where one B³ float32 tensor fits")
+    p.add_argument(
+        "--naive-limit-gb",
+        type=float,
+        default=0.5,
+        help="run the naive B×B×B reference only where one B³ float32 tensor fits",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
-    p.add_argument("--memory", default=None,
-                   help="comma-separated memory sizes M (e.g. 0,4096,16384): report the cross-batch memory's cost")
+    p.add_argument(
+        "--memory",
+        default=None,
+        help="comma-separated memory sizes M (e.g. 0,4096,16384): report the cross-batch memory's cost",
+    )
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._memory:
@@ -193,11 +200,12 @@ def main() -> None:
         memory_table(args)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"# torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, dim {args.dim}, margin {MARGIN}, "
-          f"median of {args.repeats} after 1 warm-up")
-    mem_what = ("CUDA max allocated" if args.device.startswith("cuda")
-                else "peak RSS growth of a fresh process")
+    print(
+        f"# torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, dim {args.dim}, margin {MARGIN}, "
+        f"median of {args.repeats} after 1 warm-up"
+    )
+    mem_what = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS growth of a fresh process"
     if st_semi_hard() is None:
         print("# sentence-transformers: not installed, skipped")
     print(f"| B | classes | method | fwd+bwd ms | peak MiB ({mem_what}) | vs st semi-hard |")
@@ -250,8 +258,10 @@ def main() -> None:
             if skipped:
                 print(f"| {b} | {classes} | {NAIVE} | skipped: B³·4 bytes > {args.naive_limit_gb} GiB | | |")
     if verdicts:
-        print("\ntarget (B=2000, 2 classes, mode time <= st semi-hard time): "
-              + ", ".join(f"{n} {v}" if r is None else f"{n} {r:.2f}x {v}" for n, r, v in verdicts))
+        print(
+            "\ntarget (B=2000, 2 classes, mode time <= st semi-hard time): "
+            + ", ".join(f"{n} {v}" if r is None else f"{n} {r:.2f}x {v}" for n, r, v in verdicts)
+        )
     elif 2000 in sizes and st_semi_hard() is None:
         print("\ntarget not checked: sentence-transformers not installed, skipped")
 
@@ -262,10 +272,12 @@ def memory_table(args) -> None:
     memories = [int(m) for m in args.memory.split(",")]
     if 0 not in memories:
         memories = [0, *memories]
-    print(f"# torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, dim {args.dim}, margin {MARGIN}, classes of 4, "
-          f"median of {args.repeats} after 1 warm-up; cross-batch memory M rows (classes of 4, the first B/4 "
-          f"classes shared with the batch)")
+    print(
+        f"# torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, dim {args.dim}, margin {MARGIN}, classes of 4, "
+        f"median of {args.repeats} after 1 warm-up; cross-batch memory M rows (classes of 4, the first B/4 "
+        f"classes shared with the batch)"
+    )
     mem_what = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS growth of a fresh process"
     head = " | ".join(f"M={m} ms" + ("" if m == 0 else " (× M=0)") for m in memories)
     mem_head = " | ".join(f"M={m} MiB" for m in memories)

@@ -33,8 +33,10 @@ def write_corpus(path: Path, gigabytes: float, classes: int, seed: int) -> int:
     target, written, rows = int(gigabytes * 1e9), 0, 0
     with path.open("w", encoding="utf-8") as out:
         while written < target:
-            lines = [f'{{"text": "{rng.choice(pool)} {i}", "label": "c{rng.randrange(classes)}"}}\n'
-                     for i in range(rows, rows + 10_000)]
+            lines = [
+                f'{{"text": "{rng.choice(pool)} {i}", "label": "c{rng.randrange(classes)}"}}\n'
+                for i in range(rows, rows + 10_000)
+            ]
             chunk = "".join(lines)
             out.write(chunk)
             written += len(chunk)
@@ -70,8 +72,10 @@ def current_rss_mb() -> float:
 
 
 def peak_rss_mb() -> tuple[float, float]:
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    )
 
 
 def trainer_samples_per_s(tokenizer: str, batch, steps: int = 3) -> float:
@@ -90,6 +94,7 @@ def trainer_samples_per_s(tokenizer: str, batch, steps: int = 3) -> float:
         def loss_of(emb, labels):
             return mine(emb, labels, "batch-hard", 0.2)[0]
     except ImportError:
+
         def loss_of(emb, labels):
             d = torch.cdist(emb, emb)
             same = labels[:, None] == labels[None, :]
@@ -131,12 +136,20 @@ def main() -> int:
     corpus = out_dir / "corpus.jsonl"
     started = time.perf_counter()
     total_rows = write_corpus(corpus, args.gb, args.classes, seed=0)
-    print(f"wrote {corpus} ({corpus.stat().st_size / 1e9:.2f} GB, {total_rows:,} rows, {args.classes:,} classes) "
-          f"in {time.perf_counter() - started:.0f} s")
+    print(
+        f"wrote {corpus} ({corpus.stat().st_size / 1e9:.2f} GB, {total_rows:,} rows, {args.classes:,} classes) "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
 
-    data = DataConfig(source=str(corpus), shuffle_buffer=args.shuffle_buffer, max_length=args.max_length,
-                      samples_per_class=args.samples_per_class, max_buffered_rows=args.max_buffered_rows,
-                      tokenizer_workers=args.workers, prefetch_batches=2)
+    data = DataConfig(
+        source=str(corpus),
+        shuffle_buffer=args.shuffle_buffer,
+        max_length=args.max_length,
+        samples_per_class=args.samples_per_class,
+        max_buffered_rows=args.max_buffered_rows,
+        tokenizer_workers=args.workers,
+        prefetch_batches=2,
+    )
     reports = 4 if args.gb < 4 else int(args.gb)
     marks = [total_rows * (i + 1) // reports for i in range(reports)]
     rss: list[float] = []
@@ -153,10 +166,13 @@ def main() -> int:
                 elapsed = time.perf_counter() - started
                 rss.append(current_rss_mb())
                 peak_self, peak_children = peak_rss_mb()
-                print(f"{batch.rows_seen / total_rows * args.gb:5.2f} GB read: {batch.rows_seen / elapsed:9,.0f} rows/s "
-                      f"read, {rows_out / elapsed:9,.0f} rows/s batched+tokenised | RSS now {rss[-1]:7.0f} MB "
-                      f"(main+workers), peak main {peak_self:.0f} MB, peak worker {peak_children:.0f} MB | "
-                      f"evicted {batch.classes_evicted:,} classes", flush=True)
+                print(
+                    f"{batch.rows_seen / total_rows * args.gb:5.2f} GB read: {batch.rows_seen / elapsed:9,.0f} rows/s "
+                    f"read, {rows_out / elapsed:9,.0f} rows/s batched+tokenised | RSS now {rss[-1]:7.0f} MB "
+                    f"(main+workers), peak main {peak_self:.0f} MB, peak worker {peak_children:.0f} MB | "
+                    f"evicted {batch.classes_evicted:,} classes",
+                    flush=True,
+                )
             if not marks:
                 break
         data_rate = rows_out / (time.perf_counter() - started)
@@ -167,10 +183,12 @@ def main() -> int:
 
     ratio = rss[-1] / rss[0]
     train_rate = trainer_samples_per_s(args.tokenizer, first_batch)
-    print(f"data path: {data_rate:,.0f} rows/s with {args.workers} tokenizer worker(s); "
-          f"trainer: {train_rate:,.0f} samples/s (batch {args.batch_size}, batch-hard, same machine) -> "
-          f"{'data path is faster' if data_rate > train_rate else 'DATA PATH IS THE BOTTLENECK'} "
-          f"({data_rate / train_rate:.1f}x)")
+    print(
+        f"data path: {data_rate:,.0f} rows/s with {args.workers} tokenizer worker(s); "
+        f"trainer: {train_rate:,.0f} samples/s (batch {args.batch_size}, batch-hard, same machine) -> "
+        f"{'data path is faster' if data_rate > train_rate else 'DATA PATH IS THE BOTTLENECK'} "
+        f"({data_rate / train_rate:.1f}x)"
+    )
     verdict = "PASS" if ratio <= 1.10 else "FAIL"
     print(f"RSS last/first = {rss[-1]:.0f}/{rss[0]:.0f} MB = {ratio:.3f} -> {verdict} (flat within 10%)")
     return 0 if verdict == "PASS" else 1

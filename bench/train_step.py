@@ -44,51 +44,89 @@ sys.path.insert(0, str(REPO))
 
 TINY_BERT = REPO / "curricula" / "quickstart" / "tiny-bert"
 BERT_BASE = dict(  # bert-base-uncased's config.json, so `bert-base-config` needs no download
-    model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-    intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-    max_position_embeddings=512, type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0,
+    model_type="bert",
+    vocab_size=30522,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    initializer_range=0.02,
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
 )
-MINILM = {**BERT_BASE, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-          "intermediate_size": 1536}  # all-MiniLM-L6-v2's shape
+MINILM = {
+    **BERT_BASE,
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+}  # all-MiniLM-L6-v2's shape
 CONFIGS = {"minilm-config": MINILM, "bert-base-config": BERT_BASE}
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0))  # dense, no sparsity
 PER_CLASS = 4  # rows per class in the synthetic batch, as data.samples_per_class defaults to
 MODES = ("padded", "rows", "tokens")
-TARGET_PADDING = 1.15      # padded / real tokens with token chunks
-TARGET_SPEEDUP = 1.8       # token chunks vs (a) at batch 512, CPU
+TARGET_PADDING = 1.15  # padded / real tokens with token chunks
+TARGET_SPEEDUP = 1.8  # token chunks vs (a) at batch 512, CPU
 SPEEDUP_BATCH = 512
 TARGET_MEMORY_RATIO = 1.25  # peak at the largest batch vs --memory-batch, token chunks
-TARGET_OVERHEAD = 1.45     # --lengths fixed: gradient-cached rows vs one padded pass
+TARGET_OVERHEAD = 1.45  # --lengths fixed: gradient-cached rows vs one padded pass
 TARGET_MFU = 0.40
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="minilm-config",
-                   help="minilm-config, bert-base-config (random weights from a config: speed only), or a config dir")
+    p.add_argument(
+        "--model",
+        default="minilm-config",
+        help="minilm-config, bert-base-config (random weights from a config: speed only), or a config dir",
+    )
     p.add_argument("--lengths", default="lognormal", choices=("lognormal", "fixed"))
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="every row this long: the same as --lengths fixed --max-length N (the pre-issue-14 option)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="every row this long: the same as --lengths fixed --max-length N (the pre-issue-14 option)",
+    )
     p.add_argument("--median", type=float, default=12.0, help="median tokens per row (lognormal)")
     p.add_argument("--sigma", type=float, default=0.5, help="log-normal shape: the tail's weight")
     p.add_argument("--batch-sizes", default="128,512,2000", help="comma-separated")
-    p.add_argument("--memory-batch", type=int, default=250,
-                   help="also run token chunks at this batch: the memory target compares the largest batch to it")
+    p.add_argument(
+        "--memory-batch",
+        type=int,
+        default=250,
+        help="also run token chunks at this batch: the memory target compares the largest batch to it",
+    )
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument("--chunk-size", type=int, default=32, help="rows per chunk for (b)")
     p.add_argument("--chunk-tokens", default="auto", help="token budget for (c), or auto (as chunk_size: auto)")
-    p.add_argument("--overhead-tokens", default="",
-                   help="comma-separated per-chunk overheads to try for (c); default: the device's constant")
+    p.add_argument(
+        "--overhead-tokens",
+        default="",
+        help="comma-separated per-chunk overheads to try for (c); default: the device's constant",
+    )
     p.add_argument("--attn", default="sdpa", help="comma-separated transformers attn_implementation values")
     p.add_argument("--mining", default="batch-hard")
     p.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--padded-quick-above", type=int, default=1000,
-                   help="(a) at batches above this: 1 step, no warm-up (its step is several times the others')")
+    p.add_argument(
+        "--padded-quick-above",
+        type=int,
+        default=1000,
+        help="(a) at batches above this: 1 step, no warm-up (its step is several times the others')",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU (as train.precision)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="auto: bf16 autocast on CUDA, fp32 on CPU (as train.precision)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak; default by device name")
     p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads per configuration (0: torch default)")
@@ -142,8 +180,11 @@ def worker(cfg: dict) -> dict:
         os.sched_setaffinity(0, cfg["cpus"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg["device"] == "auto" else cfg["device"]))
+    device = torch.device(
+        "cuda"
+        if cfg["device"] == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg["device"] == "auto" else cfg["device"])
+    )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -164,8 +205,9 @@ def worker(cfg: dict) -> dict:
     elif mode == "rows":
         chunking = Chunking(rows=min(cfg["chunk_size"], batch))
     else:
-        resolved = resolve_chunking("auto", cfg["chunk_tokens"], batch, model, device, cfg["max_length"],
-                                    autocast_dtype=autocast_dtype)
+        resolved = resolve_chunking(
+            "auto", cfg["chunk_tokens"], batch, model, device, cfg["max_length"], autocast_dtype=autocast_dtype
+        )
         chunking = Chunking(tokens=resolved.tokens, overhead_tokens=overhead)
     step_model = torch.compile(model) if cfg["compile"] else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -211,11 +253,23 @@ def worker(cfg: dict) -> dict:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         device_name = f"CPU ({torch.get_num_threads()} threads, {len(os.sched_getaffinity(0))} cores usable)"
     step_s = statistics.median(times)
-    return {"step_s": step_s, "samples_per_s": batch / step_s, "peak_mb": peak_mb, "base_mb": base_mb,
-            "params": params, "real_tokens": real / len(times), "padded_ratio": padded / real,
-            "chunks": chunks / len(times), "kept": kept / len(times), "budget": chunking.tokens,
-            "rows": chunking.rows, "overhead": overhead if mode == "tokens" else None,
-            "device": device_name, "device_type": device.type, "torch": torch.__version__}
+    return {
+        "step_s": step_s,
+        "samples_per_s": batch / step_s,
+        "peak_mb": peak_mb,
+        "base_mb": base_mb,
+        "params": params,
+        "real_tokens": real / len(times),
+        "padded_ratio": padded / real,
+        "chunks": chunks / len(times),
+        "kept": kept / len(times),
+        "budget": chunking.tokens,
+        "rows": chunking.rows,
+        "overhead": overhead if mode == "tokens" else None,
+        "device": device_name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+    }
 
 
 def run_worker(cfg: dict, slots: queue.Queue | None = None) -> dict:
@@ -232,8 +286,12 @@ def run_worker(cfg: dict, slots: queue.Queue | None = None) -> dict:
         result = {"error": f"worker exited {proc.returncode}"}
     else:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print("done:", json.dumps({k: v for k, v in {**cfg, **result}.items() if k not in ("cpus",)}),
-          file=sys.stderr, flush=True)  # a run cut short still shows what finished
+    print(
+        "done:",
+        json.dumps({k: v for k, v in {**cfg, **result}.items() if k not in ("cpus",)}),
+        file=sys.stderr,
+        flush=True,
+    )  # a run cut short still shows what finished
     return result
 
 
@@ -250,11 +308,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    common = {"model": args.model, "lengths": args.lengths, "max_length": args.max_length, "median": args.median,
-              "sigma": args.sigma, "chunk_size": args.chunk_size,
-              "chunk_tokens": int(args.chunk_tokens) if args.chunk_tokens.isdigit() else args.chunk_tokens,
-              "mining": args.mining, "steps": args.steps, "warmup": args.warmup, "device": args.device,
-              "precision": args.precision, "compile": args.compile, "threads": args.threads}
+    common = {
+        "model": args.model,
+        "lengths": args.lengths,
+        "max_length": args.max_length,
+        "median": args.median,
+        "sigma": args.sigma,
+        "chunk_size": args.chunk_size,
+        "chunk_tokens": int(args.chunk_tokens) if args.chunk_tokens.isdigit() else args.chunk_tokens,
+        "mining": args.mining,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": args.device,
+        "precision": args.precision,
+        "compile": args.compile,
+        "threads": args.threads,
+    }
     batches = [int(b) for b in args.batch_sizes.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     overheads = [int(o) for o in args.overhead_tokens.split(",") if o] or [None]
@@ -264,8 +333,16 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 for overhead in overheads if mode == "tokens" else [None]:
                     quick = mode == "padded" and batch > args.padded_quick_above
-                    configs.append({**common, "attn": attn, "batch": batch, "mode": mode, "overhead": overhead,
-                                    **({"steps": 1, "warmup": 0} if quick else {})})
+                    configs.append(
+                        {
+                            **common,
+                            "attn": attn,
+                            "batch": batch,
+                            "mode": mode,
+                            "overhead": overhead,
+                            **({"steps": 1, "warmup": 0} if quick else {}),
+                        }
+                    )
         if "tokens" in modes and args.memory_batch and args.memory_batch not in batches:
             configs.append({**common, "attn": attn, "batch": args.memory_batch, "mode": "tokens", "overhead": None})
     slots = None
@@ -274,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         per = max(args.threads, 1)
         usable = sorted(os.sched_getaffinity(0))
         for j in range(min(args.jobs, max(1, len(usable) // per))):
-            slots.put(usable[j * per:(j + 1) * per])
+            slots.put(usable[j * per : (j + 1) * per])
     # Longest first, so the slowest configuration does not start last.
     cost = [c["batch"] * (4 if c["mode"] == "padded" else 1) for c in configs]
     order = sorted(range(len(configs)), key=lambda i: -cost[i])
@@ -292,13 +369,20 @@ def main(argv: list[str] | None = None) -> int:
     on_cuda = first["device_type"] == "cuda"
     peak = peak_tflops(first["device"], args.peak_tflops) if on_cuda else None
     mem_label = "peak MiB (CUDA alloc)" if on_cuda else "peak RSS MiB"
-    lengths = (f"log-normal lengths (median {args.median:g}, sigma {args.sigma:g}, max {args.max_length})"
-               if args.lengths == "lognormal" else f"fixed lengths {args.max_length}")
-    print(f"device: {first['device']}   torch {first['torch']}   model: {args.model}   "
-          f"params: {first['params'] / 1e6:.2f} M   {lengths}   mining {args.mining}   "
-          f"jobs {args.jobs} x {args.threads or 'default'} threads   compile {args.compile}")
-    print(f"{'attn':>14} {'batch':>6} {'kind':>12} {'chunking':>18} {'chunks':>7} {'graph':>6} {'padded/real':>12} "
-          f"{'step s':>8} {'samples/s':>10} {mem_label:>22} {'MFU':>6}")
+    lengths = (
+        f"log-normal lengths (median {args.median:g}, sigma {args.sigma:g}, max {args.max_length})"
+        if args.lengths == "lognormal"
+        else f"fixed lengths {args.max_length}"
+    )
+    print(
+        f"device: {first['device']}   torch {first['torch']}   model: {args.model}   "
+        f"params: {first['params'] / 1e6:.2f} M   {lengths}   mining {args.mining}   "
+        f"jobs {args.jobs} x {args.threads or 'default'} threads   compile {args.compile}"
+    )
+    print(
+        f"{'attn':>14} {'batch':>6} {'kind':>12} {'chunking':>18} {'chunks':>7} {'graph':>6} {'padded/real':>12} "
+        f"{'step s':>8} {'samples/s':>10} {mem_label:>22} {'MFU':>6}"
+    )
     for c, r in rows:
         kind = {"padded": "(a) padded", "rows": "(b) rows", "tokens": "(c) tokens"}[c["mode"]]
         if r.get("oom") or r.get("error"):
@@ -309,9 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         graph = "kept" if r["kept"] == 1 else ("cached" if r["kept"] == 0 else f"{r['kept']:.0%}")
         mfu = 6 * r["params"] * r["real_tokens"] / r["step_s"] / (peak * 1e12) if peak else None
         r["mfu"] = mfu
-        print(f"{c['attn']:>14} {c['batch']:>6} {kind:>12} {how:>18} {r['chunks']:>7.1f} {graph:>6} "
-              f"{r['padded_ratio']:>12.2f} {r['step_s']:>8.3f} {r['samples_per_s']:>10.1f} {r['peak_mb']:>22.0f} "
-              f"{f'{mfu:.1%}' if mfu is not None else 'n/a':>6}")
+        print(
+            f"{c['attn']:>14} {c['batch']:>6} {kind:>12} {how:>18} {r['chunks']:>7.1f} {graph:>6} "
+            f"{r['padded_ratio']:>12.2f} {r['step_s']:>8.3f} {r['samples_per_s']:>10.1f} {r['peak_mb']:>22.0f} "
+            f"{f'{mfu:.1%}' if mfu is not None else 'n/a':>6}"
+        )
 
     failed = False
 
@@ -331,34 +417,46 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             tokens = find(batch, "tokens")
             if tokens:
-                print(f"{verdict(tokens['padded_ratio'] <= TARGET_PADDING)} padding: token chunks compute "
-                      f"{tokens['padded_ratio']:.3f}x the real tokens at batch {batch} (target <= {TARGET_PADDING}x)")
+                print(
+                    f"{verdict(tokens['padded_ratio'] <= TARGET_PADDING)} padding: token chunks compute "
+                    f"{tokens['padded_ratio']:.3f}x the real tokens at batch {batch} (target <= {TARGET_PADDING}x)"
+                )
         tokens, padded = find(SPEEDUP_BATCH, "tokens"), find(SPEEDUP_BATCH, "padded")
         if tokens and padded:
             speedup = tokens["samples_per_s"] / padded["samples_per_s"]
             if on_cuda:
                 print(f"info speed: token chunks = {speedup:.2f}x (a) at batch {SPEEDUP_BATCH} (the target is for CPU)")
             else:
-                print(f"{verdict(speedup >= TARGET_SPEEDUP)} speed: token chunks = {speedup:.2f}x the samples/s of "
-                      f"(a) at batch {SPEEDUP_BATCH} (target >= {TARGET_SPEEDUP}x)")
+                print(
+                    f"{verdict(speedup >= TARGET_SPEEDUP)} speed: token chunks = {speedup:.2f}x the samples/s of "
+                    f"(a) at batch {SPEEDUP_BATCH} (target >= {TARGET_SPEEDUP}x)"
+                )
     small, large = find(args.memory_batch, "tokens"), find(max(batches), "tokens")
     if small and large and max(batches) > args.memory_batch:
         ratio = large["peak_mb"] / small["peak_mb"]
-        print(f"{verdict(ratio <= TARGET_MEMORY_RATIO)} memory: token chunks peak at batch {max(batches)} = "
-              f"{ratio:.2f}x the peak at batch {args.memory_batch} (budget {large['budget']} tokens; "
-              f"target <= {TARGET_MEMORY_RATIO}x)")
+        print(
+            f"{verdict(ratio <= TARGET_MEMORY_RATIO)} memory: token chunks peak at batch {max(batches)} = "
+            f"{ratio:.2f}x the peak at batch {args.memory_batch} (budget {large['budget']} tokens; "
+            f"target <= {TARGET_MEMORY_RATIO}x)"
+        )
     if args.lengths == "fixed":
         for batch in batches:
             rows_r, padded = find(batch, "rows"), find(batch, "padded")
             if rows_r and padded and rows_r["kept"] == 0:
                 ratio = rows_r["step_s"] / padded["step_s"]
-                print(f"{verdict(ratio <= TARGET_OVERHEAD)} overhead: gradient-cached step = {ratio:.2f}x the "
-                      f"one-pass step at batch {batch} (target <= {TARGET_OVERHEAD}x; ~1.33x expected: one extra forward)")
+                print(
+                    f"{verdict(ratio <= TARGET_OVERHEAD)} overhead: gradient-cached step = {ratio:.2f}x the "
+                    f"one-pass step at batch {batch} (target <= {TARGET_OVERHEAD}x; ~1.33x expected: one extra forward)"
+                )
     if peak:
-        best = max((r for _, r in default_overhead if r.get("mfu") is not None), key=lambda r: r["real_tokens"], default=None)
+        best = max(
+            (r for _, r in default_overhead if r.get("mfu") is not None), key=lambda r: r["real_tokens"], default=None
+        )
         if best is not None:
-            print(f"{verdict(best['mfu'] >= TARGET_MFU)} MFU: {best['mfu']:.1%} at {best['real_tokens']:.0f} real "
-                  f"tokens/step (target >= {TARGET_MFU:.0%})")
+            print(
+                f"{verdict(best['mfu'] >= TARGET_MFU)} MFU: {best['mfu']:.1%} at {best['real_tokens']:.0f} real "
+                f"tokens/step (target >= {TARGET_MFU:.0%})"
+            )
     return 1 if failed else 0
 
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY_BERT
+
 from tripletctl import best
 from tripletctl.curriculum import ModelConfig
 from tripletctl.errors import OutputError
@@ -23,18 +23,35 @@ def tiny_model():
 
 
 def event(value: float, step: int) -> dict:
-    return {"event": "eval", "global_step": step, "phase": "p", "phase_index": 0, "step": step,
-            "recall@1": value, "map@r": value / 2, "rows": 10}
+    return {
+        "event": "eval",
+        "global_step": step,
+        "phase": "p",
+        "phase_index": 0,
+        "step": step,
+        "recall@1": value,
+        "map@r": value / 2,
+        "rows": 10,
+    }
 
 
 def offer(output, value, step, model, tok):
     return best.offer(output, "recall@1", event(value, step), model=model, tokenizer=tok, curriculum=CURRICULUM)
 
 
-@pytest.mark.parametrize("value, kept, expected", [
-    (0.5, None, True), (0.5, {"value": 0.4}, True), (0.4, {"value": 0.4}, False), (0.3, {"value": 0.4}, False),
-    (float("nan"), None, False), (float("inf"), None, False), (None, None, False), (True, None, False),
-])
+@pytest.mark.parametrize(
+    "value, kept, expected",
+    [
+        (0.5, None, True),
+        (0.5, {"value": 0.4}, True),
+        (0.4, {"value": 0.4}, False),
+        (0.3, {"value": 0.4}, False),
+        (float("nan"), None, False),
+        (float("inf"), None, False),
+        (None, None, False),
+        (True, None, False),
+    ],
+)
 def test_improves(value, kept, expected):
     assert best.improves(value, kept) is expected
 
@@ -52,7 +69,12 @@ def test_keeps_the_best_and_only_the_best(tiny_model, tmp_path):
     third = offer(tmp_path, 0.75, 9, model, tok)
     assert third["global_step"] == 9 and best.read_best(tmp_path) == third
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no .prev or temporaries left
-    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["COMPLETE", "best.json", "curriculum.yaml", "model"]
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [
+        "COMPLETE",
+        "best.json",
+        "curriculum.yaml",
+        "model",
+    ]
     card = (tmp_path / "best" / "model" / "README.md").read_text()
     assert "| recall@1 | 0.7500 |" in card and "global step 9" in card
     loaded, tok2 = load_model(tmp_path / "best" / "model")

@@ -11,12 +11,11 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from conftest import REPO
 from typer.testing import CliRunner
 
 from tripletctl.builtin_curricula import CURRICULA_DIR, describe, names
 from tripletctl.cli import app
-
-from conftest import REPO
 
 QUICK = ["phases.0.steps=2", "phases.1.steps=1", "phases.2.steps=1", "eval.max_rows=100"]
 
@@ -39,52 +38,85 @@ def test_copy_writes_an_editable_curriculum_with_its_assets(tmp_path):
     copied = tmp_path / "mine" / "quickstart.yaml"
     assert copied.read_text() == (CURRICULA_DIR / "quickstart.yaml").read_text()
     for asset in ("train.jsonl", "heldout.jsonl", "tiny-bert/vocab.txt", "tiny-bert/config.json"):
-        assert (tmp_path / "mine" / "quickstart" / asset).read_bytes() == (CURRICULA_DIR / "quickstart" / asset).read_bytes()
+        assert (tmp_path / "mine" / "quickstart" / asset).read_bytes() == (
+            CURRICULA_DIR / "quickstart" / asset
+        ).read_bytes()
     resolved = json.loads(runner.invoke(app, ["validate", str(copied), "--json"]).output)
     assert resolved["model"]["name"] == str(tmp_path / "mine" / "quickstart" / "tiny-bert")  # the copy's assets
     assert resolved["data"]["source"] == str(tmp_path / "mine" / "quickstart" / "train.jsonl")
     again = runner.invoke(app, ["curricula", "copy", "quickstart", str(tmp_path / "mine")])
     assert again.exit_code == 2 and "already exist" in again.output
     unknown = runner.invoke(app, ["curricula", "copy", "quikstart", str(tmp_path)])
-    assert unknown.exit_code == 2 and "built-in: facenet, facenet-triplets, quickstart, quickstart-triplets" in unknown.output
+    assert (
+        unknown.exit_code == 2
+        and "built-in: facenet, facenet-triplets, quickstart, quickstart-triplets" in unknown.output
+    )
 
 
 def test_a_name_that_is_neither_a_file_nor_a_builtin_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["train", "quikstart"])
     assert result.exit_code == 2
-    assert result.output.strip() == ("error: quikstart: no such file, and no built-in curriculum of that name "
-                                     "(built-in: facenet, facenet-triplets, quickstart, quickstart-triplets)")
+    assert result.output.strip() == (
+        "error: quikstart: no such file, and no built-in curriculum of that name "
+        "(built-in: facenet, facenet-triplets, quickstart, quickstart-triplets)"
+    )
 
 
 def test_train_quickstart_from_a_wheel_in_a_fresh_venv(tmp_path):
     """Build the wheel, install it (no deps, no index) into a new venv that sees this venv's
     packages (torch, transformers, ...) but not this checkout, and train by name in an empty dir."""
     wheels = tmp_path / "wheels"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr
     wheel = next(wheels.glob("tripletctl-*.whl"))
 
     venv = tmp_path / "fresh"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    fresh_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                     capture_output=True, text=True, check=True).stdout.strip())
+    fresh_site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     # this venv's site-packages as a plain path entry: its .pth files (the editable install of this
     # checkout among them) are not processed, so `tripletctl` can only come from the wheel
     (fresh_site / "test-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                              "--no-index", str(wheel)], capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr
 
     work = tmp_path / "empty"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    where = subprocess.run([str(python), "-c", "import tripletctl; print(tripletctl.__file__)"], cwd=work, env=env,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [str(python), "-c", "import tripletctl; print(tripletctl.__file__)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert Path(where).is_relative_to(venv), where
-    result = subprocess.run([str(venv / "bin" / "tripletctl"), "train", "quickstart", *QUICK], cwd=work, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(venv / "bin" / "tripletctl"), "train", "quickstart", *QUICK],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"built-in curriculum quickstart: {fresh_site}" in result.stdout
     index = json.loads((work / "runs" / "quickstart" / "run.json").read_text())

@@ -15,18 +15,46 @@ from tripletctl.model import build_model, encode, save_model
 META = {"pooling": "mean", "head": [256], "normalize": True, "embedding_dim": 256, "hidden_size": 768}
 HUB_CURRICULUM = {
     "model": {"name": "bert-base-uncased", "init": "pretrained"},
-    "data": {"source": "sentence-transformers/all-nli", "split": "train", "layout": "pairs",
-             "samples_per_class": 2, "max_length": 64},
+    "data": {
+        "source": "sentence-transformers/all-nli",
+        "split": "train",
+        "layout": "pairs",
+        "samples_per_class": 2,
+        "max_length": 64,
+    },
     "phases": [
-        {"name": "semi-hard", "mining": "semi-hard", "batch_size": 500, "margin": 0.2, "steps": 2000,
-         "distance": "squared-euclidean", "lr": 2e-5},
-        {"name": "batch-hard", "mining": "batch-hard", "batch_size": 2000, "margin": 0.3, "steps": 1000,
-         "distance": "squared-euclidean", "lr": 1e-5},
+        {
+            "name": "semi-hard",
+            "mining": "semi-hard",
+            "batch_size": 500,
+            "margin": 0.2,
+            "steps": 2000,
+            "distance": "squared-euclidean",
+            "lr": 2e-5,
+        },
+        {
+            "name": "batch-hard",
+            "mining": "batch-hard",
+            "batch_size": 2000,
+            "margin": 0.3,
+            "steps": 1000,
+            "distance": "squared-euclidean",
+            "lr": 1e-5,
+        },
     ],
     "eval": {"source": "sentence-transformers/all-nli", "split": "test"},
 }
-METRICS = {"event": "eval", "global_step": 3000, "recall@1": 0.8125, "recall@5": 0.9, "recall@10": 0.95,
-           "map@r": 0.5, "r_precision": 0.55, "triplet_accuracy": 0.97, "rows": 2000}
+METRICS = {
+    "event": "eval",
+    "global_step": 3000,
+    "recall@1": 0.8125,
+    "recall@5": 0.9,
+    "recall@10": 0.95,
+    "map@r": 0.5,
+    "r_precision": 0.55,
+    "triplet_accuracy": 0.97,
+    "rows": 2000,
+}
 
 
 def front_matter(card: str) -> dict:
@@ -40,8 +68,12 @@ def code_blocks(card: str) -> list[str]:
 
 
 def test_front_matter_and_facts():
-    card = render_card(META, Provenance(HUB_CURRICULUM, {"phase_index": 1, "phase_name": "batch-hard",
-                                                         "step": 1000, "global_step": 3000}, METRICS))
+    card = render_card(
+        META,
+        Provenance(
+            HUB_CURRICULUM, {"phase_index": 1, "phase_name": "batch-hard", "step": 1000, "global_step": 3000}, METRICS
+        ),
+    )
     front = front_matter(card)
     assert front["library_name"] == "sentence-transformers"
     assert front["pipeline_tag"] == "sentence-similarity"
@@ -60,8 +92,11 @@ def test_front_matter_and_facts():
 
 
 def test_local_paths_stay_out_of_the_front_matter(tmp_path):
-    curriculum = {"model": {"name": str(tmp_path), "init": "config"}, "data": {"source": str(tmp_path / "x.jsonl")},
-                  "phases": []}
+    curriculum = {
+        "model": {"name": str(tmp_path), "init": "config"},
+        "data": {"source": str(tmp_path / "x.jsonl")},
+        "phases": [],
+    }
     card = render_card(META, Provenance(curriculum))
     front = front_matter(card)
     assert "base_model" not in front and "datasets" not in front
@@ -81,8 +116,10 @@ def test_a_card_without_provenance_still_renders():
 def test_usage_examples_run_and_give_the_model_s_embeddings(tiny_bert_dir, tmp_path, pooling, normalize):
     """Each snippet, run as written with the folder's path, reproduces tripletctl's embeddings."""
     import sentence_transformers
-    model, tok = build_model(ModelConfig(name=str(tiny_bert_dir), init="config", pooling=pooling,
-                                         normalize=normalize), seed=0)
+
+    model, tok = build_model(
+        ModelConfig(name=str(tiny_bert_dir), init="config", pooling=pooling, normalize=normalize), seed=0
+    )
     save_model(model, tok, tmp_path, Provenance({"data": {"max_length": 24}, "phases": []}))
     card = (tmp_path / "README.md").read_text()
     ours = encode(model, tok, ["first text", "second text"], max_length=24)

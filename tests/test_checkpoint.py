@@ -16,16 +16,28 @@ import pytest
 import torch
 
 from tripletctl.checkpoint import (
-    capture_rng, checkpoint_dir, latest_checkpoint, load_checkpoint, phase_dir, resolve_checkpoint,
-    restore_rng, save_checkpoint,
+    capture_rng,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    phase_dir,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
 )
 from tripletctl.curriculum import ModelConfig
 from tripletctl.errors import CheckpointError
 from tripletctl.model import build_model
 
 REPO = Path(__file__).resolve().parent.parent
-STATE = {"phase_index": 0, "phase": "semi-hard", "step": 3, "global_step": 3,
-         "counters": {"rows_seen": 96}, "world_size": 1}
+STATE = {
+    "phase_index": 0,
+    "phase": "semi-hard",
+    "step": 3,
+    "global_step": 3,
+    "counters": {"rows_seen": 96},
+    "world_size": 1,
+}
 CURRICULUM = {"model": {"name": "tiny", "head": (16,)}, "phases": [{"name": "semi-hard", "steps": 5}]}
 
 
@@ -62,18 +74,26 @@ def fake_checkpoint(directory: Path, complete: bool = True) -> Path:
 
 # ------------------------------------------------------------------------------------ round trip
 
+
 def test_round_trip_restores_everything(tiny_bert_dir, tmp_path):
     model, tok, opt = trained(tiny_bert_dir)
     target = checkpoint_dir(tmp_path, 0, "semi-hard")
     assert target == tmp_path / "phase-0-semi-hard" / "checkpoint"
     stream = {"offset": 12, "buffer": [1, 2, 3]}
-    path = save_checkpoint(target, model=model, tokenizer=tok, optimizer=opt, state=STATE,
-                           stream_state=stream, curriculum=CURRICULUM)
+    path = save_checkpoint(
+        target, model=model, tokenizer=tok, optimizer=opt, state=STATE, stream_state=stream, curriculum=CURRICULUM
+    )
     expected = (random.random(), np.random.rand(), torch.rand(2))  # draws right after the save
 
     assert path == target
     assert {p.name for p in target.iterdir()} == {
-        "model", "optimizer.pt", "state.json", "rng.pt", "curriculum.yaml", "COMPLETE"}
+        "model",
+        "optimizer.pt",
+        "state.json",
+        "rng.pt",
+        "curriculum.yaml",
+        "COMPLETE",
+    }
     on_disk = json.loads((target / "state.json").read_text())
     assert {k: on_disk[k] for k in STATE} == STATE and on_disk["stream"] == stream
     assert on_disk["step"] == 3  # top-level keys: tools and tests read state.json directly
@@ -87,8 +107,7 @@ def test_round_trip_restores_everything(tiny_bert_dir, tmp_path):
     loaded = load_checkpoint(tmp_path / "phase-0-semi-hard", model=fresh, optimizer=fresh_opt)
     assert loaded.path == target and loaded.model_dir == target / "model"
     assert loaded.state == STATE and loaded.stream_state == stream
-    assert loaded.curriculum == {"model": {"name": "tiny", "head": [16]},
-                                 "phases": [{"name": "semi-hard", "steps": 5}]}
+    assert loaded.curriculum == {"model": {"name": "tiny", "head": [16]}, "phases": [{"name": "semi-hard", "steps": 5}]}
     assert_same_params(fresh, model)
     saved_opt, restored_opt = opt.state_dict(), fresh_opt.state_dict()
     assert saved_opt["param_groups"] == restored_opt["param_groups"]
@@ -104,8 +123,15 @@ def test_round_trip_restores_everything(tiny_bert_dir, tmp_path):
 def test_non_json_stream_state_goes_to_stream_pt(tiny_bert_dir, tmp_path):
     model, tok = tiny(tiny_bert_dir)
     stream = {"position": (3, 4), 7: torch.arange(3)}  # tuple and int key do not survive JSON
-    save_checkpoint(tmp_path / "checkpoint", model=model, tokenizer=tok, optimizer=None,
-                    state=STATE, stream_state=stream, curriculum={})
+    save_checkpoint(
+        tmp_path / "checkpoint",
+        model=model,
+        tokenizer=tok,
+        optimizer=None,
+        state=STATE,
+        stream_state=stream,
+        curriculum={},
+    )
     assert (tmp_path / "checkpoint" / "stream.pt").is_file()
     loaded = load_checkpoint(tmp_path / "checkpoint")
     assert loaded.stream_state["position"] == (3, 4)
@@ -115,11 +141,25 @@ def test_non_json_stream_state_goes_to_stream_pt(tiny_bert_dir, tmp_path):
 def test_reserved_state_keys_are_refused(tiny_bert_dir, tmp_path):
     model, tok = tiny(tiny_bert_dir)
     with pytest.raises(ValueError, match="reserved"):
-        save_checkpoint(tmp_path / "checkpoint", model=model, tokenizer=tok, optimizer=None,
-                        state={"stream": 1}, stream_state=None, curriculum={})
+        save_checkpoint(
+            tmp_path / "checkpoint",
+            model=model,
+            tokenizer=tok,
+            optimizer=None,
+            state={"stream": 1},
+            stream_state=None,
+            curriculum={},
+        )
     with pytest.raises(TypeError):  # not JSON: fails before anything replaces the old checkpoint
-        save_checkpoint(tmp_path / "checkpoint", model=model, tokenizer=tok, optimizer=None,
-                        state={"x": object()}, stream_state=None, curriculum={})
+        save_checkpoint(
+            tmp_path / "checkpoint",
+            model=model,
+            tokenizer=tok,
+            optimizer=None,
+            state={"x": object()},
+            stream_state=None,
+            curriculum={},
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -133,8 +173,15 @@ def test_capture_restore_rng_repeats_draws():
 
 def test_mismatched_model_is_a_clear_error(tiny_bert_dir, tmp_path):
     model, tok = tiny(tiny_bert_dir, head=(16,))
-    save_checkpoint(tmp_path / "checkpoint", model=model, tokenizer=tok, optimizer=None,
-                    state=STATE, stream_state=None, curriculum={})
+    save_checkpoint(
+        tmp_path / "checkpoint",
+        model=model,
+        tokenizer=tok,
+        optimizer=None,
+        state=STATE,
+        stream_state=None,
+        curriculum={},
+    )
     other, _ = tiny(tiny_bert_dir, head=(8,))
     with pytest.raises(CheckpointError, match="does not match"):
         load_checkpoint(tmp_path / "checkpoint", model=other)
@@ -145,14 +192,22 @@ def test_resave_replaces_and_cleans(tiny_bert_dir, tmp_path):
     target = tmp_path / "checkpoint"
     stale = fake_checkpoint(tmp_path / "checkpoint.tmp-999999", complete=False)
     for step in (1, 2):
-        save_checkpoint(target, model=model, tokenizer=tok, optimizer=None,
-                        state={"global_step": step}, stream_state=None, curriculum={})
+        save_checkpoint(
+            target,
+            model=model,
+            tokenizer=tok,
+            optimizer=None,
+            state={"global_step": step},
+            stream_state=None,
+            curriculum={},
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     assert not stale.exists()
     assert load_checkpoint(target).state == {"global_step": 2}
 
 
 # ------------------------------------------------------------------------------------ resolution
+
 
 def test_resolve_checkpoint_phase_and_run_dirs(tmp_path):
     run = tmp_path / "run"
@@ -204,8 +259,9 @@ def test_only_prev_after_crash_between_renames(tiny_bert_dir, tmp_path):
     """Simulated: `checkpoint` → `checkpoint.prev` happened, tmp → `checkpoint` did not."""
     model, tok = tiny(tiny_bert_dir)
     target = tmp_path / "phase-0-x" / "checkpoint"
-    save_checkpoint(target, model=model, tokenizer=tok, optimizer=None, state={"global_step": 1},
-                    stream_state=None, curriculum={})
+    save_checkpoint(
+        target, model=model, tokenizer=tok, optimizer=None, state={"global_step": 1}, stream_state=None, curriculum={}
+    )
     os.replace(target, target.with_name("checkpoint.prev"))
     fresh, _ = tiny(tiny_bert_dir, seed=1)
     loaded = load_checkpoint(tmp_path, model=fresh)
@@ -266,8 +322,13 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tiny_bert_dir, tmp_path, 
     script.write_text(KILL_SCRIPT)
     target = tmp_path / "run" / "phase-0-semi-hard" / "checkpoint"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with subprocess.Popen([sys.executable, str(script), str(target), str(tiny_bert_dir), stage],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+    with subprocess.Popen(
+        [sys.executable, str(script), str(target), str(tiny_bert_dir), stage],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    ) as proc:
         watchdog = threading.Timer(120, proc.kill)  # never hang the suite
         watchdog.start()
         try:
@@ -302,13 +363,15 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tiny_bert_dir, tmp_path, 
     assert_same_params(restored, first)
 
     # the next save recovers the layout: one complete checkpoint, nothing stale
-    save_checkpoint(target, model=first, tokenizer=tok, optimizer=None, state={"global_step": 2},
-                    stream_state=None, curriculum={})
+    save_checkpoint(
+        target, model=first, tokenizer=tok, optimizer=None, state={"global_step": 2}, stream_state=None, curriculum={}
+    )
     assert sorted(p.name for p in target.parent.iterdir()) == ["checkpoint"]
     assert load_checkpoint(target).state == {"global_step": 2}
 
 
 # ----------------------------------------------------------------------------- deletion and leftovers
+
 
 def test_a_directory_is_renamed_before_it_is_deleted(tiny_bert_dir, tmp_path, monkeypatch):
     """A removal that dies half-way (here: rmtree raising after deleting COMPLETE's siblings) leaves
@@ -317,8 +380,18 @@ def test_a_directory_is_renamed_before_it_is_deleted(tiny_bert_dir, tmp_path, mo
 
     model, tok = tiny(tiny_bert_dir)
     target = tmp_path / "phase-0-x" / "checkpoint"
-    save = lambda step: save_checkpoint(target, model=model, tokenizer=tok, optimizer=None,  # noqa: E731
-                                        state={"global_step": step}, stream_state=None, curriculum={})
+
+    def save(step: int) -> None:
+        save_checkpoint(
+            target,
+            model=model,
+            tokenizer=tok,
+            optimizer=None,
+            state={"global_step": step},
+            stream_state=None,
+            curriculum={},
+        )
+
     save(1)
     seen = []
     real_rmtree = ck.shutil.rmtree
@@ -349,8 +422,9 @@ def test_clean_leftovers_removes_what_killed_saves_left(tiny_bert_dir, tmp_path)
 
     model, tok = tiny(tiny_bert_dir)
     target = tmp_path / "phase-0-x" / "checkpoint"
-    save_checkpoint(target, model=model, tokenizer=tok, optimizer=None, state={"global_step": 4},
-                    stream_state=None, curriculum={})
+    save_checkpoint(
+        target, model=model, tokenizer=tok, optimizer=None, state={"global_step": 4}, stream_state=None, curriculum={}
+    )
     half = fake_checkpoint(target.with_name("checkpoint.prev"))  # what the old removal could leave: COMPLETE, no model
     fake_checkpoint(target.with_name("checkpoint.tmp-999999"), complete=False)
     fake_checkpoint(target.with_name("checkpoint.trash-999999-1"))
@@ -367,14 +441,23 @@ def test_clean_leftovers_removes_what_killed_saves_left(tiny_bert_dir, tmp_path)
 def test_stream_file_must_stay_inside_the_checkpoint(tiny_bert_dir, tmp_path):
     model, tok = tiny(tiny_bert_dir)
     target = tmp_path / "checkpoint"
-    save_checkpoint(target, model=model, tokenizer=tok, optimizer=None, state=STATE,
-                    stream_state={"position": (1, 2)}, curriculum={})
+    save_checkpoint(
+        target,
+        model=model,
+        tokenizer=tok,
+        optimizer=None,
+        state=STATE,
+        stream_state={"position": (1, 2)},
+        curriculum={},
+    )
     record = json.loads((target / "state.json").read_text())
     assert record["stream_file"] == "stream.pt"
     torch.save({"position": (1, 2)}, tmp_path / "outside.pt")
     for name in (str(tmp_path / "outside.pt"), "../outside.pt", "sub/stream.pt", "", 7):
         (target / "state.json").write_text(json.dumps({**record, "stream_file": name}))
-        with pytest.raises(CheckpointError, match="stream_file must (name a file inside the checkpoint|be a file name)"):
+        with pytest.raises(
+            CheckpointError, match="stream_file must (name a file inside the checkpoint|be a file name)"
+        ):
             load_checkpoint(target)
 
 
@@ -383,16 +466,22 @@ def test_a_stream_state_that_needs_code_to_load_is_not_written(tiny_bert_dir, tm
 
     model, tok = tiny(tiny_bert_dir)
     with pytest.raises(TypeError, match="cannot load without running code"):
-        save_checkpoint(tmp_path / "checkpoint", model=model, tokenizer=tok, optimizer=None, state=STATE,
-                        stream_state={"x": fractions.Fraction(1, 3)}, curriculum={})
+        save_checkpoint(
+            tmp_path / "checkpoint",
+            model=model,
+            tokenizer=tok,
+            optimizer=None,
+            state=STATE,
+            stream_state={"x": fractions.Fraction(1, 3)},
+            curriculum={},
+        )
     assert not (tmp_path / "checkpoint").exists()
 
 
 def test_an_alias_bomb_in_the_checkpoint_curriculum_is_refused(tiny_bert_dir, tmp_path):
     model, tok = tiny(tiny_bert_dir)
     target = tmp_path / "checkpoint"
-    save_checkpoint(target, model=model, tokenizer=tok, optimizer=None, state=STATE, stream_state=None,
-                    curriculum={})
+    save_checkpoint(target, model=model, tokenizer=tok, optimizer=None, state=STATE, stream_state=None, curriculum={})
     lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
     (target / "curriculum.yaml").write_text("\n".join(lines) + "\nphases: *a8\n")

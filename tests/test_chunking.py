@@ -16,8 +16,8 @@ from tripletctl import mining
 from tripletctl.chunking import (
     CPU_AUTO_CHUNK,
     CPU_AUTO_TOKENS,
-    ChunkPlan,
     Chunking,
+    ChunkPlan,
     embed_and_backward,
     plan_chunks,
     resolve_chunk_size,
@@ -210,9 +210,13 @@ def test_gather_mines_over_the_global_batch(tiny_bert_dir):
     def gather(local_emb: Tensor) -> Tensor:
         return torch.cat([local_emb, remote_emb])
 
-    reference_step(model, ids[:local], mask[:local], labels, lambda e, y: mining.mine(gather(e), y, "batch-hard", 0.2), local)
+    reference_step(
+        model, ids[:local], mask[:local], labels, lambda e, y: mining.mine(gather(e), y, "batch-hard", 0.2), local
+    )
     want = grads(model)
-    loss, _, emb = embed_and_backward(model, ids[:local], mask[:local], labels, loss_for("batch-hard"), chunk_size=5, gather=gather)
+    loss, _, emb = embed_and_backward(
+        model, ids[:local], mask[:local], labels, loss_for("batch-hard"), chunk_size=5, gather=gather
+    )
     assert emb.shape[0] == local
     assert_grads_close(grads(model), want)
 
@@ -282,7 +286,9 @@ def test_a_loss_without_graph_still_runs_backward(tiny_bert_dir):
     model = make_model(tiny_bert_dir)
     ids, mask, labels = make_batch()
     for chunk_size in (5, 100):
-        loss, stats, _ = embed_and_backward(model, ids, mask, labels, lambda e, y: (torch.tensor(0.0), None), chunk_size)
+        loss, stats, _ = embed_and_backward(
+            model, ids, mask, labels, lambda e, y: (torch.tensor(0.0), None), chunk_size
+        )
         assert float(loss) == 0.0 and stats is None
         assert all(float(g.abs().sum()) == 0.0 for g in grads(model).values())
 

@@ -13,15 +13,14 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from conftest import QUICKSTART
+from test_runner import write_curriculum
 from typer.testing import CliRunner
 
 import tripletctl.interrupt as interrupt
 import tripletctl.runner as runner_module
 from tripletctl.cli import app
 from tripletctl.curriculum import curriculum_to_dict, load_curriculum
-
-from conftest import QUICKSTART
-from test_runner import write_curriculum
 
 
 def test_version_is_the_installed_one():
@@ -46,7 +45,9 @@ def test_validate_json_prints_the_fully_resolved_curriculum():
     printed = json.loads(result.output)
     assert printed == curriculum_to_dict(load_curriculum(QUICKSTART, ["phases.1.steps=7"]))
     assert printed["phases"][1]["steps"] == 7
-    assert printed["model"]["name"] == str(QUICKSTART.parent / "quickstart" / "tiny-bert")  # ./quickstart/tiny-bert, resolved
+    assert printed["model"]["name"] == str(
+        QUICKSTART.parent / "quickstart" / "tiny-bert"
+    )  # ./quickstart/tiny-bert, resolved
     assert printed["train"]["log_every"] == "auto" and printed["train"]["report_to"] == []
     assert printed["phases"][0]["on_collapse"] == "warn"  # filled in from the train block
 
@@ -55,9 +56,11 @@ def test_tables_in_a_pipe_take_the_width_they_need(tmp_path):
     """`validate | cat`: no cell or caption line is wrapped, whatever COLUMNS says."""
     path = write_curriculum(tmp_path, steps=(4, 3, 3))
     long_dir = tmp_path / ("a-rather-long-directory-name-for-the-outputs-of-this-run" * 2)
-    result = CliRunner().invoke(app, ["validate", str(path), f"train.output_dir={long_dir}",
-                                      "phases.1.name=hard-negative-mining-with-a-long-name"],
-                                env={"COLUMNS": "60"})
+    result = CliRunner().invoke(
+        app,
+        ["validate", str(path), f"train.output_dir={long_dir}", "phases.1.name=hard-negative-mining-with-a-long-name"],
+        env={"COLUMNS": "60"},
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert any(re.match(r"^1\s+hard-negative-mining-with-a-long-name\s+hard-negative\s+32\s", line) for line in lines)

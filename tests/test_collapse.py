@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from tripletctl.collapse import (
-    AT_RISK, COLLAPSED, EXIT_CODES, HEALTHY, CollapseWatchdog, collapse_report, effective_rank,
+    AT_RISK,
+    COLLAPSED,
+    EXIT_CODES,
+    HEALTHY,
+    CollapseWatchdog,
+    collapse_report,
+    effective_rank,
 )
 
 HELDOUT = Path(__file__).resolve().parent.parent / "curricula" / "quickstart" / "heldout.jsonl"
@@ -78,7 +84,9 @@ def test_single_point_is_collapsed():
 
 def test_narrow_cone_is_at_risk():
     emb, labels = clusters(noise=0.03)
-    cone = torch.nn.functional.normalize(emb * 0.3 + torch.nn.functional.normalize(torch.ones(emb.shape[1]), dim=0) * 1.0, dim=1)
+    cone = torch.nn.functional.normalize(
+        emb * 0.3 + torch.nn.functional.normalize(torch.ones(emb.shape[1]), dim=0) * 1.0, dim=1
+    )
     report = collapse_report(cone, labels, margin=0.2)
     assert 0.9 < report.mean_cosine < 0.99
     assert report.verdict == AT_RISK and report.exit_code == 1
@@ -91,7 +99,9 @@ def test_line_with_many_classes_is_collapsed_but_two_classes_on_a_line_are_not()
     many = collapse_report(line, torch.arange(60) % 6)
     assert many.effective_rank < 1.5 and many.verdict == COLLAPSED
     # two well separated groups on a line are a perfectly good 2-class embedding
-    two = torch.cat([torch.zeros(30, 4), torch.ones(30, 4)]) + 0.01 * torch.randn(60, 4, generator=torch.Generator().manual_seed(1))
+    two = torch.cat([torch.zeros(30, 4), torch.ones(30, 4)]) + 0.01 * torch.randn(
+        60, 4, generator=torch.Generator().manual_seed(1)
+    )
     report = collapse_report(two, torch.tensor([0] * 30 + [1] * 30))
     assert report.verdict == HEALTHY, report.reasons
 
@@ -170,9 +180,18 @@ def test_untrained_encoder_is_reported_honestly(tiny_bert_dir):
     texts, labels = heldout_sample()
     report = collapse_report(encode(model, tokenizer, texts, max_length=32), labels)
     assert report.verdict in (HEALTHY, AT_RISK, COLLAPSED)
-    numbers = [report.mean_cosine, report.std_cosine, report.embedding_spread, report.effective_rank,
-               report.alignment, report.uniformity, report.batch_hard_loss, report.near_margin_fraction,
-               report.separation, report.dim_std_min]
+    numbers = [
+        report.mean_cosine,
+        report.std_cosine,
+        report.embedding_spread,
+        report.effective_rank,
+        report.alignment,
+        report.uniformity,
+        report.batch_hard_loss,
+        report.near_margin_fraction,
+        report.separation,
+        report.dim_std_min,
+    ]
     assert all(math.isfinite(x) for x in numbers)
 
 
@@ -233,9 +252,16 @@ def checkpoint_factory(tmp_path, tiny_bert_dir):
             make_collapsed(model)
         run = tmp_path / ("collapsed-run" if collapsed else "run")
         curriculum = {"data": {"max_length": 32}, "phases": [{"name": "batch-hard", "margin": 0.2}]}
-        return save_checkpoint(run / "phase-0-batch-hard" / "checkpoint", model=model, tokenizer=tokenizer,
-                               optimizer=None, state={"phase_index": 0, "step": 1, "global_step": 1},
-                               stream_state=None, curriculum=curriculum)
+        return save_checkpoint(
+            run / "phase-0-batch-hard" / "checkpoint",
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=None,
+            state={"phase_index": 0, "step": 1, "global_step": 1},
+            stream_state=None,
+            curriculum=curriculum,
+        )
+
     return make
 
 
@@ -254,8 +280,19 @@ def test_cli_exit_code_3_on_a_collapsed_checkpoint(checkpoint_factory, heldout_f
 
     ckpt = checkpoint_factory(collapsed=True)
     png = tmp_path / "collapse.png"
-    result = CliRunner().invoke(app, ["inspect-collapse", str(ckpt.parent.parent), "--data", str(heldout_file),
-                                      "--plot", str(png), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "inspect-collapse",
+            str(ckpt.parent.parent),
+            "--data",
+            str(heldout_file),
+            "--plot",
+            str(png),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 3, result.output
     assert "collapsed" in result.output and png.is_file()
 

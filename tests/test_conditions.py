@@ -13,8 +13,13 @@ import pytest
 from tripletctl.conditions import ConditionState, Plateau, UntilConfig, advance, describe, readings
 
 
-def run(until: UntilConfig, steps: list[dict], evals: dict[int, dict] | None = None,
-        state: ConditionState | None = None, first_step: int = 1) -> tuple[int | None, list, ConditionState]:
+def run(
+    until: UntilConfig,
+    steps: list[dict],
+    evals: dict[int, dict] | None = None,
+    state: ConditionState | None = None,
+    first_step: int = 1,
+) -> tuple[int | None, list, ConditionState]:
     """Feed steps first_step.. in order; return (the step the phase ends at or None, held readings, state)."""
     state = state or ConditionState()
     for offset, metrics in enumerate(steps):
@@ -41,10 +46,14 @@ def test_smoothing_is_pandas_ewm_with_span_window():
     assert ours == pytest.approx(reference, rel=1e-12)
 
 
-@pytest.mark.parametrize(("condition", "metric"), [
-    ("active_fraction_below", "active_fraction"), ("loss_below", "loss"),
-    ("batch_hard_loss_below", "batch_hard_loss"),
-])
+@pytest.mark.parametrize(
+    ("condition", "metric"),
+    [
+        ("active_fraction_below", "active_fraction"),
+        ("loss_below", "loss"),
+        ("batch_hard_loss_below", "batch_hard_loss"),
+    ],
+)
 def test_threshold_ends_at_first_step_the_average_is_below(condition, metric):
     values = [0.5 - 0.01 * i + (0.03 if i % 3 == 0 else 0.0) for i in range(60)]  # noisy decline
     until = UntilConfig(min_steps=5, window=6, **{condition: 0.3})
@@ -71,17 +80,17 @@ def test_nothing_ends_before_min_steps():
 
 def test_plateau_ends_after_patience_steps_without_relative_improvement():
     # falls 10% a step for 10 steps, then flat: the last improvement is at step 10
-    values = [1.0 * 0.9 ** i for i in range(10)] + [0.9 ** 9] * 30
+    values = [1.0 * 0.9**i for i in range(10)] + [0.9**9] * 30
     until = UntilConfig(min_steps=1, window=1, plateau=Plateau("batch_hard_loss", patience=5, min_delta=0.01))
     step, held, state = run(until, series("batch_hard_loss", values))
     assert step == 15
     assert held[0].condition == "plateau" and held[0].count == 5 and held[0].threshold == 5
-    assert state.best == pytest.approx(0.9 ** 9)
+    assert state.best == pytest.approx(0.9**9)
 
 
 def test_plateau_improvements_smaller_than_min_delta_do_not_count():
     # falls 0.4% a step: below a 1% min_delta, so the best only moves every third step (by ~1.2%)
-    values = [0.996 ** i for i in range(40)]
+    values = [0.996**i for i in range(40)]
     strict = UntilConfig(min_steps=1, window=1, plateau=Plateau("loss", patience=3, min_delta=0.01))
     # best at step 1 (1.0); 0.996, 0.992 are within 1%; step 4 (0.988) improves: 2 steps without -> never 3
     assert run(strict, series("loss", values))[0] is None
@@ -98,8 +107,13 @@ def test_plateau_on_active_fraction_counts_during_min_steps_but_ends_after():
 
 def test_eval_plateau_counts_held_out_evals_not_steps():
     until = UntilConfig(min_steps=1, window=5, eval_plateau=Plateau("recall@1", patience=2))
-    evals = {5: {"recall@1": 0.50}, 10: {"recall@1": 0.62}, 15: {"recall@1": 0.61}, 20: {"recall@1": 0.62},
-             25: {"recall@1": 0.70}}
+    evals = {
+        5: {"recall@1": 0.50},
+        10: {"recall@1": 0.62},
+        15: {"recall@1": 0.61},
+        20: {"recall@1": 0.62},
+        25: {"recall@1": 0.70},
+    }
     step, held, _ = run(until, series("loss", [0.2] * 40), evals)
     assert step == 20  # 0.61 and 0.62 (not above the best 0.62): two evals without improvement
     assert held[0].condition == "eval_plateau" and held[0].value == 0.62 and held[0].count == 2
@@ -132,11 +146,18 @@ def test_non_finite_values_leave_the_state_unchanged():
 @pytest.mark.parametrize("split", range(1, 40, 3))
 def test_state_round_trips_through_json_with_the_same_decisions(split):
     """What a checkpoint does mid-phase: dump the state as JSON, load it, carry on."""
-    until = UntilConfig(min_steps=3, window=7, combine="all", batch_hard_loss_below=0.33,
-                        plateau=Plateau("loss", patience=6, min_delta=0.001),
-                        eval_plateau=Plateau("recall@1", patience=1))
-    steps = [{"loss": 0.3 + 0.1 * math.sin(i / 3) * 0.97 ** i, "batch_hard_loss": 0.5 - 0.005 * i,
-              "active_fraction": 0.4} for i in range(80)]
+    until = UntilConfig(
+        min_steps=3,
+        window=7,
+        combine="all",
+        batch_hard_loss_below=0.33,
+        plateau=Plateau("loss", patience=6, min_delta=0.001),
+        eval_plateau=Plateau("recall@1", patience=1),
+    )
+    steps = [
+        {"loss": 0.3 + 0.1 * math.sin(i / 3) * 0.97**i, "batch_hard_loss": 0.5 - 0.005 * i, "active_fraction": 0.4}
+        for i in range(80)
+    ]
     evals = {i: {"recall@1": 0.5 + 0.01 * min(i, 30)} for i in range(5, 80, 5)}
     straight = run(until, steps, evals)
     assert straight[0] is not None
@@ -150,11 +171,17 @@ def test_state_round_trips_through_json_with_the_same_decisions(split):
 
 
 def test_readings_and_descriptions_for_the_display():
-    until = UntilConfig(min_steps=8, window=20, active_fraction_below=0.05,
-                        plateau=Plateau("batch_hard_loss", patience=50, min_delta=0.01))
+    until = UntilConfig(
+        min_steps=8,
+        window=20,
+        active_fraction_below=0.05,
+        plateau=Plateau("batch_hard_loss", patience=50, min_delta=0.01),
+    )
     state, _ = advance(until, ConditionState(), step=1, metrics={"active_fraction": 0.25, "batch_hard_loss": 0.3})
     shorts = [r.short() for r in readings(until, state)]
     assert shorts == ["active_fraction 0.25/<0.05", "batch_hard_loss plateau 0/50"]
-    assert describe(until) == ("when active_fraction < 0.05 or batch_hard_loss plateau (50 steps, min_delta 1%) "
-                               "(checked from step 8, EMA over 20 steps)")
+    assert describe(until) == (
+        "when active_fraction < 0.05 or batch_hard_loss plateau (50 steps, min_delta 1%) "
+        "(checked from step 8, EMA over 20 steps)"
+    )
     assert readings(until, state)[0].describe(20) == "active_fraction 0.25 >= 0.05 (EMA over 20 steps)"

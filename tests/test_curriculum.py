@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import QUICKSTART, REPO
 from rich.console import Console
 from typer.testing import CliRunner
 
-from conftest import QUICKSTART, REPO
 from tripletctl.cli import app
+from tripletctl.conditions import Plateau, UntilConfig
 from tripletctl.curriculum import (
     BLOCK_KEYS,
     PHASE_KEYS,
@@ -30,7 +31,6 @@ from tripletctl.curriculum import (
     load_curriculum,
     plan_table,
 )
-from tripletctl.conditions import Plateau, UntilConfig
 from tripletctl.errors import ConfigError
 
 FACENET = REPO / "curricula" / "facenet.yaml"
@@ -105,7 +105,12 @@ def test_minimal_curriculum_fills_defaults_and_resolves_phases_from_train(tmp_pa
     for phase in c.phases:
         assert phase.margin == 0.2
         assert (phase.lr, phase.warmup_steps, phase.distance, phase.fallback, phase.chunk_size, phase.on_collapse) == (
-            2e-5, 100, "euclidean", "hardest", "auto", "warn"
+            2e-5,
+            100,
+            "euclidean",
+            "hardest",
+            "auto",
+            "warn",
         )
 
 
@@ -116,10 +121,19 @@ def test_phase_overrides_win_over_train_block(tmp_path):
     )
     c = load_curriculum(write(tmp_path, text))
     assert (c.phases[0].lr, c.phases[0].distance, c.phases[0].chunk_size, c.phases[0].on_collapse) == (
-        1e-4, "squared-euclidean", 64, "stop"
+        1e-4,
+        "squared-euclidean",
+        64,
+        "stop",
     )
     hard = c.phases[2]
-    assert (hard.lr, hard.fallback, hard.chunk_size, hard.warmup_steps, hard.margin) == (5e-6, "easiest", "auto", 3, 0.5)
+    assert (hard.lr, hard.fallback, hard.chunk_size, hard.warmup_steps, hard.margin) == (
+        5e-6,
+        "easiest",
+        "auto",
+        3,
+        0.5,
+    )
     assert hard.distance == "squared-euclidean"
 
 
@@ -140,21 +154,29 @@ def test_chunk_tokens_is_a_budget_that_phases_inherit_or_replace(tmp_path):
 
 def test_chunk_size_and_chunk_tokens_together_are_refused(tmp_path):
     path = write(tmp_path, edit(train={"chunk_size": 64, "chunk_tokens": 4096}))
-    assert problems_of(path) == [f"{path}: train: set chunk_size (rows per chunk) or chunk_tokens (a token budget), "
-                                 f"not both, got chunk_size 64 and chunk_tokens 4096"]
+    assert problems_of(path) == [
+        f"{path}: train: set chunk_size (rows per chunk) or chunk_tokens (a token budget), "
+        f"not both, got chunk_size 64 and chunk_tokens 4096"
+    ]
     path = write(tmp_path, edit(phases=phases_with(chunk_size=64, chunk_tokens="auto")))
-    assert problems_of(path) == [f"{path}: phases[2] (hard): set chunk_size (rows per chunk) or chunk_tokens "
-                                 f"(a token budget), not both, got chunk_size 64 and chunk_tokens 'auto'"]
+    assert problems_of(path) == [
+        f"{path}: phases[2] (hard): set chunk_size (rows per chunk) or chunk_tokens "
+        f"(a token budget), not both, got chunk_size 64 and chunk_tokens 'auto'"
+    ]
     path = write(tmp_path, edit(phases=phases_with(chunk_tokens=0)))
     assert problems_of(path) == [f"{path}: phases[2] (hard): chunk_tokens must be a positive integer or 'auto', got 0"]
 
 
 def test_plan_table_names_the_chunking(tmp_path):
     console = Console(record=True, width=80)
-    console.print(plan_table(load_curriculum(write(tmp_path, edit(phases=phases_with(chunk_tokens=4096))))), crop=False)  # as `validate` prints it
+    console.print(
+        plan_table(load_curriculum(write(tmp_path, edit(phases=phases_with(chunk_tokens=4096))))), crop=False
+    )  # as `validate` prints it
     text = console.export_text()
-    assert "chunks: 0: length-sorted, auto token budget, 1: length-sorted, auto token budget, 2: length-sorted, 4,096" \
+    assert (
+        "chunks: 0: length-sorted, auto token budget, 1: length-sorted, auto token budget, 2: length-sorted, 4,096"
         in " ".join(text.split())
+    )
 
 
 def test_quickstart_validates_from_any_directory(tmp_path, monkeypatch):
@@ -172,7 +194,9 @@ def test_facenet_validates_offline_with_the_shipped_plan():
     c = load_curriculum(FACENET)
     assert c.model.name == "bert-base-uncased"
     assert [(p.mining, p.batch_size, p.margin) for p in c.phases] == [
-        ("semi-hard", 500, 0.2), ("hard-negative", 1000, 0.2), ("batch-hard", 2000, 0.2)
+        ("semi-hard", 500, 0.2),
+        ("hard-negative", 1000, 0.2),
+        ("batch-hard", 2000, 0.2),
     ]
     assert c.train.lr == 2e-5 and c.train.precision == "auto" and c.train.chunk_size == "auto"
     assert c.train.warmup_steps > 0
@@ -197,15 +221,20 @@ def test_schema_tables_match_the_dataclasses():
         assert set(BLOCK_KEYS[block]) == {f.name for f in dataclasses.fields(cls)}
     assert list(PHASE_KEYS) == [f.name for f in dataclasses.fields(PhaseConfig)]
     assert [f.name for f in dataclasses.fields(PhaseConfig)][5:12] == [
-        "lr", "warmup_steps", "distance", "fallback", "chunk_size", "chunk_tokens", "on_collapse"
+        "lr",
+        "warmup_steps",
+        "distance",
+        "fallback",
+        "chunk_size",
+        "chunk_tokens",
+        "on_collapse",
     ]
     assert list(UNTIL_KEYS) == [f.name for f in dataclasses.fields(UntilConfig)]
 
 
 def test_memory_is_off_by_default_inherited_from_train_and_overridable(tmp_path):
     assert load_curriculum(write(tmp_path, MINIMAL)).phases[0].memory is None
-    text = edit(train={"memory": {"size": 4096}},
-                phases=phases_with(memory={"size": 512, "start_step": 100}))
+    text = edit(train={"memory": {"size": 4096}}, phases=phases_with(memory={"size": 512, "start_step": 100}))
     c = load_curriculum(write(tmp_path, text))
     assert c.train.memory == MemoryConfig(size=4096, start_step=0)
     assert c.phases[0].memory == MemoryConfig(size=4096, start_step=0)  # from the train block
@@ -218,13 +247,16 @@ def test_memory_is_off_by_default_inherited_from_train_and_overridable(tmp_path)
     assert "512 from step 100" in console.export_text()
 
 
-@pytest.mark.parametrize(("value", "hint"), [
-    (4096, "got 4096"),
-    ({"start_step": 3}, "size is missing"),
-    ({"size": 0}, "got {'size': 0}"),
-    ({"size": 64, "start_step": -1}, "start_step"),
-    ({"size": 64, "sise": 3}, "unknown key 'sise'; did you mean 'size'?"),
-])
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        (4096, "got 4096"),
+        ({"start_step": 3}, "size is missing"),
+        ({"size": 0}, "got {'size': 0}"),
+        ({"size": 64, "start_step": -1}, "start_step"),
+        ({"size": 64, "sise": 3}, "unknown key 'sise'; did you mean 'size'?"),
+    ],
+)
 def test_bad_memory_values_name_file_phase_and_key(tmp_path, value, hint):
     path = write(tmp_path, edit(phases=phases_with(memory=value)))
     with pytest.raises(ConfigError) as info:
@@ -278,8 +310,10 @@ def test_unknown_phase_key_with_did_you_mean(tmp_path):
 def test_unknown_mining_mode_lists_valid_ones(tmp_path):
     path = write(tmp_path, edit(phases=phases_with(mining="semihard")))
     problem = only(problems_of(path), "mining")
-    assert problem.startswith(f"{path}: phases[2] (hard): mining must be one of random, semi-hard, hard-negative, "
-                              "batch-hard, batch-all, got 'semihard'")
+    assert problem.startswith(
+        f"{path}: phases[2] (hard): mining must be one of random, semi-hard, hard-negative, "
+        "batch-hard, batch-all, got 'semihard'"
+    )
     assert problem.endswith("(did you mean 'semi-hard'?)")
 
 
@@ -301,7 +335,11 @@ def test_unknown_mining_mode_lists_valid_ones(tmp_path):
         ("on_collapse", "abort", "on_collapse must be one of warn, stop, fallback, got 'abort'"),
         ("lr", "fast", "lr must be a positive number, got 'fast'"),
         ("warmup_steps", -1, "warmup_steps must be a non-negative integer, got -1"),
-        ("name", "a/b", "name must be a name of at most 64 letters, digits, '.', '_', '+' or '-' (it becomes a directory name), got 'a/b'"),
+        (
+            "name",
+            "a/b",
+            "name must be a name of at most 64 letters, digits, '.', '_', '+' or '-' (it becomes a directory name), got 'a/b'",
+        ),
     ],
 )
 def test_bad_phase_values_name_file_phase_and_key(tmp_path, key, value, expected):
@@ -329,10 +367,13 @@ def test_invalid_samples_per_class_does_not_cascade_into_batch_errors(tmp_path):
     assert problems_of(path) == [f"{path}: data.samples_per_class must be an integer >= 2, got 1"]
 
 
-@pytest.mark.parametrize("phases, expected", [
-    ([], "phases must be a non-empty list of phases, got []"),
-    ("warmup", "phases must be a non-empty list of phases, got 'warmup'"),
-])
+@pytest.mark.parametrize(
+    "phases, expected",
+    [
+        ([], "phases must be a non-empty list of phases, got []"),
+        ("warmup", "phases must be a non-empty list of phases, got 'warmup'"),
+    ],
+)
 def test_empty_phase_list(tmp_path, phases, expected):
     path = write(tmp_path, edit(phases=phases))
     assert problems_of(path) == [f"{path}: {expected}"]
@@ -384,21 +425,56 @@ def test_missing_required_blocks(tmp_path):
         ("train", "lr", True, "train.lr must be a positive number, got true"),
         ("train", "seed", True, "train.seed must be an integer from 0 to 4294967295, got true"),
         ("train", "compile", "yes please", "train.compile must be true or false, got 'yes please'"),
-        ("train", "precision", "fp16", "train.precision must be one of auto, fp32, bf16, got 'fp16' (did you mean 'bf16'?)"),
-        ("train", "decay", "cosin", "train.decay must be one of none, linear, cosine, got 'cosin' (did you mean 'cosine'?)"),
+        (
+            "train",
+            "precision",
+            "fp16",
+            "train.precision must be one of auto, fp32, bf16, got 'fp16' (did you mean 'bf16'?)",
+        ),
+        (
+            "train",
+            "decay",
+            "cosin",
+            "train.decay must be one of none, linear, cosine, got 'cosin' (did you mean 'cosine'?)",
+        ),
         ("train", "device", "mps", "train.device must be one of auto, cpu, cuda, got 'mps'"),
         ("train", "optimizer", "sgd", "train.optimizer must be one of adamw, got 'sgd'"),
         ("train", "grad_clip", -1, "train.grad_clip must be a non-negative number, got -1"),
         ("train", "output_dir", "", "train.output_dir must be a non-empty string, got ''"),
         ("model", "pooling", "max", "model.pooling must be one of mean, cls, got 'max'"),
         ("model", "init", "random", "model.init must be one of pretrained, config, got 'random'"),
-        ("model", "head", [256, 0], "model.head must be a list of positive integers (layer sizes), e.g. [256, 128], got [256, 0]"),
+        (
+            "model",
+            "head",
+            [256, 0],
+            "model.head must be a list of positive integers (layer sizes), e.g. [256, 128], got [256, 0]",
+        ),
         ("model", "normalize", 1, "model.normalize must be true or false, got 1"),
-        ("data", "layout", "labeled", "data.layout must be one of labelled, pairs, triplets, got 'labeled' (did you mean 'labelled'?)"),
-        ("data", "format", "jsonl", "data.format must be one of json, parquet, csv, text or null, got 'jsonl' (did you mean 'json'?)"),
+        (
+            "data",
+            "layout",
+            "labeled",
+            "data.layout must be one of labelled, pairs, triplets, got 'labeled' (did you mean 'labelled'?)",
+        ),
+        (
+            "data",
+            "format",
+            "jsonl",
+            "data.format must be one of json, parquet, csv, text or null, got 'jsonl' (did you mean 'json'?)",
+        ),
         ("data", "tokenizer_workers", -1, "data.tokenizer_workers must be a non-negative integer, got -1"),
-        ("data", "load_dataset", ["name"], "data.load_dataset must be a mapping of keyword arguments for datasets.load_dataset, got ['name']"),
-        ("data", "load_dataset", {"split": "x"}, "data.load_dataset must be free of 'split', which is set by data.split, got {'split': 'x'}"),
+        (
+            "data",
+            "load_dataset",
+            ["name"],
+            "data.load_dataset must be a mapping of keyword arguments for datasets.load_dataset, got ['name']",
+        ),
+        (
+            "data",
+            "load_dataset",
+            {"split": "x"},
+            "data.load_dataset must be free of 'split', which is set by data.split, got {'split': 'x'}",
+        ),
     ],
 )
 def test_bad_block_values(tmp_path, block, key, value, expected):
@@ -411,14 +487,17 @@ def test_bad_block_values(tmp_path, block, key, value, expected):
 def test_pairs_layout_requires_two_samples_per_class(tmp_path):
     path = write(tmp_path, edit(data={"source": "x", "layout": "pairs"}))
     [problem] = problems_of(path)
-    assert problem == (f"{path}: data.samples_per_class must be 2 when data.layout is pairs "
-                       "(each pair is its own class), got 4")
+    assert problem == (
+        f"{path}: data.samples_per_class must be 2 when data.layout is pairs (each pair is its own class), got 4"
+    )
     load_curriculum(write(tmp_path, edit(data={"source": "x", "layout": "pairs", "samples_per_class": 2})))
 
 
 def test_text_format_needs_a_label_mapping_and_vice_versa(tmp_path):
-    path = write(tmp_path, edit(data={"source": "./pos/*.txt", "format": "text"},
-                                eval={"source": {"a": "./a/*.txt"}, "format": "json"}))
+    path = write(
+        tmp_path,
+        edit(data={"source": "./pos/*.txt", "format": "text"}, eval={"source": {"a": "./a/*.txt"}, "format": "json"}),
+    )
     problems = problems_of(path)
     only(problems, "data.source must be a {label: glob} mapping when data.format is text")
     only(problems, "eval.source is a {label: glob} mapping, which needs eval.format: text, got 'json'")
@@ -426,8 +505,9 @@ def test_text_format_needs_a_label_mapping_and_vice_versa(tmp_path):
 
 def test_a_label_mapping_implies_the_text_format(tmp_path):
     # docs/data.md: "format: text  # optional: a mapping implies it"
-    c = load_curriculum(write(tmp_path, edit(data={"source": {"a": "./a/*.txt", "b": "./b.txt"}},
-                                             eval={"source": {"a": "./a/*.txt"}})))
+    c = load_curriculum(
+        write(tmp_path, edit(data={"source": {"a": "./a/*.txt", "b": "./b.txt"}}, eval={"source": {"a": "./a/*.txt"}}))
+    )
     assert c.data.format == "text" and c.eval is not None and c.eval.format == "text"
     assert c.data.source == {"a": str(tmp_path / "a" / "*.txt"), "b": str(tmp_path / "b.txt")}
 
@@ -446,8 +526,10 @@ def test_a_phases_override_cannot_add_or_remove_phases(tmp_path):
     path = write(tmp_path, MINIMAL)
     one = "phases=[{name: a, mining: random, batch_size: 8, steps: 1}]"
     [problem] = problems_of(path, [one])
-    assert problem == (f"{path}: override '{one}': overrides cannot add or remove phases: the file has 3, "
-                       f"the override gives 1 phases; change a phase with phases.N.KEY=VALUE")
+    assert problem == (
+        f"{path}: override '{one}': overrides cannot add or remove phases: the file has 3, "
+        f"the override gives 1 phases; change a phase with phases.N.KEY=VALUE"
+    )
     three = "phases=[" + ", ".join(f"{{name: p{i}, mining: random, batch_size: 8, steps: 1}}" for i in range(3)) + "]"
     assert [p.name for p in load_curriculum(path, [three]).phases] == ["p0", "p1", "p2"]
 
@@ -478,9 +560,14 @@ def test_yaml_alias_bomb_in_an_override_is_refused(tmp_path):
     assert len(problem) < len(override) + 300  # the override as typed, never its expansion
 
 
-@pytest.mark.parametrize("text", ["model: " + "[" * 5000 + "]" * 5000 + "\n",
-                                  "model:\n" + "".join("  " * i + "- \n" for i in range(1, 3000)),
-                                  "model: &a [*a]\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "model: " + "[" * 5000 + "]" * 5000 + "\n",
+        "model:\n" + "".join("  " * i + "- \n" for i in range(1, 3000)),
+        "model: &a [*a]\n",
+    ],
+)
 def test_deep_or_recursive_yaml_is_one_problem_not_a_recursion_error(tmp_path, text):
     path = tmp_path / "deep.yaml"
     path.write_text(text)
@@ -513,10 +600,17 @@ def test_all_problems_are_reported_together(tmp_path):
     problems = problems_of(path, ["phases.9.steps=1", "trian.lr=1"])
     assert len(problems) == 9, problems
     assert all(p.startswith(f"{path}: ") for p in problems)
-    for fragment in ["train.lr must be", "model.pooling", "phases[0] (warmup): unknown key 'minning'",
-                     "phases[0] (warmup): missing required key 'mining'", "phases[2] (hard): mining",
-                     "phases[2] (hard): steps", "phases[2] (hard): batch_size must be a multiple",
-                     "override 'phases.9.steps=1'", "override 'trian.lr=1'"]:
+    for fragment in [
+        "train.lr must be",
+        "model.pooling",
+        "phases[0] (warmup): unknown key 'minning'",
+        "phases[0] (warmup): missing required key 'mining'",
+        "phases[2] (hard): mining",
+        "phases[2] (hard): steps",
+        "phases[2] (hard): batch_size must be a multiple",
+        "override 'phases.9.steps=1'",
+        "override 'trian.lr=1'",
+    ]:
         only(problems, fragment)
 
 
@@ -525,12 +619,24 @@ def test_all_problems_are_reported_together(tmp_path):
 
 def test_overrides_are_converted_to_the_declared_types(tmp_path):
     path = write(tmp_path, MINIMAL)
-    c = load_curriculum(path, [
-        "phases.2.steps=500", "train.lr=3e-5", "model.head=[256,128]", "eval.every=10",
-        "eval.source=org/heldout", "train.chunk_size=auto", "phases.0.chunk_size=32", "train.compile=true",
-        "data.split=2020", "model.tokenizer=null", "train.weight_decay=0", "phases.1.margin=1",
-        "data.load_dataset.name=pair",
-    ])
+    c = load_curriculum(
+        path,
+        [
+            "phases.2.steps=500",
+            "train.lr=3e-5",
+            "model.head=[256,128]",
+            "eval.every=10",
+            "eval.source=org/heldout",
+            "train.chunk_size=auto",
+            "phases.0.chunk_size=32",
+            "train.compile=true",
+            "data.split=2020",
+            "model.tokenizer=null",
+            "train.weight_decay=0",
+            "phases.1.margin=1",
+            "data.load_dataset.name=pair",
+        ],
+    )
     assert c.phases[2].steps == 500
     assert c.train.lr == 3e-5 and isinstance(c.train.lr, float)
     assert c.phases[0].lr == 3e-5  # the phase default follows the overridden train value
@@ -548,30 +654,37 @@ def test_overrides_are_converted_to_the_declared_types(tmp_path):
 def test_bad_override_value_is_reported_like_the_file(tmp_path):
     path = write(tmp_path, MINIMAL)
     problems = problems_of(path, ["train.lr=fast", "phases.1.steps=-1", "model.pooling=max"])
-    assert sorted(problems) == sorted([
-        f"{path}: override 'train.lr=fast': train.lr must be a positive number, got 'fast'",
-        f"{path}: override 'model.pooling=max': model.pooling must be one of mean, cls, got 'max'",
-        f"{path}: override 'phases.1.steps=-1': phases[1] (easy): steps must be a positive integer, got -1",
-    ])
+    assert sorted(problems) == sorted(
+        [
+            f"{path}: override 'train.lr=fast': train.lr must be a positive number, got 'fast'",
+            f"{path}: override 'model.pooling=max': model.pooling must be one of mean, cls, got 'max'",
+            f"{path}: override 'phases.1.steps=-1': phases[1] (easy): steps must be a positive integer, got -1",
+        ]
+    )
 
 
 def test_override_batch_size_checked_against_samples_per_class(tmp_path):
     path = write(tmp_path, MINIMAL)
     [problem] = problems_of(path, ["phases.2.batch_size=1002"])
-    assert problem == (f"{path}: override 'phases.2.batch_size=1002': phases[2] (hard): batch_size must be a "
-                       "multiple of data.samples_per_class (4), got 1002")
+    assert problem == (
+        f"{path}: override 'phases.2.batch_size=1002': phases[2] (hard): batch_size must be a "
+        "multiple of data.samples_per_class (4), got 1002"
+    )
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("trian.lr=1", "unknown key 'trian.lr' (did you mean 'train.lr'?)"),
-    ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
-    ("phases.0.minning=random", "phases[0] (warmup): unknown key 'minning' (did you mean 'mining'?)"),
-    ("phases.3.steps=1", "phases[3] does not exist: the curriculum has 3 phases (0 to 2)"),
-    ("phases.last.steps=1", "'last' is not a phase index: use phases.N.KEY with N from 0 to 2"),
-    ("phases.1=1", "phases[1] (easy): expected phases.1.KEY, e.g. phases.1.steps=500"),
-    ("train.lr", "expected key=value, e.g. train.lr=3e-5"),
-    ("model.name.x=1", "'model.name' has no sub-keys"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trian.lr=1", "unknown key 'trian.lr' (did you mean 'train.lr'?)"),
+        ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("phases.0.minning=random", "phases[0] (warmup): unknown key 'minning' (did you mean 'mining'?)"),
+        ("phases.3.steps=1", "phases[3] does not exist: the curriculum has 3 phases (0 to 2)"),
+        ("phases.last.steps=1", "'last' is not a phase index: use phases.N.KEY with N from 0 to 2"),
+        ("phases.1=1", "phases[1] (easy): expected phases.1.KEY, e.g. phases.1.steps=500"),
+        ("train.lr", "expected key=value, e.g. train.lr=3e-5"),
+        ("model.name.x=1", "'model.name' has no sub-keys"),
+    ],
+)
 def test_bad_override_keys_are_fatal(tmp_path, override, expected):
     path = write(tmp_path, MINIMAL)
     assert problems_of(path, [override]) == [f"{path}: override '{override}': {expected}"]
@@ -589,12 +702,15 @@ def test_override_creates_missing_block(tmp_path):
 def test_relative_paths_in_the_file_resolve_against_its_directory(tmp_path, monkeypatch):
     folder = tmp_path / "configs"
     folder.mkdir()
-    path = write(folder, edit(
-        model={"name": "./models/bert", "tokenizer": "../tok"},
-        data={"source": "./corpus/*.parquet"},
-        eval={"source": {"a": "./a/*.txt", "b": "/abs/b/*.txt"}, "format": "text"},
-        train={"output_dir": "./runs/x"},
-    ))
+    path = write(
+        folder,
+        edit(
+            model={"name": "./models/bert", "tokenizer": "../tok"},
+            data={"source": "./corpus/*.parquet"},
+            eval={"source": {"a": "./a/*.txt", "b": "/abs/b/*.txt"}, "format": "text"},
+            train={"output_dir": "./runs/x"},
+        ),
+    )
     monkeypatch.chdir(tmp_path / "..")
     c = load_curriculum(path)
     assert c.model.name == str(folder / "models" / "bert")
@@ -615,8 +731,9 @@ def test_relative_paths_in_overrides_resolve_against_the_current_directory(tmp_p
 
 
 def test_hub_names_are_left_untouched(tmp_path):
-    c = load_curriculum(write(tmp_path, edit(model={"name": "bert-base-uncased", "tokenizer": "org/tok"},
-                                             data={"source": "org/name"})))
+    c = load_curriculum(
+        write(tmp_path, edit(model={"name": "bert-base-uncased", "tokenizer": "org/tok"}, data={"source": "org/name"}))
+    )
     assert (c.model.name, c.model.tokenizer, c.data.source) == ("bert-base-uncased", "org/tok", "org/name")
 
 
@@ -635,8 +752,17 @@ def test_round_trip_through_yaml(tmp_path, source):
     elif source == "facenet":
         original = load_curriculum(FACENET)
     else:
-        original = load_curriculum(FACENET, ["model.head=[]", "eval.source={a: ./a/*.txt}", "eval.format=text",
-                                             "eval.layout=labelled",                                              "data.load_dataset.revision=main", "phases.1.lr=1e-6"])
+        original = load_curriculum(
+            FACENET,
+            [
+                "model.head=[]",
+                "eval.source={a: ./a/*.txt}",
+                "eval.format=text",
+                "eval.layout=labelled",
+                "data.load_dataset.revision=main",
+                "phases.1.lr=1e-6",
+            ],
+        )
     dumped = yaml.safe_dump(curriculum_to_dict(original), sort_keys=False)
     elsewhere = tmp_path / "deeper" / "as-run.yaml"
     elsewhere.parent.mkdir()
@@ -658,9 +784,20 @@ def test_plan_table_shows_phases_and_totals():
     console = Console(record=True, width=160)
     console.print(plan_table(load_curriculum(FACENET)))
     text = console.export_text()
-    for fragment in ["semi-hard", "hard-negative", "batch-hard", "1,000,000", "2,000,000", "2e-05", "1e-05",
-                     "squared-euclidean", "bert-base-uncased", "sentence-transformers/all-nli", "runs/facenet",
-                     "4,500,000 samples"]:
+    for fragment in [
+        "semi-hard",
+        "hard-negative",
+        "batch-hard",
+        "1,000,000",
+        "2,000,000",
+        "2e-05",
+        "1e-05",
+        "squared-euclidean",
+        "bert-base-uncased",
+        "sentence-transformers/all-nli",
+        "runs/facenet",
+        "4,500,000 samples",
+    ]:
         assert fragment in text, fragment
 
 
@@ -693,16 +830,28 @@ def test_python_dash_m_validate_quickstart(tmp_path):
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "tripletctl", "validate", str(QUICKSTART)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "tripletctl", "validate", str(QUICKSTART)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert "batch-hard" in done.stdout
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("", "the curriculum is empty: expected model, data, train and phases"),
-    ("- model\n", "expected a mapping with model, data, train, phases (and optional eval) at the top, got ['model']"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "the curriculum is empty: expected model, data, train and phases"),
+        (
+            "- model\n",
+            "expected a mapping with model, data, train, phases (and optional eval) at the top, got ['model']",
+        ),
+    ],
+)
 def test_empty_or_non_mapping_file(tmp_path, text, expected):
     path = write(tmp_path, text)
     assert problems_of(path) == [f"{path}: {expected}"]
@@ -712,13 +861,20 @@ def test_empty_or_non_mapping_file(tmp_path, text, expected):
 
 
 def test_until_loads_with_defaults_and_round_trips(tmp_path):
-    phases = phases_with(steps=200, until={"active_fraction_below": 0.05,
-                                           "plateau": {"metric": "batch_hard_loss", "patience": 30}})
-    phases[0]["until"] = {"loss_below": 0.01, "min_steps": 3, "window": 5, "combine": "all",
-                          "batch_hard_loss_below": 0.1}
+    phases = phases_with(
+        steps=200, until={"active_fraction_below": 0.05, "plateau": {"metric": "batch_hard_loss", "patience": 30}}
+    )
+    phases[0]["until"] = {
+        "loss_below": 0.01,
+        "min_steps": 3,
+        "window": 5,
+        "combine": "all",
+        "batch_hard_loss_below": 0.1,
+    }
     c = load_curriculum(write(tmp_path, edit(phases=phases)))
-    assert c.phases[2].until == UntilConfig(min_steps=20, window=20, combine="any", active_fraction_below=0.05,
-                                            plateau=Plateau("batch_hard_loss", 30, 0.0))
+    assert c.phases[2].until == UntilConfig(
+        min_steps=20, window=20, combine="any", active_fraction_below=0.05, plateau=Plateau("batch_hard_loss", 30, 0.0)
+    )
     assert c.phases[0].until.min_steps == 3 and c.phases[0].until.combine == "all"
     assert c.phases[1].until is None
     dumped = write(tmp_path, yaml.safe_dump(curriculum_to_dict(c), sort_keys=False), "as-run.yaml")
@@ -726,9 +882,16 @@ def test_until_loads_with_defaults_and_round_trips(tmp_path):
 
 
 def test_until_problems_are_all_reported_one_line_each(tmp_path):
-    phases = phases_with(until={"loss_belw": 0.1, "active_fraction_below": 1.5, "window": 0,
-                                "plateau": {"metric": "recall@1", "patience": 0, "min_delta": 2, "extra": 1},
-                                "eval_plateau": {"metric": "recall@1", "patience": 2}, "min_steps": 11})
+    phases = phases_with(
+        until={
+            "loss_belw": 0.1,
+            "active_fraction_below": 1.5,
+            "window": 0,
+            "plateau": {"metric": "recall@1", "patience": 0, "min_delta": 2, "extra": 1},
+            "eval_plateau": {"metric": "recall@1", "patience": 2},
+            "min_steps": 11,
+        }
+    )
     phases[0]["until"] = {"combine": "some"}
     problems = problems_of(write(tmp_path, edit(phases=phases)))
     assert only(problems, "unknown key 'until.loss_belw'").endswith("(did you mean 'until.loss_below'?)")
@@ -756,25 +919,37 @@ def test_eval_plateau_needs_eval_every(tmp_path):
 
 def test_until_keys_can_be_overridden(tmp_path):
     path = write(tmp_path, MINIMAL)
-    c = load_curriculum(path, ["phases.0.until.loss_below=0.2", "phases.0.until.plateau.metric=loss",
-                               "phases.0.until.plateau.patience=4", "phases.1.until={active_fraction_below: 0.1}"])
+    c = load_curriculum(
+        path,
+        [
+            "phases.0.until.loss_below=0.2",
+            "phases.0.until.plateau.metric=loss",
+            "phases.0.until.plateau.patience=4",
+            "phases.1.until={active_fraction_below: 0.1}",
+        ],
+    )
     assert c.phases[0].until == UntilConfig(min_steps=1, loss_below=0.2, plateau=Plateau("loss", 4))
     assert c.phases[1].until.active_fraction_below == 0.1
     bad = problems_of(path, ["phases.0.until.loss_below=low", "phases.0.until.min_steps=50"])
-    assert "override 'phases.0.until.loss_below=low': phases[0] (warmup): until.loss_below must be a positive " \
-           "number, got 'low'" in " ".join(bad)
+    assert (
+        "override 'phases.0.until.loss_below=low': phases[0] (warmup): until.loss_below must be a positive "
+        "number, got 'low'" in " ".join(bad)
+    )
     only(bad, "override 'phases.0.until.min_steps=50'")
 
 
 def test_plan_table_shows_the_conditions(tmp_path):
-    phases = phases_with(until={"active_fraction_below": 0.05, "plateau": {"metric": "loss", "patience": 3,
-                                                                           "min_delta": 0.02}})
+    phases = phases_with(
+        until={"active_fraction_below": 0.05, "plateau": {"metric": "loss", "patience": 3, "min_delta": 0.02}}
+    )
     console = Console(record=True, width=200)
     console.print(plan_table(load_curriculum(write(tmp_path, edit(phases=phases)))))
     text = " ".join(console.export_text().split())  # the caption wraps at the table's width
     assert "≤10" in text and "≤640" in text and "total: at most 30 steps" in text
-    assert ("until: phase 2 (hard) ends early when active_fraction < 0.05 or loss plateau (3 steps, min_delta 2%) "
-            "(checked from step 1, EMA over 20 steps)") in text
+    assert (
+        "until: phase 2 (hard) ends early when active_fraction < 0.05 or loss plateau (3 steps, min_delta 2%) "
+        "(checked from step 1, EMA over 20 steps)"
+    ) in text
 
 
 def test_validate_command_reports_until_problems_with_exit_2(tmp_path):
@@ -785,14 +960,17 @@ def test_validate_command_reports_until_problems_with_exit_2(tmp_path):
     assert "until.min_steps must be at most steps (10), got 99" in output
     assert "missing required key 'until.plateau.patience'" in output
 
+
 # ---------------------------------------------------------------- sources and layouts
 
 
 def test_data_and_eval_blocks_are_one_source_config(tmp_path):
     from tripletctl.curriculum import SourceConfig
 
-    text = MINIMAL + ("eval:\n  source: org/heldout\n  layout: triplets\n  negative_columns: [negative_1, negative_2]\n"
-                      "  load_dataset: {name: triplet}\n")
+    text = MINIMAL + (
+        "eval:\n  source: org/heldout\n  layout: triplets\n  negative_columns: [negative_1, negative_2]\n"
+        "  load_dataset: {name: triplet}\n"
+    )
     c = load_curriculum(write(tmp_path, text))
     assert isinstance(c.data, SourceConfig) and isinstance(c.eval, SourceConfig)
     source_keys = [f.name for f in dataclasses.fields(SourceConfig)]
@@ -814,37 +992,59 @@ def test_source_from_options(tmp_path):
     from tripletctl.cli import SOURCE_OPTIONS
     from tripletctl.curriculum import SourceConfig, source_from_options
 
-    given = {"source": "sentence-transformers/all-nli", "layout": "triplets", "split": "test",
-             "negative_columns": ["negative"], "load_dataset": ["name=triplet", "revision=main", "streaming_x=3"]}
+    given = {
+        "source": "sentence-transformers/all-nli",
+        "layout": "triplets",
+        "split": "test",
+        "negative_columns": ["negative"],
+        "load_dataset": ["name=triplet", "revision=main", "streaming_x=3"],
+    }
     source = source_from_options(given, SOURCE_OPTIONS)
-    assert source == SourceConfig(source="sentence-transformers/all-nli", layout="triplets", split="test",
-                                  negative_columns=("negative",),
-                                  load_dataset={"name": "triplet", "revision": "main", "streaming_x": 3})
+    assert source == SourceConfig(
+        source="sentence-transformers/all-nli",
+        layout="triplets",
+        split="test",
+        negative_columns=("negative",),
+        load_dataset={"name": "triplet", "revision": "main", "streaming_x": 3},
+    )
     base = SourceConfig(source="a.jsonl", layout="pairs", load_dataset={"name": "pair"})
     changed = source_from_options({"split": "dev", "load_dataset": ["revision=v1"]}, SOURCE_OPTIONS, base=base)
-    assert changed == SourceConfig(source="a.jsonl", layout="pairs", split="dev",
-                                   load_dataset={"name": "pair", "revision": "v1"})
+    assert changed == SourceConfig(
+        source="a.jsonl", layout="pairs", split="dev", load_dataset={"name": "pair", "revision": "v1"}
+    )
     with pytest.raises(ConfigError) as caught:
-        source_from_options({"source": "x.jsonl", "layout": "pair", "format": "text",
-                             "anchor_column": "a", "positive_column": "a"}, SOURCE_OPTIONS)
+        source_from_options(
+            {"source": "x.jsonl", "layout": "pair", "format": "text", "anchor_column": "a", "positive_column": "a"},
+            SOURCE_OPTIONS,
+        )
     problems = caught.value.problems
     assert all(p.startswith("command line: ") and "\n" not in p for p in problems)
-    assert any("--layout must be one of labelled, pairs, triplets, got 'pair' (did you mean 'pairs'?)" in p
-               for p in problems)
+    assert any(
+        "--layout must be one of labelled, pairs, triplets, got 'pair' (did you mean 'pairs'?)" in p for p in problems
+    )
     assert any("--data must be a {label: glob} mapping when --format is text" in p for p in problems)
     with pytest.raises(ConfigError) as caught:
-        source_from_options({"source": "x.jsonl", "layout": "pairs", "anchor_column": "a", "positive_column": "a"},
-                            SOURCE_OPTIONS)
-    assert caught.value.problems == ["command line: the pairs columns must be distinct, but 'a' is named twice "
-                                     "among --anchor-column, --positive-column"]
+        source_from_options(
+            {"source": "x.jsonl", "layout": "pairs", "anchor_column": "a", "positive_column": "a"}, SOURCE_OPTIONS
+        )
+    assert caught.value.problems == [
+        "command line: the pairs columns must be distinct, but 'a' is named twice "
+        "among --anchor-column, --positive-column"
+    ]
 
 
 def test_triplets_layout_batch_sizes_count_texts_of_whole_groups(tmp_path):
-    data = {"source": "org/triplets", "layout": "triplets", "samples_per_class": 2,
-            "negative_columns": ["negative_1", "negative_2", "negative_3"]}
-    phases = [{"name": "a", "mining": "semi-hard", "batch_size": 10, "steps": 1},
-              {"name": "b", "mining": "batch-all", "batch_size": 12, "steps": 1},
-              {"name": "c", "mining": "batch-hard", "batch_size": 5, "steps": 1}]
+    data = {
+        "source": "org/triplets",
+        "layout": "triplets",
+        "samples_per_class": 2,
+        "negative_columns": ["negative_1", "negative_2", "negative_3"],
+    }
+    phases = [
+        {"name": "a", "mining": "semi-hard", "batch_size": 10, "steps": 1},
+        {"name": "b", "mining": "batch-all", "batch_size": 12, "steps": 1},
+        {"name": "c", "mining": "batch-hard", "batch_size": 5, "steps": 1},
+    ]
     path = write(tmp_path, edit(data=data, phases=phases))
     assert problems_of(path) == [
         f"{path}: phases[1] (b): batch_size must be a multiple of the rows of one triplet group "
@@ -863,19 +1063,33 @@ def test_triplets_layout_batch_sizes_count_texts_of_whole_groups(tmp_path):
     assert [row[header.index("groups")] for row in rows] == ["2", "4"]
 
 
-@pytest.mark.parametrize("data, fragment", [
-    ({"layout": "triplets"}, "data.samples_per_class must be 2 when data.layout is triplets "
-                             "(each row's anchor and positive are its class), got 4"),
-    ({"layout": "triplets", "samples_per_class": 2, "negative_columns": []},
-     "data.negative_columns must be a non-empty list of distinct column names"),
-    ({"layout": "triplets", "samples_per_class": 2, "negative_columns": ["n", "n"]},
-     "data.negative_columns must be a non-empty list of distinct column names"),
-    ({"layout": "triplets", "samples_per_class": 2, "negative_columns": ["anchor"]},
-     "the triplets columns must be distinct, but 'anchor' is named twice among data.anchor_column, "
-     "data.positive_column, data.negative_columns"),
-    ({"layout": "triplets", "format": "text", "source": {"a": "x.txt"}},
-     "data.layout must be labelled when data.format is text, got 'triplets'"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (
+            {"layout": "triplets"},
+            "data.samples_per_class must be 2 when data.layout is triplets "
+            "(each row's anchor and positive are its class), got 4",
+        ),
+        (
+            {"layout": "triplets", "samples_per_class": 2, "negative_columns": []},
+            "data.negative_columns must be a non-empty list of distinct column names",
+        ),
+        (
+            {"layout": "triplets", "samples_per_class": 2, "negative_columns": ["n", "n"]},
+            "data.negative_columns must be a non-empty list of distinct column names",
+        ),
+        (
+            {"layout": "triplets", "samples_per_class": 2, "negative_columns": ["anchor"]},
+            "the triplets columns must be distinct, but 'anchor' is named twice among data.anchor_column, "
+            "data.positive_column, data.negative_columns",
+        ),
+        (
+            {"layout": "triplets", "format": "text", "source": {"a": "x.txt"}},
+            "data.layout must be labelled when data.format is text, got 'triplets'",
+        ),
+    ],
+)
 def test_triplets_layout_problems(tmp_path, data, fragment):
     path = write(tmp_path, edit(data={"source": "org/triplets", **data}))
     only(problems_of(path), fragment)
@@ -898,7 +1112,8 @@ def test_keep_best_takes_an_eval_metric_and_needs_an_eval_block(tmp_path):
         load_curriculum(path, ["train.keep_best=recall@2"])
     assert error.value.problems == [
         f"{path}: override 'train.keep_best=recall@2': train.keep_best must be one of recall@1, recall@5, "
-        "recall@10, map@r, r_precision, triplet_accuracy or null, got 'recall@2' (did you mean 'recall@5'?)"]
+        "recall@10, map@r, r_precision, triplet_accuracy or null, got 'recall@2' (did you mean 'recall@5'?)"
+    ]
     with pytest.raises(ConfigError) as error:
         load_curriculum(write(tmp_path, MINIMAL, "no_eval.yaml"), ["train.keep_best=recall@1"])
     assert "train.keep_best (recall@1) needs an eval block" in error.value.problems[0]

@@ -9,10 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
+from tripletctl.curriculum import DataConfig, SourceConfig
 from tripletctl.data import BatchStream, check_source, pad_ragged, read_rows
 from tripletctl.errors import DataError
-
-from tripletctl.curriculum import DataConfig, SourceConfig
 
 
 def rows_of(source, limit=None, **kw):
@@ -40,6 +39,7 @@ def text_source(assets_dir) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------ batch composition
+
 
 def test_two_classes_give_exact_halves(assets_dir, tiny_bert_dir):
     for batch in take(cfg(assets_dir, "two_class.jsonl"), tiny_bert_dir, 16, 30):
@@ -106,8 +106,14 @@ def test_triplets_layout(assets_dir, tiny_bert_dir, name, ext):
     negative has a label of its own, so mining never pairs it with anyone (even a duplicate text)."""
     negatives = NEGATIVES[name]
     group = 2 + len(negatives)
-    data = cfg(assets_dir, f"{name}.{ext}", layout="triplets", negative_columns=negatives, samples_per_class=2,
-               shuffle_buffer=1)  # file order: the first 240 groups are the file's 240 rows, once each
+    data = cfg(
+        assets_dir,
+        f"{name}.{ext}",
+        layout="triplets",
+        negative_columns=negatives,
+        samples_per_class=2,
+        shuffle_buffer=1,
+    )  # file order: the first 240 groups are the file's 240 rows, once each
     check_source(data)
     file_rows = set(triplet_file_rows(assets_dir / f"{name}.{ext}"))
     assert len(file_rows) == 240
@@ -117,7 +123,7 @@ def test_triplets_layout(assets_dir, tiny_bert_dir, name, ext):
         counts = Counter(labels)
         assert len(b.texts) == len(labels) == 8 * group
         for i in range(0, len(labels), group):
-            row = tuple(b.texts[i:i + group])
+            row = tuple(b.texts[i : i + group])
             assert row in file_rows
             seen.append(row)
             assert labels[i] == labels[i + 1] and counts[labels[i]] == 2  # the group's class: a and p only
@@ -127,12 +133,15 @@ def test_triplets_layout(assets_dir, tiny_bert_dir, name, ext):
 
 
 def test_triplets_duplicate_text_is_a_negative_not_a_positive(tmp_path, tiny_bert_dir):
-    rows = [{"anchor": "a0", "positive": "p0", "negative": "p1"},  # p1 is row 1's positive
-            {"anchor": "a1", "positive": "p1", "negative": "p0"}]
+    rows = [
+        {"anchor": "a0", "positive": "p0", "negative": "p1"},  # p1 is row 1's positive
+        {"anchor": "a1", "positive": "p1", "negative": "p0"},
+    ]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = DataConfig(source=str(path), layout="triplets", samples_per_class=2, tokenizer_workers=0,
-                      shuffle_buffer=1, max_length=8)
+    data = DataConfig(
+        source=str(path), layout="triplets", samples_per_class=2, tokenizer_workers=0, shuffle_buffer=1, max_length=8
+    )
     b = take(data, tiny_bert_dir, 6, 1)[0]
     by_text = {}
     for text, label in zip(b.texts, b.labels.tolist()):
@@ -143,44 +152,77 @@ def test_triplets_duplicate_text_is_a_negative_not_a_positive(tmp_path, tiny_ber
 
 
 def test_triplets_read_rows(assets_dir):
-    rows = rows_of(str(assets_dir / "triplets3.jsonl"), layout="triplets",
-                   negative_columns=NEGATIVES["triplets3"], limit=16)
+    rows = rows_of(
+        str(assets_dir / "triplets3.jsonl"), layout="triplets", negative_columns=NEGATIVES["triplets3"], limit=16
+    )
     assert len(rows.texts) == 15  # whole rows of 5 texts only
     assert rows.labels == [0, 0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 8, 9, 10, 11]
-    assert rows.triplets == [(0, 1, 2), (0, 1, 3), (0, 1, 4), (5, 6, 7), (5, 6, 8), (5, 6, 9),
-                             (10, 11, 12), (10, 11, 13), (10, 11, 14)]
+    assert rows.triplets == [
+        (0, 1, 2),
+        (0, 1, 3),
+        (0, 1, 4),
+        (5, 6, 7),
+        (5, 6, 8),
+        (5, 6, 9),
+        (10, 11, 12),
+        (10, 11, 13),
+        (10, 11, 14),
+    ]
     expected = triplet_file_rows(assets_dir / "triplets3.jsonl")[:3]
-    assert [tuple(rows.texts[i:i + 5]) for i in (0, 5, 10)] == expected
+    assert [tuple(rows.texts[i : i + 5]) for i in (0, 5, 10)] == expected
     assert rows_of(str(assets_dir / "pairs.jsonl"), layout="pairs").triplets == []
 
 
 def test_triplet_resume_continues_exactly(assets_dir, tiny_bert_dir):
-    data = cfg(assets_dir, "triplets3.parquet", layout="triplets", negative_columns=NEGATIVES["triplets3"],
-               samples_per_class=2, shuffle_buffer=16)
+    data = cfg(
+        assets_dir,
+        "triplets3.parquet",
+        layout="triplets",
+        negative_columns=NEGATIVES["triplets3"],
+        samples_per_class=2,
+        shuffle_buffer=16,
+    )
     straight = take(data, tiny_bert_dir, 20, 30, seed=5)
     resumed = take(data, tiny_bert_dir, 20, 10, seed=5, state=roundtrip_json(straight[19].state))
     for a, b in zip(straight[20:], resumed):
         same(a, b)
-    other = cfg(assets_dir, "triplets3.parquet", layout="triplets", negative_columns=("negative_1",),
-                samples_per_class=2, shuffle_buffer=16)
+    other = cfg(
+        assets_dir,
+        "triplets3.parquet",
+        layout="triplets",
+        negative_columns=("negative_1",),
+        samples_per_class=2,
+        shuffle_buffer=16,
+    )
     with pytest.raises(DataError, match="source"):
         BatchStream(other, str(tiny_bert_dir), 6, seed=5, state=straight[0].state)
 
 
 MISMATCHES = [  # (file, layout and columns, what the message names: found columns and the layout that fits)
     ("triplets.jsonl", {"layout": "pairs"}, "would drop the negative column 'negative'", "layout triplets would fit"),
-    ("triplets3.csv", {"layout": "pairs"}, "would drop the negative columns 'negative_1', 'negative_2', 'negative_3'",
-     "layout triplets with negative columns negative_1, negative_2, negative_3 would fit"),
-    ("triplets3.parquet", {"layout": "triplets"}, "column 'negative' not found",
-     "layout triplets with negative columns negative_1, negative_2, negative_3 would fit"),
+    (
+        "triplets3.csv",
+        {"layout": "pairs"},
+        "would drop the negative columns 'negative_1', 'negative_2', 'negative_3'",
+        "layout triplets with negative columns negative_1, negative_2, negative_3 would fit",
+    ),
+    (
+        "triplets3.parquet",
+        {"layout": "triplets"},
+        "column 'negative' not found",
+        "layout triplets with negative columns negative_1, negative_2, negative_3 would fit",
+    ),
     ("triplets.jsonl", {}, "columns 'text', 'label' not found", "layout triplets would fit"),
     ("pairs.jsonl", {}, "columns 'text', 'label' not found", "layout pairs would fit"),
     ("pairs.jsonl", {"layout": "triplets"}, "column 'negative' not found", "layout pairs would fit"),
     ("train.jsonl", {"layout": "pairs"}, "columns 'anchor', 'positive' not found", "layout labelled would fit"),
-    ("train.parquet", {"layout": "triplets"}, "columns 'anchor', 'positive', 'negative' not found",
-     "layout labelled would fit"),
-    ("triplets.jsonl", {"layout": "triplets", "anchor_column": "query"}, "column 'query' not found",
-     "no layout fits"),
+    (
+        "train.parquet",
+        {"layout": "triplets"},
+        "columns 'anchor', 'positive', 'negative' not found",
+        "layout labelled would fit",
+    ),
+    ("triplets.jsonl", {"layout": "triplets", "anchor_column": "query"}, "column 'query' not found", "no layout fits"),
     ("wrong_columns.jsonl", {"layout": "pairs"}, "columns 'anchor', 'positive' not found", "no layout fits"),
 ]
 
@@ -191,11 +233,15 @@ def test_layout_and_columns_mismatch_is_one_line(assets_dir, name, config, probl
 
     source = str(assets_dir / name)
     path = assets_dir / name
-    frame = (pd.read_json(path, lines=True, nrows=1) if path.suffix == ".jsonl" else
-             pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, nrows=1))
+    frame = (
+        pd.read_json(path, lines=True, nrows=1)
+        if path.suffix == ".jsonl"
+        else pd.read_parquet(path)
+        if path.suffix == ".parquet"
+        else pd.read_csv(path, nrows=1)
+    )
     found = ", ".join(frame.columns)
-    for call in (lambda: check_source(DataConfig(source=source, **config)),
-                 lambda: rows_of(source, **config)):
+    for call in (lambda: check_source(DataConfig(source=source, **config)), lambda: rows_of(source, **config)):
         with pytest.raises(DataError) as err:
             call()
         message = str(err.value)
@@ -204,6 +250,7 @@ def test_layout_and_columns_mismatch_is_one_line(assets_dir, name, config, probl
 
 
 # ------------------------------------------------------------------------------ rows and formats
+
 
 def test_bad_rows_are_skipped_and_counted(assets_dir, tiny_bert_dir):
     rows = rows_of(str(assets_dir / "bad_rows.jsonl"))
@@ -243,6 +290,7 @@ def test_text_format_stream_is_labelled_by_file(assets_dir, tiny_bert_dir):
 
 # ------------------------------------------------------------------------------ errors
 
+
 def test_missing_column_lists_existing_columns(assets_dir):
     with pytest.raises(DataError) as err:
         check_source(cfg(assets_dir, "wrong_columns.jsonl"))
@@ -268,6 +316,7 @@ def test_missing_files_and_no_rows(assets_dir, tmp_path):
 
 # ------------------------------------------------------------------------------ tokenisation
 
+
 def test_padding_to_longest_row_and_truncation(assets_dir, tiny_bert_dir):
     from transformers import AutoTokenizer
 
@@ -288,7 +337,9 @@ def test_batches_travel_unpadded_and_pad_like_the_tokenizer(assets_dir, tiny_ber
     tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
     for b in take(cfg(assets_dir, "train.jsonl", max_length=9), tiny_bert_dir, 12, 2):
         want = tok(b.texts, padding="longest", truncation=True, max_length=9, return_tensors="pt")
-        assert b.token_ids.dim() == 1 and b.token_ids.numel() == int(b.lengths.sum()) == int(want["attention_mask"].sum())
+        assert b.token_ids.dim() == 1 and b.token_ids.numel() == int(b.lengths.sum()) == int(
+            want["attention_mask"].sum()
+        )
         ids, mask = pad_ragged(b.token_ids, b.lengths, b.pad_id)
         assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
     ids, mask = pad_ragged(torch.tensor([7, 8, 9, 5]), torch.tensor([3, 0, 1]), pad_id=-1)
@@ -306,6 +357,7 @@ def test_worker_processes_tokenise_like_the_main_process(assets_dir, tiny_bert_d
 
 # ------------------------------------------------------------------------------ resume
 
+
 def roundtrip_json(state: dict) -> dict:
     return json.loads(json.dumps(state))
 
@@ -320,16 +372,23 @@ def roundtrip_torch(state: dict) -> dict:
 def same(a, b):
     assert a.texts == b.texts
     assert torch.equal(a.labels, b.labels) and torch.equal(a.input_ids, b.input_ids)
-    assert (a.rows_seen, a.rows_skipped, a.classes_evicted, a.epoch) == (b.rows_seen, b.rows_skipped,
-                                                                        b.classes_evicted, b.epoch)
+    assert (a.rows_seen, a.rows_skipped, a.classes_evicted, a.epoch) == (
+        b.rows_seen,
+        b.rows_skipped,
+        b.classes_evicted,
+        b.epoch,
+    )
 
 
-@pytest.mark.parametrize("name, batch, k, m, extra, roundtrip", [
-    ("two_class.jsonl", 16, 20, 15, {}, roundtrip_json),                       # crosses the epoch at ~25
-    ("many_class.jsonl", 16, 5, 5, {"max_buffered_rows": 40}, roundtrip_json),  # with evictions
-    ("pairs.jsonl", 6, 5, 10, {"layout": "pairs"}, roundtrip_torch),
-    ("bad_rows.jsonl", 4, 3, 12, {"samples_per_class": 2}, roundtrip_json),
-])
+@pytest.mark.parametrize(
+    "name, batch, k, m, extra, roundtrip",
+    [
+        ("two_class.jsonl", 16, 20, 15, {}, roundtrip_json),  # crosses the epoch at ~25
+        ("many_class.jsonl", 16, 5, 5, {"max_buffered_rows": 40}, roundtrip_json),  # with evictions
+        ("pairs.jsonl", 6, 5, 10, {"layout": "pairs"}, roundtrip_torch),
+        ("bad_rows.jsonl", 4, 3, 12, {"samples_per_class": 2}, roundtrip_json),
+    ],
+)
 def test_resume_continues_exactly(assets_dir, tiny_bert_dir, name, batch, k, m, extra, roundtrip):
     data = cfg(assets_dir, name, **extra)
     straight = take(data, tiny_bert_dir, batch, k + m, seed=3)
@@ -358,6 +417,7 @@ def test_seeds_differ(assets_dir, tiny_bert_dir):
 
 # ------------------------------------------------------------------------------ distributed
 
+
 def test_ranks_read_disjoint_rows(assets_dir, tiny_bert_dir):
     data = cfg(assets_dir, "many_class.jsonl", shuffle_buffer=16)
     seen = []
@@ -376,8 +436,14 @@ def test_a_corpus_that_can_never_fill_two_classes_is_an_error_not_a_hang(tmp_pat
         for i in range(300):
             label = "only" if labels == "one class" else f"id-{i}"
             handle.write(json.dumps({"text": f"row {i} alpha beta", "label": label}) + "\n")
-    data = DataConfig(source=str(path), tokenizer_workers=0, shuffle_buffer=16, max_length=16,
-                      samples_per_class=4, max_buffered_rows=64)
+    data = DataConfig(
+        source=str(path),
+        tokenizer_workers=0,
+        shuffle_buffer=16,
+        max_length=16,
+        samples_per_class=4,
+        max_buffered_rows=64,
+    )
     stream = BatchStream(data, str(tiny_bert_dir), 16, seed=0)
     try:
         with pytest.raises(DataError, match="cannot form class-balanced batches"):
@@ -394,9 +460,16 @@ def test_close_returns_while_a_batch_is_still_being_assembled(tmp_path, tiny_ber
     with path.open("w") as handle:  # 20,000 classes of one row each: no batch for a long while
         for i in range(20_000):
             handle.write(json.dumps({"text": f"row {i}", "label": f"c{i}"}) + "\n")
-    data = DataConfig(source=str(path), tokenizer_workers=0, shuffle_buffer=16, max_length=16,
-                      samples_per_class=4, max_buffered_rows=100_000)
+    data = DataConfig(
+        source=str(path),
+        tokenizer_workers=0,
+        shuffle_buffer=16,
+        max_length=16,
+        samples_per_class=4,
+        max_buffered_rows=100_000,
+    )
     stream = BatchStream(data, str(tiny_bert_dir), 16, seed=0)
+
     def wait_for_a_batch() -> None:
         try:
             next(stream, None)

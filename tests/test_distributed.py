@@ -45,6 +45,7 @@ def _chunking(how: str):
 
 # ---------------------------------------------------------------- shared by the ranks and the reference
 
+
 def _build_model() -> torch.nn.Module:
     """Tiny BERT (dropout off, no pooler) + mean pooling + a 16-wide head + L2 norm, seeded."""
     from transformers import AutoConfig, AutoModel
@@ -73,8 +74,11 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     parts = [_rank_batch(r) for r in range(WORLD)]
     width = max(p[0].shape[1] for p in parts)
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-    return (torch.cat([pad(p[0]) for p in parts]), torch.cat([pad(p[1]) for p in parts]),
-            torch.cat([p[2] for p in parts]))
+    return (
+        torch.cat([pad(p[0]) for p in parts]),
+        torch.cat([pad(p[1]) for p in parts]),
+        torch.cat([p[2] for p in parts]),
+    )
 
 
 def _loss_fn(mode: str):
@@ -92,12 +96,11 @@ def _has(module: str) -> bool:
 
 
 def _flat_grads(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([
-        (p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()
-    ])
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
 
 # ---------------------------------------------------------------- the rank side (this file as a script)
+
 
 def _worker(out_dir: Path) -> None:
     from functools import partial
@@ -118,7 +121,9 @@ def _worker(out_dir: Path) -> None:
     (gathered * w).sum().backward()
     start = 0 if ctx.rank == 0 else 3
     results["gather_rows"] = gathered[:, 0].tolist()
-    results["gather_grad_ratio"] = (x.grad / w[start:start + x.shape[0]].clamp(min=1e-9))[w[start:start + x.shape[0]] > 0].unique().tolist()
+    results["gather_grad_ratio"] = (
+        (x.grad / w[start : start + x.shape[0]].clamp(min=1e-9))[w[start : start + x.shape[0]] > 0].unique().tolist()
+    )
     results["labels"] = D.gather_labels(torch.tensor(RANK_LABELS[ctx.rank][: 8 - 3 * ctx.rank]), ctx).tolist()
     results["sum"] = D.all_reduce_sum(ctx.rank + 1, ctx)
     results["mean"] = D.all_reduce_mean(ctx.rank + 1, ctx)
@@ -148,8 +153,14 @@ def _worker(out_dir: Path) -> None:
             from tripletctl.chunking import embed_and_backward
 
             loss, _, _ = embed_and_backward(
-                model, ids, mask, global_labels, loss_fn, _chunking(how),
-                gather=partial(D.gather_with_grad, ctx=ctx), no_sync=D.no_sync_for(model),
+                model,
+                ids,
+                mask,
+                global_labels,
+                loss_fn,
+                _chunking(how),
+                gather=partial(D.gather_with_grad, ctx=ctx),
+                no_sync=D.no_sync_for(model),
             )
         grads = _flat_grads(D.unwrap_model(model))
         key = f"{mode}/{how}"
@@ -169,6 +180,7 @@ def _worker(out_dir: Path) -> None:
 
 # ---------------------------------------------------------------- launching
 
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (bind port 0 and let the OS choose)."""
     with socket.socket() as s:
@@ -177,8 +189,14 @@ def free_port() -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **extra,
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
@@ -188,9 +206,19 @@ def launch_ranks(args: list[str], world_size: int = WORLD, timeout: float = 120)
     port = str(free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            [sys.executable, *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE=str(world_size),
+                LOCAL_WORLD_SIZE=str(world_size),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
         )
         for r in range(world_size)
     ]
@@ -207,17 +235,34 @@ def launch_ranks(args: list[str], world_size: int = WORLD, timeout: float = 120)
     return done
 
 
-def torchrun_train(curriculum: str | Path, *overrides: str, nproc: int = WORLD, resume: bool = False,
-                   cwd: str | Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+def torchrun_train(
+    curriculum: str | Path,
+    *overrides: str,
+    nproc: int = WORLD,
+    resume: bool = False,
+    cwd: str | Path = REPO,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc_per_node=N -m tripletctl train CURRICULUM ...` on a
     free port: the end-to-end launch (e.g. the quickstart with train.output_dir=... overrides)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           "-m", "tripletctl", "train", str(curriculum), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "tripletctl",
+        "train",
+        str(curriculum),
+        *overrides,
+    ]
     if resume:
         cmd.append("--resume")
-    return subprocess.run(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +275,7 @@ def two_ranks(tmp_path_factory) -> tuple[dict, Path]:
 
 
 # ---------------------------------------------------------------- tests
+
 
 def test_gather_concatenates_in_rank_order_with_uneven_sizes(two_ranks):
     results, _ = two_ranks
@@ -352,8 +398,14 @@ def test_torchrun_quickstart_runs_and_resumes(tmp_path):
     from safetensors.torch import load_file
 
     def short(out: Path) -> list[str]:
-        return [f"train.output_dir={out}", "phases.0.steps=2", "phases.1.steps=1", "phases.2.steps=2",
-                "train.checkpoint_every=1", "eval.max_rows=200"]
+        return [
+            f"train.output_dir={out}",
+            "phases.0.steps=2",
+            "phases.1.steps=1",
+            "phases.2.steps=2",
+            "train.checkpoint_every=1",
+            "eval.max_rows=200",
+        ]
 
     def final_weights(out: Path) -> dict:
         model_dir = out / "phase-2-batch-hard" / "checkpoint" / "model"
@@ -368,8 +420,11 @@ def test_torchrun_quickstart_runs_and_resumes(tmp_path):
     assert second.returncode == 0, second.stdout[-4000:]
     state = json.loads((out / "phase-2-batch-hard" / "checkpoint" / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 2
-    records = [json.loads(line) for line in (out / "phase-2-batch-hard" / "metrics.jsonl").read_text().splitlines()
-               if '"loss"' in line]
+    records = [
+        json.loads(line)
+        for line in (out / "phase-2-batch-hard" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
     assert [r["step"] for r in records] == [1, 2]
     # batch-hard mines one triplet per anchor: the whole global batch of 256, not 256 / world_size.
     assert all(r["num_triplets"] + r["skipped_anchors"] == 256 for r in records), records
@@ -388,18 +443,27 @@ def test_torchrun_ranks_end_phases_on_until_conditions_together(tmp_path):
     collectives out of step (a hang or an error), and the run would not finish with exit 0."""
     out = tmp_path / "run"
     result = torchrun_train(
-        QUICKSTART, f"train.output_dir={out}", "train.checkpoint_every=0", "eval.max_rows=200", "eval.every=1",
-        "phases.0.steps=4", "phases.0.until={eval_plateau: {metric: recall@1, patience: 1, min_delta: 0.9}}",
-        "phases.1.steps=3", "phases.1.until={loss_below: 1.0, min_steps: 1}",
-        "phases.2.steps=3", "phases.2.until={plateau: {metric: batch_hard_loss, patience: 1, min_delta: 0.5}, "
-                            "min_steps: 2}",
+        QUICKSTART,
+        f"train.output_dir={out}",
+        "train.checkpoint_every=0",
+        "eval.max_rows=200",
+        "eval.every=1",
+        "phases.0.steps=4",
+        "phases.0.until={eval_plateau: {metric: recall@1, patience: 1, min_delta: 0.9}}",
+        "phases.1.steps=3",
+        "phases.1.until={loss_below: 1.0, min_steps: 1}",
+        "phases.2.steps=3",
+        "phases.2.until={plateau: {metric: batch_hard_loss, patience: 1, min_delta: 0.5}, min_steps: 2}",
     )
     assert result.returncode == 0, result.stdout[-4000:]
     index = json.loads((out / "run.json").read_text())
     assert [p["ended_by"] for p in index["phases"]] == ["until", "until", "until"], index["phases"]
     assert [p["steps_done"] for p in index["phases"]] == [2, 1, 2]
-    events = [json.loads(line) for line in (out / "phase-0-semi-hard" / "metrics.jsonl").read_text().splitlines()
-              if '"event"' in line]
+    events = [
+        json.loads(line)
+        for line in (out / "phase-0-semi-hard" / "metrics.jsonl").read_text().splitlines()
+        if '"event"' in line
+    ]
     assert [e["event"] for e in events] == ["eval", "until", "eval"]
     assert events[1]["condition"] == "eval_plateau" and events[1]["value"] == events[0]["recall@1"]
     state = json.loads((out / "phase-2-batch-hard" / "checkpoint" / "state.json").read_text())
@@ -413,9 +477,17 @@ def test_torchrun_memory_holds_the_global_batch_and_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 
     def short(out: Path) -> list[str]:
-        return [f"train.output_dir={out}", "phases.0.steps=2", "phases.1.steps=1", "phases.2.steps=2",
-                "train.memory={size: 640, start_step: 1}", "eval.max_rows=100",
-                "phases.0.until=null", "phases.1.until=null", "phases.2.until=null"]  # fixed lengths
+        return [
+            f"train.output_dir={out}",
+            "phases.0.steps=2",
+            "phases.1.steps=1",
+            "phases.2.steps=2",
+            "train.memory={size: 640, start_step: 1}",
+            "eval.max_rows=100",
+            "phases.0.until=null",
+            "phases.1.until=null",
+            "phases.2.until=null",
+        ]  # fixed lengths
 
     straight = torchrun_train(QUICKSTART, *short(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stdout[-4000:]
@@ -424,20 +496,27 @@ def test_torchrun_memory_holds_the_global_batch_and_resumes_exactly(tmp_path):
     assert first.returncode == 0, first.stdout[-4000:]
     second = torchrun_train(QUICKSTART, *short(out), resume=True)
     assert second.returncode == 0, second.stdout[-4000:]
-    records = [json.loads(line) for line in (tmp_path / "straight" / "phase-0-semi-hard" / "metrics.jsonl")
-               .read_text().splitlines() if '"loss"' in line]
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "straight" / "phase-0-semi-hard" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
     from tripletctl.curriculum import load_curriculum
 
     batch = load_curriculum(QUICKSTART).phases[0].batch_size
     assert [r["memory_rows"] for r in records] == [0, batch]  # the global batch, not batch / world_size
     for name in ("model", "memory"):
         if name == "model":
-            files = [next((o / "phase-2-batch-hard" / "checkpoint" / "model").glob("model*.safetensors"))
-                     for o in (tmp_path / "straight", out)]
+            files = [
+                next((o / "phase-2-batch-hard" / "checkpoint" / "model").glob("model*.safetensors"))
+                for o in (tmp_path / "straight", out)
+            ]
             a, b = (load_file(str(f)) for f in files)
         else:
-            a, b = (torch.load(o / "phase-2-batch-hard" / "checkpoint" / "memory.pt", weights_only=True)
-                    for o in (tmp_path / "straight", out))
+            a, b = (
+                torch.load(o / "phase-2-batch-hard" / "checkpoint" / "memory.pt", weights_only=True)
+                for o in (tmp_path / "straight", out)
+            )
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 

@@ -151,9 +151,7 @@ def test_triplet_accuracy_matches_exhaustive_fraction():
 
 def test_accepts_torch_input():
     emb, labels = random_set(30, 4, 3, 9)
-    assert retrieval_metrics(torch.tensor(emb), torch.tensor(labels)) == pytest.approx(
-        retrieval_metrics(emb, labels)
-    )
+    assert retrieval_metrics(torch.tensor(emb), torch.tensor(labels)) == pytest.approx(retrieval_metrics(emb, labels))
 
 
 # ------------------------------------------------------------------------------------ command
@@ -175,8 +173,15 @@ def test_eval_cli_json_and_table(tmp_path, tiny_bert_dir):
     model = TripletEncoder(AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir)), head=(16,))
     tokenizer = load_tokenizer(str(tiny_bert_dir))
     run = tmp_path / "run"
-    save_checkpoint(run / "phase-0-semi-hard" / "checkpoint", model=model, tokenizer=tokenizer, optimizer=None,
-                    state={"phase_index": 0}, stream_state=None, curriculum={"data": {"max_length": 32}})
+    save_checkpoint(
+        run / "phase-0-semi-hard" / "checkpoint",
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=None,
+        state={"phase_index": 0},
+        stream_state=None,
+        curriculum={"data": {"max_length": 32}},
+    )
     heldout = Path(tiny_bert_dir).parent / "heldout.jsonl"
     data = tmp_path / "heldout.jsonl"
     data.write_text("\n".join(heldout.read_text().splitlines()[:80]) + "\n")
@@ -213,9 +218,9 @@ def test_given_triplet_accuracy_matches_a_loop():
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     """A run directory per eval block (None: no block), holding one untrained tiny-BERT checkpoint."""
+    from conftest import ASSETS, TINY_BERT
     from transformers import AutoConfig, AutoModel
 
-    from conftest import ASSETS, TINY_BERT
     from tripletctl.checkpoint import save_checkpoint
     from tripletctl.model import TripletEncoder, load_tokenizer
 
@@ -234,8 +239,15 @@ def saved_run(tmp_path_factory):
         curriculum = {"data": {"source": "unused", "max_length": 32}}
         if block is not None:
             curriculum["eval"] = block
-        save_checkpoint(root / name / "phase-0-p" / "checkpoint", model=model, tokenizer=tokenizer, optimizer=None,
-                        state={"phase_index": 0}, stream_state=None, curriculum=curriculum)
+        save_checkpoint(
+            root / name / "phase-0-p" / "checkpoint",
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=None,
+            state={"phase_index": 0},
+            stream_state=None,
+            curriculum=curriculum,
+        )
         runs[name] = root / name
     return runs, model, tokenizer
 
@@ -250,12 +262,28 @@ def _cli(*args):
 
 def test_eval_on_triplet_data_reports_given_negative_accuracy(saved_run):
     from conftest import ASSETS
+
     from tripletctl.model import encode
 
     runs, model, tokenizer = saved_run
     data = ASSETS / "triplets3.jsonl"
-    result = _cli("eval", runs["none"], "--data", data, "--layout", "triplets", "--negative-column", "negative_1",
-                  "--negative-column", "negative_2", "--negative-column", "negative_3", "--max-rows", 100, "--json")
+    result = _cli(
+        "eval",
+        runs["none"],
+        "--data",
+        data,
+        "--layout",
+        "triplets",
+        "--negative-column",
+        "negative_1",
+        "--negative-column",
+        "negative_2",
+        "--negative-column",
+        "negative_3",
+        "--max-rows",
+        100,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     rows = [json.loads(line) for line in data.read_text().splitlines()][:20]  # 100 texts = 20 rows of 5
@@ -263,8 +291,11 @@ def test_eval_on_triplet_data_reports_given_negative_accuracy(saved_run):
     assert payload["queries"] == 40 and payload["excluded_queries"] == 60  # negatives are distractors only
     texts = [t for r in rows for t in (r["anchor"], r["positive"], r["negative_1"], r["negative_2"], r["negative_3"])]
     emb = encode(model, tokenizer, texts, max_length=32, device="cpu").numpy()
-    wins = [np.linalg.norm(emb[5 * i] - emb[5 * i + 1]) < np.linalg.norm(emb[5 * i] - emb[5 * i + j])
-            for i in range(20) for j in (2, 3, 4)]
+    wins = [
+        np.linalg.norm(emb[5 * i] - emb[5 * i + 1]) < np.linalg.norm(emb[5 * i] - emb[5 * i + j])
+        for i in range(20)
+        for j in (2, 3, 4)
+    ]
     assert payload["given_negative_accuracy"] == pytest.approx(float(np.mean(wins)), abs=1e-6)
 
 
@@ -279,12 +310,16 @@ def test_eval_and_inspect_use_the_runs_saved_eval_block(saved_run, layout):
     assert saved["rows"] == {"labelled": 120, "pairs": 60, "triplets": 150}[layout]  # the block's max_rows
     assert ("given_negative_accuracy" in saved) == (layout == "triplets")
     # the same numbers as the same source typed on the command line
-    data = {"labelled": TINY_BERT.parent / "heldout.jsonl", "pairs": ASSETS / "pairs.jsonl",
-            "triplets": ASSETS / "triplets_heldout.jsonl"}[layout]
+    data = {
+        "labelled": TINY_BERT.parent / "heldout.jsonl",
+        "pairs": ASSETS / "pairs.jsonl",
+        "triplets": ASSETS / "triplets_heldout.jsonl",
+    }[layout]
     typed = _cli("eval", runs["none"], "--data", data, "--layout", layout, "--max-rows", saved["rows"], "--json")
     assert typed.exit_code == 0, typed.output
-    assert {k: v for k, v in json.loads(typed.stdout).items() if k != "checkpoint"} == \
-        {k: v for k, v in saved.items() if k != "checkpoint"}
+    assert {k: v for k, v in json.loads(typed.stdout).items() if k != "checkpoint"} == {
+        k: v for k, v in saved.items() if k != "checkpoint"
+    }
     # options given without --data change the saved block
     fewer = _cli("eval", runs[layout], "--max-rows", 30, "--json")
     assert fewer.exit_code == 0 and json.loads(fewer.stdout)["rows"] == 30
@@ -301,22 +336,35 @@ def test_no_saved_eval_block_and_bad_source_options_are_one_line_exit_2(saved_ru
     cases = [
         ([runs["none"]], "has no eval block: pass --data SOURCE"),
         ([runs["none"], "--layout", "pairs"], "has no eval block"),
-        ([runs["none"], "--data", ASSETS / "triplets.jsonl", "--layout", "pairs"],
-         "would drop the negative column 'negative'"),
+        (
+            [runs["none"], "--data", ASSETS / "triplets.jsonl", "--layout", "pairs"],
+            "would drop the negative column 'negative'",
+        ),
         ([runs["triplets"], "--layout", "pairs"], "layout triplets would fit"),  # changes the saved block
-        ([runs["none"], "--data", ASSETS / "triplets3.parquet", "--layout", "triplets"],
-         "layout triplets with negative columns negative_1, negative_2, negative_3 would fit"),
+        (
+            [runs["none"], "--data", ASSETS / "triplets3.parquet", "--layout", "triplets"],
+            "layout triplets with negative columns negative_1, negative_2, negative_3 would fit",
+        ),
         ([runs["none"], "--data", ASSETS / "pairs.jsonl"], "layout pairs would fit"),
-        ([runs["none"], "--data", ASSETS / "train.jsonl", "--layout", "tripplets"],
-         "--layout must be one of labelled, pairs, triplets, got 'tripplets' (did you mean 'triplets'?)"),
-        ([runs["none"], "--data", ASSETS / "train.jsonl", "--load-dataset", "split=test"],
-         "--load-dataset must be free of 'split'"),
-        ([runs["none"], "--data", ASSETS / "train.jsonl", "--load-dataset", "name"], "--load-dataset expects KEY=VALUE"),
+        (
+            [runs["none"], "--data", ASSETS / "train.jsonl", "--layout", "tripplets"],
+            "--layout must be one of labelled, pairs, triplets, got 'tripplets' (did you mean 'triplets'?)",
+        ),
+        (
+            [runs["none"], "--data", ASSETS / "train.jsonl", "--load-dataset", "split=test"],
+            "--load-dataset must be free of 'split'",
+        ),
+        (
+            [runs["none"], "--data", ASSETS / "train.jsonl", "--load-dataset", "name"],
+            "--load-dataset expects KEY=VALUE",
+        ),
     ]
     for args, expected in cases:
         result = _cli(command, *args)
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1 and expected in lines[0], (args, result.output)
+
+
 def test_a_one_point_model_never_scores_well():
     # every embedding identical: all distances tie, and ties are broken against the model
     labels = np.arange(40) % 5
@@ -326,7 +374,9 @@ def test_a_one_point_model_never_scores_well():
         assert m["recall@1"] == m["recall@5"] == m["recall@10"] == 0.0
         assert m["map@r"] == m["r_precision"] == m["triplet_accuracy"] == 0.0
         want = brute_force(emb.astype(np.float64), labels)
-        assert {k: m[k] for k in want if k != "queries"} == pytest.approx({k: v for k, v in want.items() if k != "queries"})
+        assert {k: m[k] for k in want if k != "queries"} == pytest.approx(
+            {k: v for k, v in want.items() if k != "queries"}
+        )
 
 
 def test_partial_ties_are_broken_pessimistically_like_the_reference():

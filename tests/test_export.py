@@ -16,9 +16,13 @@ from tripletctl.curriculum import ModelConfig
 from tripletctl.model import build_model, encode, load_model
 
 TEXTS = ["alpha beta", "gamma", "delta epsilon zeta"]
-CURRICULUM = {"model": {"name": "tiny", "init": "config"}, "data": {"source": "x.jsonl", "max_length": 24},
-              "phases": [{"name": "only", "mining": "batch-hard", "batch_size": 8, "margin": 0.2,
-                          "steps": 5, "distance": "euclidean"}]}
+CURRICULUM = {
+    "model": {"name": "tiny", "init": "config"},
+    "data": {"source": "x.jsonl", "max_length": 24},
+    "phases": [
+        {"name": "only", "mining": "batch-hard", "batch_size": 8, "margin": 0.2, "steps": 5, "distance": "euclidean"}
+    ],
+}
 
 
 @pytest.fixture
@@ -28,9 +32,15 @@ def run_dir(tiny_bert_dir, tmp_path) -> Path:
     run = tmp_path / "run"
     (run).mkdir()
     (run / "run.json").write_text("{}")
-    save_checkpoint(run / "phase-0-only" / "checkpoint", model=model, tokenizer=tok, optimizer=opt,
-                    state={"phase_index": 0, "phase_name": "only", "step": 5, "global_step": 5},
-                    stream_state={"row": 3}, curriculum=CURRICULUM)
+    save_checkpoint(
+        run / "phase-0-only" / "checkpoint",
+        model=model,
+        tokenizer=tok,
+        optimizer=opt,
+        state={"phase_index": 0, "phase_name": "only", "step": 5, "global_step": 5},
+        stream_state={"row": 3},
+        curriculum=CURRICULUM,
+    )
     return run
 
 
@@ -47,14 +57,17 @@ def one_error_line(result) -> str:
 
 @pytest.mark.parametrize("which", ["run", "phase", "checkpoint"])
 def test_exports_only_the_model_folder(run_dir, tmp_path, which):
-    source = {"run": run_dir, "phase": run_dir / "phase-0-only",
-              "checkpoint": run_dir / "phase-0-only" / "checkpoint"}[which]
+    source = {"run": run_dir, "phase": run_dir / "phase-0-only", "checkpoint": run_dir / "phase-0-only" / "checkpoint"}[
+        which
+    ]
     out = tmp_path / "out" / "model"
     result = export(str(source), str(out))
     assert result.exit_code == 0, result.output
     assert "hf upload" in result.output
     model_dir = run_dir / "phase-0-only" / "checkpoint" / "model"
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(p.relative_to(model_dir) for p in model_dir.rglob("*"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(
+        p.relative_to(model_dir) for p in model_dir.rglob("*")
+    )
     for name in ("optimizer.pt", "rng.pt", "state.json", "COMPLETE"):
         assert not list(out.rglob(name))
     assert (out / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()

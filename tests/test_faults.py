@@ -21,14 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_runner import final_weights, write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.checkpoint import load_checkpoint
 from tripletctl.cli import app
 from tripletctl.curriculum import load_curriculum
 from tripletctl.runner import EXIT_INTERRUPTED, EXIT_WORKER_DIED, train
-
-from test_runner import final_weights, write_curriculum
 
 STEPS = (6, 2, 2)  # checkpoint_every=1: 10 saves, 7 of which replace (and discard) an older one
 SEEDED = random.Random(9)
@@ -74,15 +73,24 @@ def assert_same_weights(run: Path, reference: dict[str, torch.Tensor]) -> None:
 def assert_tidy(run: Path, prev_allowed: bool = False) -> None:
     """No temporary or half-deleted file or directory anywhere in the run directory (a complete
     `checkpoint.prev` is the valid checkpoint after a stop between the two renames of a save)."""
-    leftovers = [p for p in run.rglob("*") if ".tmp-" in p.name or ".trash-" in p.name
-                 or (p.name == "checkpoint.prev" and not prev_allowed)]
+    leftovers = [
+        p
+        for p in run.rglob("*")
+        if ".tmp-" in p.name or ".trash-" in p.name or (p.name == "checkpoint.prev" and not prev_allowed)
+    ]
     assert not leftovers, leftovers
 
 
 def start(path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "tripletctl", "train", str(path), *args], cwd=path.parent,
-                            env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tripletctl", "train", str(path), *args],
+        cwd=path.parent,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -136,6 +144,7 @@ def catches(pid: int, sig: int) -> bool:
 
 # ------------------------------------------------------------------------------- kill -9, then --resume
 
+
 @pytest.mark.parametrize(("point", "n"), KILL_POINTS, ids=[f"{p}:{n}" for p, n in KILL_POINTS])
 def test_kill9_at_a_seeded_point_then_resume_gives_identical_weights(tmp_path, reference, point, n):
     workers = 1 if point == "step" else 0  # one case also checks the worker dies with the trainer
@@ -162,6 +171,7 @@ def test_kill9_at_a_seeded_point_then_resume_gives_identical_weights(tmp_path, r
 
 
 # ------------------------------------------------------------------------------- signals
+
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_start_up_stops_the_run_with_130(tmp_path, sig):
@@ -221,6 +231,7 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------- tokenizer workers
+
 
 def stalled(run: Path, seconds: float = 1.5) -> bool:
     before = steps_logged(run)
@@ -292,12 +303,12 @@ def test_sigterm_stops_a_run_whose_worker_hangs(tmp_path):
 
 # ------------------------------------------------------------------------------- full disk, read-only
 
+
 def mount_tmpfs(directory: Path, size: str) -> bool:
     directory.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         return False
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                          capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True)
     return done.returncode == 0
 
 
@@ -368,8 +379,12 @@ def make_read_only(directory: Path, monkeypatch) -> callable:
         return real_open(path, flags, *args, **kw)
 
     monkeypatch.setattr(os, "open", refuse)
-    monkeypatch.setattr("builtins.open", lambda file, mode="r", *a, _o=open, **k: (
-        refuse(file, os.O_WRONLY) if any(c in mode for c in "wax+") else None) or _o(file, mode, *a, **k))
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda file, mode="r", *a, _o=open, **k: (
+            (refuse(file, os.O_WRONLY) if any(c in mode for c in "wax+") else None) or _o(file, mode, *a, **k)
+        ),
+    )
     return lambda: None
 
 

@@ -58,13 +58,16 @@ def test_state_dict_round_trips_through_weights_only_load(tmp_path):
     assert empty.filled == 0 and empty.embeddings is None
 
 
-@pytest.mark.parametrize("damage", [
-    lambda s: s.pop("labels"),
-    lambda s: s.update(filled=torch.tensor(9)),
-    lambda s: s.update(size=torch.tensor(0)),
-    lambda s: s.update(embeddings=torch.zeros(2, 3)),
-    lambda s: s.update(head=torch.tensor(1)),  # not full: the next slot must be `filled`
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s.pop("labels"),
+        lambda s: s.update(filled=torch.tensor(9)),
+        lambda s: s.update(size=torch.tensor(0)),
+        lambda s: s.update(embeddings=torch.zeros(2, 3)),
+        lambda s: s.update(head=torch.tensor(1)),  # not full: the next slot must be `filled`
+    ],
+)
 def test_damaged_state_is_a_value_error(damage):
     memory = EmbeddingMemory(5, normalized=True)
     memory.push(*_batch(0, 3))

@@ -36,8 +36,9 @@ def _bf_dist(e: torch.Tensor, i: int, j: int, distance: str) -> torch.Tensor:
     return torch.sqrt(torch.clamp(sq, min=SQRT_EPS))
 
 
-def brute_force(e, labels, mode, margin, distance="euclidean", fallback="hardest", negatives=None, memory=None,
-                groups=None):
+def brute_force(
+    e, labels, mode, margin, distance="euclidean", fallback="hardest", negatives=None, memory=None, groups=None
+):
     """Returns (loss tensor, dict of stats) from plain loops over the definitions.
 
     ``negatives`` ({(a, p): n}) supplies the draws for ``random``, which cannot be
@@ -59,10 +60,10 @@ def brute_force(e, labels, mode, margin, distance="euclidean", fallback="hardest
     pos = {a: [p for p in range(n_cand) if p != a and labels[p] == labels[a]] for a in range(b)}
     neg = {a: [n for n in range(n_cand) if labels[n] != labels[a]] for a in range(b)}
     if groups is not None:
-        pos = {a: [p for p in range(b) if p != a and groups[a] is not None and groups[p] == groups[a]]
-               for a in range(b)}
-        neg = {a: [n for n in range(b) if n != a and (groups[n] is None or groups[n] != groups[a])]
-               for a in range(b)}
+        pos = {
+            a: [p for p in range(b) if p != a and groups[a] is not None and groups[p] == groups[a]] for a in range(b)
+        }
+        neg = {a: [n for n in range(b) if n != a and (groups[n] is None or groups[n] != groups[a])] for a in range(b)}
     anchors = [a for a in range(b) if pos[a] and neg[a]]
 
     def term(a, p, n):
@@ -179,10 +180,10 @@ def test_triplet_batches_match_the_brute_force_with_given_negatives(assets_dir, 
     """A real `layout: triplets` batch (labels as data.py makes them) against the brute force told only
     the roles: rows i, i+1 of each group are anchor and positive, the rest given negatives. Equal texts
     get equal embeddings, so a negative equal to another group's positive sits at distance 0 from it."""
+    import json
+
     from tripletctl.curriculum import DataConfig
     from tripletctl.data import BatchStream
-
-    import json
 
     name = "triplets.jsonl" if len(negatives) == 1 else "triplets3.jsonl"
     rows = [json.loads(line) for line in (assets_dir / name).read_text().splitlines()[:8]]
@@ -191,8 +192,15 @@ def test_triplet_batches_match_the_brute_force_with_given_negatives(assets_dir, 
             row[negatives[0]] = rows[k + 1]["positive"]
     path = tmp_path / name
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    data = DataConfig(source=str(path), layout="triplets", negative_columns=negatives,
-                      samples_per_class=2, tokenizer_workers=0, shuffle_buffer=1, max_length=8)
+    data = DataConfig(
+        source=str(path),
+        layout="triplets",
+        negative_columns=negatives,
+        samples_per_class=2,
+        tokenizer_workers=0,
+        shuffle_buffer=1,
+        max_length=8,
+    )
     group = 2 + len(negatives)
     stream = BatchStream(data, str(tiny_bert_dir), 4 * group, seed=0)
     try:
@@ -208,9 +216,10 @@ def test_triplet_batches_match_the_brute_force_with_given_negatives(assets_dir, 
         same_text = torch.tensor([[float(a == b) for b in texts] for a in dict.fromkeys(texts)], dtype=e.dtype)
         duplicated += len(texts) - len(set(texts))
         for mode in MODES:
-            for fallback in (["hardest", "easiest"] if mode == "semi-hard" else ["hardest"]):
-                _, stats = _compare(e, batch.labels, mode, 0.2, "euclidean", fallback, group_grads=same_text,
-                                    groups=groups)
+            for fallback in ["hardest", "easiest"] if mode == "semi-hard" else ["hardest"]:
+                _, stats = _compare(
+                    e, batch.labels, mode, 0.2, "euclidean", fallback, group_grads=same_text, groups=groups
+                )
                 assert stats.skipped_anchors == 4 * len(negatives)  # the given negatives are never anchors
     assert duplicated == 4  # two per batch
 
@@ -267,8 +276,15 @@ def test_no_gradient_reaches_memory_rows(mode):
     labels, mem_labels = LABELS["four-classes"](), torch.tensor([i % 6 for i in range(12)])
     e = _emb(len(labels), seed=1).requires_grad_(True)
     mem = _emb(12, seed=2).requires_grad_(True)  # even a memory that asks for gradients gets none
-    loss, stats = mine(e, labels, mode, 0.5, generator=torch.Generator().manual_seed(0),
-                       memory_embeddings=mem, memory_labels=mem_labels)
+    loss, stats = mine(
+        e,
+        labels,
+        mode,
+        0.5,
+        generator=torch.Generator().manual_seed(0),
+        memory_embeddings=mem,
+        memory_labels=mem_labels,
+    )
     assert stats.num_triplets > 0 and loss.item() > 0
     grad_e, grad_mem = torch.autograd.grad(loss, (e, mem), allow_unused=True)
     assert grad_mem is None
@@ -474,8 +490,11 @@ def test_pairwise_distances():
 
 def test_bad_arguments():
     e, labels = _emb(4), torch.tensor([0, 0, 1, 1])
-    for kwargs in ({"mode": "hardest"}, {"mode": "batch-all", "distance": "cosine"},
-                   {"mode": "semi-hard", "fallback": "middle"}):
+    for kwargs in (
+        {"mode": "hardest"},
+        {"mode": "batch-all", "distance": "cosine"},
+        {"mode": "semi-hard", "fallback": "middle"},
+    ):
         with pytest.raises(ValueError):
             mine(e, labels, margin=0.2, **kwargs)
     with pytest.raises(ValueError):
@@ -542,8 +561,15 @@ def test_memory_is_batch_times_candidates(memory_classes):
         leaf = e.clone().requires_grad_(True)
         probe = _MaxNumel()
         with probe:
-            loss, _ = mine(leaf, labels, mode, 0.2, generator=torch.Generator().manual_seed(0),
-                           memory_embeddings=mem, memory_labels=mem_labels)
+            loss, _ = mine(
+                leaf,
+                labels,
+                mode,
+                0.2,
+                generator=torch.Generator().manual_seed(0),
+                memory_embeddings=mem,
+                memory_labels=mem_labels,
+            )
             loss.backward()
         assert torch.isfinite(leaf.grad).all()
         assert probe.max_numel >= b * (b + m)

@@ -118,8 +118,7 @@ def test_save_load_identical(tiny_bert_dir, tmp_path):
     assert (tmp_path / "m" / "model.safetensors").is_file()
     loaded, tok2 = load_model(tmp_path / "m")
     assert not loaded.training
-    torch.testing.assert_close(loaded(*batch(tok2, TEXTS)), model.eval()(*batch(tok, TEXTS)),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(loaded(*batch(tok2, TEXTS)), model.eval()(*batch(tok, TEXTS)), atol=1e-6, rtol=0)
     assert tok2(TEXTS)["input_ids"] == tok(TEXTS)["input_ids"]
 
 
@@ -128,8 +127,10 @@ def test_encoder_dir_loads_in_plain_transformers(tiny_bert_dir, tmp_path):
     save_model(model, tok, tmp_path)
     plain = AutoModel.from_pretrained(tmp_path).eval()
     ids, mask = batch(tok, TEXTS)
-    torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).last_hidden_state,
-                               model.encoder.eval()(input_ids=ids, attention_mask=mask).last_hidden_state)
+    torch.testing.assert_close(
+        plain(input_ids=ids, attention_mask=mask).last_hidden_state,
+        model.encoder.eval()(input_ids=ids, attention_mask=mask).last_hidden_state,
+    )
 
 
 def test_encode_returns_input_order(tiny_bert_dir):

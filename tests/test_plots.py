@@ -24,23 +24,54 @@ def write_run(run_dir: Path, with_run_json: bool = True, collapse_at: int | None
     for index, (name, batch, steps) in enumerate(PHASES):
         directory = run_dir / f"phase-{index}-{name}"
         directory.mkdir()
-        meta["phases"].append({"index": index, "name": name, "dir": directory.name, "mining": name,
-                               "batch_size": batch, "margin": 0.2, "steps": steps, "status": "done"})
+        meta["phases"].append(
+            {
+                "index": index,
+                "name": name,
+                "dir": directory.name,
+                "mining": name,
+                "batch_size": batch,
+                "margin": 0.2,
+                "steps": steps,
+                "status": "done",
+            }
+        )
         lines = []
         for step in range(1, steps + 1):
             global_step += 1
             t = global_step / 90
-            lines.append(json.dumps({
-                "phase": name, "phase_index": index, "step": step, "global_step": global_step,
-                "loss": 0.05 * (1 - t) + 0.02 * index, "batch_hard_loss": 0.35 - 0.2 * t + 0.01 * math.sin(step),
-                "active_fraction": 0.8 - 0.5 * t, "mean_ap": 0.4, "mean_an": 0.9,
-                "embedding_spread": 0.3 + 0.6 * t, "lr": 1e-3,
-            }))
+            lines.append(
+                json.dumps(
+                    {
+                        "phase": name,
+                        "phase_index": index,
+                        "step": step,
+                        "global_step": global_step,
+                        "loss": 0.05 * (1 - t) + 0.02 * index,
+                        "batch_hard_loss": 0.35 - 0.2 * t + 0.01 * math.sin(step),
+                        "active_fraction": 0.8 - 0.5 * t,
+                        "mean_ap": 0.4,
+                        "mean_an": 0.9,
+                        "embedding_spread": 0.3 + 0.6 * t,
+                        "lr": 1e-3,
+                    }
+                )
+            )
             if collapse_at == global_step:
-                lines.append(json.dumps({"event": "collapse", "global_step": global_step, "phase": name,
-                                         "action": "warn"}))
-        lines.append(json.dumps({"event": "eval", "global_step": global_step, "phase": name,
-                                 "recall@1": 0.3 + 0.2 * index, "map@r": 0.1 + 0.15 * index}))
+                lines.append(
+                    json.dumps({"event": "collapse", "global_step": global_step, "phase": name, "action": "warn"})
+                )
+        lines.append(
+            json.dumps(
+                {
+                    "event": "eval",
+                    "global_step": global_step,
+                    "phase": name,
+                    "recall@1": 0.3 + 0.2 * index,
+                    "map@r": 0.1 + 0.15 * index,
+                }
+            )
+        )
         lines.append('{"phase": "torn line')  # a run killed mid-write
         (directory / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if with_run_json:
@@ -65,7 +96,8 @@ def test_plot_run_without_run_json_globs_phases_in_index_order(tmp_path):
     run = write_run(tmp_path / "run", with_run_json=False, collapse_at=None)
     (run / "phase-10-extra").mkdir()
     (run / "phase-10-extra" / "metrics.jsonl").write_text(
-        json.dumps({"phase": "extra", "global_step": 91, "loss": 0.01, "batch_hard_loss": 0.1}) + "\n")
+        json.dumps({"phase": "extra", "global_step": 91, "loss": 0.01, "batch_hard_loss": 0.1}) + "\n"
+    )
     phases = load_run(run)
     assert [p["index"] for p in phases] == [0, 1, 2, 10]  # numeric, not lexicographic
     assert [p["name"] for p in phases][:3] == [name for name, _, _ in PHASES]

@@ -11,10 +11,9 @@ import subprocess
 import sys
 
 from rich.console import Console
+from test_runner import write_curriculum
 
 from tripletctl.progress import BarProgress, PlainProgress, phase_progress
-
-from test_runner import write_curriculum
 
 LINE = re.compile(
     r"^phase (?P<index>\d+) (?P<phase>\S+) step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>\d+\.\d{4}) "
@@ -103,21 +102,34 @@ def test_train_to_a_file_writes_one_whole_line_per_reported_step(tmp_path):
     log = tmp_path / "train.log"
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "COLUMNS": "80"}
     with log.open("w") as stdout:
-        result = subprocess.run([sys.executable, "-m", "tripletctl", "train", str(path), "train.log_every=2"],
-                                cwd=tmp_path, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-m", "tripletctl", "train", str(path), "train.log_every=2"],
+            cwd=tmp_path,
+            env=env,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=600,
+        )
     assert result.returncode == 0, result.stderr
     lines = [line for line in log.read_text().splitlines() if line.startswith("phase ")]
     matches = [LINE.match(line) for line in lines]
     assert all(matches), lines
     assert [(m["index"], m["step"], m["total"]) for m in matches] == [
-        ("0", "1", "4"), ("0", "2", "4"), ("0", "4", "4"),
-        ("1", "1", "3"), ("1", "2", "3"), ("1", "3", "3"),
-        ("2", "1", "3"), ("2", "2", "3"), ("2", "3", "3"),
+        ("0", "1", "4"),
+        ("0", "2", "4"),
+        ("0", "4", "4"),
+        ("1", "1", "3"),
+        ("1", "2", "3"),
+        ("1", "3", "3"),
+        ("2", "1", "3"),
+        ("2", "2", "3"),
+        ("2", "3", "3"),
     ]
     assert max(len(line) for line in lines) > 80  # not cut at the 80 columns the console has
     for match in matches:  # the numbers are those of the step's record in metrics.jsonl
         phase_dir = next((tmp_path / "run").glob(f"phase-{match['index']}-*"))
-        records = [json.loads(l) for l in (phase_dir / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (phase_dir / "metrics.jsonl").read_text().splitlines()]
         record = next(r for r in records if "event" not in r and r["step"] == int(match["step"]))
         assert match["phase"] == record["phase"]
         assert float(match["loss"]) == round(record["loss"], 4)

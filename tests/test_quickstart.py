@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QUICKSTART, REPO
 
 HELDOUT = REPO / "curricula" / "quickstart" / "heldout.jsonl"
@@ -20,15 +19,22 @@ HELDOUT = REPO / "curricula" / "quickstart" / "heldout.jsonl"
 
 def tripletctl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
-    return subprocess.run([sys.executable, "-m", "tripletctl", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "tripletctl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("quickstart")
-    result = tripletctl("train", str(QUICKSTART), f"train.output_dir={work / 'run'}",
-                        "train.keep_best=recall@1", "eval.every=40", cwd=work)
+    result = tripletctl(
+        "train",
+        str(QUICKSTART),
+        f"train.output_dir={work / 'run'}",
+        "train.keep_best=recall@1",
+        "eval.every=40",
+        cwd=work,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return work / "run"
 
@@ -45,8 +51,9 @@ def test_quickstart_beats_the_untrained_model(quickstart_run):
 
 def test_quickstart_model_is_healthy(quickstart_run, tmp_path):
     picture = tmp_path / "collapse.png"
-    result = tripletctl("inspect-collapse", str(quickstart_run), "--data", str(HELDOUT), "--plot", str(picture),
-                        "--json", cwd=tmp_path)
+    result = tripletctl(
+        "inspect-collapse", str(quickstart_run), "--data", str(HELDOUT), "--plot", str(picture), "--json", cwd=tmp_path
+    )
     report = json.loads(result.stdout)
     assert result.returncode == 0, report
     assert report["verdict"] == "healthy"
@@ -87,14 +94,19 @@ def ours_and_sentence_transformers(model_dir: Path, texts: list[str]):
 def test_sentence_transformers_gives_tripletctl_s_embeddings(quickstart_run):
     """The README's `SentenceTransformer(...)` line on the quickstart's output."""
     ours, theirs = ours_and_sentence_transformers(
-        quickstart_run / "phase-2-batch-hard" / "checkpoint" / "model", heldout_texts())
+        quickstart_run / "phase-2-batch-hard" / "checkpoint" / "model", heldout_texts()
+    )
     assert abs(theirs - ours).max() <= 1e-5
     torch.testing.assert_close(theirs.norm(dim=1), torch.ones(len(theirs)))
 
 
 def test_keep_best_keeps_the_best_eval(quickstart_run, tmp_path):
-    evals = [json.loads(line) for path in sorted(quickstart_run.glob("phase-*/metrics.jsonl"))
-             for line in path.read_text().splitlines() if '"event": "eval"' in line]
+    evals = [
+        json.loads(line)
+        for path in sorted(quickstart_run.glob("phase-*/metrics.jsonl"))
+        for line in path.read_text().splitlines()
+        if '"event": "eval"' in line
+    ]
     assert len(evals) == 4  # phase 0 at steps 40 and 80, phases 1 and 2 at their ends
     kept = json.loads((quickstart_run / "best" / "best.json").read_text())
     winner = max(evals, key=lambda e: (e["recall@1"], -e["global_step"]))

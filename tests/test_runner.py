@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO, TINY_BERT
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -22,25 +23,42 @@ from tripletctl.cli import app
 from tripletctl.curriculum import PhaseConfig, load_curriculum
 from tripletctl.runner import get_lr, train
 
-from conftest import REPO, TINY_BERT
-
 QUICKSTART_DATA = REPO / "curricula" / "quickstart" / "train.jsonl"
 QUICKSTART_HELDOUT = REPO / "curricula" / "quickstart" / "heldout.jsonl"
 
 
-def write_curriculum(tmp_path: Path, source: Path = QUICKSTART_DATA, steps: tuple[int, ...] = (4, 3, 3),
-                     checkpoint_every: int = 2, with_eval: bool = False, tokenizer_workers: int = 0,
-                     **train_extra) -> Path:
+def write_curriculum(
+    tmp_path: Path,
+    source: Path = QUICKSTART_DATA,
+    steps: tuple[int, ...] = (4, 3, 3),
+    checkpoint_every: int = 2,
+    with_eval: bool = False,
+    tokenizer_workers: int = 0,
+    **train_extra,
+) -> Path:
     """A three-phase curriculum (semi-hard -> hard-negative -> batch-hard, growing batches)."""
     modes = ("semi-hard", "hard-negative", "batch-hard")
     spec = {
         "model": {"name": str(TINY_BERT), "init": "config", "pooling": "mean", "head": [32]},
-        "data": {"source": str(source), "shuffle_buffer": 256, "max_length": 24, "samples_per_class": 4,
-                 "tokenizer_workers": tokenizer_workers},
-        "train": {"lr": 1e-3, "warmup_steps": 2, "seed": 7, "output_dir": str(tmp_path / "run"),
-                  "checkpoint_every": checkpoint_every, "device": "cpu", "chunk_size": 16, **train_extra},
+        "data": {
+            "source": str(source),
+            "shuffle_buffer": 256,
+            "max_length": 24,
+            "samples_per_class": 4,
+            "tokenizer_workers": tokenizer_workers,
+        },
+        "train": {
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "seed": 7,
+            "output_dir": str(tmp_path / "run"),
+            "checkpoint_every": checkpoint_every,
+            "device": "cpu",
+            "chunk_size": 16,
+            **train_extra,
+        },
         "phases": [
-            {"name": mode, "mining": mode, "batch_size": 16 * (2 ** i), "margin": 0.2, "steps": n}
+            {"name": mode, "mining": mode, "batch_size": 16 * (2**i), "margin": 0.2, "steps": n}
             for i, (mode, n) in enumerate(zip(modes, steps))
         ],
     }
@@ -62,8 +80,19 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_get_lr_warms_up_then_decays_to_zero():
-    phase = PhaseConfig(name="p", mining="batch-hard", batch_size=8, steps=10, margin=0.2, lr=1.0,
-                        warmup_steps=4, distance="euclidean", fallback="hardest", chunk_size=8, on_collapse="warn")
+    phase = PhaseConfig(
+        name="p",
+        mining="batch-hard",
+        batch_size=8,
+        steps=10,
+        margin=0.2,
+        lr=1.0,
+        warmup_steps=4,
+        distance="euclidean",
+        fallback="hardest",
+        chunk_size=8,
+        on_collapse="warn",
+    )
     warm = [get_lr(s, phase, "linear") for s in range(4)]
     assert warm == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert get_lr(4, phase, "linear") == pytest.approx(1.0)
@@ -90,7 +119,7 @@ def test_train_runs_all_phases_and_writes_outputs(tmp_path, fmt):
     assert [p["status"] for p in index["phases"]] == ["done", "done", "done"]
     assert [p["dir"] for p in index["phases"]] == ["phase-0-semi-hard", "phase-1-hard-negative", "phase-2-batch-hard"]
     for phase, steps, batch in zip(index["phases"], (4, 3, 3), (16, 32, 64)):
-        records = [json.loads(l) for l in (run / phase["dir"] / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (run / phase["dir"] / "metrics.jsonl").read_text().splitlines()]
         step_records = [r for r in records if "event" not in r]
         assert [r["step"] for r in step_records] == list(range(1, steps + 1))
         for r in step_records:
@@ -128,8 +157,11 @@ def test_resume_matches_uninterrupted_run(tmp_path, interrupt_after, workers):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     # no step logged twice after the resume
     for phase_dir in sorted((tmp_path / "broken" / "run").glob("phase-*")):
-        steps = [json.loads(l)["global_step"] for l in (phase_dir / "metrics.jsonl").read_text().splitlines()
-                 if "event" not in json.loads(l)]
+        steps = [
+            json.loads(line)["global_step"]
+            for line in (phase_dir / "metrics.jsonl").read_text().splitlines()
+            if "event" not in json.loads(line)
+        ]
         assert steps == sorted(set(steps))
 
 
@@ -145,8 +177,11 @@ def test_resume_with_token_budget_chunks_matches_uninterrupted_run(tmp_path):
     a, b = final_weights(tmp_path / "straight" / "run"), final_weights(tmp_path / "broken" / "run")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
-    records = [json.loads(line) for phase_dir in sorted((tmp_path / "straight" / "run").glob("phase-*"))
-               for line in (phase_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for phase_dir in sorted((tmp_path / "straight" / "run").glob("phase-*"))
+        for line in (phase_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     steps = [r for r in records if "event" not in r]
     assert {r["chunk_tokens"] for r in steps} == {200} and {r["chunk_size"] for r in steps} == {None}
     assert {r["graph_kept"] for r in steps} == {False} and all(r["chunks"] > 1 for r in steps)
@@ -170,10 +205,16 @@ def test_bad_source_fails_before_training(tmp_path):
     assert not (tmp_path / "run" / "run.json").exists()
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["data.layout=pairs", "data.samples_per_class=2"], "layout pairs would drop the negative column 'negative'"),
-    ([], "columns 'text', 'label' not found; available columns: anchor, positive, negative; layout triplets would fit"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.layout=pairs", "data.samples_per_class=2"], "layout pairs would drop the negative column 'negative'"),
+        (
+            [],
+            "columns 'text', 'label' not found; available columns: anchor, positive, negative; layout triplets would fit",
+        ),
+    ],
+)
 def test_layout_mismatch_fails_before_training_in_one_line(tmp_path, overrides, expected):
     from conftest import ASSETS
 
@@ -187,8 +228,13 @@ def test_layout_mismatch_fails_before_training_in_one_line(tmp_path, overrides, 
 def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path):
     path = write_curriculum(tmp_path, steps=(400, 2, 2), checkpoint_every=0)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tripletctl", "train", str(path)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tripletctl", "train", str(path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     metrics = tmp_path / "run" / "phase-0-semi-hard" / "metrics.jsonl"
     deadline = time.time() + 600  # a busy CI machine can take minutes to start up
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
@@ -199,7 +245,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path):
     assert proc.returncode == 130, output
     state = json.loads((tmp_path / "run" / "phase-0-semi-hard" / "checkpoint" / "state.json").read_text())
     assert 2 <= state["step"] < 400
-    logged = [json.loads(l) for l in metrics.read_text().splitlines()]
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert logged[-1]["step"] == state["step"]
     index = json.loads((tmp_path / "run" / "run.json").read_text())
     assert index["phases"][0]["status"] == "interrupted"
@@ -228,15 +274,16 @@ def test_collapse_watchdog_acts_as_on_collapse_says(tmp_path, monkeypatch, actio
     import tripletctl.runner as runner_module
 
     monkeypatch.setattr(runner_module, "build_model", _collapsed_build(runner_module.build_model))
-    path = write_curriculum(tmp_path, steps=(1, 4, 1), checkpoint_every=0, with_eval=True,
-                            on_collapse=action, collapse_patience=2)
+    path = write_curriculum(
+        tmp_path, steps=(1, 4, 1), checkpoint_every=0, with_eval=True, on_collapse=action, collapse_patience=2
+    )
     if action == "warn":  # also: eval every N steps inside a phase
         spec = yaml.safe_load(path.read_text())
         spec["eval"]["every"] = 2
         path.write_text(yaml.safe_dump(spec))
     code = train(load_curriculum(path))
     run = tmp_path / "run"
-    records = [json.loads(l) for l in (run / "phase-1-hard-negative" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "phase-1-hard-negative" / "metrics.jsonl").read_text().splitlines()]
     events = [r for r in records if r.get("event") == "collapse"]
     steps = [r for r in records if "event" not in r]
     assert events and events[0]["action"] == action and events[0]["embedding_spread"] < 0.05
@@ -257,6 +304,7 @@ def test_collapse_watchdog_acts_as_on_collapse_says(tmp_path, monkeypatch, actio
 
 
 # ---------------------------------------------------------------- until: phase end conditions
+
 
 def _until_curriculum(tmp_path: Path, *, with_eval: bool = False) -> Path:
     """Run A (no eval): each phase ends on a different condition of the step signals.
@@ -323,10 +371,13 @@ def test_until_conditions_end_phases_end_to_end(until_run):
     assert max(expected0, expected1, expected2) < 10, "every phase should end early on these numbers"
 
     index = json.loads((until_run / "run.json").read_text())
-    for phase, (steps, events), expected, condition, metric in zip(
-            index["phases"], logs, (expected0, expected1, expected2),
-            ("active_fraction_below", "batch_hard_loss_below", "plateau"),
-            ("active_fraction", "batch_hard_loss", "loss")):
+    for phase, (_steps, events), expected, condition, metric in zip(
+        index["phases"],
+        logs,
+        (expected0, expected1, expected2),
+        ("active_fraction_below", "batch_hard_loss_below", "plateau"),
+        ("active_fraction", "batch_hard_loss", "loss"),
+    ):
         assert phase["status"] == "done" and phase["ended_by"] == "until"
         assert (phase["steps_planned"], phase["steps_done"]) == (10, expected)
         (event,) = [e for e in events if e["event"] == "until"]
@@ -396,17 +447,22 @@ def test_resume_with_memory_matches_uninterrupted_run(tmp_path, interrupt_after=
     a, b = final_weights(tmp_path / "straight" / "run"), final_weights(tmp_path / "broken" / "run")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
-    queue = [torch.load(run / "phase-2-batch-hard" / "checkpoint" / "memory.pt", weights_only=True)
-             for run in (tmp_path / "straight" / "run", tmp_path / "broken" / "run")]
+    queue = [
+        torch.load(run / "phase-2-batch-hard" / "checkpoint" / "memory.pt", weights_only=True)
+        for run in (tmp_path / "straight" / "run", tmp_path / "broken" / "run")
+    ]
     for key in queue[0]:
         torch.testing.assert_close(queue[0][key], queue[1][key], rtol=0, atol=1e-6, msg=key)
     # the queue fills from step 0, is mined from start_step on, and carries into the next phase
     rows = {}
     for phase_dir in sorted((tmp_path / "straight" / "run").glob("phase-*")):
-        records = [json.loads(l) for l in (phase_dir / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (phase_dir / "metrics.jsonl").read_text().splitlines()]
         rows[phase_dir.name] = [r["memory_rows"] for r in records if "event" not in r]
-    assert rows == {"phase-0-semi-hard": [0, 16, 32, 48], "phase-1-hard-negative": [0, 48, 48],
-                    "phase-2-batch-hard": [0, 48, 48]}
+    assert rows == {
+        "phase-0-semi-hard": [0, 16, 32, 48],
+        "phase-1-hard-negative": [0, 48, 48],
+        "phase-2-batch-hard": [0, 48, 48],
+    }
 
     # the memory changes what is learnt (so the comparison above can fail)
     plain = write_curriculum(tmp_path / "plain", checkpoint_every=3)
@@ -415,10 +471,15 @@ def test_resume_with_memory_matches_uninterrupted_run(tmp_path, interrupt_after=
     assert any(not torch.allclose(a[name], c[name], rtol=0, atol=1e-6) for name in a)
     assert not (tmp_path / "plain" / "run" / "phase-2-batch-hard" / "checkpoint" / "memory.pt").exists()
 
+
 TRIPLET_RUNS = [  # every file variant trains; the mining modes rotate over them (test_mining checks each
     # mode on triplet batches against the brute force)
-    ("jsonl", 1, "semi-hard"), ("parquet", 1, "hard-negative"), ("csv", 1, "batch-hard"),
-    ("jsonl", 3, "batch-all"), ("parquet", 3, "random"), ("csv", 3, "semi-hard"),
+    ("jsonl", 1, "semi-hard"),
+    ("parquet", 1, "hard-negative"),
+    ("csv", 1, "batch-hard"),
+    ("jsonl", 3, "batch-all"),
+    ("parquet", 3, "random"),
+    ("csv", 3, "semi-hard"),
 ]
 
 
@@ -430,11 +491,23 @@ def test_triplet_files_train_end_to_end(tmp_path, ext, negatives, mode):
     group = 2 + negatives
     spec = {
         "model": {"name": str(TINY_BERT), "init": "config", "pooling": "mean", "head": [16]},
-        "data": {"source": str(ASSETS / f"{'triplets' if negatives == 1 else 'triplets3'}.{ext}"),
-                 "layout": "triplets", "negative_columns": names, "samples_per_class": 2, "shuffle_buffer": 64,
-                 "max_length": 16, "tokenizer_workers": 0},
-        "train": {"lr": 1e-3, "warmup_steps": 1, "seed": 3, "output_dir": str(tmp_path / "run"), "device": "cpu",
-                  "chunk_size": 16},
+        "data": {
+            "source": str(ASSETS / f"{'triplets' if negatives == 1 else 'triplets3'}.{ext}"),
+            "layout": "triplets",
+            "negative_columns": names,
+            "samples_per_class": 2,
+            "shuffle_buffer": 64,
+            "max_length": 16,
+            "tokenizer_workers": 0,
+        },
+        "train": {
+            "lr": 1e-3,
+            "warmup_steps": 1,
+            "seed": 3,
+            "output_dir": str(tmp_path / "run"),
+            "device": "cpu",
+            "chunk_size": 16,
+        },
         "phases": [{"name": mode, "mining": mode, "batch_size": 6 * group, "steps": 2}],
         "eval": {"source": str(ASSETS / "triplets_heldout.jsonl"), "layout": "triplets", "max_rows": 60},
     }
@@ -445,7 +518,9 @@ def test_triplet_files_train_end_to_end(tmp_path, ext, negatives, mode):
     run = tmp_path / "run"
     index = json.loads((run / "run.json").read_text())
     assert [p["status"] for p in index["phases"]] == ["done"]
-    records = [json.loads(l) for l in (run / index["phases"][0]["dir"] / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (run / index["phases"][0]["dir"] / "metrics.jsonl").read_text().splitlines()
+    ]
     steps = [r for r in records if "event" not in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
@@ -485,12 +560,14 @@ def test_on_nonfinite_skip_drops_the_step_and_the_run_finishes(tmp_path, monkeyp
     path = one_phase(write_curriculum(tmp_path, steps=(4, 1, 1), checkpoint_every=0, on_nonfinite="skip"))
     assert train(load_curriculum(path)) == 0
     run = tmp_path / "run"
-    records = [json.loads(l) for l in (run / "phase-0-semi-hard" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "phase-0-semi-hard" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "event" not in r]
     skipped = [r for r in records if r.get("event") == "nonfinite"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # 4 optimiser steps, taken on 6 batches
-    assert [(r["step"], r["action"], r["in_a_row"], r["loss"]) for r in skipped] == [(2, "skip", 1, None),
-                                                                                     (2, "skip", 2, None)]
+    assert [(r["step"], r["action"], r["in_a_row"], r["loss"]) for r in skipped] == [
+        (2, "skip", 1, None),
+        (2, "skip", 2, None),
+    ]
     state = json.loads((run / "phase-0-semi-hard" / "checkpoint" / "state.json").read_text())
     assert (state["global_step"], state["nonfinite_skipped"], state["nonfinite_streak"]) == (4, 2, 0)
     summary = json.loads((run / "phase-0-semi-hard" / "summary.json").read_text())
@@ -517,23 +594,27 @@ def test_resume_refuses_to_mix_configurations_inside_a_phase(tmp_path):
     path = write_curriculum(tmp_path, steps=(3, 1, 1), checkpoint_every=0)
     runner = CliRunner()
     assert runner.invoke(app, ["train", str(path), "--max-steps", "2"]).exit_code == 0
-    for override, key, old, new in [("phases.0.batch_size=32", "batch_size", "16", "32"),
-                                    ("phases.0.mining=batch-all", "mining", "'semi-hard'", "'batch-all'"),
-                                    ("phases.0.margin=0.5", "margin", "0.2", "0.5"),
-                                    ("phases.0.distance=squared-euclidean", "distance", "'euclidean'",
-                                     "'squared-euclidean'"),
-                                    ("data.samples_per_class=8", "data.samples_per_class", "4", "8")]:
+    for override, key, old, new in [
+        ("phases.0.batch_size=32", "batch_size", "16", "32"),
+        ("phases.0.mining=batch-all", "mining", "'semi-hard'", "'batch-all'"),
+        ("phases.0.margin=0.5", "margin", "0.2", "0.5"),
+        ("phases.0.distance=squared-euclidean", "distance", "'euclidean'", "'squared-euclidean'"),
+        ("data.samples_per_class=8", "data.samples_per_class", "4", "8"),
+    ]:
         result = runner.invoke(app, ["train", str(path), override, "--resume"])
         assert result.exit_code == 2, result.output
-        assert (f"phases[0] (semi-hard) is half done (step 2 of 3): its {key} was {old} and is now {new}"
-                in " ".join(result.output.split())), result.output
+        assert f"phases[0] (semi-hard) is half done (step 2 of 3): its {key} was {old} and is now {new}" in " ".join(
+            result.output.split()
+        ), result.output
     spec = yaml.safe_load(path.read_text())
     renamed = tmp_path / "renamed.yaml"
     spec["phases"][0]["name"] = "gentle"
     renamed.write_text(yaml.safe_dump(spec))
     result = runner.invoke(app, ["train", str(renamed), "--resume"])
-    assert result.exit_code == 2 and "phases[0] was 'semi-hard' when the run was checkpointed and is 'gentle'" \
-        in " ".join(result.output.split()), result.output
+    assert (
+        result.exit_code == 2
+        and "phases[0] was 'semi-hard' when the run was checkpointed and is 'gentle'" in " ".join(result.output.split())
+    ), result.output
     assert not (tmp_path / "run" / "phase-0-gentle").exists()
     spec["phases"] = spec["phases"][1:]
     removed = tmp_path / "removed.yaml"
@@ -542,8 +623,9 @@ def test_resume_refuses_to_mix_configurations_inside_a_phase(tmp_path):
     assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
     assert "phases[0] was 'semi-hard'" in " ".join(result.output.split()), result.output
     # a chunk size is not a configuration of the phase: it may change
-    assert runner.invoke(app, ["train", str(path), "phases.0.chunk_size=8", "--resume", "--max-steps", "1"]
-                         ).exit_code == 0
+    assert (
+        runner.invoke(app, ["train", str(path), "phases.0.chunk_size=8", "--resume", "--max-steps", "1"]).exit_code == 0
+    )
 
 
 def test_resume_after_removing_the_last_started_phase_is_a_clear_error(tmp_path):

@@ -30,8 +30,9 @@ MAX_LENGTH = 16
 
 def trained_like(tiny_bert_dir: Path, pooling: str, head: tuple[int, ...], normalize: bool, seed: int = 3):
     """A tiny model whose head biases are not zero (a fresh nn.Linear's are not either, but be sure)."""
-    model, tok = build_model(ModelConfig(name=str(tiny_bert_dir), init="config", pooling=pooling,
-                                         head=head, normalize=normalize), seed)
+    model, tok = build_model(
+        ModelConfig(name=str(tiny_bert_dir), init="config", pooling=pooling, head=head, normalize=normalize), seed
+    )
     with torch.no_grad():
         for p in model.head.parameters() if model.head is not None else ():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
@@ -39,8 +40,7 @@ def trained_like(tiny_bert_dir: Path, pooling: str, head: tuple[int, ...], norma
 
 
 def provenance(distance: str = "euclidean", max_length: int = MAX_LENGTH) -> Provenance:
-    return Provenance(curriculum={"data": {"max_length": max_length},
-                                  "phases": [{"name": "p", "distance": distance}]})
+    return Provenance(curriculum={"data": {"max_length": max_length}, "phases": [{"name": "p", "distance": distance}]})
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -84,8 +84,10 @@ def test_similarity_and_pooling_configs(tiny_bert_dir, tmp_path, distance):
     pooling = json.loads((tmp_path / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_cls_token"] and not pooling["pooling_mode_mean_tokens"]
     dense = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("2_Dense", "3_Dense")]
-    assert [d["activation_function"] for d in dense] == ["torch.nn.modules.activation.GELU",
-                                                         "torch.nn.modules.linear.Identity"]
+    assert [d["activation_function"] for d in dense] == [
+        "torch.nn.modules.activation.GELU",
+        "torch.nn.modules.linear.Identity",
+    ]
     assert [(d["in_features"], d["out_features"]) for d in dense] == [(64, 32), (32, 8)]
 
 
@@ -94,8 +96,7 @@ def test_activation_must_be_default_constructible():
     with pytest.raises(ValueError, match="tanh"):
         activation_path(torch.nn.GELU(approximate="tanh"))
     head = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
-    assert [a for _, a in head_layers(head)] == ["torch.nn.modules.activation.Tanh",
-                                                 "torch.nn.modules.linear.Identity"]
+    assert [a for _, a in head_layers(head)] == ["torch.nn.modules.activation.Tanh", "torch.nn.modules.linear.Identity"]
 
 
 class _Capture(logging.Handler):
@@ -159,9 +160,14 @@ def save_previous_format(model, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
     if model.head is not None:
         save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(directory / "head.safetensors"))
-    meta = {"format_version": 1, "pooling": model.pooling, "head": list(model.head_sizes),
-            "normalize": model.normalize, "embedding_dim": model.embedding_dim,
-            "hidden_size": model.encoder.config.hidden_size}
+    meta = {
+        "format_version": 1,
+        "pooling": model.pooling,
+        "head": list(model.head_sizes),
+        "normalize": model.normalize,
+        "embedding_dim": model.embedding_dim,
+        "hidden_size": model.encoder.config.hidden_size,
+    }
     (directory / "tripletctl_model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -171,5 +177,9 @@ def test_previous_format_still_loads(tiny_bert_dir, tmp_path, head):
     save_previous_format(model, tok, tmp_path)
     assert not (tmp_path / "modules.json").exists()
     loaded, tok2 = load_model(tmp_path)
-    torch.testing.assert_close(encode(loaded, tok2, TEXTS, max_length=MAX_LENGTH),
-                               encode(model, tok, TEXTS, max_length=MAX_LENGTH), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        encode(loaded, tok2, TEXTS, max_length=MAX_LENGTH),
+        encode(model, tok, TEXTS, max_length=MAX_LENGTH),
+        atol=1e-6,
+        rtol=0,
+    )

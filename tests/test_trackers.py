@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_runner import write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
@@ -18,22 +19,47 @@ from tripletctl.curriculum import load_curriculum
 from tripletctl.runner import train
 from tripletctl.trackers import TrackerError, Trackers, open_trackers, scalar_name, scalars
 
-from test_runner import write_curriculum
-
 PHASES = ("semi-hard", "hard-negative", "batch-hard")
 
 
 def test_scalars_are_named_by_phase_and_event():
-    step = {"phase": "semi-hard", "phase_index": 0, "step": 3, "global_step": 3, "mining": "semi-hard",
-            "loss": 0.5, "batch_hard_loss": 0.7, "grad_norm": None, "num_triplets": 12, "time": 1.0e9}
+    step = {
+        "phase": "semi-hard",
+        "phase_index": 0,
+        "step": 3,
+        "global_step": 3,
+        "mining": "semi-hard",
+        "loss": 0.5,
+        "batch_hard_loss": 0.7,
+        "grad_norm": None,
+        "num_triplets": 12,
+        "time": 1.0e9,
+    }
     assert scalars(step) == {"semi-hard/loss": 0.5, "semi-hard/batch_hard_loss": 0.7, "semi-hard/num_triplets": 12.0}
-    evaluation = {"event": "eval", "global_step": 4, "phase": "semi-hard", "step": 4, "recall@1": 0.9,
-                  "map@r": 0.4, "rows": 200}
+    evaluation = {
+        "event": "eval",
+        "global_step": 4,
+        "phase": "semi-hard",
+        "step": 4,
+        "recall@1": 0.9,
+        "map@r": 0.4,
+        "rows": 200,
+    }
     assert scalars(evaluation) == {"semi-hard/eval/recall_at_1": 0.9, "semi-hard/eval/map_at_r": 0.4}
-    collapse = {"event": "collapse", "global_step": 9, "phase": "hard", "action": "warn",
-                "batch_hard_loss": 0.2, "embedding_spread": 0.01, "margin": 0.2}
-    assert scalars(collapse) == {"hard/collapse/batch_hard_loss": 0.2, "hard/collapse/embedding_spread": 0.01,
-                                 "hard/collapse/margin": 0.2}
+    collapse = {
+        "event": "collapse",
+        "global_step": 9,
+        "phase": "hard",
+        "action": "warn",
+        "batch_hard_loss": 0.2,
+        "embedding_spread": 0.01,
+        "margin": 0.2,
+    }
+    assert scalars(collapse) == {
+        "hard/collapse/batch_hard_loss": 0.2,
+        "hard/collapse/embedding_spread": 0.01,
+        "hard/collapse/margin": 0.2,
+    }
     assert scalar_name("a b@c", "x!") == "a b_at_c/x_"
 
 
@@ -50,8 +76,8 @@ def _wandb_records(path: Path) -> list:
         if left < 7:  # block trailer
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:  # full
             chunks.append(data)
         elif kind == 2:  # first
@@ -80,8 +106,9 @@ def tracker_env(monkeypatch):
 
 
 def test_paused_and_resumed_run_reports_every_record_to_all_three(tmp_path, tracker_env):
-    path = write_curriculum(tmp_path, steps=(4, 3, 3), checkpoint_every=0, with_eval=True,
-                            report_to=["tensorboard", "wandb", "mlflow"])
+    path = write_curriculum(
+        tmp_path, steps=(4, 3, 3), checkpoint_every=0, with_eval=True, report_to=["tensorboard", "wandb", "mlflow"]
+    )
     assert train(load_curriculum(path), max_steps=5) == 0  # pauses in phase 1
     ids = json.loads((tmp_path / "run" / "trackers.json").read_text())
     assert train(load_curriculum(path), resume=True) == 0
@@ -122,7 +149,9 @@ def test_paused_and_resumed_run_reports_every_record_to_all_three(tmp_path, trac
         for record in _wandb_records(next(directory.glob("*.wandb"))):
             kind = record.WhichOneof("record_type")
             if kind == "history":
-                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                row = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+                }
                 for key, value in row.items():
                     history.setdefault(key, {})[row["_step"]] = value
             elif kind == "run":
@@ -163,7 +192,8 @@ def test_a_tracker_named_but_not_installed_is_one_line_and_exit_2(tmp_path, monk
     result = CliRunner().invoke(app, ["train", str(path)])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "error: train.report_to names wandb, which is not installed: pip install 'tripletctl[wandb]'"]
+        "error: train.report_to names wandb, which is not installed: pip install 'tripletctl[wandb]'"
+    ]
     assert not (tmp_path / "run").exists()  # before any work
 
 

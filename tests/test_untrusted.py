@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from test_runner import QUICKSTART_HELDOUT, one_phase, write_curriculum
 from typer.testing import CliRunner
 
-from test_runner import QUICKSTART_HELDOUT, one_phase, write_curriculum
 from tripletctl.cli import app
 
 PHASE = "phase-0-semi-hard"
@@ -78,8 +78,10 @@ def head_files(model_dir: Path) -> list[Path]:
 
 # ------------------------------------------------------------------------------- crafted pickles
 
-@pytest.mark.parametrize("plant", ["rng.pt", "optimizer.pt", "stream.pt", "stream_file absolute",
-                                   "stream_file ..", "model pickle"])
+
+@pytest.mark.parametrize(
+    "plant", ["rng.pt", "optimizer.pt", "stream.pt", "stream_file absolute", "stream_file ..", "model pickle"]
+)
 def test_crafted_pickles_in_a_checkpoint_execute_nothing(run_copy, tmp_path, plant):
     marker = tmp_path / "PWNED"
     checkpoint = checkpoint_of(run_copy)
@@ -117,8 +119,10 @@ def test_a_symlink_out_of_the_checkpoint_is_refused(run_copy, tmp_path):
     outside = tmp_path / "elsewhere.safetensors"
     shutil.move(checkpoint / "model" / "model.safetensors", outside)
     (checkpoint / "model" / "model.safetensors").symlink_to(outside)
-    for args in (("train", run_copy / "curriculum.yaml", "--resume"),
-                 ("eval", run_copy / "run", "--data", QUICKSTART_HELDOUT)):
+    for args in (
+        ("train", run_copy / "curriculum.yaml", "--resume"),
+        ("eval", run_copy / "run", "--data", QUICKSTART_HELDOUT),
+    ):
         result = cli(*args)
         assert result.exit_code == 2 and "outside the checkpoint" in one_error_line(result)
 
@@ -139,14 +143,27 @@ def test_an_old_unsafe_stream_pickle_is_refused_in_one_line(run_copy):
 
 # ------------------------------------------------------------------------------- damaged files
 
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("damage", ["truncated model", "truncated head", "garbage rng", "mistyped rng",
-                                    "garbage optimizer", "mistyped optimizer", "garbage state",
-                                    "list state", "string step", "shape mismatch"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncated model",
+        "truncated head",
+        "garbage rng",
+        "mistyped rng",
+        "garbage optimizer",
+        "mistyped optimizer",
+        "garbage state",
+        "list state",
+        "string step",
+        "shape mismatch",
+    ],
+)
 def test_damaged_checkpoint_files_are_one_line_and_exit_2(run_copy, damage):
     checkpoint = checkpoint_of(run_copy)
     model_dir = checkpoint / "model"
@@ -186,6 +203,7 @@ def test_damaged_checkpoint_files_are_one_line_and_exit_2(run_copy, damage):
 
 # ------------------------------------------------------------------------------- divergence
 
+
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     weights = load_file(str(checkpoint / "model" / "model.safetensors"))
     for i, file in enumerate(head_files(checkpoint / "model")):
@@ -203,8 +221,13 @@ def _strict(text: str):
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_a_diverging_run_stops_with_exit_4_and_keeps_the_last_good_checkpoint(tmp_path, mode):
     # lr = 1e6: the first step blows the weights up (still finite), the second loss is NaN
-    overrides = ["train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0", f"train.on_nonfinite={mode}",
-                 "train.max_nonfinite_skips=3"]
+    overrides = [
+        "train.lr=1e6",
+        "train.warmup_steps=0",
+        "train.grad_clip=0",
+        f"train.on_nonfinite={mode}",
+        "train.max_nonfinite_skips=3",
+    ]
     path = one_phase(write_curriculum(tmp_path / "nan", steps=(6, 1, 1), checkpoint_every=1))
     reference = one_phase(write_curriculum(tmp_path / "ref", steps=(6, 1, 1), checkpoint_every=1))
     assert cli("train", reference, *overrides, "--max-steps", "1").exit_code == 0
@@ -252,15 +275,17 @@ def test_a_one_point_model_scores_zero(run_copy):
     last_weight = max(k for k in weights if k.endswith("weight"))
     weights[last_weight] = torch.zeros_like(weights[last_weight])
     weights[last_weight.replace("weight", "bias")] = torch.full_like(
-        weights[last_weight.replace("weight", "bias")], 0.5)
+        weights[last_weight.replace("weight", "bias")], 0.5
+    )
     save_file(weights, str(head))
     result = cli("eval", run_copy / "run", "--data", QUICKSTART_HELDOUT, "--max-rows", "200", "--json")
     assert result.exit_code == 0, result.output
-    metrics = json.loads(result.output[result.output.index("{\n"):])  # after transformers' progress bars
+    metrics = json.loads(result.output[result.output.index("{\n") :])  # after transformers' progress bars
     assert metrics["recall@1"] == metrics["recall@10"] == metrics["triplet_accuracy"] == 0.0
 
 
 # ------------------------------------------------------------------------------- bad arguments
+
 
 def test_missing_local_model_and_unreachable_hub_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub call fails at once instead of timing out
@@ -295,7 +320,8 @@ def test_inspect_collapse_plot_says_the_file_it_wrote(run_copy, tmp_path):
     folder = tmp_path / "pictures"
     folder.mkdir()
     for target, written in ((folder, folder / "collapse.png"), (tmp_path / "figure", tmp_path / "figure.png")):
-        result = cli("inspect-collapse", run_copy / "run", "--data", QUICKSTART_HELDOUT, "--max-rows", "200",
-                     "--plot", target)
+        result = cli(
+            "inspect-collapse", run_copy / "run", "--data", QUICKSTART_HELDOUT, "--max-rows", "200", "--plot", target
+        )
         assert result.exit_code in (0, 1, 3), result.output
         assert written.is_file() and f"wrote{written}" in "".join(result.output.split())  # rich wraps paths

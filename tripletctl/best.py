@@ -56,20 +56,30 @@ def improves(value: Any, kept: dict | None) -> bool:
     return not isinstance(previous, (int, float)) or value > previous
 
 
-def offer(output_dir: str | Path, metric: str, event: dict, *, model: Any, tokenizer: Any,
-          curriculum: dict) -> dict | None:
+def offer(
+    output_dir: str | Path, metric: str, event: dict, *, model: Any, tokenizer: Any, curriculum: dict
+) -> dict | None:
     """Keep `model` as OUTPUT/best when `event[metric]` beats the kept value; return the new
     best.json record, or None when nothing changed (not better, or non-finite weights)."""
     value = event.get(metric)
     if not improves(value, read_best(output_dir)) or not is_finite(model):
         return None
     scores = {k: v for k, v in event.items() if k != "event"}
-    record = {"metric": metric, "value": value, "phase": event.get("phase"),
-              "phase_index": event.get("phase_index"), "step": event.get("step"),
-              "global_step": event.get("global_step"), "model": f"{BEST_DIR}/model", "metrics": scores}
-    provenance = Provenance(curriculum=curriculum, metrics=scores,
-                            position={k: event.get(k) for k in ("phase_index", "step", "global_step")}
-                            | {"phase_name": event.get("phase")})
+    record = {
+        "metric": metric,
+        "value": value,
+        "phase": event.get("phase"),
+        "phase_index": event.get("phase_index"),
+        "step": event.get("step"),
+        "global_step": event.get("global_step"),
+        "model": f"{BEST_DIR}/model",
+        "metrics": scores,
+    }
+    provenance = Provenance(
+        curriculum=curriculum,
+        metrics=scores,
+        position={k: event.get(k) for k in ("phase_index", "step", "global_step")} | {"phase_name": event.get("phase")},
+    )
 
     def fill(tmp: Path) -> None:
         save_model(model, tokenizer, tmp / "model", provenance)

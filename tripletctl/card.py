@@ -26,8 +26,8 @@ class Provenance:
     """What a saved model folder says about how it was made (card, max length, similarity)."""
 
     curriculum: dict | None = None  # curriculum_to_dict() of the run (the curriculum as run)
-    position: dict | None = None    # phase_index, phase_name, step, global_step of the save
-    metrics: dict | None = None     # the held-out eval event measured on these exact weights
+    position: dict | None = None  # phase_index, phase_name, step, global_step of the save
+    metrics: dict | None = None  # the held-out eval event measured on these exact weights
 
     @property
     def max_seq_length(self) -> int:
@@ -60,26 +60,39 @@ def render_card(meta: dict, provenance: Provenance | None = None) -> str:
     front: dict[str, Any] = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity"}
     if pretrained and is_hub_id(base):
         front["base_model"] = base
-    front["tags"] = ["sentence-transformers", "sentence-similarity", "feature-extraction",
-                     "triplet-loss", "tripletctl"]
+    front["tags"] = ["sentence-transformers", "sentence-similarity", "feature-extraction", "triplet-loss", "tripletctl"]
     if is_hub_id(data.get("source")):
         front["datasets"] = [data["source"]]
     dim, distance = meta["embedding_dim"], p.distance
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-             f"# {_title(base)} triplet embeddings", "",
-             f"A text embedding model trained with tripletctl: triplet loss with online mining inside "
-             f"each batch. It maps a text to a **{dim}-dimensional** vector; compare vectors with "
-             f"**{distance} distance** (smaller is closer)"
-             + (". Vectors are L2-normalised, so cosine similarity ranks neighbours identically."
-                if meta["normalize"] else "."), "",
-             "## Model", "", "| | |", "|---|---|",
-             f"| base model | {_base_text(model)} |",
-             f"| pooling | {meta['pooling']} |",
-             f"| head | {_head_text(meta)} |",
-             f"| normalised | {'yes' if meta['normalize'] else 'no'} |",
-             f"| embedding size | {dim} |",
-             f"| distance | {distance} (sentence-transformers similarity: euclidean) |",
-             f"| max sequence length | {p.max_seq_length} tokens |", ""]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {_title(base)} triplet embeddings",
+        "",
+        f"A text embedding model trained with tripletctl: triplet loss with online mining inside "
+        f"each batch. It maps a text to a **{dim}-dimensional** vector; compare vectors with "
+        f"**{distance} distance** (smaller is closer)"
+        + (
+            ". Vectors are L2-normalised, so cosine similarity ranks neighbours identically."
+            if meta["normalize"]
+            else "."
+        ),
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {_base_text(model)} |",
+        f"| pooling | {meta['pooling']} |",
+        f"| head | {_head_text(meta)} |",
+        f"| normalised | {'yes' if meta['normalize'] else 'no'} |",
+        f"| embedding size | {dim} |",
+        f"| distance | {distance} (sentence-transformers similarity: euclidean) |",
+        f"| max sequence length | {p.max_seq_length} tokens |",
+        "",
+    ]
     lines += _training_section(curriculum, p.position)
     lines += _metrics_section(curriculum, p.metrics)
     lines += _usage_section(meta, p.max_seq_length)
@@ -117,23 +130,33 @@ def _training_section(curriculum: dict, position: dict | None) -> list[str]:
         return []
     data = curriculum.get("data") or {}
     phases = curriculum.get("phases") or []
-    lines = ["## Training", "",
-             f"Data: {_describe_source(data.get('source'))} (split `{data.get('split', 'train')}`, "
-             f"{data.get('layout', 'labelled')} layout, {data.get('samples_per_class', '?')} texts per class "
-             f"in every batch, texts cut at {data.get('max_length', DEFAULT_MAX_SEQ_LENGTH)} tokens).", "",
-             "Curriculum as run:", "",
-             "| # | phase | mining | batch | margin | steps | distance | lr |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Training",
+        "",
+        f"Data: {_describe_source(data.get('source'))} (split `{data.get('split', 'train')}`, "
+        f"{data.get('layout', 'labelled')} layout, {data.get('samples_per_class', '?')} texts per class "
+        f"in every batch, texts cut at {data.get('max_length', DEFAULT_MAX_SEQ_LENGTH)} tokens).",
+        "",
+        "Curriculum as run:",
+        "",
+        "| # | phase | mining | batch | margin | steps | distance | lr |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for i, phase in enumerate(phases):
-        lines.append(f"| {i} | {phase.get('name')} | {phase.get('mining')} | {phase.get('batch_size')} | "
-                     f"{phase.get('margin')} | {phase.get('steps')} | {phase.get('distance')} | {phase.get('lr')} |")
+        lines.append(
+            f"| {i} | {phase.get('name')} | {phase.get('mining')} | {phase.get('batch_size')} | "
+            f"{phase.get('margin')} | {phase.get('steps')} | {phase.get('distance')} | {phase.get('lr')} |"
+        )
     lines.append("")
     if position and "phase_index" in position and phases:
         index = int(position["phase_index"])
         name = position.get("phase_name") or (phases[index].get("name") if index < len(phases) else "?")
         planned = phases[index].get("steps") if index < len(phases) else "?"
-        lines += [f"These weights: phase {index} ({name}), step {position.get('step')} of {planned} "
-                  f"(global step {position.get('global_step')}).", ""]
+        lines += [
+            f"These weights: phase {index} ({name}), step {position.get('step')} of {planned} "
+            f"(global step {position.get('global_step')}).",
+            "",
+        ]
     return lines
 
 
@@ -144,27 +167,35 @@ def _metrics_section(curriculum: dict, metrics: dict | None) -> list[str]:
     evaluation = curriculum.get("eval") or {}
     where = f" on {_describe_source(evaluation['source'])}" if evaluation.get("source") else ""
     rows = f"{metrics['rows']} rows, " if "rows" in metrics else ""
-    lines = ["## Held-out metrics", "",
-             f"Retrieval among held-out texts{where} ({rows}measured on these weights at global step "
-             f"{metrics.get('global_step', '?')}; a text's neighbours of the same label count as hits):", "",
-             "| metric | value |", "|---|---|"]
+    lines = [
+        "## Held-out metrics",
+        "",
+        f"Retrieval among held-out texts{where} ({rows}measured on these weights at global step "
+        f"{metrics.get('global_step', '?')}; a text's neighbours of the same label count as hits):",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.4f} |" for k, v in scores]
     return lines + [""]
 
 
 def _usage_section(meta: dict, max_length: int) -> list[str]:
-    pooled = ("hidden[:, 0]" if meta["pooling"] == "cls"
-              else "(hidden * mask).sum(1) / mask.sum(1)")
+    pooled = "hidden[:, 0]" if meta["pooling"] == "cls" else "(hidden * mask).sum(1) / mask.sum(1)"
     if meta["head"]:
-        last = ("# the pooled encoder output; the head (the K_Dense folders) and normalisation are applied "
-                "by sentence-transformers")
+        last = (
+            "# the pooled encoder output; the head (the K_Dense folders) and normalisation are applied "
+            "by sentence-transformers"
+        )
     elif meta["normalize"]:
         last = "embeddings = torch.nn.functional.normalize(embeddings, dim=-1)"
     else:
         last = "# no head, no normalisation: these are the embeddings"
     return [
-        "## Usage", "",
-        "With [sentence-transformers](https://www.sbert.net) (pooling, head and normalisation included):", "",
+        "## Usage",
+        "",
+        "With [sentence-transformers](https://www.sbert.net) (pooling, head and normalisation included):",
+        "",
         "```python",
         "from sentence_transformers import SentenceTransformer",
         "",
@@ -172,15 +203,17 @@ def _usage_section(meta: dict, max_length: int) -> list[str]:
         'embeddings = model.encode(["first text", "second text"])',
         f"print(embeddings.shape)  # (2, {meta['embedding_dim']})",
         "print(model.similarity(embeddings, embeddings))",
-        "```", "",
-        "With plain transformers (the encoder and the pooling):", "",
+        "```",
+        "",
+        "With plain transformers (the encoder and the pooling):",
+        "",
         "```python",
         "import torch",
         "from transformers import AutoModel, AutoTokenizer",
         "",
         'tokenizer, encoder = AutoTokenizer.from_pretrained("path/to/this/folder"), AutoModel.from_pretrained("path/to/this/folder")',
         f'batch = tokenizer(["first text", "second text"], padding=True, truncation=True, max_length={max_length}, return_tensors="pt")',
-        "hidden, mask = encoder(**batch).last_hidden_state, batch[\"attention_mask\"].unsqueeze(-1).float()",
+        'hidden, mask = encoder(**batch).last_hidden_state, batch["attention_mask"].unsqueeze(-1).float()',
         f"embeddings = {pooled}",
         last,
         "```",

@@ -36,9 +36,10 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -59,11 +60,11 @@ PHASE_DIR_RE = re.compile(r"^phase-(\d+)-(.+)$")
 
 @dataclass
 class LoadedCheckpoint:
-    path: Path                  # the checkpoint directory actually read (may be checkpoint.prev)
-    state: dict                 # the `state` dict given to save_checkpoint
+    path: Path  # the checkpoint directory actually read (may be checkpoint.prev)
+    state: dict  # the `state` dict given to save_checkpoint
     stream_state: dict | None
     curriculum: dict
-    rng: dict | list[dict]      # pass to restore_rng when ready; a list holds one state per rank (torchrun)
+    rng: dict | list[dict]  # pass to restore_rng when ready; a list holds one state per rank (torchrun)
     memory: dict | None = None  # EmbeddingMemory.state_dict() when the phase had a memory
 
     @property
@@ -72,6 +73,7 @@ class LoadedCheckpoint:
 
 
 # ---------------------------------------------------------------------------------------- layout
+
 
 def phase_dir(output_dir: str | Path, index: int, name: str) -> Path:
     """`OUTPUT/phase-K-NAME`, K the 0-based phase index (curriculum.py rejects names with separators)."""
@@ -91,6 +93,7 @@ def _is_complete(directory: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- rng
+
 
 def capture_rng() -> dict:
     """Every RNG a training step may draw from, as plain Python / tensors (weights_only-loadable)."""
@@ -125,11 +128,20 @@ def _to_tuple(value: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ save
 
-def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer: Any,
-                    optimizer: torch.optim.Optimizer | None, state: dict,
-                    stream_state: dict | None, curriculum: dict,
-                    rng: list[dict] | None = None, memory: dict | None = None,
-                    metrics: dict | None = None) -> Path:
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict,
+    stream_state: dict | None,
+    curriculum: dict,
+    rng: list[dict] | None = None,
+    memory: dict | None = None,
+    metrics: dict | None = None,
+) -> Path:
     """Write a complete checkpoint at `directory` atomically and return its path.
 
     `state` must be JSON-serialisable (phase index/name, step, global step, counters, world size);
@@ -150,11 +162,21 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, tokenizer:
             target.parent.mkdir(parents=True, exist_ok=True)
             clean_leftovers(target)
             tmp.mkdir()
-        provenance = Provenance(curriculum=_plain(curriculum), metrics=metrics,
-                                position={k: state[k] for k in POSITION_KEYS if k in state})
-        _write_contents(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, state=state,
-                        stream_state=stream_state, curriculum=curriculum, rng=rng, memory=memory,
-                        provenance=provenance)
+        provenance = Provenance(
+            curriculum=_plain(curriculum), metrics=metrics, position={k: state[k] for k in POSITION_KEYS if k in state}
+        )
+        _write_contents(
+            tmp,
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            state=state,
+            stream_state=stream_state,
+            curriculum=curriculum,
+            rng=rng,
+            memory=memory,
+            provenance=provenance,
+        )
         with writing(target):
             _swap_in(tmp, target)
     except BaseException as error:  # disk full, read-only, Ctrl-C: the old checkpoint stays in place
@@ -190,10 +212,10 @@ def write_complete_dir(directory: str | Path, fill: Callable[[Path], None]) -> P
     return target
 
 
-def _write_contents(tmp: Path, *, model, tokenizer, optimizer, state, stream_state, curriculum, rng, memory,
-                    provenance: Provenance) -> None:
-    record: dict[str, Any] = {**state, "format_version": FORMAT_VERSION,
-                              "stream": None, "stream_file": None}
+def _write_contents(
+    tmp: Path, *, model, tokenizer, optimizer, state, stream_state, curriculum, rng, memory, provenance: Provenance
+) -> None:
+    record: dict[str, Any] = {**state, "format_version": FORMAT_VERSION, "stream": None, "stream_file": None}
     if stream_state is not None and _json_roundtrips(stream_state):
         record["stream"] = stream_state
     elif stream_state is not None:  # tensors, tuples, int keys...: keep them exact
@@ -340,9 +362,14 @@ def _fsync_dir(path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ load
 
-def load_checkpoint(directory: str | Path, *, model: torch.nn.Module | None = None,
-                    optimizer: torch.optim.Optimizer | None = None,
-                    map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+
+def load_checkpoint(
+    directory: str | Path,
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    map_location: str | torch.device = "cpu",
+) -> LoadedCheckpoint:
     """Read a checkpoint (any path `resolve_checkpoint` accepts) and restore model/optimizer in place.
 
     RNG states are returned, not applied: the caller restores them once everything that draws
@@ -369,8 +396,9 @@ def load_checkpoint(directory: str | Path, *, model: torch.nn.Module | None = No
     if optimizer is not None:
         _restore_optimizer(path / "optimizer.pt", optimizer, map_location)
     state = {k: v for k, v in record.items() if k not in RESERVED_STATE_KEYS}
-    return LoadedCheckpoint(path=path, state=state, stream_state=stream_state,
-                            curriculum=curriculum, rng=rng, memory=memory)
+    return LoadedCheckpoint(
+        path=path, state=state, stream_state=stream_state, curriculum=curriculum, rng=rng, memory=memory
+    )
 
 
 def _one_line(error: BaseException | str, limit: int = 200) -> str:
@@ -395,8 +423,7 @@ def _read_state_json(path: Path) -> dict:
 def _inside(root: Path, name: str, key: str) -> Path:
     """`root/name` for a plain file name; anything that could point elsewhere is refused."""
     if not name or Path(name).is_absolute() or Path(name).name != name or name in (".", ".."):
-        raise CheckpointError(f"{root / 'state.json'}: {key} must name a file inside the checkpoint, "
-                              f"got {name!r}")
+        raise CheckpointError(f"{root / 'state.json'}: {key} must name a file inside the checkpoint, got {name!r}")
     return root / name
 
 
@@ -419,17 +446,24 @@ def safe_torch_load(file: Path, map_location: str | torch.device = "cpu") -> Any
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing: the checkpoint is damaged") from None
     except pickle.UnpicklingError:  # torch's own message is many lines about weights_only=False: not an option
-        raise CheckpointError(f"{file} holds objects that could run code when loaded (an older tripletctl "
-                              f"format or a tampered file); refusing to load it") from None
+        raise CheckpointError(
+            f"{file} holds objects that could run code when loaded (an older tripletctl "
+            f"format or a tampered file); refusing to load it"
+        ) from None
     except Exception as e:  # truncated zip, garbage bytes, wrong device...: torch raises many types
         raise CheckpointError(f"{file} is damaged: {_one_line(e)}") from None
 
 
 def _check_rng(rng: Any, file: Path) -> dict | list[dict]:
     """What capture_rng wrote (or a list of them, one per rank), else a clear error now, not at resume."""
+
     def ok(state: Any) -> bool:
-        return (isinstance(state, dict) and isinstance(state.get("python"), (list, tuple))
-                and isinstance(state.get("torch"), torch.Tensor) and state["torch"].dtype == torch.uint8)
+        return (
+            isinstance(state, dict)
+            and isinstance(state.get("python"), (list, tuple))
+            and isinstance(state.get("torch"), torch.Tensor)
+            and state["torch"].dtype == torch.uint8
+        )
 
     if ok(rng) or (isinstance(rng, list) and rng and all(ok(s) for s in rng)):
         return rng
@@ -452,8 +486,10 @@ def _restore_model(model_dir: Path, model: torch.nn.Module) -> None:
         if target.head is not None:
             target.head.load_state_dict(saved.head.state_dict(), strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint model in {model_dir} does not match this model "
-                              f"(different architecture, pooling or head?): {_one_line(e, 300)}") from None
+        raise CheckpointError(
+            f"checkpoint model in {model_dir} does not match this model "
+            f"(different architecture, pooling or head?): {_one_line(e, 300)}"
+        ) from None
 
 
 def _restore_optimizer(path: Path, optimizer: torch.optim.Optimizer, map_location) -> None:
@@ -468,11 +504,14 @@ def _restore_optimizer(path: Path, optimizer: torch.optim.Optimizer, map_locatio
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
-                    raise CheckpointError(f"optimizer state in {path} does not match this model: '{key}' has "
-                                          f"shape {tuple(value.shape)}, its parameter {tuple(param.shape)}")
+                    raise CheckpointError(
+                        f"optimizer state in {path} does not match this model: '{key}' has "
+                        f"shape {tuple(value.shape)}, its parameter {tuple(param.shape)}"
+                    )
 
 
 # --------------------------------------------------------------------------------------- resolve
+
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir, a phase dir (holding checkpoint/) or a run dir (latest phase) → checkpoint dir."""
@@ -480,8 +519,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.name == CHECKPOINT or _is_complete(path) or (path / "state.json").exists():
         found = _usable(path)
         if found is None:
-            raise CheckpointError(f"{path} is not a complete checkpoint (a save was interrupted and "
-                                  f"no {_prev(path).name} survives)")
+            raise CheckpointError(
+                f"{path} is not a complete checkpoint (a save was interrupted and no {_prev(path).name} survives)"
+            )
         return found
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
@@ -497,8 +537,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if found is None:
             raise CheckpointError(f"run directory {path} has no complete checkpoint in any phase")
         return found
-    raise CheckpointError(f"{path} is not a checkpoint (no {COMPLETE}), a phase directory "
-                          f"(no {CHECKPOINT}/) or a run directory (no run.json or phase-K-NAME/)")
+    raise CheckpointError(
+        f"{path} is not a checkpoint (no {COMPLETE}), a phase directory "
+        f"(no {CHECKPOINT}/) or a run directory (no run.json or phase-K-NAME/)"
+    )
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,10 +79,10 @@ class ChunkPlan:
     """Which rows of the batch each forward chunk holds, longest rows first, and how wide it is."""
 
     chunks: tuple[tuple[int, ...], ...]  # batch row indices per chunk
-    widths: tuple[int, ...]              # each chunk's padded length (its longest row)
-    keep_graph: bool                     # all chunks' activations fit: one pass, no re-forward
+    widths: tuple[int, ...]  # each chunk's padded length (its longest row)
+    keep_graph: bool  # all chunks' activations fit: one pass, no re-forward
     real_tokens: int
-    padded_tokens: int                   # per forward pass
+    padded_tokens: int  # per forward pass
 
     @property
     def order(self) -> list[int]:
@@ -109,7 +110,7 @@ def plan_chunks(lengths: Sequence[int] | Tensor, chunking: Chunking | int) -> Ch
         sizes = _pack(ordered, chunking.tokens, chunking.overhead_tokens)
     chunks, widths, start = [], [], 0
     for size in sizes:
-        chunks.append(tuple(order[start:start + size]))
+        chunks.append(tuple(order[start : start + size]))
         widths.append(ordered[start] if size else 0)
         start += size
     padded = sum(len(c) * w for c, w in zip(chunks, widths))
@@ -180,8 +181,9 @@ def _right_padded(attention_mask: Tensor) -> bool:
     return attention_mask.shape[1] < 2 or bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
 
 
-def _chunk_inputs(input_ids: Tensor, attention_mask: Tensor, rows: Tensor, width: int,
-                  trim: bool) -> tuple[Tensor, Tensor]:
+def _chunk_inputs(
+    input_ids: Tensor, attention_mask: Tensor, rows: Tensor, width: int, trim: bool
+) -> tuple[Tensor, Tensor]:
     """The chunk's rows, cut to its own longest row when the batch is right-padded."""
     ids, mask = input_ids.index_select(0, rows), attention_mask.index_select(0, rows)
     if trim and width < ids.shape[1]:
@@ -198,7 +200,7 @@ def embed_and_backward(
     chunk_size: int | Chunking | ChunkPlan,
     autocast_dtype: torch.dtype | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
-    no_sync: Callable[[], ContextManager] | None = None,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
 ) -> tuple[Tensor, Any, Tensor]:
     """Embed the batch, compute `loss_fn` over all of it and accumulate parameter gradients.
 
@@ -228,7 +230,7 @@ def embed_and_backward(
     restore = torch.argsort(order)  # sorted position of each batch row
     last = len(chunk_rows) - 1
 
-    def autocast() -> ContextManager:
+    def autocast() -> AbstractContextManager:
         if autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=autocast_dtype)
@@ -237,7 +239,7 @@ def embed_and_backward(
         with autocast():
             return model(*_chunk_inputs(input_ids, attention_mask, chunk_rows[i], plan.widths[i], trim))
 
-    def unless_last(i: int) -> ContextManager:
+    def unless_last(i: int) -> AbstractContextManager:
         return no_sync() if (no_sync is not None and i != last) else contextlib.nullcontext()
 
     def full_batch_loss(embeddings: Tensor) -> tuple[Tensor, Any]:
@@ -357,8 +359,9 @@ def resolve_chunking(
     return Chunking(tokens=max(seq_len, tokens), overhead_tokens=overhead)
 
 
-def _probe_bytes_per_row(model: torch.nn.Module, device: torch.device, seq_len: int,
-                         autocast_dtype: torch.dtype | None) -> float:
+def _probe_bytes_per_row(
+    model: torch.nn.Module, device: torch.device, seq_len: int, autocast_dtype: torch.dtype | None
+) -> float:
     """Activation bytes one row of `seq_len` tokens costs in a forward+backward, measured.
 
     Activation memory depends on model, seq_len, dtype, attention kernel and compilation in ways no

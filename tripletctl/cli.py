@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -39,8 +39,9 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     # Decided per invocation, not at import: tests and wrappers swap sys.stdout.
     for output in (console, err_console):
@@ -70,17 +71,27 @@ def _curriculum_file(argument: Path) -> Path:
 
     path, builtin = resolve(argument)
     if not builtin and not path.exists() and "/" not in str(argument) and not str(argument).endswith((".yaml", ".yml")):
-        raise TripletctlError(f"{argument}: no such file, and no built-in curriculum of that name "
-                              f"(built-in: {', '.join(names())})")
+        raise TripletctlError(
+            f"{argument}: no such file, and no built-in curriculum of that name (built-in: {', '.join(names())})"
+        )
     return path
 
 
 @app.command()
 def train(
     curriculum: Path = typer.Argument(..., help=CURRICULUM_HELP),
-    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output directory: same phase, step and stream position."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop (with a checkpoint) after this many steps in this invocation; --resume continues."),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue from the latest checkpoint in the output directory: same phase, step and stream position.",
+    ),
+    max_steps: int | None = typer.Option(
+        None,
+        "--max-steps",
+        min=1,
+        help="Stop (with a checkpoint) after this many steps in this invocation; --resume continues.",
+    ),
 ) -> None:
     """Run every phase of a curriculum: stream, mine online, step, log, checkpoint.
 
@@ -106,14 +117,21 @@ def train(
             if path != curriculum:
                 console.print(f"built-in curriculum {curriculum}: {path}", soft_wrap=True, highlight=False)
             plan = load_curriculum(path, overrides or [])
-            code = run_training(plan, resume=resume, console=console, max_steps=max_steps, stop=stop,
-                                command=[str(curriculum), *(overrides or [])])
+            code = run_training(
+                plan,
+                resume=resume,
+                console=console,
+                max_steps=max_steps,
+                stop=stop,
+                command=[str(curriculum), *(overrides or [])],
+            )
         except TripletctlError as error:
             _fail(error)
         except KeyboardInterrupt as interrupt:
             stop.settled()
-            err_console.print(SECOND_MESSAGE if isinstance(interrupt, InterruptedTwice) else "interrupted",
-                              highlight=False)
+            err_console.print(
+                SECOND_MESSAGE if isinstance(interrupt, InterruptedTwice) else "interrupted", highlight=False
+            )
             raise typer.Exit(code=130) from None
     raise typer.Exit(code=code or 0)
 
@@ -121,8 +139,10 @@ def train(
 @app.command()
 def validate(
     curriculum: Path = typer.Argument(..., help=CURRICULUM_HELP),
-    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="Print the fully resolved curriculum (every key, paths resolved) as JSON."),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the fully resolved curriculum (every key, paths resolved) as JSON."
+    ),
 ) -> None:
     """Check a curriculum (and overrides) and print the plan as a table, or every error found."""
     from tripletctl.curriculum import curriculum_to_dict, load_curriculum, plan_table
@@ -160,8 +180,11 @@ def _builtin_names(prefix: str) -> list[str]:
 
 @curricula_app.command(name="copy")
 def curricula_copy(
-    name: str = typer.Argument(..., help="A built-in curriculum (see `tripletctl curricula`).",
-                               autocompletion=lambda incomplete: _builtin_names(incomplete)),
+    name: str = typer.Argument(
+        ...,
+        help="A built-in curriculum (see `tripletctl curricula`).",
+        autocompletion=lambda incomplete: _builtin_names(incomplete),
+    ),
     dest: Path = typer.Argument(Path("."), help="Directory to write NAME.yaml (and its NAME/ assets) into."),
 ) -> None:
     """Write an editable copy of a built-in curriculum, with its assets; its ./ paths keep working."""
@@ -180,35 +203,111 @@ def curricula_copy(
 # field of curriculum.SourceConfig (tests check both agree); without --data they change the eval
 # block saved with the run's curriculum.
 SOURCE_OPTIONS = {
-    "source": "--data", "format": "--format", "split": "--split", "layout": "--layout",
-    "text_column": "--text-column", "label_column": "--label-column", "anchor_column": "--anchor-column",
-    "positive_column": "--positive-column", "negative_columns": "--negative-column",
+    "source": "--data",
+    "format": "--format",
+    "split": "--split",
+    "layout": "--layout",
+    "text_column": "--text-column",
+    "label_column": "--label-column",
+    "anchor_column": "--anchor-column",
+    "positive_column": "--positive-column",
+    "negative_columns": "--negative-column",
     "load_dataset": "--load-dataset",
 }
 _PANEL = "Held-out source (default: the run's eval block)"
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Hub dataset name, local file, directory or glob (default: the eval block saved with the run's curriculum).", rich_help_panel=_PANEL)]
-FormatOpt = Annotated[Optional[str], typer.Option("--format", help="json | parquet | csv (default: from the file extension, else the hub).", rich_help_panel=_PANEL)]
-SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split to read (default: train).", rich_help_panel=_PANEL)]
-LayoutOpt = Annotated[Optional[str], typer.Option("--layout", help="labelled | pairs | triplets (docs/data.md) (default: labelled).", rich_help_panel=_PANEL)]
-TextColumnOpt = Annotated[Optional[str], typer.Option("--text-column", help="labelled: text column (default: text).", rich_help_panel=_PANEL)]
-LabelColumnOpt = Annotated[Optional[str], typer.Option("--label-column", help="labelled: label column (default: label).", rich_help_panel=_PANEL)]
-AnchorColumnOpt = Annotated[Optional[str], typer.Option("--anchor-column", help="pairs/triplets: anchor column (default: anchor).", rich_help_panel=_PANEL)]
-PositiveColumnOpt = Annotated[Optional[str], typer.Option("--positive-column", help="pairs/triplets: positive column (default: positive).", rich_help_panel=_PANEL)]
-NegativeColumnOpt = Annotated[Optional[list[str]], typer.Option("--negative-column", help="triplets: a negative column; repeat for several (default: negative).", rich_help_panel=_PANEL, show_default=False)]
-LoadDatasetOpt = Annotated[Optional[list[str]], typer.Option("--load-dataset", help="KEY=VALUE passed unchanged to datasets.load_dataset, e.g. name=pair; repeatable.", rich_help_panel=_PANEL, show_default=False)]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Hub dataset name, local file, directory or glob (default: the eval block saved with the run's curriculum).",
+        rich_help_panel=_PANEL,
+    ),
+]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="json | parquet | csv (default: from the file extension, else the hub).",
+        rich_help_panel=_PANEL,
+    ),
+]
+SplitOpt = Annotated[
+    str | None, typer.Option("--split", help="Split to read (default: train).", rich_help_panel=_PANEL)
+]
+LayoutOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layout", help="labelled | pairs | triplets (docs/data.md) (default: labelled).", rich_help_panel=_PANEL
+    ),
+]
+TextColumnOpt = Annotated[
+    str | None, typer.Option("--text-column", help="labelled: text column (default: text).", rich_help_panel=_PANEL)
+]
+LabelColumnOpt = Annotated[
+    str | None, typer.Option("--label-column", help="labelled: label column (default: label).", rich_help_panel=_PANEL)
+]
+AnchorColumnOpt = Annotated[
+    str | None,
+    typer.Option("--anchor-column", help="pairs/triplets: anchor column (default: anchor).", rich_help_panel=_PANEL),
+]
+PositiveColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--positive-column", help="pairs/triplets: positive column (default: positive).", rich_help_panel=_PANEL
+    ),
+]
+NegativeColumnOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--negative-column",
+        help="triplets: a negative column; repeat for several (default: negative).",
+        rich_help_panel=_PANEL,
+        show_default=False,
+    ),
+]
+LoadDatasetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--load-dataset",
+        help="KEY=VALUE passed unchanged to datasets.load_dataset, e.g. name=pair; repeatable.",
+        rich_help_panel=_PANEL,
+        show_default=False,
+    ),
+]
 
 
-def _source_options(data, format, split, layout, text_column, label_column, anchor_column, positive_column,
-                    negative_column, load_dataset) -> dict:
+def _source_options(
+    data,
+    format,
+    split,
+    layout,
+    text_column,
+    label_column,
+    anchor_column,
+    positive_column,
+    negative_column,
+    load_dataset,
+) -> dict:
     """The typed source options by SourceConfig field (None: not given)."""
-    return {"source": data, "format": format, "split": split, "layout": layout, "text_column": text_column,
-            "label_column": label_column, "anchor_column": anchor_column, "positive_column": positive_column,
-            "negative_columns": negative_column, "load_dataset": load_dataset}
+    return {
+        "source": data,
+        "format": format,
+        "split": split,
+        "layout": layout,
+        "text_column": text_column,
+        "label_column": label_column,
+        "anchor_column": anchor_column,
+        "positive_column": positive_column,
+        "negative_columns": negative_column,
+        "load_dataset": load_dataset,
+    }
 
 
 @app.command(name="eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."),
+    checkpoint: Path = typer.Argument(
+        ..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."
+    ),
     data: DataOpt = None,
     format: FormatOpt = None,
     split: SplitOpt = None,
@@ -219,7 +318,9 @@ def evaluate(
     positive_column: PositiveColumnOpt = None,
     negative_column: NegativeColumnOpt = None,
     load_dataset: LoadDatasetOpt = None,
-    max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="Read at most this many texts (default: the eval block's max_rows, else 10000)."),
+    max_rows: int | None = typer.Option(
+        None, "--max-rows", min=1, help="Read at most this many texts (default: the eval block's max_rows, else 10000)."
+    ),
     batch_size: int = typer.Option(256, "--batch-size", help="Encoding batch size."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
@@ -228,19 +329,32 @@ def evaluate(
     data, accuracy on the data's own negatives)."""
     from tripletctl.evaluation import held_out_source, run_eval_command
 
-    given = _source_options(data, format, split, layout, text_column, label_column, anchor_column,
-                            positive_column, negative_column, load_dataset)
+    given = _source_options(
+        data,
+        format,
+        split,
+        layout,
+        text_column,
+        label_column,
+        anchor_column,
+        positive_column,
+        negative_column,
+        load_dataset,
+    )
     try:
         source, rows = held_out_source(checkpoint, given, SOURCE_OPTIONS, max_rows, default_max_rows=10000)
-        run_eval_command(checkpoint, source, max_rows=rows, batch_size=batch_size, device=device,
-                         as_json=as_json, console=console)
+        run_eval_command(
+            checkpoint, source, max_rows=rows, batch_size=batch_size, device=device, as_json=as_json, console=console
+        )
     except TripletctlError as error:
         _fail(error)
 
 
 @app.command(name="inspect-collapse")
 def inspect_collapse(
-    checkpoint: Path = typer.Argument(..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."),
+    checkpoint: Path = typer.Argument(
+        ..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."
+    ),
     data: DataOpt = None,
     format: FormatOpt = None,
     split: SplitOpt = None,
@@ -251,9 +365,19 @@ def inspect_collapse(
     positive_column: PositiveColumnOpt = None,
     negative_column: NegativeColumnOpt = None,
     load_dataset: LoadDatasetOpt = None,
-    max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="Sample size in texts (default: the eval block's max_rows, else 2000)."),
-    margin: Optional[float] = typer.Option(None, "--margin", help="Margin to judge against (default: the last phase's margin in the checkpoint's curriculum, else 0.2)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write d(a,p)/d(a,n) histograms and the singular-value spectrum to this PNG (an existing directory gets collapse.png inside; .png is added to a name without a suffix)."),
+    max_rows: int | None = typer.Option(
+        None, "--max-rows", min=1, help="Sample size in texts (default: the eval block's max_rows, else 2000)."
+    ),
+    margin: float | None = typer.Option(
+        None,
+        "--margin",
+        help="Margin to judge against (default: the last phase's margin in the checkpoint's curriculum, else 0.2).",
+    ),
+    plot: Path | None = typer.Option(
+        None,
+        "--plot",
+        help="Write d(a,p)/d(a,n) histograms and the singular-value spectrum to this PNG (an existing directory gets collapse.png inside; .png is added to a name without a suffix).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -261,12 +385,23 @@ def inspect_collapse(
     from tripletctl.collapse import run_inspect_command
     from tripletctl.evaluation import held_out_source
 
-    given = _source_options(data, format, split, layout, text_column, label_column, anchor_column,
-                            positive_column, negative_column, load_dataset)
+    given = _source_options(
+        data,
+        format,
+        split,
+        layout,
+        text_column,
+        label_column,
+        anchor_column,
+        positive_column,
+        negative_column,
+        load_dataset,
+    )
     try:
         source, rows = held_out_source(checkpoint, given, SOURCE_OPTIONS, max_rows, default_max_rows=2000)
-        code = run_inspect_command(checkpoint, source, max_rows=rows, margin=margin, plot=plot, device=device,
-                                   as_json=as_json, console=console)
+        code = run_inspect_command(
+            checkpoint, source, max_rows=rows, margin=margin, plot=plot, device=device, as_json=as_json, console=console
+        )
     except TripletctlError as error:
         _fail(error)
     raise typer.Exit(code=code)
@@ -275,7 +410,11 @@ def inspect_collapse(
 @app.command()
 def plot(
     run_dir: Path = typer.Argument(..., help="Run directory (the curriculum's train.output_dir)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN_DIR/run.png; an existing directory gets run.png inside; .png is added to a name without a suffix)."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="PNG to write (default RUN_DIR/run.png; an existing directory gets run.png inside; .png is added to a name without a suffix).",
+    ),
 ) -> None:
     """Draw a whole run: mining and batch-hard loss with phase boundaries, active fraction, eval metrics."""
     from tripletctl.plots import plot_run
@@ -289,9 +428,15 @@ def plot(
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."),
-    out_dir: Path = typer.Argument(..., help="Directory to write the model folder to (created; must be empty unless --force)."),
-    best: bool = typer.Option(False, "--best", help="Export the run's best held-out model (train.keep_best) instead of the latest."),
+    checkpoint: Path = typer.Argument(
+        ..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."
+    ),
+    out_dir: Path = typer.Argument(
+        ..., help="Directory to write the model folder to (created; must be empty unless --force)."
+    ),
+    best: bool = typer.Option(
+        False, "--best", help="Export the run's best held-out model (train.keep_best) instead of the latest."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty OUT_DIR."),
 ) -> None:
     """Copy only the model folder (no optimizer or stream state), ready for `hf upload`.
@@ -307,8 +452,11 @@ def export(
     except TripletctlError as error:
         _fail(error)
     upgraded = " (re-saved from the previous format)" if done.upgraded else ""
-    console.print(f"exported {done.source} -> {done.out_dir}: {done.files} files, "
-                  f"{done.bytes / 1e6:.1f} MB{upgraded}", highlight=False, soft_wrap=True)
+    console.print(
+        f"exported {done.source} -> {done.out_dir}: {done.files} files, {done.bytes / 1e6:.1f} MB{upgraded}",
+        highlight=False,
+        soft_wrap=True,
+    )
     console.print(f"upload: hf upload USER/NAME {done.out_dir}", highlight=False, soft_wrap=True)
 
 

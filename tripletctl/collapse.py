@@ -30,15 +30,15 @@ EXIT_CODES = {HEALTHY: 0, AT_RISK: 1, COLLAPSED: 3}
 
 # Verdict thresholds (documented in docs/collapse.md; tuned on a collapsed head, an untrained tiny
 # BERT and separated synthetic clusters).
-COLLAPSED_COSINE = 0.99        # mean pairwise cosine above this: all directions ~ the same
+COLLAPSED_COSINE = 0.99  # mean pairwise cosine above this: all directions ~ the same
 AT_RISK_COSINE = 0.9
-COLLAPSED_ERANK = 1.5          # effective rank below this (when >= 3 classes need >= 2 dimensions)
+COLLAPSED_ERANK = 1.5  # effective rank below this (when >= 3 classes need >= 2 dimensions)
 AT_RISK_ERANK_FRACTION = 0.25  # effective rank below this fraction of min(D, classes - 1)
-NEAR_MARGIN_TOLERANCE = 0.01   # a batch-hard loss within 1% of the margin is "stuck at alpha"
-COLLAPSED_NEAR_MARGIN = 0.9    # ... for this fraction of anchors, together with a tiny spread
+NEAR_MARGIN_TOLERANCE = 0.01  # a batch-hard loss within 1% of the margin is "stuck at alpha"
+COLLAPSED_NEAR_MARGIN = 0.9  # ... for this fraction of anchors, together with a tiny spread
 AT_RISK_NEAR_MARGIN = 0.5
-TINY_RELATIVE_SPREAD = 0.1     # spread / RMS norm (on the unit sphere: mean cosine ~ 0.99)
-WEAK_SEPARATION = 0.25         # median d(a,n) - median d(a,p) below this fraction of the margin
+TINY_RELATIVE_SPREAD = 0.1  # spread / RMS norm (on the unit sphere: mean cosine ~ 0.99)
+WEAK_SEPARATION = 0.25  # median d(a,n) - median d(a,p) below this fraction of the margin
 HIST_BINS = 50
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -52,24 +52,24 @@ class CollapseReport:
     classes: int
     margin: float
     distance: str
-    mean_cosine: float                 # mean off-diagonal pairwise cosine similarity
+    mean_cosine: float  # mean off-diagonal pairwise cosine similarity
     std_cosine: float
-    embedding_spread: float            # sqrt(mean ||e - mean(e)||^2), as mining.MiningStats
-    mean_norm: float                   # RMS norm of the embeddings (1 on the unit sphere)
-    dim_std_mean: float                # per-dimension standard deviation: mean over dimensions
-    dim_std_min: float                 # ... and the deadest dimension
-    effective_rank: float              # Roy & Vetterli 2007, of the centred matrix
-    alignment: float                   # Wang & Isola 2020: mean ||f(x)-f(y)||^2 over positive pairs
-    uniformity: float                  # log mean exp(-2 ||f(x)-f(y)||^2) over all pairs
-    ap_quantiles: dict[str, float]     # d(a,p) over positive pairs ("p05", "p25", "p50", ...)
-    an_quantiles: dict[str, float]     # d(a,n) over negative pairs
-    separation: float                  # median d(a,n) - median d(a,p)
-    batch_hard_loss: float             # whole sample treated as one batch
-    near_margin_fraction: float        # batch-hard losses within 1% of the margin
+    embedding_spread: float  # sqrt(mean ||e - mean(e)||^2), as mining.MiningStats
+    mean_norm: float  # RMS norm of the embeddings (1 on the unit sphere)
+    dim_std_mean: float  # per-dimension standard deviation: mean over dimensions
+    dim_std_min: float  # ... and the deadest dimension
+    effective_rank: float  # Roy & Vetterli 2007, of the centred matrix
+    alignment: float  # Wang & Isola 2020: mean ||f(x)-f(y)||^2 over positive pairs
+    uniformity: float  # log mean exp(-2 ||f(x)-f(y)||^2) over all pairs
+    ap_quantiles: dict[str, float]  # d(a,p) over positive pairs ("p05", "p25", "p50", ...)
+    an_quantiles: dict[str, float]  # d(a,n) over negative pairs
+    separation: float  # median d(a,n) - median d(a,p)
+    batch_hard_loss: float  # whole sample treated as one batch
+    near_margin_fraction: float  # batch-hard losses within 1% of the margin
     batch_hard_anchors: int
     verdict: str
     reasons: tuple[str, ...]
-    hist_edges: list[float] = field(default_factory=list)   # shared bins for d(a,p) and d(a,n)
+    hist_edges: list[float] = field(default_factory=list)  # shared bins for d(a,p) and d(a,n)
     ap_hist: list[int] = field(default_factory=list)
     an_hist: list[int] = field(default_factory=list)
     d_ap: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
@@ -127,8 +127,9 @@ def _singular_values(centred: torch.Tensor) -> torch.Tensor:
     try:
         return torch.linalg.eigvalsh(centred.T @ centred).clamp_min(0.0).sqrt().flip(0)
     except torch.linalg.LinAlgError as error:
-        raise NonFiniteError(f"the embeddings' singular values cannot be computed ({error}): "
-                             f"their values are too extreme to judge") from None
+        raise NonFiniteError(
+            f"the embeddings' singular values cannot be computed ({error}): their values are too extreme to judge"
+        ) from None
 
 
 def collapse_report(
@@ -192,23 +193,50 @@ def collapse_report(
     losses = (hardest_pos - hardest_neg + margin).clamp_min(0.0)[valid]
     anchors = int(losses.numel())
     batch_hard = float(losses.mean()) if anchors else float("nan")
-    near = float(((losses - margin).abs() <= NEAR_MARGIN_TOLERANCE * margin).double().mean()) if anchors else float("nan")
+    near = (
+        float(((losses - margin).abs() <= NEAR_MARGIN_TOLERANCE * margin).double().mean()) if anchors else float("nan")
+    )
 
     edges, ap_hist, an_hist = _histograms(d_ap, d_an, margin)
     verdict, reasons = judge(
-        mean_cosine=mean_cosine, effective_rank=erank, dim=dim, classes=classes,
-        near_margin_fraction=near, relative_spread=spread / max(mean_norm, 1e-12),
-        separation=separation, margin=margin,
+        mean_cosine=mean_cosine,
+        effective_rank=erank,
+        dim=dim,
+        classes=classes,
+        near_margin_fraction=near,
+        relative_spread=spread / max(mean_norm, 1e-12),
+        separation=separation,
+        margin=margin,
     )
     return CollapseReport(
-        rows=n, dim=dim, classes=classes, margin=float(margin), distance=distance,
-        mean_cosine=mean_cosine, std_cosine=std_cosine, embedding_spread=spread, mean_norm=mean_norm,
-        dim_std_mean=float(dim_std.mean()), dim_std_min=float(dim_std.min()), effective_rank=erank,
-        alignment=alignment, uniformity=uniformity, ap_quantiles=ap_q, an_quantiles=an_q,
-        separation=separation, batch_hard_loss=batch_hard, near_margin_fraction=near,
-        batch_hard_anchors=anchors, verdict=verdict, reasons=tuple(reasons),
-        hist_edges=edges, ap_hist=ap_hist, an_hist=an_hist,
-        d_ap=d_ap.float().numpy(), d_an=d_an.float().numpy(), singular_values=singular.float().numpy(),
+        rows=n,
+        dim=dim,
+        classes=classes,
+        margin=float(margin),
+        distance=distance,
+        mean_cosine=mean_cosine,
+        std_cosine=std_cosine,
+        embedding_spread=spread,
+        mean_norm=mean_norm,
+        dim_std_mean=float(dim_std.mean()),
+        dim_std_min=float(dim_std.min()),
+        effective_rank=erank,
+        alignment=alignment,
+        uniformity=uniformity,
+        ap_quantiles=ap_q,
+        an_quantiles=an_q,
+        separation=separation,
+        batch_hard_loss=batch_hard,
+        near_margin_fraction=near,
+        batch_hard_anchors=anchors,
+        verdict=verdict,
+        reasons=tuple(reasons),
+        hist_edges=edges,
+        ap_hist=ap_hist,
+        an_hist=an_hist,
+        d_ap=d_ap.float().numpy(),
+        d_an=d_an.float().numpy(),
+        singular_values=singular.float().numpy(),
     )
 
 
@@ -257,12 +285,18 @@ def judge(
     collapsed: list[str] = []
     at_risk: list[str] = []
     if mean_cosine > COLLAPSED_COSINE:
-        collapsed.append(f"mean pairwise cosine {mean_cosine:.4f} > {COLLAPSED_COSINE}: every embedding points the same way")
+        collapsed.append(
+            f"mean pairwise cosine {mean_cosine:.4f} > {COLLAPSED_COSINE}: every embedding points the same way"
+        )
     elif mean_cosine > AT_RISK_COSINE:
-        at_risk.append(f"mean pairwise cosine {mean_cosine:.4f} > {AT_RISK_COSINE}: embeddings crowd into a narrow cone")
+        at_risk.append(
+            f"mean pairwise cosine {mean_cosine:.4f} > {AT_RISK_COSINE}: embeddings crowd into a narrow cone"
+        )
     needed = max(1, min(dim, classes - 1))  # dimensions the classes need to be told apart
     if classes >= 3 and effective_rank < COLLAPSED_ERANK:
-        collapsed.append(f"effective rank {effective_rank:.2f} < {COLLAPSED_ERANK} with {classes} classes: at most a line left")
+        collapsed.append(
+            f"effective rank {effective_rank:.2f} < {COLLAPSED_ERANK} with {classes} classes: at most a line left"
+        )
     elif needed >= 2 and effective_rank < AT_RISK_ERANK_FRACTION * needed:
         at_risk.append(
             f"effective rank {effective_rank:.2f} < {AT_RISK_ERANK_FRACTION} x min(dim, classes-1) = "
@@ -311,13 +345,14 @@ class CollapseWatchdog:
         self.patience = int(patience)
         self.tolerance = float(tolerance)
         self.spread_threshold = float(spread_threshold)
-        self.streak = 0      # consecutive collapsed-looking steps
+        self.streak = 0  # consecutive collapsed-looking steps
         self.detections = 0  # times it fired (for logs)
 
     def looks_collapsed(self, batch_hard_loss: float, margin: float, embedding_spread: float) -> bool:
         """One step's test; NaN/inf never counts as collapse (that is a different failure)."""
         return (
-            math.isfinite(batch_hard_loss) and math.isfinite(embedding_spread)
+            math.isfinite(batch_hard_loss)
+            and math.isfinite(embedding_spread)
             and abs(batch_hard_loss - margin) <= self.tolerance * margin
             and embedding_spread < self.spread_threshold
         )
@@ -336,9 +371,13 @@ class CollapseWatchdog:
         self.streak = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"patience": self.patience, "tolerance": self.tolerance,
-                "spread_threshold": self.spread_threshold, "streak": self.streak,
-                "detections": self.detections}
+        return {
+            "patience": self.patience,
+            "tolerance": self.tolerance,
+            "spread_threshold": self.spread_threshold,
+            "streak": self.streak,
+            "detections": self.detections,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the counters; thresholds stay as constructed (the curriculum may have changed them)."""
@@ -366,9 +405,21 @@ def report_table(report: CollapseReport):
         ("effective rank", f"{report.effective_rank:.2f}", f">= {AT_RISK_ERANK_FRACTION} x min(dim, classes-1)"),
         ("alignment", f"{report.alignment:.4f}", "small (0 = positives identical)"),
         ("uniformity", f"{report.uniformity:.4f}", "negative; 0 = collapsed"),
-        ("d(a,p) median [p05, p95]", f"{ap.get('p50', float('nan')):.4f} [{ap.get('p05', float('nan')):.3f}, {ap.get('p95', float('nan')):.3f}]", ""),
-        ("d(a,n) median [p05, p95]", f"{an.get('p50', float('nan')):.4f} [{an.get('p05', float('nan')):.3f}, {an.get('p95', float('nan')):.3f}]", ""),
-        ("separation (median an - ap)", f"{report.separation:.4f}", f">= margin/4 = {WEAK_SEPARATION * report.margin:.3f}"),
+        (
+            "d(a,p) median [p05, p95]",
+            f"{ap.get('p50', float('nan')):.4f} [{ap.get('p05', float('nan')):.3f}, {ap.get('p95', float('nan')):.3f}]",
+            "",
+        ),
+        (
+            "d(a,n) median [p05, p95]",
+            f"{an.get('p50', float('nan')):.4f} [{an.get('p05', float('nan')):.3f}, {an.get('p95', float('nan')):.3f}]",
+            "",
+        ),
+        (
+            "separation (median an - ap)",
+            f"{report.separation:.4f}",
+            f">= margin/4 = {WEAK_SEPARATION * report.margin:.3f}",
+        ),
         ("batch-hard loss (whole sample)", f"{report.batch_hard_loss:.4f}", f"margin = {report.margin}"),
         ("batch-hard losses at margin", f"{report.near_margin_fraction:.1%}", f"< {AT_RISK_NEAR_MARGIN:.0%}"),
     ]
@@ -403,8 +454,9 @@ def run_inspect_command(
         from tripletctl.errors import DataError
 
         raise DataError(f"need at least 2 rows to inspect, got {len(loaded.rows.texts)} from {data}")
-    embeddings = encode(loaded.model, loaded.tokenizer, loaded.rows.texts, max_length=loaded.max_length,
-                        device=loaded.device)
+    embeddings = encode(
+        loaded.model, loaded.tokenizer, loaded.rows.texts, max_length=loaded.max_length, device=loaded.device
+    )
     check_finite(embeddings, f"the model in {loaded.checkpoint_dir}")
     distance = loaded.distance if loaded.distance in DISTANCES else "euclidean"
     if margin is None:  # judge against the margin the model was trained with

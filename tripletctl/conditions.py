@@ -17,8 +17,8 @@ Nothing is checked before `min_steps` steps of the phase.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Mapping
 
 STEP_METRICS = ("loss", "batch_hard_loss", "active_fraction")  # smoothed; lower is better
 THRESHOLDS = {  # condition key -> the step metric it reads
@@ -33,18 +33,18 @@ CONDITIONS = (*THRESHOLDS, "plateau", "eval_plateau")
 
 @dataclass(frozen=True)
 class Plateau:
-    metric: str                   # a STEP_METRICS name (plateau) or an EVAL_METRICS name (eval_plateau)
-    patience: int                 # steps (plateau) or held-out evals (eval_plateau)
-    min_delta: float = 0.0        # smallest relative improvement that counts (0.01 = 1%)
+    metric: str  # a STEP_METRICS name (plateau) or an EVAL_METRICS name (eval_plateau)
+    patience: int  # steps (plateau) or held-out evals (eval_plateau)
+    min_delta: float = 0.0  # smallest relative improvement that counts (0.01 = 1%)
 
 
 @dataclass(frozen=True)
 class UntilConfig:
     """A phase's end conditions; `steps` stays the phase's maximum."""
 
-    min_steps: int                # no condition is checked before this step of the phase
-    window: int = 20              # span of the moving average, in steps
-    combine: str = "any"          # "any": end when one condition holds; "all": when all hold at once
+    min_steps: int  # no condition is checked before this step of the phase
+    window: int = 20  # span of the moving average, in steps
+    combine: str = "any"  # "any": end when one condition holds; "all": when all hold at once
     active_fraction_below: float | None = None
     loss_below: float | None = None
     batch_hard_loss_below: float | None = None
@@ -66,8 +66,8 @@ class ConditionState:
     """Everything `advance` remembers between steps; `to_dict`/`from_dict` for the checkpoint."""
 
     smoothed: dict[str, float] = field(default_factory=dict)  # moving average of each step metric
-    best: float | None = None      # plateau: best smoothed value so far
-    since_best: int = 0            # plateau: steps since it last improved by min_delta
+    best: float | None = None  # plateau: best smoothed value so far
+    since_best: int = 0  # plateau: steps since it last improved by min_delta
     eval_best: float | None = None
     evals_since_best: int = 0
 
@@ -75,7 +75,7 @@ class ConditionState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping | None) -> "ConditionState":
+    def from_dict(cls, data: Mapping | None) -> ConditionState:
         data = data or {}
         return cls(
             smoothed={str(k): float(v) for k, v in (data.get("smoothed") or {}).items()},
@@ -90,11 +90,11 @@ class ConditionState:
 class Reading:
     """One condition now: the value it reads against its threshold, and whether it holds."""
 
-    condition: str                 # a CONDITIONS key
+    condition: str  # a CONDITIONS key
     metric: str
-    value: float | None            # smoothed value (thresholds, plateau) or last eval (eval_plateau)
-    threshold: float | int         # the threshold, or the patience
-    count: int | None              # plateau / eval_plateau: steps / evals without improvement
+    value: float | None  # smoothed value (thresholds, plateau) or last eval (eval_plateau)
+    threshold: float | int  # the threshold, or the patience
+    count: int | None  # plateau / eval_plateau: steps / evals without improvement
     held: bool
 
     def describe(self, window: int) -> str:
@@ -102,8 +102,10 @@ class Reading:
             relation = "<" if self.held else ">="
             return f"{self.metric} {_fmt(self.value)} {relation} {self.threshold:g} (EMA over {window} steps)"
         unit = _plural(self.count or 0, "step" if self.condition == "plateau" else "eval")
-        return (f"{self.metric} plateau: {unit} without improvement (patience {self.threshold}, "
-                f"{'EMA' if self.condition == 'plateau' else 'best'} {_fmt(self.value)})")
+        return (
+            f"{self.metric} plateau: {unit} without improvement (patience {self.threshold}, "
+            f"{'EMA' if self.condition == 'plateau' else 'best'} {_fmt(self.value)})"
+        )
 
     def short(self) -> str:
         """For the progress bar: the smoothed value against its threshold."""
@@ -129,8 +131,14 @@ def _improved(value: float, best: float | None, min_delta: float, higher_is_bett
     return value < best - min_delta * abs(best)
 
 
-def advance(until: UntilConfig, state: ConditionState, *, step: int, metrics: Mapping[str, float],
-            eval_metrics: Mapping[str, float] | None = None) -> tuple[ConditionState, list[Reading] | None]:
+def advance(
+    until: UntilConfig,
+    state: ConditionState,
+    *,
+    step: int,
+    metrics: Mapping[str, float],
+    eval_metrics: Mapping[str, float] | None = None,
+) -> tuple[ConditionState, list[Reading] | None]:
     """Fold step `step` (1-based in the phase) into the state; return the new state and, when the
     phase should end now, the readings that ended it (those that hold). Non-finite values (a diverged
     step) leave the state unchanged: they must neither end a phase nor poison the average."""
@@ -176,12 +184,28 @@ def readings(until: UntilConfig, state: ConditionState) -> list[Reading]:
             out.append(Reading(name, metric, value, threshold, None, value is not None and value < threshold))
     if until.plateau is not None:
         p = until.plateau
-        out.append(Reading("plateau", p.metric, state.smoothed.get(p.metric), p.patience, state.since_best,
-                           state.best is not None and state.since_best >= p.patience))
+        out.append(
+            Reading(
+                "plateau",
+                p.metric,
+                state.smoothed.get(p.metric),
+                p.patience,
+                state.since_best,
+                state.best is not None and state.since_best >= p.patience,
+            )
+        )
     if until.eval_plateau is not None:
         p = until.eval_plateau
-        out.append(Reading("eval_plateau", p.metric, state.eval_best, p.patience, state.evals_since_best,
-                           state.eval_best is not None and state.evals_since_best >= p.patience))
+        out.append(
+            Reading(
+                "eval_plateau",
+                p.metric,
+                state.eval_best,
+                p.patience,
+                state.evals_since_best,
+                state.eval_best is not None and state.evals_since_best >= p.patience,
+            )
+        )
     return out
 
 

@@ -13,9 +13,10 @@ import dataclasses
 import difflib
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 from rich import box
@@ -23,8 +24,15 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from tripletctl.conditions import COMBINE, CONDITIONS, EVAL_METRICS, STEP_METRICS, Plateau, UntilConfig
-from tripletctl.conditions import default_min_steps
+from tripletctl.conditions import (
+    COMBINE,
+    CONDITIONS,
+    EVAL_METRICS,
+    STEP_METRICS,
+    Plateau,
+    UntilConfig,
+    default_min_steps,
+)
 from tripletctl.conditions import describe as describe_until
 from tripletctl.errors import ConfigError
 
@@ -41,14 +49,11 @@ DISTANCES = ("euclidean", "squared-euclidean")
 FALLBACKS = ("hardest", "easiest")
 ON_COLLAPSE = ("warn", "stop", "fallback")
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.report_to; see tripletctl/trackers.py
-# The scores evaluation.retrieval_metrics reports (all higher-is-better), for train.keep_best;
-# tests/test_curriculum.py checks this list against what evaluation really produces.
-EVAL_METRICS = ("recall@1", "recall@5", "recall@10", "map@r", "r_precision", "triplet_accuracy")
 ON_NONFINITE = ("stop", "skip")
 PHASE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
 PHASE_NAME_MAX = 64  # it becomes a directory name, and every message quotes it
-MAX_YAML_NODES = 100_000   # a curriculum is a few hundred nodes; an alias bomb expands to billions
-MAX_YAML_DEPTH = 100       # nesting; PyYAML's recursive constructor dies near 1,000
+MAX_YAML_NODES = 100_000  # a curriculum is a few hundred nodes; an alias bomb expands to billions
+MAX_YAML_DEPTH = 100  # nesting; PyYAML's recursive constructor dies near 1,000
 
 # Keys of data.load_dataset that tripletctl passes itself: a second value would be a TypeError
 # deep inside `datasets`, so they are refused here with a pointer to the key that sets them.
@@ -61,12 +66,12 @@ RESERVED_LOAD_DATASET_KEYS = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str                     # hub name or local directory
-    init: str = "pretrained"      # "pretrained" | "config" (random weights from config.json, seeded by train.seed)
+    name: str  # hub name or local directory
+    init: str = "pretrained"  # "pretrained" | "config" (random weights from config.json, seeded by train.seed)
     tokenizer: str | None = None  # defaults to `name`
-    pooling: str = "mean"         # "mean" | "cls"
-    head: tuple[int, ...] = ()    # MLP layer sizes after pooling; () = no head
-    normalize: bool = True        # project to the unit sphere
+    pooling: str = "mean"  # "mean" | "cls"
+    head: tuple[int, ...] = ()  # MLP layer sizes after pooling; () = no head
+    normalize: bool = True  # project to the unit sphere
     attn_implementation: str = "sdpa"  # passed to transformers unchanged, e.g. "flash_attention_2" (unpadded)
 
 
@@ -78,12 +83,12 @@ class SourceConfig:
     own class; triplets = anchor + positive + given negatives (negatives of every anchor in a batch)."""
 
     source: str | dict[str, str]  # hub name, local file / dir / glob; for format "text": {label: glob}
-    format: str | None = None     # "json" | "parquet" | "csv" | "text" | None (auto: extension, else hub)
+    format: str | None = None  # "json" | "parquet" | "csv" | "text" | None (auto: extension, else hub)
     split: str = "train"
-    layout: str = "labelled"      # "labelled" | "pairs" | "triplets"
-    text_column: str = "text"     # labelled
-    label_column: str = "label"   # labelled
-    anchor_column: str = "anchor"      # pairs, triplets
+    layout: str = "labelled"  # "labelled" | "pairs" | "triplets"
+    text_column: str = "text"  # labelled
+    label_column: str = "label"  # labelled
+    anchor_column: str = "anchor"  # pairs, triplets
     positive_column: str = "positive"  # pairs, triplets
     negative_columns: tuple[str, ...] = ("negative",)  # triplets: e.g. [negative_1, negative_2, negative_3]
     load_dataset: dict = field(default_factory=dict)  # extra kwargs, passed unchanged to datasets.load_dataset
@@ -108,10 +113,10 @@ class DataConfig(SourceConfig):
     """The training source plus how it is streamed, batched and tokenised."""
 
     shuffle_buffer: int = 10_000
-    max_length: int = 128         # tokens
+    max_length: int = 128  # tokens
     samples_per_class: int = 4
     max_buffered_rows: int = 200_000  # bound on all per-class buffers together
-    tokenizer_workers: int = 1    # worker processes that tokenise (0 = in the main process)
+    tokenizer_workers: int = 1  # worker processes that tokenise (0 = in the main process)
     prefetch_batches: int = 2
 
     @property
@@ -136,27 +141,27 @@ class TrainConfig:
     optimizer: str = "adamw"
     lr: float = 2e-5
     weight_decay: float = 0.01
-    warmup_steps: int = 100       # per phase
-    decay: str = "linear"         # "none" | "linear" | "cosine" to 0 at the end of each phase
-    grad_clip: float = 1.0        # 0 disables
-    precision: str = "auto"       # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    warmup_steps: int = 100  # per phase
+    decay: str = "linear"  # "none" | "linear" | "cosine" to 0 at the end of each phase
+    grad_clip: float = 1.0  # 0 disables
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
     seed: int = 0
     output_dir: str = "runs/tripletctl"
-    checkpoint_every: int = 0     # steps; 0 = only at the end of each phase (and on Ctrl-C/SIGTERM)
-    device: str = "auto"          # "auto" | "cpu" | "cuda"
+    checkpoint_every: int = 0  # steps; 0 = only at the end of each phase (and on Ctrl-C/SIGTERM)
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
     chunk_size: int | str = "auto"  # rows per forward chunk (gradient caching); "auto": a token budget
     chunk_tokens: int | str | None = None  # padded tokens per length-sorted chunk; "auto" fits free memory
-    compile: bool = False         # torch.compile the encoder
-    distance: str = "euclidean"   # "euclidean" | "squared-euclidean" (default for phases)
-    fallback: str = "hardest"     # semi-hard fallback "hardest" | "easiest" (default for phases)
-    on_collapse: str = "warn"     # "warn" | "stop" | "fallback" (default for phases)
-    collapse_patience: int = 50   # consecutive steps
+    compile: bool = False  # torch.compile the encoder
+    distance: str = "euclidean"  # "euclidean" | "squared-euclidean" (default for phases)
+    fallback: str = "hardest"  # semi-hard fallback "hardest" | "easiest" (default for phases)
+    on_collapse: str = "warn"  # "warn" | "stop" | "fallback" (default for phases)
+    collapse_patience: int = 50  # consecutive steps
     collapse_tolerance: float = 0.1  # relative to the margin
     memory: MemoryConfig | None = None  # cross-batch memory (default for phases); None = off
     log_every: int | str = "auto"  # plain progress lines (stdout not a terminal): every N steps, or "auto"
     report_to: tuple[str, ...] = ()  # experiment trackers, any of TRACKERS
     keep_best: str | None = None  # an EVAL_METRICS name: keep the best held-out model under OUTPUT/best
-    on_nonfinite: str = "stop"    # "stop" | "skip" a step whose loss or gradient is NaN/inf (default for phases)
+    on_nonfinite: str = "stop"  # "stop" | "skip" a step whose loss or gradient is NaN/inf (default for phases)
     max_nonfinite_skips: int = 10  # skip: stop after this many non-finite steps in a row
 
 
@@ -167,7 +172,7 @@ class PhaseConfig:
     phases (in tests) convenient; they mirror TrainConfig's."""
 
     name: str
-    mining: str                   # one of MINING_MODES
+    mining: str  # one of MINING_MODES
     batch_size: int
     steps: int
     margin: float = 0.2
@@ -188,7 +193,7 @@ class EvalConfig(SourceConfig):
     """The held-out source plus how much of it to read and when."""
 
     max_rows: int = 2000
-    every: int = 0                # also evaluate every N steps inside a phase; 0 = phase ends only
+    every: int = 0  # also evaluate every N steps inside a phase; 0 = phase ends only
     batch_size: int = 256
 
 
@@ -229,8 +234,12 @@ def _integer(minimum: int = 1, maximum: int | None = None) -> _Check:
         expected = f"an integer from {minimum} to {maximum}"
 
     def check(value: Any, raw: str | None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum \
-                or (maximum is not None and value > maximum):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
             raise _Invalid(expected)
         return value
 
@@ -280,8 +289,9 @@ def _phase_name(value: Any, raw: str | None) -> str:
     """It names the phase's directory (phase-K-NAME) and appears in every message: a short, safe name."""
     value = _text()(value, raw)
     if len(value) > PHASE_NAME_MAX or not set(value) <= PHASE_NAME_CHARS or value in (".", ".."):
-        raise _Invalid(f"a name of at most {PHASE_NAME_MAX} letters, digits, '.', '_', '+' or '-' "
-                       f"(it becomes a directory name)")
+        raise _Invalid(
+            f"a name of at most {PHASE_NAME_MAX} letters, digits, '.', '_', '+' or '-' (it becomes a directory name)"
+        )
     return value
 
 
@@ -422,8 +432,12 @@ def _source(value: Any, raw: str | None) -> str | dict[str, str]:
 def _column_names(value: Any, raw: str | None) -> tuple[str, ...]:
     if isinstance(value, str) and value.strip():
         value = [value]
-    if (isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value)
-            and len(set(value)) == len(value)):
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, str) and v.strip() for v in value)
+        and len(set(value)) == len(value)
+    ):
         return tuple(value)
     raise _Invalid("a non-empty list of distinct column names, e.g. [negative_1, negative_2]")
 
@@ -545,8 +559,17 @@ PLATEAU_KEYS: dict[str, dict[str, _Check]] = {
 }
 
 # Phase keys that default to the train block's value rather than to a constant.
-PHASE_KEYS_FROM_TRAIN = ("lr", "warmup_steps", "distance", "fallback", "chunk_size", "chunk_tokens", "on_collapse", "memory",
-                         "on_nonfinite")
+PHASE_KEYS_FROM_TRAIN = (
+    "lr",
+    "warmup_steps",
+    "distance",
+    "fallback",
+    "chunk_size",
+    "chunk_tokens",
+    "on_collapse",
+    "memory",
+    "on_nonfinite",
+)
 
 TOP_KEYS = ("model", "data", "train", "phases", "eval")
 _REQUIRED = {"model": ("name",), "data": ("source",), "train": (), "eval": ("source",)}
@@ -561,7 +584,7 @@ _CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eva
 
 @dataclass(frozen=True)
 class _Override:
-    text: str        # as typed, for messages
+    text: str  # as typed, for messages
     value_text: str  # the part after '=', for keys whose type is a string
 
 
@@ -610,8 +633,9 @@ def _check_yaml_size(text: str) -> None:
             if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
                 depth += 1
                 if depth > MAX_YAML_DEPTH:
-                    raise _YamlTooBig(f"line {event.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} "
-                                      f"levels deep")
+                    raise _YamlTooBig(
+                        f"line {event.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep"
+                    )
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1
     except yaml.YAMLError as error:
@@ -646,13 +670,16 @@ def _expanded_size(root: yaml.Node) -> None:
             children = [part for pair in node.value for part in pair]
         if not children_done:
             if key in open_nodes:
-                raise _YamlTooBig(f"line {node.start_mark.line + 1}: an alias refers to the collection that contains it")
+                raise _YamlTooBig(
+                    f"line {node.start_mark.line + 1}: an alias refers to the collection that contains it"
+                )
             open_nodes.add(key)
             stack.append((node, True))
             for child in children:
                 if id(child) in open_nodes:
-                    raise _YamlTooBig(f"line {child.start_mark.line + 1}: an alias refers to the collection "
-                                      f"that contains it")
+                    raise _YamlTooBig(
+                        f"line {child.start_mark.line + 1}: an alias refers to the collection that contains it"
+                    )
                 if id(child) not in size:
                     stack.append((child, False))
             continue
@@ -660,11 +687,15 @@ def _expanded_size(root: yaml.Node) -> None:
         size[key] = 1 + sum(size[id(c)] for c in children)
         depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
         if size[key] > MAX_YAML_NODES:
-            raise _YamlTooBig(f"line {node.start_mark.line + 1}: the document expands (through &anchors and "
-                              f"*aliases) to more than {MAX_YAML_NODES:,} values")
+            raise _YamlTooBig(
+                f"line {node.start_mark.line + 1}: the document expands (through &anchors and "
+                f"*aliases) to more than {MAX_YAML_NODES:,} values"
+            )
         if depth[key] > MAX_YAML_DEPTH:
-            raise _YamlTooBig(f"line {node.start_mark.line + 1}: nested (through &anchors and *aliases) more "
-                              f"than {MAX_YAML_DEPTH} levels deep")
+            raise _YamlTooBig(
+                f"line {node.start_mark.line + 1}: nested (through &anchors and *aliases) more "
+                f"than {MAX_YAML_DEPTH} levels deep"
+            )
 
 
 def safe_yaml_load(text: str) -> Any:
@@ -765,8 +796,11 @@ def _apply_override(tree: dict, text: str, origins: dict[tuple, _Override], prob
         count = len(tree["phases"]) if isinstance(tree.get("phases"), list) else 0
         if not isinstance(value, list) or len(value) != count:
             given = f"{len(value)} phases" if isinstance(value, list) else _show(value)
-            problems.add(f"overrides cannot add or remove phases: the file has {count}, the override gives "
-                         f"{given}; change a phase with phases.N.KEY=VALUE", override)
+            problems.add(
+                f"overrides cannot add or remove phases: the file has {count}, the override gives "
+                f"{given}; change a phase with phases.N.KEY=VALUE",
+                override,
+            )
             return
     if len(parts) == 1:  # a whole block, e.g. `eval={source: ./heldout.jsonl}`
         tree[top] = value
@@ -908,8 +942,14 @@ def _check_block(
         problems.add(f"{block} must be a mapping of keys, got {_show(raw)}", _origin(origins, (block,)))
         return _defaults(_CLASSES[block]), set(BLOCK_KEYS[block])
     values = _check_keys(
-        raw, BLOCK_KEYS[block], _REQUIRED[block], context="", qualifier=f"{block}.",
-        key_path=(block,), origins=origins, problems=problems,
+        raw,
+        BLOCK_KEYS[block],
+        _REQUIRED[block],
+        context="",
+        qualifier=f"{block}.",
+        key_path=(block,),
+        origins=origins,
+        problems=problems,
     )
     for key in _PATH_KEYS[block]:
         if key in values:
@@ -919,8 +959,9 @@ def _check_block(
     return {**_defaults(_CLASSES[block]), **values}, invalid
 
 
-def _check_source_block(block: str, values: dict, origins: dict, problems: _Problems,
-                        name: Callable[[str], str] | None = None) -> None:
+def _check_source_block(
+    block: str, values: dict, origins: dict, problems: _Problems, name: Callable[[str], str] | None = None
+) -> None:
     """Rules between keys shared by `data`, `eval` and the command line's source options (`name`
     spells a key as the user typed it: `eval.layout`, or `--layout`)."""
     name = name or (lambda key: f"{block}.{key}")
@@ -940,8 +981,10 @@ def _check_source_block(block: str, values: dict, origins: dict, problems: _Prob
         )
     layout = values.get("layout")
     if fmt == "text" and layout in ("pairs", "triplets"):
-        problems.add(f"{name('layout')} must be labelled when {name('format')} is text, got '{layout}'",
-                     _origin(origins, (block, "layout")))
+        problems.add(
+            f"{name('layout')} must be labelled when {name('format')} is text, got '{layout}'",
+            _origin(origins, (block, "layout")),
+        )
     if layout in ("pairs", "triplets"):
         keys = ["anchor_column", "positive_column"] + (["negative_columns"] if layout == "triplets" else [])
         names = [values.get("anchor_column"), values.get("positive_column")]
@@ -949,12 +992,16 @@ def _check_source_block(block: str, values: dict, origins: dict, problems: _Prob
             names += list(values.get("negative_columns") or ())
         repeated = sorted({n for n in names if n is not None and names.count(n) > 1})
         if repeated:
-            problems.add(f"the {layout} columns must be distinct, but {', '.join(map(repr, repeated))} is named "
-                         f"twice among {', '.join(name(k) for k in keys)}", _origin(origins, (block, "layout")))
+            problems.add(
+                f"the {layout} columns must be distinct, but {', '.join(map(repr, repeated))} is named "
+                f"twice among {', '.join(name(k) for k in keys)}",
+                _origin(origins, (block, "layout")),
+            )
 
 
-def source_from_options(given: dict[str, Any], option_names: dict[str, str],
-                        base: SourceConfig | None = None) -> SourceConfig:
+def source_from_options(
+    given: dict[str, Any], option_names: dict[str, str], base: SourceConfig | None = None
+) -> SourceConfig:
     """A SourceConfig from command-line source options, checked like a curriculum's block.
 
     `given` maps SourceConfig fields to what was typed (None: not given; `load_dataset` is a list of
@@ -994,35 +1041,59 @@ def _check_until(
     """A phase's `until:` block; every problem is reported, each on its own line."""
     before = len(problems.messages)
     key_path = ("phases", index, "until")
-    values = _check_keys(raw, UNTIL_KEYS, (), context=f"{label}: ", qualifier="until.", key_path=key_path,
-                         origins=origins, problems=problems)
+    values = _check_keys(
+        raw,
+        UNTIL_KEYS,
+        (),
+        context=f"{label}: ",
+        qualifier="until.",
+        key_path=key_path,
+        origins=origins,
+        problems=problems,
+    )
     for name, keys in PLATEAU_KEYS.items():
         if values.get(name) is not None:
-            checked = _check_keys(values[name], keys, ("metric", "patience"), context=f"{label}: ",
-                                  qualifier=f"until.{name}.", key_path=(*key_path, name), origins=origins,
-                                  problems=problems)
+            checked = _check_keys(
+                values[name],
+                keys,
+                ("metric", "patience"),
+                context=f"{label}: ",
+                qualifier=f"until.{name}.",
+                key_path=(*key_path, name),
+                origins=origins,
+                problems=problems,
+            )
             values[name] = Plateau(**checked) if {"metric", "patience"} <= set(checked) else None
     if all(raw.get(name) is None for name in CONDITIONS) and set(raw) <= set(UNTIL_KEYS):
-        problems.add(f"{label}: until must set at least one condition ({', '.join(CONDITIONS)})",
-                     _origin(origins, key_path))
+        problems.add(
+            f"{label}: until must set at least one condition ({', '.join(CONDITIONS)})", _origin(origins, key_path)
+        )
     if steps is not None:
         values.setdefault("min_steps", default_min_steps(steps))
         if values["min_steps"] > steps:
-            problems.add(f"{label}: until.min_steps must be at most steps ({steps}), got {values['min_steps']}",
-                         _origin(origins, (*key_path, "min_steps")) or _origin(origins, ("phases", index, "steps")))
+            problems.add(
+                f"{label}: until.min_steps must be at most steps ({steps}), got {values['min_steps']}",
+                _origin(origins, (*key_path, "min_steps")) or _origin(origins, ("phases", index, "steps")),
+            )
     if values.get("eval_plateau") is not None and eval_every != _EVERY_UNKNOWN:
         origin = _origin(origins, (*key_path, "eval_plateau"))
         if not eval_every:
-            problems.add(f"{label}: until.eval_plateau needs held-out evals inside the phase: set eval.every "
-                         f"(and an eval block), got {'no eval block' if eval_every is None else 'eval.every 0'}",
-                         origin)
+            problems.add(
+                f"{label}: until.eval_plateau needs held-out evals inside the phase: set eval.every "
+                f"(and an eval block), got {'no eval block' if eval_every is None else 'eval.every 0'}",
+                origin,
+            )
     if len(problems.messages) > before:
         return None
     return UntilConfig(**values)
 
 
 def _check_phases(
-    tree: dict, train: dict, group: tuple[int, str] | None, origins: dict, problems: _Problems,
+    tree: dict,
+    train: dict,
+    group: tuple[int, str] | None,
+    origins: dict,
+    problems: _Problems,
     eval_every: int | None = None,
 ) -> list[dict] | None:
     """`group`: the rows one class brings to a batch and how messages name them (None: unknown)."""
@@ -1031,24 +1102,35 @@ def _check_phases(
         problems.add("missing required key 'phases' (a non-empty list of phases)")
         return None
     if not isinstance(raw_phases, list) or not raw_phases:
-        problems.add(f"phases must be a non-empty list of phases, got {_show(raw_phases)}",
-                     _origin(origins, ("phases",)))
+        problems.add(
+            f"phases must be a non-empty list of phases, got {_show(raw_phases)}", _origin(origins, ("phases",))
+        )
         return None
     phases, first_index_of = [], {}
     for index, raw_phase in enumerate(raw_phases):
         label = _phase_label(index, raw_phase)
         if not isinstance(raw_phase, dict):
-            problems.add(f"{label}: must be a mapping with name, mining, batch_size and steps, got {_show(raw_phase)}",
-                         _origin(origins, ("phases", index)))
+            problems.add(
+                f"{label}: must be a mapping with name, mining, batch_size and steps, got {_show(raw_phase)}",
+                _origin(origins, ("phases", index)),
+            )
             continue
         values = _check_keys(
-            raw_phase, PHASE_KEYS, _PHASE_REQUIRED, context=f"{label}: ", qualifier="",
-            key_path=("phases", index), origins=origins, problems=problems,
+            raw_phase,
+            PHASE_KEYS,
+            _PHASE_REQUIRED,
+            context=f"{label}: ",
+            qualifier="",
+            key_path=("phases", index),
+            origins=origins,
+            problems=problems,
         )
         if _chunking_conflict(values):
-            problems.add(f"{label}: set chunk_size (rows per chunk) or chunk_tokens (a token budget), not both, "
-                         f"got chunk_size {values['chunk_size']} and chunk_tokens {_show(values['chunk_tokens'])}",
-                         _origin(origins, ("phases", index, "chunk_tokens")))
+            problems.add(
+                f"{label}: set chunk_size (rows per chunk) or chunk_tokens (a token budget), not both, "
+                f"got chunk_size {values['chunk_size']} and chunk_tokens {_show(values['chunk_tokens'])}",
+                _origin(origins, ("phases", index, "chunk_tokens")),
+            )
         elif "chunk_size" in values and "chunk_tokens" not in values:
             values["chunk_tokens"] = None  # the phase's row count wins over the train block's budget
         elif "chunk_tokens" in values and "chunk_size" not in values:
@@ -1058,24 +1140,29 @@ def _check_phases(
                 values[key] = train[key]
         values.setdefault("margin", PhaseConfig.margin)
         if values.get("until") is not None:
-            values["until"] = _check_until(values["until"], values.get("steps"), eval_every, label, index,
-                                           origins, problems)
+            values["until"] = _check_until(
+                values["until"], values.get("steps"), eval_every, label, index, origins, problems
+            )
         batch_size = values.get("batch_size")
         batch_origin = _origin(origins, ("phases", index, "batch_size"))
         if batch_size is not None and group is not None:
             rows, what = group
             if batch_size % rows:
-                problems.add(f"{label}: batch_size must be a multiple of {what} ({rows}), got {batch_size}",
-                             batch_origin)
+                problems.add(
+                    f"{label}: batch_size must be a multiple of {what} ({rows}), got {batch_size}", batch_origin
+                )
             elif batch_size // rows < 2:
                 problems.add(
                     f"{label}: batch_size must hold at least 2 classes of {what} ({rows}) rows, "
-                    f"i.e. be at least {2 * rows}, got {batch_size}", batch_origin,
+                    f"i.e. be at least {2 * rows}, got {batch_size}",
+                    batch_origin,
                 )
         name = values.get("name")
         if name in first_index_of:
-            problems.add(f"{label}: duplicate phase name '{name}' (also phases[{first_index_of[name]}])",
-                         _origin(origins, ("phases", index, "name")))
+            problems.add(
+                f"{label}: duplicate phase name '{name}' (also phases[{first_index_of[name]}])",
+                _origin(origins, ("phases", index, "name")),
+            )
         elif name is not None:
             first_index_of[name] = index
         phases.append(values)
@@ -1087,8 +1174,9 @@ def _check_tree(tree: Any, path: str, origins: dict, problems: _Problems) -> Cur
         problems.add("the curriculum is empty: expected model, data, train and phases")
         return None
     if not isinstance(tree, dict):
-        problems.add(f"expected a mapping with model, data, train, phases (and optional eval) at the top, "
-                     f"got {_show(tree)}")
+        problems.add(
+            f"expected a mapping with model, data, train, phases (and optional eval) at the top, got {_show(tree)}"
+        )
         return None
     for key in tree:
         if key not in TOP_KEYS:
@@ -1099,9 +1187,11 @@ def _check_tree(tree: Any, path: str, origins: dict, problems: _Problems) -> Cur
     _check_source_block("data", data, origins, problems)
     train, _ = _check_block(tree, "train", file_dir, origins, problems)
     if _chunking_conflict(train):
-        problems.add(f"train: set chunk_size (rows per chunk) or chunk_tokens (a token budget), not both, got "
-                     f"chunk_size {train['chunk_size']} and chunk_tokens {_show(train['chunk_tokens'])}",
-                     _origin(origins, ("train", "chunk_tokens")))
+        problems.add(
+            f"train: set chunk_size (rows per chunk) or chunk_tokens (a token budget), not both, got "
+            f"chunk_size {train['chunk_size']} and chunk_tokens {_show(train['chunk_tokens'])}",
+            _origin(origins, ("train", "chunk_tokens")),
+        )
     evaluation, invalid_eval = None, set()
     if tree.get("eval") is not None:
         evaluation, invalid_eval = _check_block(tree, "eval", file_dir, origins, problems)
@@ -1115,16 +1205,20 @@ def _check_tree(tree: Any, path: str, origins: dict, problems: _Problems) -> Cur
             _origin(origins, ("data", "samples_per_class")) or _origin(origins, ("data", "layout")),
         )
     if train.get("keep_best") is not None and evaluation is None:
-        problems.add(f"train.keep_best ({train['keep_best']}) needs an eval block: the best model is "
-                     "judged on held-out data", _origin(origins, ("train", "keep_best")))
+        problems.add(
+            f"train.keep_best ({train['keep_best']}) needs an eval block: the best model is judged on held-out data",
+            _origin(origins, ("train", "keep_best")),
+        )
     eval_every = evaluation["every"] if evaluation is not None else None
     if "every" in invalid_eval:
         eval_every = _EVERY_UNKNOWN  # already reported: no second error about it
     group = None if samples_per_class is None else (samples_per_class, "data.samples_per_class")
     if data["layout"] == "triplets" and "negative_columns" not in invalid_data:
         negatives = len(data["negative_columns"])
-        group = (2 + negatives, f"the rows of one triplet group (anchor, positive and {negatives} "
-                                f"negative{'s' if negatives > 1 else ''})")
+        group = (
+            2 + negatives,
+            f"the rows of one triplet group (anchor, positive and {negatives} negative{'s' if negatives > 1 else ''})",
+        )
     phases = _check_phases(tree, train, group, origins, problems, eval_every)
     if phases and "max_buffered_rows" not in invalid_data:
         largest = max((p.get("batch_size") or 0 for p in phases), default=0)
@@ -1225,8 +1319,10 @@ def _describe_layout(data: DataConfig) -> str:
     """What one group of a batch is, so the `groups` column reads right."""
     if data.layout == "triplets":
         n = len(data.negative_columns)
-        return (f"triplets: a group is one row's anchor, positive and {n} negative{'s' if n > 1 else ''}, "
-                f"{data.rows_per_group} texts")
+        return (
+            f"triplets: a group is one row's anchor, positive and {n} negative{'s' if n > 1 else ''}, "
+            f"{data.rows_per_group} texts"
+        )
     if data.layout == "pairs":
         return "pairs: a group is one row's anchor and positive, 2 texts"
     return f"labelled, {data.samples_per_class} per class"
@@ -1236,15 +1332,27 @@ def plan_table(c: Curriculum) -> Table:
     """What `validate` prints: one row per phase, with the samples each phase will see."""
     # No vertical rules and folding instead of "…": a full plan fits an 80-column pipe unabridged.
     table = Table(
-        title=escape(f"{c.path}: {len(c.phases)} phases"), caption_justify="left",
-        box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), collapse_padding=True, pad_edge=False,
+        title=escape(f"{c.path}: {len(c.phases)} phases"),
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+        pad_edge=False,
     )
     # pairs and triplets: batch_size counts rows embedded, so also show the rows (groups) read per batch
     groups = c.data.layout != "labelled"
     for header, justify in [
-        ("#", "right"), ("phase", "left"), ("mining", "left"), ("batch", "right"),
+        ("#", "right"),
+        ("phase", "left"),
+        ("mining", "left"),
+        ("batch", "right"),
         *([("groups", "right")] if groups else []),
-        ("margin", "right"), ("steps", "right"), ("samples", "right"), ("lr", "right"), ("distance", "left"),
+        ("margin", "right"),
+        ("steps", "right"),
+        ("samples", "right"),
+        ("lr", "right"),
+        ("distance", "left"),
     ]:
         table.add_column(header, justify=justify, overflow="fold")
     with_memory = any(p.memory is not None for p in c.phases)
@@ -1252,36 +1360,56 @@ def plan_table(c: Curriculum) -> Table:
         table.add_column("memory", justify="right", overflow="fold")
     for index, phase in enumerate(c.phases):
         at_most = "≤" if phase.until else ""  # conditions may end the phase earlier
-        memory = [] if not with_memory else [
-            "-" if phase.memory is None else f"{phase.memory.size:,} from step {phase.memory.start_step:,}"]
+        memory = (
+            []
+            if not with_memory
+            else ["-" if phase.memory is None else f"{phase.memory.size:,} from step {phase.memory.start_step:,}"]
+        )
         table.add_row(
-            str(index), escape(phase.name), phase.mining, f"{phase.batch_size:,}",
-            *([f"{phase.batch_size // c.data.rows_per_group:,}"] if groups else []), f"{phase.margin:g}",
-            f"{at_most}{phase.steps:,}", f"{at_most}{phase.batch_size * phase.steps:,}", f"{phase.lr:g}",
-            phase.distance, *memory,
+            str(index),
+            escape(phase.name),
+            phase.mining,
+            f"{phase.batch_size:,}",
+            *([f"{phase.batch_size // c.data.rows_per_group:,}"] if groups else []),
+            f"{phase.margin:g}",
+            f"{at_most}{phase.steps:,}",
+            f"{at_most}{phase.batch_size * phase.steps:,}",
+            f"{phase.lr:g}",
+            phase.distance,
+            *memory,
         )
     total_steps = sum(p.steps for p in c.phases)
     total_samples = sum(p.batch_size * p.steps for p in c.phases)
     lines = [
         f"until: phase {index} ({phase.name}) ends early {describe_until(phase.until)}"
-        for index, phase in enumerate(c.phases) if phase.until
+        for index, phase in enumerate(c.phases)
+        if phase.until
     ] + [
         f"model: {c.model.name} ({c.model.init}, {c.model.pooling} pooling"
-        + (f", head {list(c.model.head)}" if c.model.head else "") + ")",
+        + (f", head {list(c.model.head)}" if c.model.head else "")
+        + ")",
         f"data: {describe_source(c.data.source)} (split {c.data.split}, {_describe_layout(c.data)})",
     ]
     if c.eval is not None:
         every = f"every {c.eval.every} steps and " if c.eval.every else ""
-        lines.append(f"eval: {describe_source(c.eval.source)} (split {c.eval.split}, {c.eval.layout}, "
-                     f"{every}at phase ends)")
+        lines.append(
+            f"eval: {describe_source(c.eval.source)} (split {c.eval.split}, {c.eval.layout}, {every}at phase ends)"
+        )
     chunks = [_describe_chunks(p) for p in c.phases]
-    lines.append("chunks: " + (chunks[0] if len(set(chunks)) == 1 else
-                               ", ".join(f"{i}: {text}" for i, text in enumerate(chunks))))
+    lines.append(
+        "chunks: "
+        + (chunks[0] if len(set(chunks)) == 1 else ", ".join(f"{i}: {text}" for i, text in enumerate(chunks)))
+    )
     if c.train.keep_best:
         lines.append(f"keep best: highest held-out {c.train.keep_best} -> {c.train.output_dir}/best")
     modes = sorted({p.on_nonfinite for p in c.phases})
-    lines.append("non-finite loss or gradient: " + " / ".join(
-        f"skip (stop after {c.train.max_nonfinite_skips} in a row)" if m == "skip" else "stop (exit 4)" for m in modes))
+    lines.append(
+        "non-finite loss or gradient: "
+        + " / ".join(
+            f"skip (stop after {c.train.max_nonfinite_skips} in a row)" if m == "skip" else "stop (exit 4)"
+            for m in modes
+        )
+    )
     lines += [
         f"output: {c.train.output_dir}"
         + (f" (reported to {', '.join(c.train.report_to)})" if c.train.report_to else ""),

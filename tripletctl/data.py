@@ -24,8 +24,9 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -34,30 +35,38 @@ from tripletctl.errors import DataError, TripletctlError, WorkerDiedError
 
 FORMATS = ("json", "parquet", "csv", "text")
 STATE_VERSION = 1
-CHUNK_ROWS = 1000          # rows per read from `datasets` (row-by-row iteration is ~6x slower)
-CHECK_ROWS = 1000          # rows check_source reads looking for a usable one
-REUSE_FACTOR = 2           # reuse classes once the ready classes hold this many batches of rows
-_EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet",
-               ".pq": "parquet", ".csv": "csv", ".txt": "text"}
+CHUNK_ROWS = 1000  # rows per read from `datasets` (row-by-row iteration is ~6x slower)
+CHECK_ROWS = 1000  # rows check_source reads looking for a usable one
+REUSE_FACTOR = 2  # reuse classes once the ready classes hold this many batches of rows
+_EXTENSIONS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+}
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _GLOB_CHARS = set("*?[")
 
 
 # ----------------------------------------------------------------------------- public types
 
+
 @dataclass
 class Batch:
-    token_ids: torch.Tensor         # (total tokens,) int64: the rows' tokens back to back, unpadded
-    lengths: torch.Tensor           # (B,) int64: tokens per row
-    labels: torch.Tensor            # (B,) int64: a stable 63-bit hash of the class, equal on every rank
-    state: dict                     # stream state *after* this batch (JSON-serialisable)
-    rows_seen: int                  # cumulative rows read from the source by this rank (bad ones included)
-    rows_skipped: int               # cumulative bad rows (missing/empty text, missing label)
-    classes_evicted: int            # cumulative classes dropped from the buffers before they filled
+    token_ids: torch.Tensor  # (total tokens,) int64: the rows' tokens back to back, unpadded
+    lengths: torch.Tensor  # (B,) int64: tokens per row
+    labels: torch.Tensor  # (B,) int64: a stable 63-bit hash of the class, equal on every rank
+    state: dict  # stream state *after* this batch (JSON-serialisable)
+    rows_seen: int  # cumulative rows read from the source by this rank (bad ones included)
+    rows_skipped: int  # cumulative bad rows (missing/empty text, missing label)
+    classes_evicted: int  # cumulative classes dropped from the buffers before they filled
     texts: list[str] = field(default_factory=list)  # the rows, in batch order
-    epoch: int = 0                  # passes over this rank's shard started so far, minus one
-    rows_evicted: int = 0           # cumulative rows dropped with evicted classes
-    pad_id: int = 0                 # the tokenizer's padding id
+    epoch: int = 0  # passes over this rank's shard started so far, minus one
+    rows_evicted: int = 0  # cumulative rows dropped with evicted classes
+    pad_id: int = 0  # the tokenizer's padding id
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -87,19 +96,21 @@ def pad_ragged(token_ids: torch.Tensor, lengths: torch.Tensor, pad_id: int = 0) 
 @dataclass
 class LabelledRows:
     texts: list[str]
-    labels: list[int]               # dense ints; same original label -> same int
+    labels: list[int]  # dense ints; same original label -> same int
     skipped: int
     triplets: list[tuple[int, int, int]] = field(default_factory=list)  # triplets layout: (a, p, given n)
 
 
 # ----------------------------------------------------------------------------- sources
 
+
 @dataclass(frozen=True)
 class _Source:
     """A resolved `data.source`: a hub name, or concrete files and the builder that reads them."""
-    builder: str                                  # "json" | "parquet" | "csv" | "text" | hub name
+
+    builder: str  # "json" | "parquet" | "csv" | "text" | hub name
     files: list[str] | dict[str, list[str]] | None  # None for the hub; {label: files} for text
-    label: str                                    # for messages
+    label: str  # for messages
 
     @property
     def hub(self) -> bool:
@@ -113,7 +124,7 @@ def _one_line(error: BaseException | str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _empty_files(src: "_Source") -> list[str]:
+def _empty_files(src: _Source) -> list[str]:
     """The local files of a source that hold 0 bytes (a frequent cause of blank library errors)."""
     files = src.files if isinstance(src.files, list) else [f for fs in (src.files or {}).values() for f in fs]
     return [f for f in files if "://" not in f and os.path.isfile(f) and os.path.getsize(f) == 0]
@@ -146,8 +157,13 @@ def _format_of(path: str) -> str | None:
 
 
 def _looks_local(path: str) -> bool:
-    return (path.startswith((".", "/", "~")) or bool(_GLOB_CHARS & set(path))
-            or _format_of(path) is not None or os.sep + os.sep in path or path.count("/") > 1)
+    return (
+        path.startswith((".", "/", "~"))
+        or bool(_GLOB_CHARS & set(path))
+        or _format_of(path) is not None
+        or os.sep + os.sep in path
+        or path.count("/") > 1
+    )
 
 
 def _files_or_error(pattern: str) -> list[str]:
@@ -163,8 +179,11 @@ def _resolve(source: str | dict[str, str], format: str | None) -> _Source:
             raise DataError(f"a {{label: glob}} source needs format 'text', not '{format}'")
         if not source:
             raise DataError("format 'text' needs at least one {label: glob} entry")
-        return _Source("text", {str(label): _files_or_error(str(pattern)) for label, pattern in source.items()},
-                       label=json.dumps(source))
+        return _Source(
+            "text",
+            {str(label): _files_or_error(str(pattern)) for label, pattern in source.items()},
+            label=json.dumps(source),
+        )
     source = str(source)
     if format == "text":
         raise DataError(f"format 'text' needs a {{label: glob}} mapping as source, got '{source}'")
@@ -180,8 +199,10 @@ def _resolve(source: str | dict[str, str], format: str | None) -> _Source:
     formats = {_format_of(f) for f in files}
     if len(formats) != 1 or None in formats or "text" in formats:
         kinds = ", ".join(sorted({os.path.splitext(f)[1] or "(none)" for f in files}))
-        raise DataError(f"cannot tell the format of '{source}' from its file extensions ({kinds}): "
-                        f"set data.format to one of json, parquet, csv (text needs a {{label: glob}} source)")
+        raise DataError(
+            f"cannot tell the format of '{source}' from its file extensions ({kinds}): "
+            f"set data.format to one of json, parquet, csv (text needs a {{label: glob}} source)"
+        )
     return _Source(formats.pop(), files, label=source)
 
 
@@ -203,8 +224,9 @@ def _load(src: _Source, split: str, kwargs: dict | None, order_seed: int | None)
             return datasets.load_dataset(src.builder, **kwargs)
         if isinstance(src.files, dict):
             parts = [
-                datasets.load_dataset("text", data_files={split: ordered(files)}, **kwargs)
-                .map(lambda row, label=label: {"label": label})
+                datasets.load_dataset("text", data_files={split: ordered(files)}, **kwargs).map(
+                    lambda row, label=label: {"label": label}
+                )
                 for label, files in src.files.items()
             ]
             if len(parts) == 1:
@@ -214,24 +236,29 @@ def _load(src: _Source, split: str, kwargs: dict | None, order_seed: int | None)
     except DataError:
         raise
     except Exception as error:  # datasets raises many types (FileNotFound, DatasetNotFound, Connection...)
-        where = (f"not a local path; tried the Hugging Face Hub dataset '{src.builder}', split '{split}'"
-                 if src.hub else f"tried the '{src.builder}' builder on {len(src.files)} file(s)")
+        where = (
+            f"not a local path; tried the Hugging Face Hub dataset '{src.builder}', split '{split}'"
+            if src.hub
+            else f"tried the '{src.builder}' builder on {len(src.files)} file(s)"
+        )
         empty = _empty_files(src)
-        reason = (f"{len(empty)} file(s) are empty (0 bytes), e.g. '{empty[0]}'" if empty else _one_line(error))
+        reason = f"{len(empty)} file(s) are empty (0 bytes), e.g. '{empty[0]}'" if empty else _one_line(error)
         raise DataError(f"cannot load data source '{src.label}' ({where}): {reason}") from error
 
 
 # ----------------------------------------------------------------------------- rows
 
+
 @dataclass(frozen=True)
 class _Columns:
     """Which columns make a row, in row order: labelled (text, label), pairs (anchor, positive),
     triplets (anchor, positive, negative...). `text` format always reads `text`/`label`."""
+
     layout: str
     names: tuple[str, ...]
 
     @staticmethod
-    def of(config: SourceConfig, src: _Source) -> "_Columns":
+    def of(config: SourceConfig, src: _Source) -> _Columns:
         if config.layout not in LAYOUTS:
             raise DataError(f"unknown data layout '{config.layout}' (choose from {', '.join(LAYOUTS)})")
         if isinstance(src.files, dict):
@@ -290,6 +317,7 @@ def _column_names(ds) -> list[str] | None:
 
 # ----------------------------------------------------------------------------- the raw stream
 
+
 class _RawRows:
     """Good rows of this rank's shard, epoch after epoch, forever.
 
@@ -333,7 +361,8 @@ class _RawRows:
                 if self.good_this_epoch == 0:
                     raise DataError(
                         f"no usable rows in data source '{self.src.label}' for rank {self.rank} of "
-                        f"{self.world_size} ({self.rows_skipped} rows skipped: missing/empty text or label)") from None
+                        f"{self.world_size} ({self.rows_skipped} rows skipped: missing/empty text or label)"
+                    ) from None
                 self.epoch += 1
                 self.good_this_epoch = 0
                 self._open(None)
@@ -356,9 +385,14 @@ class _RawRows:
         return row
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "dataset": self._ds_state, "pending": self.pending[self.cursor:],
-                "rows_read": self.rows_read, "rows_skipped": self.rows_skipped,
-                "good_this_epoch": self.good_this_epoch}
+        return {
+            "epoch": self.epoch,
+            "dataset": self._ds_state,
+            "pending": self.pending[self.cursor :],
+            "rows_read": self.rows_read,
+            "rows_skipped": self.rows_skipped,
+            "good_this_epoch": self.good_this_epoch,
+        }
 
 
 class _Shuffler:
@@ -410,18 +444,27 @@ class _Batcher:
     not filled are evicted oldest-first when they hold more than `max_buffered_rows` rows together; ready
     classes hold < REUSE_FACTOR batches of rows (a lone ready class drops its oldest rows beyond that)."""
 
-    def __init__(self, shuffler: _Shuffler, rows_per_step: int, samples_per_class: int,
-                 max_buffered_rows: int, state: dict | None):
+    def __init__(
+        self,
+        shuffler: _Shuffler,
+        rows_per_step: int,
+        samples_per_class: int,
+        max_buffered_rows: int,
+        state: dict | None,
+    ):
         self.shuffler = shuffler
         self.rows = rows_per_step
         self.spc = max(int(samples_per_class), 1)
         self.max_rows = int(max_buffered_rows)
         if self.rows // self.spc < 2:
-            raise DataError(f"a batch of {self.rows} rows per rank cannot hold two classes of "
-                            f"samples_per_class={self.spc} rows")
+            raise DataError(
+                f"a batch of {self.rows} rows per rank cannot hold two classes of samples_per_class={self.spc} rows"
+            )
         if self.max_rows < self.spc:
-            raise DataError(f"max_buffered_rows={self.max_rows} is smaller than samples_per_class={self.spc}: "
-                            f"no class could ever fill")
+            raise DataError(
+                f"max_buffered_rows={self.max_rows} is smaller than samples_per_class={self.spc}: "
+                f"no class could ever fill"
+            )
         self.should_stop: Callable[[], bool] = lambda: False  # the stream's close() sets this
         self.classes_filled = 0  # classes that reached samples_per_class rows (progress, for stall detection)
         self.buffers: OrderedDict[Any, list[str]] = OrderedDict()
@@ -520,15 +563,20 @@ class _Batcher:
                 return self._take(chosen)
             if rows_read == self.shuffler.size:
                 mark = (self.shuffler.raw.epoch, self.classes_filled)
-            if mark is not None and len(self.ready) < 2 and self.shuffler.raw.epoch - mark[0] >= STALL_EPOCHS \
-                    and self.classes_filled == mark[1]:
+            if (
+                mark is not None
+                and len(self.ready) < 2
+                and self.shuffler.raw.epoch - mark[0] >= STALL_EPOCHS
+                and self.classes_filled == mark[1]
+            ):
                 # passes over the data and no class filled up: two never will
                 raise DataError(
                     f"cannot form class-balanced batches: {STALL_EPOCHS} passes over the data filled no new class "
                     f"to samples_per_class={self.spc} distinct rows and fewer than 2 are ready ({self.classes_evicted} classes "
                     f"evicted, max_buffered_rows={self.max_rows}); is data.label_column a real class "
                     f"(not a unique id), does the corpus hold 2 or more classes, or should "
-                    f"data.samples_per_class be smaller or data.max_buffered_rows larger?")
+                    f"data.samples_per_class be smaller or data.max_buffered_rows larger?"
+                )
             rows_read += 1
             if rows_read % STOP_CHECK_ROWS == 0 and self.should_stop():
                 raise _Stopped
@@ -536,9 +584,12 @@ class _Batcher:
             self._add(text, label)
 
     def state(self) -> dict:
-        return {"classes": [[label, list(texts)] for label, texts in self.buffers.items()],
-                "ready": list(self.ready), "classes_evicted": self.classes_evicted,
-                "rows_evicted": self.rows_evicted}
+        return {
+            "classes": [[label, list(texts)] for label, texts in self.buffers.items()],
+            "ready": list(self.ready),
+            "classes_evicted": self.classes_evicted,
+            "rows_evicted": self.rows_evicted,
+        }
 
 
 class _Assembler:
@@ -549,16 +600,22 @@ class _Assembler:
     since; a snapshot is taken once the rows emitted since the last one reach the rows buffered, and
     resuming re-assembles (without tokenising) at most that many rows."""
 
-    def __init__(self, data: Any, rows_per_step: int, seed: int, rank: int, world_size: int,
-                 state: dict | None):
-        self.identity = {"version": STATE_VERSION, "source": _fingerprint(data), "seed": seed,
-                         "rank": rank, "world_size": world_size}
+    def __init__(self, data: Any, rows_per_step: int, seed: int, rank: int, world_size: int, state: dict | None):
+        self.identity = {
+            "version": STATE_VERSION,
+            "source": _fingerprint(data),
+            "seed": seed,
+            "rank": rank,
+            "world_size": world_size,
+        }
         if state is not None:
             state = _state_for_rank(state, rank)
             for key, value in self.identity.items():
                 if state.get(key) != value:
-                    raise DataError(f"the saved data-stream state does not match this run ({key}: saved "
-                                    f"{state.get(key)!r}, now {value!r})")
+                    raise DataError(
+                        f"the saved data-stream state does not match this run ({key}: saved "
+                        f"{state.get(key)!r}, now {value!r})"
+                    )
         replay = (state or {}).get("replay", 0)
         replay_rows = (state or {}).get("replay_rows_per_step", rows_per_step)
         state = (state or {}).get("snapshot") or {}
@@ -569,12 +626,19 @@ class _Assembler:
         self.group_rows = len(self.raw.cols.names)
         self.pair_count: int = state.get("pairs", 0)  # groups made so far: part of each group's label
         self.rank = rank
-        self.batcher = None if self.grouped else _Batcher(
-            self.shuffler, rows_per_step, data.samples_per_class, data.max_buffered_rows, state.get("classes"))
+        self.batcher = (
+            None
+            if self.grouped
+            else _Batcher(
+                self.shuffler, rows_per_step, data.samples_per_class, data.max_buffered_rows, state.get("classes")
+            )
+        )
         self.rows = rows_per_step
         if self.grouped and rows_per_step < self.group_rows:
-            raise DataError(f"a {self.raw.cols.layout} batch needs at least {self.group_rows} rows per rank "
-                            f"(one group), got {rows_per_step}")
+            raise DataError(
+                f"a {self.raw.cols.layout} batch needs at least {self.group_rows} rows per rank "
+                f"(one group), got {rows_per_step}"
+            )
         self._snapshot: dict | None = None
         self._replay = 0
         self._rows_since_snapshot = 0
@@ -591,8 +655,12 @@ class _Assembler:
             self.batcher.rows = rows
 
     def _take_snapshot(self) -> None:
-        self._snapshot = {"raw": self.raw.state(), "shuffle": self.shuffler.state(),
-                          "classes": self.batcher.state() if self.batcher else None, "pairs": self.pair_count}
+        self._snapshot = {
+            "raw": self.raw.state(),
+            "shuffle": self.shuffler.state(),
+            "classes": self.batcher.state() if self.batcher else None,
+            "pairs": self.pair_count,
+        }
         self._replay = self._rows_since_snapshot = 0
 
     def _buffered(self) -> int:
@@ -625,8 +693,7 @@ class _Assembler:
 
     def state(self) -> dict:
         """The last full snapshot (shared, never mutated) and how many batches to re-assemble after it."""
-        return {**self.identity, "snapshot": self._snapshot, "replay": self._replay,
-                "replay_rows_per_step": self.rows}
+        return {**self.identity, "snapshot": self._snapshot, "replay": self._replay, "replay_rows_per_step": self.rows}
 
 
 def _fingerprint(data: SourceConfig) -> str:
@@ -649,8 +716,8 @@ def _state_for_rank(state: dict, rank: int) -> dict:
 
 # ----------------------------------------------------------------------------- tokenisation
 
-POLL_SECONDS = 0.1         # how often a wait for data checks for a stop request or a dead worker
-CLOSE_SECONDS = 2.0        # close() waits this long for workers and the reader thread, then kills
+POLL_SECONDS = 0.1  # how often a wait for data checks for a stop request or a dead worker
+CLOSE_SECONDS = 2.0  # close() waits this long for workers and the reader thread, then kills
 
 
 def _load_tokenizer(path: str):
@@ -663,8 +730,9 @@ def _encode(tokenizer, texts: list[str], max_length: int):
     """Unpadded: the rows' ids back to back, their lengths and the padding id (see `pad_ragged`)."""
     import numpy as np
 
-    rows = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False,
-                     return_token_type_ids=False)["input_ids"]
+    rows = tokenizer(
+        texts, truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False
+    )["input_ids"]
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     flat = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum()))
     return flat, lengths, int(tokenizer.pad_token_id or 0)
@@ -739,8 +807,12 @@ class _TokenizerPool:
             for i in range(workers):
                 request_reader, request_writer = context.Pipe(duplex=False)
                 reply_reader, reply_writer = context.Pipe(duplex=False)
-                process = context.Process(target=_worker_main, name=f"tripletctl-tokenizer-{i}", daemon=True,
-                                          args=(tokenizer_path, request_reader, reply_writer, os.getpid()))
+                process = context.Process(
+                    target=_worker_main,
+                    name=f"tripletctl-tokenizer-{i}",
+                    daemon=True,
+                    args=(tokenizer_path, request_reader, reply_writer, os.getpid()),
+                )
                 process.start()
                 request_reader.close()  # the worker's ends: keeping them would hide its death
                 reply_writer.close()
@@ -819,9 +891,17 @@ class BatchStream:
     `should_stop` (polled while waiting for a batch) ends a wait with `StreamInterrupted`; a dead
     worker ends it with `WorkerDiedError`, within POLL_SECONDS."""
 
-    def __init__(self, data: Any, tokenizer_path: str, batch_size: int, seed: int,
-                 state: dict | None = None, rank: int = 0, world_size: int = 1,
-                 should_stop: Callable[[], bool] | None = None):
+    def __init__(
+        self,
+        data: Any,
+        tokenizer_path: str,
+        batch_size: int,
+        seed: int,
+        state: dict | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        should_stop: Callable[[], bool] | None = None,
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"bad rank {rank} for world size {world_size}")
         self.data = data
@@ -868,10 +948,13 @@ class BatchStream:
                     encoded: Any = _Ticket(self._pool.submit(texts, self.max_length))
                 else:
                     encoded = _encode(self._tokenizer, texts, self.max_length)
-                counters = (self._assembler.raw.rows_read, self._assembler.raw.rows_skipped,
-                            self._assembler.batcher.classes_evicted if self._assembler.batcher else 0,
-                            self._assembler.batcher.rows_evicted if self._assembler.batcher else 0,
-                            self._assembler.raw.epoch)
+                counters = (
+                    self._assembler.raw.rows_read,
+                    self._assembler.raw.rows_skipped,
+                    self._assembler.batcher.classes_evicted if self._assembler.batcher else 0,
+                    self._assembler.batcher.rows_evicted if self._assembler.batcher else 0,
+                    self._assembler.raw.epoch,
+                )
                 if not self._put((texts, ids, state, encoded, counters)):
                     return
         except _Stopped:
@@ -918,9 +1001,19 @@ class BatchStream:
         labels = torch.tensor(ids, dtype=torch.int64)
         if self._pin:
             token_ids, lengths, labels = token_ids.pin_memory(), lengths.pin_memory(), labels.pin_memory()
-        return Batch(token_ids=token_ids, lengths=lengths, labels=labels, state=state, pad_id=pad_id,
-                     rows_seen=rows_seen, rows_skipped=skipped, classes_evicted=evicted, texts=texts,
-                     epoch=epoch, rows_evicted=rows_evicted)
+        return Batch(
+            token_ids=token_ids,
+            lengths=lengths,
+            labels=labels,
+            state=state,
+            pad_id=pad_id,
+            rows_seen=rows_seen,
+            rows_skipped=skipped,
+            classes_evicted=evicted,
+            texts=texts,
+            epoch=epoch,
+            rows_evicted=rows_evicted,
+        )
 
     def close(self) -> None:
         """Stops the reader thread and the worker processes; safe to call twice, never blocks for
@@ -944,7 +1037,7 @@ class BatchStream:
             except queue.Empty:
                 pass
 
-    def __enter__(self) -> "BatchStream":
+    def __enter__(self) -> BatchStream:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -963,6 +1056,7 @@ class _Ticket:
 
 
 # ----------------------------------------------------------------------------- checks and eval rows
+
 
 def _negative_columns_in(names: list[str], config: SourceConfig) -> list[str]:
     """Columns that hold given negatives: the configured ones, else `negative`, else negative_1..N
@@ -987,8 +1081,10 @@ def _fitting_layout(names: list[str], config: SourceConfig) -> str:
         return f"layout triplets with negative columns {', '.join(negatives)} would fit"
     if config.text_column in names and config.label_column in names:
         return "layout labelled would fit"
-    return ("no layout fits with the column names set: name them (text/label columns for labelled; "
-            "anchor/positive/negative columns for pairs and triplets)")
+    return (
+        "no layout fits with the column names set: name them (text/label columns for labelled; "
+        "anchor/positive/negative columns for pairs and triplets)"
+    )
 
 
 def _check_columns(ds, cols: _Columns, config: SourceConfig, label: str) -> None:
@@ -1009,12 +1105,16 @@ def _check_columns(ds, cols: _Columns, config: SourceConfig, label: str) -> None
         problem = f"{kind} {', '.join(repr(c) for c in missing)} not found"
     elif cols.layout == "pairs" and _negative_columns_in(names, config):
         dropped = _negative_columns_in(names, config)
-        problem = (f"layout pairs would drop the negative column{'s' if len(dropped) > 1 else ''} "
-                   f"{', '.join(repr(c) for c in dropped)}")
+        problem = (
+            f"layout pairs would drop the negative column{'s' if len(dropped) > 1 else ''} "
+            f"{', '.join(repr(c) for c in dropped)}"
+        )
     else:
         return
-    raise DataError(f"data source '{label}' does not fit layout {cols.layout}: {problem}; available columns: "
-                    f"{', '.join(names)}; {_fitting_layout(names, config)}")
+    raise DataError(
+        f"data source '{label}' does not fit layout {cols.layout}: {problem}; available columns: "
+        f"{', '.join(names)}; {_fitting_layout(names, config)}"
+    )
 
 
 def _open_checked(config: SourceConfig) -> tuple[_Source, _Columns, Any]:
@@ -1044,8 +1144,10 @@ def check_source(data: SourceConfig) -> None:
         raise DataError(f"data source '{src.label}' has no rows")
     if good == 0:
         what = "text or label" if cols.layout == "labelled" else "text"
-        raise DataError(f"no usable rows in the first {read} rows of '{src.label}' (all have a missing or "
-                        f"empty {what}: columns {', '.join(map(repr, cols.names))})")
+        raise DataError(
+            f"no usable rows in the first {read} rows of '{src.label}' (all have a missing or "
+            f"empty {what}: columns {', '.join(map(repr, cols.names))})"
+        )
 
 
 def read_rows(source: SourceConfig, limit: int | None = None) -> LabelledRows:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -225,7 +226,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def no_sync_for(model: torch.nn.Module) -> Callable[[], ContextManager] | None:
+def no_sync_for(model: torch.nn.Module) -> Callable[[], AbstractContextManager] | None:
     """`model.no_sync` for DDP (skip the gradient all-reduce on all but the last backward of a
     gradient-cached step), None for a plain model."""
     return getattr(model, "no_sync", None)

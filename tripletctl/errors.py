@@ -6,9 +6,9 @@ from __future__ import annotations
 import errno as errno_codes
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 class TripletctlError(Exception):
@@ -66,8 +66,15 @@ def write_failure(path: str | Path, error: BaseException) -> OutputError | None:
     return OutputError(f"cannot write {path}: {os.strerror(code)}")
 
 
-_ENVIRONMENT_ERRNOS = {errno_codes.ENOSPC, errno_codes.EROFS, errno_codes.EACCES, errno_codes.EPERM,
-                       errno_codes.EDQUOT, errno_codes.EIO, errno_codes.EFBIG}
+_ENVIRONMENT_ERRNOS = {
+    errno_codes.ENOSPC,
+    errno_codes.EROFS,
+    errno_codes.EACCES,
+    errno_codes.EPERM,
+    errno_codes.EDQUOT,
+    errno_codes.EIO,
+    errno_codes.EFBIG,
+}
 
 
 def _probe(path: Path) -> int | None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,9 +72,11 @@ def check_finite(embeddings: torch.Tensor, what: str = "the model") -> None:
     """NaN or infinite embeddings make every distance meaningless (NaN ranks first in a sort)."""
     bad = int((~torch.isfinite(embeddings)).any(dim=1).sum().item()) if embeddings.numel() else 0
     if bad:
-        raise NonFiniteError(f"{what} gives non-finite embeddings (NaN or infinity) for {bad} of "
-                             f"{embeddings.shape[0]} rows: its weights are damaged or training diverged; "
-                             f"there is nothing meaningful to measure")
+        raise NonFiniteError(
+            f"{what} gives non-finite embeddings (NaN or infinity) for {bad} of "
+            f"{embeddings.shape[0]} rows: its weights are damaged or training diverged; "
+            f"there is nothing meaningful to measure"
+        )
 
 
 def sample_triplets(labels: Any, num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,9 +166,7 @@ def retrieval_metrics(
     queries = torch.nonzero(r_all > 0).flatten()
     excluded = n - queries.numel()
     if queries.numel() == 0:
-        raise DataError(
-            f"no label appears twice among {n} rows: retrieval metrics need at least two rows per label"
-        )
+        raise DataError(f"no label appears twice among {n} rows: retrieval metrics need at least two rows per label")
 
     # Distances do not change under a shift; with the first row at the origin, identical rows are
     # exactly 0 apart (the expanded form's rounding would otherwise order them at random).
@@ -187,8 +188,7 @@ def retrieval_metrics(
         k_chunk = min(n - 1, max(ks[-1], int(r.max().item())))
         dist = _distance_block(emb[idx], emb, keys_sq)
         dist[torch.arange(idx.numel(), device=emb.device), idx] = float("inf")  # not itself
-        nearest = torch.topk(_pessimistic_keys(dist, lab, lab[idx]), k_chunk, dim=1, largest=False,
-                             sorted=True).indices
+        nearest = torch.topk(_pessimistic_keys(dist, lab, lab[idx]), k_chunk, dim=1, largest=False, sorted=True).indices
         del dist
         rel = (lab[nearest] == lab[idx].unsqueeze(1)).to(torch.float64)  # (chunk, k_chunk)
         for k in ks:
@@ -220,7 +220,7 @@ def retrieval_metrics(
 
 
 def resolve_device(device: str) -> str:
-    """"auto" means CUDA when present; asking for CUDA without it is a user error, not a crash."""
+    """ "auto" means CUDA when present; asking for CUDA without it is a user error, not a crash."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -230,8 +230,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def evaluate_model(model, tokenizer, rows, batch_size: int = 256, max_length: int = DEFAULT_MAX_LENGTH,
-                   device: str = "cpu", what: str = "the model") -> dict[str, float | int]:
+def evaluate_model(
+    model,
+    tokenizer,
+    rows,
+    batch_size: int = 256,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    device: str = "cpu",
+    what: str = "the model",
+) -> dict[str, float | int]:
     """Encode labelled rows with the model and score retrieval among them (leave-one-out)."""
     from tripletctl.model import encode
 
@@ -258,11 +265,11 @@ class LoadedCheckpoint:
     checkpoint_dir: Path
     model: Any
     tokenizer: Any
-    rows: Any                   # data.LabelledRows
+    rows: Any  # data.LabelledRows
     device: str
-    max_length: int             # data.max_length the model was trained with (128 when unknown)
-    distance: str               # distance of the last phase ("euclidean" when unknown)
-    margin: float | None        # margin of the last phase (None when unknown)
+    max_length: int  # data.max_length the model was trained with (128 when unknown)
+    distance: str  # distance of the last phase ("euclidean" when unknown)
+    margin: float | None  # margin of the last phase (None when unknown)
 
 
 def _training_settings(checkpoint_dir: Path) -> dict[str, Any]:
@@ -291,8 +298,13 @@ def _training_settings(checkpoint_dir: Path) -> dict[str, Any]:
     return settings
 
 
-def held_out_source(checkpoint: Path | str, given: dict[str, Any], option_names: dict[str, str],
-                    max_rows: int | None, default_max_rows: int) -> tuple[SourceConfig, int]:
+def held_out_source(
+    checkpoint: Path | str,
+    given: dict[str, Any],
+    option_names: dict[str, str],
+    max_rows: int | None,
+    default_max_rows: int,
+) -> tuple[SourceConfig, int]:
     """The rows `eval` / `inspect-collapse` read: the source options given on the command line, or,
     without --data, the eval block saved with the run's curriculum (the options given change it)."""
     from tripletctl.checkpoint import resolve_checkpoint
@@ -303,17 +315,22 @@ def held_out_source(checkpoint: Path | str, given: dict[str, Any], option_names:
     checkpoint_dir = Path(resolve_checkpoint(Path(checkpoint)))
     path = checkpoint_dir / "curriculum.yaml"
     if not path.is_file():
-        raise DataError(f"{checkpoint_dir} holds no curriculum.yaml to take an eval block from: "
-                        f"pass {option_names['source']} SOURCE")
+        raise DataError(
+            f"{checkpoint_dir} holds no curriculum.yaml to take an eval block from: "
+            f"pass {option_names['source']} SOURCE"
+        )
     saved = load_eval_block(path)
     if saved is None:
-        raise DataError(f"the curriculum saved with {checkpoint_dir} has no eval block: "
-                        f"pass {option_names['source']} SOURCE (and {option_names['layout']} if it is not labelled)")
+        raise DataError(
+            f"the curriculum saved with {checkpoint_dir} has no eval block: "
+            f"pass {option_names['source']} SOURCE (and {option_names['layout']} if it is not labelled)"
+        )
     return source_from_options(given, option_names, base=saved), max_rows or saved.max_rows
 
 
-def load_checkpoint_and_rows(checkpoint: Path | str, source: SourceConfig, max_rows: int | None = None,
-                             device: str = "auto") -> LoadedCheckpoint:
+def load_checkpoint_and_rows(
+    checkpoint: Path | str, source: SourceConfig, max_rows: int | None = None, device: str = "auto"
+) -> LoadedCheckpoint:
     """Resolve a checkpoint (phase checkpoint, phase dir or run dir), read the rows (bad input fails
     before the model is loaded), then load its model."""
     from tripletctl.checkpoint import check_contained, resolve_checkpoint
@@ -375,12 +392,21 @@ def run_eval_command(
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     loaded = load_checkpoint_and_rows(checkpoint, source, max_rows, device)
     data = describe_source(source.source)
-    metrics = evaluate_model(loaded.model, loaded.tokenizer, loaded.rows, batch_size=batch_size,
-                             max_length=loaded.max_length, device=loaded.device,
-                             what=f"the model in {loaded.checkpoint_dir}")
+    metrics = evaluate_model(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.rows,
+        batch_size=batch_size,
+        max_length=loaded.max_length,
+        device=loaded.device,
+        what=f"the model in {loaded.checkpoint_dir}",
+    )
     if as_json:
-        payload = {"checkpoint": str(loaded.checkpoint_dir), "data": data,
-                   **{k: _json_safe(v) for k, v in metrics.items()}}
+        payload = {
+            "checkpoint": str(loaded.checkpoint_dir),
+            "data": data,
+            **{k: _json_safe(v) for k, v in metrics.items()},
+        }
         # plain print, not console.print: rich would wrap or colour what scripts parse
         print(json.dumps(payload, indent=2))
     else:
@@ -392,6 +418,9 @@ def run_eval_command(
             highlight=False,
         )
         if "given_triplets" in metrics:
-            console.print(f"given_negative_accuracy: d(a,p) < d(a,n) on the data's own {metrics['given_triplets']} "
-                          f"(anchor, positive, negative) triplets", highlight=False)
+            console.print(
+                f"given_negative_accuracy: d(a,p) < d(a,n) on the data's own {metrics['given_triplets']} "
+                f"(anchor, positive, negative) triplets",
+                highlight=False,
+            )
     return metrics

@@ -32,11 +32,11 @@ class ExportError(TripletctlError):
 
 @dataclass(frozen=True)
 class Exported:
-    source: Path       # the model folder that was read
+    source: Path  # the model folder that was read
     out_dir: Path
     files: int
     bytes: int
-    upgraded: bool     # re-saved from the previous format
+    upgraded: bool  # re-saved from the previous format
 
 
 def find_model_dir(source: str | Path, best: bool = False) -> Path:
@@ -46,12 +46,13 @@ def find_model_dir(source: str | Path, best: bool = False) -> Path:
         kept = source if (source / BEST_FILE).exists() else best_dir(source)
         found = usable_dir(kept)
         if found is None:
-            raise CheckpointError(f"{source} has no complete best model ({kept} is missing or incomplete; "
-                                  "train.keep_best turns it on)")
+            raise CheckpointError(
+                f"{source} has no complete best model ({kept} is missing or incomplete; train.keep_best turns it on)"
+            )
         return found / "model"
     if (source / META_FILE).is_file():  # a model folder itself
         return source
-    if (source / BEST_FILE).exists():   # OUTPUT/best given without --best
+    if (source / BEST_FILE).exists():  # OUTPUT/best given without --best
         found = usable_dir(source)
         if found is None:
             raise CheckpointError(f"{source} is not a complete best-model directory")
@@ -130,8 +131,9 @@ def _provenance_near(model_dir: Path) -> Provenance:
         if history and history[-1].get("global_step") == record.get("global_step"):
             metrics = history[-1]
         metrics = record.get("metrics", metrics)
-    return Provenance(curriculum=curriculum if isinstance(curriculum, dict) else None,
-                      position=position, metrics=metrics)
+    return Provenance(
+        curriculum=curriculum if isinstance(curriculum, dict) else None, position=position, metrics=metrics
+    )
 
 
 def _swap(tmp: Path, out: Path) -> None:

@@ -55,7 +55,7 @@ class StopFlag:
     def requested(self) -> bool:
         return self.signal is not None
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -104,8 +104,13 @@ class EmbeddingMemory:
             if filled:
                 raise ValueError(f"memory state says {filled} rows but holds none")
             return memory
-        if embeddings.dim() != 2 or embeddings.shape[0] != size or labels.shape != (size,) \
-                or not embeddings.is_floating_point() or labels.is_floating_point():
+        if (
+            embeddings.dim() != 2
+            or embeddings.shape[0] != size
+            or labels.shape != (size,)
+            or not embeddings.is_floating_point()
+            or labels.is_floating_point()
+        ):
             raise ValueError(f"memory tensors {tuple(embeddings.shape)} / {tuple(labels.shape)} do not fit size {size}")
         if filled < size and head != filled:
             raise ValueError(f"inconsistent memory state (filled {filled} but next slot {head})")
@@ -115,7 +120,9 @@ class EmbeddingMemory:
         return memory
 
 
-def carry_over(memory: EmbeddingMemory | None, size: int | None, *, dim: int, normalized: bool) -> EmbeddingMemory | None:
+def carry_over(
+    memory: EmbeddingMemory | None, size: int | None, *, dim: int, normalized: bool
+) -> EmbeddingMemory | None:
     """The queue a phase starts with: none without `memory`; emptied when the embedding size or the
     normalisation changed (old rows would not be comparable); else the previous phase's rows,
     resized if the phase asks for another size."""

@@ -79,8 +79,14 @@ def pairwise_distances(embeddings: Tensor, distance: str = "euclidean", memory: 
     return sq.clamp(min=SQRT_EPS).sqrt()
 
 
-def _check(embeddings: Tensor, labels: Tensor, mode: str, fallback: str,
-           memory_embeddings: Tensor | None = None, memory_labels: Tensor | None = None) -> None:
+def _check(
+    embeddings: Tensor,
+    labels: Tensor,
+    mode: str,
+    fallback: str,
+    memory_embeddings: Tensor | None = None,
+    memory_labels: Tensor | None = None,
+) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mining mode {mode!r}; expected one of {', '.join(MODES)}")
     if fallback not in FALLBACKS:
@@ -90,18 +96,19 @@ def _check(embeddings: Tensor, labels: Tensor, mode: str, fallback: str,
     if embeddings.shape[0] == 0:
         raise ValueError("cannot mine an empty batch")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"labels must be (B,) with B={embeddings.shape[0]}, got shape {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must be (B,) with B={embeddings.shape[0]}, got shape {tuple(labels.shape)}")
     if (memory_embeddings is None) != (memory_labels is None):
         raise ValueError("memory_embeddings and memory_labels come together (or not at all)")
     if memory_embeddings is not None:
         if memory_embeddings.dim() != 2 or memory_embeddings.shape[1] != embeddings.shape[1]:
-            raise ValueError(f"memory_embeddings must be (M, {embeddings.shape[1]}), "
-                             f"got shape {tuple(memory_embeddings.shape)}")
+            raise ValueError(
+                f"memory_embeddings must be (M, {embeddings.shape[1]}), got shape {tuple(memory_embeddings.shape)}"
+            )
         if memory_labels.dim() != 1 or memory_labels.shape[0] != memory_embeddings.shape[0]:
-            raise ValueError(f"memory_labels must be (M,) with M={memory_embeddings.shape[0]}, "
-                             f"got shape {tuple(memory_labels.shape)}")
+            raise ValueError(
+                f"memory_labels must be (M,) with M={memory_embeddings.shape[0]}, "
+                f"got shape {tuple(memory_labels.shape)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -134,9 +141,7 @@ def _layout(labels: Tensor, memory_labels: Tensor | None = None) -> _Layout:
     candidates = labels if memory_labels is None else torch.cat([labels, memory_labels.to(labels.device)])
     n = candidates.shape[0]
     order = torch.argsort(candidates, stable=True)
-    _, cls_sorted, counts = torch.unique_consecutive(
-        candidates[order], return_inverse=True, return_counts=True
-    )
+    _, cls_sorted, counts = torch.unique_consecutive(candidates[order], return_inverse=True, return_counts=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(n, device=labels.device)
     rank = rank[:b]  # anchors are the first B candidates
@@ -202,15 +207,21 @@ def _pair_negatives(
     return values.gather(1, col), indices.gather(1, col)
 
 
-def _prepare(embeddings: Tensor, labels: Tensor, mode: str, distance: str, fallback: str,
-             memory_embeddings: Tensor | None, memory_labels: Tensor | None):
+def _prepare(
+    embeddings: Tensor,
+    labels: Tensor,
+    mode: str,
+    distance: str,
+    fallback: str,
+    memory_embeddings: Tensor | None,
+    memory_labels: Tensor | None,
+):
     _check(embeddings, labels, mode, fallback, memory_embeddings, memory_labels)
     if memory_embeddings is not None and memory_embeddings.shape[0] == 0:
         memory_embeddings = memory_labels = None  # an empty memory is today's in-batch mining, exactly
     dist = pairwise_distances(embeddings, distance, memory_embeddings)
     lay = _layout(labels.to(dist.device), None if memory_labels is None else memory_labels.to(dist.device))
     return dist, lay
-
 
 
 def mine(
@@ -258,8 +269,9 @@ def mine(
             in_batch, ib_dist = _layout(lay.labels), dist[:, : dist.shape[0]].detach()
             ib_ap = ib_dist.gather(1, in_batch.pos_idx).where(in_batch.valid, -1.0).max(dim=1).values
             ib_an = _closest_negative(ib_dist, in_batch)[0]
-            ib_loss = torch.relu(ib_ap - ib_an + margin).where(in_batch.anchors, zero).sum() \
-                / in_batch.anchors.sum().clamp(min=1)
+            ib_loss = torch.relu(ib_ap - ib_an + margin).where(
+                in_batch.anchors, zero
+            ).sum() / in_batch.anchors.sum().clamp(min=1)
 
     if mode == "batch-hard":
         n_trip = n_anchors

@@ -22,8 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from tripletctl import sbert
 from tripletctl.card import CARD_FILE, Provenance, render_card
 from tripletctl.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks
-from tripletctl.errors import TripletctlError
-from tripletctl.errors import ModelError
+from tripletctl.errors import ModelError, TripletctlError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,8 +38,9 @@ FORMAT_VERSION = 2
 class TripletEncoder(nn.Module):
     """Encoder + pooling + optional MLP head + optional L2 norm; returns one float32 row per text."""
 
-    def __init__(self, encoder: PreTrainedModel, pooling: str = "mean",
-                 head: Sequence[int] = (), normalize: bool = True):
+    def __init__(
+        self, encoder: PreTrainedModel, pooling: str = "mean", head: Sequence[int] = (), normalize: bool = True
+    ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -102,8 +102,9 @@ def make_head(hidden_size: int, sizes: Sequence[int]) -> nn.Sequential | None:
     return nn.Sequential(*layers)
 
 
-def _with_fallbacks(load: Callable[..., PreTrainedModel], *args: Any, attn_implementation: str = "sdpa",
-                    **kwargs: Any) -> PreTrainedModel:
+def _with_fallbacks(
+    load: Callable[..., PreTrainedModel], *args: Any, attn_implementation: str = "sdpa", **kwargs: Any
+) -> PreTrainedModel:
     """Ask for `attn_implementation`; drop the default SDPA request where the model class has no
     SDPA path. An attention implementation asked for by name (not the default SDPA) that cannot
     be used is an error, not a silent fallback to padded attention.
@@ -115,8 +116,9 @@ def _with_fallbacks(load: Callable[..., PreTrainedModel], *args: Any, attn_imple
     except (ValueError, ImportError) as e:  # this architecture has no such attention path
         if attn_implementation != "sdpa":
             message = " ".join(str(e).split())
-            raise TripletctlError(f"model.attn_implementation '{attn_implementation}' cannot be used: "
-                                  f"{message[:300]}") from None
+            raise TripletctlError(
+                f"model.attn_implementation '{attn_implementation}' cannot be used: {message[:300]}"
+            ) from None
         return load(*args, **kwargs)
 
 
@@ -145,22 +147,23 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
     attention = getattr(model, "attn_implementation", "sdpa")
     try:  # a missing local directory or an unreachable hub name is bad input, not a crash
         if model.init == "pretrained":
-            encoder = _with_fallbacks(AutoModel.from_pretrained, model.name, dtype=torch.float32,
-                                      attn_implementation=attention)
+            encoder = _with_fallbacks(
+                AutoModel.from_pretrained, model.name, dtype=torch.float32, attn_implementation=attention
+            )
         elif model.init == "config":
             config = AutoConfig.from_pretrained(model.name)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                encoder = _with_fallbacks(AutoModel.from_config, config, dtype=torch.float32,
-                                          attn_implementation=attention)
+                encoder = _with_fallbacks(
+                    AutoModel.from_config, config, dtype=torch.float32, attn_implementation=attention
+                )
         else:
             raise ValueError(f"model.init must be 'pretrained' or 'config', got {model.init!r}")
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelError(f"cannot load model {model.name!r} (init: {model.init}): {_one_line(e)}") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the head is random in both modes: seed it too
-        triplet = TripletEncoder(encoder, pooling=model.pooling, head=tuple(model.head),
-                                 normalize=model.normalize)
+        triplet = TripletEncoder(encoder, pooling=model.pooling, head=tuple(model.head), normalize=model.normalize)
     return triplet, load_tokenizer(model.tokenizer or model.name)
 
 
@@ -175,8 +178,9 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
-               provenance: Provenance | None = None) -> None:
+def save_model(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path, provenance: Provenance | None = None
+) -> None:
     """Write a folder that tripletctl, plain transformers and sentence-transformers all load.
 
     Encoder (safetensors, with its pooler) + tokenizer at the root, the sentence-transformers
@@ -194,8 +198,13 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: 
     tokenizer.save_pretrained(directory)
     hidden_size = int(encoder.config.hidden_size)
     dense_dirs = sbert.write_modules(
-        directory, hidden_size=hidden_size, pooling=model.pooling, head=model.head, normalize=model.normalize,
-        max_seq_length=provenance.max_seq_length, similarity=provenance.distance,
+        directory,
+        hidden_size=hidden_size,
+        pooling=model.pooling,
+        head=model.head,
+        normalize=model.normalize,
+        max_seq_length=provenance.max_seq_length,
+        similarity=provenance.distance,
     )
     meta = {
         "format_version": FORMAT_VERSION,
@@ -225,8 +234,9 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu"
-               ) -> tuple[TripletEncoder, PreTrainedTokenizerBase]:
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[TripletEncoder, PreTrainedTokenizerBase]:
     """Inverse of `save_model` (any format version); returns the model on `device`, in eval mode.
 
     Weights load from safetensors only (never a pickle), only from inside `directory`, and every
@@ -241,10 +251,13 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{directory / META_FILE} is damaged: {_one_line(e)}") from None
     if any(Path(d).is_absolute() or ".." in Path(d).parts for d in dense_dirs):
-        raise ModelError(f"{directory / META_FILE}: head_modules must name folders inside the model, got {dense_dirs!r:.200}")
+        raise ModelError(
+            f"{directory / META_FILE}: head_modules must name folders inside the model, got {dense_dirs!r:.200}"
+        )
     try:
-        encoder = _with_fallbacks(AutoModel.from_pretrained, str(directory), dtype=torch.float32,
-                                  use_safetensors=True, local_files_only=True)
+        encoder = _with_fallbacks(
+            AutoModel.from_pretrained, str(directory), dtype=torch.float32, use_safetensors=True, local_files_only=True
+        )
         model = TripletEncoder(encoder, pooling=pooling, head=head, normalize=normalize)
         if model.head is not None:
             if meta.get("format_version", 1) >= 2:
@@ -253,8 +266,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"
                 state = load_file(str(directory / HEAD_FILE))
             model.head.load_state_dict(state)
     except Exception as e:  # SafetensorError, OSError, RuntimeError (shapes), ValueError...
-        raise ModelError(f"the model in {directory} cannot be loaded (damaged or mismatched files): "
-                         f"{_one_line(e)}") from None
+        raise ModelError(
+            f"the model in {directory} cannot be loaded (damaged or mismatched files): {_one_line(e)}"
+        ) from None
     return model.to(device).eval(), load_tokenizer(str(directory))
 
 
@@ -269,9 +283,15 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def encode(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-           batch_size: int = 256, max_length: int = 128, device: str | torch.device | None = None,
-           progress: bool = False) -> Tensor:
+def encode(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    max_length: int = 128,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> Tensor:
     """Embed `texts` → (N, D) float32 on CPU, rows in input order.
 
     Rows are packed as in training (`chunking.plan_chunks`): sorted by length and cut into chunks of
@@ -285,10 +305,13 @@ def encode(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence
     if not texts:
         dim = unwrap(model).embedding_dim if isinstance(unwrap(model), TripletEncoder) else 0
         return torch.empty(0, dim, dtype=torch.float32)
-    ids = tokenizer(texts, truncation=True, max_length=max_length,
-                    return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-    chunking = Chunking(tokens=max(1, batch_size * max_length),
-                        overhead_tokens=CHUNK_OVERHEAD_TOKENS.get(device.type, CHUNK_OVERHEAD_TOKENS["cpu"]))
+    ids = tokenizer(
+        texts, truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False
+    )["input_ids"]
+    chunking = Chunking(
+        tokens=max(1, batch_size * max_length),
+        overhead_tokens=CHUNK_OVERHEAD_TOKENS.get(device.type, CHUNK_OVERHEAD_TOKENS["cpu"]),
+    )
     plan = plan_chunks([len(row) for row in ids], chunking)
     was_training = model.training
     model.eval()

@@ -77,21 +77,34 @@ def load_run(run_dir: Path | str) -> list[dict[str, Any]]:
             raise CheckpointError(f"{run_json} is not valid JSON: {error}") from None
         listed = meta.get("phases") if isinstance(meta, dict) else None
         if not isinstance(listed, list) or not all(isinstance(p, dict) for p in listed):
-            raise CheckpointError(f"{run_json} is not a tripletctl run index: expected an object whose "
-                                  f"'phases' is a list of objects")
+            raise CheckpointError(
+                f"{run_json} is not a tripletctl run index: expected an object whose 'phases' is a list of objects"
+            )
         for position, phase in enumerate(listed):
             index = phase.get("index", position)
             index = index if isinstance(index, int) and not isinstance(index, bool) else position
             name = str(phase.get("name", f"phase {index}"))
             directory = run_dir / Path(str(phase.get("dir") or f"phase-{index}-{name}")).name
-            phases.append({"index": index, "name": name, "margin": phase.get("margin"),
-                           "records": _read_jsonl(directory / "metrics.jsonl")})
+            phases.append(
+                {
+                    "index": index,
+                    "name": name,
+                    "margin": phase.get("margin"),
+                    "records": _read_jsonl(directory / "metrics.jsonl"),
+                }
+            )
     else:
         for path in run_dir.glob("phase-*/metrics.jsonl"):
             match = PHASE_DIR.match(path.parent.name)
             if match:
-                phases.append({"index": int(match.group(1)), "name": match.group(2) or path.parent.name,
-                               "margin": None, "records": _read_jsonl(path)})
+                phases.append(
+                    {
+                        "index": int(match.group(1)),
+                        "name": match.group(2) or path.parent.name,
+                        "margin": None,
+                        "records": _read_jsonl(path),
+                    }
+                )
     phases.sort(key=lambda p: p["index"])
     _fill_margins(run_dir, phases)
     if not any(p["records"] for p in phases):
@@ -119,8 +132,11 @@ def _fill_margins(run_dir: Path, phases: list[dict[str, Any]]) -> None:
     if not isinstance(listed, list):
         return
     for phase in phases:
-        if not isinstance(phase["margin"], (int, float)) and 0 <= phase["index"] < len(listed) \
-                and isinstance(listed[phase["index"]], dict):
+        if (
+            not isinstance(phase["margin"], (int, float))
+            and 0 <= phase["index"] < len(listed)
+            and isinstance(listed[phase["index"]], dict)
+        ):
             margin = listed[phase["index"]].get("margin", 0.2)
             phase["margin"] = float(margin) if isinstance(margin, (int, float)) else None
 
@@ -160,8 +176,7 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
         evals = [{**untrained, "global_step": 0}, *evals]
     collapses = [r for p in phases for r in p["records"] if r.get("event") == "collapse"]
 
-    fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True,
-                             gridspec_kw={"height_ratios": [3, 1.4, 1.4, 1.8]})
+    fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True, gridspec_kw={"height_ratios": [3, 1.4, 1.4, 1.8]})
     ax_loss, ax_active, ax_spread, ax_eval = axes
 
     ax_loss.plot(*_series(steps, "loss"), lw=1, color="tab:blue", label="mining loss")
@@ -171,8 +186,15 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
     for phase in phases:
         xs = [r["global_step"] for r in phase["records"] if isinstance(r.get("global_step"), (int, float))]
         if xs and isinstance(phase["margin"], (int, float)):
-            ax_loss.hlines(phase["margin"], min(xs), max(xs), colors="gray", linestyles="dashed", lw=1,
-                           label=None if labelled else "margin α")
+            ax_loss.hlines(
+                phase["margin"],
+                min(xs),
+                max(xs),
+                colors="gray",
+                linestyles="dashed",
+                lw=1,
+                label=None if labelled else "margin α",
+            )
             labelled = True
     for r in collapses:
         if isinstance(r.get("global_step"), (int, float)):
@@ -221,8 +243,15 @@ def _mark_phases(axes, phases: list[dict[str, Any]]) -> None:
         if position:  # the first phase starts at the left edge: no boundary to mark
             for ax in axes:
                 ax.axvline(start - 0.5, color="black", lw=0.8, ls=":", alpha=0.7)
-        axes[0].annotate(f"{phase['index']}: {phase['name']}", xy=(start, 1.0), xycoords=("data", "axes fraction"),
-                         xytext=(3, -12), textcoords="offset points", fontsize=8, color="black")
+        axes[0].annotate(
+            f"{phase['index']}: {phase['name']}",
+            xy=(start, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize=8,
+            color="black",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,15 +270,30 @@ def plot_collapse(report, path: Path | str) -> Path:
         total_ap = max(sum(report.ap_hist), 1)
         total_an = max(sum(report.an_hist), 1)
         # densities, so thousands of negatives and a few positives share one axis
-        ax_hist.bar(edges[:-1], [c / total_ap for c in report.ap_hist], width=widths, align="edge",
-                    alpha=0.55, color="tab:blue", label=f"d(a,p)  ({total_ap} pairs)")
-        ax_hist.bar(edges[:-1], [c / total_an for c in report.an_hist], width=widths, align="edge",
-                    alpha=0.55, color="tab:red", label=f"d(a,n)  ({total_an} pairs)")
+        ax_hist.bar(
+            edges[:-1],
+            [c / total_ap for c in report.ap_hist],
+            width=widths,
+            align="edge",
+            alpha=0.55,
+            color="tab:blue",
+            label=f"d(a,p)  ({total_ap} pairs)",
+        )
+        ax_hist.bar(
+            edges[:-1],
+            [c / total_an for c in report.an_hist],
+            width=widths,
+            align="edge",
+            alpha=0.55,
+            color="tab:red",
+            label=f"d(a,n)  ({total_an} pairs)",
+        )
     p50 = report.ap_quantiles.get("p50")
     if p50 is not None:
         ax_hist.axvline(p50, color="tab:blue", ls=":", lw=1)
-        ax_hist.axvline(p50 + report.margin, color="black", ls="--", lw=1.2,
-                        label=f"median d(a,p) + margin ({report.margin})")
+        ax_hist.axvline(
+            p50 + report.margin, color="black", ls="--", lw=1.2, label=f"median d(a,p) + margin ({report.margin})"
+        )
     ax_hist.set_xlabel(f"{report.distance} distance")
     ax_hist.set_ylabel("fraction of pairs")
     ax_hist.set_title("positive vs negative distances", loc="left")
@@ -259,15 +303,25 @@ def plot_collapse(report, path: Path | str) -> Path:
     if sv:
         ax_sv.semilogy(range(1, len(sv) + 1), sv, marker=".", lw=1, color="tab:purple")
     else:
-        ax_sv.text(0.5, 0.5, "all singular values are 0\n(every embedding identical)", ha="center",
-                   va="center", transform=ax_sv.transAxes, color="red")
+        ax_sv.text(
+            0.5,
+            0.5,
+            "all singular values are 0\n(every embedding identical)",
+            ha="center",
+            va="center",
+            transform=ax_sv.transAxes,
+            color="red",
+        )
     ax_sv.set_xlabel("index")
     ax_sv.set_ylabel("singular value (centred)")
     ax_sv.set_title(f"spectrum: effective rank {report.effective_rank:.2f} of {report.dim}", loc="left")
 
     colour = {"healthy": "green", "at risk": "darkorange", "collapsed": "red"}.get(report.verdict, "black")
-    fig.suptitle(f"verdict: {report.verdict}   (mean cosine {report.mean_cosine:.3f}, "
-                 f"batch-hard loss {report.batch_hard_loss:.3f})", color=colour)
+    fig.suptitle(
+        f"verdict: {report.verdict}   (mean cosine {report.mean_cosine:.3f}, "
+        f"batch-hard loss {report.batch_hard_loss:.3f})",
+        color=colour,
+    )
     fig.tight_layout()
     _save(fig, path)
     return path

@@ -14,7 +14,7 @@ first and last step of a phase always get one, and so does the step a run stops 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -31,8 +31,15 @@ def _clock(seconds: float) -> str:
 class PlainProgress:
     """One line per reported step; `clock` is injectable so tests can make time pass."""
 
-    def __init__(self, console: Console, label: str, total: int, start: int, log_every: int | str,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        console: Console,
+        label: str,
+        total: int,
+        start: int,
+        log_every: int | str,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.console, self.label, self.total, self.log_every, self.clock = console, label, total, log_every, clock
         self.started = clock()
         self.first_step = start  # steps done before this invocation (resume) do not count for the rate
@@ -44,8 +51,9 @@ class PlainProgress:
         if final or step == self.first_step + 1 or step >= self.total:
             return True
         if self.log_every == "auto":
-            return (step - self.last_line_step >= AUTO_MIN_STEPS
-                    and self.clock() - self.last_line_time >= AUTO_MIN_SECONDS)
+            return (
+                step - self.last_line_step >= AUTO_MIN_STEPS and self.clock() - self.last_line_time >= AUTO_MIN_SECONDS
+            )
         return step % int(self.log_every) == 0
 
     def update(self, step: int, record: dict, batch_size: int, final: bool = False, until: str | None = None) -> None:
@@ -57,10 +65,11 @@ class PlainProgress:
         rate = self.samples_since_line / max(now - self.last_line_time, 1e-9)
         per_step = elapsed / max(step - self.first_step, 1)
         eta = per_step * (self.total - step)
-        line = (f"{self.label} step {step}/{self.total} loss {record['loss']:.4f} "
-                f"batch-hard {record['batch_hard_loss']:.4f} active {record['active_fraction']:.2f} "
-                f"{rate:.0f} samples/s elapsed {_clock(elapsed)} eta {_clock(eta)}"
-                + (f" until {until}" if until else ""))
+        line = (
+            f"{self.label} step {step}/{self.total} loss {record['loss']:.4f} "
+            f"batch-hard {record['batch_hard_loss']:.4f} active {record['active_fraction']:.2f} "
+            f"{rate:.0f} samples/s elapsed {_clock(elapsed)} eta {_clock(eta)}" + (f" until {until}" if until else "")
+        )
         self.console.out(line, highlight=False)  # `out` neither wraps nor crops; rich flushes each write
         self.last_line_step, self.last_line_time, self.samples_since_line = step, now, 0
 
@@ -77,21 +86,40 @@ class BarProgress:
 
     def __init__(self, console: Console, label: str, total: int, start: int, until: str | None = None):
         columns = [
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f} hardest {task.fields[hardest]:.4f} "
-                       "active {task.fields[active]:.2f} {task.fields[rate]:.0f} samples/s"),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]:.4f} hardest {task.fields[hardest]:.4f} "
+                "active {task.fields[active]:.2f} {task.fields[rate]:.0f} samples/s"
+            ),
             TimeRemainingColumn(),
         ]
         if until is not None:  # the phase's `until:` signals against their thresholds
             columns.insert(4, TextColumn("until {task.fields[until]}"))
         self.bar = Progress(*columns, console=console)
         self.bar.start()
-        self.task = self.bar.add_task(label, total=total, completed=start, loss=float("nan"),
-                                      hardest=float("nan"), active=float("nan"), rate=0.0, until=until or "")
+        self.task = self.bar.add_task(
+            label,
+            total=total,
+            completed=start,
+            loss=float("nan"),
+            hardest=float("nan"),
+            active=float("nan"),
+            rate=0.0,
+            until=until or "",
+        )
 
     def update(self, step: int, record: dict, batch_size: int, final: bool = False, until: str | None = None) -> None:
-        self.bar.update(self.task, completed=step, loss=record["loss"], hardest=record["batch_hard_loss"],
-                        active=record["active_fraction"], rate=record["samples_per_s"] or 0.0, until=until or "")
+        self.bar.update(
+            self.task,
+            completed=step,
+            loss=record["loss"],
+            hardest=record["batch_hard_loss"],
+            active=record["active_fraction"],
+            rate=record["samples_per_s"] or 0.0,
+            until=until or "",
+        )
 
     def print(self, message: str) -> None:
         self.bar.console.print(message)
@@ -113,8 +141,15 @@ class NoProgress:
         pass
 
 
-def phase_progress(console: Console, label: str, total: int, start: int, log_every: int | str,
-                   show: bool = True, until: str | None = None) -> PlainProgress | BarProgress | NoProgress:
+def phase_progress(
+    console: Console,
+    label: str,
+    total: int,
+    start: int,
+    log_every: int | str,
+    show: bool = True,
+    until: str | None = None,
+) -> PlainProgress | BarProgress | NoProgress:
     """The display that suits where stdout goes; `until` is the first text of the until column."""
     if not show:
         return NoProgress()

@@ -12,10 +12,11 @@ import os
 import random
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -25,7 +26,13 @@ from rich.text import Text
 
 from tripletctl import best, conditions, mining
 from tripletctl.checkpoint import (
-    CHECKPOINT, capture_rng, clean_leftovers, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint,
+    CHECKPOINT,
+    capture_rng,
+    clean_leftovers,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
 )
 from tripletctl.checkpoint import phase_dir as phase_dir_of
 from tripletctl.chunking import embed_and_backward, plan_chunks, resolve_chunking
@@ -48,22 +55,22 @@ from tripletctl.distributed import (
     wrap_model,
 )
 from tripletctl.errors import CheckpointError, ConfigError, TripletctlError, WorkerDiedError, writing
+from tripletctl.evaluation import evaluate_model
 from tripletctl.faults import fault_point
 from tripletctl.interrupt import StopFlag
-from tripletctl.evaluation import evaluate_model
 from tripletctl.memory import EmbeddingMemory, carry_over
 from tripletctl.model import build_model
 from tripletctl.progress import phase_progress
 from tripletctl.trackers import Trackers, open_trackers, require_installed
 
 # Exit codes of `train` (the table in README.md and `train --help`).
-EXIT_DONE = 0            # done, or paused by --max-steps
-EXIT_CRASH = 1           # an unexpected crash only (Python's own code for an uncaught exception)
-EXIT_BAD_INPUT = 2       # bad input, damaged file, environment fault (TripletctlError.exit_code)
-EXIT_COLLAPSE_STOP = 3   # stopped by the collapse watchdog (on_collapse: stop)
-EXIT_NONFINITE = 4       # a non-finite loss or gradient (on_nonfinite): the last good checkpoint is kept
-EXIT_WORKER_DIED = 5     # a tokenizer worker process died: checkpoint written, resumable (WorkerDiedError)
-EXIT_INTERRUPTED = 130   # Ctrl-C / SIGTERM (tripletctl.interrupt)
+EXIT_DONE = 0  # done, or paused by --max-steps
+EXIT_CRASH = 1  # an unexpected crash only (Python's own code for an uncaught exception)
+EXIT_BAD_INPUT = 2  # bad input, damaged file, environment fault (TripletctlError.exit_code)
+EXIT_COLLAPSE_STOP = 3  # stopped by the collapse watchdog (on_collapse: stop)
+EXIT_NONFINITE = 4  # a non-finite loss or gradient (on_nonfinite): the last good checkpoint is kept
+EXIT_WORKER_DIED = 5  # a tokenizer worker process died: checkpoint written, resumable (WorkerDiedError)
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM (tripletctl.interrupt)
 PAUSED = -1  # internal: the step budget of this invocation is spent (exit 0, resume later)
 
 
@@ -97,7 +104,7 @@ class RunProgress:
     eval_history: list = field(default_factory=list)
     phase_ends: dict = field(default_factory=dict)  # str(phase index) -> steps planned/done, why it ended
     nonfinite_skipped: int = 0  # steps dropped by on_nonfinite: skip, whole run
-    nonfinite_streak: int = 0   # ... in a row, now (stop after train.max_nonfinite_skips)
+    nonfinite_streak: int = 0  # ... in a row, now (stop after train.max_nonfinite_skips)
 
     def start_phase(self, index: int) -> None:
         """Counters and per-phase state for the first step of phase `index`."""
@@ -110,13 +117,22 @@ class RunProgress:
         return str(self.phase_index) in self.phase_ends or self.step >= phase.steps
 
     @classmethod
-    def from_state(cls, state: dict, where: Path) -> "RunProgress":
+    def from_state(cls, state: dict, where: Path) -> RunProgress:
         """The progress a checkpoint's state.json holds, every field type-checked: a mistyped file is
         one clear error here rather than a TypeError somewhere in the loop."""
-        kinds = {"phase_index": int, "step": int, "global_step": int, "samples_seen": int,
-                 "mining_override": (str, type(None)), "watchdog": dict, "conditions": dict,
-                 "eval_history": list, "phase_ends": dict,
-                 "nonfinite_skipped": int, "nonfinite_streak": int}
+        kinds = {
+            "phase_index": int,
+            "step": int,
+            "global_step": int,
+            "samples_seen": int,
+            "mining_override": (str, type(None)),
+            "watchdog": dict,
+            "conditions": dict,
+            "eval_history": list,
+            "phase_ends": dict,
+            "nonfinite_skipped": int,
+            "nonfinite_streak": int,
+        }
         values = {}
         for key, kind in kinds.items():
             if key not in state:
@@ -213,10 +229,27 @@ def _evaluate(model: torch.nn.Module, tokenizer: Any, rows: Any, curriculum: Cur
     run draws what an uninterrupted one would); `encode` restores the train/eval mode itself."""
     rng = capture_rng()
     try:
-        return evaluate_model(model, tokenizer, rows, batch_size=curriculum.eval.batch_size,
-                              max_length=curriculum.data.max_length, device=device)
+        return evaluate_model(
+            model,
+            tokenizer,
+            rows,
+            batch_size=curriculum.eval.batch_size,
+            max_length=curriculum.data.max_length,
+            device=device,
+        )
     finally:
         restore_rng(rng)
+
+
+def _mining_loss(mined: list, **mine_kwargs: Any) -> Callable:
+    """The loss of the whole (global) batch for `embed_and_backward`; it also keeps the detached
+    embeddings it mined over in `mined` (they join the cross-batch memory if the step is used)."""
+
+    def loss_fn(embeddings: torch.Tensor, labels: torch.Tensor):
+        mined.append((embeddings.detach(), labels))
+        return mining.mine(embeddings, labels, **mine_kwargs)
+
+    return loss_fn
 
 
 def run_phase(
@@ -256,16 +289,27 @@ def run_phase(
     # batch_size is the global batch: the stream yields this rank's share of whole classes
     local_batch = local_batch_size(phase.batch_size, curriculum.data.rows_per_group, ctx)
     stream = BatchStream(
-        curriculum.data, tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
-        batch_size=phase.batch_size, seed=train_cfg.seed, state=stream_state,
-        rank=ctx.rank, world_size=ctx.world_size,
+        curriculum.data,
+        tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
+        batch_size=phase.batch_size,
+        seed=train_cfg.seed,
+        state=stream_state,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
         # a wait for data ends on Ctrl-C/SIGTERM; under torchrun the ranks decide together after the step
         should_stop=None if ctx.enabled else (lambda: stop.requested),
     )
     train_model.train()  # before the auto chunk probe: dropout masks take memory too
     autocast_dtype = _autocast_dtype(train_cfg.precision, device)
-    chunking = resolve_chunking(phase.chunk_size, phase.chunk_tokens, local_batch, model, device,
-                                curriculum.data.max_length, autocast_dtype=autocast_dtype)
+    chunking = resolve_chunking(
+        phase.chunk_size,
+        phase.chunk_tokens,
+        local_batch,
+        model,
+        device,
+        curriculum.data.max_length,
+        autocast_dtype=autocast_dtype,
+    )
     watchdog = CollapseWatchdog(train_cfg.collapse_patience, train_cfg.collapse_tolerance)
     if progress.watchdog:
         watchdog.load_state_dict(progress.watchdog)
@@ -273,8 +317,9 @@ def run_phase(
     until_state = conditions.ConditionState.from_dict(progress.conditions)
     gather = partial(gather_with_grad, ctx=ctx) if ctx.enabled else None
     no_sync = no_sync_for(train_model) if ctx.enabled else None
-    memory = carry_over(memory, phase.memory.size if phase.memory else None,
-                        dim=model.embedding_dim, normalized=model.normalize)
+    memory = carry_over(
+        memory, phase.memory.size if phase.memory else None, dim=model.embedding_dim, normalized=model.normalize
+    )
 
     def checkpoint(state_after: dict | None) -> bool:
         """Save (every rank takes part); False, and nothing written, if a weight is NaN/inf."""
@@ -288,9 +333,14 @@ def run_phase(
         if ctx.is_main:
             last_eval = progress.eval_history[-1] if progress.eval_history else None
             save_checkpoint(
-                phase_dir / "checkpoint", model=model, tokenizer=tokenizer, optimizer=optimizer,
+                phase_dir / "checkpoint",
+                model=model,
+                tokenizer=tokenizer,
+                optimizer=optimizer,
                 state={**progress.__dict__, "phase_name": phase.name, "world_size": ctx.world_size},
-                stream_state=state_after, curriculum=curriculum_to_dict(curriculum), rng=rng,
+                stream_state=state_after,
+                curriculum=curriculum_to_dict(curriculum),
+                rng=rng,
                 memory=memory.state_dict() if memory is not None else None,
                 metrics=last_eval if last_eval and last_eval.get("global_step") == progress.global_step else None,
             )
@@ -302,9 +352,15 @@ def run_phase(
     last_state = stream_state
     exit_code = EXIT_DONE
     # a live bar on a terminal, plain lines every train.log_every steps in a file or pipe
-    bar = phase_progress(console, f"phase {phase_index} {phase.name}", phase.steps, progress.step,
-                         train_cfg.log_every, show=ctx.is_main,
-                         until=_until_display(until, until_state) if until is not None else None)
+    bar = phase_progress(
+        console,
+        f"phase {phase_index} {phase.name}",
+        phase.steps,
+        progress.step,
+        train_cfg.log_every,
+        show=ctx.is_main,
+        until=_until_display(until, until_state) if until is not None else None,
+    )
     try:
         batches = iter(stream)
         while not progress.phase_finished(phase):
@@ -324,8 +380,9 @@ def run_phase(
                 return PhaseOutcome(EXIT_WORKER_DIED, last_state, reason=str(error), memory=memory)
             # rows travel unpadded: padded on the device, sorted by length and packed into chunks
             plan = plan_chunks(batch.lengths, chunking)
-            input_ids, attention_mask = pad_ragged(batch.token_ids.to(device, non_blocking=True),
-                                                   batch.lengths.to(device, non_blocking=True), batch.pad_id)
+            input_ids, attention_mask = pad_ragged(
+                batch.token_ids.to(device, non_blocking=True), batch.lengths.to(device, non_blocking=True), batch.pad_id
+            )
             labels = batch.labels.to(device, non_blocking=True)
             global_labels = gather_labels(labels, ctx) if ctx.enabled else labels
 
@@ -340,17 +397,28 @@ def run_phase(
             #    (with a memory: against its rows too, from start_step on; then the global batch enters it)
             use_memory = memory is not None and memory.filled > 0 and progress.step >= phase.memory.start_step
             memory_embeddings, memory_labels = memory.contents() if use_memory else (None, None)
-            mined_batch = []
-
-            def loss_fn(embeddings: torch.Tensor, labels: torch.Tensor):
-                mined_batch.append((embeddings.detach(), labels))
-                return mining.mine(embeddings, labels, mode=mode, margin=phase.margin, distance=phase.distance,
-                                   fallback=phase.fallback, generator=generator,
-                                   memory_embeddings=memory_embeddings, memory_labels=memory_labels)
+            mined_batch: list[tuple[torch.Tensor, torch.Tensor]] = []
+            loss_fn = _mining_loss(
+                mined_batch,
+                mode=mode,
+                margin=phase.margin,
+                distance=phase.distance,
+                fallback=phase.fallback,
+                generator=generator,
+                memory_embeddings=memory_embeddings,
+                memory_labels=memory_labels,
+            )
 
             loss_value, stats, _ = embed_and_backward(
-                train_model, input_ids, attention_mask, global_labels, loss_fn, plan,
-                autocast_dtype=autocast_dtype, gather=gather, no_sync=no_sync,
+                train_model,
+                input_ids,
+                attention_mask,
+                global_labels,
+                loss_fn,
+                plan,
+                autocast_dtype=autocast_dtype,
+                gather=gather,
+                no_sync=no_sync,
             )
             # 4. is this step usable? A NaN/inf loss or gradient must never reach the weights
             if train_cfg.grad_clip > 0:
@@ -364,11 +432,20 @@ def run_phase(
             #    (it may reach the ranks at different moments), the collapse watchdog and a
             #    non-finite loss or gradient on any rank (each would otherwise step differently)
             #    and the signals `until:` conditions read (averaged, so every rank smooths the same numbers)
-            rows_seen, rows_skipped, classes_evicted, signalled, collapsed, nonfinite, *signals = all_reduce_sums([
-                batch.rows_seen, batch.rows_skipped, batch.classes_evicted, stop.signal is not None,
-                step_finite and watchdog.update(stats.batch_hard_loss, phase.margin, stats.embedding_spread),
-                not step_finite, float(loss_value), stats.batch_hard_loss, stats.active_fraction,
-            ], ctx)
+            rows_seen, rows_skipped, classes_evicted, signalled, collapsed, nonfinite, *signals = all_reduce_sums(
+                [
+                    batch.rows_seen,
+                    batch.rows_skipped,
+                    batch.classes_evicted,
+                    stop.signal is not None,
+                    step_finite and watchdog.update(stats.batch_hard_loss, phase.margin, stats.embedding_spread),
+                    not step_finite,
+                    float(loss_value),
+                    stats.batch_hard_loss,
+                    stats.active_fraction,
+                ],
+                ctx,
+            )
             stop_now = signalled > 0
             agreed = {name: value / ctx.world_size for name, value in zip(conditions.STEP_METRICS, signals)}
             last_state = batch.state  # this batch is consumed whether or not it is used
@@ -378,19 +455,31 @@ def run_phase(
                 give_up = phase.on_nonfinite == "stop" or progress.nonfinite_streak >= train_cfg.max_nonfinite_skips
                 if not give_up:
                     progress.nonfinite_skipped += 1
-                event = {"event": "nonfinite", "global_step": progress.global_step + 1, "phase": phase.name,
-                         "step": progress.step + 1, "loss": float(loss_value), "grad_norm": grad_norm,
-                         "action": "stop" if give_up else "skip", "in_a_row": progress.nonfinite_streak}
+                event = {
+                    "event": "nonfinite",
+                    "global_step": progress.global_step + 1,
+                    "phase": phase.name,
+                    "step": progress.step + 1,
+                    "loss": float(loss_value),
+                    "grad_norm": grad_norm,
+                    "action": "stop" if give_up else "skip",
+                    "in_a_row": progress.nonfinite_streak,
+                }
                 if metrics_file is not None:
                     metrics_file.write(strict_json(event) + "\n")
                     metrics_file.flush()
                 if give_up:
-                    why = ("on_nonfinite: stop" if phase.on_nonfinite == "stop" else
-                           f"{progress.nonfinite_streak} in a row, train.max_nonfinite_skips: "
-                           f"{train_cfg.max_nonfinite_skips}")
-                    nonfinite_message = (f"non-finite loss or gradient at step {progress.step + 1} of phase "
-                                         f"{phase_index} ({phase.name}) (loss {float(loss_value)}, gradient "
-                                         f"norm {grad_norm}; {why}): stopped without a step")
+                    why = (
+                        "on_nonfinite: stop"
+                        if phase.on_nonfinite == "stop"
+                        else f"{progress.nonfinite_streak} in a row, train.max_nonfinite_skips: "
+                        f"{train_cfg.max_nonfinite_skips}"
+                    )
+                    nonfinite_message = (
+                        f"non-finite loss or gradient at step {progress.step + 1} of phase "
+                        f"{phase_index} ({phase.name}) (loss {float(loss_value)}, gradient "
+                        f"norm {grad_norm}; {why}): stopped without a step"
+                    )
                     return PhaseOutcome(EXIT_NONFINITE, last_state, reason=nonfinite_message, memory=memory)
                 if stop_now:  # Ctrl-C during a skipped step: the weights are still the good ones
                     checkpoint(last_state)
@@ -409,17 +498,30 @@ def run_phase(
             # 6. log: the phase's mining loss beside the batch-hard loss of the same batch
             elapsed = time.perf_counter() - started
             record = {
-                "phase": phase.name, "phase_index": phase_index, "step": progress.step,
-                "global_step": progress.global_step, "mining": mode,
-                "loss": float(loss_value), "batch_hard_loss": stats.batch_hard_loss,
-                "active_fraction": stats.active_fraction, "mean_ap": stats.mean_ap, "mean_an": stats.mean_an,
-                "embedding_spread": stats.embedding_spread, "skipped_anchors": stats.skipped_anchors,
-                "num_triplets": stats.num_triplets, "lr": lr,
+                "phase": phase.name,
+                "phase_index": phase_index,
+                "step": progress.step,
+                "global_step": progress.global_step,
+                "mining": mode,
+                "loss": float(loss_value),
+                "batch_hard_loss": stats.batch_hard_loss,
+                "active_fraction": stats.active_fraction,
+                "mean_ap": stats.mean_ap,
+                "mean_an": stats.mean_an,
+                "embedding_spread": stats.embedding_spread,
+                "skipped_anchors": stats.skipped_anchors,
+                "num_triplets": stats.num_triplets,
+                "lr": lr,
                 "grad_norm": grad_norm if train_cfg.grad_clip > 0 else None,
                 "samples_per_s": phase.batch_size / elapsed if elapsed > 0 else None,
-                "rows_seen": int(rows_seen), "rows_skipped": int(rows_skipped),
-                "classes_evicted": int(classes_evicted), **chunking.describe(), "chunks": len(plan.chunks),
-                "graph_kept": plan.keep_graph, "padded_tokens": plan.padded_tokens, "real_tokens": plan.real_tokens,
+                "rows_seen": int(rows_seen),
+                "rows_skipped": int(rows_skipped),
+                "classes_evicted": int(classes_evicted),
+                **chunking.describe(),
+                "chunks": len(plan.chunks),
+                "graph_kept": plan.keep_graph,
+                "padded_tokens": plan.padded_tokens,
+                "real_tokens": plan.real_tokens,
                 "time": time.time(),
             }
             if phase.memory is not None:  # `loss` above is then mined against the memory too
@@ -427,9 +529,17 @@ def run_phase(
             events = []
             # collapse watchdog: batch-hard loss stuck at the margin and no spread
             if collapsed > 0:
-                events.append({"event": "collapse", "global_step": progress.global_step, "phase": phase.name,
-                                "action": phase.on_collapse, "batch_hard_loss": stats.batch_hard_loss,
-                                "embedding_spread": stats.embedding_spread, "margin": phase.margin})
+                events.append(
+                    {
+                        "event": "collapse",
+                        "global_step": progress.global_step,
+                        "phase": phase.name,
+                        "action": phase.on_collapse,
+                        "batch_hard_loss": stats.batch_hard_loss,
+                        "embedding_spread": stats.embedding_spread,
+                        "margin": phase.margin,
+                    }
+                )
                 if ctx.is_main:
                     bar.print(
                         f"[bold yellow]collapse suspected[/] at step {progress.step} of phase {phase.name}: "
@@ -445,19 +555,23 @@ def run_phase(
                     watchdog.reset()
             planned_end = progress.step >= phase.steps
             evaluated = None
-            if eval_rows is not None and (planned_end or (curriculum.eval.every and progress.step % curriculum.eval.every == 0)):
+            if eval_rows is not None and (
+                planned_end or (curriculum.eval.every and progress.step % curriculum.eval.every == 0)
+            ):
                 evaluated = _eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx)
             early_end = None  # `until:` conditions, on agreed numbers: every rank ends at the same step
             if until is not None:
-                until_state, held = conditions.advance(until, until_state, step=progress.step, metrics=agreed,
-                                                       eval_metrics=evaluated)
+                until_state, held = conditions.advance(
+                    until, until_state, step=progress.step, metrics=agreed, eval_metrics=evaluated
+                )
                 progress.conditions = until_state.to_dict()
                 if held and not planned_end:
                     early_end = _until_event(until, held, progress, phase)
                     events.append(early_end)
                     if ctx.is_main:
-                        bar.print(f"phase {phase.name} ends at step {progress.step} of {phase.steps}: "
-                                          f"{early_end['reason']}")
+                        bar.print(
+                            f"phase {phase.name} ends at step {progress.step} of {phase.steps}: {early_end['reason']}"
+                        )
                     if eval_rows is not None and evaluated is None:  # the phase-end eval, as at a planned end
                         evaluated = _eval_event(model, tokenizer, eval_rows, curriculum, progress, phase, ctx)
             if evaluated is not None:
@@ -467,7 +581,8 @@ def run_phase(
             done = planned_end or early_end is not None
             if done:
                 progress.phase_ends[str(phase_index)] = {
-                    "steps_planned": phase.steps, "steps_done": progress.step,
+                    "steps_planned": phase.steps,
+                    "steps_done": progress.step,
                     "ended_by": "until" if early_end else "steps",
                     "reason": early_end["reason"] if early_end else f"planned end (step {phase.steps})",
                 }
@@ -480,15 +595,22 @@ def run_phase(
 
             # 7. checkpoint: every N steps, at the end of the phase, on Ctrl-C/SIGTERM, on a collapse stop
             paused = stop_at_global_step is not None and progress.global_step >= stop_at_global_step
-            bar.update(progress.step, record, phase.batch_size,
-                       final=done or paused or stop_now or exit_code == EXIT_COLLAPSE_STOP,
-                       until=_until_display(until, until_state) if until is not None else None)
+            bar.update(
+                progress.step,
+                record,
+                phase.batch_size,
+                final=done or paused or stop_now or exit_code == EXIT_COLLAPSE_STOP,
+                until=_until_display(until, until_state) if until is not None else None,
+            )
             every = train_cfg.checkpoint_every
             if done or paused or stop_now or exit_code == EXIT_COLLAPSE_STOP or (every and progress.step % every == 0):
                 if not checkpoint(last_state):
-                    return PhaseOutcome(EXIT_NONFINITE, last_state,
-                                        f"non-finite weights after step {progress.step} of phase {phase_index} "
-                                        f"({phase.name}): not saved over the last good checkpoint")
+                    return PhaseOutcome(
+                        EXIT_NONFINITE,
+                        last_state,
+                        f"non-finite weights after step {progress.step} of phase {phase_index} "
+                        f"({phase.name}): not saved over the last good checkpoint",
+                    )
             if exit_code == EXIT_COLLAPSE_STOP:
                 return PhaseOutcome(EXIT_COLLAPSE_STOP, last_state, memory=memory)
             if stop_now:
@@ -510,16 +632,27 @@ def _until_display(until: conditions.UntilConfig | None, state: conditions.Condi
     return "" if until is None else "  ".join(r.short() for r in conditions.readings(until, state))
 
 
-def _until_event(until: conditions.UntilConfig, held: list[conditions.Reading], progress: RunProgress,
-                 phase: PhaseConfig) -> dict:
+def _until_event(
+    until: conditions.UntilConfig, held: list[conditions.Reading], progress: RunProgress, phase: PhaseConfig
+) -> dict:
     """The metrics.jsonl line saying which condition ended the phase, on which smoothed value."""
     first = held[0]
     return {
-        "event": "until", "global_step": progress.global_step, "phase": phase.name, "step": progress.step,
-        "steps_planned": phase.steps, "condition": first.condition, "metric": first.metric, "value": first.value,
-        "threshold": first.threshold, "combine": until.combine, "window": until.window,
-        "held": [{"condition": r.condition, "metric": r.metric, "value": r.value, "threshold": r.threshold,
-                  "count": r.count} for r in held],
+        "event": "until",
+        "global_step": progress.global_step,
+        "phase": phase.name,
+        "step": progress.step,
+        "steps_planned": phase.steps,
+        "condition": first.condition,
+        "metric": first.metric,
+        "value": first.value,
+        "threshold": first.threshold,
+        "combine": until.combine,
+        "window": until.window,
+        "held": [
+            {"condition": r.condition, "metric": r.metric, "value": r.value, "threshold": r.threshold, "count": r.count}
+            for r in held
+        ],
         "reason": "; ".join(r.describe(until.window) for r in held),
     }
 
@@ -527,14 +660,21 @@ def _until_event(until: conditions.UntilConfig, held: list[conditions.Reading], 
 def _eval_event(model, tokenizer, rows, curriculum, progress, phase, ctx) -> dict:
     metrics = _evaluate(model, tokenizer, rows, curriculum, ctx.device) if ctx.is_main else {}
     metrics = broadcast_object(metrics, ctx)  # every rank holds the numbers (eval_plateau decides on them)
-    event = {"event": "eval", "global_step": progress.global_step, "phase": phase.name,
-             "phase_index": progress.phase_index, "step": progress.step, **metrics}
+    event = {
+        "event": "eval",
+        "global_step": progress.global_step,
+        "phase": phase.name,
+        "phase_index": progress.phase_index,
+        "step": progress.step,
+        **metrics,
+    }
     progress.eval_history.append(event)
     return event
 
 
-def _phase_summary(curriculum: Curriculum, index: int, started: float | None,
-                   progress: RunProgress | None = None) -> dict:
+def _phase_summary(
+    curriculum: Curriculum, index: int, started: float | None, progress: RunProgress | None = None
+) -> dict:
     """Summarise a phase from its own metrics file, so the summary is true after a resume too."""
     phase = curriculum.phases[index]
     phase_dir = phase_dir_of(curriculum.train.output_dir, index, phase.name)
@@ -551,7 +691,7 @@ def _phase_summary(curriculum: Curriculum, index: int, started: float | None,
                 steps.append(record)
             elif kind in ("eval", "collapse", "nonfinite"):
                 {"eval": evals, "collapse": collapses, "nonfinite": nonfinite}[kind].append(record)
-    tail = steps[-max(1, len(steps) // 10):] if steps else []
+    tail = steps[-max(1, len(steps) // 10) :] if steps else []
 
     def mean(key: str, records: list) -> float | None:
         values = [r[key] for r in records if r.get(key) is not None]
@@ -559,25 +699,35 @@ def _phase_summary(curriculum: Curriculum, index: int, started: float | None,
 
     end = progress.phase_ends.get(str(index), {}) if progress is not None else {}
     return {
-        "index": index, "name": phase.name, "mining": phase.mining, "batch_size": phase.batch_size,
-        "margin": phase.margin, "steps": phase.steps, "steps_planned": phase.steps, "steps_done": len(steps),
-        "ended_by": end.get("ended_by"), "end_reason": end.get("reason"),
+        "index": index,
+        "name": phase.name,
+        "mining": phase.mining,
+        "batch_size": phase.batch_size,
+        "margin": phase.margin,
+        "steps": phase.steps,
+        "steps_planned": phase.steps,
+        "steps_done": len(steps),
+        "ended_by": end.get("ended_by"),
+        "end_reason": end.get("reason"),
         "first_loss": steps[0]["loss"] if steps else None,
         "first_batch_hard_loss": steps[0]["batch_hard_loss"] if steps else None,
-        "final_loss": mean("loss", tail), "final_batch_hard_loss": mean("batch_hard_loss", tail),
+        "final_loss": mean("loss", tail),
+        "final_batch_hard_loss": mean("batch_hard_loss", tail),
         "final_active_fraction": mean("active_fraction", tail),
         "final_embedding_spread": mean("embedding_spread", tail),
         "mean_samples_per_s": mean("samples_per_s", steps),
         "rows_skipped": steps[-1]["rows_skipped"] if steps else 0,
         "classes_evicted": steps[-1]["classes_evicted"] if steps else 0,
-        "collapse_events": len(collapses), "nonfinite_steps": len(nonfinite),
+        "collapse_events": len(collapses),
+        "nonfinite_steps": len(nonfinite),
         "eval": evals[-1] if evals else None,
         "wall_seconds": time.time() - started if started is not None else None,
     }
 
 
-def _run_index(curriculum: Curriculum, ctx: DistContext, status: dict[int, str], extra: dict,
-               progress: RunProgress | None = None) -> dict:
+def _run_index(
+    curriculum: Curriculum, ctx: DistContext, status: dict[int, str], extra: dict, progress: RunProgress | None = None
+) -> dict:
     output = Path(curriculum.train.output_dir)
 
     def steps_done(index: int) -> int | None:
@@ -596,9 +746,19 @@ def _run_index(curriculum: Curriculum, ctx: DistContext, status: dict[int, str],
         "output_dir": str(output),
         "world_size": ctx.world_size,
         "phases": [
-            {"index": i, "name": p.name, "dir": phase_dir_of(output, i, p.name).name, "mining": p.mining,
-             "batch_size": p.batch_size, "margin": p.margin, "steps": p.steps, "steps_planned": p.steps,
-             "steps_done": steps_done(i), **ended(i), "status": status.get(i, "pending")}
+            {
+                "index": i,
+                "name": p.name,
+                "dir": phase_dir_of(output, i, p.name).name,
+                "mining": p.mining,
+                "batch_size": p.batch_size,
+                "margin": p.margin,
+                "steps": p.steps,
+                "steps_planned": p.steps,
+                "steps_done": steps_done(i),
+                **ended(i),
+                "status": status.get(i, "pending"),
+            }
             for i, p in enumerate(curriculum.phases)
         ],
         **extra,
@@ -628,14 +788,22 @@ def check_resume_compatible(curriculum: Curriculum, saved: dict, state: dict, pr
         if not isinstance(old, str) or len(old) > 80:
             continue
         if i >= len(curriculum.phases):
-            raise ConfigError([f"--resume: the run stopped in phases[{index}] ({stopped_in}), but {curriculum.path} "
-                               f"now has {len(curriculum.phases)} phases: phases[{i}] ({old}) was removed; "
-                               f"put it back, {restart}"])
+            raise ConfigError(
+                [
+                    f"--resume: the run stopped in phases[{index}] ({stopped_in}), but {curriculum.path} "
+                    f"now has {len(curriculum.phases)} phases: phases[{i}] ({old}) was removed; "
+                    f"put it back, {restart}"
+                ]
+            )
         if curriculum.phases[i].name != old:
-            raise ConfigError([f"--resume: phases[{i}] was '{old}' when the run was checkpointed and is "
-                               f"'{curriculum.phases[i].name}' in {curriculum.path}: renaming, removing or "
-                               f"reordering a phase that has started would split it over two directories; "
-                               f"restore it, {restart}"])
+            raise ConfigError(
+                [
+                    f"--resume: phases[{i}] was '{old}' when the run was checkpointed and is "
+                    f"'{curriculum.phases[i].name}' in {curriculum.path}: renaming, removing or "
+                    f"reordering a phase that has started would split it over two directories; "
+                    f"restore it, {restart}"
+                ]
+            )
     phase = curriculum.phases[index]
     if not 0 < progress.step < phase.steps or progress.phase_finished(phase):
         return  # the next phase starts from scratch: any configuration is fine
@@ -647,14 +815,22 @@ def check_resume_compatible(curriculum: Curriculum, saved: dict, state: dict, pr
     for key, old, new in changes:
         if old is not None and old != new:
             old = repr(old) if len(repr(old)) <= 80 else repr(old)[:77] + "..."  # a file may hold anything
-            problems.append(f"{where}: its {key} was {old} and is now {new!r}; resuming would mix two "
-                            f"configurations in one phase. Restore {key}, {restart}")
+            problems.append(
+                f"{where}: its {key} was {old} and is now {new!r}; resuming would mix two "
+                f"configurations in one phase. Restore {key}, {restart}"
+            )
     if problems:
         raise ConfigError(problems)
 
 
-def train(curriculum: Curriculum, resume: bool = False, console: Console | None = None,
-          max_steps: int | None = None, stop: StopFlag | None = None, command: list[str] | None = None) -> int:
+def train(
+    curriculum: Curriculum,
+    resume: bool = False,
+    console: Console | None = None,
+    max_steps: int | None = None,
+    stop: StopFlag | None = None,
+    command: list[str] | None = None,
+) -> int:
     """Run the curriculum's phases in order. Returns the process exit code.
 
     `max_steps` stops after that many optimiser steps in this invocation (checkpointed), for
@@ -674,8 +850,15 @@ def train(curriculum: Curriculum, resume: bool = False, console: Console | None 
         cleanup(ctx)
 
 
-def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: int | None, ctx: DistContext,
-           stop: StopFlag, command: list[str]) -> int:
+def _train(
+    curriculum: Curriculum,
+    resume: bool,
+    console: Console,
+    max_steps: int | None,
+    ctx: DistContext,
+    stop: StopFlag,
+    command: list[str],
+) -> int:
     train_cfg = curriculum.train
     output = Path(train_cfg.output_dir)
     device = ctx.device
@@ -694,8 +877,9 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         raise TripletctlError(f"--resume: no checkpoint found under {output}")
     if resume:  # the checkpoint's own files first (cheap, and every damaged one is one clear line)
         saved = load_checkpoint(previous)
-        check_resume_compatible(curriculum, saved.curriculum, saved.state,
-                                RunProgress.from_state(saved.state, saved.path))
+        check_resume_compatible(
+            curriculum, saved.curriculum, saved.state, RunProgress.from_state(saved.state, saved.path)
+        )
     check_source(curriculum.data)
     if ctx.is_main:  # a read-only or full output directory fails here, before the model is built
         with writing(output):
@@ -709,8 +893,10 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
     model, tokenizer = build_model(curriculum.model, seed=train_cfg.seed)
     positions = getattr(model.encoder.config, "max_position_embeddings", None)
     if positions and curriculum.data.max_length > positions:  # would crash in the first forward
-        raise TripletctlError(f"{curriculum.path}: data.max_length must be at most the model's "
-                              f"max_position_embeddings ({positions}), got {curriculum.data.max_length}")
+        raise TripletctlError(
+            f"{curriculum.path}: data.max_length must be at most the model's "
+            f"max_position_embeddings ({positions}), got {curriculum.data.max_length}"
+        )
     model.to(device)
     if train_cfg.compile:
         model.encoder = torch.compile(model.encoder)
@@ -736,8 +922,9 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         rng_state = loaded.rng
         if isinstance(rng_state, list):  # one state per rank (check_world_size made the counts equal)
             if len(rng_state) != ctx.world_size:
-                raise CheckpointError(f"{loaded.path / 'rng.pt'} holds {len(rng_state)} ranks' states, "
-                                      f"the run has {ctx.world_size}")
+                raise CheckpointError(
+                    f"{loaded.path / 'rng.pt'} holds {len(rng_state)} ranks' states, the run has {ctx.world_size}"
+                )
             rng_state = rng_state[ctx.rank]
         phase = curriculum.phases[progress.phase_index]
         if progress.phase_finished(phase):  # the checkpoint closed its phase: start the next one
@@ -746,8 +933,10 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
         if ctx.is_main and progress.phase_index >= len(curriculum.phases):
             console.print(f"nothing to resume: every phase of {curriculum.path} is done ({previous})")
         elif ctx.is_main:
-            console.print(f"resuming from {previous} at phase {progress.phase_index}, step {progress.step} "
-                          f"(global step {progress.global_step})")
+            console.print(
+                f"resuming from {previous} at phase {progress.phase_index}, step {progress.step} "
+                f"(global step {progress.global_step})"
+            )
     train_model = wrap_model(model, ctx)
     if stop.requested:
         return _interrupted_during_start_up(console, curriculum, previous)
@@ -758,15 +947,21 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
 
     trackers = Trackers()
     if ctx.is_main:  # before the first eval: a tracker that cannot start its run fails early
-        trackers = open_trackers(train_cfg.report_to, output, curriculum_to_dict(curriculum), console=console,
-                                 resume_step=progress.global_step if resume else None)
+        trackers = open_trackers(
+            train_cfg.report_to,
+            output,
+            curriculum_to_dict(curriculum),
+            console=console,
+            resume_step=progress.global_step if resume else None,
+        )
     status: dict[int, str] = {i: "done" for i in range(progress.phase_index)}
     run_extra: dict = {}
     run_json = output / "run.json"
     if ctx.is_main:
         if run_json.exists():
-            run_extra = {k: v for k, v in json.loads(run_json.read_text()).items()
-                         if k in ("eval_untrained", "started")}
+            run_extra = {
+                k: v for k, v in json.loads(run_json.read_text()).items() if k in ("eval_untrained", "started")
+            }
         else:
             run_extra = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if closed_phase is not None:  # killed between its last checkpoint and its summary
@@ -780,15 +975,23 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             run_extra["best"] = kept
         _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra, progress))
     if ctx.is_main and not resume and run_extra.get("eval_untrained"):  # step 0 of the first phase's eval
-        trackers.log({"event": "eval", "global_step": 0, "phase": curriculum.phases[0].name, **run_extra["eval_untrained"]})
+        trackers.log(
+            {"event": "eval", "global_step": 0, "phase": curriculum.phases[0].name, **run_extra["eval_untrained"]}
+        )
     barrier(ctx)
     if stop.requested:
         return _interrupted_during_start_up(console, curriculum, previous)
 
     def keep_best(event: dict) -> None:
         """A new held-out best replaces OUTPUT/best at once, and run.json names it."""
-        record = best.offer(output, train_cfg.keep_best, event, model=model, tokenizer=tokenizer,
-                            curriculum=curriculum_to_dict(curriculum))
+        record = best.offer(
+            output,
+            train_cfg.keep_best,
+            event,
+            model=model,
+            tokenizer=tokenizer,
+            curriculum=curriculum_to_dict(curriculum),
+        )
         if record is not None:
             event["new_best"] = True
             run_extra["best"] = record
@@ -807,9 +1010,19 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             if ctx.is_main:
                 _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra, progress))
             outcome = run_phase(
-                curriculum=curriculum, phase_index=index, model=model, train_model=train_model,
-                tokenizer=tokenizer, optimizer=optimizer, progress=progress, stream_state=stream_state,
-                ctx=ctx, eval_rows=eval_rows, stop=stop, console=console, stop_at_global_step=stop_at,
+                curriculum=curriculum,
+                phase_index=index,
+                model=model,
+                train_model=train_model,
+                tokenizer=tokenizer,
+                optimizer=optimizer,
+                progress=progress,
+                stream_state=stream_state,
+                ctx=ctx,
+                eval_rows=eval_rows,
+                stop=stop,
+                console=console,
+                stop_at_global_step=stop_at,
                 memory=memory,
                 trackers=trackers,
                 on_eval=keep_best if train_cfg.keep_best else None,
@@ -820,9 +1033,16 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             if ctx.is_main:
                 summary = _phase_summary(curriculum, index, started, progress)
                 _write_json_atomic(phase_dir_of(output, index, curriculum.phases[index].name) / "summary.json", summary)
-            status[index] = "done" if phase_done and outcome.exit_code in (EXIT_DONE, PAUSED) else {
-                EXIT_COLLAPSE_STOP: "stopped (collapse)", EXIT_INTERRUPTED: "interrupted",
-                EXIT_WORKER_DIED: "stopped (worker died)", EXIT_NONFINITE: "stopped (non-finite)"}.get(outcome.exit_code, "paused")
+            status[index] = (
+                "done"
+                if phase_done and outcome.exit_code in (EXIT_DONE, PAUSED)
+                else {
+                    EXIT_COLLAPSE_STOP: "stopped (collapse)",
+                    EXIT_INTERRUPTED: "interrupted",
+                    EXIT_WORKER_DIED: "stopped (worker died)",
+                    EXIT_NONFINITE: "stopped (non-finite)",
+                }.get(outcome.exit_code, "paused")
+            )
             if outcome.exit_code != EXIT_DONE:
                 exit_code = outcome.exit_code if outcome.exit_code > 0 else EXIT_DONE
                 reason = outcome.reason
@@ -830,7 +1050,11 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
             if index + 1 < len(curriculum.phases):
                 progress.start_phase(index + 1)
         if ctx.is_main:
-            if all(s == "done" for s in status.values()) and len(status) == len(curriculum.phases) and eval_rows is not None:
+            if (
+                all(s == "done" for s in status.values())
+                and len(status) == len(curriculum.phases)
+                and eval_rows is not None
+            ):
                 run_extra["eval_final"] = progress.eval_history[-1] if progress.eval_history else None
             _write_json_atomic(run_json, _run_index(curriculum, ctx, status, run_extra, progress))
     except BaseException as error:  # run.json must not say "running" for a run that is gone
@@ -844,8 +1068,14 @@ def _train(curriculum: Curriculum, resume: bool, console: Console, max_steps: in
     return exit_code
 
 
-def _record_failure(run_json: Path, curriculum: Curriculum, ctx: DistContext, status: dict[int, str],
-                    run_extra: dict, error: BaseException) -> None:
+def _record_failure(
+    run_json: Path,
+    curriculum: Curriculum,
+    ctx: DistContext,
+    status: dict[int, str],
+    run_extra: dict,
+    error: BaseException,
+) -> None:
     """Best effort (the disk may be the problem): the running phase becomes `interrupted` or
     `failed`, and run.json says why."""
     interrupted = isinstance(error, KeyboardInterrupt)
@@ -862,11 +1092,20 @@ def _record_failure(run_json: Path, curriculum: Curriculum, ctx: DistContext, st
 
 def _interrupted_during_start_up(console: Console, curriculum: Curriculum, previous: Path | None) -> int:
     if previous is not None:
-        _one_line(console, "bold", "interrupted during start-up", f"nothing new to save, {previous} is unchanged; "
-                  f"continue with `tripletctl train {curriculum.path} --resume`")
+        _one_line(
+            console,
+            "bold",
+            "interrupted during start-up",
+            f"nothing new to save, {previous} is unchanged; "
+            f"continue with `tripletctl train {curriculum.path} --resume`",
+        )
     else:
-        _one_line(console, "bold", "interrupted during start-up", "nothing was trained, nothing to save; "
-                  f"start again with `tripletctl train {curriculum.path}`")
+        _one_line(
+            console,
+            "bold",
+            "interrupted during start-up",
+            f"nothing was trained, nothing to save; start again with `tripletctl train {curriculum.path}`",
+        )
     return EXIT_INTERRUPTED
 
 
@@ -876,49 +1115,84 @@ def _one_line(console: Console, style: str, label: str, text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _print_outcome(console: Console, curriculum: Curriculum, status: dict[int, str], run_extra: dict, exit_code: int,
-                   command: list[str], reason: str | None = None) -> None:
+def _print_outcome(
+    console: Console,
+    curriculum: Curriculum,
+    status: dict[int, str],
+    run_extra: dict,
+    exit_code: int,
+    command: list[str],
+    reason: str | None = None,
+) -> None:
     output = Path(curriculum.train.output_dir)
     resume_hint = f"continue with `{shlex.join(['tripletctl', 'train', *command, '--resume'])}`"
     latest = latest_checkpoint(output)
     where = "nothing to save yet" if latest is None else f"checkpoint {latest} ({_saved_step(latest)})"
     if exit_code == EXIT_INTERRUPTED:
-        _one_line(console, "bold", "interrupted", f"{where}; " + (
-            resume_hint if latest else f"start again with `tripletctl train {curriculum.path}`"))
+        _one_line(
+            console,
+            "bold",
+            "interrupted",
+            f"{where}; " + (resume_hint if latest else f"start again with `tripletctl train {curriculum.path}`"),
+        )
     elif exit_code == EXIT_WORKER_DIED:
         _one_line(console, "bold red", "stopped", f"{reason}; {where}; {resume_hint}")
     elif exit_code == EXIT_NONFINITE:
-        _one_line(console, "bold red", "stopped", f"{reason}; the last good checkpoint is kept ({where}); "
-                  f"lower train.lr (or clip gradients), then {resume_hint}")
-    elif exit_code == EXIT_DONE and [status.get(i) for i in range(len(curriculum.phases))] != ["done"] * len(curriculum.phases):
+        _one_line(
+            console,
+            "bold red",
+            "stopped",
+            f"{reason}; the last good checkpoint is kept ({where}); "
+            f"lower train.lr (or clip gradients), then {resume_hint}",
+        )
+    elif exit_code == EXIT_DONE and [status.get(i) for i in range(len(curriculum.phases))] != ["done"] * len(
+        curriculum.phases
+    ):
         _one_line(console, "bold", "paused by --max-steps", f"{where}; {resume_hint}")
     elif exit_code == EXIT_COLLAPSE_STOP:
-        console.print("[bold red]stopped: embeddings collapsed[/] (on_collapse: stop); checkpoint written. "
-                      f"Inspect with `tripletctl inspect-collapse {output}`")
+        console.print(
+            "[bold red]stopped: embeddings collapsed[/] (on_collapse: stop); checkpoint written. "
+            f"Inspect with `tripletctl inspect-collapse {output}`"
+        )
     untrained, final = run_extra.get("eval_untrained"), run_extra.get("eval_final")
     if untrained and final:
         source = curriculum.eval.source
         name = Path(source).name if isinstance(source, str) else "the eval files"
-        title = Text(f"held-out retrieval ({untrained.get('rows', '?')} rows of {name})", no_wrap=True, overflow="ignore")
+        title = Text(
+            f"held-out retrieval ({untrained.get('rows', '?')} rows of {name})", no_wrap=True, overflow="ignore"
+        )
         table = Table(title=title)  # the title is not wrapped at the (narrow) table's width
         table.add_column("metric")
         table.add_column("untrained", justify="right")
         table.add_column("trained", justify="right")
-        for key in ("recall@1", "recall@5", "recall@10", "map@r", "r_precision", "triplet_accuracy",
-                    "given_negative_accuracy"):
+        for key in (
+            "recall@1",
+            "recall@5",
+            "recall@10",
+            "map@r",
+            "r_precision",
+            "triplet_accuracy",
+            "given_negative_accuracy",
+        ):
             if key in untrained and key in final:
                 table.add_row(key, f"{untrained[key]:.4f}", f"{final[key]:.4f}")
         console.print(table)
     console.print(f"run directory: {output}  (phases: {', '.join(f'{i}:{s}' for i, s in sorted(status.items()))})")
     kept = run_extra.get("best")
     if kept:
-        console.print(f"best model: {output / kept['model']} ({kept['metric']} {kept['value']:.4f} at phase "
-                      f"{kept['phase']}, step {kept['step']})", highlight=False)
+        console.print(
+            f"best model: {output / kept['model']} ({kept['metric']} {kept['value']:.4f} at phase "
+            f"{kept['phase']}, step {kept['step']})",
+            highlight=False,
+        )
     if exit_code == EXIT_DONE and curriculum.eval is not None:
-        console.print(f"next: tripletctl inspect-collapse {output} --plot collapse.png\n"
-                      f"      tripletctl plot {output}\n"
-                      f"      tripletctl export {output}{' --best' if kept else ''} ./my-model   # then: hf upload USER/my-model ./my-model",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"next: tripletctl inspect-collapse {output} --plot collapse.png\n"
+            f"      tripletctl plot {output}\n"
+            f"      tripletctl export {output}{' --best' if kept else ''} ./my-model   # then: hf upload USER/my-model ./my-model",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _saved_step(checkpoint: Path) -> str:

@@ -45,8 +45,10 @@ def activation_path(module: nn.Module) -> str:
     equal its default construction (GELU() is exact GELU; GELU(approximate='tanh') is not)."""
     cls = type(module)
     if repr(cls()) != repr(module):
-        raise ValueError(f"head activation {module!r} differs from {cls.__name__}() and cannot be "
-                         "expressed as a sentence-transformers Dense activation_function")
+        raise ValueError(
+            f"head activation {module!r} differs from {cls.__name__}() and cannot be "
+            "expressed as a sentence-transformers Dense activation_function"
+        )
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -64,52 +66,73 @@ def head_layers(head: nn.Sequential | None) -> list[tuple[nn.Linear, str]]:
     return layers
 
 
-def write_modules(directory: Path, *, hidden_size: int, pooling: str, head: nn.Sequential | None,
-                  normalize: bool, max_seq_length: int, similarity: str) -> list[str]:
+def write_modules(
+    directory: Path,
+    *,
+    hidden_size: int,
+    pooling: str,
+    head: nn.Sequential | None,
+    normalize: bool,
+    max_seq_length: int,
+    similarity: str,
+) -> list[str]:
     """Write every sentence-transformers file beside the encoder; return the Dense directories."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": POOLING_DIR, "type": "sentence_transformers.models.Pooling"},
     ]
-    _write_json(directory / TRANSFORMER_CONFIG_FILE, {"max_seq_length": int(max_seq_length),
-                                                      "do_lower_case": False})
-    _write_json(directory / POOLING_DIR / "config.json", {
-        "word_embedding_dimension": int(hidden_size),
-        "pooling_mode_cls_token": pooling == "cls",
-        "pooling_mode_mean_tokens": pooling == "mean",
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": False,
-        "include_prompt": True,
-    })
+    _write_json(directory / TRANSFORMER_CONFIG_FILE, {"max_seq_length": int(max_seq_length), "do_lower_case": False})
+    _write_json(
+        directory / POOLING_DIR / "config.json",
+        {
+            "word_embedding_dimension": int(hidden_size),
+            "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False,
+            "include_prompt": True,
+        },
+    )
     dense_dirs = []
     for linear, activation in head_layers(head):
         index = len(modules)
         name = f"{index}_Dense"
-        _write_json(directory / name / "config.json", {
-            "in_features": linear.in_features, "out_features": linear.out_features,
-            "bias": linear.bias is not None, "activation_function": activation,
-        })
+        _write_json(
+            directory / name / "config.json",
+            {
+                "in_features": linear.in_features,
+                "out_features": linear.out_features,
+                "bias": linear.bias is not None,
+                "activation_function": activation,
+            },
+        )
         state = {f"linear.{k}": v.detach().contiguous().cpu() for k, v in linear.state_dict().items()}
         save_file(state, str(directory / name / WEIGHTS_FILE), metadata={"format": "pt"})
-        modules.append({"idx": index, "name": str(index), "path": name,
-                        "type": "sentence_transformers.models.Dense"})
+        modules.append({"idx": index, "name": str(index), "path": name, "type": "sentence_transformers.models.Dense"})
         dense_dirs.append(name)
     if normalize:
         index = len(modules)
         name = f"{index}_Normalize"
         _write_json(directory / name / "config.json", {})  # a file, so the folder survives git / hf upload
-        modules.append({"idx": index, "name": str(index), "path": name,
-                        "type": "sentence_transformers.models.Normalize"})
+        modules.append(
+            {"idx": index, "name": str(index), "path": name, "type": "sentence_transformers.models.Normalize"}
+        )
     _write_json(directory / MODULES_FILE, modules)
-    _write_json(directory / ST_CONFIG_FILE, {
-        "__version__": {"sentence_transformers": FORMAT_SENTENCE_TRANSFORMERS_VERSION,
-                        "transformers": _version("transformers"), "pytorch": torch.__version__},
-        "prompts": {},
-        "default_prompt_name": None,
-        "similarity_fn_name": SIMILARITY.get(similarity, "euclidean"),
-    })
+    _write_json(
+        directory / ST_CONFIG_FILE,
+        {
+            "__version__": {
+                "sentence_transformers": FORMAT_SENTENCE_TRANSFORMERS_VERSION,
+                "transformers": _version("transformers"),
+                "pytorch": torch.__version__,
+            },
+            "prompts": {},
+            "default_prompt_name": None,
+            "similarity_fn_name": SIMILARITY.get(similarity, "euclidean"),
+        },
+    )
     return dense_dirs
 
 

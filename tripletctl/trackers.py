@@ -40,8 +40,9 @@ def require_installed(names: tuple[str, ...] | list[str]) -> None:
         try:
             importlib.import_module(_MODULES[name])
         except ImportError:
-            raise TrackerError(f"train.report_to names {name}, which is not installed: "
-                               f"pip install 'tripletctl[{name}]'") from None
+            raise TrackerError(
+                f"train.report_to names {name}, which is not installed: pip install 'tripletctl[{name}]'"
+            ) from None
 
 
 def scalar_name(*parts: str) -> str:
@@ -54,8 +55,11 @@ def scalars(record: dict) -> dict[str, float]:
     """The numbers of one metrics.jsonl record, named by phase (and event kind)."""
     kind = record.get("event")
     prefix = (str(record.get("phase", "run")),) + ((kind,) if kind else ())
-    return {scalar_name(*prefix, key): float(value) for key, value in record.items()
-            if key not in _NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {
+        scalar_name(*prefix, key): float(value)
+        for key, value in record.items()
+        if key not in _NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -78,10 +82,12 @@ class _TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: TensorBoard hides what the crashed run logged after the checkpoint we resume
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"),
-                                    purge_step=resume_step + 1 if resume_step is not None else None)
-        self.writer.add_text("curriculum", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```",
-                             global_step=resume_step or 0)
+        self.writer = SummaryWriter(
+            log_dir=str(output_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step is not None else None
+        )
+        self.writer.add_text(
+            "curriculum", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", global_step=resume_step or 0
+        )
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():
@@ -99,9 +105,14 @@ class _WandB:
         import wandb
 
         run_id = state.get("wandb") if resume_step is not None else None
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "tripletctl", name=output_dir.name,
-                              dir=str(output_dir), config=config, id=run_id,
-                              resume="allow" if run_id else None)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or "tripletctl",
+            name=output_dir.name,
+            dir=str(output_dir),
+            config=config,
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
         state["wandb"] = self.run.id
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -135,7 +146,7 @@ class _MLflow:
             self.run_id = self.client.create_run(experiment_id, run_name=output_dir.name).info.run_id
             params = [Param(key, str(value)[:6000]) for key, value in _flatten(config).items()]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
-                self.client.log_batch(self.run_id, params=params[start:start + 100])
+                self.client.log_batch(self.run_id, params=params[start : start + 100])
         # params cannot change once logged; the curriculum as run (overrides included) is an artifact
         self.client.log_text(self.run_id, yaml.safe_dump(config, sort_keys=False), "curriculum.yaml")
         state["mlflow"] = {"run_id": self.run_id, "tracking_uri": uri}
@@ -182,7 +193,7 @@ class Trackers:
                 self._warn(f"{name}: could not close the run: {error}")
         self.backends.clear()
 
-    def __enter__(self) -> "Trackers":
+    def __enter__(self) -> Trackers:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -193,16 +204,20 @@ class Trackers:
 
     def _drop(self, name: str, error: Exception) -> None:
         self.backends.pop(name, None)
-        self._warn(f"{name}: logging failed, no more metrics go there this run ({error}); "
-                   "metrics.jsonl has everything")
+        self._warn(f"{name}: logging failed, no more metrics go there this run ({error}); metrics.jsonl has everything")
 
     def _warn(self, message: str) -> None:
         if self.console is not None:
             self.console.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
 
 
-def open_trackers(names: tuple[str, ...] | list[str], output_dir: str | os.PathLike, config: dict,
-                  resume_step: int | None = None, console: Console | None = None) -> Trackers:
+def open_trackers(
+    names: tuple[str, ...] | list[str],
+    output_dir: str | os.PathLike,
+    config: dict,
+    resume_step: int | None = None,
+    console: Console | None = None,
+) -> Trackers:
     """Start (or, with `resume_step`, continue) one run per tracker for the run in `output_dir`,
     with the curriculum as run as its configuration."""
     output = Path(output_dir)

@@ -38,13 +38,17 @@ def main() -> None:
         lines = [r["text"] for r in rows if r["label"] == f"c{c}"]
         (HERE / "text" / f"c{c}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    write_jsonl(HERE / "two_class.jsonl",
-                [{"text": sentence(rng, lab, i), "label": lab} for i in range(200) for lab in ("yes", "no")])
+    write_jsonl(
+        HERE / "two_class.jsonl",
+        [{"text": sentence(rng, lab, i), "label": lab} for i in range(200) for lab in ("yes", "no")],
+    )
     many = [{"text": sentence(rng, f"k{c}", i), "label": f"k{c}"} for c in range(100) for i in range(12)]
     rng.shuffle(many)
     write_jsonl(HERE / "many_class.jsonl", many)
-    write_jsonl(HERE / "pairs.jsonl", [{"anchor": sentence(rng, f"p{i}", 0), "positive": sentence(rng, f"p{i}", 1)}
-                                       for i in range(40)])
+    write_jsonl(
+        HERE / "pairs.jsonl",
+        [{"anchor": sentence(rng, f"p{i}", 0), "positive": sentence(rng, f"p{i}", 1)} for i in range(40)],
+    )
     bad = []
     for i in range(40):
         kind = i % 8
@@ -92,8 +96,11 @@ def _triplet_rows(by_topic: dict[int, list[str]], per_topic: int, negatives: int
         positives_of.setdefault(positive, index)
     for index, row in enumerate(rows):
         if index % 4 == 3:  # the first negative becomes exactly another row's positive (of another topic)
-            donor = next(r for r in rows[index + 1:] + rows[:index] if r[0] not in (row[0], row[1])
-                         and by_topic_of(by_topic, r[1]) != by_topic_of(by_topic, row[1]))
+            donor = next(
+                r
+                for r in rows[index + 1 :] + rows[:index]
+                if r[0] not in (row[0], row[1]) and by_topic_of(by_topic, r[1]) != by_topic_of(by_topic, row[1])
+            )
             row[2][0] = donor[1]
     names = ["negative"] if negatives == 1 else [f"negative_{j + 1}" for j in range(negatives)]
     return [{"anchor": a, "positive": p, **dict(zip(names, n))} for a, p, n in rows]

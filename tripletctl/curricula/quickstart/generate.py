@@ -24,8 +24,36 @@ HELDOUT_PER_TOPIC = 25
 SEED = 1234
 
 SYLLABLES = [
-    "ka", "lo", "mi", "ren", "tu", "sa", "vor", "el", "pi", "dan", "qu", "ri", "zo", "ne", "ba",
-    "tor", "shi", "fa", "gul", "ha", "jin", "ko", "lu", "mor", "na", "ost", "pe", "rak", "sel", "ti",
+    "ka",
+    "lo",
+    "mi",
+    "ren",
+    "tu",
+    "sa",
+    "vor",
+    "el",
+    "pi",
+    "dan",
+    "qu",
+    "ri",
+    "zo",
+    "ne",
+    "ba",
+    "tor",
+    "shi",
+    "fa",
+    "gul",
+    "ha",
+    "jin",
+    "ko",
+    "lu",
+    "mor",
+    "na",
+    "ost",
+    "pe",
+    "rak",
+    "sel",
+    "ti",
 ]
 
 
@@ -50,10 +78,7 @@ def build_topics(rng: random.Random) -> tuple[list[list[str]], list[str]]:
 
 def sentence(rng: random.Random, topic_words: list[str], background: list[str]) -> str:
     length = rng.randint(8, 20)
-    tokens = [
-        rng.choice(topic_words) if rng.random() < 0.45 else rng.choice(background)
-        for _ in range(length)
-    ]
+    tokens = [rng.choice(topic_words) if rng.random() < 0.45 else rng.choice(background) for _ in range(length)]
     return " ".join(tokens)
 
 
