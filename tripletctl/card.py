@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tripletctl.curriculum import EVAL_METRICS
+from tripletctl.conditions import EVAL_METRICS
 
 DEFAULT_MAX_SEQ_LENGTH = 128  # tripletctl's own default (data.max_length, eval's encoding length)
 CARD_FILE = "README.md"

@@ -45,7 +45,7 @@ import torch
 import yaml
 
 from tripletctl.card import Provenance
-from tripletctl.curriculum import safe_yaml_load
+from tripletctl.curriculum import plain, safe_yaml_load
 from tripletctl.errors import CheckpointError, ModelError, OutputError, writing
 from tripletctl.faults import fault_point
 from tripletctl.model import load_model, save_model, unwrap
@@ -163,7 +163,7 @@ def save_checkpoint(
             clean_leftovers(target)
             tmp.mkdir()
         provenance = Provenance(
-            curriculum=_plain(curriculum), metrics=metrics, position={k: state[k] for k in POSITION_KEYS if k in state}
+            curriculum=plain(curriculum), metrics=metrics, position={k: state[k] for k in POSITION_KEYS if k in state}
         )
         _write_contents(
             tmp,
@@ -238,7 +238,7 @@ def _write_contents(
     if memory is not None:
         _torch_save(memory, tmp / "memory.pt")
     with writing(tmp / "curriculum.yaml"):
-        (tmp / "curriculum.yaml").write_text(yaml.safe_dump(_plain(curriculum), sort_keys=False))
+        (tmp / "curriculum.yaml").write_text(yaml.safe_dump(plain(curriculum), sort_keys=False))
         _fsync_tree(tmp)
         _write_synced(tmp / COMPLETE, "ok\n")  # last: its presence vouches for everything above
         _fsync_dir(tmp)
@@ -320,15 +320,6 @@ def _json_roundtrips(value: Any) -> bool:
         return json.loads(json.dumps(value, allow_nan=False)) == value
     except (TypeError, ValueError):
         return False
-
-
-def _plain(value: Any) -> Any:
-    """Tuples → lists so yaml.safe_dump accepts dataclass-derived dicts."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -145,7 +145,8 @@ def validate(
     ),
 ) -> None:
     """Check a curriculum (and overrides) and print the plan as a table, or every error found."""
-    from tripletctl.curriculum import curriculum_to_dict, load_curriculum, plan_table
+    from tripletctl.curriculum import curriculum_to_dict, load_curriculum
+    from tripletctl.display import plan_table
 
     try:
         plan = load_curriculum(_curriculum_file(curriculum), overrides or [])

@@ -20,6 +20,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from tripletctl.schema import choice, fraction, integer, key, mapping, number, optional, relative_delta
+
 STEP_METRICS = ("loss", "batch_hard_loss", "active_fraction")  # smoothed; lower is better
 THRESHOLDS = {  # condition key -> the step metric it reads
     "active_fraction_below": "active_fraction",
@@ -33,23 +35,34 @@ CONDITIONS = (*THRESHOLDS, "plateau", "eval_plateau")
 
 @dataclass(frozen=True)
 class Plateau:
-    metric: str  # a STEP_METRICS name (plateau) or an EVAL_METRICS name (eval_plateau)
-    patience: int  # steps (plateau) or held-out evals (eval_plateau)
-    min_delta: float = 0.0  # smallest relative improvement that counts (0.01 = 1%)
+    """`until.plateau` / `until.eval_plateau`; the metric's check comes with the condition (`metrics`)."""
+
+    metric: str = key(check=None, required=True, help="a STEP_METRICS (plateau) or EVAL_METRICS (eval_plateau) name")
+    patience: int = key(check=integer(1), required=True, help="steps (plateau) or held-out evals (eval_plateau)")
+    min_delta: float = key(0.0, check=relative_delta, help="smallest relative improvement that counts (0.01 = 1%)")
+
+
+_PLATEAU = "a mapping {metric, patience, min_delta}, or null"
 
 
 @dataclass(frozen=True)
 class UntilConfig:
-    """A phase's end conditions; `steps` stays the phase's maximum."""
+    """A phase's end conditions (`until:`); `steps` stays the phase's maximum."""
 
-    min_steps: int  # no condition is checked before this step of the phase
-    window: int = 20  # span of the moving average, in steps
-    combine: str = "any"  # "any": end when one condition holds; "all": when all hold at once
-    active_fraction_below: float | None = None
-    loss_below: float | None = None
-    batch_hard_loss_below: float | None = None
-    plateau: Plateau | None = None
-    eval_plateau: Plateau | None = None
+    min_steps: int = key(
+        check=integer(1), help="no condition is checked before this step of the phase (default: 10% of steps)"
+    )
+    window: int = key(20, check=integer(1), help="span of the moving average, in steps")
+    combine: str = key("any", check=choice(COMBINE), help='"any": end when one condition holds; "all": all at once')
+    active_fraction_below: float | None = key(None, check=optional(fraction), help="smoothed active fraction below")
+    loss_below: float | None = key(None, check=optional(number()), help="smoothed mined loss below")
+    batch_hard_loss_below: float | None = key(None, check=optional(number()), help="smoothed batch-hard loss below")
+    plateau: Plateau | None = key(
+        None, check=mapping(_PLATEAU), metrics=STEP_METRICS, help="a smoothed step metric stops falling"
+    )
+    eval_plateau: Plateau | None = key(
+        None, check=mapping(_PLATEAU), metrics=EVAL_METRICS, help="a held-out metric stops rising (needs eval.every)"
+    )
 
     def conditions(self) -> list[str]:
         """The condition keys that are set, in CONDITIONS order."""

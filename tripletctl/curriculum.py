@@ -4,6 +4,9 @@ by phase.
 Loading turns the file plus `key=value` overrides into frozen dataclasses and checks every value
 before any work starts. All problems are reported together, each naming the file, the phase and the
 key, so a long run never dies on a typo in phase 3 and a user fixes everything in one edit.
+
+Each key is declared once, as a field of its block's dataclass (`schema.key`: default, check,
+required / path flags, help); the tables the loader walks are derived from those fields.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,36 +21,33 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from rich import box
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
+from tripletctl import schema
 from tripletctl.conditions import (
-    COMBINE,
     CONDITIONS,
     EVAL_METRICS,
-    STEP_METRICS,
     Plateau,
     UntilConfig,
     default_min_steps,
 )
-from tripletctl.conditions import describe as describe_until
 from tripletctl.errors import ConfigError
+from tripletctl.trackers import TRACKERS
 
+# The choices a curriculum offers that torch-backed modules implement are named here, not there, so
+# that loading a curriculum (`tripletctl validate`) never imports torch: mining.py and model.py
+# import these. Metric names belong to conditions.py, tracker names to trackers.py (both light).
 MINING_MODES = ("random", "semi-hard", "hard-negative", "batch-hard", "batch-all")
-INIT_MODES = ("pretrained", "config")
+DISTANCES = ("euclidean", "squared-euclidean")
+FALLBACKS = ("hardest", "easiest")
 POOLINGS = ("mean", "cls")
 FORMATS = ("json", "parquet", "csv", "text")
 LAYOUTS = ("labelled", "pairs", "triplets")
+INIT_MODES = ("pretrained", "config")
 OPTIMIZERS = ("adamw",)
 DECAYS = ("none", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-DISTANCES = ("euclidean", "squared-euclidean")
-FALLBACKS = ("hardest", "easiest")
 ON_COLLAPSE = ("warn", "stop", "fallback")
-TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.report_to; see tripletctl/trackers.py
 ON_NONFINITE = ("stop", "skip")
 PHASE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
 PHASE_NAME_MAX = 64  # it becomes a directory name, and every message quotes it
@@ -64,15 +63,107 @@ RESERVED_LOAD_DATASET_KEYS = {
 }
 
 
+# --------------------------------------------------------------------------------------------
+# Checks of the values only a curriculum has (the generic ones are in schema.py).
+
+
+def _chunking_conflict(values: dict) -> bool:
+    """A row count and a token budget together: which one is meant?"""
+    return isinstance(values.get("chunk_size"), int) and values.get("chunk_tokens") is not None
+
+
+def _phase_name(value: Any, raw: str | None) -> str:
+    """It names the phase's directory (phase-K-NAME) and appears in every message: a short, safe name."""
+    value = schema.text()(value, raw)
+    if len(value) > PHASE_NAME_MAX or not set(value) <= PHASE_NAME_CHARS or value in (".", ".."):
+        raise schema.Invalid(
+            f"a name of at most {PHASE_NAME_MAX} letters, digits, '.', '_', '+' or '-' (it becomes a directory name)"
+        )
+    return value
+
+
+def _trackers(value: Any, raw: str | None) -> tuple[str, ...]:
+    """A list of tracker names; a single name or `none` as a convenience (HF Trainer accepts both)."""
+    if value is None or value == "none":
+        return ()
+    names = [value] if isinstance(value, str) else value
+    expected = "a list of trackers from " + ", ".join(TRACKERS) + " (or [] / none)"
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise schema.Invalid(expected)
+    for name in names:
+        if name not in TRACKERS:
+            raise schema.Invalid(expected, schema.did_you_mean(name, TRACKERS))
+    if len(set(names)) != len(names):
+        raise schema.Invalid(expected + ", each at most once")
+    return tuple(names)
+
+
+def _layer_sizes(value: Any, raw: str | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        return tuple(value)
+    raise schema.Invalid("a list of positive integers (layer sizes), e.g. [256, 128]")
+
+
+def _source(value: Any, raw: str | None) -> str | dict[str, str]:
+    if raw is not None and schema.is_scalar(value):
+        value = raw
+    if isinstance(value, str) and value.strip():
+        return value
+    if (
+        isinstance(value, dict)
+        and value
+        and all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in value)
+        and all(isinstance(v, str) and v.strip() for v in value.values())
+    ):
+        return {str(label): glob for label, glob in value.items()}
+    raise schema.Invalid("a hub dataset name, a local file, directory or glob, or a {label: glob} mapping")
+
+
+def _column_names(value: Any, raw: str | None) -> tuple[str, ...]:
+    if isinstance(value, str) and value.strip():
+        value = [value]
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, str) and v.strip() for v in value)
+        and len(set(value)) == len(value)
+    ):
+        return tuple(value)
+    raise schema.Invalid("a non-empty list of distinct column names, e.g. [negative_1, negative_2]")
+
+
+def _load_dataset_kwargs(value: Any, raw: str | None) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise schema.Invalid("a mapping of keyword arguments for datasets.load_dataset")
+    for name, owner in RESERVED_LOAD_DATASET_KEYS.items():
+        if name in value:
+            raise schema.Invalid(f"free of '{name}', which is set by {owner}")
+    return copy.deepcopy(value)  # the curriculum owns its copy: nothing outside can mutate it
+
+
+# --------------------------------------------------------------------------------------------
+# The blocks. docs/curricula.md explains every key; `help` is the one-line version.
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str  # hub name or local directory
-    init: str = "pretrained"  # "pretrained" | "config" (random weights from config.json, seeded by train.seed)
-    tokenizer: str | None = None  # defaults to `name`
-    pooling: str = "mean"  # "mean" | "cls"
-    head: tuple[int, ...] = ()  # MLP layer sizes after pooling; () = no head
-    normalize: bool = True  # project to the unit sphere
-    attn_implementation: str = "sdpa"  # passed to transformers unchanged, e.g. "flash_attention_2" (unpadded)
+    name: str = schema.key(check=schema.text(), required=True, path=True, help="hub name or local directory")
+    init: str = schema.key(
+        "pretrained",
+        check=schema.choice(INIT_MODES),
+        help="config: random weights from config.json, seeded by train.seed",
+    )
+    tokenizer: str | None = schema.key(None, check=schema.text(optional=True), path=True, help="defaults to `name`")
+    pooling: str = schema.key("mean", check=schema.choice(POOLINGS), help="how token states become one vector")
+    head: tuple[int, ...] = schema.key((), check=_layer_sizes, help="MLP layer sizes after pooling; () = no head")
+    normalize: bool = schema.key(True, check=schema.boolean, help="project to the unit sphere")
+    attn_implementation: str = schema.key(
+        "sdpa", check=schema.text(), help='passed to transformers unchanged, e.g. "flash_attention_2" (unpadded)'
+    )
 
 
 @dataclass(frozen=True)
@@ -82,16 +173,24 @@ class SourceConfig:
     Layouts (docs/data.md): labelled = text + class label; pairs = anchor + positive, each pair its
     own class; triplets = anchor + positive + given negatives (negatives of every anchor in a batch)."""
 
-    source: str | dict[str, str]  # hub name, local file / dir / glob; for format "text": {label: glob}
-    format: str | None = None  # "json" | "parquet" | "csv" | "text" | None (auto: extension, else hub)
-    split: str = "train"
-    layout: str = "labelled"  # "labelled" | "pairs" | "triplets"
-    text_column: str = "text"  # labelled
-    label_column: str = "label"  # labelled
-    anchor_column: str = "anchor"  # pairs, triplets
-    positive_column: str = "positive"  # pairs, triplets
-    negative_columns: tuple[str, ...] = ("negative",)  # triplets: e.g. [negative_1, negative_2, negative_3]
-    load_dataset: dict = field(default_factory=dict)  # extra kwargs, passed unchanged to datasets.load_dataset
+    source: str | dict[str, str] = schema.key(
+        check=_source, required=True, path=True, help="hub name, local file / dir / glob; format text: {label: glob}"
+    )
+    format: str | None = schema.key(
+        None, check=schema.choice(FORMATS, optional=True), help="None: from the file extension, else a hub dataset"
+    )
+    split: str = schema.key("train", check=schema.text(), help="the split to read")
+    layout: str = schema.key("labelled", check=schema.choice(LAYOUTS), help="what one row is (docs/data.md, Layouts)")
+    text_column: str = schema.key("text", check=schema.text(), help="labelled")
+    label_column: str = schema.key("label", check=schema.text(), help="labelled")
+    anchor_column: str = schema.key("anchor", check=schema.text(), help="pairs, triplets")
+    positive_column: str = schema.key("positive", check=schema.text(), help="pairs, triplets")
+    negative_columns: tuple[str, ...] = schema.key(
+        ("negative",), check=_column_names, help="triplets: e.g. [negative_1, negative_2, negative_3]"
+    )
+    load_dataset: dict = schema.key(
+        default_factory=dict, check=_load_dataset_kwargs, help="extra kwargs, passed unchanged to datasets.load_dataset"
+    )
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -108,16 +207,27 @@ def source_fields(config: SourceConfig) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(SourceConfig)}
 
 
+def describe_source(source: str | dict[str, str]) -> str:
+    """A source in one line, for messages and reports."""
+    if isinstance(source, dict):
+        return "{" + ", ".join(f"{label}: {glob}" for label, glob in source.items()) + "}"
+    return source
+
+
 @dataclass(frozen=True)
 class DataConfig(SourceConfig):
     """The training source plus how it is streamed, batched and tokenised."""
 
-    shuffle_buffer: int = 10_000
-    max_length: int = 128  # tokens
-    samples_per_class: int = 4
-    max_buffered_rows: int = 200_000  # bound on all per-class buffers together
-    tokenizer_workers: int = 1  # worker processes that tokenise (0 = in the main process)
-    prefetch_batches: int = 2
+    shuffle_buffer: int = schema.key(10_000, check=schema.integer(1), help="rows in the streaming shuffle buffer")
+    max_length: int = schema.key(128, check=schema.integer(1), help="tokens per text; longer texts are truncated")
+    samples_per_class: int = schema.key(4, check=schema.integer(2), help="rows of each class in a batch")
+    max_buffered_rows: int = schema.key(
+        200_000, check=schema.integer(1), help="bound on all per-class buffers together"
+    )
+    tokenizer_workers: int = schema.key(
+        1, check=schema.integer(0), help="worker processes that tokenise (0 = in the main process)"
+    )
+    prefetch_batches: int = schema.key(2, check=schema.integer(1), help="batches prepared ahead of the training step")
 
     @property
     def rows_per_group(self) -> int:
@@ -130,71 +240,141 @@ class DataConfig(SourceConfig):
 @dataclass(frozen=True)
 class MemoryConfig:
     """Cross-batch memory (docs/mining.md): the last `size` embeddings join every step's candidates
-    from the phase's step `start_step` on (the queue fills from step 0)."""
+    from the phase's step `start_step` on (the queue fills from step 0). Set whole (`_memory`)."""
 
     size: int
     start_step: int = 0
 
 
+_MEMORY_EXPECTED = "null or a mapping {size: M, start_step: S} (M a positive integer, S a non-negative integer)"
+
+
+def _memory(value: Any, raw: str | None) -> MemoryConfig | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise schema.Invalid(_MEMORY_EXPECTED)
+    names = [f.name for f in dataclasses.fields(MemoryConfig)]
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        matches = difflib.get_close_matches(str(unknown[0]), names, n=1, cutoff=0.6)
+        suggestion = f"; did you mean '{matches[0]}'?" if matches else ""
+        raise schema.Invalid(_MEMORY_EXPECTED, f" (unknown key '{unknown[0]}'{suggestion})")
+    if "size" not in value:
+        raise schema.Invalid(_MEMORY_EXPECTED, " (size is missing)")
+    try:
+        size = schema.integer(1)(value["size"], None)
+        start_step = schema.integer(0)(value.get("start_step", 0), None)
+    except schema.Invalid:
+        raise schema.Invalid(_MEMORY_EXPECTED) from None
+    return MemoryConfig(size=size, start_step=start_step)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    optimizer: str = "adamw"
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 100  # per phase
-    decay: str = "linear"  # "none" | "linear" | "cosine" to 0 at the end of each phase
-    grad_clip: float = 1.0  # 0 disables
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
-    seed: int = 0
-    output_dir: str = "runs/tripletctl"
-    checkpoint_every: int = 0  # steps; 0 = only at the end of each phase (and on Ctrl-C/SIGTERM)
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    chunk_size: int | str = "auto"  # rows per forward chunk (gradient caching); "auto": a token budget
-    chunk_tokens: int | str | None = None  # padded tokens per length-sorted chunk; "auto" fits free memory
-    compile: bool = False  # torch.compile the encoder
-    distance: str = "euclidean"  # "euclidean" | "squared-euclidean" (default for phases)
-    fallback: str = "hardest"  # semi-hard fallback "hardest" | "easiest" (default for phases)
-    on_collapse: str = "warn"  # "warn" | "stop" | "fallback" (default for phases)
-    collapse_patience: int = 50  # consecutive steps
-    collapse_tolerance: float = 0.1  # relative to the margin
-    memory: MemoryConfig | None = None  # cross-batch memory (default for phases); None = off
-    log_every: int | str = "auto"  # plain progress lines (stdout not a terminal): every N steps, or "auto"
-    report_to: tuple[str, ...] = ()  # experiment trackers, any of TRACKERS
-    keep_best: str | None = None  # an EVAL_METRICS name: keep the best held-out model under OUTPUT/best
-    on_nonfinite: str = "stop"  # "stop" | "skip" a step whose loss or gradient is NaN/inf (default for phases)
-    max_nonfinite_skips: int = 10  # skip: stop after this many non-finite steps in a row
+    """The run's settings; those marked "default for phases" are what a phase leaves out (PhaseConfig)."""
+
+    optimizer: str = schema.key("adamw", check=schema.choice(OPTIMIZERS))
+    lr: float = schema.key(2e-5, check=schema.number(), help="peak learning rate (default for phases)")
+    weight_decay: float = schema.key(0.01, check=schema.number(positive=False), help="AdamW weight decay")
+    warmup_steps: int = schema.key(100, check=schema.integer(0), help="linear warm-up, per phase (default for phases)")
+    decay: str = schema.key("linear", check=schema.choice(DECAYS), help="to 0 at the end of each phase")
+    grad_clip: float = schema.key(1.0, check=schema.number(positive=False), help="gradient-norm clipping; 0 disables")
+    precision: str = schema.key(
+        "auto", check=schema.choice(PRECISIONS), help="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+    # torch.manual_seed's range; the per-step mining seed derives from it
+    seed: int = schema.key(
+        0, check=schema.integer(0, 2**32 - 1), help="seeds initialisation, shuffling and random mining"
+    )
+    output_dir: str = schema.key("runs/tripletctl", check=schema.text(), help="relative to the current directory")
+    checkpoint_every: int = schema.key(
+        0, check=schema.integer(0), help="steps; 0 = only at the end of each phase (and on Ctrl-C/SIGTERM)"
+    )
+    device: str = schema.key("auto", check=schema.choice(DEVICES), help="auto: CUDA when available")
+    chunk_size: int | str = schema.key(
+        "auto", check=schema.int_or_auto, help="rows per forward chunk (gradient caching); auto: a token budget"
+    )
+    chunk_tokens: int | str | None = schema.key(
+        None, check=schema.int_or_auto_or_null, help="padded tokens per length-sorted chunk; auto fits free memory"
+    )
+    compile: bool = schema.key(False, check=schema.boolean, help="torch.compile the encoder")
+    distance: str = schema.key(
+        "euclidean", check=schema.choice(DISTANCES), help="of the loss and mining (default for phases)"
+    )
+    fallback: str = schema.key(
+        "hardest", check=schema.choice(FALLBACKS), help="semi-hard fallback (default for phases)"
+    )
+    on_collapse: str = schema.key(
+        "warn", check=schema.choice(ON_COLLAPSE), help="the watchdog's action (default for phases)"
+    )
+    collapse_patience: int = schema.key(50, check=schema.integer(1), help="consecutive steps")
+    collapse_tolerance: float = schema.key(0.1, check=schema.number(positive=False), help="relative to the margin")
+    memory: MemoryConfig | None = schema.key(
+        None, check=_memory, help="cross-batch memory (default for phases); None = off"
+    )
+    log_every: int | str = schema.key(
+        "auto", check=schema.int_or_auto, help="plain progress lines (stdout not a terminal): every N steps, or auto"
+    )
+    report_to: tuple[str, ...] = schema.key((), check=_trackers, help="experiment trackers, any of TRACKERS")
+    keep_best: str | None = schema.key(
+        None,
+        check=schema.choice(EVAL_METRICS, optional=True),
+        help="an EVAL_METRICS name: keep the best held-out model under OUTPUT/best",
+    )
+    on_nonfinite: str = schema.key(
+        "stop",
+        check=schema.choice(ON_NONFINITE),
+        help="a NaN/inf loss or gradient: stop, or skip the step (default for phases)",
+    )
+    max_nonfinite_skips: int = schema.key(
+        10, check=schema.integer(1), help="skip: stop after this many non-finite steps in a row"
+    )
+
+
+def _from_train(name: str) -> Any:
+    """A phase key that defaults to the train block's key `name`: same check, help and default."""
+    declared = TrainConfig.__dataclass_fields__[name]
+    return dataclasses.field(default=declared.default, metadata={**declared.metadata, "train": name})
 
 
 @dataclass(frozen=True)
 class PhaseConfig:
-    """One phase, complete: `load_curriculum` fills every override the file leaves out from the
-    train block, so the runner never looks anywhere else. The defaults below only make hand-built
-    phases (in tests) convenient; they mirror TrainConfig's."""
+    """One phase, complete: `load_curriculum` fills every key the file leaves out from the train block
+    (the fields declared with `_from_train`), so the runner never looks anywhere else."""
 
-    name: str
-    mining: str  # one of MINING_MODES
-    batch_size: int
-    steps: int
-    margin: float = 0.2
-    lr: float = TrainConfig.lr
-    warmup_steps: int = TrainConfig.warmup_steps
-    distance: str = TrainConfig.distance
-    fallback: str = TrainConfig.fallback
-    chunk_size: int | str = TrainConfig.chunk_size
-    chunk_tokens: int | str | None = TrainConfig.chunk_tokens
-    on_collapse: str = TrainConfig.on_collapse
-    until: UntilConfig | None = None  # end conditions; `steps` is then the maximum (conditions.py)
-    memory: MemoryConfig | None = TrainConfig.memory
-    on_nonfinite: str = TrainConfig.on_nonfinite
+    name: str = schema.key(check=_phase_name, required=True, help="names the phase in logs, checkpoints and errors")
+    mining: str = schema.key(
+        check=schema.choice(MINING_MODES), required=True, help="how triplets are chosen in each batch"
+    )
+    batch_size: int = schema.key(check=schema.integer(1), required=True, help="rows per step, across all processes")
+    steps: int = schema.key(check=schema.integer(1), required=True, help="optimiser steps; with `until`, the most")
+    margin: float = schema.key(0.2, check=schema.number(), help="the triplet loss margin")
+    lr: float = _from_train("lr")
+    warmup_steps: int = _from_train("warmup_steps")
+    distance: str = _from_train("distance")
+    fallback: str = _from_train("fallback")
+    chunk_size: int | str = _from_train("chunk_size")
+    chunk_tokens: int | str | None = _from_train("chunk_tokens")
+    on_collapse: str = _from_train("on_collapse")
+    until: UntilConfig | None = schema.key(
+        None,
+        check=schema.mapping("a mapping of end conditions, e.g. {active_fraction_below: 0.05}, or null"),
+        help="end conditions; `steps` is then the maximum (conditions.py)",
+    )
+    memory: MemoryConfig | None = _from_train("memory")
+    on_nonfinite: str = _from_train("on_nonfinite")
 
 
 @dataclass(frozen=True)
 class EvalConfig(SourceConfig):
     """The held-out source plus how much of it to read and when."""
 
-    max_rows: int = 2000
-    every: int = 0  # also evaluate every N steps inside a phase; 0 = phase ends only
-    batch_size: int = 256
+    max_rows: int = schema.key(2000, check=schema.integer(1), help="texts read, whole rows only")
+    every: int = schema.key(
+        0, check=schema.integer(0), help="also evaluate every N steps inside a phase; 0 = phase ends only"
+    )
+    batch_size: int = schema.key(256, check=schema.integer(1), help="encoding batch size")
 
 
 @dataclass(frozen=True)
@@ -208,374 +388,22 @@ class Curriculum:
 
 
 # --------------------------------------------------------------------------------------------
-# Value checks. Each takes the value (as YAML typed it) and, for a key set by an override, the raw
-# text after '=', and returns the value converted to the key's type or raises _Invalid.
+# The schema, derived from the fields above: which keys each block accepts and how each value is
+# checked, which are required, which are paths, and which phase keys default to the train block's.
 
-
-class _Invalid(Exception):
-    """A value that does not fit its key: what was expected, plus an optional did-you-mean hint."""
-
-    def __init__(self, expected: str, hint: str = ""):
-        super().__init__(expected)
-        self.expected = expected
-        self.hint = hint
-
-
-_Check = Callable[[Any, "str | None"], Any]
-
-
-def _is_scalar(value: Any) -> bool:
-    return value is not None and not isinstance(value, (str, list, dict))
-
-
-def _integer(minimum: int = 1, maximum: int | None = None) -> _Check:
-    expected = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
-    if maximum is not None:
-        expected = f"an integer from {minimum} to {maximum}"
-
-    def check(value: Any, raw: str | None) -> int:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < minimum
-            or (maximum is not None and value > maximum)
-        ):
-            raise _Invalid(expected)
-        return value
-
-    return check
-
-
-def _number(positive: bool = True) -> _Check:
-    expected = "a positive number" if positive else "a non-negative number"
-
-    def check(value: Any, raw: str | None) -> float:
-        if isinstance(value, str):  # PyYAML reads `3e-5` (no dot) as a string, so parse it here
-            try:
-                value = float(value)
-            except ValueError:
-                raise _Invalid(expected) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _Invalid(expected)
-        if value < 0 or (positive and value == 0):
-            raise _Invalid(expected)
-        return float(value)
-
-    return check
-
-
-def _boolean(value: Any, raw: str | None) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid("true or false")
-    return value
-
-
-def _text(optional: bool = False) -> _Check:
-    expected = "a non-empty string or null" if optional else "a non-empty string"
-
-    def check(value: Any, raw: str | None) -> str | None:
-        if value is None and optional:
-            return None
-        if raw is not None and _is_scalar(value):  # `data.split=2020` on the command line means the text
-            value = raw
-        if not isinstance(value, str) or not value.strip():
-            raise _Invalid(expected)
-        return value
-
-    return check
-
-
-def _phase_name(value: Any, raw: str | None) -> str:
-    """It names the phase's directory (phase-K-NAME) and appears in every message: a short, safe name."""
-    value = _text()(value, raw)
-    if len(value) > PHASE_NAME_MAX or not set(value) <= PHASE_NAME_CHARS or value in (".", ".."):
-        raise _Invalid(
-            f"a name of at most {PHASE_NAME_MAX} letters, digits, '.', '_', '+' or '-' (it becomes a directory name)"
-        )
-    return value
-
-
-def _did_you_mean(value: Any, options: Sequence[str]) -> str:
-    if not isinstance(value, str):
-        return ""
-    matches = difflib.get_close_matches(value.lower(), options, n=1, cutoff=0.6)
-    return f" (did you mean '{matches[0]}'?)" if matches else ""
-
-
-def _choice(options: tuple[str, ...], optional: bool = False) -> _Check:
-    expected = "one of " + ", ".join(options) + (" or null" if optional else "")
-
-    def check(value: Any, raw: str | None) -> str | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, str) and value in options:
-            return value
-        raise _Invalid(expected, _did_you_mean(value, options))
-
-    return check
-
-
-def _optional(check: _Check) -> _Check:
-    def optional(value: Any, raw: str | None) -> Any:
-        return None if value is None else check(value, raw)
-
-    return optional
-
-
-def _fraction(value: Any, raw: str | None) -> float:
-    value = _number()(value, raw)
-    if value > 1:
-        raise _Invalid("a number in (0, 1]")
-    return value
-
-
-def _relative_delta(value: Any, raw: str | None) -> float:
-    try:
-        value = _number(positive=False)(value, raw)
-    except _Invalid:
-        raise _Invalid("a relative improvement in [0, 1), e.g. 0.01 for 1%") from None
-    if value >= 1:
-        raise _Invalid("a relative improvement in [0, 1), e.g. 0.01 for 1%")
-    return value
-
-
-def _mapping(expected: str) -> _Check:
-    def check(value: Any, raw: str | None) -> dict | None:
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise _Invalid(expected)
-        return dict(value)
-
-    return check
-
-
-def _int_or_auto(value: Any, raw: str | None) -> int | str:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        return value
-    raise _Invalid("a positive integer or 'auto'")
-
-
-def _int_or_auto_or_null(value: Any, raw: str | None) -> int | str | None:
-    if value is None:
-        return None
-    return _int_or_auto(value, raw)
-
-
-def _chunking_conflict(values: dict) -> bool:
-    """A row count and a token budget together: which one is meant?"""
-    return isinstance(values.get("chunk_size"), int) and values.get("chunk_tokens") is not None
-
-
-def _trackers(value: Any, raw: str | None) -> tuple[str, ...]:
-    """A list of tracker names; a single name or `none` as a convenience (HF Trainer accepts both)."""
-    if value is None or value == "none":
-        return ()
-    names = [value] if isinstance(value, str) else value
-    expected = "a list of trackers from " + ", ".join(TRACKERS) + " (or [] / none)"
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise _Invalid(expected)
-    for name in names:
-        if name not in TRACKERS:
-            raise _Invalid(expected, _did_you_mean(name, TRACKERS))
-    if len(set(names)) != len(names):
-        raise _Invalid(expected + ", each at most once")
-    return tuple(names)
-
-
-def _layer_sizes(value: Any, raw: str | None) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        return tuple(value)
-    raise _Invalid("a list of positive integers (layer sizes), e.g. [256, 128]")
-
-
-_MEMORY_EXPECTED = "null or a mapping {size: M, start_step: S} (M a positive integer, S a non-negative integer)"
-
-
-def _memory(value: Any, raw: str | None) -> MemoryConfig | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise _Invalid(_MEMORY_EXPECTED)
-    unknown = [k for k in value if k not in ("size", "start_step")]
-    if unknown:
-        matches = difflib.get_close_matches(str(unknown[0]), ("size", "start_step"), n=1, cutoff=0.6)
-        suggestion = f"; did you mean '{matches[0]}'?" if matches else ""
-        raise _Invalid(_MEMORY_EXPECTED, f" (unknown key '{unknown[0]}'{suggestion})")
-    if "size" not in value:
-        raise _Invalid(_MEMORY_EXPECTED, " (size is missing)")
-    try:
-        size = _integer(1)(value["size"], None)
-        start_step = _integer(0)(value.get("start_step", 0), None)
-    except _Invalid:
-        raise _Invalid(_MEMORY_EXPECTED) from None
-    return MemoryConfig(size=size, start_step=start_step)
-
-
-def _source(value: Any, raw: str | None) -> str | dict[str, str]:
-    if raw is not None and _is_scalar(value):
-        value = raw
-    if isinstance(value, str) and value.strip():
-        return value
-    if (
-        isinstance(value, dict)
-        and value
-        and all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in value)
-        and all(isinstance(v, str) and v.strip() for v in value.values())
-    ):
-        return {str(label): glob for label, glob in value.items()}
-    raise _Invalid("a hub dataset name, a local file, directory or glob, or a {label: glob} mapping")
-
-
-def _column_names(value: Any, raw: str | None) -> tuple[str, ...]:
-    if isinstance(value, str) and value.strip():
-        value = [value]
-    if (
-        isinstance(value, list)
-        and value
-        and all(isinstance(v, str) and v.strip() for v in value)
-        and len(set(value)) == len(value)
-    ):
-        return tuple(value)
-    raise _Invalid("a non-empty list of distinct column names, e.g. [negative_1, negative_2]")
-
-
-def _load_dataset_kwargs(value: Any, raw: str | None) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
-        raise _Invalid("a mapping of keyword arguments for datasets.load_dataset")
-    for key, owner in RESERVED_LOAD_DATASET_KEYS.items():
-        if key in value:
-            raise _Invalid(f"free of '{key}', which is set by {owner}")
-    return copy.deepcopy(value)  # the curriculum owns its copy: nothing outside can mutate it
-
-
-# --------------------------------------------------------------------------------------------
-# The schema: which keys each block accepts and how each value is checked. Field order and
-# defaults come from the dataclasses above; tests check both agree.
-
-_SOURCE_KEYS: dict[str, _Check] = {
-    "source": _source,
-    "format": _choice(FORMATS, optional=True),
-    "split": _text(),
-    "layout": _choice(LAYOUTS),
-    "text_column": _text(),
-    "label_column": _text(),
-    "anchor_column": _text(),
-    "positive_column": _text(),
-    "negative_columns": _column_names,
-    "load_dataset": _load_dataset_kwargs,
+_BLOCKS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+TOP_KEYS = tuple(f.name for f in dataclasses.fields(Curriculum) if f.name != "path")
+BLOCK_KEYS: dict[str, dict[str, schema.Check]] = {block: schema.checks(cls) for block, cls in _BLOCKS.items()}
+PHASE_KEYS: dict[str, schema.Check] = schema.checks(PhaseConfig)
+PHASE_KEYS_FROM_TRAIN = {f.name: f.metadata["train"] for f in dataclasses.fields(PhaseConfig) if "train" in f.metadata}
+UNTIL_KEYS: dict[str, schema.Check] = schema.checks(UntilConfig)
+# `until.plateau` / `until.eval_plateau`: the Plateau keys, with the metric names of that condition
+PLATEAU_KEYS: dict[str, dict[str, schema.Check]] = {
+    f.name: {**schema.checks(Plateau), "metric": schema.choice(f.metadata["metrics"])}
+    for f in dataclasses.fields(UntilConfig)
+    if "metrics" in f.metadata
 }
-
-BLOCK_KEYS: dict[str, dict[str, _Check]] = {
-    "model": {
-        "name": _text(),
-        "init": _choice(INIT_MODES),
-        "tokenizer": _text(optional=True),
-        "pooling": _choice(POOLINGS),
-        "head": _layer_sizes,
-        "normalize": _boolean,
-        "attn_implementation": _text(),
-    },
-    "data": {
-        **_SOURCE_KEYS,
-        "shuffle_buffer": _integer(1),
-        "max_length": _integer(1),
-        "samples_per_class": _integer(2),
-        "max_buffered_rows": _integer(1),
-        "tokenizer_workers": _integer(0),
-        "prefetch_batches": _integer(1),
-    },
-    "train": {
-        "optimizer": _choice(OPTIMIZERS),
-        "lr": _number(),
-        "weight_decay": _number(positive=False),
-        "warmup_steps": _integer(0),
-        "decay": _choice(DECAYS),
-        "grad_clip": _number(positive=False),
-        "precision": _choice(PRECISIONS),
-        "seed": _integer(0, 2**32 - 1),  # torch.manual_seed's range; the per-step mining seed derives from it
-        "output_dir": _text(),
-        "checkpoint_every": _integer(0),
-        "device": _choice(DEVICES),
-        "chunk_size": _int_or_auto,
-        "chunk_tokens": _int_or_auto_or_null,
-        "compile": _boolean,
-        "distance": _choice(DISTANCES),
-        "fallback": _choice(FALLBACKS),
-        "on_collapse": _choice(ON_COLLAPSE),
-        "collapse_patience": _integer(1),
-        "collapse_tolerance": _number(positive=False),
-        "memory": _memory,
-        "log_every": _int_or_auto,
-        "report_to": _trackers,
-        "keep_best": _choice(EVAL_METRICS, optional=True),
-        "on_nonfinite": _choice(ON_NONFINITE),
-        "max_nonfinite_skips": _integer(1),
-    },
-    "eval": {
-        **_SOURCE_KEYS,
-        "max_rows": _integer(1),
-        "every": _integer(0),
-        "batch_size": _integer(1),
-    },
-}
-
-PHASE_KEYS: dict[str, _Check] = {
-    "name": _phase_name,
-    "mining": _choice(MINING_MODES),
-    "batch_size": _integer(1),
-    "steps": _integer(1),
-    "margin": _number(),
-    "lr": BLOCK_KEYS["train"]["lr"],
-    "warmup_steps": BLOCK_KEYS["train"]["warmup_steps"],
-    "distance": BLOCK_KEYS["train"]["distance"],
-    "fallback": BLOCK_KEYS["train"]["fallback"],
-    "chunk_size": BLOCK_KEYS["train"]["chunk_size"],
-    "chunk_tokens": BLOCK_KEYS["train"]["chunk_tokens"],
-    "on_collapse": BLOCK_KEYS["train"]["on_collapse"],
-    "until": _mapping("a mapping of end conditions, e.g. {active_fraction_below: 0.05}, or null"),
-    "memory": BLOCK_KEYS["train"]["memory"],
-    "on_nonfinite": BLOCK_KEYS["train"]["on_nonfinite"],
-}
-
-# `until:` (checked by _check_until once the phase's steps and eval.every are known)
-UNTIL_KEYS: dict[str, _Check] = {
-    "min_steps": _integer(1),
-    "window": _integer(1),
-    "combine": _choice(COMBINE),
-    "active_fraction_below": _optional(_fraction),
-    "loss_below": _optional(_number()),
-    "batch_hard_loss_below": _optional(_number()),
-    "plateau": _mapping("a mapping {metric, patience, min_delta}, or null"),
-    "eval_plateau": _mapping("a mapping {metric, patience, min_delta}, or null"),
-}
-PLATEAU_KEYS: dict[str, dict[str, _Check]] = {
-    "plateau": {"metric": _choice(STEP_METRICS), "patience": _integer(1), "min_delta": _relative_delta},
-    "eval_plateau": {"metric": _choice(EVAL_METRICS), "patience": _integer(1), "min_delta": _relative_delta},
-}
-
-# Phase keys that default to the train block's value rather than to a constant.
-PHASE_KEYS_FROM_TRAIN = (
-    "lr",
-    "warmup_steps",
-    "distance",
-    "fallback",
-    "chunk_size",
-    "chunk_tokens",
-    "on_collapse",
-    "memory",
-    "on_nonfinite",
-)
-
-TOP_KEYS = ("model", "data", "train", "phases", "eval")
-_REQUIRED = {"model": ("name",), "data": ("source",), "train": (), "eval": ("source",)}
-_PHASE_REQUIRED = ("name", "mining", "batch_size", "steps")
-_PATH_KEYS = {"model": ("name", "tokenizer"), "data": ("source",), "eval": ("source",), "train": ()}
-_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+_SOURCE_KEYS = schema.checks(SourceConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -754,7 +582,7 @@ def _phase_label(index: int, raw_phase: Any) -> str:
     name = raw_phase.get("name") if isinstance(raw_phase, dict) else None
     try:
         return f"phases[{index}] ({_phase_name(name, None)})"
-    except _Invalid:
+    except schema.Invalid:
         return f"phases[{index}]"
 
 
@@ -889,19 +717,9 @@ def _resolve_path(value: Any, base_dir: str) -> Any:
     return value
 
 
-def _defaults(cls: type) -> dict[str, Any]:
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            values[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            values[f.name] = f.default_factory()
-    return values
-
-
 def _check_keys(
     raw: dict,
-    checks: dict[str, _Check],
+    checks: dict[str, schema.Check],
     required: Sequence[str],
     *,
     context: str,
@@ -920,7 +738,7 @@ def _check_keys(
         exact = origins.get((*key_path, key))
         try:
             values[key] = checks[key](value, exact.value_text if exact else None)
-        except _Invalid as invalid:
+        except schema.Invalid as invalid:
             problems.add(
                 f"{context}{qualifier}{key} must be {invalid.expected}, got {_show(value)}{invalid.hint}", origin
             )
@@ -940,23 +758,23 @@ def _check_block(
         raw = {}
     if not isinstance(raw, dict):
         problems.add(f"{block} must be a mapping of keys, got {_show(raw)}", _origin(origins, (block,)))
-        return _defaults(_CLASSES[block]), set(BLOCK_KEYS[block])
+        return schema.defaults(_BLOCKS[block]), set(BLOCK_KEYS[block])
     values = _check_keys(
         raw,
         BLOCK_KEYS[block],
-        _REQUIRED[block],
+        schema.required(_BLOCKS[block]),
         context="",
         qualifier=f"{block}.",
         key_path=(block,),
         origins=origins,
         problems=problems,
     )
-    for key in _PATH_KEYS[block]:
+    for key in schema.paths(_BLOCKS[block]):
         if key in values:
             base_dir = os.getcwd() if _origin(origins, (block, key)) else file_dir
             values[key] = _resolve_path(values[key], base_dir)
     invalid = {key for key in raw if key in BLOCK_KEYS[block] and key not in values}
-    return {**_defaults(_CLASSES[block]), **values}, invalid
+    return {**schema.defaults(_BLOCKS[block]), **values}, invalid
 
 
 def _check_source_block(
@@ -1022,7 +840,7 @@ def source_from_options(
             value = parsed
         try:
             values[key] = _SOURCE_KEYS[key](value, value if isinstance(value, str) else None)
-        except _Invalid as invalid:
+        except schema.Invalid as invalid:
             problems.add(f"{option_names[key]} must be {invalid.expected}, got {_show(value)}{invalid.hint}")
     if "source" not in values:
         problems.add(f"{option_names['source']} is required here")
@@ -1056,14 +874,14 @@ def _check_until(
             checked = _check_keys(
                 values[name],
                 keys,
-                ("metric", "patience"),
+                schema.required(Plateau),
                 context=f"{label}: ",
                 qualifier=f"until.{name}.",
                 key_path=(*key_path, name),
                 origins=origins,
                 problems=problems,
             )
-            values[name] = Plateau(**checked) if {"metric", "patience"} <= set(checked) else None
+            values[name] = Plateau(**checked) if set(schema.required(Plateau)) <= set(checked) else None
     if all(raw.get(name) is None for name in CONDITIONS) and set(raw) <= set(UNTIL_KEYS):
         problems.add(
             f"{label}: until must set at least one condition ({', '.join(CONDITIONS)})", _origin(origins, key_path)
@@ -1118,7 +936,7 @@ def _check_phases(
         values = _check_keys(
             raw_phase,
             PHASE_KEYS,
-            _PHASE_REQUIRED,
+            schema.required(PhaseConfig),
             context=f"{label}: ",
             qualifier="",
             key_path=("phases", index),
@@ -1135,10 +953,9 @@ def _check_phases(
             values["chunk_tokens"] = None  # the phase's row count wins over the train block's budget
         elif "chunk_tokens" in values and "chunk_size" not in values:
             values["chunk_size"] = "auto"  # and its budget over the train block's row count
-        for key in PHASE_KEYS_FROM_TRAIN:
-            if key not in values and key in train:
-                values[key] = train[key]
-        values.setdefault("margin", PhaseConfig.margin)
+        for key, train_key in PHASE_KEYS_FROM_TRAIN.items():
+            if key not in values and train_key in train:
+                values[key] = train[train_key]
         if values.get("until") is not None:
             values["until"] = _check_until(
                 values["until"], values.get("steps"), eval_every, label, index, origins, problems
@@ -1277,13 +1094,15 @@ def load_eval_block(path: str | os.PathLike) -> EvalConfig | None:
     return EvalConfig(**values)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """Dataclasses -> dicts (without `Curriculum.path`), tuples -> lists: what yaml.safe_dump and
+    json accept. The one conversion of a curriculum, or a dict of one, to plain data."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "path"}
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "path"}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
@@ -1291,132 +1110,11 @@ def curriculum_to_dict(c: Curriculum) -> dict:
     """The curriculum as run: every key explicit, paths already resolved, plain YAML-able types.
     `load_curriculum` of its YAML dump gives an equal Curriculum (checkpoints rely on that)."""
     result = {
-        "model": _plain(c.model),
-        "data": _plain(c.data),
-        "train": _plain(c.train),
-        "phases": _plain(c.phases),
+        "model": plain(c.model),
+        "data": plain(c.data),
+        "train": plain(c.train),
+        "phases": plain(c.phases),
     }
     if c.eval is not None:
-        result["eval"] = _plain(c.eval)
+        result["eval"] = plain(c.eval)
     return result
-
-
-def describe_source(source: str | dict[str, str]) -> str:
-    if isinstance(source, dict):
-        return "{" + ", ".join(f"{label}: {glob}" for label, glob in source.items()) + "}"
-    return source
-
-
-def _describe_chunks(phase: PhaseConfig) -> str:
-    if isinstance(phase.chunk_size, int) and phase.chunk_tokens is None:
-        return f"{phase.chunk_size} rows each"
-    if isinstance(phase.chunk_tokens, int):
-        return f"length-sorted, {phase.chunk_tokens:,} tokens each"
-    return "length-sorted, auto token budget"
-
-
-def _describe_layout(data: DataConfig) -> str:
-    """What one group of a batch is, so the `groups` column reads right."""
-    if data.layout == "triplets":
-        n = len(data.negative_columns)
-        return (
-            f"triplets: a group is one row's anchor, positive and {n} negative{'s' if n > 1 else ''}, "
-            f"{data.rows_per_group} texts"
-        )
-    if data.layout == "pairs":
-        return "pairs: a group is one row's anchor and positive, 2 texts"
-    return f"labelled, {data.samples_per_class} per class"
-
-
-def plan_table(c: Curriculum) -> Table:
-    """What `validate` prints: one row per phase, with the samples each phase will see."""
-    # No vertical rules and folding instead of "…": a full plan fits an 80-column pipe unabridged.
-    table = Table(
-        title=escape(f"{c.path}: {len(c.phases)} phases"),
-        caption_justify="left",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        padding=(0, 1),
-        collapse_padding=True,
-        pad_edge=False,
-    )
-    # pairs and triplets: batch_size counts rows embedded, so also show the rows (groups) read per batch
-    groups = c.data.layout != "labelled"
-    for header, justify in [
-        ("#", "right"),
-        ("phase", "left"),
-        ("mining", "left"),
-        ("batch", "right"),
-        *([("groups", "right")] if groups else []),
-        ("margin", "right"),
-        ("steps", "right"),
-        ("samples", "right"),
-        ("lr", "right"),
-        ("distance", "left"),
-    ]:
-        table.add_column(header, justify=justify, overflow="fold")
-    with_memory = any(p.memory is not None for p in c.phases)
-    if with_memory:  # only then: plans without a memory print as they always did
-        table.add_column("memory", justify="right", overflow="fold")
-    for index, phase in enumerate(c.phases):
-        at_most = "≤" if phase.until else ""  # conditions may end the phase earlier
-        memory = (
-            []
-            if not with_memory
-            else ["-" if phase.memory is None else f"{phase.memory.size:,} from step {phase.memory.start_step:,}"]
-        )
-        table.add_row(
-            str(index),
-            escape(phase.name),
-            phase.mining,
-            f"{phase.batch_size:,}",
-            *([f"{phase.batch_size // c.data.rows_per_group:,}"] if groups else []),
-            f"{phase.margin:g}",
-            f"{at_most}{phase.steps:,}",
-            f"{at_most}{phase.batch_size * phase.steps:,}",
-            f"{phase.lr:g}",
-            phase.distance,
-            *memory,
-        )
-    total_steps = sum(p.steps for p in c.phases)
-    total_samples = sum(p.batch_size * p.steps for p in c.phases)
-    lines = [
-        f"until: phase {index} ({phase.name}) ends early {describe_until(phase.until)}"
-        for index, phase in enumerate(c.phases)
-        if phase.until
-    ] + [
-        f"model: {c.model.name} ({c.model.init}, {c.model.pooling} pooling"
-        + (f", head {list(c.model.head)}" if c.model.head else "")
-        + ")",
-        f"data: {describe_source(c.data.source)} (split {c.data.split}, {_describe_layout(c.data)})",
-    ]
-    if c.eval is not None:
-        every = f"every {c.eval.every} steps and " if c.eval.every else ""
-        lines.append(
-            f"eval: {describe_source(c.eval.source)} (split {c.eval.split}, {c.eval.layout}, {every}at phase ends)"
-        )
-    chunks = [_describe_chunks(p) for p in c.phases]
-    lines.append(
-        "chunks: "
-        + (chunks[0] if len(set(chunks)) == 1 else ", ".join(f"{i}: {text}" for i, text in enumerate(chunks)))
-    )
-    if c.train.keep_best:
-        lines.append(f"keep best: highest held-out {c.train.keep_best} -> {c.train.output_dir}/best")
-    modes = sorted({p.on_nonfinite for p in c.phases})
-    lines.append(
-        "non-finite loss or gradient: "
-        + " / ".join(
-            f"skip (stop after {c.train.max_nonfinite_skips} in a row)" if m == "skip" else "stop (exit 4)"
-            for m in modes
-        )
-    )
-    lines += [
-        f"output: {c.train.output_dir}"
-        + (f" (reported to {', '.join(c.train.report_to)})" if c.train.report_to else ""),
-        f"total: {'at most ' if any(p.until for p in c.phases) else ''}{total_steps:,} steps, "
-        f"{total_samples:,} samples",
-    ]
-    # caption lines are not wrapped at the table's width: a long path stays one line (print with
-    # crop=False so a terminal narrower than a line wraps it itself rather than rich cutting it)
-    table.caption = Text("\n".join(lines), no_wrap=True, overflow="ignore")
-    return table

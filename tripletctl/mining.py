@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-MODES = ("random", "semi-hard", "hard-negative", "batch-hard", "batch-all")
-DISTANCES = ("euclidean", "squared-euclidean")
-FALLBACKS = ("hardest", "easiest")
+# The names are the curriculum's choices; declared there so that loading one never imports torch.
+from tripletctl.curriculum import DISTANCES, FALLBACKS
+from tripletctl.curriculum import MINING_MODES as MODES
 
 # Floor under the squared distance before the square root.  sqrt'(0) is
 # infinite, so duplicate embeddings (d = 0) would give inf/nan gradients; with

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from tripletctl import sbert
 from tripletctl.card import CARD_FILE, Provenance, render_card
 from tripletctl.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks
+from tripletctl.curriculum import POOLINGS  # declared there: loading a curriculum never imports torch
 from tripletctl.errors import ModelError, TripletctlError
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
     from tripletctl.curriculum import ModelConfig
 
-POOLINGS = ("mean", "cls")
 HEAD_FILE = "head.safetensors"  # format 1 only: format 2 keeps the head in the K_Dense modules
 META_FILE = "tripletctl_model.json"
 FORMAT_VERSION = 2

@@ -26,7 +26,6 @@ from rich.console import Console
 from tripletctl.errors import TripletctlError
 
 STATE_FILE = "trackers.json"
-_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 _NOT_SCALARS = {"event", "phase", "phase_index", "step", "global_step", "mining", "time", "action", "rows"}
 
 
@@ -38,7 +37,7 @@ def require_installed(names: tuple[str, ...] | list[str]) -> None:
     """Fail before any work when a tracker in `report_to` is missing, naming the extra to install."""
     for name in names:
         try:
-            importlib.import_module(_MODULES[name])
+            importlib.import_module(name)  # each tracker's extra installs the module of its name
         except ImportError:
             raise TrackerError(
                 f"train.report_to names {name}, which is not installed: pip install 'tripletctl[{name}]'"
@@ -163,6 +162,7 @@ class _MLflow:
 
 
 _BACKENDS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
+TRACKERS = tuple(_BACKENDS)  # the choices of train.report_to
 
 
 class Trackers:
