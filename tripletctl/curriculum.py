@@ -274,7 +274,7 @@ def _memory(value: Any, raw: str | None) -> MemoryConfig | None:
 class TrainConfig:
     """The run's settings; those marked "default for phases" are what a phase leaves out (PhaseConfig)."""
 
-    optimizer: str = schema.key("adamw", check=schema.choice(OPTIMIZERS))
+    optimizer: str = schema.key("adamw", check=schema.choice(OPTIMIZERS), help="the optimiser")
     lr: float = schema.key(2e-5, check=schema.number(), help="peak learning rate (default for phases)")
     weight_decay: float = schema.key(0.01, check=schema.number(positive=False), help="AdamW weight decay")
     warmup_steps: int = schema.key(100, check=schema.integer(0), help="linear warm-up, per phase (default for phases)")
