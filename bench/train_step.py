@@ -174,7 +174,7 @@ def worker(cfg: dict) -> dict:
 
     from tripletctl import mining
     from tripletctl.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, embed_and_backward, plan_chunks, resolve_chunking
-    from tripletctl.data import pad_ragged
+    from tripletctl.stream import pad_ragged
 
     if cfg.get("cpus"):
         os.sched_setaffinity(0, cfg["cpus"])

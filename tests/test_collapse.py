@@ -42,7 +42,8 @@ def tiny_encoder(tiny_bert_dir: Path, seed: int = 0):
     """The quickstart's tiny BERT with random weights (`init: config`) and a 32-wide head."""
     from transformers import AutoConfig, AutoModel
 
-    from tripletctl.model import TripletEncoder, load_tokenizer
+    from tripletctl.model import TripletEncoder
+    from tripletctl.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
     encoder = AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir))
@@ -273,7 +274,7 @@ def heldout_file(tmp_path) -> Path:
 
 
 def test_cli_exit_code_3_on_a_collapsed_checkpoint(checkpoint_factory, heldout_file, tmp_path):
-    pytest.importorskip("tripletctl.data")
+    pytest.importorskip("tripletctl.sources")
     from typer.testing import CliRunner
 
     from tripletctl.cli import app
@@ -303,7 +304,7 @@ def test_cli_exit_code_3_on_a_collapsed_checkpoint(checkpoint_factory, heldout_f
 
 
 def test_cli_untrained_checkpoint_exit_code_matches_verdict(checkpoint_factory, heldout_file):
-    pytest.importorskip("tripletctl.data")
+    pytest.importorskip("tripletctl.sources")
     from typer.testing import CliRunner
 
     from tripletctl.cli import app

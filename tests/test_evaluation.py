@@ -159,7 +159,7 @@ def test_accepts_torch_input():
 
 def test_eval_cli_json_and_table(tmp_path, tiny_bert_dir):
     """`tripletctl eval` on a run directory made by checkpoint.save_checkpoint (latest phase wins)."""
-    pytest.importorskip("tripletctl.data")
+    pytest.importorskip("tripletctl.sources")
     from pathlib import Path
 
     from transformers import AutoConfig, AutoModel
@@ -167,7 +167,8 @@ def test_eval_cli_json_and_table(tmp_path, tiny_bert_dir):
 
     from tripletctl.checkpoint import save_checkpoint
     from tripletctl.cli import app
-    from tripletctl.model import TripletEncoder, load_tokenizer
+    from tripletctl.model import TripletEncoder
+    from tripletctl.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     model = TripletEncoder(AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir)), head=(16,))
@@ -222,7 +223,8 @@ def saved_run(tmp_path_factory):
     from transformers import AutoConfig, AutoModel
 
     from tripletctl.checkpoint import save_checkpoint
-    from tripletctl.model import TripletEncoder, load_tokenizer
+    from tripletctl.model import TripletEncoder
+    from tripletctl.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     model = TripletEncoder(AutoModel.from_config(AutoConfig.from_pretrained(TINY_BERT)), head=(16,))

@@ -183,7 +183,7 @@ def test_triplet_batches_match_the_brute_force_with_given_negatives(assets_dir, 
     import json
 
     from tripletctl.curriculum import DataConfig
-    from tripletctl.data import BatchStream
+    from tripletctl.stream import BatchStream
 
     name = "triplets.jsonl" if len(negatives) == 1 else "triplets3.jsonl"
     rows = [json.loads(line) for line in (assets_dir / name).read_text().splitlines()[:8]]

@@ -31,17 +31,17 @@ from tripletctl.conditions import (
     default_min_steps,
 )
 from tripletctl.errors import ConfigError
+from tripletctl.sources import FORMATS, LAYOUTS
 from tripletctl.trackers import TRACKERS
 
 # The choices a curriculum offers that torch-backed modules implement are named here, not there, so
 # that loading a curriculum (`tripletctl validate`) never imports torch: mining.py and model.py
-# import these. Metric names belong to conditions.py, tracker names to trackers.py (both light).
+# import these. Metric names belong to conditions.py, tracker names to trackers.py, data formats and
+# layouts to sources.py (all three light).
 MINING_MODES = ("random", "semi-hard", "hard-negative", "batch-hard", "batch-all")
 DISTANCES = ("euclidean", "squared-euclidean")
 FALLBACKS = ("hardest", "easiest")
 POOLINGS = ("mean", "cls")
-FORMATS = ("json", "parquet", "csv", "text")
-LAYOUTS = ("labelled", "pairs", "triplets")
 INIT_MODES = ("pretrained", "config")
 OPTIMIZERS = ("adamw",)
 DECAYS = ("none", "linear", "cosine")
@@ -169,7 +169,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SourceConfig:
     """Where rows come from and what a row is: the one description of a source, shared by the `data`
-    and `eval` blocks, `tripletctl eval` / `inspect-collapse` options and the readers in data.py.
+    and `eval` blocks, `tripletctl eval` / `inspect-collapse` options and the readers in sources.py.
     Layouts (docs/data.md): labelled = text + class label; pairs = anchor + positive, each pair its
     own class; triplets = anchor + positive + given negatives (negatives of every anchor in a batch)."""
 

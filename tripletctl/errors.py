@@ -11,6 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """An error (or text) as one line of at most `limit` characters, for one-line messages; some
+    libraries raise with no message at all, so an empty one becomes the exception's type name."""
+    text = " ".join(str(error).split())
+    if not text and isinstance(error, BaseException):
+        text = type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class TripletctlError(Exception):
     """Base class for user-facing errors (bad curriculum, bad data source, bad checkpoint)."""
 

@@ -334,8 +334,8 @@ def load_checkpoint_and_rows(
     """Resolve a checkpoint (phase checkpoint, phase dir or run dir), read the rows (bad input fails
     before the model is loaded), then load its model."""
     from tripletctl.checkpoint import check_contained, resolve_checkpoint
-    from tripletctl.data import read_rows
     from tripletctl.model import load_model
+    from tripletctl.sources import read_rows
 
     device = resolve_device(device)
     checkpoint_dir = Path(resolve_checkpoint(Path(checkpoint)))

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from tripletctl import sbert
 from tripletctl.card import CARD_FILE, Provenance, render_card
 from tripletctl.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks
 from tripletctl.curriculum import POOLINGS  # declared there: loading a curriculum never imports torch
-from tripletctl.errors import ModelError, TripletctlError
+from tripletctl.errors import ModelError, TripletctlError, one_line
+from tripletctl.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -122,22 +123,6 @@ def _with_fallbacks(
         return load(*args, **kwargs)
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Fast (Rust) tokenizers only: batching, offsets and worker throughput depend on them."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as e:  # OSError (missing / unreachable), ValueError, JSON errors...
-        raise ModelError(f"cannot load the tokenizer {name_or_path!r}: {_one_line(e)}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise ModelError(f"tokenizer {name_or_path!r} has no fast (tokenizers) implementation")
-    return tokenizer
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrainedTokenizerBase]:
     """Build from a curriculum's model block.
 
@@ -160,7 +145,7 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
         else:
             raise ValueError(f"model.init must be 'pretrained' or 'config', got {model.init!r}")
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelError(f"cannot load model {model.name!r} (init: {model.init}): {_one_line(e)}") from None
+        raise ModelError(f"cannot load model {model.name!r} (init: {model.init}): {one_line(e)}") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the head is random in both modes: seed it too
         triplet = TripletEncoder(encoder, pooling=model.pooling, head=tuple(model.head), normalize=model.normalize)
@@ -249,7 +234,7 @@ def load_model(
         pooling, head, normalize = meta["pooling"], tuple(int(s) for s in meta["head"]), bool(meta["normalize"])
         dense_dirs = [str(d) for d in (meta.get("head_modules") or [])]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{directory / META_FILE} is damaged: {_one_line(e)}") from None
+        raise ModelError(f"{directory / META_FILE} is damaged: {one_line(e)}") from None
     if any(Path(d).is_absolute() or ".." in Path(d).parts for d in dense_dirs):
         raise ModelError(
             f"{directory / META_FILE}: head_modules must name folders inside the model, got {dense_dirs!r:.200}"
@@ -267,7 +252,7 @@ def load_model(
             model.head.load_state_dict(state)
     except Exception as e:  # SafetensorError, OSError, RuntimeError (shapes), ValueError...
         raise ModelError(
-            f"the model in {directory} cannot be loaded (damaged or mismatched files): {_one_line(e)}"
+            f"the model in {directory} cannot be loaded (damaged or mismatched files): {one_line(e)}"
         ) from None
     return model.to(device).eval(), load_tokenizer(str(directory))
 

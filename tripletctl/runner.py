@@ -38,7 +38,6 @@ from tripletctl.checkpoint import phase_dir as phase_dir_of
 from tripletctl.chunking import embed_and_backward, plan_chunks, resolve_chunking
 from tripletctl.collapse import CollapseWatchdog
 from tripletctl.curriculum import Curriculum, PhaseConfig, curriculum_to_dict
-from tripletctl.data import BatchStream, StreamInterrupted, check_source, pad_ragged, read_rows
 from tripletctl.distributed import (
     DistContext,
     all_reduce_sums,
@@ -61,6 +60,8 @@ from tripletctl.interrupt import StopFlag
 from tripletctl.memory import EmbeddingMemory, carry_over
 from tripletctl.model import build_model
 from tripletctl.progress import phase_progress
+from tripletctl.sources import check_source, read_rows
+from tripletctl.stream import BatchStream, StreamInterrupted, pad_ragged
 from tripletctl.trackers import Trackers, open_trackers, require_installed
 
 # Exit codes of `train` (the table in README.md and `train --help`).

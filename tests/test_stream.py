@@ -1,4 +1,4 @@
-"""data.py: class balance, eviction, bad rows, formats, errors, padding, exact resume, workers, ranks."""
+"""stream.py: BatchStream end to end (class balance, layouts, bad rows, padding, workers, exact resume, ranks, close)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ from collections import Counter
 
 import pytest
 import torch
+from test_sources import NEGATIVES, text_source, triplet_file_rows
 
-from tripletctl.curriculum import DataConfig, SourceConfig
-from tripletctl.data import BatchStream, check_source, pad_ragged, read_rows
-from tripletctl.errors import DataError
-
-
-def rows_of(source, limit=None, **kw):
-    return read_rows(SourceConfig(source=source, **kw), limit=limit)
+from tripletctl.curriculum import DataConfig
+from tripletctl.errors import DataError, TripletctlError
+from tripletctl.sources import check_source
+from tripletctl.stream import BatchStream, pad_ragged
 
 
 def cfg(assets_dir, name, **kw) -> DataConfig:
@@ -32,10 +30,6 @@ def take(data, tok, batch_size, n, seed=0, state=None, **kw):
         return [next(stream) for _ in range(n)]
     finally:
         stream.close()
-
-
-def text_source(assets_dir) -> dict[str, str]:
-    return {f"c{c}": str(assets_dir / "text" / f"c{c}.txt") for c in range(6)}
 
 
 # ------------------------------------------------------------------------------ batch composition
@@ -80,23 +74,6 @@ def test_pairs_layout(assets_dir, tiny_bert_dir):
             assert b.labels[i] == b.labels[i + 1]
             assert b.texts[i].split()[0] == b.texts[i + 1].split()[0]
     assert batches[-1].epoch >= 1
-    rows = rows_of(str(assets_dir / "pairs.jsonl"), layout="pairs", limit=7)
-    assert len(rows.texts) == 6 and rows.labels == [0, 0, 1, 1, 2, 2]
-
-
-NEGATIVES = {"triplets": ("negative",), "triplets3": ("negative_1", "negative_2", "negative_3")}
-
-
-def triplet_file_rows(path) -> list[tuple[str, ...]]:
-    """The file's rows read independently of tripletctl (json / pandas)."""
-    import pandas as pd
-
-    name = path.name.split(".")[0]
-    if path.suffix == ".jsonl":
-        frame = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines()])
-    else:
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    return [tuple(r) for r in frame[["anchor", "positive", *NEGATIVES[name]]].itertuples(index=False)]
 
 
 @pytest.mark.parametrize("name", ["triplets", "triplets3"])
@@ -151,28 +128,6 @@ def test_triplets_duplicate_text_is_a_negative_not_a_positive(tmp_path, tiny_ber
     assert len(set(b.labels.tolist())) == 4
 
 
-def test_triplets_read_rows(assets_dir):
-    rows = rows_of(
-        str(assets_dir / "triplets3.jsonl"), layout="triplets", negative_columns=NEGATIVES["triplets3"], limit=16
-    )
-    assert len(rows.texts) == 15  # whole rows of 5 texts only
-    assert rows.labels == [0, 0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 8, 9, 10, 11]
-    assert rows.triplets == [
-        (0, 1, 2),
-        (0, 1, 3),
-        (0, 1, 4),
-        (5, 6, 7),
-        (5, 6, 8),
-        (5, 6, 9),
-        (10, 11, 12),
-        (10, 11, 13),
-        (10, 11, 14),
-    ]
-    expected = triplet_file_rows(assets_dir / "triplets3.jsonl")[:3]
-    assert [tuple(rows.texts[i : i + 5]) for i in (0, 5, 10)] == expected
-    assert rows_of(str(assets_dir / "pairs.jsonl"), layout="pairs").triplets == []
-
-
 def test_triplet_resume_continues_exactly(assets_dir, tiny_bert_dir):
     data = cfg(
         assets_dir,
@@ -198,85 +153,14 @@ def test_triplet_resume_continues_exactly(assets_dir, tiny_bert_dir):
         BatchStream(other, str(tiny_bert_dir), 6, seed=5, state=straight[0].state)
 
 
-MISMATCHES = [  # (file, layout and columns, what the message names: found columns and the layout that fits)
-    ("triplets.jsonl", {"layout": "pairs"}, "would drop the negative column 'negative'", "layout triplets would fit"),
-    (
-        "triplets3.csv",
-        {"layout": "pairs"},
-        "would drop the negative columns 'negative_1', 'negative_2', 'negative_3'",
-        "layout triplets with negative columns negative_1, negative_2, negative_3 would fit",
-    ),
-    (
-        "triplets3.parquet",
-        {"layout": "triplets"},
-        "column 'negative' not found",
-        "layout triplets with negative columns negative_1, negative_2, negative_3 would fit",
-    ),
-    ("triplets.jsonl", {}, "columns 'text', 'label' not found", "layout triplets would fit"),
-    ("pairs.jsonl", {}, "columns 'text', 'label' not found", "layout pairs would fit"),
-    ("pairs.jsonl", {"layout": "triplets"}, "column 'negative' not found", "layout pairs would fit"),
-    ("train.jsonl", {"layout": "pairs"}, "columns 'anchor', 'positive' not found", "layout labelled would fit"),
-    (
-        "train.parquet",
-        {"layout": "triplets"},
-        "columns 'anchor', 'positive', 'negative' not found",
-        "layout labelled would fit",
-    ),
-    ("triplets.jsonl", {"layout": "triplets", "anchor_column": "query"}, "column 'query' not found", "no layout fits"),
-    ("wrong_columns.jsonl", {"layout": "pairs"}, "columns 'anchor', 'positive' not found", "no layout fits"),
-]
-
-
-@pytest.mark.parametrize("name, config, problem, fits", MISMATCHES)
-def test_layout_and_columns_mismatch_is_one_line(assets_dir, name, config, problem, fits):
-    import pandas as pd
-
-    source = str(assets_dir / name)
-    path = assets_dir / name
-    frame = (
-        pd.read_json(path, lines=True, nrows=1)
-        if path.suffix == ".jsonl"
-        else pd.read_parquet(path)
-        if path.suffix == ".parquet"
-        else pd.read_csv(path, nrows=1)
-    )
-    found = ", ".join(frame.columns)
-    for call in (lambda: check_source(DataConfig(source=source, **config)), lambda: rows_of(source, **config)):
-        with pytest.raises(DataError) as err:
-            call()
-        message = str(err.value)
-        assert "\n" not in message and problem in message and fits in message, message
-        assert f"available columns: {found}" in message and f"layout {config.get('layout', 'labelled')}" in message
-
-
 # ------------------------------------------------------------------------------ rows and formats
 
 
 def test_bad_rows_are_skipped_and_counted(assets_dir, tiny_bert_dir):
-    rows = rows_of(str(assets_dir / "bad_rows.jsonl"))
-    assert rows.skipped == 25 and len(rows.texts) == 15
-    assert all(t.strip() for t in rows.texts)
     data = cfg(assets_dir, "bad_rows.jsonl", samples_per_class=2)
     batches = take(data, tiny_bert_dir, 6, 8)
     assert batches[-1].rows_skipped >= 25 and batches[-1].rows_seen >= 40
     assert batches[-1].rows_skipped % 25 == 0  # whole epochs: 25 bad rows each
-    check_source(data)  # usable rows exist: no error
-
-
-def test_formats_give_the_same_rows(assets_dir):
-    def pairs(rows):
-        names = {}
-        return sorted((t, names.setdefault(lab, t.split()[0])) for t, lab in zip(rows.texts, rows.labels))
-
-    expected = pairs(rows_of(str(assets_dir / "train.jsonl")))
-    assert len(expected) == 60
-    assert pairs(rows_of(str(assets_dir / "train.parquet"))) == expected
-    assert pairs(rows_of(str(assets_dir / "train.csv"))) == expected
-    assert pairs(rows_of(text_source(assets_dir))) == expected
-    assert pairs(rows_of(str(assets_dir / "train.j*l"))) == expected  # glob
-    # jsonl, parquet and csv keep the file order
-    assert rows_of(str(assets_dir / "train.csv")).texts == rows_of(str(assets_dir / "train.jsonl")).texts
-    assert len(rows_of(str(assets_dir / "train.jsonl"), limit=25).texts) == 25
 
 
 def test_text_format_stream_is_labelled_by_file(assets_dir, tiny_bert_dir):
@@ -286,32 +170,6 @@ def test_text_format_stream_is_labelled_by_file(assets_dir, tiny_bert_dir):
         for text, label in zip(b.texts, b.labels.tolist()):
             by_label.setdefault(label, set()).add(text.split()[0])
         assert len(by_label) == 4 and all(len(v) == 1 for v in by_label.values())
-
-
-# ------------------------------------------------------------------------------ errors
-
-
-def test_missing_column_lists_existing_columns(assets_dir):
-    with pytest.raises(DataError) as err:
-        check_source(cfg(assets_dir, "wrong_columns.jsonl"))
-    message = str(err.value)
-    assert "'text'" in message and "body" in message and "topic" in message and "\n" not in message
-    with pytest.raises(DataError, match="available columns: text, label"):
-        check_source(cfg(assets_dir, "train.jsonl", label_column="topic"))
-
-
-def test_missing_files_and_no_rows(assets_dir, tmp_path):
-    with pytest.raises(DataError, match="no files match .*nothing-\\*.jsonl"):
-        check_source(cfg(assets_dir, "nothing-*.jsonl"))
-    with pytest.raises(DataError, match="no files match"):
-        rows_of(str(tmp_path / "absent.parquet"))
-    with pytest.raises(DataError, match="no files match"):
-        check_source(cfg(assets_dir, {"a": str(tmp_path / "none-*.txt")}))
-    with pytest.raises(DataError, match="no usable rows"):
-        check_source(cfg(assets_dir, "all_bad.jsonl"))
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(DataError):
-        check_source(DataConfig(source=str(tmp_path / "empty.jsonl")))
 
 
 # ------------------------------------------------------------------------------ tokenisation
@@ -518,14 +376,15 @@ def test_a_positive_is_never_a_copy_of_its_anchor(tmp_path, tiny_bert_dir):
         assert all(len(texts) >= 2 and len(set(texts)) == len(texts) for texts in by_label.values()), by_label
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
-def test_an_empty_file_says_why(tmp_path, suffix):
-    path = tmp_path / f"empty{suffix}"
-    path.write_bytes(b"")
-    for call in (lambda: check_source(DataConfig(source=str(path))), lambda: read_rows(SourceConfig(source=str(path)))):
-        with pytest.raises(DataError) as caught:
-            call()
-        message = str(caught.value)
-        reason = message.rsplit("): ", 1)[-1] if "): " in message else message.rsplit(": ", 1)[-1]
-        assert reason.strip() and str(path) in message
-        assert "empty" in message or "No columns" in message
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_tokenizer_that_cannot_load_is_one_line_naming_it(assets_dir, tmp_path, workers):
+    missing = tmp_path / "no-tokenizer-here"
+    stream = BatchStream(cfg(assets_dir, "two_class.jsonl", tokenizer_workers=workers), str(missing), 8, seed=0)
+    try:
+        with pytest.raises(TripletctlError) as caught:
+            next(stream)
+    finally:
+        stream.close()
+    message = str(caught.value)
+    assert "\n" not in message and f"cannot load the tokenizer '{missing}'" in message
+    assert caught.value.exit_code == 2
