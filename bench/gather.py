@@ -62,7 +62,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
     g = torch.Generator().manual_seed(rank)
     for dim in args.dims:
         local = torch.nn.functional.normalize(torch.randn(local_rows, dim, generator=g), dim=-1).to(device)
-        # Whole classes of 4, ids globally distinct (rank-offset), like data.py's class-balanced batches.
+        # Whole classes of 4, ids globally distinct (rank-offset), like batching.py's class-balanced batches.
         labels = (torch.arange(local_rows) // 4 + rank * local_rows).to(device)
         global_labels = D.gather_labels(labels, ctx)
         upstream = torch.randn(args.batch, dim, generator=g).to(device)  # stands in for dL/dE
