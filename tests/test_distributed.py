@@ -60,7 +60,7 @@ def _build_model() -> torch.nn.Module:
 
 
 def _rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank `rank`'s rows, padded to the longest row *of this rank* (as data.py pads)."""
+    """Rank `rank`'s rows, padded to the longest row *of this rank* (as stream.py pads)."""
     g = torch.Generator().manual_seed(1000 + rank)
     labels = torch.tensor(RANK_LABELS[rank])
     lengths = torch.randint(3, SEQ_LEN + 1 - 2 * rank, (len(labels),), generator=g)  # ranks pad differently

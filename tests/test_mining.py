@@ -177,7 +177,7 @@ def _compare(e, labels, mode, margin, distance, fallback, seed=0, group_grads=No
 
 @pytest.mark.parametrize("negatives", [("negative",), ("negative_1", "negative_2", "negative_3")])
 def test_triplet_batches_match_the_brute_force_with_given_negatives(assets_dir, tiny_bert_dir, tmp_path, negatives):
-    """A real `layout: triplets` batch (labels as data.py makes them) against the brute force told only
+    """A real `layout: triplets` batch (labels as stream.py makes them) against the brute force told only
     the roles: rows i, i+1 of each group are anchor and positive, the rest given negatives. Equal texts
     get equal embeddings, so a negative equal to another group's positive sits at distance 0 from it."""
     import json
