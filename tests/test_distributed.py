@@ -106,6 +106,7 @@ def _worker(out_dir: Path) -> None:
     from functools import partial
 
     from tripletctl import distributed as D
+    from tripletctl.model import unwrap
 
     torch.set_num_threads(1)
     ctx = D.init_distributed("cpu")
@@ -162,7 +163,7 @@ def _worker(out_dir: Path) -> None:
                 gather=partial(D.gather_with_grad, ctx=ctx),
                 no_sync=D.no_sync_for(model),
             )
-        grads = _flat_grads(D.unwrap_model(model))
+        grads = _flat_grads(unwrap(model))
         key = f"{mode}/{how}"
         results["scenarios"][key] = {"losses": D.gather_object(float(loss), ctx)}
         # DDP must leave identical gradients on every rank.

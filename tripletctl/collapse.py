@@ -20,6 +20,7 @@ import torch
 
 from tripletctl.errors import NonFiniteError
 from tripletctl.evaluation import check_finite
+from tripletctl.jsonio import finite_or_null
 from tripletctl.mining import DISTANCES, pairwise_distances
 
 if TYPE_CHECKING:
@@ -86,20 +87,10 @@ class CollapseReport:
         for name in self.__dataclass_fields__:
             if name in ("d_ap", "d_an", "singular_values"):
                 continue
-            out[name] = _json_safe(getattr(self, name))
-        out["singular_values"] = [_json_safe(float(s)) for s in self.singular_values]
+            out[name] = finite_or_null(getattr(self, name))
+        out["singular_values"] = [finite_or_null(float(s)) for s in self.singular_values]
         out["exit_code"] = self.exit_code
         return out
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def effective_rank(singular_values: torch.Tensor, scale: float) -> float:

@@ -221,11 +221,6 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     )
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside DDP, for saving (no `module.` prefixes) and evaluation."""
-    return getattr(model, "module", model)
-
-
 def no_sync_for(model: torch.nn.Module) -> Callable[[], AbstractContextManager] | None:
     """`model.no_sync` for DDP (skip the gradient all-reduce on all but the last backward of a
     gradient-cached step), None for a plain model."""

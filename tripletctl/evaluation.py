@@ -14,8 +14,6 @@ counted in `excluded_queries`.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 
 from tripletctl.curriculum import SourceConfig, describe_source
 from tripletctl.errors import CheckpointError, DataError, ModelError, NonFiniteError
+from tripletctl.jsonio import strict_json
 
 DEFAULT_KS = (1, 5, 10)
 DEFAULT_MAX_LENGTH = 128
@@ -259,7 +258,7 @@ def evaluate_model(
 
 
 @dataclass
-class LoadedCheckpoint:
+class ModelAndRows:
     """Everything `eval` and `inspect-collapse` need: model, tokenizer, rows and training settings."""
 
     checkpoint_dir: Path
@@ -330,7 +329,7 @@ def held_out_source(
 
 def load_checkpoint_and_rows(
     checkpoint: Path | str, source: SourceConfig, max_rows: int | None = None, device: str = "auto"
-) -> LoadedCheckpoint:
+) -> ModelAndRows:
     """Resolve a checkpoint (phase checkpoint, phase dir or run dir), read the rows (bad input fails
     before the model is loaded), then load its model."""
     from tripletctl.checkpoint import check_contained, resolve_checkpoint
@@ -349,18 +348,11 @@ def load_checkpoint_and_rows(
     except ModelError as error:  # not a tripletctl model, truncated or mismatched files
         raise CheckpointError(f"cannot load the model in {model_dir}: {error}") from None
     settings = _training_settings(checkpoint_dir)
-    return LoadedCheckpoint(checkpoint_dir, model, tokenizer, rows, device, **settings)
+    return ModelAndRows(checkpoint_dir, model, tokenizer, rows, device, **settings)
 
 
 # --------------------------------------------------------------------------------------------
 # command
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN is not JSON: write null instead so `--json` output always parses."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def metrics_table(metrics: dict[str, Any], title: str):
@@ -405,10 +397,10 @@ def run_eval_command(
         payload = {
             "checkpoint": str(loaded.checkpoint_dir),
             "data": data,
-            **{k: _json_safe(v) for k, v in metrics.items()},
+            **metrics,
         }
         # plain print, not console.print: rich would wrap or colour what scripts parse
-        print(json.dumps(payload, indent=2))
+        print(strict_json(payload, indent=2))
     else:
         console.print(metrics_table(metrics, f"retrieval on {data}"))
         console.print(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tripletctl.checkpoint import PHASE_DIR_RE, phase_dir  # noqa: E402
 from tripletctl.errors import CheckpointError, TripletctlError  # noqa: E402
+from tripletctl.metrics_log import METRICS_FILE, MetricsLog  # noqa: E402
 
-PHASE_DIR = re.compile(r"^phase-(\d+)(?:-(.*))?$")
 EVAL_KEYS = (("recall@1", "recall@1"), ("map@r", "MAP@R"))
 
 
@@ -35,29 +35,6 @@ def png_path(path: Path | str, default_name: str) -> Path:
     if path.is_dir():
         return path / default_name
     return path if path.suffix else path.with_name(path.name + ".png")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line; a torn last line (run still writing, or killed) is skipped, and so is
-    anything that is not text (a damaged or foreign file)."""
-    records = []
-    if not path.is_file():
-        return records
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} cannot be read as JSON lines: {error}") from None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def load_run(run_dir: Path | str) -> list[dict[str, Any]]:
@@ -84,25 +61,25 @@ def load_run(run_dir: Path | str) -> list[dict[str, Any]]:
             index = phase.get("index", position)
             index = index if isinstance(index, int) and not isinstance(index, bool) else position
             name = str(phase.get("name", f"phase {index}"))
-            directory = run_dir / Path(str(phase.get("dir") or f"phase-{index}-{name}")).name
+            directory = run_dir / Path(str(phase.get("dir") or phase_dir(run_dir, index, name))).name
             phases.append(
                 {
                     "index": index,
                     "name": name,
                     "margin": phase.get("margin"),
-                    "records": _read_jsonl(directory / "metrics.jsonl"),
+                    "records": MetricsLog(directory).records(strict_text=True),
                 }
             )
     else:
-        for path in run_dir.glob("phase-*/metrics.jsonl"):
-            match = PHASE_DIR.match(path.parent.name)
+        for path in run_dir.glob(f"phase-*/{METRICS_FILE}"):
+            match = PHASE_DIR_RE.match(path.parent.name)
             if match:
                 phases.append(
                     {
                         "index": int(match.group(1)),
-                        "name": match.group(2) or path.parent.name,
+                        "name": match.group(2),
                         "margin": None,
-                        "records": _read_jsonl(path),
+                        "records": MetricsLog(path.parent).records(strict_text=True),
                     }
                 )
     phases.sort(key=lambda p: p["index"])
