@@ -387,11 +387,9 @@ def _open_phase(
     curriculum, ctx = run.curriculum, run.ctx
     phase, train_cfg = curriculum.phases[phase_index], curriculum.train
     directory = phase_dir_of(train_cfg.output_dir, phase_index, phase.name)
-    log = MetricsLog(directory)
     if ctx.is_main:
         with writing(directory):
             directory.mkdir(parents=True, exist_ok=True)
-        log.open(keep_up_to=progress.global_step)
     # batch_size is the global batch: the stream yields this rank's share of whole classes
     local_batch = local_batch_size(phase.batch_size, curriculum.data.rows_per_group, ctx)
     stream = BatchStream(
@@ -420,6 +418,9 @@ def _open_phase(
     if progress.watchdog:
         watchdog.load_state_dict(progress.watchdog)
     memory_size = phase.memory.size if phase.memory else None
+    log = MetricsLog(directory)
+    if ctx.is_main:  # on resume, what was logged after the checkpoint goes
+        log.open(keep_up_to=progress.global_step)
     ph = _Phase(
         index=phase_index,
         config=phase,
