@@ -46,7 +46,7 @@ import yaml
 
 from tripletctl.card import Provenance
 from tripletctl.curriculum import plain, safe_yaml_load
-from tripletctl.errors import CheckpointError, ModelError, OutputError, writing
+from tripletctl.errors import CheckpointError, ModelError, OutputError, one_line, writing
 from tripletctl.faults import fault_point
 from tripletctl.model import load_model, save_model, unwrap
 
@@ -377,7 +377,7 @@ def load_checkpoint(
     try:
         curriculum = safe_yaml_load(curriculum_path.read_text(encoding="utf-8")) or {}
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{curriculum_path} is damaged: {_one_line(e)}") from None
+        raise CheckpointError(f"{curriculum_path} is damaged: {one_line(e, 200)}") from None
     if not isinstance(curriculum, dict):
         raise CheckpointError(f"{curriculum_path} is damaged: expected a mapping")
     rng = _check_rng(safe_torch_load(path / "rng.pt"), path / "rng.pt")
@@ -392,17 +392,12 @@ def load_checkpoint(
     )
 
 
-def _one_line(error: BaseException | str, limit: int = 200) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _read_state_json(path: Path) -> dict:
     file = path / "state.json"
     try:
         record = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file} is damaged: {_one_line(e)}") from None
+        raise CheckpointError(f"{file} is damaged: {one_line(e, 200)}") from None
     if not isinstance(record, dict):
         raise CheckpointError(f"{file} is damaged: expected a JSON object, got {type(record).__name__}")
     stream_file = record.get("stream_file")
@@ -442,7 +437,7 @@ def safe_torch_load(file: Path, map_location: str | torch.device = "cpu") -> Any
             f"format or a tampered file); refusing to load it"
         ) from None
     except Exception as e:  # truncated zip, garbage bytes, wrong device...: torch raises many types
-        raise CheckpointError(f"{file} is damaged: {_one_line(e)}") from None
+        raise CheckpointError(f"{file} is damaged: {one_line(e, 200)}") from None
 
 
 def _check_rng(rng: Any, file: Path) -> dict | list[dict]:
@@ -479,7 +474,7 @@ def _restore_model(model_dir: Path, model: torch.nn.Module) -> None:
     except RuntimeError as e:
         raise CheckpointError(
             f"checkpoint model in {model_dir} does not match this model "
-            f"(different architecture, pooling or head?): {_one_line(e, 300)}"
+            f"(different architecture, pooling or head?): {one_line(e, 300)}"
         ) from None
 
 
@@ -490,7 +485,7 @@ def _restore_optimizer(path: Path, optimizer: torch.optim.Optimizer, map_locatio
     try:
         optimizer.load_state_dict(state)
     except Exception as e:  # a foreign or mistyped file: ValueError, KeyError, TypeError...
-        raise CheckpointError(f"optimizer state in {path} does not match this optimizer: {_one_line(e)}") from None
+        raise CheckpointError(f"optimizer state in {path} does not match this optimizer: {one_line(e, 200)}") from None
     for group in optimizer.param_groups:  # load_state_dict does not look at shapes; step() would crash
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():

@@ -1249,7 +1249,7 @@ class RunIndex:
 
 def _interrupted_during_start_up(console: Console, curriculum: Curriculum, previous: Path | None) -> int:
     if previous is not None:
-        _one_line(
+        _print_line(
             console,
             "bold",
             "interrupted during start-up",
@@ -1257,7 +1257,7 @@ def _interrupted_during_start_up(console: Console, curriculum: Curriculum, previ
             f"continue with `tripletctl train {curriculum.path} --resume`",
         )
     else:
-        _one_line(
+        _print_line(
             console,
             "bold",
             "interrupted during start-up",
@@ -1266,7 +1266,7 @@ def _interrupted_during_start_up(console: Console, curriculum: Curriculum, previ
     return EXIT_INTERRUPTED
 
 
-def _one_line(console: Console, style: str, label: str, text: str) -> None:
+def _print_line(console: Console, style: str, label: str, text: str) -> None:
     """A styled label and a message kept on one line (paths in it are never read as markup)."""
     console.print(f"[{style}]{label}[/]: ", end="")
     console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -1286,16 +1286,16 @@ def _print_outcome(
     latest = latest_checkpoint(output)
     where = "nothing to save yet" if latest is None else f"checkpoint {latest} ({_saved_step(latest)})"
     if exit_code == EXIT_INTERRUPTED:
-        _one_line(
+        _print_line(
             console,
             "bold",
             "interrupted",
             f"{where}; " + (resume_hint if latest else f"start again with `tripletctl train {curriculum.path}`"),
         )
     elif exit_code == EXIT_WORKER_DIED:
-        _one_line(console, "bold red", "stopped", f"{reason}; {where}; {resume_hint}")
+        _print_line(console, "bold red", "stopped", f"{reason}; {where}; {resume_hint}")
     elif exit_code == EXIT_NONFINITE:
-        _one_line(
+        _print_line(
             console,
             "bold red",
             "stopped",
@@ -1305,7 +1305,7 @@ def _print_outcome(
     elif exit_code == EXIT_DONE and [status.get(i) for i in range(len(curriculum.phases))] != ["done"] * len(
         curriculum.phases
     ):
-        _one_line(console, "bold", "paused by --max-steps", f"{where}; {resume_hint}")
+        _print_line(console, "bold", "paused by --max-steps", f"{where}; {resume_hint}")
     elif exit_code == EXIT_COLLAPSE_STOP:
         console.print(
             "[bold red]stopped: embeddings collapsed[/] (on_collapse: stop); checkpoint written. "
