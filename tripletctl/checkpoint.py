@@ -38,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -156,36 +157,28 @@ def save_checkpoint(
     if clash:
         raise ValueError(f"state keys {clash} are reserved by the checkpoint format")
     target = Path(directory)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    provenance = Provenance(
+        curriculum=plain(curriculum), metrics=metrics, position={k: state[k] for k in POSITION_KEYS if k in state}
+    )
+    fill = partial(
+        _write_contents,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        state=state,
+        stream_state=stream_state,
+        curriculum=curriculum,
+        rng=rng,
+        memory=memory,
+        provenance=provenance,
+    )
     try:
-        with writing(target.parent):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            clean_leftovers(target)
-            tmp.mkdir()
-        provenance = Provenance(
-            curriculum=plain(curriculum), metrics=metrics, position={k: state[k] for k in POSITION_KEYS if k in state}
-        )
-        _write_contents(
-            tmp,
-            model=model,
-            tokenizer=tokenizer,
-            optimizer=optimizer,
-            state=state,
-            stream_state=stream_state,
-            curriculum=curriculum,
-            rng=rng,
-            memory=memory,
-            provenance=provenance,
-        )
-        with writing(target):
-            _swap_in(tmp, target)
-    except BaseException as error:  # disk full, read-only, Ctrl-C: the old checkpoint stays in place
-        shutil.rmtree(tmp, ignore_errors=True)
+        return write_complete_dir(target, fill)
+    except OutputError as error:  # disk full, read-only: the old checkpoint stays in place
         kept = _usable(target)
-        if isinstance(error, OutputError) and kept is not None:
+        if kept is not None:
             raise OutputError(f"{error}; the last good checkpoint {kept} is kept") from error
         raise
-    return target
 
 
 def write_complete_dir(directory: str | Path, fill: Callable[[Path], None]) -> Path:
@@ -239,9 +232,6 @@ def _write_contents(
         _torch_save(memory, tmp / "memory.pt")
     with writing(tmp / "curriculum.yaml"):
         (tmp / "curriculum.yaml").write_text(yaml.safe_dump(plain(curriculum), sort_keys=False))
-        _fsync_tree(tmp)
-        _write_synced(tmp / COMPLETE, "ok\n")  # last: its presence vouches for everything above
-        _fsync_dir(tmp)
 
 
 class _RecordingFile:
