@@ -27,8 +27,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tripletctl import distributed as D  # noqa: E402
-from tripletctl.mining import mine  # noqa: E402
+from tripletctl.train import distributed as D
+from tripletctl.train.mining import mine
 
 
 def _sync(device: torch.device) -> None:

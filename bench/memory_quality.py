@@ -37,8 +37,8 @@ import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tripletctl.curriculum import load_curriculum  # noqa: E402
-from tripletctl.runner import train  # noqa: E402
+from tripletctl.config.validate import load_curriculum
+from tripletctl.train.run import train
 
 FORTUNES = Path("/usr/share/games/fortunes")
 

@@ -45,7 +45,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tripletctl.mining import MODES, mine, pairwise_distances  # noqa: E402
+from tripletctl.config.choices import MINING_MODES as MODES
+from tripletctl.model.distances import pairwise_distances
+from tripletctl.train.mining import mine
 
 MARGIN = 0.2
 ST = "st semi-hard"

@@ -82,14 +82,14 @@ def trainer_samples_per_s(tokenizer: str, batch, steps: int = 3) -> float:
     """Forward + backward + optimiser step of the encoder with batch-hard mining, on this machine."""
     import torch
 
-    from tripletctl.curriculum import ModelConfig
-    from tripletctl.model import build_model
+    from tripletctl.config.blocks import ModelConfig
+    from tripletctl.model.encoder import build_model
 
     model, _ = build_model(ModelConfig(name=tokenizer, init="config", head=(64,)), seed=0)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     try:
-        from tripletctl.mining import mine
+        from tripletctl.train.mining import mine
 
         def loss_of(emb, labels):
             return mine(emb, labels, "batch-hard", 0.2)[0]
@@ -128,8 +128,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the corpus afterwards")
     args = parser.parse_args()
 
-    from tripletctl.curriculum import DataConfig
-    from tripletctl.stream import BatchStream
+    from tripletctl.config.blocks import DataConfig
+    from tripletctl.data.stream import BatchStream
 
     out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="tripletctl-bench-"))
     out_dir.mkdir(parents=True, exist_ok=True)

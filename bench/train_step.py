@@ -147,7 +147,7 @@ def build_model(name: str, device, attn: str):
     """A TripletEncoder with random weights from a config: weights do not change the speed."""
     from transformers import AutoConfig, AutoModel, BertConfig
 
-    from tripletctl.model import TripletEncoder
+    from tripletctl.model.encoder import TripletEncoder
 
     config = BertConfig(**CONFIGS[name]) if name in CONFIGS else AutoConfig.from_pretrained(name)
     try:
@@ -172,9 +172,15 @@ def worker(cfg: dict) -> dict:
     """One configuration: build, warm up, time `steps` steps, report the median and the peaks."""
     import torch
 
-    from tripletctl import mining
-    from tripletctl.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, embed_and_backward, plan_chunks, resolve_chunking
-    from tripletctl.stream import pad_ragged
+    from tripletctl.data.stream import pad_ragged
+    from tripletctl.model.chunking import (
+        CHUNK_OVERHEAD_TOKENS,
+        Chunking,
+        embed_and_backward,
+        plan_chunks,
+        resolve_chunking,
+    )
+    from tripletctl.train import mining
 
     if cfg.get("cpus"):
         os.sched_setaffinity(0, cfg["cpus"])

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from tripletctl.batching import STALL_EPOCHS, STOP_CHECK_ROWS, ClassBatcher, GroupBatcher, Shuffler, Stopped
-from tripletctl.errors import DataError
+from tripletctl.core.errors import DataError
+from tripletctl.data.batching import STALL_EPOCHS, STOP_CHECK_ROWS, ClassBatcher, GroupBatcher, Shuffler, Stopped
 
 
 class ListRows:

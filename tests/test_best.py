@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import TINY_BERT
 
-from tripletctl import best
-from tripletctl.curriculum import ModelConfig
-from tripletctl.errors import OutputError
-from tripletctl.model import build_model, encode, load_model
+from tripletctl.config.blocks import ModelConfig
+from tripletctl.core.errors import OutputError
+from tripletctl.model.encoder import build_model, encode, load_model
+from tripletctl.outputs import best
 
 CURRICULUM = {"data": {"max_length": 20}, "phases": [{"name": "p", "distance": "euclidean", "steps": 9}]}
 

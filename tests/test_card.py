@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from tripletctl.card import Provenance, is_hub_id, render_card
-from tripletctl.curriculum import ModelConfig
-from tripletctl.model import build_model, encode, save_model
+from tripletctl.config.blocks import ModelConfig
+from tripletctl.model.card import Provenance, is_hub_id, render_card
+from tripletctl.model.encoder import build_model, encode, save_model
 
 META = {"pooling": "mean", "head": [256], "normalize": True, "embedding_dim": 256, "hidden_size": 768}
 HUB_CURRICULUM = {

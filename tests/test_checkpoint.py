@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from tripletctl.checkpoint import (
+from tripletctl.config.blocks import ModelConfig
+from tripletctl.core.errors import CheckpointError
+from tripletctl.model.encoder import build_model
+from tripletctl.outputs.checkpoint import (
     capture_rng,
     checkpoint_dir,
     latest_checkpoint,
@@ -25,9 +28,6 @@ from tripletctl.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from tripletctl.curriculum import ModelConfig
-from tripletctl.errors import CheckpointError
-from tripletctl.model import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = {
@@ -276,8 +276,8 @@ import os, sys, time
 from pathlib import Path
 from types import SimpleNamespace
 import torch
-import tripletctl.checkpoint as ck
-from tripletctl.model import build_model
+import tripletctl.outputs.checkpoint as ck
+from tripletctl.model.encoder import build_model
 
 target, tiny_bert, stage = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 cfg = SimpleNamespace(name=tiny_bert, init="config", tokenizer=None, pooling="mean", head=(16,),
@@ -376,7 +376,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tiny_bert_dir, tmp_path, 
 def test_a_directory_is_renamed_before_it_is_deleted(tiny_bert_dir, tmp_path, monkeypatch):
     """A removal that dies half-way (here: rmtree raising after deleting COMPLETE's siblings) leaves
     a trash directory, never a half-deleted `checkpoint.prev` that still holds COMPLETE."""
-    import tripletctl.checkpoint as ck
+    import tripletctl.outputs.checkpoint as ck
 
     model, tok = tiny(tiny_bert_dir)
     target = tmp_path / "phase-0-x" / "checkpoint"
@@ -418,7 +418,7 @@ def test_a_directory_is_renamed_before_it_is_deleted(tiny_bert_dir, tmp_path, mo
 
 
 def test_clean_leftovers_removes_what_killed_saves_left(tiny_bert_dir, tmp_path):
-    from tripletctl.checkpoint import clean_leftovers
+    from tripletctl.outputs.checkpoint import clean_leftovers
 
     model, tok = tiny(tiny_bert_dir)
     target = tmp_path / "phase-0-x" / "checkpoint"

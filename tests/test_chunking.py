@@ -12,9 +12,7 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoModel
 
-from tripletctl import mining
-from tripletctl.chunking import (
-    CPU_AUTO_CHUNK,
+from tripletctl.model.chunking import (
     CPU_AUTO_TOKENS,
     Chunking,
     ChunkPlan,
@@ -23,7 +21,8 @@ from tripletctl.chunking import (
     resolve_chunk_size,
     resolve_chunking,
 )
-from tripletctl.model import TripletEncoder
+from tripletctl.model.encoder import TripletEncoder
+from tripletctl.train import mining
 
 SEQ_LEN = 12
 CLASSES = 6
@@ -465,18 +464,6 @@ def test_resolve_chunking():
     with pytest.raises(ValueError):
         Chunking(rows=4, tokens=4)
     assert isinstance(plan_chunks([1, 2], Chunking(tokens=4)), ChunkPlan)
-
-
-def test_resolve_chunk_size_int_and_cpu_auto(tiny_bert_dir):
-    model = make_model(tiny_bert_dir)
-    assert resolve_chunk_size(64, 500, model, "cpu", 128) == 64
-    assert resolve_chunk_size(4096, 500, model, "cpu", 128) == 500  # capped at the batch
-    assert resolve_chunk_size("32", 500, model, "cpu", 128) == 32
-    assert resolve_chunk_size("auto", 2000, model, "cpu", 128) == CPU_AUTO_CHUNK
-    assert resolve_chunk_size("auto", 100, model, torch.device("cpu"), 128) == 100
-    for bad in (0, -3, "big", 2.5, True):
-        with pytest.raises(ValueError):
-            resolve_chunk_size(bad, 500, model, "cpu", 128)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -17,10 +17,11 @@ from conftest import QUICKSTART
 from test_runner import write_curriculum
 from typer.testing import CliRunner
 
-import tripletctl.interrupt as interrupt
-import tripletctl.runner as runner_module
+import tripletctl.core.exit_codes as exit_codes
+import tripletctl.train.interrupt as interrupt
 from tripletctl.cli import app
-from tripletctl.curriculum import curriculum_to_dict, load_curriculum
+from tripletctl.config.blocks import curriculum_to_dict
+from tripletctl.config.validate import load_curriculum
 
 
 def test_version_is_the_installed_one():
@@ -71,7 +72,7 @@ def test_train_help_has_the_exit_code_table():
     result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "120"})
     codes = re.findall(r"^\s*(\d+)\s{2,}\S", result.output, flags=re.MULTILINE)
     assert codes == ["0", "1", "2", "3", "4", "5", "130"]
-    assert runner_module.EXIT_COLLAPSE_STOP == 3 and runner_module.EXIT_INTERRUPTED == 130
+    assert exit_codes.EXIT_COLLAPSE_STOP == 3 and exit_codes.EXIT_INTERRUPTED == 130
 
 
 class _SignalledAtOnce(interrupt.StopFlag):

@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tripletctl.collapse import (
-    AT_RISK,
-    COLLAPSED,
-    EXIT_CODES,
-    HEALTHY,
-    CollapseWatchdog,
-    collapse_report,
-    effective_rank,
-)
+from tripletctl.evaluation.collapse import AT_RISK, COLLAPSED, EXIT_CODES, HEALTHY, collapse_report, effective_rank
+from tripletctl.train.watchdog import CollapseWatchdog
 
 HELDOUT = Path(__file__).resolve().parent.parent / "curricula" / "quickstart" / "heldout.jsonl"
 
@@ -42,8 +35,8 @@ def tiny_encoder(tiny_bert_dir: Path, seed: int = 0):
     """The quickstart's tiny BERT with random weights (`init: config`) and a 32-wide head."""
     from transformers import AutoConfig, AutoModel
 
-    from tripletctl.model import TripletEncoder
-    from tripletctl.tokenizer import load_tokenizer
+    from tripletctl.data.tokenizer import load_tokenizer
+    from tripletctl.model.encoder import TripletEncoder
 
     torch.manual_seed(seed)
     encoder = AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir))
@@ -163,7 +156,7 @@ def test_large_samples_are_subsampled():
 
 
 def test_constant_head_encoder_is_collapsed(tiny_bert_dir):
-    from tripletctl.model import encode
+    from tripletctl.model.encoder import encode
 
     model, tokenizer = tiny_encoder(tiny_bert_dir)
     make_collapsed(model)
@@ -175,7 +168,7 @@ def test_constant_head_encoder_is_collapsed(tiny_bert_dir):
 
 def test_untrained_encoder_is_reported_honestly(tiny_bert_dir):
     """Random tiny BERT: whatever the verdict, the numbers must be finite (docs/collapse.md says what it gives)."""
-    from tripletctl.model import encode
+    from tripletctl.model.encoder import encode
 
     model, tokenizer = tiny_encoder(tiny_bert_dir)
     texts, labels = heldout_sample()
@@ -246,7 +239,7 @@ def test_watchdog_state_round_trips():
 @pytest.fixture
 def checkpoint_factory(tmp_path, tiny_bert_dir):
     def make(collapsed: bool) -> Path:
-        from tripletctl.checkpoint import save_checkpoint
+        from tripletctl.outputs.checkpoint import save_checkpoint
 
         model, tokenizer = tiny_encoder(tiny_bert_dir)
         if collapsed:
@@ -274,7 +267,6 @@ def heldout_file(tmp_path) -> Path:
 
 
 def test_cli_exit_code_3_on_a_collapsed_checkpoint(checkpoint_factory, heldout_file, tmp_path):
-    pytest.importorskip("tripletctl.sources")
     from typer.testing import CliRunner
 
     from tripletctl.cli import app
@@ -304,7 +296,6 @@ def test_cli_exit_code_3_on_a_collapsed_checkpoint(checkpoint_factory, heldout_f
 
 
 def test_cli_untrained_checkpoint_exit_code_matches_verdict(checkpoint_factory, heldout_file):
-    pytest.importorskip("tripletctl.sources")
     from typer.testing import CliRunner
 
     from tripletctl.cli import app
@@ -326,7 +317,7 @@ def test_cli_bad_checkpoint_is_exit_2(tmp_path, heldout_file):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_embeddings_are_refused_not_a_linalg_error(bad):
-    from tripletctl.errors import NonFiniteError
+    from tripletctl.core.errors import NonFiniteError
 
     emb = torch.randn(20, 6)
     emb[3, 1] = bad

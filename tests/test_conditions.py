@@ -10,7 +10,8 @@ import math
 import pandas as pd
 import pytest
 
-from tripletctl.conditions import ConditionState, Plateau, UntilConfig, advance, describe, readings
+from tripletctl.config.until import Plateau, UntilConfig, describe
+from tripletctl.train.conditions import ConditionState, advance, readings
 
 
 def run(

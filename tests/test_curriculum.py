@@ -18,8 +18,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
-from tripletctl.conditions import Plateau, UntilConfig
-from tripletctl.curriculum import (
+from tripletctl.config.blocks import (
     Curriculum,
     DataConfig,
     EvalConfig,
@@ -28,10 +27,11 @@ from tripletctl.curriculum import (
     PhaseConfig,
     TrainConfig,
     curriculum_to_dict,
-    load_curriculum,
 )
-from tripletctl.display import plan_table
-from tripletctl.errors import ConfigError
+from tripletctl.config.plan import plan_table
+from tripletctl.config.until import Plateau, UntilConfig
+from tripletctl.config.validate import load_curriculum
+from tripletctl.core.errors import ConfigError
 
 FACENET = REPO / "curricula" / "facenet.yaml"
 
@@ -765,7 +765,7 @@ def test_every_key_is_documented_in_its_section_of_curricula_md():
 def test_loading_a_curriculum_never_imports_torch():
     """`validate` reads and prints a curriculum: it must not pay for torch (or transformers) start-up."""
     code = (
-        "import sys, tripletctl.curriculum, tripletctl.display; "
+        "import sys, tripletctl.config.validate, tripletctl.config.plan; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -930,7 +930,7 @@ def test_validate_command_reports_until_problems_with_exit_2(tmp_path):
 
 
 def test_data_and_eval_blocks_are_one_source_config(tmp_path):
-    from tripletctl.curriculum import SourceConfig
+    from tripletctl.config.blocks import SourceConfig
 
     text = MINIMAL + (
         "eval:\n  source: org/heldout\n  layout: triplets\n  negative_columns: [negative_1, negative_2]\n"
@@ -948,14 +948,15 @@ def test_data_and_eval_blocks_are_one_source_config(tmp_path):
 
 def test_cli_source_options_map_one_to_one_onto_source_config():
     from tripletctl.cli import SOURCE_OPTIONS
-    from tripletctl.curriculum import SourceConfig
+    from tripletctl.config.blocks import SourceConfig
 
     assert list(SOURCE_OPTIONS) == [f.name for f in dataclasses.fields(SourceConfig)]
 
 
 def test_source_from_options(tmp_path):
     from tripletctl.cli import SOURCE_OPTIONS
-    from tripletctl.curriculum import SourceConfig, source_from_options
+    from tripletctl.config.blocks import SourceConfig
+    from tripletctl.config.validate import source_from_options
 
     given = {
         "source": "sentence-transformers/all-nli",
@@ -1087,8 +1088,8 @@ def test_keep_best_takes_an_eval_metric_and_needs_an_eval_block(tmp_path):
 def test_keep_best_names_are_the_scores_evaluation_reports():
     import torch
 
-    from tripletctl.curriculum import EVAL_METRICS
-    from tripletctl.evaluation import retrieval_metrics
+    from tripletctl.config.until import EVAL_METRICS
+    from tripletctl.evaluation.retrieval import retrieval_metrics
 
     metrics = retrieval_metrics(torch.randn(12, 4), torch.arange(12) % 3)
     scores = {k for k, v in metrics.items() if isinstance(v, float)}

@@ -35,7 +35,7 @@ TOKEN_CHUNKING = {"tokens-cached": (24, 2), "tokens-kept": (10_000, 0)}  # budge
 
 
 def _chunking(how: str):
-    from tripletctl.chunking import Chunking
+    from tripletctl.model.chunking import Chunking
 
     if how == "chunked":
         return CHUNK
@@ -50,7 +50,7 @@ def _build_model() -> torch.nn.Module:
     """Tiny BERT (dropout off, no pooler) + mean pooling + a 16-wide head + L2 norm, seeded."""
     from transformers import AutoConfig, AutoModel
 
-    from tripletctl.model import TripletEncoder
+    from tripletctl.model.encoder import TripletEncoder
 
     config = AutoConfig.from_pretrained(TINY_BERT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(SEED)
@@ -82,17 +82,9 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _loss_fn(mode: str):
-    from tripletctl import mining
+    from tripletctl.train import mining
 
     return lambda embeddings, labels: mining.mine(embeddings, labels, mode, MARGIN)
-
-
-def _has(module: str) -> bool:
-    try:
-        __import__(f"tripletctl.{module}")
-    except ImportError:
-        return False
-    return True
 
 
 def _flat_grads(model: torch.nn.Module) -> torch.Tensor:
@@ -105,8 +97,8 @@ def _flat_grads(model: torch.nn.Module) -> torch.Tensor:
 def _worker(out_dir: Path) -> None:
     from functools import partial
 
-    from tripletctl import distributed as D
-    from tripletctl.model import unwrap
+    from tripletctl.model.encoder import unwrap
+    from tripletctl.train import distributed as D
 
     torch.set_num_threads(1)
     ctx = D.init_distributed("cpu")
@@ -126,8 +118,6 @@ def _worker(out_dir: Path) -> None:
         (x.grad / w[start : start + x.shape[0]].clamp(min=1e-9))[w[start : start + x.shape[0]] > 0].unique().tolist()
     )
     results["labels"] = D.gather_labels(torch.tensor(RANK_LABELS[ctx.rank][: 8 - 3 * ctx.rank]), ctx).tolist()
-    results["sum"] = D.all_reduce_sum(ctx.rank + 1, ctx)
-    results["mean"] = D.all_reduce_mean(ctx.rank + 1, ctx)
     results["max"] = D.all_reduce_max(ctx.rank + 1, ctx)
     # the runner's per-step decision: counters summed, a flag raised on one rank seen by all
     results["sums"] = D.all_reduce_sums([ctx.rank + 1, 10, ctx.rank == 1, False], ctx)
@@ -138,10 +128,8 @@ def _worker(out_dir: Path) -> None:
     ids, mask, labels = _rank_batch(ctx.rank)
     global_labels = D.gather_labels(labels, ctx)
     scenarios = []
-    if _has("mining"):
-        scenarios += [(mode, "plain") for mode in MODES]
-        if _has("chunking"):
-            scenarios += [(mode, how) for mode in MODES for how in ("chunked", *TOKEN_CHUNKING)]
+    scenarios += [(mode, "plain") for mode in MODES]
+    scenarios += [(mode, how) for mode in MODES for how in ("chunked", *TOKEN_CHUNKING)]
     results["scenarios"] = {}
     for mode, how in scenarios:
         model = D.wrap_model(_build_model(), ctx)
@@ -151,7 +139,7 @@ def _worker(out_dir: Path) -> None:
             loss, _ = loss_fn(D.gather_with_grad(model(ids, mask), ctx), global_labels)
             loss.backward()
         else:
-            from tripletctl.chunking import embed_and_backward
+            from tripletctl.model.chunking import embed_and_backward
 
             loss, _, _ = embed_and_backward(
                 model,
@@ -292,7 +280,7 @@ def test_gather_backward_sums_over_ranks(two_ranks):
 
 def test_reductions_and_objects(two_ranks):
     results, _ = two_ranks
-    assert results["sum"] == 3.0 and results["mean"] == 1.5 and results["max"] == 2.0
+    assert results["max"] == 2.0
     assert results["sums"] == [3.0, 20.0, 1.0, 0.0]
     assert results["objects"] == [{"rank": 0}, {"rank": 1}]
     assert results["broadcast"] == "from 0"
@@ -311,12 +299,8 @@ def _reference(mode: str) -> tuple[float, torch.Tensor]:
 @pytest.mark.parametrize("how", ["plain", "chunked", *TOKEN_CHUNKING])
 @pytest.mark.parametrize("mode", MODES)
 def test_ddp_gather_equals_single_process(two_ranks, mode, how):
-    if not _has("mining"):
-        pytest.skip("tripletctl.mining not there yet")
-    if how != "plain" and not _has("chunking"):
-        pytest.skip("tripletctl.chunking not there yet")
     if how in TOKEN_CHUNKING:
-        from tripletctl.chunking import plan_chunks
+        from tripletctl.model.chunking import plan_chunks
 
         plans = [plan_chunks(_rank_batch(rank)[1].sum(1), _chunking(how)) for rank in range(WORLD)]
         assert all(len(p.chunks) > 1 and p.keep_graph == (how == "tokens-kept") for p in plans)
@@ -337,8 +321,8 @@ def test_ddp_gather_equals_single_process(two_ranks, mode, how):
 
 
 def test_check_world_size():
-    from tripletctl.distributed import DistContext, check_world_size
-    from tripletctl.errors import TripletctlError
+    from tripletctl.core.errors import TripletctlError
+    from tripletctl.train.distributed import DistContext, check_world_size
 
     two = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     check_world_size(2, two)
@@ -352,7 +336,7 @@ def test_check_world_size():
 
 
 def test_single_process_is_identity(monkeypatch):
-    from tripletctl import distributed as D
+    from tripletctl.train import distributed as D
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     ctx = D.init_distributed("cpu")
@@ -361,7 +345,7 @@ def test_single_process_is_identity(monkeypatch):
     assert D.gather_with_grad(x, ctx) is x and D.gather_labels(x, ctx) is x
     model = torch.nn.Linear(2, 2)
     assert D.wrap_model(model, ctx) is model and D.no_sync_for(model) is None
-    assert D.all_reduce_sum(2.5, ctx) == 2.5 and D.all_reduce_mean(2.5, ctx) == 2.5
+    assert D.all_reduce_max(2.5, ctx) == 2.5
     assert D.all_reduce_sums([2, True, False], ctx) == [2.0, 1.0, 0.0]
     assert D.gather_object("a", ctx) == ["a"]
     assert D.local_batch_size(64, 4, ctx) == 64
@@ -370,8 +354,8 @@ def test_single_process_is_identity(monkeypatch):
 
 
 def test_local_batch_size_needs_whole_classes_per_rank():
-    from tripletctl import distributed as D
-    from tripletctl.errors import TripletctlError
+    from tripletctl.core.errors import TripletctlError
+    from tripletctl.train import distributed as D
 
     ctx = D.DistContext(rank=1, world_size=8, local_rank=1, device=torch.device("cpu"))
     assert D.local_batch_size(2048, 4, ctx) == 256
@@ -380,8 +364,8 @@ def test_local_batch_size_needs_whole_classes_per_rank():
 
 
 def test_missing_master_addr_is_a_clear_error(monkeypatch):
-    from tripletctl import distributed as D
-    from tripletctl.errors import TripletctlError
+    from tripletctl.core.errors import TripletctlError
+    from tripletctl.train import distributed as D
 
     if torch.distributed.is_initialized():
         pytest.skip("a process group already exists in this process")
@@ -502,7 +486,7 @@ def test_torchrun_memory_holds_the_global_batch_and_resumes_exactly(tmp_path):
         for line in (tmp_path / "straight" / "phase-0-semi-hard" / "metrics.jsonl").read_text().splitlines()
         if '"loss"' in line
     ]
-    from tripletctl.curriculum import load_curriculum
+    from tripletctl.config.validate import load_curriculum
 
     batch = load_curriculum(QUICKSTART).phases[0].batch_size
     assert [r["memory_rows"] for r in records] == [0, batch]  # the global batch, not batch / world_size

@@ -10,10 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tripletctl.checkpoint import save_checkpoint
 from tripletctl.cli import app
-from tripletctl.curriculum import ModelConfig
-from tripletctl.model import build_model, encode, load_model
+from tripletctl.config.blocks import ModelConfig
+from tripletctl.model.encoder import build_model, encode, load_model
+from tripletctl.outputs.checkpoint import save_checkpoint
 
 TEXTS = ["alpha beta", "gamma", "delta epsilon zeta"]
 CURRICULUM = {

@@ -24,10 +24,11 @@ import torch
 from test_runner import final_weights, write_curriculum
 from typer.testing import CliRunner
 
-from tripletctl.checkpoint import load_checkpoint
 from tripletctl.cli import app
-from tripletctl.curriculum import load_curriculum
-from tripletctl.runner import EXIT_INTERRUPTED, EXIT_WORKER_DIED, train
+from tripletctl.config.validate import load_curriculum
+from tripletctl.core.exit_codes import EXIT_INTERRUPTED, EXIT_WORKER_DIED
+from tripletctl.outputs.checkpoint import load_checkpoint
+from tripletctl.train.run import train
 
 STEPS = (6, 2, 2)  # checkpoint_every=1: 10 saves, 7 of which replace (and discard) an older one
 SEEDED = random.Random(9)
@@ -325,7 +326,7 @@ def test_a_full_disk_is_one_line_exit_2_and_keeps_the_last_checkpoint(tmp_path, 
     disk = tmp_path / "disk"
     mounted = mount_tmpfs(disk, size)
     if not mounted:  # no tmpfs here: the second checkpoint's writes fail as a full disk would
-        import tripletctl.checkpoint as checkpoint_module
+        import tripletctl.outputs.checkpoint as checkpoint_module
 
         saves = {"n": 0}
         real_write = checkpoint_module._write_contents

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from tripletctl.errors import OutputError
-from tripletctl.jsonio import finite_or_null, replace_text, strict_json, write_json_atomic
+from tripletctl.core.errors import OutputError
+from tripletctl.core.jsonio import finite_or_null, replace_text, strict_json, write_json_atomic
 
 
 def _reject_constant(name: str):

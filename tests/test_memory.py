@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tripletctl.memory import EmbeddingMemory, carry_over
+from tripletctl.train.memory import EmbeddingMemory, carry_over
 
 
 def _batch(start: int, rows: int, dim: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

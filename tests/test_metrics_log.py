@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from tripletctl.errors import CheckpointError
-from tripletctl.metrics_log import METRICS_FILE, MetricsLog
+from tripletctl.core.errors import CheckpointError
+from tripletctl.outputs.metrics_log import METRICS_FILE, MetricsLog
 
 
 def _steps(*global_steps: int) -> list[dict]:

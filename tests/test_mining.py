@@ -14,14 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tripletctl.mining import (
-    MODES,
-    SQRT_EPS,
-    MiningStats,
-    mine,
-    mine_indices,
-    pairwise_distances,
-)
+from tripletctl.config.choices import MINING_MODES as MODES
+from tripletctl.model.distances import SQRT_EPS, pairwise_distances
+from tripletctl.train.mining import MiningStats, mine, mine_indices
 
 TOL = 1e-5
 
@@ -182,8 +177,8 @@ def test_triplet_batches_match_the_brute_force_with_given_negatives(assets_dir, 
     get equal embeddings, so a negative equal to another group's positive sits at distance 0 from it."""
     import json
 
-    from tripletctl.curriculum import DataConfig
-    from tripletctl.stream import BatchStream
+    from tripletctl.config.blocks import DataConfig
+    from tripletctl.data.stream import BatchStream
 
     name = "triplets.jsonl" if len(negatives) == 1 else "triplets3.jsonl"
     rows = [json.loads(line) for line in (assets_dir / name).read_text().splitlines()[:8]]

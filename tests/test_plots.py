@@ -10,8 +10,8 @@ import matplotlib.image as mpimg
 import pytest
 import torch
 
-from tripletctl.errors import CheckpointError, TripletctlError
-from tripletctl.plots import load_run, plot_collapse, plot_run
+from tripletctl.core.errors import CheckpointError, TripletctlError
+from tripletctl.evaluation.plots import load_run, plot_collapse, plot_run
 
 PHASES = [("semi-hard", 64, 40), ("hard-negative", 128, 30), ("batch-hard", 256, 20)]
 
@@ -135,7 +135,7 @@ def test_cli_plot(tmp_path):
 
 @pytest.mark.parametrize("collapsed", [False, True])
 def test_plot_collapse(tmp_path, collapsed):
-    from tripletctl.collapse import collapse_report
+    from tripletctl.evaluation.collapse import collapse_report
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(10).repeat_interleave(10)
@@ -149,7 +149,7 @@ def test_plot_collapse(tmp_path, collapsed):
 
 
 def test_png_path_says_the_real_file(tmp_path):
-    from tripletctl.plots import png_path
+    from tripletctl.evaluation.plots import png_path
 
     (tmp_path / "dir").mkdir()
     assert png_path(tmp_path / "dir", "collapse.png") == tmp_path / "dir" / "collapse.png"

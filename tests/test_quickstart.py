@@ -83,7 +83,7 @@ def heldout_texts(limit: int = 200) -> list[str]:
 def ours_and_sentence_transformers(model_dir: Path, texts: list[str]):
     from sentence_transformers import SentenceTransformer
 
-    from tripletctl.model import encode, load_model
+    from tripletctl.model.encoder import encode, load_model
 
     model, tokenizer = load_model(model_dir)
     ours = encode(model, tokenizer, texts, max_length=32)

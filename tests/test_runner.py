@@ -20,8 +20,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
-from tripletctl.curriculum import PhaseConfig, load_curriculum
-from tripletctl.runner import get_lr, train
+from tripletctl.config.blocks import PhaseConfig
+from tripletctl.config.validate import load_curriculum
+from tripletctl.core.exit_codes import EXIT_NONFINITE
+from tripletctl.train.lr import get_lr
+from tripletctl.train.run import train
 
 QUICKSTART_DATA = REPO / "curricula" / "quickstart" / "train.jsonl"
 QUICKSTART_HELDOUT = REPO / "curricula" / "quickstart" / "heldout.jsonl"
@@ -271,9 +274,9 @@ def _collapsed_build(real_build):
 
 @pytest.mark.parametrize("action", ["warn", "stop", "fallback"])
 def test_collapse_watchdog_acts_as_on_collapse_says(tmp_path, monkeypatch, action):
-    import tripletctl.runner as runner_module
+    import tripletctl.train.setup as setup_module
 
-    monkeypatch.setattr(runner_module, "build_model", _collapsed_build(runner_module.build_model))
+    monkeypatch.setattr(setup_module, "build_model", _collapsed_build(setup_module.build_model))
     path = write_curriculum(
         tmp_path, steps=(1, 4, 1), checkpoint_every=0, with_eval=True, on_collapse=action, collapse_patience=2
     )
@@ -554,9 +557,9 @@ def _poisoned(real, bad_calls: set[int]):
 
 
 def test_on_nonfinite_skip_drops_the_step_and_the_run_finishes(tmp_path, monkeypatch):
-    import tripletctl.runner as runner_module
+    import tripletctl.train.loop as loop_module
 
-    monkeypatch.setattr(runner_module, "embed_and_backward", _poisoned(runner_module.embed_and_backward, {2, 3}))
+    monkeypatch.setattr(loop_module, "embed_and_backward", _poisoned(loop_module.embed_and_backward, {2, 3}))
     path = one_phase(write_curriculum(tmp_path, steps=(4, 1, 1), checkpoint_every=0, on_nonfinite="skip"))
     assert train(load_curriculum(path)) == 0
     run = tmp_path / "run"
@@ -577,12 +580,12 @@ def test_on_nonfinite_skip_drops_the_step_and_the_run_finishes(tmp_path, monkeyp
 
 
 def test_on_nonfinite_stop_keeps_the_checkpoint_and_exits_4(tmp_path, monkeypatch):
-    import tripletctl.runner as runner_module
+    import tripletctl.train.loop as loop_module
 
-    monkeypatch.setattr(runner_module, "embed_and_backward", _poisoned(runner_module.embed_and_backward, {3}))
+    monkeypatch.setattr(loop_module, "embed_and_backward", _poisoned(loop_module.embed_and_backward, {3}))
     path = one_phase(write_curriculum(tmp_path, steps=(4, 1, 1), checkpoint_every=1))
     checkpoint = tmp_path / "run" / "phase-0-semi-hard" / "checkpoint"
-    assert train(load_curriculum(path)) == runner_module.EXIT_NONFINITE == 4
+    assert train(load_curriculum(path)) == EXIT_NONFINITE == 4
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 2
     index = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [p["status"] for p in index["phases"]] == ["stopped (non-finite)"]

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-from tripletctl.card import Provenance
-from tripletctl.curriculum import ModelConfig
-from tripletctl.model import build_model, encode, load_model, save_model
-from tripletctl.sbert import activation_path, head_layers
+from tripletctl.config.blocks import ModelConfig
+from tripletctl.model.card import Provenance
+from tripletctl.model.encoder import build_model, encode, load_model, save_model
+from tripletctl.model.sbert import activation_path, head_layers
 
 TEXTS = [
     "the quick brown fox",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tripletctl import schema
+from tripletctl.config import schema
 
 
 @dataclass(frozen=True)

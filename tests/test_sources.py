@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tripletctl.curriculum import DataConfig, SourceConfig
-from tripletctl.errors import DataError
-from tripletctl.sources import check_source, read_rows
+from tripletctl.config.blocks import DataConfig, SourceConfig
+from tripletctl.core.errors import DataError
+from tripletctl.data.sources import check_source, read_rows
 
 
 def rows_of(source, limit=None, **kw):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_sources import NEGATIVES, text_source, triplet_file_rows
 
-from tripletctl.curriculum import DataConfig
-from tripletctl.errors import DataError, TripletctlError
-from tripletctl.sources import check_source
-from tripletctl.stream import BatchStream, pad_ragged
+from tripletctl.config.blocks import DataConfig
+from tripletctl.core.errors import DataError, TripletctlError
+from tripletctl.data.sources import check_source
+from tripletctl.data.stream import BatchStream, pad_ragged
 
 
 def cfg(assets_dir, name, **kw) -> DataConfig:

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from tripletctl.errors import ModelError
-from tripletctl.tokenizer import load_tokenizer
+from tripletctl.core.errors import ModelError
+from tripletctl.data.tokenizer import load_tokenizer
 
 
 def test_the_tiny_tokenizer_loads_fast(tiny_bert_dir):
@@ -27,8 +27,8 @@ def test_a_worker_process_imports_no_modelling_code():
     """A tokenizer worker imports stream.py (spawn): with model.py it would also load transformers'
     modelling code, ~120 MB and seconds of start-up per worker."""
     code = (
-        "import sys, tripletctl.stream\n"
-        "heavy = [m for m in ('tripletctl.model', 'tripletctl.runner', 'transformers.modeling_utils') if m in sys.modules]\n"
+        "import sys, tripletctl.data.stream\n"
+        "heavy = [m for m in ('tripletctl.model.encoder', 'tripletctl.train.loop', 'transformers.modeling_utils') if m in sys.modules]\n"
         "print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

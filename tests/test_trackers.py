@@ -15,9 +15,9 @@ from test_runner import write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
-from tripletctl.curriculum import load_curriculum
-from tripletctl.runner import train
-from tripletctl.trackers import TrackerError, Trackers, open_trackers, scalar_name, scalars
+from tripletctl.config.validate import load_curriculum
+from tripletctl.train.run import train
+from tripletctl.train.trackers import TrackerError, Trackers, open_trackers, scalar_name, scalars
 
 PHASES = ("semi-hard", "hard-negative", "batch-hard")
 
@@ -226,3 +226,10 @@ def test_a_tracker_that_fails_mid_run_is_dropped_with_one_warning():
     trackers.log(record, record)
     assert failing.calls == 1 and trackers.backends == {}
     assert out.getvalue().count("warning") == 1 and "server went away" in out.getvalue()
+
+
+def test_the_curriculum_names_exactly_the_backends_there_are():
+    from tripletctl.config.choices import TRACKERS
+    from tripletctl.train import trackers
+
+    assert set(trackers._BACKENDS) == set(TRACKERS)

@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 
 from tripletctl import __version__
-from tripletctl.errors import TripletctlError
+from tripletctl.core.errors import TripletctlError
+from tripletctl.core.exit_codes import EXIT_INTERRUPTED, help_table
 
 app = typer.Typer(
     name="tripletctl",
@@ -67,7 +68,7 @@ CURRICULUM_HELP = "Curriculum YAML file, or the name of a built-in one (see `tri
 
 def _curriculum_file(argument: Path) -> Path:
     """The file to load for a curriculum argument: a path, else a built-in curriculum's name."""
-    from tripletctl.builtin_curricula import names, resolve
+    from tripletctl.config.builtin import names, resolve
 
     path, builtin = resolve(argument)
     if not builtin and not path.exists() and "/" not in str(argument) and not str(argument).endswith((".yaml", ".yml")):
@@ -77,7 +78,15 @@ def _curriculum_file(argument: Path) -> Path:
     return path
 
 
-@app.command()
+TRAIN_HELP = """Run every phase of a curriculum: stream, mine online, step, log, checkpoint.
+
+Writes OUTPUT/run.json and, per phase, OUTPUT/phase-K-NAME/ with checkpoint/, metrics.jsonl and summary.json (OUTPUT is train.output_dir), and OUTPUT/best/ with train.keep_best. On a terminal a progress bar; in a file or pipe one line every train.log_every steps. Under torchrun the batch size is the global batch.
+
+Exit codes:
+""" + help_table()
+
+
+@app.command(help=TRAIN_HELP)
 def train(
     curriculum: Path = typer.Argument(..., help=CURRICULUM_HELP),
     overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
@@ -93,25 +102,12 @@ def train(
         help="Stop (with a checkpoint) after this many steps in this invocation; --resume continues.",
     ),
 ) -> None:
-    """Run every phase of a curriculum: stream, mine online, step, log, checkpoint.
-
-    Writes OUTPUT/run.json and, per phase, OUTPUT/phase-K-NAME/ with checkpoint/, metrics.jsonl and summary.json (OUTPUT is train.output_dir), and OUTPUT/best/ with train.keep_best. On a terminal a progress bar; in a file or pipe one line every train.log_every steps. Under torchrun the batch size is the global batch.
-
-    Exit codes:
-    0    done, or paused by --max-steps (continue with --resume)
-    1    unexpected crash (a bug: please report it)
-    2    bad input, damaged file or environment fault, reported before any work where possible
-    3    stopped by the collapse watchdog (on_collapse: stop), after a checkpoint
-    4    stopped on a non-finite loss or gradient (on_nonfinite), the last good checkpoint kept
-    5    a tokenizer worker died (resumable with --resume)
-    130  interrupted by Ctrl-C / SIGTERM, after a checkpoint (continue with --resume)
-    """
-    from tripletctl.interrupt import SECOND_MESSAGE, InterruptedTwice, StopFlag
+    from tripletctl.train.interrupt import SECOND_MESSAGE, InterruptedTwice, StopFlag
 
     with StopFlag() as stop:  # first, before the slow imports: a Ctrl-C during start-up is never lost
         try:
-            from tripletctl.curriculum import load_curriculum
-            from tripletctl.runner import train as run_training
+            from tripletctl.config.validate import load_curriculum
+            from tripletctl.train.run import train as run_training
 
             path = _curriculum_file(curriculum)
             if path != curriculum:
@@ -132,7 +128,7 @@ def train(
             err_console.print(
                 SECOND_MESSAGE if isinstance(interrupt, InterruptedTwice) else "interrupted", highlight=False
             )
-            raise typer.Exit(code=130) from None
+            raise typer.Exit(code=EXIT_INTERRUPTED) from None
     raise typer.Exit(code=code or 0)
 
 
@@ -145,8 +141,9 @@ def validate(
     ),
 ) -> None:
     """Check a curriculum (and overrides) and print the plan as a table, or every error found."""
-    from tripletctl.curriculum import curriculum_to_dict, load_curriculum
-    from tripletctl.display import plan_table
+    from tripletctl.config.blocks import curriculum_to_dict
+    from tripletctl.config.plan import plan_table
+    from tripletctl.config.validate import load_curriculum
 
     try:
         plan = load_curriculum(_curriculum_file(curriculum), overrides or [])
@@ -165,7 +162,7 @@ app.add_typer(curricula_app, name="curricula")
 @curricula_app.callback(invoke_without_command=True)
 def curricula(context: typer.Context) -> None:
     """List the built-in curricula, one line each (run one with `tripletctl train NAME`)."""
-    from tripletctl.builtin_curricula import describe, names
+    from tripletctl.config.builtin import describe, names
 
     if context.invoked_subcommand is None:
         width = max(len(name) for name in names())
@@ -174,7 +171,7 @@ def curricula(context: typer.Context) -> None:
 
 
 def _builtin_names(prefix: str) -> list[str]:
-    from tripletctl.builtin_curricula import names
+    from tripletctl.config.builtin import names
 
     return [name for name in names() if name.startswith(prefix)]
 
@@ -189,7 +186,7 @@ def curricula_copy(
     dest: Path = typer.Argument(Path("."), help="Directory to write NAME.yaml (and its NAME/ assets) into."),
 ) -> None:
     """Write an editable copy of a built-in curriculum, with its assets; its ./ paths keep working."""
-    from tripletctl.builtin_curricula import copy
+    from tripletctl.config.builtin import copy
 
     try:
         written = copy(name, dest)
@@ -328,7 +325,7 @@ def evaluate(
 ) -> None:
     """Measure retrieval quality: recall@1/5/10, MAP@R, R-precision, triplet accuracy (and, on triplet
     data, accuracy on the data's own negatives)."""
-    from tripletctl.evaluation import held_out_source, run_eval_command
+    from tripletctl.evaluation.retrieval import held_out_source, run_eval_command
 
     given = _source_options(
         data,
@@ -383,8 +380,8 @@ def inspect_collapse(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Say whether embeddings have collapsed: numbers, a verdict and exit code 0 healthy / 1 at risk / 3 collapsed."""
-    from tripletctl.collapse import run_inspect_command
-    from tripletctl.evaluation import held_out_source
+    from tripletctl.evaluation.collapse import run_inspect_command
+    from tripletctl.evaluation.retrieval import held_out_source
 
     given = _source_options(
         data,
@@ -418,7 +415,7 @@ def plot(
     ),
 ) -> None:
     """Draw a whole run: mining and batch-hard loss with phase boundaries, active fraction, eval metrics."""
-    from tripletctl.plots import plot_run
+    from tripletctl.evaluation.plots import plot_run
 
     try:
         written = plot_run(run_dir, out)
@@ -446,7 +443,7 @@ def export(
     SentenceTransformer, and carries a model card (README.md). Written atomically; exit 2 on a
     missing, incomplete or damaged checkpoint, or a non-empty OUT_DIR without --force.
     """
-    from tripletctl.export import export_model
+    from tripletctl.outputs.export import export_model
 
     try:
         done = export_model(checkpoint, out_dir, best=best, force=force)

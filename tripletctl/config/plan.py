@@ -1,0 +1,139 @@
+"""What tripletctl shows of a curriculum before any work: the plan table `validate` prints.
+
+Its own module, apart from curriculum.py, so that loading and checking a curriculum stays plain data
+(no rich), and apart from progress.py, which is the live display of a running phase that the training
+loop imports: the plan is a static description of what will run, needed by `validate` without any of
+the loop. Both print through rich, the project's one display library.
+"""
+
+from __future__ import annotations
+
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from tripletctl.config.blocks import Curriculum, DataConfig, PhaseConfig, describe_source
+from tripletctl.config.layouts import LAYOUT_OF
+from tripletctl.config.until import describe as describe_until
+
+
+def _describe_chunks(phase: PhaseConfig) -> str:
+    if isinstance(phase.chunk_size, int) and phase.chunk_tokens is None:
+        return f"{phase.chunk_size} rows each"
+    if isinstance(phase.chunk_tokens, int):
+        return f"length-sorted, {phase.chunk_tokens:,} tokens each"
+    return "length-sorted, auto token budget"
+
+
+def _describe_layout(data: DataConfig) -> str:
+    """What one group of a batch is, so the `groups` column reads right."""
+    layout = LAYOUT_OF[data.layout]
+    if layout.given_negatives:
+        n = len(data.negative_columns)
+        return (
+            f"triplets: a group is one row's anchor, positive and {n} negative{'s' if n > 1 else ''}, "
+            f"{data.rows_per_group} texts"
+        )
+    if layout.grouped:
+        return f"{layout.name}: a group is one row's anchor and positive, 2 texts"
+    return f"labelled, {data.samples_per_class} per class"
+
+
+def plan_table(c: Curriculum) -> Table:
+    """What `validate` prints: one row per phase, with the samples each phase will see."""
+    # No vertical rules and folding instead of "…": a full plan fits an 80-column pipe unabridged.
+    table = Table(
+        title=escape(f"{c.path}: {len(c.phases)} phases"),
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    # pairs and triplets: batch_size counts rows embedded, so also show the rows (groups) read per batch
+    groups = LAYOUT_OF[c.data.layout].grouped
+    for header, justify in [
+        ("#", "right"),
+        ("phase", "left"),
+        ("mining", "left"),
+        ("batch", "right"),
+        *([("groups", "right")] if groups else []),
+        ("margin", "right"),
+        ("steps", "right"),
+        ("samples", "right"),
+        ("lr", "right"),
+        ("distance", "left"),
+    ]:
+        table.add_column(header, justify=justify, overflow="fold")
+    with_memory = any(p.memory is not None for p in c.phases)
+    if with_memory:  # only then: plans without a memory print as they always did
+        table.add_column("memory", justify="right", overflow="fold")
+    for index, phase in enumerate(c.phases):
+        at_most = "≤" if phase.until else ""  # conditions may end the phase earlier
+        memory = (
+            []
+            if not with_memory
+            else ["-" if phase.memory is None else f"{phase.memory.size:,} from step {phase.memory.start_step:,}"]
+        )
+        table.add_row(
+            str(index),
+            escape(phase.name),
+            phase.mining,
+            f"{phase.batch_size:,}",
+            *([f"{phase.batch_size // c.data.rows_per_group:,}"] if groups else []),
+            f"{phase.margin:g}",
+            f"{at_most}{phase.steps:,}",
+            f"{at_most}{phase.batch_size * phase.steps:,}",
+            f"{phase.lr:g}",
+            phase.distance,
+            *memory,
+        )
+    # caption lines are not wrapped at the table's width: a long path stays one line (print with
+    # crop=False so a terminal narrower than a line wraps it itself rather than rich cutting it)
+    table.caption = Text("\n".join(_caption_lines(c)), no_wrap=True, overflow="ignore")
+    return table
+
+
+def _caption_lines(c: Curriculum) -> list[str]:
+    """Below the table: early ends, the model, the data, the eval, chunks, best model, non-finite
+    handling, the output directory and the totals."""
+    total_steps = sum(p.steps for p in c.phases)
+    total_samples = sum(p.batch_size * p.steps for p in c.phases)
+    lines = [
+        f"until: phase {index} ({phase.name}) ends early {describe_until(phase.until)}"
+        for index, phase in enumerate(c.phases)
+        if phase.until
+    ] + [
+        f"model: {c.model.name} ({c.model.init}, {c.model.pooling} pooling"
+        + (f", head {list(c.model.head)}" if c.model.head else "")
+        + ")",
+        f"data: {describe_source(c.data.source)} (split {c.data.split}, {_describe_layout(c.data)})",
+    ]
+    if c.eval is not None:
+        every = f"every {c.eval.every} steps and " if c.eval.every else ""
+        lines.append(
+            f"eval: {describe_source(c.eval.source)} (split {c.eval.split}, {c.eval.layout}, {every}at phase ends)"
+        )
+    chunks = [_describe_chunks(p) for p in c.phases]
+    lines.append(
+        "chunks: "
+        + (chunks[0] if len(set(chunks)) == 1 else ", ".join(f"{i}: {text}" for i, text in enumerate(chunks)))
+    )
+    if c.train.keep_best:
+        lines.append(f"keep best: highest held-out {c.train.keep_best} -> {c.train.output_dir}/best")
+    modes = sorted({p.on_nonfinite for p in c.phases})
+    lines.append(
+        "non-finite loss or gradient: "
+        + " / ".join(
+            f"skip (stop after {c.train.max_nonfinite_skips} in a row)" if m == "skip" else "stop (exit 4)"
+            for m in modes
+        )
+    )
+    return lines + [
+        f"output: {c.train.output_dir}"
+        + (f" (reported to {', '.join(c.train.report_to)})" if c.train.report_to else ""),
+        f"total: {'at most ' if any(p.until for p in c.phases) else ''}{total_steps:,} steps, "
+        f"{total_samples:,} samples",
+    ]

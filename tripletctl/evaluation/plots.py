@@ -1,0 +1,312 @@
+"""Pictures: a whole training run (`tripletctl plot RUN_DIR`) and the inspect-collapse figure.
+
+matplotlib with the Agg backend (no display needed, works on servers and in CI). Input is only
+what the runner writes to disk (run.json and each phase's metrics.jsonl), so a run can be plotted
+while it trains, after it crashed, or on another machine.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tripletctl.core.errors import CheckpointError, TripletctlError
+from tripletctl.outputs.checkpoint import PHASE_DIR_RE, phase_dir
+from tripletctl.outputs.metrics_log import METRICS_FILE, MetricsLog
+from tripletctl.outputs.run_file import read_run, run_file
+
+EVAL_KEYS = (("recall@1", "recall@1"), ("map@r", "MAP@R"))
+
+
+# --------------------------------------------------------------------------------------------
+# reading a run
+
+
+def png_path(path: Path | str, default_name: str) -> Path:
+    """Where a picture asked for at `path` goes: inside it when it is a directory, else `path` with a
+    `.png` suffix added when it has none (what matplotlib would do silently; we say the real name)."""
+    path = Path(path)
+    if path.is_dir():
+        return path / default_name
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
+def load_run(run_dir: Path | str) -> list[dict[str, Any]]:
+    """Phases of a run, in order: [{"index", "name", "margin", "records"}].
+
+    Uses run.json when present, else globs phase-*/metrics.jsonl (sorted by index).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    phases: list[dict[str, Any]] = []
+    run_json = run_file(run_dir)
+    meta = read_run(run_dir)
+    if meta is not None:
+        listed = meta.get("phases")
+        if not isinstance(listed, list) or not all(isinstance(p, dict) for p in listed):
+            raise CheckpointError(
+                f"{run_json} is not a tripletctl run index: expected an object whose 'phases' is a list of objects"
+            )
+        for position, phase in enumerate(listed):
+            index = phase.get("index", position)
+            index = index if isinstance(index, int) and not isinstance(index, bool) else position
+            name = str(phase.get("name", f"phase {index}"))
+            directory = run_dir / Path(str(phase.get("dir") or phase_dir(run_dir, index, name))).name
+            phases.append(
+                {
+                    "index": index,
+                    "name": name,
+                    "margin": phase.get("margin"),
+                    "records": MetricsLog(directory).records(strict_text=True),
+                }
+            )
+    else:
+        for path in run_dir.glob(f"phase-*/{METRICS_FILE}"):
+            match = PHASE_DIR_RE.match(path.parent.name)
+            if match:
+                phases.append(
+                    {
+                        "index": int(match.group(1)),
+                        "name": match.group(2),
+                        "margin": None,
+                        "records": MetricsLog(path.parent).records(strict_text=True),
+                    }
+                )
+    phases.sort(key=lambda p: p["index"])
+    _fill_margins(run_dir, phases)
+    if not any(p["records"] for p in phases):
+        raise CheckpointError(
+            f"no metrics to plot in {run_dir}: expected run.json or phase-*/metrics.jsonl "
+            "(is this the curriculum's train.output_dir?)"
+        )
+    return phases
+
+
+def _fill_margins(run_dir: Path, phases: list[dict[str, Any]]) -> None:
+    """Margins not in run.json come from the run's curriculum.yaml copy, when there is one."""
+    if all(isinstance(p["margin"], (int, float)) for p in phases):
+        return
+    path = run_dir / "curriculum.yaml"
+    if not path.is_file():
+        return
+    try:
+        from tripletctl.config.yaml_io import safe_yaml_load
+
+        plan = safe_yaml_load(path.read_text()) or {}
+        listed = plan.get("phases") or []
+    except Exception:
+        return
+    if not isinstance(listed, list):
+        return
+    for phase in phases:
+        if (
+            not isinstance(phase["margin"], (int, float))
+            and 0 <= phase["index"] < len(listed)
+            and isinstance(listed[phase["index"]], dict)
+        ):
+            margin = listed[phase["index"]].get("margin", 0.2)
+            phase["margin"] = float(margin) if isinstance(margin, (int, float)) else None
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        value, step = r.get(key), r.get("global_step")
+        if isinstance(value, (int, float)) and isinstance(step, (int, float)) and math.isfinite(value):
+            xs.append(step)
+            ys.append(value)
+    return xs, ys
+
+
+def _untrained_eval(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        found = (read_run(run_dir) or {}).get("eval_untrained")
+    except CheckpointError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+# --------------------------------------------------------------------------------------------
+# run figure
+
+
+def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
+    """Draw losses (with phase boundaries and margins), active fraction, spread and eval metrics."""
+    run_dir = Path(run_dir)
+    phases = load_run(run_dir)
+    out = png_path(out, "run.png") if out is not None else run_dir / "run.png"
+
+    steps = [r for p in phases for r in p["records"] if "event" not in r]
+    evals = [r for p in phases for r in p["records"] if r.get("event") == "eval"]
+    untrained = _untrained_eval(run_dir)
+    if untrained:  # measured before the first step: the baseline every later point is read against
+        evals = [{**untrained, "global_step": 0}, *evals]
+    collapses = [r for p in phases for r in p["records"] if r.get("event") == "collapse"]
+
+    fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True, gridspec_kw={"height_ratios": [3, 1.4, 1.4, 1.8]})
+    ax_loss, ax_active, ax_spread, ax_eval = axes
+
+    ax_loss.plot(*_series(steps, "loss"), lw=1, color="tab:blue", label="mining loss")
+    ax_loss.plot(*_series(steps, "batch_hard_loss"), lw=1, color="tab:red", label="batch-hard loss")
+    # margin per phase: loss pinned to it means collapse
+    labelled = False
+    for phase in phases:
+        xs = [r["global_step"] for r in phase["records"] if isinstance(r.get("global_step"), (int, float))]
+        if xs and isinstance(phase["margin"], (int, float)):
+            ax_loss.hlines(
+                phase["margin"],
+                min(xs),
+                max(xs),
+                colors="gray",
+                linestyles="dashed",
+                lw=1,
+                label=None if labelled else "margin α",
+            )
+            labelled = True
+    for r in collapses:
+        if isinstance(r.get("global_step"), (int, float)):
+            ax_loss.axvline(r["global_step"], color="magenta", ls="-.", lw=1.5)
+    if collapses:
+        ax_loss.plot([], [], color="magenta", ls="-.", lw=1.5, label="collapse detected")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title(f"{run_dir.resolve().name}: loss per step (margin dashed)", loc="left")
+    ax_loss.legend(loc="upper right", fontsize=8)
+
+    ax_active.plot(*_series(steps, "active_fraction"), lw=1, color="tab:green")
+    ax_active.set_ylabel("active\ntriplets")
+    ax_active.set_ylim(-0.02, 1.02)
+
+    ax_spread.plot(*_series(steps, "embedding_spread"), lw=1, color="tab:purple")
+    ax_spread.set_ylabel("embedding\nspread")
+    ax_spread.set_ylim(bottom=0)
+
+    drew_eval = False
+    for (key, label), colour in zip(EVAL_KEYS, ("tab:orange", "tab:brown")):
+        xs, ys = _series(evals, key)
+        if xs:
+            ax_eval.plot(xs, ys, marker="o", lw=1.2, color=colour, label=label)
+            drew_eval = True
+    if drew_eval:
+        ax_eval.legend(loc="lower right", fontsize=8)
+        ax_eval.set_ylim(-0.02, 1.02)
+    else:
+        ax_eval.text(0.5, 0.5, "no eval records", ha="center", va="center", transform=ax_eval.transAxes, color="gray")
+    ax_eval.set_ylabel("held-out")
+    ax_eval.set_xlabel("global step")
+
+    _mark_phases(axes, phases)
+    fig.tight_layout()
+    _save(fig, out)
+    return out
+
+
+def _mark_phases(axes, phases: list[dict[str, Any]]) -> None:
+    """A vertical line where each phase starts, its name at the top of the first panel."""
+    for position, phase in enumerate(phases):
+        xs = [r["global_step"] for r in phase["records"] if isinstance(r.get("global_step"), (int, float))]
+        if not xs:
+            continue
+        start = min(xs)
+        if position:  # the first phase starts at the left edge: no boundary to mark
+            for ax in axes:
+                ax.axvline(start - 0.5, color="black", lw=0.8, ls=":", alpha=0.7)
+        axes[0].annotate(
+            f"{phase['index']}: {phase['name']}",
+            xy=(start, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize=8,
+            color="black",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# collapse figure
+
+
+def plot_collapse(report, path: Path | str) -> Path:
+    """d(a,p) vs d(a,n) histograms (margin marked) and the singular-value spectrum (log scale).
+    Returns the file written (see `png_path`: a directory gets collapse.png inside)."""
+    path = png_path(path, "collapse.png")
+    fig, (ax_hist, ax_sv) = plt.subplots(1, 2, figsize=(12, 4.5))
+
+    if report.hist_edges:
+        edges = report.hist_edges
+        widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+        total_ap = max(sum(report.ap_hist), 1)
+        total_an = max(sum(report.an_hist), 1)
+        # densities, so thousands of negatives and a few positives share one axis
+        ax_hist.bar(
+            edges[:-1],
+            [c / total_ap for c in report.ap_hist],
+            width=widths,
+            align="edge",
+            alpha=0.55,
+            color="tab:blue",
+            label=f"d(a,p)  ({total_ap} pairs)",
+        )
+        ax_hist.bar(
+            edges[:-1],
+            [c / total_an for c in report.an_hist],
+            width=widths,
+            align="edge",
+            alpha=0.55,
+            color="tab:red",
+            label=f"d(a,n)  ({total_an} pairs)",
+        )
+    p50 = report.ap_quantiles.get("p50")
+    if p50 is not None:
+        ax_hist.axvline(p50, color="tab:blue", ls=":", lw=1)
+        ax_hist.axvline(
+            p50 + report.margin, color="black", ls="--", lw=1.2, label=f"median d(a,p) + margin ({report.margin})"
+        )
+    ax_hist.set_xlabel(f"{report.distance} distance")
+    ax_hist.set_ylabel("fraction of pairs")
+    ax_hist.set_title("positive vs negative distances", loc="left")
+    ax_hist.legend(fontsize=8, loc="upper right")
+
+    sv = [float(s) for s in report.singular_values if s > 0]
+    if sv:
+        ax_sv.semilogy(range(1, len(sv) + 1), sv, marker=".", lw=1, color="tab:purple")
+    else:
+        ax_sv.text(
+            0.5,
+            0.5,
+            "all singular values are 0\n(every embedding identical)",
+            ha="center",
+            va="center",
+            transform=ax_sv.transAxes,
+            color="red",
+        )
+    ax_sv.set_xlabel("index")
+    ax_sv.set_ylabel("singular value (centred)")
+    ax_sv.set_title(f"spectrum: effective rank {report.effective_rank:.2f} of {report.dim}", loc="left")
+
+    colour = {"healthy": "green", "at risk": "darkorange", "collapsed": "red"}.get(report.verdict, "black")
+    fig.suptitle(
+        f"verdict: {report.verdict}   (mean cosine {report.mean_cosine:.3f}, "
+        f"batch-hard loss {report.batch_hard_loss:.3f})",
+        color=colour,
+    )
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def _save(fig, path: Path) -> None:
+    """Write the figure; an unknown image suffix or an unwritable place is one clear error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except (OSError, ValueError) as error:
+        raise TripletctlError(f"cannot write the picture {path}: {error}") from None
+    finally:
+        plt.close(fig)

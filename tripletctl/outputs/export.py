@@ -1,0 +1,152 @@
+"""`tripletctl export`: the model folder of a checkpoint, alone, ready for `hf upload`.
+
+A checkpoint also holds the optimizer, RNG and stream state (several times the model's size, and
+nothing a user of the model needs). Export takes a checkpoint, a phase directory, a run directory
+(its latest phase) or, with `--best`, the run's kept best model; checks that the model loads; and
+writes only the model folder to OUT_DIR, atomically: a temporary sibling renamed into place, so
+an interrupted or failed export leaves OUT_DIR as it was. A folder saved in tripletctl's previous
+format is re-saved in the current one on the way (sentence-transformers files, model card).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tripletctl.core.errors import CheckpointError, TripletctlError
+from tripletctl.model.card import Provenance
+from tripletctl.model.encoder import META_FILE, MODEL_FORMAT_VERSION, load_model, read_meta, save_model
+from tripletctl.model.sbert import check_modules
+from tripletctl.outputs.best import BEST_FILE, best_dir
+from tripletctl.outputs.checkpoint import POSITION_KEYS, resolve_checkpoint, usable_dir
+
+
+class ExportError(TripletctlError):
+    """An export destination that cannot be written (not empty, overlaps the source, not writable)."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    source: Path  # the model folder that was read
+    out_dir: Path
+    files: int
+    bytes: int
+    upgraded: bool  # re-saved from the previous format
+
+
+def find_model_dir(source: str | Path, best: bool = False) -> Path:
+    """The model folder behind a checkpoint / phase / run directory (or the run's best model)."""
+    source = Path(source)
+    if best:
+        kept = source if (source / BEST_FILE).exists() else best_dir(source)
+        found = usable_dir(kept)
+        if found is None:
+            raise CheckpointError(
+                f"{source} has no complete best model ({kept} is missing or incomplete; train.keep_best turns it on)"
+            )
+        return found / "model"
+    if (source / META_FILE).is_file():  # a model folder itself
+        return source
+    if (source / BEST_FILE).exists():  # OUTPUT/best given without --best
+        found = usable_dir(source)
+        if found is None:
+            raise CheckpointError(f"{source} is not a complete best-model directory")
+        return found / "model"
+    return resolve_checkpoint(source) / "model"
+
+
+def export_model(source: str | Path, out_dir: str | Path, *, best: bool = False, force: bool = False) -> Exported:
+    """Copy the model folder of `source` to `out_dir` (see the module docstring)."""
+    model_dir = find_model_dir(source, best)
+    out = Path(out_dir)
+    _check_destination(model_dir, out, force)
+    upgrade = _check_model(model_dir)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if upgrade:
+            model, tokenizer = load_model(model_dir)
+            save_model(model, tokenizer, tmp, _provenance_near(model_dir))
+        else:
+            shutil.copytree(model_dir, tmp)
+        _swap(tmp, out)
+    except OSError as e:  # disk full, read-only directory, ...: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = [f for f in out.rglob("*") if f.is_file()]
+    return Exported(model_dir, out, len(files), sum(f.stat().st_size for f in files), upgrade)
+
+
+def _check_destination(model_dir: Path, out: Path, force: bool) -> None:
+    source, target = model_dir.resolve(), out.resolve()
+    if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+        raise ExportError(f"{out} overlaps the model folder it would copy ({model_dir}): choose another OUT_DIR")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} is not empty: pass --force to replace its contents")
+
+
+def _check_model(model_dir: Path) -> bool:
+    """Load the folder once (a damaged file fails here, before anything is written); return True
+    when it is in the previous format and must be re-saved."""
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is missing: the checkpoint has no model folder")
+    try:
+        meta = read_meta(model_dir)
+        upgrade = int(meta.get("format_version", 1)) < MODEL_FORMAT_VERSION
+        if not upgrade:
+            check_modules(model_dir)
+        load_model(model_dir)
+    except Exception as e:  # noqa: BLE001 - any failure to load is "damaged", reported in one line
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"the model in {model_dir} is damaged or incomplete: {reason}") from None
+    return upgrade
+
+
+def _provenance_near(model_dir: Path) -> Provenance:
+    """The curriculum, position and metrics a checkpoint (or best/) keeps beside its model folder."""
+    parent = model_dir.parent
+    curriculum = position = metrics = None
+    try:
+        curriculum = yaml.safe_load((parent / "curriculum.yaml").read_text()) or None
+    except (OSError, yaml.YAMLError):
+        pass
+    for name in ("state.json", BEST_FILE):
+        try:
+            record = json.loads((parent / name).read_text())
+        except (OSError, ValueError):
+            continue
+        position = {k: record[k] for k in POSITION_KEYS if k in record}
+        history = record.get("eval_history") or []
+        if history and history[-1].get("global_step") == record.get("global_step"):
+            metrics = history[-1]
+        metrics = record.get("metrics", metrics)
+    return Provenance(
+        curriculum=curriculum if isinstance(curriculum, dict) else None, position=position, metrics=metrics
+    )
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """tmp -> out; a replaced OUT_DIR is renamed aside first and removed only once out is in place."""
+    aside = None
+    if out.exists():
+        aside = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if aside is not None:
+            os.replace(aside, out)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

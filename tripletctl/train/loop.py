@@ -1,0 +1,564 @@
+"""The phase runner: one explicit loop per phase, embed -> mine -> loss -> step -> log -> checkpoint.
+
+Read `run_phase` top to bottom to know exactly what a training step does. `train` only sets up
+the model, optimiser and output directory, runs the phases in order and evaluates around them."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tripletctl.config.blocks import PhaseConfig, curriculum_to_dict
+from tripletctl.config.choices import COLLAPSE_FALLBACK_MODE
+from tripletctl.config.until import STEP_METRICS
+from tripletctl.core.errors import WorkerDiedError, writing
+from tripletctl.core.faults import fault_point
+from tripletctl.data.stream import BatchStream, StreamInterrupted, pad_ragged
+from tripletctl.model.chunking import Chunking, ChunkPlan, embed_and_backward, plan_chunks, resolve_chunking
+from tripletctl.outputs.checkpoint import (
+    CHECKPOINT,
+    capture_rng,
+    save_checkpoint,
+)
+from tripletctl.outputs.checkpoint import phase_dir as phase_dir_of
+from tripletctl.outputs.metrics_log import MetricsLog
+from tripletctl.train import conditions, held_out, mining
+from tripletctl.train.distributed import (
+    all_reduce_sums,
+    barrier,
+    gather_labels,
+    gather_object,
+    gather_with_grad,
+    local_batch_size,
+    no_sync_for,
+)
+from tripletctl.train.lr import get_lr
+from tripletctl.train.memory import EmbeddingMemory, carry_over
+from tripletctl.train.progress_bar import phase_progress
+from tripletctl.train.state import PhaseEnd, PhaseOutcome, Run, RunProgress
+from tripletctl.train.watchdog import CollapseWatchdog
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _mining_loss(mined: list, **mine_kwargs: Any) -> Callable:
+    """The loss of the whole (global) batch for `embed_and_backward`; it also keeps the detached
+    embeddings it mined over in `mined` (they join the cross-batch memory if the step is used)."""
+
+    def loss_fn(embeddings: torch.Tensor, labels: torch.Tensor):
+        mined.append((embeddings.detach(), labels))
+        return mining.mine(embeddings, labels, **mine_kwargs)
+
+    return loss_fn
+
+
+@dataclass
+class _Phase:
+    """One phase's working objects while `run_phase` runs it."""
+
+    index: int
+    config: PhaseConfig
+    directory: Path
+    log: MetricsLog
+    stream: BatchStream
+    chunking: Chunking
+    autocast_dtype: torch.dtype | None
+    watchdog: CollapseWatchdog
+    until_state: conditions.ConditionState
+    memory: EmbeddingMemory | None
+    gather: Callable | None  # all-gather with gradients under torchrun
+    no_sync: Callable | None  # DDP's no_sync under torchrun
+    last_state: dict | None  # the stream's state after the last batch consumed
+    bar: Any = None  # the progress display (tripletctl.progress)
+
+
+@dataclass
+class _StepResult:
+    """What embed -> mine -> backward gave for one batch (the gradients are in the model)."""
+
+    loss: float
+    stats: mining.MiningStats
+    plan: ChunkPlan
+    mined: list  # [(embeddings, labels)] mined over: they join the cross-batch memory if the step is used
+    grad_norm: float
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+@dataclass
+class _Agreed:
+    """The per-step decision every rank shares, from one all-reduce."""
+
+    rows_seen: int
+    rows_skipped: int
+    classes_evicted: int
+    stop_now: bool  # Ctrl-C/SIGTERM reached some rank
+    collapsed: bool  # the collapse watchdog fired on some rank
+    nonfinite: bool  # a NaN/inf loss or gradient on some rank
+    signals: dict[str, float]  # what `until:` conditions read, averaged over the ranks
+
+
+def run_phase(
+    run: Run,
+    phase_index: int,
+    progress: RunProgress,
+    stream_state: dict | None,
+    memory: EmbeddingMemory | None = None,
+) -> PhaseOutcome:
+    """Run one phase from `progress.step` to its last step, or until it must stop (the outcome says
+    why). `memory` is the cross-batch memory the previous phase (or the checkpoint) left."""
+    ph = _open_phase(run, phase_index, progress, stream_state, memory)
+    phase, train_cfg = ph.config, run.curriculum.train
+    try:
+        batches = iter(ph.stream)
+        while not progress.phase_finished(phase):
+            started = time.perf_counter()
+            # 1. the next class-balanced batch (tokenised in worker processes, pinned memory). Between
+            #    steps the state is consistent: a checkpoint now equals one at the end of the last step
+            try:
+                batch = next(batches)
+            except (StreamInterrupted, WorkerDiedError) as error:
+                return _stream_stopped(run, ph, progress, error)
+
+            # 2. learning rate: a pure function of the step
+            lr = get_lr(progress.step, phase, train_cfg.decay)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+
+            # 3. embed in chunks, mine over the whole (global) batch, back-propagate chunk by chunk
+            mode = progress.mining_override or phase.mining
+            result = _embed_mine_backward(run, ph, progress, batch, mode)
+
+            # 4. this rank's collapse watchdog sees the step, then one collective decides for every rank
+            #    (a NaN/inf must never reach the weights)
+            stats = result.stats
+            suspected = result.finite and ph.watchdog.update(
+                stats.batch_hard_loss, phase.margin, stats.embedding_spread
+            )
+            agreed = _agree(run, batch, result, collapse_suspected=suspected)
+            ph.last_state = batch.state  # this batch is consumed whether or not it is used
+            if agreed.nonfinite:
+                skipped = _skip_nonfinite_step(run, ph, progress, result, agreed.stop_now)
+                if skipped is not None:
+                    return skipped
+                continue
+
+            # 5. the optimiser step; only embeddings of a usable step join the memory
+            progress.nonfinite_streak = 0
+            if ph.memory is not None:
+                ph.memory.push(*result.mined[0])
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            fault_point("step")
+            progress.step += 1
+            progress.global_step += 1
+            progress.samples_seen += phase.batch_size
+
+            # 6. log: the phase's mining loss beside the batch-hard loss of the same batch, then the
+            #    step's events (collapse, the `until:` end, the held-out eval)
+            record = _step_record(run, ph, progress, result, agreed, mode, lr, time.perf_counter() - started)
+            events: list[dict] = []
+            collapse_stop = agreed.collapsed and _handle_collapse(run, ph, progress, result.stats, mode, events)
+            done = _evaluate_and_check_end(run, ph, progress, agreed.signals, events)
+            ph.log.append(record, *events)
+            run.trackers.log(record, *events)
+
+            # 7. checkpoint: every N steps, at the end of the phase, and whenever the phase stops here
+            stopping = _stops_after_step(run, progress, collapse_stop, agreed.stop_now)
+            final = done or stopping is not None
+            until = conditions.until_display(phase.until, ph.until_state)
+            ph.bar.update(progress.step, record, phase.batch_size, final=final, until=until)
+            if _should_checkpoint(progress.step, train_cfg.checkpoint_every, done, stopping):
+                if not _checkpoint(run, ph, progress):
+                    return _unsaved_nonfinite_weights(ph, progress)
+            if stopping is not None:
+                return PhaseOutcome(stopping, ph.last_state, memory=ph.memory)
+    finally:
+        ph.bar.stop()
+        ph.stream.close()
+        ph.log.close()
+    return PhaseOutcome(PhaseEnd.DONE, ph.last_state, memory=ph.memory)
+
+
+def _open_phase(
+    run: Run, phase_index: int, progress: RunProgress, stream_state: dict | None, memory: EmbeddingMemory | None
+) -> _Phase:
+    """The phase's directory, metrics log, batch stream, chunking, watchdog, `until:` state, memory and
+    progress display, as the checkpoint (or the previous phase) left them."""
+    curriculum, ctx = run.curriculum, run.ctx
+    phase, train_cfg = curriculum.phases[phase_index], curriculum.train
+    directory = phase_dir_of(train_cfg.output_dir, phase_index, phase.name)
+    if ctx.is_main:
+        with writing(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+    # batch_size is the global batch: the stream yields this rank's share of whole classes
+    local_batch = local_batch_size(phase.batch_size, curriculum.data.rows_per_group, ctx)
+    stream = BatchStream(
+        curriculum.data,
+        tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
+        batch_size=phase.batch_size,
+        seed=train_cfg.seed,
+        state=stream_state,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        # a wait for data ends on Ctrl-C/SIGTERM; under torchrun the ranks decide together after the step
+        should_stop=None if ctx.enabled else (lambda: run.stop.requested),
+    )
+    run.train_model.train()  # before the auto chunk probe: dropout masks take memory too
+    autocast_dtype = _autocast_dtype(train_cfg.precision, ctx.device)
+    chunking = resolve_chunking(
+        phase.chunk_size,
+        phase.chunk_tokens,
+        local_batch,
+        run.model,
+        ctx.device,
+        curriculum.data.max_length,
+        autocast_dtype=autocast_dtype,
+    )
+    watchdog = CollapseWatchdog(train_cfg.collapse_patience, train_cfg.collapse_tolerance)
+    if progress.watchdog:
+        watchdog.load_state_dict(progress.watchdog)
+    memory_size = phase.memory.size if phase.memory else None
+    log = MetricsLog(directory)
+    if ctx.is_main:  # on resume, what was logged after the checkpoint goes
+        log.open(keep_up_to=progress.global_step)
+    ph = _Phase(
+        index=phase_index,
+        config=phase,
+        directory=directory,
+        log=log,
+        stream=stream,
+        chunking=chunking,
+        autocast_dtype=autocast_dtype,
+        watchdog=watchdog,
+        until_state=conditions.ConditionState.from_dict(progress.conditions),
+        memory=carry_over(memory, memory_size, dim=run.model.embedding_dim, normalized=run.model.normalize),
+        gather=partial(gather_with_grad, ctx=ctx) if ctx.enabled else None,
+        no_sync=no_sync_for(run.train_model) if ctx.enabled else None,
+        last_state=stream_state,
+    )
+    # a live bar on a terminal, plain lines every train.log_every steps in a file or pipe
+    ph.bar = phase_progress(
+        run.console,
+        f"phase {phase_index} {phase.name}",
+        phase.steps,
+        progress.step,
+        train_cfg.log_every,
+        show=ctx.is_main,
+        until=conditions.until_display(phase.until, ph.until_state),
+    )
+    return ph
+
+
+def _embed_mine_backward(run: Run, ph: _Phase, progress: RunProgress, batch: Any, mode: str) -> _StepResult:
+    """Embed the batch in chunks, mine over the whole (global) batch (and the memory's rows, from its
+    start_step on), back-propagate chunk by chunk, then clip or measure the gradient norm."""
+    phase, train_cfg, device = ph.config, run.curriculum.train, run.ctx.device
+    # rows travel unpadded: padded on the device, sorted by length and packed into chunks
+    plan = plan_chunks(batch.lengths, ph.chunking)
+    input_ids, attention_mask = pad_ragged(
+        batch.token_ids.to(device, non_blocking=True), batch.lengths.to(device, non_blocking=True), batch.pad_id
+    )
+    labels = batch.labels.to(device, non_blocking=True)
+    global_labels = gather_labels(labels, run.ctx) if run.ctx.enabled else labels
+    generator = torch.Generator(device=device).manual_seed(train_cfg.seed * 1_000_003 + progress.global_step)
+    use_memory = ph.memory is not None and ph.memory.filled > 0 and progress.step >= phase.memory.start_step
+    memory_embeddings, memory_labels = ph.memory.contents() if use_memory else (None, None)
+    mined: list[tuple[torch.Tensor, torch.Tensor]] = []
+    loss_fn = _mining_loss(
+        mined,
+        mode=mode,
+        margin=phase.margin,
+        distance=phase.distance,
+        fallback=phase.fallback,
+        generator=generator,
+        memory_embeddings=memory_embeddings,
+        memory_labels=memory_labels,
+    )
+    loss_value, stats, _ = embed_and_backward(
+        run.train_model,
+        input_ids,
+        attention_mask,
+        global_labels,
+        loss_fn,
+        plan,
+        autocast_dtype=ph.autocast_dtype,
+        gather=ph.gather,
+        no_sync=ph.no_sync,
+    )
+    if train_cfg.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), train_cfg.grad_clip))
+    else:
+        grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return _StepResult(float(loss_value), stats, plan, mined, grad_norm)
+
+
+def _agree(run: Run, batch: Any, result: _StepResult, collapse_suspected: bool) -> _Agreed:
+    """One collective per step decides for every rank: stream counters, Ctrl-C/SIGTERM (it may reach
+    the ranks at different moments), collapse suspected by some rank's watchdog and a non-finite loss
+    or gradient on any rank (each would otherwise step differently), and the signals `until:`
+    conditions read (averaged, so every rank smooths the same numbers). Pure: it changes nothing."""
+    stats = result.stats
+    rows_seen, rows_skipped, classes_evicted, signalled, collapsed, nonfinite, *signals = all_reduce_sums(
+        [
+            batch.rows_seen,
+            batch.rows_skipped,
+            batch.classes_evicted,
+            run.stop.signal is not None,
+            collapse_suspected,
+            not result.finite,
+            result.loss,
+            stats.batch_hard_loss,
+            stats.active_fraction,
+        ],
+        run.ctx,
+    )
+    return _Agreed(
+        rows_seen=int(rows_seen),
+        rows_skipped=int(rows_skipped),
+        classes_evicted=int(classes_evicted),
+        stop_now=signalled > 0,
+        collapsed=collapsed > 0,
+        nonfinite=nonfinite > 0,
+        signals={name: value / run.ctx.world_size for name, value in zip(STEP_METRICS, signals)},
+    )
+
+
+def _stream_stopped(run: Run, ph: _Phase, progress: RunProgress, error: Exception) -> PhaseOutcome:
+    """The stream gave no batch: Ctrl-C/SIGTERM while waiting for data, or a tokenizer worker died.
+    Checkpoint what was consumed so far, so `--resume` continues from here."""
+    if isinstance(error, StreamInterrupted):
+        if progress.step > 0:  # at step 0 the last checkpoint (if any) already holds this state
+            _checkpoint(run, ph, progress)
+        return PhaseOutcome(PhaseEnd.INTERRUPTED, ph.last_state, memory=ph.memory)
+    if run.ctx.enabled:  # the other ranks cannot join a checkpoint now: the last good one stays
+        raise error
+    _checkpoint(run, ph, progress)
+    return PhaseOutcome(PhaseEnd.WORKER_DIED, ph.last_state, reason=str(error), memory=ph.memory)
+
+
+def _skip_nonfinite_step(
+    run: Run, ph: _Phase, progress: RunProgress, result: _StepResult, stop_now: bool
+) -> PhaseOutcome | None:
+    """A NaN/inf loss or gradient on some rank: drop the gradients and log a `nonfinite` event; then
+    stop (on_nonfinite: stop, or train.max_nonfinite_skips in a row), or None: go on to the next batch."""
+    phase, train_cfg = ph.config, run.curriculum.train
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.nonfinite_streak += 1
+    give_up = phase.on_nonfinite == "stop" or progress.nonfinite_streak >= train_cfg.max_nonfinite_skips
+    if not give_up:
+        progress.nonfinite_skipped += 1
+    ph.log.append(
+        {
+            "event": "nonfinite",
+            "global_step": progress.global_step + 1,
+            "phase": phase.name,
+            "step": progress.step + 1,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "action": "stop" if give_up else "skip",
+            "in_a_row": progress.nonfinite_streak,
+        }
+    )
+    if give_up:
+        why = (
+            "on_nonfinite: stop"
+            if phase.on_nonfinite == "stop"
+            else f"{progress.nonfinite_streak} in a row, train.max_nonfinite_skips: {train_cfg.max_nonfinite_skips}"
+        )
+        reason = (
+            f"non-finite loss or gradient at step {progress.step + 1} of phase {ph.index} ({phase.name}) "
+            f"(loss {result.loss}, gradient norm {result.grad_norm}; {why}): stopped without a step"
+        )
+        return PhaseOutcome(PhaseEnd.NONFINITE, ph.last_state, reason=reason, memory=ph.memory)
+    if stop_now:  # Ctrl-C during a skipped step: the weights are still the good ones
+        _checkpoint(run, ph, progress)
+        return PhaseOutcome(PhaseEnd.INTERRUPTED, ph.last_state, memory=ph.memory)
+    return None
+
+
+def _step_record(
+    run: Run,
+    ph: _Phase,
+    progress: RunProgress,
+    result: _StepResult,
+    agreed: _Agreed,
+    mode: str,
+    lr: float,
+    elapsed: float,
+) -> dict:
+    """The metrics.jsonl line of one optimiser step (docs/outputs.md)."""
+    phase, stats, plan = ph.config, result.stats, result.plan
+    record = {
+        "phase": phase.name,
+        "phase_index": ph.index,
+        "step": progress.step,
+        "global_step": progress.global_step,
+        "mining": mode,
+        "loss": result.loss,
+        "batch_hard_loss": stats.batch_hard_loss,
+        "active_fraction": stats.active_fraction,
+        "mean_ap": stats.mean_ap,
+        "mean_an": stats.mean_an,
+        "embedding_spread": stats.embedding_spread,
+        "skipped_anchors": stats.skipped_anchors,
+        "num_triplets": stats.num_triplets,
+        "lr": lr,
+        "grad_norm": result.grad_norm if run.curriculum.train.grad_clip > 0 else None,
+        "samples_per_s": phase.batch_size / elapsed if elapsed > 0 else None,
+        "rows_seen": agreed.rows_seen,
+        "rows_skipped": agreed.rows_skipped,
+        "classes_evicted": agreed.classes_evicted,
+        **ph.chunking.describe(),
+        "chunks": len(plan.chunks),
+        "graph_kept": plan.keep_graph,
+        "padded_tokens": plan.padded_tokens,
+        "real_tokens": plan.real_tokens,
+        "time": time.time(),
+    }
+    if phase.memory is not None:  # `loss` above is then mined against the memory too
+        record["memory_rows"] = stats.memory_rows
+    return record
+
+
+def _handle_collapse(run: Run, ph: _Phase, progress: RunProgress, stats: Any, mode: str, events: list[dict]) -> bool:
+    """The watchdog saw the batch-hard loss stuck at the margin with no spread: add a `collapse` event,
+    say so, and act on on_collapse (fall back to semi-hard mining, warn and watch again, or stop).
+    True: the phase stops here (on_collapse: stop)."""
+    phase = ph.config
+    events.append(
+        {
+            "event": "collapse",
+            "global_step": progress.global_step,
+            "phase": phase.name,
+            "action": phase.on_collapse,
+            "batch_hard_loss": stats.batch_hard_loss,
+            "embedding_spread": stats.embedding_spread,
+            "margin": phase.margin,
+        }
+    )
+    if run.ctx.is_main:
+        ph.bar.print(
+            f"[bold yellow]collapse suspected[/] at step {progress.step} of phase {phase.name}: "
+            f"batch-hard loss {stats.batch_hard_loss:.4f} ~ margin {phase.margin}, "
+            f"spread {stats.embedding_spread:.4f} (on_collapse: {phase.on_collapse})"
+        )
+    if phase.on_collapse == "fallback" and mode != COLLAPSE_FALLBACK_MODE:
+        progress.mining_override = COLLAPSE_FALLBACK_MODE
+        ph.watchdog.reset()
+    elif phase.on_collapse == "warn":
+        ph.watchdog.reset()
+    return phase.on_collapse == "stop"
+
+
+def _evaluate_and_check_end(
+    run: Run, ph: _Phase, progress: RunProgress, signals: dict[str, float], events: list[dict]
+) -> bool:
+    """After a step: the held-out eval when due, the `until:` conditions (on agreed numbers, so every
+    rank ends at the same step), and how the phase ended, in `progress`. True: the phase is done."""
+    phase, eval_cfg = ph.config, run.curriculum.eval
+    planned_end = progress.step >= phase.steps
+    evaluated = None
+    if run.eval_rows is not None and (planned_end or (eval_cfg.every and progress.step % eval_cfg.every == 0)):
+        evaluated = held_out.eval_event(run, progress, phase)
+    early_end = None
+    if phase.until is not None:
+        ph.until_state, held = conditions.advance(
+            phase.until, ph.until_state, step=progress.step, metrics=signals, eval_metrics=evaluated
+        )
+        progress.conditions = ph.until_state.to_dict()
+        if held and not planned_end:
+            early_end = conditions.until_event(
+                phase.until, held, phase=phase, step=progress.step, global_step=progress.global_step
+            )
+            events.append(early_end)
+            if run.ctx.is_main:
+                ph.bar.print(f"phase {phase.name} ends at step {progress.step} of {phase.steps}: {early_end['reason']}")
+            if run.eval_rows is not None and evaluated is None:  # the phase-end eval, as at a planned end
+                evaluated = held_out.eval_event(run, progress, phase)
+    if evaluated is not None:
+        events.append(evaluated)
+        if run.on_eval is not None and run.ctx.is_main:
+            run.on_eval(evaluated)
+    if not planned_end and early_end is None:
+        return False
+    progress.phase_ends[str(ph.index)] = {
+        "steps_planned": phase.steps,
+        "steps_done": progress.step,
+        "ended_by": "until" if early_end else "steps",
+        "reason": early_end["reason"] if early_end else f"planned end (step {phase.steps})",
+    }
+    return True
+
+
+def _stops_after_step(run: Run, progress: RunProgress, collapse_stop: bool, stop_now: bool) -> PhaseEnd | None:
+    """Whether the phase stops after this step, and why (a collapse stop first, then Ctrl-C/SIGTERM,
+    then the --max-steps budget); None: it goes on (or ends normally)."""
+    if collapse_stop:
+        return PhaseEnd.COLLAPSED
+    if stop_now:
+        return PhaseEnd.INTERRUPTED
+    if run.stop_at_global_step is not None and progress.global_step >= run.stop_at_global_step:
+        return PhaseEnd.PAUSED
+    return None
+
+
+def _should_checkpoint(step: int, every: int | None, phase_done: bool, stopping: PhaseEnd | None) -> bool:
+    """Every `train.checkpoint_every` steps, at the end of the phase, and at any step the phase stops
+    after (Ctrl-C/SIGTERM, --max-steps, a collapse stop), so `--resume` continues from there."""
+    return phase_done or stopping is not None or bool(every and step % every == 0)
+
+
+def _unsaved_nonfinite_weights(ph: _Phase, progress: RunProgress) -> PhaseOutcome:
+    """A weight became NaN/inf: the phase stops and the last good checkpoint stays as it is."""
+    reason = (
+        f"non-finite weights after step {progress.step} of phase {ph.index} "
+        f"({ph.config.name}): not saved over the last good checkpoint"
+    )
+    return PhaseOutcome(PhaseEnd.NONFINITE, ph.last_state, reason)
+
+
+def _checkpoint(run: Run, ph: _Phase, progress: RunProgress) -> bool:
+    """Save (every rank takes part); False, and nothing written, if a weight is NaN/inf."""
+    model, ctx = run.model, run.ctx
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # equal on every rank
+        return False
+    state_after, rng = ph.last_state, None
+    if ctx.enabled:  # every rank reads its own shard and draws its own dropout: keep each one's
+        state_after = {"per_rank": gather_object(state_after, ctx)}
+        rng = gather_object(capture_rng(), ctx)
+    if ctx.is_main:
+        last_eval = progress.eval_history[-1] if progress.eval_history else None
+        save_checkpoint(
+            ph.directory / CHECKPOINT,
+            model=model,
+            tokenizer=run.tokenizer,
+            optimizer=run.optimizer,
+            state={
+                **progress.__dict__,
+                "watchdog": ph.watchdog.state_dict(),
+                "phase_name": ph.config.name,
+                "world_size": ctx.world_size,
+            },
+            stream_state=state_after,
+            curriculum=curriculum_to_dict(run.curriculum),
+            rng=rng,
+            memory=ph.memory.state_dict() if ph.memory is not None else None,
+            metrics=last_eval if last_eval and last_eval.get("global_step") == progress.global_step else None,
+        )
+    barrier(ctx)
+    return True
