@@ -1,12 +1,9 @@
-"""A curriculum: the YAML file that says what to train, on which data, and how hard to mine, phase
-by phase.
-
-Loading turns the file plus `key=value` overrides into frozen dataclasses and checks every value
-before any work starts. All problems are reported together, each naming the file, the phase and the
-key, so a long run never dies on a typo in phase 3 and a user fixes everything in one edit.
+"""A curriculum's blocks as frozen dataclasses: what to train (model), on which data (data), how
+(train), phase by phase (phases), judged on what (eval).
 
 Each key is declared once, as a field of its block's dataclass (`schema.key`: default, check,
-required / path flags, help); the tables the loader walks are derived from those fields."""
+required / path flags, help); the tables validate.py and overrides.py walk are derived from those
+fields here. Loading and checking a file is validate.py's job; docs/curricula.md documents every key."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Has the embedding collapsed? Statistics, a verdict, a live watchdog and `tripletctl inspect-collapse`.
+"""Has the embedding collapsed? Statistics, a verdict and `tripletctl inspect-collapse`.
 
 Collapse is the classic triplet-loss failure: every input maps to (nearly) one point, all
 distances go to 0 and the loss sits at the margin alpha, so no gradient says which way to move.
-`collapse_report` measures it on a sample of embeddings (pure function); `CollapseWatchdog` spots it
-live from the per-step numbers the runner already logs. See docs/collapse.md for every metric, the
+`collapse_report` measures it on a sample of embeddings (pure function); train/watchdog.py spots it
+live from the per-step numbers the loop already logs. See docs/collapse.md for every metric, the
 healthy ranges and the verdict rules."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""OUTPUT/run.json and each phase's summary.json: read and written here only, by the main process.
+"""What OUTPUT/run.json and each phase's summary.json say (outputs/run_file.py reads and writes the
+file), kept true by the main process at every change of the run.
 Also the best model kept on held-out evals (`train.keep_best`)."""
 
 from __future__ import annotations
