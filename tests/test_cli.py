@@ -114,3 +114,21 @@ def test_pause_by_max_steps_says_how_to_continue(tmp_path):
     result = CliRunner().invoke(app, ["train", str(path), "phases.2.steps=2", "--max-steps", "1"])
     assert result.exit_code == 0, result.output
     assert _hint(result.output) == ["tripletctl", "train", str(path), "phases.2.steps=2", "--resume"]
+
+
+def test_validate_on_the_command_line_imports_no_torch_transformers_or_datasets():
+    """`tripletctl validate` checks a file: it must start in well under a second, not pay ~3 s for the
+    libraries that training needs."""
+    code = (
+        "import sys\n"
+        "sys.argv = ['tripletctl', 'validate', 'quickstart']\n"
+        "from tripletctl.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as done:\n"
+        "    assert done.code in (0, None), done.code\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules), file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr

@@ -106,6 +106,7 @@ def train(
 
     with StopFlag() as stop:  # first, before the slow imports: a Ctrl-C during start-up is never lost
         try:
+            _quiet_libraries()
             from tripletctl.config.validate import load_curriculum
             from tripletctl.train.run import train as run_training
 
@@ -325,6 +326,7 @@ def evaluate(
 ) -> None:
     """Measure retrieval quality: recall@1/5/10, MAP@R, R-precision, triplet accuracy (and, on triplet
     data, accuracy on the data's own negatives)."""
+    _quiet_libraries()
     from tripletctl.evaluation.retrieval import held_out_source, run_eval_command
 
     given = _source_options(
@@ -380,6 +382,7 @@ def inspect_collapse(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Say whether embeddings have collapsed: numbers, a verdict and exit code 0 healthy / 1 at risk / 3 collapsed."""
+    _quiet_libraries()
     from tripletctl.evaluation.collapse import run_inspect_command
     from tripletctl.evaluation.retrieval import held_out_source
 
@@ -443,6 +446,7 @@ def export(
     SentenceTransformer, and carries a model card (README.md). Written atomically; exit 2 on a
     missing, incomplete or damaged checkpoint, or a non-empty OUT_DIR without --force.
     """
+    _quiet_libraries()
     from tripletctl.outputs.export import export_model
 
     try:
@@ -459,8 +463,9 @@ def export(
 
 
 def _quiet_libraries() -> None:
-    """Our own progress bars and messages replace the libraries' per-file ones."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """Our own progress bars and messages replace the libraries' per-file ones. Called by the commands
+    that load models and data, not at start-up: `validate` and `--help` never pay for importing
+    datasets and transformers (about 2 s)."""
     try:
         import datasets
         from transformers.utils import logging as transformers_logging
@@ -475,7 +480,7 @@ def _quiet_libraries() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    _quiet_libraries()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
 
 
