@@ -10,7 +10,7 @@ The corpus is real labelled text available offline: each fortune file under
 ``--heldout-per-class`` rows (chosen by a hash of the text, so every run agrees) are held out
 for evaluation and the rest is the training set.
 
-Every run goes through the real trainer (`tripletctl.runner.train`) with the same curriculum,
+Every run goes through the real trainer (`tripletctl.train.run.train`) with the same curriculum,
 seed, batches and sample budget (``--steps`` x ``--batch-size``); the only difference is the
 phase's ``memory: {size: M, start_step: --start-step}`` for each M of ``--memory`` (0 = none).
 Printed: recall@1 and MAP@R on the held-out rows before training and after each run (one row

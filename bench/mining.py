@@ -1,4 +1,4 @@
-"""Benchmark tripletctl.mining: forward+backward time and peak memory per mode.
+"""Benchmark tripletctl.train.mining: forward+backward time and peak memory per mode.
 
     python bench/mining.py --device cpu --sizes 500,1000,2000 --repeats 5
 

@@ -1,6 +1,6 @@
 """Can the data path feed the trainer, and does its memory stay flat as the corpus grows?
 
-Writes a synthetic jsonl corpus of --gb gigabytes, streams one pass of it through tripletctl.stream
+Writes a synthetic jsonl corpus of --gb gigabytes, streams one pass of it through tripletctl.data.stream
 (shuffle buffer, class-balanced batching, tokenisation workers), and prints rows/s and RSS (main
 process + tokenizer workers) after each quarter; then the encoder's training samples/s at the same
 batch size on the same machine. RSS of the last report / first report must stay within 10%.

@@ -38,3 +38,20 @@ def test_the_architecture_map_names_every_module():
         if f"(../tripletctl/{path.relative_to(package)})" not in text
     ]
     assert not missing, f"docs/architecture.md has no row for {missing}"
+
+
+IMPORT = re.compile(r"^\s*from (tripletctl[\w.]*) import ([\w, ]+)", re.M)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_import_the_docs_show_works(page):
+    """Code in the docs names real modules and names (`from tripletctl.X import Y` lines)."""
+    import importlib
+    import importlib.util
+
+    for module, names in IMPORT.findall(page.read_text(encoding="utf-8")):
+        loaded = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(loaded, name) or importlib.util.find_spec(f"{module}.{name}"), (
+                f"{page.name}: {module}.{name}"
+            )

@@ -1,4 +1,4 @@
-"""tripletctl.mining against an independent brute force over all triplets.
+"""tripletctl.train.mining against an independent brute force over all triplets.
 
 The brute force loops over (a, p, n) in plain Python, computing each distance
 from the embeddings with torch ops, and builds the mined set straight from the
