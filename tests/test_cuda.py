@@ -20,9 +20,9 @@ from conftest import TINY_BERT
 from torch import Tensor
 from transformers import AutoConfig, AutoModel, BertConfig
 
-from tripletctl import mining
-from tripletctl.chunking import Chunking, embed_and_backward, plan_chunks, resolve_chunking
-from tripletctl.model import TripletEncoder
+from tripletctl.model.chunking import Chunking, embed_and_backward, plan_chunks, resolve_chunking
+from tripletctl.model.encoder import TripletEncoder
+from tripletctl.train import mining
 
 pytestmark = pytest.mark.cuda
 
@@ -223,7 +223,7 @@ def test_the_chunk_probe_predicts_what_a_step_takes_and_leaves_rng_and_grads_alo
     free, _ = torch.cuda.mem_get_info()
     assert chunking.tokens * 1 <= free  # at least a byte per token: the budget is not absurd
     # bytes per token measured by a real 64-row step against the probe's own estimate
-    from tripletctl.chunking import _probe_bytes_per_row
+    from tripletctl.model.chunking import _probe_bytes_per_row
 
     per_row = _probe_bytes_per_row(model, DEVICE, 64, bf16())
     peak = step_peak_bytes(model, 64, 64, Chunking(rows=64))
@@ -286,8 +286,8 @@ def test_resume_on_the_device_gives_the_uninterrupted_run(tmp_path):
     weights of the run never interrupted, and logs every step once with the same losses."""
     from test_runner import final_weights, write_curriculum
 
-    from tripletctl.curriculum import load_curriculum
-    from tripletctl.runner import train
+    from tripletctl.config.validate import load_curriculum
+    from tripletctl.train.run import train
 
     device = {"device": DEVICE.type, "chunk_size": "auto", "chunk_tokens": 160}  # several chunks, cached
     straight = write_curriculum(tmp_path / "straight", checkpoint_every=3, **device)
