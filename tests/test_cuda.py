@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModel, BertConfig
 
 from tripletctl.model.chunking import Chunking, embed_and_backward, plan_chunks, resolve_chunking
-from tripletctl.model.encoder import TripletEncoder
+from tripletctl.model.encoder import CompiledOrEager, TripletEncoder
 from tripletctl.train import mining
 
 pytestmark = pytest.mark.cuda
@@ -270,12 +270,35 @@ def test_a_compiled_encoder_gives_the_eager_gradient_with_gradient_caching():
     ids, mask, labels = make_batch(64, 24)
     embed_and_backward(model, ids, mask, labels, loss_for("batch-hard"), Chunking(rows=16), autocast_dtype=bf16())
     want = grads(model)
-    model.encoder = torch.compile(model.encoder)
+    model.encoder = CompiledOrEager(model.encoder)  # train.compile's wrapper, inductor
     for _ in range(2):  # the second call runs the compiled (possibly dynamic-shape) graphs again
         embed_and_backward(model, ids, mask, labels, loss_for("batch-hard"), Chunking(rows=16), autocast_dtype=bf16())
         got = grads(model)
-    got = {n.replace("_orig_mod.", ""): g for n, g in got.items()}
+    assert model.encoder.failure is None, model.encoder.failure
+    got = {n.replace("encoder.module.", "encoder."): g for n, g in got.items()}
     assert relative_error(got, want) < 0.03
+
+
+@needs_real_cuda
+def test_a_compiled_encoder_replays_dropout_in_the_re_forward():
+    """Dropout on, compiled: pass 1 (the no-grad graph) and the re-forward (the training graph) draw
+    the same masks from the replayed RNG, so gradient caching equals the same chunks with graphs kept."""
+    model = make_model(dropout=True)
+    model.encoder = CompiledOrEager(model.encoder)
+    ids, mask, labels = make_batch(48, 16)
+    plan = plan_chunks(mask.sum(1), Chunking(tokens=200))
+    kept_plan = dataclasses.replace(plan, keep_graph=True)
+    for warm in (kept_plan, plan):  # compile every graph first
+        embed_and_backward(model, ids, mask, labels, loss_for("batch-hard"), warm, autocast_dtype=bf16())
+        grads(model)
+    torch.manual_seed(11)
+    embed_and_backward(model, ids, mask, labels, loss_for("batch-hard"), kept_plan, autocast_dtype=bf16())
+    kept = grads(model)
+    torch.manual_seed(11)
+    embed_and_backward(model, ids, mask, labels, loss_for("batch-hard"), plan, autocast_dtype=bf16())
+    cached = grads(model)
+    assert model.encoder.failure is None, model.encoder.failure
+    assert relative_error(cached, kept) < 0.02
 
 
 # ------------------------------------------------------------------------------- resume on the device
@@ -289,7 +312,8 @@ def test_resume_on_the_device_gives_the_uninterrupted_run(tmp_path):
     from tripletctl.config.validate import load_curriculum
     from tripletctl.train.run import train
 
-    device = {"device": DEVICE.type, "chunk_size": "auto", "chunk_tokens": 160}  # several chunks, cached
+    # several chunks, gradient-cached; eager (the e2e run of bench/gpu_check.py resumes a compiled run)
+    device = {"device": DEVICE.type, "chunk_size": "auto", "chunk_tokens": 160, "compile": False}
     straight = write_curriculum(tmp_path / "straight", checkpoint_every=3, **device)
     assert train(load_curriculum(straight)) == 0
     broken = write_curriculum(tmp_path / "broken", checkpoint_every=3, **device)
