@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -95,6 +96,8 @@ class Sizes:
     small_batch: int
     timed_steps: int
     warmup: int
+    e2e_reserve_s: float
+    cuda_tests_s: float
     st_mini_batch: int
 
 
@@ -120,17 +123,19 @@ def sizes_for(smoke: bool, budget_s: float | None) -> Sizes:
             small_batch=32,
             timed_steps=1,
             warmup=1,
+            e2e_reserve_s=90,
+            cuda_tests_s=150,
             st_mini_batch=16,
         )
     return Sizes(
         smoke=False,
-        budget_s=budget_s or 460,
+        budget_s=budget_s or 470,
         topics=1200,
         train_per_topic=40,
         heldout_rows=2000,
         batches=(500, 1000, 2000),
-        steps=(8, 10, 6),
-        checkpoint_every=4,
+        steps=(6, 8, 4),
+        checkpoint_every=3,
         tokenizer_workers=4,
         lr=1e-4,
         bert={**train_step.BERT_BASE, "architectures": ["BertModel"]},
@@ -139,8 +144,10 @@ def sizes_for(smoke: bool, budget_s: float | None) -> Sizes:
         long_max=64,
         big_batch=2000,
         small_batch=512,
-        timed_steps=5,
+        timed_steps=4,
         warmup=2,
+        e2e_reserve_s=200,
+        cuda_tests_s=150,
         st_mini_batch=256,
     )
 
@@ -259,25 +266,31 @@ def cuda_tests(rows: list[Row], sizes: Sizes, env: dict, work: Path, clock: Cloc
     if not on_cuda:
         test_env["TRIPLETCTL_CUDA_TESTS_ON_CPU"] = "1"  # --smoke: what can run on the CPU runs there
         test_env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider"]
     cmd += ["-o", "addopts=", f"--junitxml={xml}"]
-    code, output = run_logged(cmd, work / "cuda-tests.log", test_env, timeout=min(clock.left() - 60, 150))
-    if code is None or not xml.exists():
-        why = "timed out" if code is None else f"pytest exited {code} without a report: {one_line(output)}"
-        rows.append(Row("FAIL", "cuda", "tests/test_cuda.py", why))
+    limit = min(clock.left() - 60, sizes.cuda_tests_s)
+    code, output = run_logged(cmd, work / "cuda-tests.log", test_env, timeout=limit)
+    if code is not None and xml.exists():
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            name = case.get("name", "?")
+            seconds = float(case.get("time") or 0)
+            failed = case.find("failure") if case.find("failure") is not None else case.find("error")
+            skipped = case.find("skipped")
+            if failed is not None:
+                verdict, figure = "FAIL", one_line(failed.get("message") or failed.text or "")
+            elif skipped is not None:
+                verdict, figure = "SKIP", one_line(skipped.get("message") or "")
+            else:
+                verdict, figure = "PASS", f"{seconds:.1f} s"
+            rows.append(Row(verdict, "cuda", name, figure))
         return
-    for case in ET.parse(xml).getroot().iter("testcase"):
-        name = case.get("name", "?")
-        seconds = float(case.get("time") or 0)
-        failed = case.find("failure") if case.find("failure") is not None else case.find("error")
-        skipped = case.find("skipped")
-        if failed is not None:
-            verdict, figure = "FAIL", one_line(failed.get("message") or failed.text or "")
-        elif skipped is not None:
-            verdict, figure = "SKIP", one_line(skipped.get("message") or "")
-        else:
-            verdict, figure = "PASS", f"{seconds:.1f} s"
-        rows.append(Row(verdict, "cuda", name, figure))
+    # timed out (or pytest died): what the verbose log says finished, then the reason
+    done = re.findall(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", output, flags=re.M)
+    for name, outcome in done:
+        verdict = {"PASSED": "PASS", "SKIPPED": "SKIP"}.get(outcome, "FAIL")
+        rows.append(Row(verdict, "cuda", name, outcome.lower()))
+    why = f"timed out after {limit:.0f} s" if code is None else f"pytest exited {code}: {one_line(output)}"
+    rows.append(Row("FAIL", "cuda", f"tests/test_cuda.py ({len(done)} tests finished)", why))
 
 
 # ------------------------------------------------------------------------------- (b) end to end
@@ -744,14 +757,15 @@ def step_configs(sizes: Sizes, on_cuda: bool, work: Path) -> list[tuple[str, dic
         ("small-default", {**base, **fixed, "batch": small, "mode": "tokens", "needs_s": 60}),
         ("st-batch-hard-big", {**st, "batch": big, "loss": "batch-hard"}),
         ("st-cached-mnrl-big", {**st, "batch": big, "loss": "cached-mnrl"}),
-        ("st-cached-mnrl-small", {**st, "batch": small, "loss": "cached-mnrl"}),
+        ("st-cached-mnrl-small", {**st, "batch": small, "loss": "cached-mnrl", "extra": True}),
     ]
     if on_cuda:  # the switches, each off against the default run above
+        extra = {**base, "extra": True, "batch": big, "mode": "tokens"}
         configs += [
-            ("fixed-no-compile", {**base, **fixed, "batch": big, "mode": "tokens", "compile": False}),
-            ("fixed-no-fused", {**base, **fixed, "batch": big, "mode": "tokens", "fused": False, "needs_s": 60}),
-            ("fixed-no-keep", {**base, **fixed, "batch": big, "mode": "tokens", "keep_graph": False, "needs_s": 60}),
-            ("long-tokens-compiled", {**base, **long, "batch": big, "mode": "tokens", "needs_s": 120}),
+            ("fixed-no-compile", {**extra, **fixed, "compile": False}),
+            ("fixed-no-fused", {**extra, **fixed, "fused": False, "needs_s": 60}),
+            ("fixed-no-keep", {**extra, **fixed, "keep_graph": False, "needs_s": 60}),
+            ("long-tokens-compiled", {**extra, **long, "needs_s": 120}),
         ]
     return configs
 
@@ -774,12 +788,25 @@ def describe(result: dict | None) -> str:
     return f"{result['samples_per_s']:,.0f} samples/s"
 
 
-def performance(rows: list[Row], sizes: Sizes, env: dict, work: Path, clock: Clock, info: dict) -> None:
+def measure_named(
+    named: list[tuple[str, dict]], env: dict, clock: Clock, on_cuda: bool, work: Path, reserve_s: float, got: dict
+) -> None:
+    """Measure `named` configurations into `got`, leaving `reserve_s` of the budget for what follows."""
+    if not named:
+        return
+    inner = Clock(clock.left() - reserve_s)
+    results = measure([c for _, c in named], env, inner, separate=on_cuda, work=work)
+    got.update(zip([n for n, _ in named], results))
+    steps = work / "steps.json"
+    saved = json.loads(steps.read_text()) if steps.exists() else []
+    saved += [{"name": n, **c, **r} for (n, c), r in zip(named, results)]
+    steps.write_text(json.dumps(saved, indent=1))
+
+
+def performance(rows: list[Row], sizes: Sizes, named: list[tuple[str, dict]], got: dict, info: dict) -> None:
+    """The (c) perf and (d) st rows from the measured configurations `got`."""
     on_cuda = bool(info.get("cuda"))
-    named = step_configs(sizes, on_cuda, work)
-    results = measure([c for _, c in named], env, clock, separate=on_cuda, work=work)
-    got = dict(zip([n for n, _ in named], results))
-    (work / "steps.json").write_text(json.dumps([{"name": n, **c, **r} for (n, c), r in zip(named, results)], indent=1))
+    results = [got.get(n) for n, _ in named]
     peak = train_step.peak_tflops(info.get("device", ""), None) if on_cuda else None
 
     def ran(name: str) -> dict | None:
@@ -793,7 +820,8 @@ def performance(rows: list[Row], sizes: Sizes, env: dict, work: Path, clock: Clo
     big, small, fixed_len = sizes.big_batch, sizes.small_batch, sizes.fixed_len
     for name, r in zip([n for n, _ in named], results):
         if not ran(name):
-            rows.append(Row("SKIP" if r and "skipped" in r else "FAIL", "perf", f"step {name}", describe(r)))
+            skipped = r is None or "skipped" in r
+            rows.append(Row("SKIP" if skipped else "FAIL", "perf", f"step {name}", describe(r)))
 
     # (c) MFU at the big batch, fixed rows, beside the padded one-chunk step
     default, padded = ran("fixed-default"), ran("fixed-padded")
@@ -954,22 +982,34 @@ def main(argv: list[str] | None = None) -> int:
     if not on_cuda and not args.smoke:
         rows.append(Row("FAIL", "env", "a CUDA device", "none found: run with --smoke on a CPU"))
     sections = set(args.sections.split(","))
-    for name, run in (
-        ("cuda", lambda: cuda_tests(rows, sizes, env, work, clock, on_cuda)),
-        ("e2e", lambda: end_to_end(rows, sizes, env, work, clock)),
-        ("perf", lambda: performance(rows, sizes, env, work, clock, info)),
+    named = step_configs(sizes, on_cuda, work) if "perf" in sections else []
+    got: dict[str, dict] = {}
+    e2e_reserve = (sizes.e2e_reserve_s if "e2e" in sections else 0) + 10
+
+    def steps(extra: bool, reserve_s: float) -> None:
+        part = [(n, c) for n, c in named if bool(c.get("extra")) == extra]
+        measure_named(part, env, clock, on_cuda, work, reserve_s, got)
+
+    # What matters most first: the tests, the core figures, the end-to-end run, then the switches.
+    for name, label, run in (
+        ("cuda", "cuda", lambda: cuda_tests(rows, sizes, env, work, clock, on_cuda)),
+        ("perf", "perf (core)", lambda: steps(extra=False, reserve_s=e2e_reserve)),
+        ("e2e", "e2e", lambda: end_to_end(rows, sizes, env, work, clock)),
+        ("perf", "perf (switches)", lambda: steps(extra=True, reserve_s=0)),
+        ("perf", "perf rows", lambda: performance(rows, sizes, named, got, info)),
     ):
         if name not in sections:
             continue
-        if clock.left() < 30:
-            rows.append(Row("SKIP", name, "the whole section", f"time budget ({clock.left():.0f} s left)"))
+        if clock.left() < 30 and label != "perf rows":
+            rows.append(Row("SKIP", name, f"{label}: the whole section", f"time budget ({clock.left():.0f} s left)"))
             continue
         started = time.monotonic()
         try:
             run()
         except Exception as e:  # a bug in this script: say so in the table, keep the other sections
-            rows.append(Row("FAIL", name, "the section raised", f"{type(e).__name__}: {one_line(str(e))}"))
-        print(f"[gpu_check] {name} done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+            rows.append(Row("FAIL", name, f"{label}: the section raised", f"{type(e).__name__}: {one_line(str(e))}"))
+        print(f"[gpu_check] {label} done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    rows.sort(key=lambda r: ("env", "cuda", "e2e", "perf", "st").index(r.section))
     header = (
         f"tripletctl GPU check{' --smoke' if args.smoke else ''}   {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         f"   device {info.get('device')}   torch {info.get('torch')}   transformers {info.get('transformers')}"
