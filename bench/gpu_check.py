@@ -766,6 +766,7 @@ def step_configs(sizes: Sizes, on_cuda: bool, work: Path) -> list[tuple[str, dic
             ("fixed-no-fused", {**extra, **fixed, "fused": False, "needs_s": 60}),
             ("fixed-no-keep", {**extra, **fixed, "keep_graph": False, "needs_s": 60}),
             ("long-tokens-compiled", {**extra, **long, "needs_s": 120}),
+            ("long-unpadded", {**extra, **long, "compile": False, "unpadded": True}),
         ]
     return configs
 
@@ -873,6 +874,17 @@ def performance(rows: list[Row], sizes: Sizes, named: list[tuple[str, dict]], go
                 "perf",
                 "switch compile on long-tailed rows (changing chunk widths)",
                 f"{compiled['samples_per_s'] / tokens['samples_per_s']:.2f}x eager",
+            )
+        )
+    unpadded = ran("long-unpadded")
+    if tokens and unpadded:
+        rows.append(
+            Row(
+                "INFO",
+                "perf",
+                f"model.unpadded (varlen) on long-tailed rows, batch {big}: vs token chunks, both eager",
+                f"{unpadded['samples_per_s'] / tokens['samples_per_s']:.2f}x "
+                f"({unpadded['samples_per_s']:,.0f} vs {tokens['samples_per_s']:,.0f} samples/s)",
             )
         )
     for name, what in (

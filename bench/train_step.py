@@ -144,7 +144,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def build_model(name: str, device, attn: str):
+def build_model(name: str, device, attn: str, unpadded: bool = False):
     """A TripletEncoder with random weights from a config: weights do not change the speed."""
     from transformers import AutoConfig, AutoModel, BertConfig
 
@@ -155,7 +155,7 @@ def build_model(name: str, device, attn: str):
         encoder = AutoModel.from_config(config, attn_implementation=attn, add_pooling_layer=False)
     except TypeError:  # architectures without a pooler
         encoder = AutoModel.from_config(config, attn_implementation=attn)
-    return TripletEncoder(encoder, pooling="mean").to(device).train(), config
+    return TripletEncoder(encoder, pooling="mean", unpadded=unpadded).to(device).train(), config
 
 
 def synthetic_lengths(cfg: dict, batch: int, step: int) -> list[int]:
@@ -215,7 +215,7 @@ def worker(cfg: dict) -> dict:
     autocast_dtype = torch.bfloat16 if bf16 else None
     torch.manual_seed(0)
     try:
-        model, config = build_model(cfg["model"], device, cfg["attn"])
+        model, config = build_model(cfg["model"], device, cfg["attn"], unpadded=cfg.get("unpadded", False))
     except (ImportError, ValueError) as error:  # an attention implementation this machine lacks
         return {"error": " ".join(str(error).split())[:160]}
     if cfg["max_length"] > config.max_position_embeddings:

@@ -10,6 +10,7 @@ tripletctl reads it back; folders of the previous format (head in `head.safetens
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from tripletctl.config.choices import POOLINGS
 from tripletctl.core.errors import ModelError, TripletctlError, one_line
 from tripletctl.data.tokenizer import load_tokenizer
-from tripletctl.model import sbert
+from tripletctl.model import sbert, varlen
 from tripletctl.model.card import CARD_FILE, Provenance, render_card
 from tripletctl.model.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks
 
@@ -40,7 +41,12 @@ class TripletEncoder(nn.Module):
     """Encoder + pooling + optional MLP head + optional L2 norm; returns one float32 row per text."""
 
     def __init__(
-        self, encoder: PreTrainedModel, pooling: str = "mean", head: Sequence[int] = (), normalize: bool = True
+        self,
+        encoder: PreTrainedModel,
+        pooling: str = "mean",
+        head: Sequence[int] = (),
+        normalize: bool = True,
+        unpadded: bool = False,
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -51,17 +57,28 @@ class TripletEncoder(nn.Module):
         self.head_sizes = tuple(int(s) for s in head)
         self.head = make_head(encoder.config.hidden_size, self.head_sizes)
         self.normalize = normalize
+        # model.unpadded: real tokens only (varlen.py); None when off, else why not, when it cannot be
+        self.unpadded_unsupported = varlen.unsupported(encoder) if unpadded else None
+        self.unpadded = unpadded and self.unpadded_unsupported is None
 
     @property
     def embedding_dim(self) -> int:
         return self.head_sizes[-1] if self.head_sizes else int(self.encoder.config.hidden_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        packed = self.unpadded and varlen.right_padded(attention_mask)
+        if packed:  # the real tokens back to back; the encoder's own weights, run eagerly
+            hidden, lengths, cu_seqlens = varlen.encode_packed(unwrap(self.encoder), input_ids, attention_mask)
+        else:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # Pooling, head and norm run outside autocast: bf16 sums over long rows and a bf16 norm
         # make distances noisy enough to flip semi-hard mining decisions. (float64 stays float64.)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            pooled = pool(hidden.to(torch.promote_types(hidden.dtype, torch.float32)), attention_mask, self.pooling)
+            hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+            if packed:
+                pooled = varlen.pool_packed(hidden, lengths, cu_seqlens, self.pooling)
+            else:
+                pooled = pool(hidden, attention_mask, self.pooling)
             if self.head is not None:
                 pooled = self.head(pooled)
             if self.normalize:
@@ -148,7 +165,19 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
         raise ModelError(f"cannot load model {model.name!r} (init: {model.init}): {one_line(e)}") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the head is random in both modes: seed it too
-        triplet = TripletEncoder(encoder, pooling=model.pooling, head=tuple(model.head), normalize=model.normalize)
+        triplet = TripletEncoder(
+            encoder,
+            pooling=model.pooling,
+            head=tuple(model.head),
+            normalize=model.normalize,
+            unpadded=getattr(model, "unpadded", False),
+        )
+    if triplet.unpadded_unsupported is not None:
+        print(
+            f"warning: model.unpadded is off for {model.name}: {triplet.unpadded_unsupported}; encoding padded chunks",
+            file=sys.stderr,
+            flush=True,
+        )
     return triplet, load_tokenizer(model.tokenizer or model.name)
 
 
