@@ -97,3 +97,28 @@ def test_other_architectures_and_left_padding_fall_back_to_the_padded_encoder(ti
     left_mask, left_ids = mask.flip(1), ids.flip(1)  # left padding: positions differ, so the padded path
     assert not varlen.right_padded(left_mask)
     torch.testing.assert_close(bert(left_ids, left_mask), padded(left_ids, left_mask), atol=0, rtol=0)
+
+
+def test_a_curriculum_with_model_unpadded_trains_and_resumes_exactly(tmp_path):
+    import yaml
+    from test_runner import final_weights, write_curriculum
+
+    from tripletctl.config.validate import load_curriculum
+    from tripletctl.train.run import train
+
+    def unpadded_curriculum(where):
+        path = write_curriculum(where, steps=(3, 2, 2), checkpoint_every=2, chunk_size="auto", chunk_tokens=160)
+        spec = yaml.safe_load(path.read_text())
+        spec["model"]["unpadded"] = True
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return path
+
+    straight = unpadded_curriculum(tmp_path / "straight")
+    assert load_curriculum(straight).model.unpadded is True
+    assert train(load_curriculum(straight)) == 0
+    broken = unpadded_curriculum(tmp_path / "broken")
+    assert train(load_curriculum(broken), max_steps=4) == 0
+    assert train(load_curriculum(broken), resume=True) == 0
+    a, b = final_weights(tmp_path / "straight" / "run"), final_weights(tmp_path / "broken" / "run")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)

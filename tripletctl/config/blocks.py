@@ -142,6 +142,9 @@ class ModelConfig:
     attn_implementation: str = schema.key(
         "sdpa", check=schema.text(), help='passed to transformers unchanged, e.g. "flash_attention_2" (unpadded)'
     )
+    unpadded: bool = schema.key(
+        False, check=schema.boolean, help="BERT: encode the real tokens only, packed (varlen attention on CUDA)"
+    )
 
 
 @dataclass(frozen=True)
