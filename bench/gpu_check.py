@@ -61,6 +61,7 @@ TARGET_PADDING = 1.10  # computed / real tokens on long-tailed rows
 TARGET_LONG_SPEEDUP = 2.5  # token chunks vs the padded one-chunk step, long-tailed rows
 TARGET_VS_ST = 1.5  # tripletctl vs sentence-transformers' BatchHardTripletLoss at batch 512
 BERT_BASE_VOCAB = 30522
+CHECK_WIDTH = 84  # the table stays readable in a 12,000-character output tail
 
 
 @dataclass
@@ -285,13 +286,13 @@ def cuda_tests(rows: list[Row], sizes: Sizes, env: dict, work: Path, clock: Cloc
                 verdict, figure = "SKIP", one_line(skipped.get("message") or "")
             else:
                 verdict, figure = "PASS", f"{seconds:.1f} s"
-            rows.append(Row(verdict, "cuda", name, figure))
+            rows.append(Row(verdict, "cuda", name.removeprefix("test_"), figure))
         return
     # timed out (or pytest died): what the verbose log says finished, then the reason
     done = re.findall(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", output, flags=re.M)
     for name, outcome in done:
         verdict = {"PASSED": "PASS", "SKIPPED": "SKIP"}.get(outcome, "FAIL")
-        rows.append(Row(verdict, "cuda", name, outcome.lower()))
+        rows.append(Row(verdict, "cuda", name.removeprefix("test_"), outcome.lower()))
     why = f"timed out after {limit:.0f} s" if code is None else f"pytest exited {code}: {one_line(output)}"
     rows.append(Row("FAIL", "cuda", f"tests/test_cuda.py ({len(done)} tests finished)", why))
 
@@ -949,10 +950,15 @@ def performance(rows: list[Row], sizes: Sizes, named: list[tuple[str, dict]], go
 
 
 def print_table(rows: list[Row], header: str) -> str:
-    width = max(len(r.check) for r in rows)
-    lines = [header, f"{'':4}  {'section':7}  {'check':{width}}  {'figure':60}  target"]
+    width = min(CHECK_WIDTH, max(len(r.check) for r in rows))
+
+    def cut(text: str, limit: int) -> str:
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    lines = [header, f"{'':4}  {'part':4}  {'check':{width}}  figure  [target]"]
     for r in rows:
-        lines.append(f"{r.verdict:4}  {r.section:7}  {r.check:{width}}  {r.figure:60}  {r.target}".rstrip())
+        target = f"  [{r.target}]" if r.target else ""
+        lines.append(f"{r.verdict:4}  {r.section:4}  {cut(r.check, width):{width}}  {cut(r.figure, 150)}{target}")
     counts = {v: sum(r.verdict == v for r in rows) for v in ("PASS", "FAIL", "SKIP", "INFO")}
     lines.append(
         " ".join(f"{n} {v}" for v, n in counts.items()) + f"   overall: {'FAIL' if counts['FAIL'] else 'PASS'}"

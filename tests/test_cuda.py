@@ -88,7 +88,7 @@ def bf16() -> torch.dtype:
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "random"])
-def test_mining_on_the_device_matches_an_fp64_reference_and_ignores_an_outer_autocast(mode):
+def test_device_mining_matches_fp64_even_inside_autocast(mode):
     """Mining on the device (fp32, also when called inside a bf16 autocast region) gives the loss and
     statistics of the same mining in fp64 on the CPU: the distances are never rounded to bf16."""
     g = torch.Generator().manual_seed(3)
@@ -144,7 +144,7 @@ def test_chunked_gradient_caching_under_autocast_matches_the_unchunked_step(mode
 
 
 @pytest.mark.parametrize("mode", ["semi-hard", "batch-hard"])
-def test_the_re_forward_replays_the_device_rng_so_dropout_draws_the_same_masks(mode):
+def test_the_re_forward_replays_the_device_rng_for_dropout(mode):
     """Dropout on: the gradient-cached step (pass 1 without graph, re-forward with the RNG replayed)
     equals the same chunks forwarded once with their graphs kept, on the device's generator."""
     model = make_model(dropout=True)
