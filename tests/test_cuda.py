@@ -35,7 +35,7 @@ PER_CLASS = 4
 
 @pytest.fixture(autouse=True)
 def quiet_cpu():
-    """On the CPU fallback: one thread (a shared 2-core machine); on CUDA: TF32 as training uses it."""
+    """On the CPU fallback: one thread (a shared 2-core machine)."""
     threads = torch.get_num_threads()
     if not ON_CUDA:
         torch.set_num_threads(1)
