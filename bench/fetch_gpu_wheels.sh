@@ -5,7 +5,8 @@
 # rich, matplotlib, pyyaml and pytest; it lacks datasets and its dill / multiprocess, and has an
 # older sentence-transformers. Versions: those tripletctl is tested with here.
 #     bash bench/fetch_gpu_wheels.sh            # ~1.7 MB
-#     PYARROW=1 bash bench/fetch_gpu_wheels.sh  # also pyarrow (~45 MB), should datasets refuse the image's
+#     PYARROW=1 bash bench/fetch_gpu_wheels.sh  # also pyarrow 26 (55 MB: the tree then nears the 64 MiB a run carries),
+#                                                # should datasets refuse the image's pyarrow (gpu_check's env row says)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
