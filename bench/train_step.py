@@ -26,6 +26,7 @@ and the re-forward of gradient caching count as waste, not work.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -143,7 +144,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def build_model(name: str, device, attn: str):
+def build_model(name: str, device, attn: str, unpadded: bool = False):
     """A TripletEncoder with random weights from a config: weights do not change the speed."""
     from transformers import AutoConfig, AutoModel, BertConfig
 
@@ -154,7 +155,7 @@ def build_model(name: str, device, attn: str):
         encoder = AutoModel.from_config(config, attn_implementation=attn, add_pooling_layer=False)
     except TypeError:  # architectures without a pooler
         encoder = AutoModel.from_config(config, attn_implementation=attn)
-    return TripletEncoder(encoder, pooling="mean").to(device).train(), config
+    return TripletEncoder(encoder, pooling="mean", unpadded=unpadded).to(device).train(), config
 
 
 def synthetic_lengths(cfg: dict, batch: int, step: int) -> list[int]:
@@ -166,6 +167,22 @@ def synthetic_lengths(cfg: dict, batch: int, step: int) -> list[int]:
     rng = np.random.default_rng([batch, step])
     raw = np.exp(math.log(cfg["median"]) + cfg["sigma"] * rng.standard_normal(batch))
     return np.clip(np.round(raw), 3, cfg["max_length"]).astype(int).tolist()
+
+
+def synthetic_batches(cfg: dict, batch: int, vocab_size: int) -> list:
+    """`warmup + steps` batches of random token ids between [CLS] and [SEP], ragged (ids back to back +
+    lengths, as BatchStream hands them over), lengths from `synthetic_lengths`; seeded."""
+    import torch
+
+    batches = []
+    for step in range(cfg["warmup"] + cfg["steps"]):
+        lengths = torch.tensor(synthetic_lengths(cfg, batch, step))
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(min(1000, vocab_size // 2), vocab_size, (int(lengths.sum()),), generator=g)
+        ends = torch.cumsum(lengths, 0)
+        ids[ends - lengths], ids[ends - 1] = 101, 102  # [CLS] ... [SEP]
+        batches.append((ids, lengths))
+    return batches
 
 
 def worker(cfg: dict) -> dict:
@@ -198,7 +215,7 @@ def worker(cfg: dict) -> dict:
     autocast_dtype = torch.bfloat16 if bf16 else None
     torch.manual_seed(0)
     try:
-        model, config = build_model(cfg["model"], device, cfg["attn"])
+        model, config = build_model(cfg["model"], device, cfg["attn"], unpadded=cfg.get("unpadded", False))
     except (ImportError, ValueError) as error:  # an attention implementation this machine lacks
         return {"error": " ".join(str(error).split())[:160]}
     if cfg["max_length"] > config.max_position_embeddings:
@@ -216,17 +233,11 @@ def worker(cfg: dict) -> dict:
         )
         chunking = Chunking(tokens=resolved.tokens, overhead_tokens=overhead)
     step_model = torch.compile(model) if cfg["compile"] else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    # cfg "fused" / "keep_graph" (default on): the switches bench/gpu_check.py measures on and off
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda" and cfg.get("fused", True))
     labels = (torch.arange(batch) % max(1, batch // PER_CLASS)).to(device)
     loss_fn = partial(mining.mine, mode=cfg["mining"], margin=0.2)
-    batches = []  # ragged, on the host, as BatchStream hands them over
-    for step in range(cfg["warmup"] + cfg["steps"]):
-        lengths = torch.tensor(synthetic_lengths(cfg, batch, step))
-        g = torch.Generator().manual_seed(step)
-        ids = torch.randint(min(1000, config.vocab_size // 2), config.vocab_size, (int(lengths.sum()),), generator=g)
-        ends = torch.cumsum(lengths, 0)
-        ids[ends - lengths], ids[ends - 1] = 101, 102  # [CLS] ... [SEP]
-        batches.append((ids, lengths))
+    batches = synthetic_batches(cfg, batch, config.vocab_size)  # ragged, on the host, as BatchStream hands them over
 
     def sync() -> None:
         if device.type == "cuda":
@@ -241,6 +252,8 @@ def worker(cfg: dict) -> dict:
             sync()
             start = time.perf_counter()
             plan = plan_chunks(lengths, chunking)
+            if not cfg.get("keep_graph", True):
+                plan = dataclasses.replace(plan, keep_graph=False)  # always gradient caching
             input_ids, mask = pad_ragged(ids.to(device), lengths.to(device))
             embed_and_backward(step_model, input_ids, mask, labels, loss_fn, plan, autocast_dtype=autocast_dtype)
             optimizer.step()
@@ -283,11 +296,20 @@ def run_worker(cfg: dict, slots: queue.Queue | None = None) -> dict:
     try:
         if slot is not None:
             cfg = {**cfg, "cpus": slot}
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=cfg.get("timeout_s"),
+        )
+    except subprocess.TimeoutExpired:
+        proc = None
     finally:
         if slot is not None:
             slots.put(slot)
-    if proc.returncode != 0:
+    if proc is None:
+        result = {"error": f"timed out after {cfg['timeout_s']:.0f} s"}
+    elif proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         result = {"error": f"worker exited {proc.returncode}"}
     else:

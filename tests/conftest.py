@@ -18,6 +18,25 @@ TINY_BERT = REPO / "curricula" / "quickstart" / "tiny-bert"
 QUICKSTART = REPO / "curricula" / "quickstart.yaml"
 
 
+CUDA_TESTS_ON_CPU = "TRIPLETCTL_CUDA_TESTS_ON_CPU"
+"""Set to 1: run the `cuda` tests on the CPU (what can run there), as `bench/gpu_check.py --smoke` does,
+so they cannot rot between GPU runs."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.cuda` tests skip without a CUDA device, unless CUDA_TESTS_ON_CPU is set."""
+    marked = [item for item in items if "cuda" in item.keywords]
+    if not marked or os.environ.get(CUDA_TESTS_ON_CPU) == "1":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (bench/gpu_check.py runs these on a GPU)")
+    for item in marked:
+        item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_bert_dir() -> Path:
     """Config + vocabulary of a 2-layer BERT: build it with `init: config`, no weights needed."""

@@ -441,6 +441,18 @@ def test_plan_rows_sorts_and_keeps_the_graph_only_for_one_chunk():
     assert plan_chunks([], Chunking(tokens=8)).chunks == ()
 
 
+def test_keep_graphs_off_always_caches():
+    """train.keep_graphs: false: the same chunks, gradient-cached even when they fit the budget."""
+    lengths = [3, 9, 1, 9, 4]
+    kept = plan_chunks(lengths, Chunking(tokens=10_000))
+    cached = plan_chunks(lengths, Chunking(tokens=10_000, keep_graphs=False))
+    assert kept.keep_graph and not cached.keep_graph and cached.chunks == kept.chunks
+    assert not plan_chunks(lengths, Chunking(rows=5, keep_graphs=False)).keep_graph
+    model = torch.nn.Linear(2, 2)
+    assert not resolve_chunking("auto", None, 8, model, "cpu", 16, keep_graphs=False).keep_graphs
+    assert resolve_chunking(8, None, 8, model, "cpu", 16).keep_graphs
+
+
 def test_long_tailed_padding_is_within_target():
     """The benchmark's claim at test scale: padded/real <= 1.15 on a long-tailed batch of 128."""
     g = torch.Generator().manual_seed(0)

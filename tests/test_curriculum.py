@@ -396,7 +396,8 @@ def test_missing_required_blocks(tmp_path):
         ("train", "lr", "fast", "train.lr must be a positive number, got 'fast'"),
         ("train", "lr", True, "train.lr must be a positive number, got true"),
         ("train", "seed", True, "train.seed must be an integer from 0 to 4294967295, got true"),
-        ("train", "compile", "yes please", "train.compile must be true or false, got 'yes please'"),
+        ("train", "compile", "yes please", "train.compile must be true, false or 'auto', got 'yes please'"),
+        ("train", "keep_graphs", "auto", "train.keep_graphs must be true or false, got 'auto'"),
         (
             "train",
             "precision",

@@ -10,7 +10,15 @@ import torch
 from transformers import AutoModel
 
 from tripletctl.config.blocks import ModelConfig
-from tripletctl.model.encoder import build_model, encode, load_model, save_model
+from tripletctl.model.encoder import (
+    CompiledOrEager,
+    build_model,
+    compile_wanted,
+    encode,
+    load_model,
+    save_model,
+    unwrap,
+)
 
 TEXTS = ["the quick brown fox", "a", "jumps over the lazy dog and keeps running", "hello world"]
 
@@ -190,3 +198,49 @@ def test_missing_or_damaged_models_are_model_errors(tiny_bert_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ModelError, match="cannot be loaded"):
         load_model(tmp_path / "saved")
+
+
+def test_a_compiled_encoder_that_fails_to_compile_runs_eagerly_after_one_warning(tiny_bert_dir, tmp_path):
+    """train.compile's fallback: the first compiled call fails (here: a backend that raises), the same
+    call runs eagerly and every later one too, with one warning; weights, keys and saving are the
+    eager module's."""
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no working compiler here")
+
+    model, tok = tiny(tiny_bert_dir, head=(16,))
+    eager = model.eval()(*batch(tok, TEXTS))
+    encoder = model.encoder
+    warnings: list[str] = []
+    model.encoder = CompiledOrEager(encoder, warn=warnings.append, backend=broken_backend)
+    assert [n for n, _ in model.encoder.named_parameters()] == [f"module.{n}" for n, _ in encoder.named_parameters()]
+    assert model.encoder.config is encoder.config and unwrap(model.encoder) is encoder
+    for _ in range(2):
+        torch.testing.assert_close(model(*batch(tok, TEXTS)), eager, atol=0, rtol=0)
+    assert len(warnings) == 1 and "runs eagerly" in warnings[0] and "no working compiler" in warnings[0]
+    assert "no working compiler" in model.encoder.failure
+    save_model(model, tok, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    torch.testing.assert_close(loaded(*batch(tok, TEXTS)), eager, atol=1e-6, rtol=0)
+
+
+def test_a_compiled_encoder_that_compiles_runs_compiled(tiny_bert_dir):
+    model, tok = tiny(tiny_bert_dir)
+    eager = model.eval()(*batch(tok, TEXTS))
+    warnings: list[str] = []
+    model.encoder = CompiledOrEager(model.encoder, warn=warnings.append, backend="eager")  # dynamo, no codegen
+    torch.testing.assert_close(model(*batch(tok, TEXTS)), eager, atol=1e-6, rtol=0)
+    assert not warnings and model.encoder.failure is None
+
+
+def test_an_error_of_the_model_itself_is_not_hidden_by_the_fallback(tiny_bert_dir):
+    model, tok = tiny(tiny_bert_dir)
+    model.encoder = CompiledOrEager(model.encoder, backend="eager")
+    ids, mask = batch(tok, TEXTS)
+    with pytest.raises(IndexError):
+        model(ids + 10_000, mask)  # ids beyond the vocabulary fail eagerly too
+
+
+def test_compile_auto_means_on_cuda():
+    assert compile_wanted("auto", torch.device("cuda")) and not compile_wanted("auto", torch.device("cpu"))
+    assert compile_wanted(True, torch.device("cpu")) and not compile_wanted(False, torch.device("cuda"))

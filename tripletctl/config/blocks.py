@@ -74,6 +74,12 @@ def _trackers(value: Any, raw: str | None) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _bool_or_auto(value: Any, raw: str | None) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise schema.Invalid("true, false or 'auto'")
+
+
 def _layer_sizes(value: Any, raw: str | None) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -135,6 +141,9 @@ class ModelConfig:
     normalize: bool = schema.key(True, check=schema.boolean, help="project to the unit sphere")
     attn_implementation: str = schema.key(
         "sdpa", check=schema.text(), help='passed to transformers unchanged, e.g. "flash_attention_2" (unpadded)'
+    )
+    unpadded: bool = schema.key(
+        False, check=schema.boolean, help="BERT: encode the real tokens only, packed (varlen attention on CUDA)"
     )
 
 
@@ -266,7 +275,13 @@ class TrainConfig:
     chunk_tokens: int | str | None = schema.key(
         None, check=schema.int_or_auto_or_null, help="padded tokens per length-sorted chunk; auto fits free memory"
     )
-    compile: bool = schema.key(False, check=schema.boolean, help="torch.compile the encoder")
+    compile: bool | str = schema.key(
+        "auto", check=_bool_or_auto, help="torch.compile the encoder; auto: on CUDA (eager if compiling fails)"
+    )
+    fused_adamw: bool = schema.key(True, check=schema.boolean, help="on CUDA: AdamW as one fused kernel per step")
+    keep_graphs: bool = schema.key(
+        True, check=schema.boolean, help="chunks that fit the budget keep their graphs (no re-forward); false: never"
+    )
     distance: str = schema.key(
         "euclidean", check=schema.choice(DISTANCES), help="of the loss and mining (default for phases)"
     )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ class Chunking:
     rows: int | None = None
     tokens: int | None = None
     overhead_tokens: int = CHUNK_OVERHEAD_TOKENS["cpu"]
+    keep_graphs: bool = True  # False: always gradient caching, even when the batch fits (train.keep_graphs)
 
     def __post_init__(self) -> None:
         if (self.rows is None) == (self.tokens is None):
@@ -112,6 +113,7 @@ def plan_chunks(lengths: Sequence[int] | Tensor, chunking: Chunking | int) -> Ch
         start += size
     padded = sum(len(c) * w for c, w in zip(chunks, widths))
     keep = len(chunks) <= 1 if chunking.rows is not None else padded <= chunking.tokens
+    keep = keep and chunking.keep_graphs
     return ChunkPlan(tuple(chunks), tuple(widths), keep, sum(lengths), padded)
 
 
@@ -322,14 +324,29 @@ def resolve_chunking(
     device: torch.device | str,
     seq_len: int,
     autocast_dtype: torch.dtype | None = None,
+    keep_graphs: bool = True,
 ) -> Chunking:
     """The curriculum's `chunk_size` / `chunk_tokens` as a `Chunking`.
 
     `chunk_tokens: N` is a budget of N padded tokens per chunk; `chunk_size: N` (without
     `chunk_tokens`) keeps N rows per chunk; `auto` in either picks a token budget: on CUDA the
     probed bytes per token fill `AUTO_MEMORY_FRACTION` of free memory (rounded down to a multiple
-    of 64), on CPU `CPU_AUTO_TOKENS`.
+    of 64), on CPU `CPU_AUTO_TOKENS`. `keep_graphs=False` (train.keep_graphs) makes every step
+    gradient-cached, even one whose chunks fit the budget: what keeping the graphs saves, measured.
     """
+    chunking = _resolve_chunking(chunk_size, chunk_tokens, batch_size, model, device, seq_len, autocast_dtype)
+    return chunking if keep_graphs else replace(chunking, keep_graphs=False)
+
+
+def _resolve_chunking(
+    chunk_size: int | str,
+    chunk_tokens: int | str | None,
+    batch_size: int,
+    model: torch.nn.Module,
+    device: torch.device | str,
+    seq_len: int,
+    autocast_dtype: torch.dtype | None,
+) -> Chunking:
     device = torch.device(device)
     overhead = CHUNK_OVERHEAD_TOKENS.get(device.type, CHUNK_OVERHEAD_TOKENS["cpu"])
     if chunk_tokens is None:

@@ -10,6 +10,7 @@ tripletctl reads it back; folders of the previous format (head in `head.safetens
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from tripletctl.config.choices import POOLINGS
 from tripletctl.core.errors import ModelError, TripletctlError, one_line
 from tripletctl.data.tokenizer import load_tokenizer
-from tripletctl.model import sbert
+from tripletctl.model import sbert, varlen
 from tripletctl.model.card import CARD_FILE, Provenance, render_card
 from tripletctl.model.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks
 
@@ -40,7 +41,12 @@ class TripletEncoder(nn.Module):
     """Encoder + pooling + optional MLP head + optional L2 norm; returns one float32 row per text."""
 
     def __init__(
-        self, encoder: PreTrainedModel, pooling: str = "mean", head: Sequence[int] = (), normalize: bool = True
+        self,
+        encoder: PreTrainedModel,
+        pooling: str = "mean",
+        head: Sequence[int] = (),
+        normalize: bool = True,
+        unpadded: bool = False,
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -51,17 +57,28 @@ class TripletEncoder(nn.Module):
         self.head_sizes = tuple(int(s) for s in head)
         self.head = make_head(encoder.config.hidden_size, self.head_sizes)
         self.normalize = normalize
+        # model.unpadded: real tokens only (varlen.py); None when off, else why not, when it cannot be
+        self.unpadded_unsupported = varlen.unsupported(encoder) if unpadded else None
+        self.unpadded = unpadded and self.unpadded_unsupported is None
 
     @property
     def embedding_dim(self) -> int:
         return self.head_sizes[-1] if self.head_sizes else int(self.encoder.config.hidden_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        packed = self.unpadded and varlen.right_padded(attention_mask)
+        if packed:  # the real tokens back to back; the encoder's own weights, run eagerly
+            hidden, lengths, cu_seqlens = varlen.encode_packed(unwrap(self.encoder), input_ids, attention_mask)
+        else:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # Pooling, head and norm run outside autocast: bf16 sums over long rows and a bf16 norm
         # make distances noisy enough to flip semi-hard mining decisions. (float64 stays float64.)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            pooled = pool(hidden.to(torch.promote_types(hidden.dtype, torch.float32)), attention_mask, self.pooling)
+            hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+            if packed:
+                pooled = varlen.pool_packed(hidden, lengths, cu_seqlens, self.pooling)
+            else:
+                pooled = pool(hidden, attention_mask, self.pooling)
             if self.head is not None:
                 pooled = self.head(pooled)
             if self.normalize:
@@ -148,16 +165,71 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
         raise ModelError(f"cannot load model {model.name!r} (init: {model.init}): {one_line(e)}") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the head is random in both modes: seed it too
-        triplet = TripletEncoder(encoder, pooling=model.pooling, head=tuple(model.head), normalize=model.normalize)
+        triplet = TripletEncoder(
+            encoder,
+            pooling=model.pooling,
+            head=tuple(model.head),
+            normalize=model.normalize,
+            unpadded=getattr(model, "unpadded", False),
+        )
+    if triplet.unpadded_unsupported is not None:
+        print(
+            f"warning: model.unpadded is off for {model.name}: {triplet.unpadded_unsupported}; encoding padded chunks",
+            file=sys.stderr,
+            flush=True,
+        )
     return triplet, load_tokenizer(model.tokenizer or model.name)
 
 
+class CompiledOrEager(nn.Module):
+    """`torch.compile(module)` that falls back to `module` itself, once and for good, when a compiled
+    call fails and the same call succeeds eagerly (a missing compiler or Triton, an inductor bug, an
+    unsupported operation): training goes on, slower, after one warning line through `warn`.
+
+    The compiled wrapper is held outside the module tree, so parameters, `state_dict` keys and the
+    optimiser see `module`'s own. Out-of-memory errors are not compile failures: they propagate.
+    """
+
+    def __init__(self, module: nn.Module, warn: Callable[[str], None] | None = None, **compile_options: Any):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "_compiled", torch.compile(module, **compile_options))
+        object.__setattr__(self, "_warn", warn)
+        self.failure: str | None = None  # why compiling was given up, once it was
+
+    @property
+    def config(self) -> Any:  # what callers read off a transformers encoder
+        return self.module.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failure is None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as error:  # tried eagerly below: an error of the model itself raises again there
+                out = self.module(*args, **kwargs)
+                self.failure = one_line(error)
+                if self._warn is not None:
+                    self._warn(
+                        f"warning: torch.compile failed, the encoder runs eagerly from now on "
+                        f"(train.compile: false hides this): {self.failure[:300]}"
+                    )
+                return out
+        return self.module(*args, **kwargs)
+
+
+def compile_wanted(setting: bool | str, device: torch.device) -> bool:
+    """train.compile: true, false, or auto (= on CUDA, where it gains: docs/performance.md)."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers before saving."""
+    """Strip DDP (`.module`), `CompiledOrEager` and torch.compile (`._orig_mod`) wrappers before saving."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, CompiledOrEager)):
             model = model.module
         else:
             return model

@@ -227,6 +227,7 @@ def _open_phase(
         ctx.device,
         curriculum.data.max_length,
         autocast_dtype=autocast_dtype,
+        keep_graphs=train_cfg.keep_graphs,
     )
     watchdog = CollapseWatchdog(train_cfg.collapse_patience, train_cfg.collapse_tolerance)
     if progress.watchdog:

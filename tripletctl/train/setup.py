@@ -8,6 +8,7 @@ checkpoint holds (weights, optimiser, stream position, RNG, memory), each damage
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from rich.console import Console
 from tripletctl.config.blocks import Curriculum, curriculum_to_dict
 from tripletctl.core.errors import CheckpointError, ConfigError, TripletctlError, writing
 from tripletctl.core.jsonio import replace_text
-from tripletctl.model.encoder import build_model
+from tripletctl.model.encoder import CompiledOrEager, build_model, compile_wanted
 from tripletctl.outputs.checkpoint import (
     CHECKPOINT,
     clean_leftovers,
@@ -149,9 +150,14 @@ def build_run_model(curriculum: Curriculum, ctx: DistContext) -> tuple[torch.nn.
             f"max_position_embeddings ({positions}), got {curriculum.data.max_length}"
         )
     model.to(ctx.device)
-    if train_cfg.compile:
-        model.encoder = torch.compile(model.encoder)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=curriculum.phases[0].lr, weight_decay=train_cfg.weight_decay)
+    if compile_wanted(train_cfg.compile, ctx.device):  # falls back to eager, with one line, if compiling fails
+        model.encoder = CompiledOrEager(model.encoder, warn=lambda line: print(line, file=sys.stderr, flush=True))
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=curriculum.phases[0].lr,
+        weight_decay=train_cfg.weight_decay,
+        fused=train_cfg.fused_adamw and ctx.device.type == "cuda",  # one kernel instead of a few per tensor
+    )
     return model, tokenizer, optimizer
 
 
