@@ -241,27 +241,18 @@ def plot_collapse(report, path: Path | str) -> Path:
     if report.hist_edges:
         edges = report.hist_edges
         widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-        total_ap = max(sum(report.ap_hist), 1)
-        total_an = max(sum(report.an_hist), 1)
         # densities, so thousands of negatives and a few positives share one axis
-        ax_hist.bar(
-            edges[:-1],
-            [c / total_ap for c in report.ap_hist],
-            width=widths,
-            align="edge",
-            alpha=0.55,
-            color="tab:blue",
-            label=f"d(a,p)  ({total_ap} pairs)",
-        )
-        ax_hist.bar(
-            edges[:-1],
-            [c / total_an for c in report.an_hist],
-            width=widths,
-            align="edge",
-            alpha=0.55,
-            color="tab:red",
-            label=f"d(a,n)  ({total_an} pairs)",
-        )
+        for counts, colour, what in ((report.ap_hist, "tab:blue", "d(a,p)"), (report.an_hist, "tab:red", "d(a,n)")):
+            total = max(sum(counts), 1)
+            ax_hist.bar(
+                edges[:-1],
+                [c / total for c in counts],
+                width=widths,
+                align="edge",
+                alpha=0.55,
+                color=colour,
+                label=f"{what}  ({total} pairs)",
+            )
     p50 = report.ap_quantiles.get("p50")
     if p50 is not None:
         ax_hist.axvline(p50, color="tab:blue", ls=":", lw=1)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -334,37 +334,25 @@ def resolve_chunking(
     of 64), on CPU `CPU_AUTO_TOKENS`. `keep_graphs=False` (train.keep_graphs) makes every step
     gradient-cached, even one whose chunks fit the budget: what keeping the graphs saves, measured.
     """
-    chunking = _resolve_chunking(chunk_size, chunk_tokens, batch_size, model, device, seq_len, autocast_dtype)
-    return chunking if keep_graphs else replace(chunking, keep_graphs=False)
-
-
-def _resolve_chunking(
-    chunk_size: int | str,
-    chunk_tokens: int | str | None,
-    batch_size: int,
-    model: torch.nn.Module,
-    device: torch.device | str,
-    seq_len: int,
-    autocast_dtype: torch.dtype | None,
-) -> Chunking:
     device = torch.device(device)
     overhead = CHUNK_OVERHEAD_TOKENS.get(device.type, CHUNK_OVERHEAD_TOKENS["cpu"])
+    settings = {"overhead_tokens": overhead, "keep_graphs": keep_graphs}
     if chunk_tokens is None:
         chunk_size = _normalise_chunk_size(chunk_size)
         if isinstance(chunk_size, int):
-            return Chunking(rows=min(chunk_size, batch_size), overhead_tokens=overhead)
+            return Chunking(rows=min(chunk_size, batch_size), **settings)
         chunk_tokens = "auto"
     if isinstance(chunk_tokens, str) and chunk_tokens.isdigit():
         chunk_tokens = int(chunk_tokens)
     if isinstance(chunk_tokens, int) and not isinstance(chunk_tokens, bool) and chunk_tokens >= 1:
-        return Chunking(tokens=chunk_tokens, overhead_tokens=overhead)
+        return Chunking(tokens=chunk_tokens, **settings)
     if chunk_tokens != "auto":
         raise ValueError(f"chunk_tokens must be a positive integer or 'auto', got {chunk_tokens!r}")
     if device.type != "cuda":
-        return Chunking(tokens=CPU_AUTO_TOKENS, overhead_tokens=overhead)
+        return Chunking(tokens=CPU_AUTO_TOKENS, **settings)
     per_token = _probe_bytes_per_row(model, device, seq_len, autocast_dtype) / seq_len
     tokens = int(_usable_bytes(model, device) / per_token) // 64 * 64
-    return Chunking(tokens=max(seq_len, tokens), overhead_tokens=overhead)
+    return Chunking(tokens=max(seq_len, tokens), **settings)
 
 
 def _probe_bytes_per_row(
