@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModel, RobertaConfig
 
 from tripletctl.model import varlen
-from tripletctl.model.chunking import Chunking, embed_and_backward, plan_chunks
+from tripletctl.model.chunking import Chunking, embed_and_backward, plan_chunks, right_padded
 from tripletctl.model.encoder import TripletEncoder
 from tripletctl.train import mining
 
@@ -95,7 +95,7 @@ def test_other_architectures_and_left_padding_fall_back_to_the_padded_encoder(ti
     padded = TripletEncoder(bert.encoder, unpadded=False).eval()
     ids, mask, _ = ragged()
     left_mask, left_ids = mask.flip(1), ids.flip(1)  # left padding: positions differ, so the padded path
-    assert not varlen.right_padded(left_mask)
+    assert not right_padded(left_mask)
     torch.testing.assert_close(bert(left_ids, left_mask), padded(left_ids, left_mask), atol=0, rtol=0)
 
 

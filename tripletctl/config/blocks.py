@@ -74,12 +74,6 @@ def _trackers(value: Any, raw: str | None) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _bool_or_auto(value: Any, raw: str | None) -> bool | str:
-    if isinstance(value, bool) or value == "auto":
-        return value
-    raise schema.Invalid("true, false or 'auto'")
-
-
 def _layer_sizes(value: Any, raw: str | None) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -276,7 +270,7 @@ class TrainConfig:
         None, check=schema.int_or_auto_or_null, help="padded tokens per length-sorted chunk; auto fits free memory"
     )
     compile: bool | str = schema.key(
-        "auto", check=_bool_or_auto, help="torch.compile the encoder; auto: on CUDA (eager if compiling fails)"
+        "auto", check=schema.bool_or_auto, help="torch.compile the encoder; auto: on CUDA (eager if compiling fails)"
     )
     fused_adamw: bool = schema.key(True, check=schema.boolean, help="on CUDA: AdamW as one fused kernel per step")
     keep_graphs: bool = schema.key(

@@ -19,10 +19,12 @@ class Layout:
     class_of_a_row: str | None = None  # grouped: why a class holds exactly 2 texts, for messages
 
     def columns(self, source) -> tuple[str, ...]:
-        """The column names a row of `source` (a SourceConfig) reads, in row order."""
+        """The column names a row of `source` reads, in row order: a SourceConfig, or the dict of its
+        values while a block is being checked (a key not given is None there)."""
+        get = source.get if isinstance(source, dict) else lambda key: getattr(source, key)
         names: list[str] = []
         for key in self.column_keys:
-            value = getattr(source, key)
+            value = get(key)
             names += list(value) if isinstance(value, (list, tuple)) else [value]
         return tuple(names)
 

@@ -196,6 +196,12 @@ def mapping(expected: str) -> Check:
     return check
 
 
+def bool_or_auto(value: Any, raw: str | None) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise Invalid("true, false or 'auto'")
+
+
 def int_or_auto(value: Any, raw: str | None) -> int | str:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
         return value

@@ -137,7 +137,7 @@ def check_source_block(
         )
     if grouped:
         keys = LAYOUT_OF[layout].column_keys
-        names = [n for key in keys for n in ([values.get(key)] if key != "negative_columns" else values.get(key) or ())]
+        names = LAYOUT_OF[layout].columns(values)
         repeated = sorted({n for n in names if n is not None and names.count(n) > 1})
         if repeated:
             problems.add(

@@ -174,9 +174,10 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) ->
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _right_padded(attention_mask: Tensor) -> bool:
+def right_padded(attention_mask: Tensor) -> bool:
     """Every row's real tokens come first. Only then can a chunk be cut to its longest row without
-    moving a token: left padding puts tokens at positions that depend on the width."""
+    moving a token: left padding puts tokens at positions that depend on the width. (Packed encoding,
+    varlen.py, needs the same: a row's positions are then 0..n-1, as packed rows get them.)"""
     return attention_mask.shape[1] < 2 or bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
 
 
@@ -241,7 +242,7 @@ class _ChunkedStep:
             no_sync,
         )
         self.device = input_ids.device
-        self.trim = _right_padded(attention_mask)
+        self.trim = right_padded(attention_mask)
         self.rows = [torch.tensor(rows, dtype=torch.long, device=self.device) for rows in plan.chunks]
         order = torch.cat(self.rows) if self.rows else torch.empty(0, dtype=torch.long, device=self.device)
         self.restore = torch.argsort(order)  # sorted position of each batch row

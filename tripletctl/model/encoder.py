@@ -25,7 +25,7 @@ from tripletctl.core.errors import ModelError, TripletctlError, one_line
 from tripletctl.data.tokenizer import load_tokenizer
 from tripletctl.model import sbert, varlen
 from tripletctl.model.card import CARD_FILE, Provenance, render_card
-from tripletctl.model.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks
+from tripletctl.model.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks, right_padded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -66,7 +66,7 @@ class TripletEncoder(nn.Module):
         return self.head_sizes[-1] if self.head_sizes else int(self.encoder.config.hidden_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        packed = self.unpadded and varlen.right_padded(attention_mask)
+        packed = self.unpadded and right_padded(attention_mask)
         if packed:  # the real tokens back to back; the encoder's own weights, run eagerly
             hidden, lengths, cu_seqlens = varlen.encode_packed(unwrap(self.encoder), input_ids, attention_mask)
         else:

@@ -41,11 +41,6 @@ def unsupported(encoder: nn.Module) -> str | None:
     return None
 
 
-def right_padded(attention_mask: Tensor) -> bool:
-    """Every row's real tokens first: then a row's positions are 0..n-1, as packed rows get them."""
-    return attention_mask.shape[1] < 2 or bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
-
-
 def pack(attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
     """(flat mask, lengths, cu_seqlens, longest row) of a right-padded (B, L) mask."""
     mask = attention_mask.bool()

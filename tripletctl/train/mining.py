@@ -163,6 +163,7 @@ class _Mined:
     active: Tensor  # ... of which with loss > 0
     sum_ap: Tensor  # sum of d(a,p) over the mode's triplets
     sum_an: Tensor  # sum of d(a,n)
+    batch_hard_terms: Tensor | None = None  # batch-hard's own per-anchor terms: the yardstick, not computed again
 
 
 def _prepare(
@@ -234,7 +235,7 @@ def _mine_batch_hard(batch: _Batch) -> _Mined:
     with torch.no_grad():
         anchors, zero = batch.lay.anchors, batch.zero
         sums = ((terms > 0).sum(), bh_ap.where(anchors, zero).sum(), bh_an.where(anchors, zero).sum())
-    return _Mined(terms.sum() / n_anchors.clamp(min=1), n_anchors, *sums)
+    return _Mined(terms.sum() / n_anchors.clamp(min=1), n_anchors, *sums, batch_hard_terms=terms.detach())
 
 
 def _mine_batch_all(batch: _Batch) -> _Mined:
@@ -315,12 +316,14 @@ def mine(
     batch = _Batch(dist, lay, margin, fallback, generator)
     mined = MODE_FUNCTIONS[mode](batch)
     # Batch-hard is the yardstick in every mode (compare phases on the hardest task), without graph.
-    _, _, yardstick_terms = _batch_hard_terms(batch, detached=True)
     memory_rows = dist.shape[1] - dist.shape[0]
     if memory_rows:  # the logged yardstick stays in-batch, so phases with and without memory compare
         batch_hard_loss = _in_batch_hard_loss(batch)
     else:
-        batch_hard_loss = yardstick_terms.sum() / lay.anchors.sum().clamp(min=1)
+        terms = mined.batch_hard_terms
+        if terms is None:
+            terms = _batch_hard_terms(batch, detached=True)[2]
+        batch_hard_loss = terms.sum() / lay.anchors.sum().clamp(min=1)
     return mined.loss, _stats(embeddings, labels, batch, mined, batch_hard_loss, memory_rows)
 
 
