@@ -14,9 +14,7 @@ from rich.text import Text
 from tripletctl.config.blocks import Curriculum
 from tripletctl.config.until import EVAL_METRICS
 from tripletctl.core.exit_codes import EXIT_COLLAPSE_STOP, EXIT_DONE, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_WORKER_DIED
-from tripletctl.outputs.checkpoint import (
-    latest_checkpoint,
-)
+from tripletctl.outputs.checkpoint import latest_checkpoint
 
 
 def interrupted_during_start_up(console: Console, curriculum: Curriculum, previous: Path | None) -> int:

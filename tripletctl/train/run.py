@@ -12,23 +12,13 @@ from rich.console import Console
 
 from tripletctl.config.blocks import Curriculum, curriculum_to_dict
 from tripletctl.core.exit_codes import EXIT_CRASH, EXIT_DONE, EXIT_INTERRUPTED
-from tripletctl.core.jsonio import write_json_atomic
 from tripletctl.data.sources import check_source, read_rows
-from tripletctl.outputs.checkpoint import phase_dir as phase_dir_of
-from tripletctl.outputs.checkpoint import (
-    restore_rng,
-)
-from tripletctl.train.distributed import (
-    DistContext,
-    barrier,
-    cleanup,
-    init_distributed,
-    wrap_model,
-)
+from tripletctl.outputs.checkpoint import restore_rng
+from tripletctl.train.distributed import DistContext, barrier, cleanup, init_distributed, wrap_model
 from tripletctl.train.interrupt import StopFlag
 from tripletctl.train.loop import run_phase
 from tripletctl.train.report import interrupted_during_start_up, print_outcome
-from tripletctl.train.run_index import RunIndex, keep_best, phase_summary, start_run_index
+from tripletctl.train.run_index import RunIndex, keep_best, start_run_index, write_phase_summary
 from tripletctl.train.setup import Resumed, build_run_model, check_before_start, load_resume, prepare_output
 from tripletctl.train.state import EXIT_CODE_OF_END, PhaseEnd, Run
 from tripletctl.train.trackers import Trackers, open_trackers, require_installed
@@ -147,10 +137,7 @@ def run_phases(run: Run, index: RunIndex, resumed: Resumed, command: list[str]) 
             memory = outcome.memory
             phase_done = progress.phase_finished(phase)
             if run.ctx.is_main:
-                summary = phase_summary(curriculum, phase_index, started, progress)
-                write_json_atomic(
-                    phase_dir_of(curriculum.train.output_dir, phase_index, phase.name) / "summary.json", summary
-                )
+                write_phase_summary(curriculum, phase_index, started, progress)
             index.status[phase_index] = outcome.end.status(phase_done)
             if outcome.end is not PhaseEnd.DONE:
                 exit_code, reason = EXIT_CODE_OF_END[outcome.end], outcome.reason

@@ -18,12 +18,21 @@ from tripletctl.outputs import best
 from tripletctl.outputs.checkpoint import phase_dir as phase_dir_of
 from tripletctl.outputs.metrics_log import MetricsLog
 from tripletctl.outputs.run_file import read_run, run_file, write_run
-from tripletctl.train.distributed import (
-    DistContext,
-)
+from tripletctl.train.distributed import DistContext
 from tripletctl.train.held_out import evaluate_held_out
 from tripletctl.train.interrupt import StopFlag
 from tripletctl.train.state import RunProgress
+
+
+def summary_path(curriculum: Curriculum, index: int) -> Path:
+    return phase_dir_of(curriculum.train.output_dir, index, curriculum.phases[index].name) / "summary.json"
+
+
+def write_phase_summary(
+    curriculum: Curriculum, index: int, started: float | None, progress: RunProgress | None = None
+) -> None:
+    """OUTPUT/phase-K-NAME/summary.json, rewritten whole from the phase's own metrics file."""
+    write_json_atomic(summary_path(curriculum, index), phase_summary(curriculum, index, started, progress))
 
 
 def phase_summary(
@@ -85,10 +94,8 @@ def start_run_index(
         index.extra = {k: v for k, v in saved.items() if k in ("eval_untrained", "started")}
     else:
         index.extra = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if closed_phase is not None:  # killed between its last checkpoint and its summary
-        summary_path = phase_dir_of(output, closed_phase, curriculum.phases[closed_phase].name) / "summary.json"
-        if not summary_path.exists():
-            write_json_atomic(summary_path, phase_summary(curriculum, closed_phase, None, index.progress))
+    if closed_phase is not None and not summary_path(curriculum, closed_phase).exists():
+        write_phase_summary(curriculum, closed_phase, None, index.progress)  # killed before writing it
     if eval_rows is not None and "eval_untrained" not in index.extra and not stop.requested:
         index.extra["eval_untrained"] = evaluate_held_out(model, tokenizer, eval_rows, curriculum, index.ctx.device)
     kept = best.read_best(output) if curriculum.train.keep_best else None

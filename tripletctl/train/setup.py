@@ -21,16 +21,8 @@ from tripletctl.config.blocks import Curriculum, curriculum_to_dict
 from tripletctl.core.errors import CheckpointError, ConfigError, TripletctlError, writing
 from tripletctl.core.jsonio import replace_text
 from tripletctl.model.encoder import CompiledOrEager, build_model, compile_wanted
-from tripletctl.outputs.checkpoint import (
-    CHECKPOINT,
-    clean_leftovers,
-    latest_checkpoint,
-    load_checkpoint,
-)
-from tripletctl.train.distributed import (
-    DistContext,
-    check_world_size,
-)
+from tripletctl.outputs.checkpoint import CHECKPOINT, clean_leftovers, latest_checkpoint, load_checkpoint
+from tripletctl.train.distributed import DistContext, check_world_size
 from tripletctl.train.memory import EmbeddingMemory
 from tripletctl.train.state import RunProgress
 

@@ -17,9 +17,7 @@ from rich.console import Console
 from tripletctl.config.blocks import Curriculum, PhaseConfig
 from tripletctl.core.errors import CheckpointError
 from tripletctl.core.exit_codes import EXIT_COLLAPSE_STOP, EXIT_DONE, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_WORKER_DIED
-from tripletctl.train.distributed import (
-    DistContext,
-)
+from tripletctl.train.distributed import DistContext
 from tripletctl.train.interrupt import StopFlag
 from tripletctl.train.memory import EmbeddingMemory
 from tripletctl.train.trackers import Trackers
