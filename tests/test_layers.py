@@ -19,11 +19,11 @@ TOP = ("cli", "__main__", "__init__")  # tripletctl/*.py: above every layer
 HEAVY = ("torch", "transformers", "datasets", "safetensors", "numpy", "matplotlib")  # config imports none
 
 
-def _modules() -> dict[str, Path]:
+def _modules(package: Path = PACKAGE) -> dict[str, Path]:
     """Dotted name -> file, for every module of the package (not the shipped curricula's scripts)."""
     found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = path.relative_to(PACKAGE).with_suffix("").parts
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package).with_suffix("").parts
         if parts[0] == "curricula":
             continue
         found[".".join(("tripletctl", *parts))] = path
@@ -45,8 +45,8 @@ def _imports(path: Path) -> set[str]:
 
 
 @functools.cache
-def _internal_graph() -> dict[str, set[str]]:
-    modules = _modules()
+def _internal_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    modules = _modules(package)
     return {name: {i for i in _imports(path) if i in modules} for name, path in modules.items()}
 
 
