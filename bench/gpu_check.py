@@ -418,34 +418,38 @@ def end_to_end(rows: list[Row], sizes: Sizes, env: dict, work: Path, clock: Cloc
     cli = [sys.executable, "-m", "tripletctl"]
     kill_phase = 1
     phase_dir = run / f"phase-{kill_phase}-hard-negative"
-    kill_after = sizes.checkpoint_every + 2  # a checkpoint at checkpoint_every, then two more steps logged
+    # the last checkpoint before the kill is at checkpoint_every; the steps after it (at least one) re-run
+    kill_after = 2 * sizes.checkpoint_every - 1
 
-    # 1. train, killed with SIGKILL mid-phase 1
+    # 1. train, killed with SIGKILL mid-phase 1: by the trainer's own fault point (core/faults.py), the
+    #    same signal as `kill -9` but at a known step, so steps after the last checkpoint always re-run
+    #    (a kill from outside, polled, can land right after a checkpoint on a loaded machine)
     t0 = time.monotonic()
     log = (e2e / "train-killed.log").open("w")
+    killed_env = {**env, "TRIPLETCTL_FAULT": f"step:{sizes.steps[0] + kill_after + 1}"}
     proc = subprocess.Popen(
-        [*cli, "train", str(curriculum)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=e2e, start_new_session=True
+        [*cli, "train", str(curriculum)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=killed_env,
+        cwd=e2e,
+        start_new_session=True,
     )
-    deadline = time.monotonic() + max(30.0, 0.5 * clock.left())  # the rest: resume, eval, inspect-collapse
-    killed_at = None
-    while proc.poll() is None and time.monotonic() < deadline:
-        records = step_records(phase_dir / "metrics.jsonl")
-        if records and records[-1]["step"] >= kill_after:
-            os.kill(proc.pid, signal.SIGKILL)  # kill -9 of the trainer, mid-step
-            killed_at = records[-1]["step"]
-            break
-        time.sleep(0.05)
-    if proc.poll() is None and killed_at is None:
+    try:
+        code = proc.wait(timeout=max(30.0, 0.5 * clock.left()))  # the rest: resume, eval, inspect-collapse
+    except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    code = proc.wait()
+        code = proc.wait()
     log.close()
     time.sleep(1.0)
     try:  # whatever the trainer left (its tokenizer workers should die with it)
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    logged = step_records(phase_dir / "metrics.jsonl")
+    killed_at = logged[-1]["step"] if logged and code == -signal.SIGKILL else None
     output = (e2e / "train-killed.log").read_text(errors="replace")
-    ok = killed_at is not None and code == -signal.SIGKILL
+    ok = killed_at == kill_after
     rows.append(
         Row(
             "PASS" if ok else "FAIL",
