@@ -21,6 +21,8 @@ from tripletctl.config.choices import (
     FALLBACKS,
     FORMATS,
     INIT_MODES,
+    LOSSES,
+    LR_SCALINGS,
     MINING_MODES,
     ON_COLLAPSE,
     ON_NONFINITE,
@@ -72,6 +74,15 @@ def _trackers(value: Any, raw: str | None) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise schema.Invalid(expected + ", each at most once")
     return tuple(names)
+
+
+def _guard_ratio(value: Any, raw: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return schema.fraction(value, raw)
+    except schema.Invalid:
+        raise schema.Invalid("a number in (0, 1], e.g. 0.95, or null") from None
 
 
 def _layer_sizes(value: Any, raw: str | None) -> tuple[int, ...]:
@@ -247,6 +258,12 @@ class TrainConfig:
 
     optimizer: str = schema.key("adamw", check=schema.choice(OPTIMIZERS), help="the optimiser")
     lr: float = schema.key(2e-5, check=schema.number(), help="peak learning rate (default for phases)")
+    lr_scaling: str = schema.key(
+        "none", check=schema.choice(LR_SCALINGS), help="a phase's lr × (batch_size / lr_reference_batch)^(1/2 or 1)"
+    )
+    lr_reference_batch: int | None = schema.key(
+        None, check=schema.optional(schema.integer(1)), help="the batch size `lr` is meant for; null: the first phase's"
+    )
     weight_decay: float = schema.key(0.01, check=schema.number(positive=False), help="AdamW weight decay")
     warmup_steps: int = schema.key(100, check=schema.integer(0), help="linear warm-up, per phase (default for phases)")
     decay: str = schema.key("linear", check=schema.choice(DECAYS), help="to 0 at the end of each phase")
@@ -328,7 +345,16 @@ class PhaseConfig:
     )
     batch_size: int = schema.key(check=schema.integer(1), required=True, help="rows per step, across all processes")
     steps: int = schema.key(check=schema.integer(1), required=True, help="optimiser steps; with `until`, the most")
-    margin: float = schema.key(0.2, check=schema.number(), help="the triplet loss margin")
+    margin: float = schema.key(0.2, check=schema.number(), help="the triplet loss margin (and the yardstick's)")
+    loss: str = schema.key(
+        "margin", check=schema.choice(LOSSES), help="relu(ap - an + margin), softplus(ap - an), or InfoNCE (losses.py)"
+    )
+    temperature: float = schema.key(0.05, check=schema.number(), help="infonce: logits are cosine / temperature")
+    false_negative_guard: float | None = schema.key(
+        None,
+        check=_guard_ratio,
+        help="ρ: skip negatives with sim(a,n) > ρ·sim(a,p) (guard.py); null = off",
+    )
     lr: float = from_train("lr")
     warmup_steps: int = from_train("warmup_steps")
     distance: str = from_train("distance")

@@ -9,6 +9,10 @@ Metric names belong to config/until.py, layouts (what a row is) to config/layout
 from __future__ import annotations
 
 MINING_MODES = ("random", "semi-hard", "hard-negative", "batch-hard", "batch-all")  # train/mining.py
+LOSSES = ("margin", "soft-margin", "infonce")  # train/losses.py
+INFONCE_MINING = "batch-all"  # infonce uses every positive and negative: the only mode that says so
+GUARDED_MODES = ("semi-hard", "hard-negative", "batch-hard", "batch-all")  # train/guard.py: the hard modes
+LR_SCALINGS = ("none", "sqrt", "linear")  # config/lr_scaling.py
 DISTANCES = ("euclidean", "squared-euclidean")  # model/distances.py
 COLLAPSE_FALLBACK_MODE = "semi-hard"  # what on_collapse: fallback switches a collapsing phase to
 FALLBACKS = ("hardest", "easiest")  # semi-hard's choice where no negative is farther than the positive
