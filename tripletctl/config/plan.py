@@ -8,6 +8,8 @@ the loop. Both print through rich, the project's one display library.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich import box
 from rich.markup import escape
 from rich.table import Table
@@ -15,6 +17,7 @@ from rich.text import Text
 
 from tripletctl.config.blocks import Curriculum, DataConfig, PhaseConfig, describe_source
 from tripletctl.config.layouts import LAYOUT_OF
+from tripletctl.config.lr_scaling import EXPONENT, phase_peak_lr, reference_batch
 from tripletctl.config.until import describe as describe_until
 
 
@@ -67,16 +70,11 @@ def plan_table(c: Curriculum) -> Table:
         ("distance", "left"),
     ]:
         table.add_column(header, justify=justify, overflow="fold")
-    with_memory = any(p.memory is not None for p in c.phases)
-    if with_memory:  # only then: plans without a memory print as they always did
-        table.add_column("memory", justify="right", overflow="fold")
+    extra = _optional_columns(c)
+    for header in extra:
+        table.add_column(header, justify="right" if header == "memory" else "left", overflow="fold")
     for index, phase in enumerate(c.phases):
         at_most = "≤" if phase.until else ""  # conditions may end the phase earlier
-        memory = (
-            []
-            if not with_memory
-            else ["-" if phase.memory is None else f"{phase.memory.size:,} from step {phase.memory.start_step:,}"]
-        )
         table.add_row(
             str(index),
             escape(phase.name),
@@ -86,14 +84,28 @@ def plan_table(c: Curriculum) -> Table:
             f"{phase.margin:g}",
             f"{at_most}{phase.steps:,}",
             f"{at_most}{phase.batch_size * phase.steps:,}",
-            f"{phase.lr:g}",
+            f"{phase_peak_lr(c, index):.3g}" if c.train.lr_scaling != "none" else f"{phase.lr:g}",
             phase.distance,
-            *memory,
+            *(describe(phase) for describe in extra.values()),
         )
     # caption lines are not wrapped at the table's width: a long path stays one line (print with
     # crop=False so a terminal narrower than a line wraps it itself rather than rich cutting it)
     table.caption = Text("\n".join(_caption_lines(c)), no_wrap=True, overflow="ignore")
     return table
+
+
+def _optional_columns(c: Curriculum) -> dict[str, Callable[[PhaseConfig], str]]:
+    """Columns shown only when some phase uses them, so plans without them print as they always did."""
+    columns: dict[str, Callable[[PhaseConfig], str]] = {}
+    if any(p.loss != "margin" for p in c.phases):
+        columns["loss"] = lambda p: f"infonce τ={p.temperature:g}" if p.loss == "infonce" else p.loss
+    if any(p.false_negative_guard is not None for p in c.phases):
+        columns["guard"] = lambda p: "-" if p.false_negative_guard is None else f"ρ={p.false_negative_guard:g}"
+    if any(p.memory is not None for p in c.phases):
+        columns["memory"] = lambda p: (
+            "-" if p.memory is None else f"{p.memory.size:,} from step {p.memory.start_step:,}"
+        )
+    return columns
 
 
 def _caption_lines(c: Curriculum) -> list[str]:
@@ -121,6 +133,11 @@ def _caption_lines(c: Curriculum) -> list[str]:
         "chunks: "
         + (chunks[0] if len(set(chunks)) == 1 else ", ".join(f"{i}: {text}" for i, text in enumerate(chunks)))
     )
+    if c.train.lr_scaling != "none":
+        lines.append(
+            f"lr scaling: {c.train.lr_scaling}, the lr column is lr × (batch / {reference_batch(c):,})"
+            f"^{EXPONENT[c.train.lr_scaling]:g}"
+        )
     if c.train.keep_best:
         lines.append(f"keep best: highest held-out {c.train.keep_best} -> {c.train.output_dir}/best")
     modes = sorted({p.on_nonfinite for p in c.phases})

@@ -17,6 +17,7 @@ import torch
 
 from tripletctl.config.blocks import PhaseConfig, curriculum_to_dict
 from tripletctl.config.choices import COLLAPSE_FALLBACK_MODE
+from tripletctl.config.lr_scaling import phase_peak_lr
 from tripletctl.config.until import STEP_METRICS
 from tripletctl.core.errors import WorkerDiedError, writing
 from tripletctl.core.faults import fault_point
@@ -129,8 +130,8 @@ def run_phase(
             except (StreamInterrupted, WorkerDiedError) as error:
                 return _stream_stopped(run, ph, progress, error)
 
-            # 2. learning rate: a pure function of the step
-            lr = get_lr(progress.step, phase, train_cfg.decay)
+            # 2. learning rate: a pure function of the step (peak scaled to the batch: train.lr_scaling)
+            lr = get_lr(progress.step, phase, train_cfg.decay, peak=phase_peak_lr(run.curriculum, phase_index))
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
 
@@ -281,6 +282,9 @@ def _embed_mine_backward(run: Run, ph: _Phase, progress: RunProgress, batch: Any
         margin=phase.margin,
         distance=phase.distance,
         fallback=phase.fallback,
+        loss=phase.loss,
+        temperature=phase.temperature,
+        guard=phase.false_negative_guard,
         generator=generator,
         memory_embeddings=memory_embeddings,
         memory_labels=memory_labels,
@@ -429,6 +433,8 @@ def _step_record(
     }
     if phase.memory is not None:  # `loss` above is then mined against the memory too
         record["memory_rows"] = stats.memory_rows
+    if phase.false_negative_guard is not None:
+        record["guard_skipped"] = stats.guard_skipped
     return record
 
 

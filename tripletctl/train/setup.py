@@ -45,7 +45,7 @@ def _seed_everything(seed: int) -> None:
 
 # What a half-done phase must keep on --resume: changing any of them would train one phase under two
 # configurations (and report the new one for all of it). chunk_size, lr, steps... may change.
-RESUME_PHASE_KEYS = ("batch_size", "mining", "margin", "distance")
+RESUME_PHASE_KEYS = ("batch_size", "mining", "margin", "distance", "loss")
 RESUME_DATA_KEYS = ("samples_per_class",)
 
 

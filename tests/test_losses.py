@@ -1,0 +1,382 @@
+"""The losses of a phase (`loss:`, tripletctl/train/losses.py) against brute-force loops over their
+definitions (values, gradients, stats), their memory, `validate`'s refusals, and a tiny CLI run each.
+
+The references below loop over anchors, positives and negatives in plain Python, computing each
+distance and cosine from the embeddings; they share nothing with the O(B²) code but the definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_mining import LABELS, _MaxNumel
+from test_runner import write_curriculum
+from typer.testing import CliRunner
+
+from tripletctl.cli import app
+from tripletctl.config import choices
+from tripletctl.model.distances import SQRT_EPS
+from tripletctl.train import losses
+from tripletctl.train.mining import mine
+
+TOL = 1e-6
+TRIPLET_MODES = ("semi-hard", "hard-negative", "batch-hard", "batch-all")
+
+
+def _dist(x: torch.Tensor, y: torch.Tensor, distance: str) -> torch.Tensor:
+    sq = ((x - y) ** 2).sum()
+    return sq if distance == "squared-euclidean" else torch.sqrt(torch.clamp(sq, min=SQRT_EPS))
+
+
+def _cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.dot(x, y) / (x.norm() * y.norm())
+
+
+def _candidates(e, labels, memory):
+    if memory is None:
+        return e, [int(v) for v in labels]
+    return torch.cat([e, memory[0]]), [int(v) for v in torch.cat([labels, memory[1]])]
+
+
+def reference_triplets(
+    e, labels, mode, margin, loss, guard=None, distance="euclidean", fallback="hardest", memory=None
+):
+    """(loss, stats) of the mined triplets from loops; `guard` ρ skips n with cos(a,n) > ρ·cos(a,p)."""
+    b = len(labels)
+    cand, lab = _candidates(e, labels, memory)
+    d = {(a, j): _dist(cand[a], cand[j], distance) for a in range(b) for j in range(len(lab))}
+    f = {k: v.item() for k, v in d.items()}
+    pos = {a: [j for j in range(len(lab)) if j != a and lab[j] == lab[a]] for a in range(b)}
+    neg = {a: [j for j in range(len(lab)) if lab[j] != lab[a]] for a in range(b)}
+
+    def kept(a, p):
+        if guard is None:
+            return neg[a]
+        return [n for n in neg[a] if not _cos(cand[a], cand[n]).item() > guard * _cos(cand[a], cand[p]).item()]
+
+    def term(a, p, n):
+        x = d[a, p] - d[a, n]
+        return torch.relu(x + margin) if loss == "margin" else F.softplus(x)
+
+    triplets, skipped = [], 0
+    for a in (a for a in range(b) if pos[a] and neg[a]):
+        positives = [max(pos[a], key=lambda q: f[a, q])] if mode == "batch-hard" else pos[a]
+        for p in positives:
+            negs = kept(a, p)
+            skipped += len(neg[a]) - len(negs)
+            if not negs:
+                continue
+            if mode == "batch-all":
+                triplets += [(a, p, n) for n in negs]
+                continue
+            farther = [n for n in negs if f[a, n] > f[a, p]]
+            if mode == "semi-hard" and not farther:
+                pick = min if fallback == "hardest" else max
+                triplets.append((a, p, pick(negs, key=lambda q: f[a, q])))
+            else:
+                pool = farther if mode == "semi-hard" else negs
+                triplets.append((a, p, min(pool, key=lambda q: f[a, q])))
+    zero = (e * 0).sum()
+    terms = [term(*t) for t in triplets]
+    if mode == "batch-all":
+        active = [x for x in terms if x.item() > 0]
+        value = sum(active, zero) / max(len(active), 1)
+    else:
+        value = sum(terms, zero) / max(len(terms), 1)
+    misordered = [f[a, p] > f[a, n] for a, p, n in triplets]
+    is_active = [x.item() > 0 for x in terms] if loss == "margin" else misordered
+    nt = len(triplets)
+    stats = {
+        "active_fraction": sum(is_active) / nt if nt else 0.0,
+        "mean_ap": sum(f[a, p] for a, p, _ in triplets) / nt if nt else 0.0,
+        "mean_an": sum(f[a, n] for a, _, n in triplets) / nt if nt else 0.0,
+        "num_triplets": nt,
+        "guard_skipped": skipped if guard is not None else 0,
+    }
+    return value, stats
+
+
+def reference_infonce(e, labels, temperature, guard=None, distance="euclidean", memory=None):
+    """Per anchor, per positive: -log(exp(s_ap/τ) / (exp(s_ap/τ) + Σ_n exp(s_an/τ))), mean over the
+    positives, then over the anchors; the guard drops n with s_an > ρ·s_ap from that denominator."""
+    b = len(labels)
+    cand, lab = _candidates(e, labels, memory)
+    zero = (e * 0).sum()
+    per_anchor, pairs, misranked, sum_ap, sum_an, skipped = [], 0, 0, 0.0, 0.0, 0
+    for a in range(b):
+        pos = [j for j in range(len(lab)) if j != a and lab[j] == lab[a]]
+        neg = [j for j in range(len(lab)) if lab[j] != lab[a]]
+        if not pos or not neg:
+            continue
+        terms = []
+        for p in pos:
+            s_ap = _cos(cand[a], cand[p])
+            negs = [n for n in neg if guard is None or not _cos(cand[a], cand[n]).item() > guard * s_ap.item()]
+            skipped += len(neg) - len(negs)
+            if not negs:
+                continue
+            s_an = [_cos(cand[a], cand[n]) for n in negs]
+            numerator = torch.exp(s_ap / temperature)
+            denominator = numerator + sum(torch.exp(s / temperature) for s in s_an)
+            terms.append(-torch.log(numerator / denominator))
+            hardest = max(range(len(negs)), key=lambda i: s_an[i].item())
+            pairs += 1
+            misranked += s_an[hardest].item() > s_ap.item()
+            sum_ap += _dist(cand[a], cand[p], distance).item()
+            sum_an += _dist(cand[a], cand[negs[hardest]], distance).item()
+        if terms:
+            per_anchor.append(sum(terms, zero) / len(terms))
+    value = sum(per_anchor, zero) / max(len(per_anchor), 1)
+    stats = {
+        "active_fraction": misranked / pairs if pairs else 0.0,
+        "mean_ap": sum_ap / pairs if pairs else 0.0,
+        "mean_an": sum_an / pairs if pairs else 0.0,
+        "num_triplets": pairs,
+        "guard_skipped": skipped if guard is not None else 0,
+    }
+    return value, stats
+
+
+def _emb(b, d=6, seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    x[:, 0] += 1.0 / spread  # a common direction: positive cosines, as on trained text embeddings
+    return F.normalize(x, dim=1)
+
+
+def _compare(e, labels, mode, loss, memory=None, **kwargs):
+    """`mine` against the reference: loss, gradients (torch.autograd on both) and stats."""
+    leaf, leaf_ref = e.clone().requires_grad_(True), e.clone().requires_grad_(True)
+    mem = {} if memory is None else {"memory_embeddings": memory[0], "memory_labels": memory[1]}
+    value, stats = mine(leaf, labels, mode, 0.2, loss=loss, **kwargs, **mem)
+    if loss == "infonce":
+        options = {k: v for k, v in kwargs.items() if k in ("temperature", "guard", "distance")}
+        ref, ref_stats = reference_infonce(leaf_ref, labels, options.pop("temperature", 0.05), memory=memory, **options)
+    else:
+        ref, ref_stats = reference_triplets(leaf_ref, labels, mode, 0.2, loss, memory=memory, **kwargs)
+    assert value.item() == pytest.approx(ref.item(), abs=TOL, rel=TOL)
+    (grad,) = torch.autograd.grad(value, leaf)
+    (grad_ref,) = torch.autograd.grad(ref, leaf_ref, allow_unused=True)
+    torch.testing.assert_close(grad, torch.zeros_like(e) if grad_ref is None else grad_ref, atol=TOL, rtol=TOL)
+    for key, expected in ref_stats.items():
+        assert getattr(stats, key) == pytest.approx(expected, abs=TOL), key
+    plain = mine(e, labels, "batch-hard", 0.2, distance=kwargs.get("distance", "euclidean"), **mem)[1]
+    assert stats.batch_hard_loss == pytest.approx(plain.batch_hard_loss, abs=1e-12)  # the yardstick stays
+    return value, stats
+
+
+# ----------------------------------------------------------------------------- triplet losses
+
+
+@pytest.mark.parametrize("structure", ["four-classes", "uneven", "singletons", "two-classes"])
+@pytest.mark.parametrize("mode", ["random", "semi-hard", "hard-negative", "batch-hard"])
+def test_soft_margin_matches_the_reference(mode, structure):
+    labels = LABELS[structure]()
+    e = _emb(len(labels), seed=len(labels))
+    if mode == "random":  # the draws cannot be reproduced independently: soft-margin of the margin mode's picks
+        g0, g1 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        leaf = e.clone().requires_grad_(True)
+        value, _ = mine(leaf, labels, mode, 0.2, loss="soft-margin", generator=g0)
+        from tripletctl.train.mining import mine_indices
+
+        a, p, n = mine_indices(e, labels, mode, generator=g1)
+        expected = torch.stack(
+            [
+                F.softplus(_dist(e[i], e[j], "euclidean") - _dist(e[i], e[k], "euclidean"))
+                for i, j, k in zip(a.tolist(), p.tolist(), n.tolist())
+            ]
+        ).mean()
+        assert value.item() == pytest.approx(expected.item(), abs=TOL)
+        return
+    for distance in choices.DISTANCES:
+        _compare(e, labels, mode, "soft-margin", distance=distance)
+
+
+def test_margin_is_todays_loss_bit_for_bit():
+    labels = LABELS["uneven"]()
+    e = _emb(len(labels)).float()
+    for mode in choices.MINING_MODES:
+        g0, g1 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        a, b = e.clone().requires_grad_(True), e.clone().requires_grad_(True)
+        old, old_stats = mine(a, labels, mode, 0.2, generator=g0)
+        new, new_stats = mine(b, labels, mode, 0.2, generator=g1, loss="margin", temperature=0.5, guard=None)
+        old.backward(), new.backward()
+        assert old.item() == new.item() and old_stats == new_stats and torch.equal(a.grad, b.grad)
+
+
+def test_soft_margin_ignores_the_margin_and_counts_misordered_triplets():
+    labels = LABELS["four-classes"]()
+    e = _emb(len(labels))
+    one, stats = mine(e, labels, "hard-negative", 0.2, loss="soft-margin")
+    other, _ = mine(e, labels, "hard-negative", 0.9, loss="soft-margin")
+    assert one.item() == other.item() > 0
+    assert 0 < stats.active_fraction < 1  # not the constant 1.0 softplus > 0 would give
+
+
+# ----------------------------------------------------------------------------- infonce
+
+
+@pytest.mark.parametrize("structure", ["four-classes", "uneven", "singletons", "two-classes", "all-distinct"])
+@pytest.mark.parametrize("temperature", [0.05, 0.5])
+def test_infonce_matches_the_reference(structure, temperature):
+    labels = LABELS[structure]()
+    _compare(_emb(len(labels), seed=7), labels, "batch-all", "infonce", temperature=temperature)
+
+
+@pytest.mark.parametrize("distance", choices.DISTANCES)
+def test_infonce_with_memory_matches_the_reference(distance):
+    """Memory rows join as positives and negatives by label; no gradient reaches them."""
+    labels = LABELS["four-classes"]()
+    memory = (_emb(10, seed=3), torch.tensor([0, 1, 2, 3, 9, 9, 8, 0, 1, 7]))
+    _, stats = _compare(_emb(16, seed=2), labels, "batch-all", "infonce", memory=memory, distance=distance)
+    assert stats.memory_rows == 10
+
+
+def test_infonce_pairs_and_triplets_labels():
+    """Pairs: each pair its own class; triplets: given negatives have labels of their own (never anchors)."""
+    pairs = torch.arange(12) // 2
+    _compare(_emb(12, seed=4), pairs, "batch-all", "infonce")
+    triplets = torch.tensor([0, 0, 100, 1, 1, 101, 2, 2, 102])  # anchor, positive, given negative
+    _, stats = _compare(_emb(9, seed=5), triplets, "batch-all", "infonce")
+    assert stats.num_triplets == 6 and stats.skipped_anchors == 3
+
+
+def test_infonce_is_stable_at_a_tiny_temperature_and_collapsed_embeddings():
+    labels = LABELS["four-classes"]()
+    leaf = _emb(16).float().requires_grad_(True)
+    value, _ = mine(leaf, labels, "batch-all", 0.2, loss="infonce", temperature=1e-4)
+    value.backward()
+    assert math.isfinite(value.item()) and torch.isfinite(leaf.grad).all()
+    same = torch.ones(16, 4, requires_grad=True)
+    value, stats = mine(F.normalize(same, dim=1), labels, "batch-all", 0.2, loss="infonce")
+    value.backward()
+    assert value.item() == pytest.approx(math.log(1 + 12), abs=1e-5)  # 12 negatives as close as the positive
+    assert torch.isfinite(same.grad).all() and stats.embedding_spread == pytest.approx(0, abs=1e-6)
+
+
+def test_infonce_with_nothing_valid_is_a_connected_zero():
+    leaf = _emb(6).requires_grad_(True)
+    value, stats = mine(leaf, torch.arange(6), "batch-all", 0.2, loss="infonce")
+    assert value.item() == 0.0 and value.grad_fn is not None and stats.num_triplets == 0
+    value.backward()
+
+
+@pytest.mark.parametrize("labels", [torch.arange(1500) // 750, torch.arange(1500) // 4], ids=["two", "fours"])
+def test_infonce_memory_is_quadratic(labels):
+    b = len(labels)
+    leaf = F.normalize(torch.randn(b, 16, generator=torch.Generator().manual_seed(0)), dim=1).requires_grad_(True)
+    probe = _MaxNumel()
+    with probe:
+        value, _ = mine(leaf, labels, "batch-all", 0.2, loss="infonce", guard=0.9)
+        value.backward()
+    assert torch.isfinite(leaf.grad).all()
+    assert b * b <= probe.max_numel < b**3 / 8, (probe.op, probe.max_numel)
+
+
+def test_infonce_is_bf16_safe():
+    labels = LABELS["four-classes"]()
+    e = _emb(16)
+    exact, _ = mine(e, labels, "batch-all", 0.2, loss="infonce")
+    low, _ = mine(e.bfloat16(), labels, "batch-all", 0.2, loss="infonce")
+    assert low.dtype == torch.float32 and low.item() == pytest.approx(exact.item(), rel=0.05)
+
+
+# ----------------------------------------------------------------------------- names and refusals
+
+
+def test_every_loss_has_exactly_one_function():
+    assert tuple(losses.LOSS_FUNCTIONS) == choices.LOSSES
+    assert set(losses.TRIPLET_LOSSES) < set(choices.LOSSES)
+    assert choices.INFONCE_MINING in choices.MINING_MODES
+    assert set(choices.GUARDED_MODES) < set(choices.MINING_MODES)
+
+
+def test_mine_refuses_combinations_without_meaning():
+    e, labels = _emb(8), torch.arange(8) // 2
+    with pytest.raises(ValueError, match="unknown loss"):
+        mine(e, labels, "batch-hard", 0.2, loss="hinge")
+    with pytest.raises(ValueError, match="mining must be batch-all"):
+        mine(e, labels, "batch-hard", 0.2, loss="infonce")
+    with pytest.raises(ValueError, match="no batch-all form"):
+        mine(e, labels, "batch-all", 0.2, loss="soft-margin")
+    with pytest.raises(ValueError, match="not random"):
+        mine(e, labels, "random", 0.2, guard=0.9)
+
+
+def _validate(tmp_path, *overrides):
+    path = write_curriculum(tmp_path, steps=(2, 2, 2))
+    return CliRunner().invoke(app, ["validate", str(path), *overrides])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["phases.2.loss=infonce"], "phases[2] (batch-hard): mining must be batch-all with loss infonce"),
+        (["phases.0.loss=soft-margin", "phases.0.mining=batch-all"], "phases[0] (semi-hard): loss soft-margin has no"),
+        (
+            ["phases.1.loss=infonce", "phases.1.mining=batch-all", "phases.1.on_collapse=fallback"],
+            "phases[1] (hard-negative): on_collapse fallback switches to semi-hard mining",
+        ),
+        (
+            ["phases.0.mining=random", "phases.0.false_negative_guard=0.9"],
+            "phases[0] (semi-hard): false_negative_guard applies to the hard modes",
+        ),
+        (["phases.0.false_negative_guard=1.5"], "false_negative_guard must be a number in (0, 1]"),
+        (["phases.0.loss=hinge"], "loss must be one of margin, soft-margin, infonce"),
+        (["phases.0.temperature=0"], "temperature must be a positive number"),
+    ],
+)
+def test_validate_refuses_with_one_line(tmp_path, overrides, message):
+    result = _validate(tmp_path, *overrides)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert any(message in line for line in lines), result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_shows_the_loss_and_guard_only_when_used(tmp_path):
+    plain = _validate(tmp_path)
+    assert plain.exit_code == 0 and "infonce" not in plain.output and "guard" not in plain.output
+    used = _validate(
+        tmp_path, "phases.2.loss=infonce", "phases.2.mining=batch-all", "phases.1.false_negative_guard=0.95"
+    )
+    assert used.exit_code == 0, used.output
+    assert "infonce τ=0.05" in used.output and "ρ=0.95" in used.output
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _steps(run, phase_dir):
+    lines = (run / phase_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "event" not in r]
+
+
+@pytest.mark.parametrize("loss", choices.LOSSES)
+def test_a_tiny_run_per_loss(tmp_path, loss):
+    """The real CLI, three phases with chunked gradient caching (chunks of 16 rows, batches of 16-64),
+    a memory in the last phase, the guard in the second and an `until:` condition on the first."""
+    path = write_curriculum(tmp_path, steps=(3, 2, 2), checkpoint_every=0, chunk_size=8)
+    mode = {"infonce": "batch-all", "soft-margin": "batch-hard"}.get(loss)
+    overrides = [f"phases.{i}.loss={loss}" for i in range(3)]
+    overrides += [f"phases.{i}.mining={mode}" for i in range(3)] if mode else []
+    # ρ = 1: skip the negatives closer than the positive. A smaller ρ skips every negative of this
+    # untrained model, whose embeddings are all alike (cosines ~0.95; docs/mining.md)
+    overrides += ["phases.1.false_negative_guard=1.0", "phases.2.memory={size: 64, start_step: 1}"]
+    overrides += ["phases.0.until={loss_below: 0.0001, min_steps: 2}"]
+    result = CliRunner().invoke(app, ["train", str(path), *overrides])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    for phase_dir, steps in (("phase-0-semi-hard", 3), ("phase-1-hard-negative", 2), ("phase-2-batch-hard", 2)):
+        records = _steps(run, phase_dir)
+        assert len(records) == steps
+        for r in records:
+            assert math.isfinite(r["loss"]) and math.isfinite(r["batch_hard_loss"]) and r["grad_norm"] > 0
+            assert ("guard_skipped" in r) == (phase_dir == "phase-1-hard-negative")
+            assert r.get("guard_skipped", 1) > 0
+        assert all(r["chunks"] > 1 for r in records)
+    assert [r["memory_rows"] for r in _steps(run, "phase-2-batch-hard")] == [0, 64]
