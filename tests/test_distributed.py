@@ -27,7 +27,12 @@ SEQ_LEN = 12
 CHUNK = 3  # smaller than the local batch of 8, and 8 % 3 != 0: an uneven last chunk
 # Whole classes per rank, and class 0 on both ranks: labels must be globally consistent.
 RANK_LABELS = [[0, 0, 0, 0, 1, 1, 1, 1], [2, 2, 2, 2, 0, 0, 0, 0]]
-MODES = ("batch-hard", "semi-hard", "batch-all", "hard-negative")
+# mining modes, and losses other than the margin (their `mine` arguments): the gathered batch is their input too
+LOSS_SCENARIOS = {
+    "infonce": {"mode": "batch-all", "loss": "infonce"},
+    "soft-margin+guard": {"mode": "batch-hard", "loss": "soft-margin", "guard": 1.0},
+}
+MODES = ("batch-hard", "semi-hard", "batch-all", "hard-negative", *LOSS_SCENARIOS)
 MARGIN = 0.2
 # Length-sorted token-budget chunks: ranks cut their rows into different numbers of chunks; gradient
 # caching (budget below a rank's padded tokens), or several chunks whose graphs are all kept.
@@ -84,7 +89,8 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _loss_fn(mode: str):
     from tripletctl.train import mining
 
-    return lambda embeddings, labels: mining.mine(embeddings, labels, mode, MARGIN)
+    kwargs = LOSS_SCENARIOS.get(mode, {"mode": mode})
+    return lambda embeddings, labels: mining.mine(embeddings, labels, margin=MARGIN, **kwargs)
 
 
 def _flat_grads(model: torch.nn.Module) -> torch.Tensor:
