@@ -602,6 +602,7 @@ def test_resume_refuses_to_mix_configurations_inside_a_phase(tmp_path):
         ("phases.0.mining=batch-all", "mining", "'semi-hard'", "'batch-all'"),
         ("phases.0.margin=0.5", "margin", "0.2", "0.5"),
         ("phases.0.distance=squared-euclidean", "distance", "'euclidean'", "'squared-euclidean'"),
+        ("phases.0.loss=soft-margin", "loss", "'margin'", "'soft-margin'"),
         ("data.samples_per_class=8", "data.samples_per_class", "4", "8"),
     ]:
         result = runner.invoke(app, ["train", str(path), override, "--resume"])
