@@ -8,9 +8,10 @@ import torch
 
 from tripletctl.config import choices
 from tripletctl.config.layouts import LAYOUT_OF, LAYOUTS
+from tripletctl.config.lr_scaling import EXPONENT
 from tripletctl.model.distances import pairwise_distances
 from tripletctl.model.encoder import pool
-from tripletctl.train import mining
+from tripletctl.train import losses, mining
 from tripletctl.train.lr import get_lr
 
 
@@ -18,6 +19,17 @@ def test_every_mining_mode_has_exactly_one_function():
     assert tuple(mining.MODE_FUNCTIONS) == choices.MINING_MODES
     assert set(mining.PAIR_NEGATIVES) < set(choices.MINING_MODES)
     assert choices.COLLAPSE_FALLBACK_MODE in choices.MINING_MODES
+
+
+def test_every_loss_has_exactly_one_function():
+    assert tuple(losses.LOSS_FUNCTIONS) == choices.LOSSES
+    assert set(losses.TRIPLET_LOSSES) < set(choices.LOSSES)
+    assert choices.INFONCE_MINING in choices.MINING_MODES
+    assert set(choices.GUARDED_MODES) < set(choices.MINING_MODES)
+
+
+def test_every_lr_scaling_has_an_exponent():
+    assert tuple(EXPONENT) == choices.LR_SCALINGS
 
 
 @pytest.mark.parametrize("distance", choices.DISTANCES)

@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 from tripletctl.cli import app
 from tripletctl.config import choices
 from tripletctl.model.distances import SQRT_EPS
-from tripletctl.train import losses
 from tripletctl.train.mining import mine
 
 TOL = 1e-6
@@ -286,13 +285,6 @@ def test_infonce_is_bf16_safe():
 
 
 # ----------------------------------------------------------------------------- names and refusals
-
-
-def test_every_loss_has_exactly_one_function():
-    assert tuple(losses.LOSS_FUNCTIONS) == choices.LOSSES
-    assert set(losses.TRIPLET_LOSSES) < set(choices.LOSSES)
-    assert choices.INFONCE_MINING in choices.MINING_MODES
-    assert set(choices.GUARDED_MODES) < set(choices.MINING_MODES)
 
 
 def test_mine_refuses_combinations_without_meaning():

@@ -11,14 +11,9 @@ from test_runner import write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
-from tripletctl.config import choices
-from tripletctl.config.lr_scaling import EXPONENT, phase_peak_lr, reference_batch, scaled_lr
+from tripletctl.config.lr_scaling import phase_peak_lr, reference_batch, scaled_lr
 from tripletctl.config.validate import load_curriculum
 from tripletctl.train.lr import get_lr
-
-
-def test_every_scaling_has_an_exponent():
-    assert tuple(EXPONENT) == choices.LR_SCALINGS
 
 
 @pytest.mark.parametrize(("scaling", "factor"), [("none", 1.0), ("sqrt", 2.0), ("linear", 4.0)])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tripletctl.model.distances import working_dtype
-from tripletctl.train import guard as false_negative_guard
+from tripletctl.train import guard as fn_guard
 
 
 def margin_terms(d_ap: Tensor, d_an: Tensor, margin: float) -> Tensor:
@@ -90,7 +90,7 @@ def infonce(
     if guard is None:
         kept = n_neg[:, None].expand_as(s_ap)
     else:
-        kept = false_negative_guard.kept_in_sorted_similarities(sorted_sims, s_ap, guard, n_neg)
+        kept = fn_guard.kept_in_sorted_similarities(sorted_sims, s_ap, guard, n_neg)
     last = (kept - 1).clamp(min=0)
     pairs = valid & (kept > 0)
     log_negatives = torch.logcumsumexp(sorted_sims / temperature, dim=1).gather(1, last)
