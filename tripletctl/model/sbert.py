@@ -206,7 +206,9 @@ def read_pipeline(directory: Path) -> Pipeline:
             raise ValueError(f"{directory / MODULES_FILE}: module {module.get('type')!r} here is not supported")
     if pooling is None:
         raise ValueError(f"{directory / MODULES_FILE} has no Pooling module")
-    settings = _read_json(directory / TRANSFORMER_CONFIG_FILE) if (directory / TRANSFORMER_CONFIG_FILE).is_file() else {}
+    settings = (
+        _read_json(directory / TRANSFORMER_CONFIG_FILE) if (directory / TRANSFORMER_CONFIG_FILE).is_file() else {}
+    )
     length = settings.get("max_seq_length") if isinstance(settings, dict) else None
     config = _read_json(directory / ST_CONFIG_FILE) if (directory / ST_CONFIG_FILE).is_file() else {}
     similarity = config.get("similarity_fn_name") if isinstance(config, dict) else None
