@@ -307,9 +307,8 @@ def held_out_source(
     """The rows `eval` / `inspect-collapse` read: the source options given on the command line, or,
     without --data, the eval block saved with the run's curriculum (the options given change it)."""
     from tripletctl.config.validate import load_eval_block, source_from_options
-    from tripletctl.outputs.checkpoint import resolve_checkpoint
-
     from tripletctl.model.encoder import model_folder
+    from tripletctl.outputs.checkpoint import resolve_checkpoint
 
     if given.get("source") is not None:
         return source_from_options(given, option_names), max_rows or default_max_rows
