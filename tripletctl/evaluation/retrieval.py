@@ -307,10 +307,15 @@ def held_out_source(
     """The rows `eval` / `inspect-collapse` read: the source options given on the command line, or,
     without --data, the eval block saved with the run's curriculum (the options given change it)."""
     from tripletctl.config.validate import load_eval_block, source_from_options
+    from tripletctl.model.encoder import model_folder
     from tripletctl.outputs.checkpoint import resolve_checkpoint
 
     if given.get("source") is not None:
         return source_from_options(given, option_names), max_rows or default_max_rows
+    if model_folder(checkpoint) is not None:
+        raise DataError(
+            f"{checkpoint} is a model folder, which holds no held-out data: pass {option_names['source']} SOURCE"
+        )
     checkpoint_dir = Path(resolve_checkpoint(Path(checkpoint)))
     path = checkpoint_dir / "curriculum.yaml"
     if not path.is_file():
@@ -330,13 +335,20 @@ def held_out_source(
 def load_checkpoint_and_rows(
     checkpoint: Path | str, source: SourceConfig, max_rows: int | None = None, device: str = "auto"
 ) -> ModelAndRows:
-    """Resolve a checkpoint (phase checkpoint, phase dir or run dir), read the rows (bad input fails
-    before the model is loaded), then load its model."""
+    """Resolve a checkpoint (phase checkpoint, phase dir or run dir) or a model folder (tripletctl's
+    export, any sentence-transformers folder or hub name), read the rows (bad input fails before the
+    model is loaded), then load its model."""
     from tripletctl.data.sources import read_rows
-    from tripletctl.model.encoder import load_model
+    from tripletctl.model.encoder import load_any_model, load_model, model_folder
     from tripletctl.outputs.checkpoint import check_contained, resolve_checkpoint
 
     device = resolve_device(device)
+    folder = model_folder(checkpoint)
+    if folder is not None:
+        rows = read_rows(source, limit=max_rows)
+        model, tokenizer, length = load_any_model(folder, device)
+        length = length or min(int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)), 512)
+        return ModelAndRows(folder, model, tokenizer, rows, device, length, distance="euclidean", margin=None)
     checkpoint_dir = Path(resolve_checkpoint(Path(checkpoint)))
     check_contained(checkpoint_dir)
     model_dir = checkpoint_dir / "model"

@@ -47,15 +47,20 @@ class TripletEncoder(nn.Module):
         head: Sequence[int] = (),
         normalize: bool = True,
         unpadded: bool = False,
+        head_module: nn.Sequential | None = None,
     ):
+        """`head_module`, when given, is the head as read from a folder's Dense modules (any of their
+        activations); `head` sizes are then taken from it."""
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder
         _freeze_pooler(encoder)
         self.pooling = pooling
+        if head_module is not None:
+            head = [m.out_features for m in head_module if isinstance(m, nn.Linear)]
         self.head_sizes = tuple(int(s) for s in head)
-        self.head = make_head(encoder.config.hidden_size, self.head_sizes)
+        self.head = head_module if head_module is not None else make_head(encoder.config.hidden_size, self.head_sizes)
         self.normalize = normalize
         # model.unpadded: real tokens only (varlen.py); None when off, else why not, when it cannot be
         self.unpadded_unsupported = varlen.unsupported(encoder) if unpadded else None
@@ -163,6 +168,8 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
             raise ValueError(f"model.init must be 'pretrained' or 'config', got {model.init!r}")
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelError(f"cannot load model {model.name!r} (init: {model.init}): {one_line(e)}") from None
+    folder = Path(model.name)
+    start_head = _folder_head(folder, model) if model.init == "pretrained" and folder.is_dir() else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the head is random in both modes: seed it too
         triplet = TripletEncoder(
@@ -171,6 +178,7 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
             head=tuple(model.head),
             normalize=model.normalize,
             unpadded=getattr(model, "unpadded", False),
+            head_module=start_head,
         )
     if triplet.unpadded_unsupported is not None:
         print(
@@ -179,6 +187,31 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
             flush=True,
         )
     return triplet, load_tokenizer(model.tokenizer or model.name)
+
+
+def _folder_head(folder: Path, model: ModelConfig) -> nn.Sequential | None:
+    """Starting from a sentence-transformers folder (tripletctl's export is one): its Pooling must be
+    the curriculum's and its Dense modules are the head training continues from, so nothing of what
+    the folder's model does is silently dropped or replaced."""
+    if not (folder / sbert.MODULES_FILE).is_file():
+        return None
+    try:
+        pipeline = sbert.read_pipeline(folder)
+        head = sbert.build_head(folder, pipeline.dense)
+    except Exception as e:
+        raise ModelError(f"cannot read the sentence-transformers modules of {folder}: {one_line(e)}") from None
+    if pipeline.pooling != model.pooling:
+        raise ModelError(
+            f"model.pooling is {model.pooling} but {folder / sbert.POOLING_DIR} pools {pipeline.pooling}: "
+            f"set model.pooling: {pipeline.pooling}"
+        )
+    sizes = tuple(d.out_features for d in pipeline.dense)
+    if head is not None and tuple(model.head) not in ((), sizes):
+        raise ModelError(
+            f"model.head is {list(model.head)} but {folder} has Dense layers {list(sizes)}, which training "
+            f"continues from: leave model.head out or set it to {list(sizes)}"
+        )
+    return head
 
 
 class CompiledOrEager(nn.Module):
@@ -315,18 +348,80 @@ def load_model(
         encoder = _with_fallbacks(
             AutoModel.from_pretrained, str(directory), dtype=torch.float32, use_safetensors=True, local_files_only=True
         )
-        model = TripletEncoder(encoder, pooling=pooling, head=head, normalize=normalize)
-        if model.head is not None:
-            if meta.get("format_version", 1) >= 2:
-                state = sbert.read_head_state(directory, dense_dirs, model.head)
-            else:
-                state = load_file(str(directory / HEAD_FILE))
-            model.head.load_state_dict(state)
+        if head and meta.get("format_version", 1) >= 2:  # the Dense modules, activations included
+            pipeline = sbert.read_pipeline(directory)
+            if [d.path for d in pipeline.dense] != dense_dirs:
+                raise ValueError(f"modules.json lists Dense {[d.path for d in pipeline.dense]}, not {dense_dirs}")
+            model = TripletEncoder(
+                encoder, pooling=pooling, normalize=normalize, head_module=sbert.build_head(directory, pipeline.dense)
+            )
+            if model.head_sizes != head:
+                raise ValueError(f"the Dense modules give a head of {model.head_sizes}, not {head}")
+        else:
+            model = TripletEncoder(encoder, pooling=pooling, head=head, normalize=normalize)
+            if model.head is not None:
+                model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
     except Exception as e:  # SafetensorError, OSError, RuntimeError (shapes), ValueError...
         raise ModelError(
             f"the model in {directory} cannot be loaded (damaged or mismatched files): {one_line(e)}"
         ) from None
     return model.to(device).eval(), load_tokenizer(str(directory))
+
+
+def load_sentence_transformers(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[TripletEncoder, PreTrainedTokenizerBase, sbert.Pipeline]:
+    """Any sentence-transformers folder, its Pooling, Dense and Normalize modules read, not guessed.
+
+    A folder whose similarity is cosine but that has no Normalize module is normalised here: cosine
+    ranks exactly like Euclidean distance between unit vectors, which is what tripletctl measures.
+    Weights load from safetensors only, from inside `directory`.
+    """
+    directory = Path(directory)
+    try:
+        pipeline = sbert.read_pipeline(directory)
+        encoder = _with_fallbacks(
+            AutoModel.from_pretrained, str(directory), dtype=torch.float32, use_safetensors=True, local_files_only=True
+        )
+        model = TripletEncoder(
+            encoder,
+            pooling=pipeline.pooling,
+            normalize=pipeline.normalize or pipeline.similarity in (None, "cosine"),
+            head_module=sbert.build_head(directory, pipeline.dense),
+        )
+    except Exception as e:  # unsupported modules, SafetensorError, OSError, shapes...
+        raise ModelError(f"the sentence-transformers model in {directory} cannot be loaded: {one_line(e)}") from None
+    return model.to(device).eval(), load_tokenizer(str(directory)), pipeline
+
+
+def model_folder(name: str | Path) -> Path | None:
+    """A local model folder (tripletctl's or sentence-transformers'), a hub name fetched into the
+    hub cache, or None when `name` is a local path that is neither (a run, a checkpoint...)."""
+    path = Path(name)
+    if path.is_dir():
+        return path if (path / META_FILE).is_file() or (path / sbert.MODULES_FILE).is_file() else None
+    if path.exists() or str(name).startswith((".", "/", "~")) or str(name).count("/") != 1:
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name)))
+    except Exception as e:  # offline, no such repository, gated...
+        raise ModelError(f"{name} is not a local folder and cannot be fetched from the hub: {one_line(e)}") from None
+
+
+def load_any_model(
+    directory: Path, device: str | torch.device = "cpu"
+) -> tuple[TripletEncoder, PreTrainedTokenizerBase, int | None]:
+    """A `model_folder`: tripletctl's export (its own metadata) or any sentence-transformers folder;
+    with the max_seq_length the folder declares (None when it declares none)."""
+    if (directory / META_FILE).is_file():
+        model, tokenizer = load_model(directory, device)
+        settings = directory / sbert.TRANSFORMER_CONFIG_FILE
+        length = json.loads(settings.read_text()).get("max_seq_length") if settings.is_file() else None
+        return model, tokenizer, length if isinstance(length, int) else None
+    model, tokenizer, pipeline = load_sentence_transformers(directory, device)
+    return model, tokenizer, pipeline.max_seq_length
 
 
 def is_finite(model: nn.Module) -> bool:

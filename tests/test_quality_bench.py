@@ -1,0 +1,31 @@
+"""bench/quality.py's tripletctl rows are curricula the real validator accepts, at the row's budget."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tripletctl.cli import app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import quality  # noqa: E402
+
+
+@pytest.mark.parametrize("row", sorted(quality.TRIPLETCTL_ROWS))
+@pytest.mark.parametrize("size", sorted(quality.SIZES))
+def test_rows_validate_and_spend_the_budget(tmp_path, tiny_bert_dir, assets_dir, row, size):
+    phases, overrides = quality.TRIPLETCTL_ROWS[row]
+    budget = quality.SIZES[size]
+    plan = quality.curriculum(
+        phases, overrides, assets_dir / "many_class.jsonl", tmp_path / "run", budget, 0, tiny_bert_dir
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    spent = sum(p["batch_size"] * p["steps"] for p in plan["phases"])
+    assert abs(spent - budget.samples) <= 0.05 * budget.samples
