@@ -69,6 +69,16 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
         [Phase("semi-hard", 0.4, 0.5), Phase("hard-negative", 0.3, 1.0), Phase("batch-hard", 0.3, 2.0)],
         {"train": {"distance": "squared-euclidean"}},
     ),
+    "tc-facenet-sqrt": (
+        [Phase("semi-hard", 0.4, 0.5), Phase("hard-negative", 0.3, 1.0), Phase("batch-hard", 0.3, 2.0)],
+        {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt", "lr_reference_batch": 64}},
+    ),
+    "tc-infonce": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {}),
+    "tc-semi-hard-infonce": (
+        [Phase("semi-hard", 0.5, 0.5), Phase("batch-all", 0.5, 2.0, {"loss": "infonce"})],
+        {"train": {"lr_scaling": "sqrt", "lr_reference_batch": 64}},
+    ),
+    "tc-infonce-guard": ([Phase("batch-all", 1.0, keys={"loss": "infonce", "false_negative_guard": 0.95})], {}),
 }
 ST_ROWS = {
     "st-semi-hard": "BatchSemiHardTripletLoss",
