@@ -78,6 +78,11 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
         [Phase("semi-hard", 0.5, 0.5), Phase("batch-all", 0.5, 2.0, {"loss": "infonce"})],
         {"train": {"lr_scaling": "sqrt", "lr_reference_batch": 64}},
     ),
+    "tc-semi-hard-memory": ([Phase("semi-hard", 1.0, keys={"memory": {"size": 512, "start_step": 5}})], {}),
+    "tc-semi-hard-memory-guard": (
+        [Phase("semi-hard", 1.0, keys={"memory": {"size": 512, "start_step": 5}, "false_negative_guard": 0.95})],
+        {},
+    ),
     "tc-infonce-guard": ([Phase("batch-all", 1.0, keys={"loss": "infonce", "false_negative_guard": 0.95})], {}),
 }
 ST_ROWS = {
