@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import random
 import shutil
 from pathlib import Path
 
@@ -80,7 +82,8 @@ def head_files(model_dir: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    "plant", ["rng.pt", "optimizer.pt", "stream.pt", "stream_file absolute", "stream_file ..", "model pickle"]
+    "plant",
+    ["rng.pt", "optimizer.pt", "stream.pt", "memory.pt", "stream_file absolute", "stream_file ..", "model pickle"],
 )
 def test_crafted_pickles_in_a_checkpoint_execute_nothing(run_copy, tmp_path, plant):
     marker = tmp_path / "PWNED"
@@ -88,7 +91,7 @@ def test_crafted_pickles_in_a_checkpoint_execute_nothing(run_copy, tmp_path, pla
     state_path = checkpoint / "state.json"
     state = json.loads(state_path.read_text())
     evil = PlantMarker(marker)
-    if plant in ("rng.pt", "optimizer.pt", "stream.pt"):
+    if plant in ("rng.pt", "optimizer.pt", "stream.pt", "memory.pt"):
         torch.save(evil, checkpoint / plant)
         if plant == "stream.pt":
             state["stream_file"] = "stream.pt"
@@ -109,6 +112,8 @@ def test_crafted_pickles_in_a_checkpoint_execute_nothing(run_copy, tmp_path, pla
     assert not marker.exists(), "a pickle in the checkpoint ran code"
     if plant.startswith("stream_file"):
         assert "stream_file must name a file inside the checkpoint" in message
+    if plant.endswith(".pt"):
+        assert f"{plant} holds objects that could run code" in message
     if plant == "model pickle":
         evaluated = cli("eval", run_copy / "run", "--data", QUICKSTART_HELDOUT)
         assert evaluated.exit_code == 2 and not marker.exists(), evaluated.output
@@ -142,6 +147,21 @@ def test_an_old_unsafe_stream_pickle_is_refused_in_one_line(run_copy):
 
 
 # ------------------------------------------------------------------------------- damaged files
+
+
+@pytest.mark.parametrize("file", ["memory.pt", "rng.pt", "optimizer.pt"])
+@pytest.mark.parametrize(
+    "garbage",
+    [random.Random(0).randbytes(256), b"\x00not a zip\x00" * 20, pickle.dumps({"queue": [1.0, 2.0]})],
+    ids=["random bytes", "zeros", "a plain pickle"],
+)
+def test_a_garbage_torch_file_is_damaged_not_code(run_copy, file, garbage):
+    """Issue 23 #11: bytes that are no pickle at all were reported as "could run code"."""
+    (checkpoint_of(run_copy) / file).write_bytes(garbage)
+    result = cli("train", run_copy / "curriculum.yaml", "--resume")
+    assert result.exit_code == 2, result.output
+    message = one_error_line(result)
+    assert f"{file} is damaged" in message and "could run code" not in message, message
 
 
 def _truncate(path: Path) -> None:
