@@ -128,6 +128,7 @@ def run_phase(
                 batch = next(batches)
             except (StreamInterrupted, WorkerDiedError) as error:
                 return _stream_stopped(run, ph, progress, error)
+            run.stop.stepping = True  # a Ctrl-C from now on ends this step first
 
             # 2. learning rate: a pure function of the step
             lr = get_lr(progress.step, phase, train_cfg.decay)
