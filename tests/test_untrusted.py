@@ -240,8 +240,10 @@ def _strict(text: str):
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_a_diverging_run_stops_with_exit_4_and_keeps_the_last_good_checkpoint(tmp_path, mode):
-    # lr = 1e6: the first step blows the weights up (still finite), the second loss is NaN
+    # lr = 1e6: the first step blows the weights up (still finite), the second loss is NaN; with
+    # divergence detection off, only the NaN is caught (see the test below for the default)
     overrides = [
+        "train.divergence_factor=null",
         "train.lr=1e6",
         "train.warmup_steps=0",
         "train.grad_clip=0",
@@ -271,6 +273,34 @@ def test_a_diverging_run_stops_with_exit_4_and_keeps_the_last_good_checkpoint(tm
     assert [e["action"] for e in events] == (["stop"] if mode == "stop" else ["skip", "skip", "stop"])
     assert summary["nonfinite_steps"] == len(events) and summary["steps_done"] == 1
     assert all(e["loss"] is None for e in events)
+
+
+def test_a_finite_divergence_is_never_checkpointed_and_resume_with_a_sane_lr_continues(tmp_path):
+    """Issue 23 #10: at lr=1e6 the step before the NaN was checkpointed with weights ~1e8, so the advice
+    (lower the lr, --resume) failed with exit 4 every time. Now the exploded step is never saved."""
+    path = one_phase(write_curriculum(tmp_path, steps=(6, 1, 1), checkpoint_every=1))
+    assert cli("train", path, "--max-steps", "2").exit_code == 0
+    checkpoint = tmp_path / "run" / PHASE / "checkpoint"
+    before = _weights(checkpoint)
+
+    diverged = cli("train", path, "train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0", "--resume")
+    assert diverged.exit_code == 4, diverged.output
+    text = " ".join(diverged.output.split())
+    assert "diverging weights after step 3 of phase 0 (semi-hard) (weight norm" in text, text
+    assert "train.divergence_factor (100)" in text and "the last good checkpoint is kept" in text
+    assert "Traceback" not in text and text.count("--resume") == 1
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 2
+    kept = _weights(checkpoint)
+    assert kept.keys() == before.keys() and all(torch.equal(kept[k], before[k]) for k in kept)
+    assert _strict((tmp_path / "run" / "run.json").read_text())["phases"][0]["status"] == "stopped (diverged)"
+    records = [_strict(line) for line in (tmp_path / "run" / PHASE / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "divergence"] == [3]
+
+    resumed = cli("train", path, "--resume")  # the curriculum's own lr (1e-3)
+    assert resumed.exit_code == 0, resumed.output
+    final = _weights(checkpoint)
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 6
+    assert all(torch.isfinite(w).all() and w.abs().max() < 1e3 for w in final.values())
 
 
 def _nan_checkpoint(run_copy: Path) -> None:
