@@ -927,6 +927,55 @@ def test_validate_command_reports_until_problems_with_exit_2(tmp_path):
     assert "missing required key 'until.plateau.patience'" in output
 
 
+BAD_STEPS = ["abc", "2.5", "0", "null", "true", "eighty"]
+
+
+@pytest.mark.parametrize("value", BAD_STEPS)
+@pytest.mark.parametrize("given", ["override", "file"])
+def test_bad_steps_of_a_phase_with_until_are_one_problem_each_never_a_traceback(tmp_path, value, given):
+    """Issue 23 #6: an invalid `steps` left `until.min_steps` without its default: a TypeError, exit 1."""
+    until = "{active_fraction_below: 0.5}"
+    text = MINIMAL.replace("    steps: 10\n  - name: easy", f"    steps: {value}\n    until: {until}\n  - name: easy")
+    if given == "override":
+        text = MINIMAL
+        args = [f"phases.0.until={until}", f"phases.0.steps={value}", "train.lr=fast"]
+    else:
+        text = text.replace("phases:", "train:\n  lr: fast\nphases:")
+        args = []
+    path = write(tmp_path, text)
+    result = CliRunner().invoke(app, ["validate", str(path), *args])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    output = " ".join(result.output.split())
+    assert "Traceback" not in output
+    assert "phases[0] (warmup): steps must be a positive integer, got" in output
+    assert "train.lr must be a positive number, got 'fast'" in output  # the other error is not hidden
+    assert output.count("error:") == 3  # "2 problems", then one line each
+
+
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [
+        ("trian.seed9994=1", "train.seed"),
+        ("trian.seed=1", "train.seed"),
+        ("phase.1.steps=3", "phases.1.steps"),
+        ("phasse.1.until.window=3", "phases.1.until.window"),
+        ("trainn=3", "train"),
+        ("xyzzy.q=1", None),
+    ],
+)
+def test_an_unknown_block_suggests_only_keys_that_exist(tmp_path, override, suggestion):
+    """Issue 23 #12: `trian.seed9994` suggested `train.seed9994`, which is not a key either."""
+    [problem] = problems_of(write(tmp_path, MINIMAL), [override])
+    hint = re.search(r"did you mean '([^']+)'", problem)
+    assert (hint.group(1) if hint else None) == suggestion, problem
+    if suggestion is not None:  # the suggested key is one the loader knows
+        try:
+            load_curriculum(write(tmp_path, MINIMAL), [suggestion + override[override.index("=") :]])
+        except ConfigError as error:
+            assert not any("unknown key" in p for p in error.problems), error.problems
+
+
 # ---------------------------------------------------------------- sources and layouts
 
 

@@ -26,3 +26,14 @@ def test_train_help_shows_every_code_and_its_meaning():
     for line in help_table().splitlines():
         assert " ".join(line.split()) in shown, line
     assert len(help_table().splitlines()) == len(TRAIN_EXIT_CODES)
+
+
+def test_no_other_page_lists_the_exit_codes_and_those_that_name_them_link_to_the_table():
+    """Issue 23 #14: a second table (1 = collapse stop, no 3 or 4) contradicted the first one."""
+    docs = README.parent / "docs"
+    for page in [README, *sorted(docs.glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        rows = [line for line in text.splitlines() if line.startswith(("| 130 |", "| 4 |", "| 5 |"))]
+        assert len(rows) == (3 if page == README else 0), (page.name, rows)
+        if page != README and "exit codes of `train`" in text.lower():
+            assert "README.md#exit-codes-of-train" in text, page.name

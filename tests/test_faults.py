@@ -9,10 +9,12 @@ every fault with the test that covers it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -82,7 +84,8 @@ def assert_tidy(run: Path, prev_allowed: bool = False) -> None:
     assert not leftovers, leftovers
 
 
-def start(path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+def start(path: Path, *args: str, env: dict | None = None, group: bool = False) -> subprocess.Popen:
+    """`group`: in a process group of its own, which a test signals as a terminal does (`os.killpg`)."""
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "tripletctl", "train", str(path), *args],
@@ -91,6 +94,7 @@ def start(path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=group,
     )
 
 
@@ -259,6 +263,42 @@ def kill_worker_in_phase_0(proc: subprocess.Popen, run: Path, sig: int) -> int:
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     return worker
+
+
+def spawned_worker(proc: subprocess.Popen) -> int | None:
+    """The tokenizer worker's pid once its interpreter exists (before it has imported anything)."""
+    for pid in children(proc.pid):
+        try:
+            if b"spawn_main" in (Path("/proc") / str(pid) / "cmdline").read_bytes():
+                return pid
+        except OSError:
+            pass
+    return None
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
+def test_ctrl_c_to_the_group_while_the_worker_starts_is_an_interrupt_with_the_exact_command(tmp_path, resumed):
+    """Issue 23 #7, #8: a terminal's Ctrl-C reaches the worker too; it was a KeyboardInterrupt traceback
+    from the worker's start-up and "worker died" (exit 5), and the hint dropped every override."""
+    path = curriculum(tmp_path, tokenizer_workers=1)
+    overrides = [f"train.output_dir={tmp_path / 'my run'}", "phases.0.steps=5"]
+    if resumed:
+        assert CliRunner().invoke(app, ["train", str(path), *overrides, "--max-steps", "1"]).exit_code == 0
+    proc = start(path, *overrides, *(["--resume"] if resumed else []), group=True)
+    try:
+        wait_for(lambda: spawned_worker(proc) is not None or proc.poll() is not None, what="the worker")
+        os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal sends it
+        output = finish(proc)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_INTERRUPTED, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output and "worker" not in output, output
+    assert "after this step" not in output, output  # no step had begun
+    command = shlex.join(["tripletctl", "train", str(path), *overrides, *(["--resume"] if resumed else [])])
+    said = " ".join(output.split())
+    assert f"{'continue' if resumed else 'start again'} with `{command}`" in said, output
+    assert steps_logged(tmp_path / "my run") == (1 if resumed else 0)
 
 
 def test_a_killed_tokenizer_worker_ends_the_run_with_exit_5_and_it_resumes(tmp_path, reference):

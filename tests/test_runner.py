@@ -632,6 +632,26 @@ def test_resume_refuses_to_mix_configurations_inside_a_phase(tmp_path):
     )
 
 
+def test_resume_refuses_another_memory_inside_a_phase(tmp_path):
+    """Issue 23 #9: the queue went from 128 to 32 rows inside one phase; now refused like batch_size."""
+    path = write_curriculum(tmp_path, steps=(3, 1, 1), checkpoint_every=0, memory={"size": 64})
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(path), "--max-steps", "2"]).exit_code == 0
+    for override, key, old, new in [
+        ("phases.0.memory={size: 32}", "memory.size", "64", "32"),
+        ("phases.0.memory={size: 64, start_step: 1}", "memory.start_step", "0", "1"),
+        ("phases.0.memory=null", "memory", "{'size': 64, 'start_step': 0}", "None"),
+    ]:
+        result = runner.invoke(app, ["train", str(path), override, "--resume"])
+        assert result.exit_code == 2, result.output
+        output = " ".join(result.output.split())
+        assert output.count("error:") == 1 and "Traceback" not in output, result.output
+        assert f"phases[0] (semi-hard) is half done (step 2 of 3): its {key} was {old} and is now {new};" in output
+        assert f"Restore {key}," in output
+    # the next phase may use another memory: only a half-done phase keeps its own
+    assert runner.invoke(app, ["train", str(path), "phases.1.memory={size: 32}", "--resume"]).exit_code == 0
+
+
 def test_resume_after_removing_the_last_started_phase_is_a_clear_error(tmp_path):
     path = write_curriculum(tmp_path, steps=(1, 4, 1), checkpoint_every=0)
     runner = CliRunner()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import random
 import shutil
 from pathlib import Path
 
@@ -80,7 +82,8 @@ def head_files(model_dir: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    "plant", ["rng.pt", "optimizer.pt", "stream.pt", "stream_file absolute", "stream_file ..", "model pickle"]
+    "plant",
+    ["rng.pt", "optimizer.pt", "stream.pt", "memory.pt", "stream_file absolute", "stream_file ..", "model pickle"],
 )
 def test_crafted_pickles_in_a_checkpoint_execute_nothing(run_copy, tmp_path, plant):
     marker = tmp_path / "PWNED"
@@ -88,7 +91,7 @@ def test_crafted_pickles_in_a_checkpoint_execute_nothing(run_copy, tmp_path, pla
     state_path = checkpoint / "state.json"
     state = json.loads(state_path.read_text())
     evil = PlantMarker(marker)
-    if plant in ("rng.pt", "optimizer.pt", "stream.pt"):
+    if plant in ("rng.pt", "optimizer.pt", "stream.pt", "memory.pt"):
         torch.save(evil, checkpoint / plant)
         if plant == "stream.pt":
             state["stream_file"] = "stream.pt"
@@ -109,6 +112,8 @@ def test_crafted_pickles_in_a_checkpoint_execute_nothing(run_copy, tmp_path, pla
     assert not marker.exists(), "a pickle in the checkpoint ran code"
     if plant.startswith("stream_file"):
         assert "stream_file must name a file inside the checkpoint" in message
+    if plant.endswith(".pt"):
+        assert f"{plant} holds objects that could run code" in message
     if plant == "model pickle":
         evaluated = cli("eval", run_copy / "run", "--data", QUICKSTART_HELDOUT)
         assert evaluated.exit_code == 2 and not marker.exists(), evaluated.output
@@ -142,6 +147,21 @@ def test_an_old_unsafe_stream_pickle_is_refused_in_one_line(run_copy):
 
 
 # ------------------------------------------------------------------------------- damaged files
+
+
+@pytest.mark.parametrize("file", ["memory.pt", "rng.pt", "optimizer.pt"])
+@pytest.mark.parametrize(
+    "garbage",
+    [random.Random(0).randbytes(256), b"\x00not a zip\x00" * 20, pickle.dumps({"queue": [1.0, 2.0]})],
+    ids=["random bytes", "zeros", "a plain pickle"],
+)
+def test_a_garbage_torch_file_is_damaged_not_code(run_copy, file, garbage):
+    """Issue 23 #11: bytes that are no pickle at all were reported as "could run code"."""
+    (checkpoint_of(run_copy) / file).write_bytes(garbage)
+    result = cli("train", run_copy / "curriculum.yaml", "--resume")
+    assert result.exit_code == 2, result.output
+    message = one_error_line(result)
+    assert f"{file} is damaged" in message and "could run code" not in message, message
 
 
 def _truncate(path: Path) -> None:
@@ -220,8 +240,10 @@ def _strict(text: str):
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_a_diverging_run_stops_with_exit_4_and_keeps_the_last_good_checkpoint(tmp_path, mode):
-    # lr = 1e6: the first step blows the weights up (still finite), the second loss is NaN
+    # lr = 1e6: the first step blows the weights up (still finite), the second loss is NaN; with
+    # divergence detection off, only the NaN is caught (see the test below for the default)
     overrides = [
+        "train.divergence_factor=null",
         "train.lr=1e6",
         "train.warmup_steps=0",
         "train.grad_clip=0",
@@ -251,6 +273,34 @@ def test_a_diverging_run_stops_with_exit_4_and_keeps_the_last_good_checkpoint(tm
     assert [e["action"] for e in events] == (["stop"] if mode == "stop" else ["skip", "skip", "stop"])
     assert summary["nonfinite_steps"] == len(events) and summary["steps_done"] == 1
     assert all(e["loss"] is None for e in events)
+
+
+def test_a_finite_divergence_is_never_checkpointed_and_resume_with_a_sane_lr_continues(tmp_path):
+    """Issue 23 #10: at lr=1e6 the step before the NaN was checkpointed with weights ~1e8, so the advice
+    (lower the lr, --resume) failed with exit 4 every time. Now the exploded step is never saved."""
+    path = one_phase(write_curriculum(tmp_path, steps=(6, 1, 1), checkpoint_every=1))
+    assert cli("train", path, "--max-steps", "2").exit_code == 0
+    checkpoint = tmp_path / "run" / PHASE / "checkpoint"
+    before = _weights(checkpoint)
+
+    diverged = cli("train", path, "train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0", "--resume")
+    assert diverged.exit_code == 4, diverged.output
+    text = " ".join(diverged.output.split())
+    assert "diverging weights after step 3 of phase 0 (semi-hard) (weight norm" in text, text
+    assert "train.divergence_factor (100)" in text and "the last good checkpoint is kept" in text
+    assert "Traceback" not in text and text.count("--resume") == 1
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 2
+    kept = _weights(checkpoint)
+    assert kept.keys() == before.keys() and all(torch.equal(kept[k], before[k]) for k in kept)
+    assert _strict((tmp_path / "run" / "run.json").read_text())["phases"][0]["status"] == "stopped (diverged)"
+    records = [_strict(line) for line in (tmp_path / "run" / PHASE / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "divergence"] == [3]
+
+    resumed = cli("train", path, "--resume")  # the curriculum's own lr (1e-3)
+    assert resumed.exit_code == 0, resumed.output
+    final = _weights(checkpoint)
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 6
+    assert all(torch.isfinite(w).all() and w.abs().max() < 1e3 for w in final.values())
 
 
 def _nan_checkpoint(run_copy: Path) -> None:

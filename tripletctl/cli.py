@@ -104,6 +104,7 @@ def train(
 ) -> None:
     from tripletctl.train.interrupt import SECOND_MESSAGE, InterruptedTwice, StopFlag
 
+    plan = None
     with StopFlag() as stop:  # first, before the slow imports: a Ctrl-C during start-up is never lost
         try:
             _quiet_libraries()
@@ -126,9 +127,12 @@ def train(
             _fail(error)
         except KeyboardInterrupt as interrupt:
             stop.settled()
-            err_console.print(
-                SECOND_MESSAGE if isinstance(interrupt, InterruptedTwice) else "interrupted", highlight=False
-            )
+            said = SECOND_MESSAGE if isinstance(interrupt, InterruptedTwice) else "interrupted"
+            if plan is not None:  # the same hint as every other stop: --resume, or the command again
+                from tripletctl.train.report import next_command
+
+                said += f"; {next_command(Path(plan.train.output_dir), [str(curriculum), *(overrides or [])])}"
+            err_console.print(said, highlight=False, soft_wrap=True, markup=False)
             raise typer.Exit(code=EXIT_INTERRUPTED) from None
     raise typer.Exit(code=code or 0)
 

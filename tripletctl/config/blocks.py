@@ -252,6 +252,20 @@ def _memory(value: Any, raw: str | None) -> MemoryConfig | None:
     return MemoryConfig(size=size, start_step=start_step)
 
 
+def _divergence_factor(value: Any, raw: str | None) -> float | None:
+    """A jump of at most 1x is every other step: only a factor above 1 detects anything."""
+    expected = "a number above 1 (e.g. 100), or null to turn divergence detection off"
+    if value is None:
+        return None
+    try:
+        factor = schema.number()(value, raw)
+    except schema.Invalid:
+        raise schema.Invalid(expected) from None
+    if factor <= 1:
+        raise schema.Invalid(expected)
+    return factor
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The run's settings; those marked "default for phases" are what a phase leaves out (PhaseConfig)."""
@@ -323,6 +337,11 @@ class TrainConfig:
     )
     max_nonfinite_skips: int = schema.key(
         10, check=schema.integer(1), help="skip: stop after this many non-finite steps in a row"
+    )
+    divergence_factor: float | None = schema.key(
+        100.0,
+        check=_divergence_factor,
+        help="a loss, gradient or weight norm this many times its recent median counts as non-finite; null: off",
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tripletctl.config.blocks import BLOCK_KEYS, PHASE_KEYS, TOP_KEYS
+from tripletctl.config.blocks import BLOCK_KEYS, PHASE_KEYS, TOP_KEYS, UNTIL_KEYS
 from tripletctl.config.problems import Override, Problems, phase_label, show_value, unknown_key
 from tripletctl.config.yaml_io import YamlTooBig, safe_yaml_load
 
@@ -21,6 +21,18 @@ def parse_override_value(text: str) -> Any:
         raise
     except yaml.YAMLError:  # e.g. `*.parquet` reads as a YAML alias: it is meant as plain text
         return text
+
+
+def _dotted_keys(parts: list[str]) -> list[str]:
+    """The real keys an override of this many parts could have meant, spelled in full (`train.seed`,
+    `phases.1.steps`), so a suggestion is always a key that exists."""
+    if len(parts) == 1:
+        return list(TOP_KEYS)
+    keys = [f"{block}.{name}" for block, names in BLOCK_KEYS.items() for name in names]
+    if len(parts) > 2:
+        keys += [f"phases.{parts[1]}.{name}" for name in PHASE_KEYS]
+        keys += [f"phases.{parts[1]}.until.{name}" for name in UNTIL_KEYS]
+    return keys
 
 
 def apply_override(tree: dict, text: str, origins: dict[tuple, Override], problems: Problems) -> None:
@@ -38,8 +50,8 @@ def apply_override(tree: dict, text: str, origins: dict[tuple, Override], proble
     parts = key.split(".")
     top = parts[0]
     if top not in TOP_KEYS:
-        matches = difflib.get_close_matches(top, TOP_KEYS, n=1, cutoff=0.6)
-        hint = f" (did you mean '{'.'.join([matches[0], *parts[1:]])}'?)" if matches else ""
+        matches = difflib.get_close_matches(key, _dotted_keys(parts), n=1, cutoff=0.6)
+        hint = f" (did you mean '{matches[0]}'?)" if matches else ""
         problems.add(f"unknown key '{key}'{hint}", override)
         return
     if len(parts) == 1 and top == "phases":  # docs: overrides change phases, never add or remove them

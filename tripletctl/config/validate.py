@@ -266,8 +266,8 @@ def _check_until(
                 f"(and an eval block), got {'no eval block' if eval_every is None else 'eval.every 0'}",
                 origin,
             )
-    if len(problems.messages) > before:
-        return None
+    if len(problems.messages) > before or "min_steps" not in values:
+        return None  # an invalid `steps` (already reported) leaves min_steps without its default
     return UntilConfig(**values)
 
 

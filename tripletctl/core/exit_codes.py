@@ -18,10 +18,11 @@ TRAIN_EXIT_CODES = {
     EXIT_BAD_INPUT: "bad input, a damaged file or an environment fault (disk full, read-only directory, missing "
     "model, a tracker named but not installed): one line saying what and where",
     EXIT_COLLAPSE_STOP: "stopped by the collapse watchdog (`on_collapse: stop`), after a checkpoint",
-    EXIT_NONFINITE: "stopped on a non-finite loss or gradient (`train.on_nonfinite`); the last good checkpoint is kept",
+    EXIT_NONFINITE: "stopped on a non-finite, diverging or exploding loss, gradient or weights "
+    "(`train.on_nonfinite`, `train.divergence_factor`); the last good checkpoint is kept",
     EXIT_WORKER_DIED: "a tokenizer worker died (resumable with `--resume`)",
-    EXIT_INTERRUPTED: "interrupted by Ctrl-C / SIGTERM, after a checkpoint; the message repeats the command, "
-    "overrides included, to `--resume` it",
+    EXIT_INTERRUPTED: "interrupted by Ctrl-C / SIGTERM, after a checkpoint (if a step had begun); the message "
+    "repeats the command, overrides included, to `--resume` it (or to start again)",
 }
 
 

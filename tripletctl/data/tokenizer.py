@@ -1,4 +1,4 @@
-"""Loading a tokenizer: one rule for the model (model/encoder.py) and the tokenizer worker processes (stream.py).
+"""Loading a tokenizer: one rule for the model (model/encoder.py) and the tokenizer worker processes (workers.py).
 
 A module of its own because every worker process imports it at start-up: importing model/encoder.py there
 would add the modelling code of transformers (~120 MB of memory per worker and seconds of start-up).

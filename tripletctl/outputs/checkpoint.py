@@ -31,11 +31,14 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import random
 import re
 import shutil
 import sys
 import time
+import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -417,13 +420,38 @@ def check_contained(root: Path) -> None:
                     raise CheckpointError(f"{entry} is a symlink to {target}, outside the checkpoint: refused")
 
 
+def _names_globals(file: Path) -> bool:
+    """Whether the pickle in `file` (a torch zip's data.pkl, or the file itself) is a whole pickle that
+    imports names (what runs code when unpickled). Read with pickletools, which executes nothing."""
+    try:
+        if zipfile.is_zipfile(file):
+            with zipfile.ZipFile(file) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    return False
+                with archive.open(member) as stream:
+                    return _imports_in(stream)
+        with open(file, "rb") as stream:
+            return _imports_in(stream)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):  # not a pickle: damaged
+        return False
+
+
+def _imports_in(stream: Any) -> bool:
+    return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST") for op, _, _ in list(pickletools.genops(stream)))
+
+
 def safe_torch_load(file: Path, map_location: str | torch.device = "cpu") -> Any:
     """torch.load that can only rebuild tensors and plain containers: a crafted pickle runs nothing."""
     try:
-        return torch.load(file, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning is noise beside the one line
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(file, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing: the checkpoint is damaged") from None
     except pickle.UnpicklingError:  # torch's own message is many lines about weights_only=False: not an option
+        if not _names_globals(file):  # garbage bytes fail the same way: that file is damaged, not dangerous
+            raise CheckpointError(f"{file} is damaged: it is not a file tripletctl writes") from None
         raise CheckpointError(
             f"{file} holds objects that could run code when loaded (an older tripletctl "
             f"format or a tampered file); refusing to load it"

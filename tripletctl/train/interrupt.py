@@ -22,6 +22,7 @@ from typing import Any
 from tripletctl.core.exit_codes import EXIT_INTERRUPTED
 
 FIRST_MESSAGE = "stopping after this step with a checkpoint (press Ctrl-C again to stop at once, without one)"
+START_MESSAGE = "stopping before the first step (press Ctrl-C again to stop at once)"
 SECOND_MESSAGE = "interrupted twice: stopped without writing a checkpoint"
 HARD_EXIT_SECONDS = 5.0
 
@@ -49,6 +50,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.signal: int | None = None
         self.count = 0
+        self.stepping = False  # set by the loop once a step has begun: only then is there a step to finish
         self._previous: dict[int, Any] = {}
         self._hard_exit: threading.Timer | None = None
 
@@ -68,7 +70,7 @@ class StopFlag:
         self.count += 1
         if self.count == 1:
             self.signal = signum
-            _say(FIRST_MESSAGE)
+            _say(FIRST_MESSAGE if self.stepping else START_MESSAGE)
             return
         if self._hard_exit is None:
             self._hard_exit = threading.Timer(HARD_EXIT_SECONDS, _hard_exit)

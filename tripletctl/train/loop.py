@@ -36,6 +36,7 @@ from tripletctl.train.distributed import (
     local_batch_size,
     no_sync_for,
 )
+from tripletctl.train.divergence import DivergenceDetector, weight_norm
 from tripletctl.train.lr import get_lr
 from tripletctl.train.memory import EmbeddingMemory, carry_over
 from tripletctl.train.progress_bar import phase_progress
@@ -73,6 +74,7 @@ class _Phase:
     autocast_dtype: torch.dtype | None
     watchdog: CollapseWatchdog
     until_state: conditions.ConditionState
+    divergence: DivergenceDetector
     memory: EmbeddingMemory | None
     gather: Callable | None  # all-gather with gradients under torchrun
     no_sync: Callable | None  # DDP's no_sync under torchrun
@@ -105,6 +107,7 @@ class _Agreed:
     stop_now: bool  # Ctrl-C/SIGTERM reached some rank
     collapsed: bool  # the collapse watchdog fired on some rank
     nonfinite: bool  # a NaN/inf loss or gradient on some rank
+    diverging: bool  # a loss or gradient norm jump (divergence.py) on some rank
     signals: dict[str, float]  # what `until:` conditions read, averaged over the ranks
 
 
@@ -129,6 +132,7 @@ def run_phase(
                 batch = next(batches)
             except (StreamInterrupted, WorkerDiedError) as error:
                 return _stream_stopped(run, ph, progress, error)
+            run.stop.stepping = True  # a Ctrl-C from now on ends this step first
 
             # 2. learning rate: a pure function of the step (peak scaled to the batch: train.lr_scaling)
             lr = get_lr(progress.step, phase, train_cfg.decay, peak=phase_peak_lr(run.curriculum, phase_index))
@@ -145,20 +149,19 @@ def run_phase(
             suspected = result.finite and ph.watchdog.update(
                 stats.batch_hard_loss, phase.margin, stats.embedding_spread
             )
-            agreed = _agree(run, batch, result, collapse_suspected=suspected)
+            jump = ph.divergence.step_jump(result.loss, result.grad_norm) if result.finite else None
+            agreed = _agree(run, batch, result, collapse_suspected=suspected, diverging=jump is not None)
             ph.last_state = batch.state  # this batch is consumed whether or not it is used
-            if agreed.nonfinite:
-                skipped = _skip_nonfinite_step(run, ph, progress, result, agreed.stop_now)
+            if agreed.nonfinite or agreed.diverging:
+                skipped = _skip_nonfinite_step(run, ph, progress, result, agreed, jump)
                 if skipped is not None:
                     return skipped
                 continue
 
             # 5. the optimiser step; only embeddings of a usable step join the memory
             progress.nonfinite_streak = 0
-            if ph.memory is not None:
-                ph.memory.push(*result.mined[0])
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            if (exploded := _apply_step(run, ph, result)) is not None:
+                return _exploded_weights(ph, progress, exploded)  # before any checkpoint holds these weights
             fault_point("step")
             progress.step += 1
             progress.global_step += 1
@@ -243,6 +246,11 @@ def _open_phase(
         autocast_dtype=autocast_dtype,
         watchdog=watchdog,
         until_state=conditions.ConditionState.from_dict(progress.conditions),
+        divergence=DivergenceDetector(
+            train_cfg.divergence_factor,
+            loss_floor=phase.margin,
+            weights=weight_norm(run.model) if train_cfg.divergence_factor is not None else None,
+        ),
         memory=carry_over(memory, memory_size, dim=run.model.embedding_dim, normalized=run.model.normalize),
         gather=partial(gather_with_grad, ctx=ctx) if ctx.enabled else None,
         no_sync=no_sync_for(run.train_model) if ctx.enabled else None,
@@ -308,13 +316,27 @@ def _embed_mine_backward(run: Run, ph: _Phase, progress: RunProgress, batch: Any
     return _StepResult(float(loss_value), stats, plan, mined, grad_norm)
 
 
-def _agree(run: Run, batch: Any, result: _StepResult, collapse_suspected: bool) -> _Agreed:
+def _apply_step(run: Run, ph: _Phase, result: _StepResult) -> str | None:
+    """The optimiser step; the embeddings of the step join the memory. Then why the weights diverged
+    (divergence.py), or None: the step joins the detector's history."""
+    if ph.memory is not None:
+        ph.memory.push(*result.mined[0])
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    weights = weight_norm(run.model) if ph.divergence.enabled else None
+    exploded = ph.divergence.weights_jump(weights) if weights is not None else None
+    if exploded is None:
+        ph.divergence.observe(result.loss, result.grad_norm, weights)
+    return exploded
+
+
+def _agree(run: Run, batch: Any, result: _StepResult, collapse_suspected: bool, diverging: bool) -> _Agreed:
     """One collective per step decides for every rank: stream counters, Ctrl-C/SIGTERM (it may reach
     the ranks at different moments), collapse suspected by some rank's watchdog and a non-finite loss
     or gradient on any rank (each would otherwise step differently), and the signals `until:`
     conditions read (averaged, so every rank smooths the same numbers). Pure: it changes nothing."""
     stats = result.stats
-    rows_seen, rows_skipped, classes_evicted, signalled, collapsed, nonfinite, *signals = all_reduce_sums(
+    rows_seen, rows_skipped, classes_evicted, signalled, collapsed, nonfinite, diverged, *signals = all_reduce_sums(
         [
             batch.rows_seen,
             batch.rows_skipped,
@@ -322,6 +344,7 @@ def _agree(run: Run, batch: Any, result: _StepResult, collapse_suspected: bool) 
             run.stop.signal is not None,
             collapse_suspected,
             not result.finite,
+            diverging,
             result.loss,
             stats.batch_hard_loss,
             stats.active_fraction,
@@ -335,6 +358,7 @@ def _agree(run: Run, batch: Any, result: _StepResult, collapse_suspected: bool) 
         stop_now=signalled > 0,
         collapsed=collapsed > 0,
         nonfinite=nonfinite > 0,
+        diverging=diverged > 0,
         signals={name: value / run.ctx.world_size for name, value in zip(STEP_METRICS, signals)},
     )
 
@@ -353,40 +377,34 @@ def _stream_stopped(run: Run, ph: _Phase, progress: RunProgress, error: Exceptio
 
 
 def _skip_nonfinite_step(
-    run: Run, ph: _Phase, progress: RunProgress, result: _StepResult, stop_now: bool
+    run: Run, ph: _Phase, progress: RunProgress, result: _StepResult, agreed: _Agreed, jump: str | None
 ) -> PhaseOutcome | None:
-    """A NaN/inf loss or gradient on some rank: drop the gradients and log a `nonfinite` event; then
-    stop (on_nonfinite: stop, or train.max_nonfinite_skips in a row), or None: go on to the next batch."""
+    """A NaN/inf or diverging (`jump`, divergence.py) loss or gradient on some rank: drop the gradients
+    and log a `nonfinite` or `divergence` event; then stop (on_nonfinite: stop, or
+    train.max_nonfinite_skips in a row), or None: go on to the next batch."""
     phase, train_cfg = ph.config, run.curriculum.train
     run.optimizer.zero_grad(set_to_none=True)
     progress.nonfinite_streak += 1
     give_up = phase.on_nonfinite == "stop" or progress.nonfinite_streak >= train_cfg.max_nonfinite_skips
     if not give_up:
         progress.nonfinite_skipped += 1
-    ph.log.append(
-        {
-            "event": "nonfinite",
-            "global_step": progress.global_step + 1,
-            "phase": phase.name,
-            "step": progress.step + 1,
-            "loss": result.loss,
-            "grad_norm": result.grad_norm,
-            "action": "stop" if give_up else "skip",
-            "in_a_row": progress.nonfinite_streak,
-        }
-    )
+    event = {"event": "nonfinite" if agreed.nonfinite else "divergence", "global_step": progress.global_step + 1}
+    event |= {"phase": phase.name, "step": progress.step + 1, "loss": result.loss, "grad_norm": result.grad_norm}
+    ph.log.append({**event, "action": "stop" if give_up else "skip", "in_a_row": progress.nonfinite_streak})
     if give_up:
         why = (
             "on_nonfinite: stop"
             if phase.on_nonfinite == "stop"
             else f"{progress.nonfinite_streak} in a row, train.max_nonfinite_skips: {train_cfg.max_nonfinite_skips}"
         )
+        what = "non-finite" if agreed.nonfinite else "diverging"
+        detail = f"; {jump}" if jump and not agreed.nonfinite else ""
         reason = (
-            f"non-finite loss or gradient at step {progress.step + 1} of phase {ph.index} ({phase.name}) "
-            f"(loss {result.loss}, gradient norm {result.grad_norm}; {why}): stopped without a step"
+            f"{what} loss or gradient at step {progress.step + 1} of phase {ph.index} ({phase.name}) "
+            f"(loss {result.loss}, gradient norm {result.grad_norm}{detail}; {why}): stopped without a step"
         )
         return PhaseOutcome(PhaseEnd.NONFINITE, ph.last_state, reason=reason, memory=ph.memory)
-    if stop_now:  # Ctrl-C during a skipped step: the weights are still the good ones
+    if agreed.stop_now:  # Ctrl-C during a skipped step: the weights are still the good ones
         _checkpoint(run, ph, progress)
         return PhaseOutcome(PhaseEnd.INTERRUPTED, ph.last_state, memory=ph.memory)
     return None
@@ -524,6 +542,17 @@ def _should_checkpoint(step: int, every: int | None, phase_done: bool, stopping:
     """Every `train.checkpoint_every` steps, at the end of the phase, and at any step the phase stops
     after (Ctrl-C/SIGTERM, --max-steps, a collapse stop), so `--resume` continues from there."""
     return phase_done or stopping is not None or bool(every and step % every == 0)
+
+
+def _exploded_weights(ph: _Phase, progress: RunProgress, why: str) -> PhaseOutcome:
+    """The step just applied blew the weights up (finite, but training cannot go on from them): stop
+    before any checkpoint holds them, so the last one on disk is a good one."""
+    step = {"global_step": progress.global_step + 1, "phase": ph.config.name, "step": progress.step + 1}
+    ph.log.append({"event": "divergence", **step, "action": "stop", "reason": why})
+    reason = (
+        f"diverging weights after step {progress.step + 1} of phase {ph.index} ({ph.config.name}) ({why}): not saved"
+    )
+    return PhaseOutcome(PhaseEnd.DIVERGED, ph.last_state, reason, memory=ph.memory)
 
 
 def _unsaved_nonfinite_weights(ph: _Phase, progress: RunProgress) -> PhaseOutcome:

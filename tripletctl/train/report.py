@@ -17,22 +17,27 @@ from tripletctl.core.exit_codes import EXIT_COLLAPSE_STOP, EXIT_DONE, EXIT_INTER
 from tripletctl.outputs.checkpoint import latest_checkpoint
 
 
-def interrupted_during_start_up(console: Console, curriculum: Curriculum, previous: Path | None) -> int:
+def train_command(command: list[str], resume: bool) -> str:
+    """The command as typed (curriculum and overrides), to run again: the one builder of every hint."""
+    return shlex.join(["tripletctl", "train", *command, *(["--resume"] if resume else [])])
+
+
+def next_command(output: Path, command: list[str]) -> str:
+    """`continue with ... --resume` when the output directory holds a checkpoint, else `start again with ...`."""
+    if latest_checkpoint(output) is not None:
+        return f"continue with `{train_command(command, resume=True)}`"
+    return f"start again with `{train_command(command, resume=False)}`"
+
+
+def interrupted_during_start_up(
+    console: Console, curriculum: Curriculum, previous: Path | None, command: list[str]
+) -> int:
+    hint = next_command(Path(curriculum.train.output_dir), command)
     if previous is not None:
-        print_line(
-            console,
-            "bold",
-            "interrupted during start-up",
-            f"nothing new to save, {previous} is unchanged; "
-            f"continue with `tripletctl train {curriculum.path} --resume`",
-        )
+        text = f"nothing new to save, {previous} is unchanged; {hint}"
     else:
-        print_line(
-            console,
-            "bold",
-            "interrupted during start-up",
-            f"nothing was trained, nothing to save; start again with `tripletctl train {curriculum.path}`",
-        )
+        text = f"nothing was trained, nothing to save; {hint}"
+    print_line(console, "bold", "interrupted during start-up", text)
     return EXIT_INTERRUPTED
 
 
@@ -52,30 +57,20 @@ def print_outcome(
     reason: str | None = None,
 ) -> None:
     output = Path(curriculum.train.output_dir)
-    resume_hint = f"continue with `{shlex.join(['tripletctl', 'train', *command, '--resume'])}`"
+    hint = next_command(output, command)  # --resume, or (nothing saved yet) the same command again
     latest = latest_checkpoint(output)
     where = "nothing to save yet" if latest is None else f"checkpoint {latest} ({_saved_step(latest)})"
     if exit_code == EXIT_INTERRUPTED:
-        print_line(
-            console,
-            "bold",
-            "interrupted",
-            f"{where}; " + (resume_hint if latest else f"start again with `tripletctl train {curriculum.path}`"),
-        )
+        print_line(console, "bold", "interrupted", f"{where}; {hint}")
     elif exit_code == EXIT_WORKER_DIED:
-        print_line(console, "bold red", "stopped", f"{reason}; {where}; {resume_hint}")
+        print_line(console, "bold red", "stopped", f"{reason}; {where}; {hint}")
     elif exit_code == EXIT_NONFINITE:
-        print_line(
-            console,
-            "bold red",
-            "stopped",
-            f"{reason}; the last good checkpoint is kept ({where}); "
-            f"lower train.lr (or clip gradients), then {resume_hint}",
-        )
+        kept = f"the last good checkpoint is kept ({where})" if latest else "nothing was saved"
+        print_line(console, "bold red", "stopped", f"{reason}; {kept}; lower train.lr (or clip gradients), then {hint}")
     elif exit_code == EXIT_DONE and [status.get(i) for i in range(len(curriculum.phases))] != ["done"] * len(
         curriculum.phases
     ):
-        print_line(console, "bold", "paused by --max-steps", f"{where}; {resume_hint}")
+        print_line(console, "bold", "paused by --max-steps", f"{where}; {hint}")
     elif exit_code == EXIT_COLLAPSE_STOP:
         console.print(
             "[bold red]stopped: embeddings collapsed[/] (on_collapse: stop); checkpoint written. "

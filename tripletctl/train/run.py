@@ -70,13 +70,13 @@ def _train(
     if ctx.is_main:  # a read-only or full output directory fails here, before the model is built
         prepare_output(curriculum)
     if stop.requested:
-        return interrupted_during_start_up(console, curriculum, previous)
+        return interrupted_during_start_up(console, curriculum, previous, command)
     # 2. the model and optimiser, then what the checkpoint holds
     model, tokenizer, optimizer = build_run_model(curriculum, ctx)
     resumed = load_resume(curriculum, previous, model, optimizer, ctx, console) if resume else Resumed()
     train_model = wrap_model(model, ctx)
     if stop.requested:
-        return interrupted_during_start_up(console, curriculum, previous)
+        return interrupted_during_start_up(console, curriculum, previous, command)
     # 3. held-out rows, trackers, run.json (with the untrained model's eval)
     eval_rows = None
     if curriculum.eval is not None:
@@ -99,7 +99,7 @@ def _train(
         )
     barrier(ctx)
     if stop.requested:
-        return interrupted_during_start_up(console, curriculum, previous)
+        return interrupted_during_start_up(console, curriculum, previous, command)
     # 4. the phases
     run = Run(
         curriculum=curriculum,

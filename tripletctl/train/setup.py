@@ -17,7 +17,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from tripletctl.config.blocks import Curriculum, curriculum_to_dict
+from tripletctl.config.blocks import Curriculum, MemoryConfig, curriculum_to_dict, plain
 from tripletctl.core.errors import CheckpointError, ConfigError, TripletctlError, writing
 from tripletctl.core.jsonio import replace_text
 from tripletctl.model.encoder import CompiledOrEager, build_model, compile_wanted
@@ -47,6 +47,20 @@ def _seed_everything(seed: int) -> None:
 # configurations (and report the new one for all of it). chunk_size, lr, steps... may change.
 RESUME_PHASE_KEYS = ("batch_size", "mining", "margin", "distance", "loss")
 RESUME_DATA_KEYS = ("samples_per_class",)
+
+
+_MISSING = object()  # a key the checkpoint's curriculum does not have (an older tripletctl): not compared
+
+
+def _memory_changes(saved_phase: dict, memory: MemoryConfig | None) -> list[tuple[str, Any, Any]]:
+    """(key, saved, now) of the phase's cross-batch memory: on/off as `memory`, else each of its keys
+    (a queue of 128 rows must not become 32 inside one phase). A checkpoint without the key says nothing."""
+    old, new = saved_phase.get("memory", _MISSING), plain(memory)
+    if old is _MISSING:
+        return []
+    if not isinstance(old, dict) or new is None:
+        return [("memory", old, new)]
+    return [(f"memory.{key}", old.get(key, _MISSING), value) for key, value in new.items()]
 
 
 def check_resume_compatible(curriculum: Curriculum, saved: dict, state: dict, progress: RunProgress) -> None:
@@ -87,11 +101,14 @@ def check_resume_compatible(curriculum: Curriculum, saved: dict, state: dict, pr
         return  # the next phase starts from scratch: any configuration is fine
     where = f"--resume: phases[{index}] ({phase.name}) is half done (step {progress.step} of {phase.steps})"
     problems = []
-    changes = [(key, saved_phase(index).get(key), getattr(phase, key)) for key in RESUME_PHASE_KEYS]
+    changes = [(key, saved_phase(index).get(key, _MISSING), getattr(phase, key)) for key in RESUME_PHASE_KEYS]
     saved_data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
-    changes += [(f"data.{key}", saved_data.get(key), getattr(curriculum.data, key)) for key in RESUME_DATA_KEYS]
+    changes += [
+        (f"data.{key}", saved_data.get(key, _MISSING), getattr(curriculum.data, key)) for key in RESUME_DATA_KEYS
+    ]
+    changes += _memory_changes(saved_phase(index), phase.memory)
     for key, old, new in changes:
-        if old is not None and old != new:
+        if old is not _MISSING and old != new:
             old = repr(old) if len(repr(old)) <= 80 else repr(old)[:77] + "..."  # a file may hold anything
             problems.append(
                 f"{where}: its {key} was {old} and is now {new!r}; resuming would mix two "

@@ -32,6 +32,7 @@ class PhaseEnd(enum.Enum):
     INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
     COLLAPSED = "stopped (collapse)"  # the collapse watchdog, on_collapse: stop
     NONFINITE = "stopped (non-finite)"  # a non-finite loss, gradient or weight
+    DIVERGED = "stopped (diverged)"  # finite weights that jumped (train.divergence_factor)
     WORKER_DIED = "stopped (worker died)"  # a tokenizer worker process died
 
     def status(self, phase_finished: bool) -> str:
@@ -48,6 +49,7 @@ EXIT_CODE_OF_END = {
     PhaseEnd.INTERRUPTED: EXIT_INTERRUPTED,
     PhaseEnd.COLLAPSED: EXIT_COLLAPSE_STOP,
     PhaseEnd.NONFINITE: EXIT_NONFINITE,
+    PhaseEnd.DIVERGED: EXIT_NONFINITE,
     PhaseEnd.WORKER_DIED: EXIT_WORKER_DIED,
 }
 
