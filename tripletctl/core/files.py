@@ -56,8 +56,10 @@ def check_regular(path: str | Path) -> None:
 
 
 def _open_regular(path: str | Path) -> int:
-    """An fd on `path`, opened without blocking (a FIFO would wait for a writer), once it is known
-    to be a regular file; raises OSError as `open` would."""
+    """An fd on `path` once it is known to be a regular file: by its type first (a socket cannot even
+    be opened), then again on the open fd (opened without blocking: a FIFO swapped in between would
+    wait for a writer); raises OSError as `open` would."""
+    check_regular(path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     kind = _not_regular(os.fstat(fd).st_mode)
     if kind is not None:
