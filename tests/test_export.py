@@ -135,6 +135,20 @@ def test_out_dir_overlapping_the_source_is_refused(run_dir):
     assert (run_dir / "phase-0-only" / "checkpoint" / "COMPLETE").is_file()  # nothing deleted
 
 
+def test_out_dir_inside_or_around_the_source_run_is_refused_even_with_force(run_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(run_dir / "phase-0-only", run_dir / "phase-1-next")  # the run's latest model is phase 1's
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    alias = tmp_path / "alias"
+    alias.symlink_to(run_dir / "phase-0-only")
+    for out in (run_dir / "phase-0-only", run_dir / "new", alias, tmp_path):
+        line = one_error_line(export(str(run_dir), str(out), "--force"))
+        assert f"OUT_DIR {out} overlaps the source" in line and str(run_dir) in line, line
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # no checkpoint replaced
+    assert sorted(p.name for p in run_dir.iterdir()) == ["phase-0-only", "phase-1-next", "run.json"]
+
+
 def test_best_without_a_best_model(run_dir, tmp_path):
     line = one_error_line(export(str(run_dir), str(tmp_path / "out"), "--best"))
     assert "no complete best model" in line and "keep_best" in line

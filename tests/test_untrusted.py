@@ -9,7 +9,11 @@ import json
 import os
 import pickle
 import random
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,8 @@ from test_runner import QUICKSTART_HELDOUT, one_phase, write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
+from tripletctl.config.yaml_io import MAX_YAML_BYTES
+from tripletctl.core.files import MAX_LINE_BYTES
 
 PHASE = "phase-0-semi-hard"
 
@@ -375,3 +381,93 @@ def test_inspect_collapse_plot_says_the_file_it_wrote(run_copy, tmp_path):
         )
         assert result.exit_code in (0, 1, 3), result.output
         assert written.is_file() and f"wrote{written}" in "".join(result.output.split())  # rich wraps paths
+
+
+# ------------------------------------------------------------------------ devices, FIFOs, oversized files
+
+
+def _capped_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The real CLI in a process capped at 4 GB of address space: a reader that reads a device whole
+    dies of MemoryError there instead of taking the machine; one that blocks times out."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "tripletctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=cap,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        ("validate", "/dev/zero"),
+        ("validate", "/dev/urandom"),
+        ("validate", "fifo"),
+        ("train", "/dev/zero"),
+        ("train", "fifo"),
+    ],
+)
+def test_a_device_or_fifo_curriculum_is_refused_by_its_type(tmp_path, command, name):
+    if name == "fifo":
+        name = str(tmp_path / "curriculum.yaml")
+        os.mkfifo(name)
+    proc = _capped_cli(command, name)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    kind = "a character device" if name.startswith("/dev/") else "a FIFO (named pipe)"
+    assert f"{name} is {kind}, not a regular file: refused" in errors[0], errors[0]
+
+
+def test_an_oversized_curriculum_is_refused_before_it_is_parsed(tmp_path):
+    path = tmp_path / "big.yaml"
+    with path.open("wb") as handle:  # sparse: 16 MiB of nothing after one real key
+        handle.write(b"train: {}\n")
+        handle.truncate(MAX_YAML_BYTES + 1)
+    result = cli("validate", path)
+    assert result.exit_code == 2 and f"{path} is larger than 16 MiB: refused" in one_error_line(result)
+
+
+@pytest.fixture
+def deadline():
+    """Fail (instead of hanging for ever) when a read blocks, e.g. on a FIFO."""
+
+    def expire(*_):
+        raise TimeoutError("blocked for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name", ["state.json", "curriculum.yaml", "rng.pt"])
+def test_a_fifo_in_a_checkpoint_is_refused_not_waited_on(run_copy, deadline, name):
+    planted = checkpoint_of(run_copy) / name
+    planted.unlink()
+    os.mkfifo(planted)
+    result = cli("train", run_copy / "curriculum.yaml", "--resume")
+    line = one_error_line(result)
+    assert result.exit_code == 2 and f"{planted} is a FIFO (named pipe), not a regular file: refused" in line, line
+
+
+@pytest.mark.parametrize("damage", ["fifo run.json", "endless metrics line"])
+def test_plot_reads_run_files_bounded(run_copy, deadline, damage):
+    run = run_copy / "run"
+    if damage == "fifo run.json":
+        (run / "run.json").unlink()
+        os.mkfifo(run / "run.json")
+        expected = f"{run / 'run.json'} is a FIFO"
+    else:
+        with (run / PHASE / "metrics.jsonl").open("ab") as handle:
+            handle.write(b"x" * (MAX_LINE_BYTES + 1))
+        expected = f"{run / PHASE / 'metrics.jsonl'}: line"
+    result = cli("plot", run)
+    assert result.exit_code == 2 and expected in one_error_line(result), result.output

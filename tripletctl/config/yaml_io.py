@@ -13,9 +13,11 @@ import yaml
 
 from tripletctl.config.problems import Problems
 from tripletctl.core.errors import ConfigError
+from tripletctl.core.files import MIB, FileRefused, read_text
 
 MAX_YAML_NODES = 100_000  # a curriculum is a few hundred nodes; an alias bomb expands to billions
 MAX_YAML_DEPTH = 100  # nesting; PyYAML's recursive constructor dies near 1,000
+MAX_YAML_BYTES = 16 * MIB  # a curriculum is a few kB; read no further (a device never ends)
 
 
 class _DuplicateKeyLoader(yaml.SafeLoader):
@@ -118,9 +120,17 @@ def safe_yaml_load(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def read_yaml_file(path: str | Path) -> str:
+    """The text of a YAML file (a curriculum, a checkpoint's copy): a regular file of at most
+    MAX_YAML_BYTES, else FileRefused; OSError and UnicodeDecodeError as `read_text` raises them."""
+    return read_text(path, MAX_YAML_BYTES)
+
+
 def read_yaml(path: str, problems: Problems) -> Any:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_yaml_file(path)
+    except FileRefused as error:
+        raise ConfigError([str(error)]) from None
     except OSError as error:
         raise ConfigError([f"{path}: cannot read the curriculum: {error.strerror or error}"]) from None
     except UnicodeDecodeError:

@@ -16,7 +16,8 @@ TRAIN_EXIT_CODES = {
     EXIT_DONE: "done, or paused by `--max-steps` (continue with `--resume`)",
     EXIT_CRASH: "an unexpected crash only (a bug: please report it)",
     EXIT_BAD_INPUT: "bad input, a damaged file or an environment fault (disk full, read-only directory, missing "
-    "model, a tracker named but not installed): one line saying what and where",
+    "model, a tracker named but not installed, an output directory another run holds or another tool's files "
+    "fill): one line saying what and where",
     EXIT_COLLAPSE_STOP: "stopped by the collapse watchdog (`on_collapse: stop`), after a checkpoint",
     EXIT_NONFINITE: "stopped on a non-finite, diverging or exploding loss, gradient or weights "
     "(`train.on_nonfinite`, `train.divergence_factor`); the last good checkpoint is kept",

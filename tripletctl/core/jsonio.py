@@ -1,8 +1,9 @@
-"""Strict JSON out, whole files on disk: the one owner of how tripletctl writes JSON.
+"""Strict JSON out, whole files on disk, bounded reads: the one owner of how tripletctl handles JSON.
 
 Every JSON tripletctl writes (run.json, summary.json, metrics.jsonl, `eval --json`, the collapse
 report) must parse with any strict reader, so NaN and Infinity become null (docs/outputs.md); and a
-file is replaced whole, so a crash leaves the old file or the new, never half of one.
+file is replaced whole, so a crash leaves the old file or the new, never half of one. Reading is
+bounded (core/files.py): a device, a FIFO or an oversized file is refused before it is parsed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tripletctl.core.errors import writing
+from tripletctl.core.files import MAX_JSON_BYTES, read_text
 
 
 def finite_or_null(value: Any) -> Any:
@@ -48,3 +50,9 @@ def replace_text(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, payload: Any) -> None:
     """`payload` as indented strict JSON, replacing `path` whole."""
     replace_text(path, strict_json(payload, indent=2) + "\n")
+
+
+def read_json(path: str | Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """The JSON in regular file `path`, read to at most `limit` bytes (FileRefused otherwise);
+    OSError and ValueError (bad JSON, not UTF-8) are left to the caller, who names the file's role."""
+    return json.loads(read_text(path, limit))

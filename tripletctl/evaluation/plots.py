@@ -97,9 +97,9 @@ def _fill_margins(run_dir: Path, phases: list[dict[str, Any]]) -> None:
     if not path.is_file():
         return
     try:
-        from tripletctl.config.yaml_io import safe_yaml_load
+        from tripletctl.config.yaml_io import read_yaml_file, safe_yaml_load
 
-        plan = safe_yaml_load(path.read_text()) or {}
+        plan = safe_yaml_load(read_yaml_file(path)) or {}
         listed = plan.get("phases") or []
     except Exception:
         return

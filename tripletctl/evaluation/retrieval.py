@@ -278,9 +278,9 @@ def _training_settings(checkpoint_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return settings
     try:
-        from tripletctl.config.yaml_io import safe_yaml_load
+        from tripletctl.config.yaml_io import read_yaml_file, safe_yaml_load
 
-        plan = safe_yaml_load(path.read_text()) or {}
+        plan = safe_yaml_load(read_yaml_file(path)) or {}
     except Exception:  # an unreadable copy must not block evaluation
         return settings
     if not isinstance(plan, dict):

@@ -22,6 +22,8 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from tripletctl.config.choices import POOLINGS
 from tripletctl.core.errors import ModelError, TripletctlError, one_line
+from tripletctl.core.files import FileRefused
+from tripletctl.core.jsonio import read_json
 from tripletctl.data.tokenizer import load_tokenizer
 from tripletctl.model import sbert, varlen
 from tripletctl.model.card import CARD_FILE, Provenance, render_card
@@ -315,8 +317,8 @@ def read_meta(directory: str | Path) -> dict:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory} is not a tripletctl model directory (no {META_FILE})")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        meta = read_json(meta_path)
+    except (UnicodeDecodeError, json.JSONDecodeError, FileRefused) as e:
         raise ValueError(f"{meta_path} is damaged: {e}") from None
     missing = [k for k in ("pooling", "head", "normalize") if not isinstance(meta, dict) or k not in meta]
     if missing:

@@ -27,6 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tripletctl.core.files import FileRefused
+from tripletctl.core.jsonio import read_json
+
 MODULES_FILE = "modules.json"
 ST_CONFIG_FILE = "config_sentence_transformers.json"
 TRANSFORMER_CONFIG_FILE = "sentence_bert_config.json"
@@ -277,10 +280,10 @@ def _version(package: str) -> str:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except FileNotFoundError:
         raise ValueError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, FileRefused) as e:
         raise ValueError(f"{path} is unreadable: {e}") from None
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from tripletctl.core.files import FileRefused
+from tripletctl.core.jsonio import read_json
 from tripletctl.model.card import Provenance
 from tripletctl.model.encoder import is_finite, save_model
 from tripletctl.outputs.checkpoint import usable_dir, write_complete_dir
@@ -41,8 +43,8 @@ def read_best(output_dir: str | Path) -> dict | None:
     if found is None:
         return None
     try:
-        record = json.loads((found / BEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = read_json(found / BEST_FILE)
+    except (OSError, ValueError, FileRefused):
         return None
     return record if isinstance(record, dict) else None
 

@@ -49,9 +49,11 @@ import torch
 import yaml
 
 from tripletctl.config.blocks import plain
-from tripletctl.config.yaml_io import safe_yaml_load
+from tripletctl.config.yaml_io import read_yaml_file, safe_yaml_load
 from tripletctl.core.errors import CheckpointError, ModelError, OutputError, one_line, writing
 from tripletctl.core.faults import fault_point
+from tripletctl.core.files import FileRefused, check_regular, orphaned
+from tripletctl.core.jsonio import read_json
 from tripletctl.model.card import Provenance
 from tripletctl.model.encoder import load_model, save_model, unwrap
 from tripletctl.outputs.run_file import RUN_FILE, run_file
@@ -299,12 +301,13 @@ def _discard(directory: Path) -> None:
 
 
 def clean_leftovers(target: Path) -> None:
-    """Remove what killed saves left beside `target` (a `checkpoint` path): `checkpoint.tmp-*` and
-    `checkpoint.trash-*` directories (never read), and `checkpoint.prev` once `checkpoint` is
-    complete (it is then never read either)."""
+    """Remove what killed saves left beside `target` (a `checkpoint` path): `checkpoint.tmp-PID` and
+    `checkpoint.trash-PID-*` directories of processes that are gone (never read; a live process's
+    are its own business), and `checkpoint.prev` once `checkpoint` is complete (never read either)."""
     for pattern in (f"{target.name}.tmp-*", f"{target.name}.trash-*"):
         for stale in target.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
+            if orphaned(stale):
+                shutil.rmtree(stale, ignore_errors=True)
     prev = _prev(target)
     if prev.exists() and _is_complete(target):
         _discard(prev)
@@ -370,8 +373,8 @@ def load_checkpoint(
         stream_state = safe_torch_load(_inside(path, record["stream_file"], "stream_file"))
     curriculum_path = path / "curriculum.yaml"
     try:
-        curriculum = safe_yaml_load(curriculum_path.read_text(encoding="utf-8")) or {}
-    except (OSError, ValueError, yaml.YAMLError) as e:
+        curriculum = safe_yaml_load(read_yaml_file(curriculum_path)) or {}
+    except (OSError, ValueError, yaml.YAMLError, FileRefused) as e:
         raise CheckpointError(f"{curriculum_path} is damaged: {one_line(e, 200)}") from None
     if not isinstance(curriculum, dict):
         raise CheckpointError(f"{curriculum_path} is damaged: expected a mapping")
@@ -390,7 +393,9 @@ def load_checkpoint(
 def _read_state_json(path: Path) -> dict:
     file = path / "state.json"
     try:
-        record = json.loads(file.read_text(encoding="utf-8"))
+        record = read_json(file)
+    except FileRefused as e:
+        raise CheckpointError(f"{e} (the checkpoint is damaged)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file} is damaged: {one_line(e, 200)}") from None
     if not isinstance(record, dict):
@@ -442,7 +447,12 @@ def _imports_in(stream: Any) -> bool:
 
 
 def safe_torch_load(file: Path, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load that can only rebuild tensors and plain containers: a crafted pickle runs nothing."""
+    """torch.load that can only rebuild tensors and plain containers: a crafted pickle runs nothing;
+    a FIFO or a device in its place is refused before torch opens it (it would wait or read for ever)."""
+    try:
+        check_regular(file)
+    except FileRefused as e:
+        raise CheckpointError(f"{e} (the checkpoint is damaged)") from None
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning is noise beside the one line
             warnings.simplefilter("ignore", UserWarning)

@@ -5,12 +5,12 @@ nothing a user of the model needs). Export takes a checkpoint, a phase directory
 (its latest phase) or, with `--best`, the run's kept best model; checks that the model loads; and
 writes only the model folder to OUT_DIR, atomically: a temporary sibling renamed into place, so
 an interrupted or failed export leaves OUT_DIR as it was. A folder saved in tripletctl's previous
-format is re-saved in the current one on the way (sentence-transformers files, model card).
+format is re-saved in the current one on the way (sentence-transformers files, model card). An
+OUT_DIR inside or around the run (or checkpoint) it reads from is refused, even with --force.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,12 +18,15 @@ from pathlib import Path
 
 import yaml
 
+from tripletctl.config.yaml_io import read_yaml_file, safe_yaml_load
 from tripletctl.core.errors import CheckpointError, TripletctlError
+from tripletctl.core.files import FileRefused
+from tripletctl.core.jsonio import read_json
 from tripletctl.model.card import Provenance
 from tripletctl.model.encoder import META_FILE, MODEL_FORMAT_VERSION, load_model, read_meta, save_model
 from tripletctl.model.sbert import check_modules
-from tripletctl.outputs.best import BEST_FILE, best_dir
-from tripletctl.outputs.checkpoint import POSITION_KEYS, resolve_checkpoint, usable_dir
+from tripletctl.outputs.best import BEST_DIR, BEST_FILE, best_dir
+from tripletctl.outputs.checkpoint import PHASE_DIR_RE, POSITION_KEYS, resolve_checkpoint, usable_dir
 
 
 class ExportError(TripletctlError):
@@ -64,7 +67,7 @@ def export_model(source: str | Path, out_dir: str | Path, *, best: bool = False,
     """Copy the model folder of `source` to `out_dir` (see the module docstring)."""
     model_dir = find_model_dir(source, best)
     out = Path(out_dir)
-    _check_destination(model_dir, out, force)
+    _check_destination(Path(source), model_dir, out, force)
     upgrade = _check_model(model_dir)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
@@ -86,10 +89,33 @@ def export_model(source: str | Path, out_dir: str | Path, *, best: bool = False,
     return Exported(model_dir, out, len(files), sum(f.stat().st_size for f in files), upgrade)
 
 
-def _check_destination(model_dir: Path, out: Path, force: bool) -> None:
-    source, target = model_dir.resolve(), out.resolve()
-    if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-        raise ExportError(f"{out} overlaps the model folder it would copy ({model_dir}): choose another OUT_DIR")
+def source_run(model_dir: Path) -> Path:
+    """The outermost directory that export reads from and that must survive it: the run holding
+    the model folder (OUTPUT for OUTPUT/phase-K-NAME/checkpoint/model or OUTPUT/best/model), else its
+    checkpoint or best directory, else the model folder itself. Symlinks resolved."""
+    folder = model_dir.resolve()
+    holder = folder.parent  # checkpoint/, checkpoint.prev/, best/, best.prev/ (or anything else)
+    if folder.name != "model" or not (holder / "COMPLETE").is_file():
+        return folder
+    if PHASE_DIR_RE.match(holder.parent.name):
+        return holder.parent.parent
+    if holder.name.split(".")[0] == BEST_DIR:
+        return holder.parent
+    return holder
+
+
+def _check_destination(given: Path, model_dir: Path, out: Path, force: bool) -> None:
+    """OUT_DIR may neither lie inside nor contain what it is exported from (even with --force: the
+    swap would delete the source, or copy a folder into itself), nor be a file or, without --force,
+    a non-empty directory."""
+    target = out.resolve()
+    for source in dict.fromkeys((source_run(model_dir), given.resolve(), model_dir.resolve())):
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            where = "is" if target == source else "contains" if source.is_relative_to(target) else "is inside"
+            raise ExportError(
+                f"OUT_DIR {out} overlaps the source: it {where} {source}, which export reads from "
+                f"(the model folder {model_dir}); refused even with --force, choose an OUT_DIR outside it"
+            )
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -118,13 +144,15 @@ def _provenance_near(model_dir: Path) -> Provenance:
     parent = model_dir.parent
     curriculum = position = metrics = None
     try:
-        curriculum = yaml.safe_load((parent / "curriculum.yaml").read_text()) or None
-    except (OSError, yaml.YAMLError):
+        curriculum = safe_yaml_load(read_yaml_file(parent / "curriculum.yaml")) or None
+    except (OSError, ValueError, yaml.YAMLError, FileRefused):
         pass
     for name in ("state.json", BEST_FILE):
         try:
-            record = json.loads((parent / name).read_text())
-        except (OSError, ValueError):
+            record = read_json(parent / name)
+        except (OSError, ValueError, FileRefused):
+            continue
+        if not isinstance(record, dict):
             continue
         position = {k: record[k] for k in POSITION_KEYS if k in record}
         history = record.get("eval_history") or []

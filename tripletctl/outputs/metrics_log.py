@@ -3,7 +3,8 @@
 The one owner of the file: the runner opens it (dropping, on resume, what was written after the
 checkpoint), appends step records and events to it, and summarises the phase from it; `plot`
 reads it while a run trains, after a crash, or on another machine. Lines are strict JSON
-(tripletctl.jsonio); a line cut by a crash or a full disk is skipped when read.
+(tripletctl.jsonio); a line cut by a crash or a full disk is skipped when read, and a line longer
+than `MAX_LINE_BYTES` (core/files.py) is refused, so a foreign file is never read whole at once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tripletctl.core.errors import CheckpointError, writing
+from tripletctl.core.files import FileRefused, read_lines
 from tripletctl.core.jsonio import replace_text, strict_json
 
 METRICS_FILE = "metrics.jsonl"
@@ -61,11 +63,13 @@ class MetricsLog:
     def _lines(self, strict_text: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
         if not self.path.is_file():
             return
-        try:
-            text = self.path.read_text(encoding="utf-8", errors="strict" if strict_text else "replace")
+        try:  # bounded per line (core/files.py): a device or a file without newlines is refused
+            lines = list(read_lines(self.path, errors="strict" if strict_text else "replace"))
+        except FileRefused as error:
+            raise CheckpointError(str(error)) from None
         except (OSError, UnicodeDecodeError) as error:
             raise CheckpointError(f"{self.path} cannot be read as JSON lines: {error}") from None
-        for line in text.splitlines():
+        for line in lines:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:

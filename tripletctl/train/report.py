@@ -3,7 +3,6 @@ continue, the held-out table (untrained against trained), where the best model i
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from rich.text import Text
 from tripletctl.config.blocks import Curriculum
 from tripletctl.config.until import EVAL_METRICS
 from tripletctl.core.exit_codes import EXIT_COLLAPSE_STOP, EXIT_DONE, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_WORKER_DIED
+from tripletctl.core.files import FileRefused
+from tripletctl.core.jsonio import read_json
 from tripletctl.outputs.checkpoint import latest_checkpoint
 
 
@@ -111,7 +112,7 @@ def print_outcome(
 
 def _saved_step(checkpoint: Path) -> str:
     try:
-        state = json.loads((checkpoint / "state.json").read_text())
+        state = read_json(checkpoint / "state.json")
         return f"phase {state['phase_index']}, step {state['step']}"
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, FileRefused):
         return "?"

@@ -4,6 +4,7 @@ run.json and the summaries true (run_index.py) and report (report.py). Returns t
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tripletctl.config.blocks import Curriculum, curriculum_to_dict
 from tripletctl.core.exit_codes import EXIT_CRASH, EXIT_DONE, EXIT_INTERRUPTED
 from tripletctl.data.sources import check_source, read_rows
 from tripletctl.outputs.checkpoint import restore_rng
+from tripletctl.outputs.lock import claim_run_dir
 from tripletctl.train.distributed import DistContext, barrier, cleanup, init_distributed, wrap_model
 from tripletctl.train.interrupt import StopFlag
 from tripletctl.train.loop import run_phase
@@ -45,8 +47,9 @@ def train(
         with StopFlag() as own:
             return train(curriculum, resume, console, max_steps, own, command)
     ctx = init_distributed(curriculum.train.device)
-    try:
-        return _train(curriculum, resume, console, max_steps, ctx, stop, command or [str(curriculum.path)])
+    try:  # one writer per output directory: held before anything there is read, cleaned or written
+        with claim_run_dir(curriculum.train.output_dir) if ctx.is_main else nullcontext():
+            return _train(curriculum, resume, console, max_steps, ctx, stop, command or [str(curriculum.path)])
     finally:
         cleanup(ctx)
 

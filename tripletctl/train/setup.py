@@ -19,6 +19,7 @@ from rich.console import Console
 
 from tripletctl.config.blocks import Curriculum, MemoryConfig, curriculum_to_dict, plain
 from tripletctl.core.errors import CheckpointError, ConfigError, TripletctlError, writing
+from tripletctl.core.files import orphaned
 from tripletctl.core.jsonio import replace_text
 from tripletctl.model.encoder import CompiledOrEager, build_model, compile_wanted
 from tripletctl.outputs.checkpoint import CHECKPOINT, clean_leftovers, latest_checkpoint, load_checkpoint
@@ -29,10 +30,11 @@ from tripletctl.train.state import RunProgress
 
 def _clean_stale_files(output: Path) -> None:
     """Start-up: remove what killed runs left behind (`*.tmp-PID` files, checkpoint tmp/trash
-    directories, a superseded `checkpoint.prev`); none of it is ever read."""
+    directories, a superseded `checkpoint.prev`); none of it is ever read. Only a dead process's
+    temporaries go (core/files.py `orphaned`): never a file another live process is writing."""
     for directory in (output, *(d for d in output.glob("phase-*") if d.is_dir())):
         for stale in directory.glob("*.tmp-*"):
-            if stale.is_file():
+            if stale.is_file() and orphaned(stale):
                 stale.unlink(missing_ok=True)
         if directory != output:
             clean_leftovers(directory / CHECKPOINT)

@@ -25,6 +25,8 @@ from rich.console import Console
 
 from tripletctl.core.errors import TripletctlError
 from tripletctl.core.exit_codes import EXIT_DONE, EXIT_INTERRUPTED
+from tripletctl.core.files import FileRefused
+from tripletctl.core.jsonio import read_json
 
 STATE_FILE = "trackers.json"
 _NOT_SCALARS = {"event", "phase", "phase_index", "step", "global_step", "mining", "time", "action", "rows"}
@@ -228,8 +230,8 @@ def open_trackers(
     state: dict = {}
     if resume_step is not None and state_path.exists():
         try:
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            state = read_json(state_path)
+        except (OSError, ValueError, FileRefused):
             state = {}  # a damaged id file costs only the continuity of the tracker runs
     trackers = Trackers(console=console)
     for name in names:
