@@ -18,6 +18,7 @@ with its no-duplicates sampler: what a user of that library would run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -294,9 +295,10 @@ def main() -> None:
     parser.add_argument("--corpus", default=",".join(corpora.CORPORA), help="comma-separated: fortunes,debtags")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {','.join(ROWS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate of every row (default: the size's)")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     args = parser.parse_args()
-    size = SIZES[args.size]
+    size = SIZES[args.size] if args.lr is None else dataclasses.replace(SIZES[args.size], lr=args.lr)
     rows = args.rows.split(",")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
