@@ -297,6 +297,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of every row (default: the size's)")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--report", type=Path, nargs="*", help="only print the table of earlier runs' --out folders")
     args = parser.parse_args()
     size = SIZES[args.size] if args.lr is None else dataclasses.replace(SIZES[args.size], lr=args.lr)
     rows = args.rows.split(",")
@@ -304,6 +305,13 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}: choose from {ROWS}")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if args.report:  # the table of every result.json under these folders (runs split across processes)
+        results = [
+            json.loads(p.read_text()) for folder in args.report for p in sorted(folder.glob("*/*/*/result.json"))
+        ]
+        counts = {c: corpora.prepare(c, args.out / "corpora")[2] for c in dict.fromkeys(r["corpus"] for r in results)}
+        print(table(sorted(results, key=lambda r: (r["corpus"], ROWS.index(r["row"]), r["seed"])), size, counts))
+        return
     results, counts = [], {}
     for corpus in args.corpus.split(","):
         *files, counts[corpus] = corpora.prepare(corpus, args.out / "corpora")
