@@ -181,11 +181,11 @@ def test_quickstart_validates_from_any_directory(tmp_path, monkeypatch):
 def test_facenet_validates_offline_with_the_shipped_plan():
     c = load_curriculum(FACENET)
     assert c.model.name == "bert-base-uncased"
-    assert [(p.mining, p.batch_size, p.margin) for p in c.phases] == [
-        ("semi-hard", 500, 0.2),
-        ("hard-negative", 1000, 0.2),
-        ("batch-hard", 2000, 0.2),
+    assert [(p.mining, p.loss, p.batch_size, p.margin) for p in c.phases] == [
+        ("semi-hard", "margin", 500, 0.2),
+        ("batch-all", "infonce", 2000, 0.2),
     ]
+    assert c.train.lr_scaling == "sqrt" and c.train.lr_reference_batch == 500
     assert c.train.lr == 2e-5 and c.train.precision == "auto" and c.train.chunk_size == "auto"
     assert c.train.warmup_steps > 0
     assert c.eval is not None and c.eval.split == "test"
@@ -791,7 +791,7 @@ def test_validate_command_prints_the_plan():
 
 
 def test_validate_command_accepts_overrides():
-    result = CliRunner().invoke(app, ["validate", str(FACENET), "phases.2.steps=500", "train.lr=3e-5"])
+    result = CliRunner().invoke(app, ["validate", str(FACENET), "phases.1.steps=500", "train.lr=3e-5"])
     assert result.exit_code == 0, result.output
 
 

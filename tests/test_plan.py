@@ -28,17 +28,17 @@ def test_plan_table_shows_phases_and_totals():
     text = console.export_text()
     for fragment in [
         "semi-hard",
-        "hard-negative",
-        "batch-hard",
+        "batch-all",
+        "infonce τ=0.05",
         "1,000,000",
-        "2,000,000",
+        "5,000,000",
         "2e-05",
-        "1e-05",
+        "4e-05",  # the InfoNCE phase's lr, scaled by sqrt(2000 / 500)
         "squared-euclidean",
         "bert-base-uncased",
         "sentence-transformers/all-nli",
         "runs/facenet",
-        "4,500,000 samples",
+        "6,000,000 samples",
     ]:
         assert fragment in text, fragment
 
