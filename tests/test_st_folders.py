@@ -110,3 +110,13 @@ def test_training_starts_from_the_folders_modules(tiny_bert_dir, tmp_path):
         build_model(ModelConfig(name=str(folder)), seed=0)
     with pytest.raises(ModelError, match=r"model.head is \[8\] but .* has Dense layers \[24\]"):
         build_model(ModelConfig(name=str(folder), pooling="cls", head=(8,)), seed=0)
+
+
+def test_a_hub_name_that_cannot_be_fetched_is_one_line(assets_dir):
+    """A name of the form org/name is looked up on the hub (offline here: HF_HUB_OFFLINE=1, set by
+    conftest), so the user sees why, not a traceback or a 'not a checkpoint'."""
+    data = str(assets_dir / "many_class.jsonl")
+    result = CliRunner().invoke(app, ["eval", "no-such-org/no-such-model", "--data", data])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no-such-org/no-such-model is not a local folder and cannot be fetched" in lines[0]
