@@ -71,6 +71,10 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
         [Phase("semi-hard", 0.5, 0.5), Phase("batch-all", 0.5, 2.0, {"loss": "infonce"})],
         {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt"}},
     ),
+    "tc-facenet-margin-0.5": (
+        [Phase("semi-hard", 0.5, 0.5, {"margin": 0.5}), Phase("batch-all", 0.5, 2.0, {"loss": "infonce"})],
+        {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt"}},
+    ),
     # the reference's shape (and facenet.yaml's before bench/quality.py): semi-hard -> hard -> batch-hard
     "tc-reference": (
         [Phase("semi-hard", 0.4, 0.5), Phase("hard-negative", 0.3, 1.0), Phase("batch-hard", 0.3, 2.0)],
