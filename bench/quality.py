@@ -68,11 +68,11 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     "tc-batch-hard": ([Phase("batch-hard", 1.0)], {}),
     # the shipped curricula/facenet.yaml, scaled to the budget: semi-hard, then InfoNCE at 4x the batch
     "tc-facenet": (
-        [Phase("semi-hard", 0.5, 0.5), Phase("batch-all", 0.5, 2.0, {"loss": "infonce"})],
+        [Phase("semi-hard", 0.5, 0.5, {"margin": 0.5}), Phase("batch-all", 0.5, 2.0, {"loss": "infonce"})],
         {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt"}},
     ),
-    "tc-facenet-margin-0.5": (
-        [Phase("semi-hard", 0.5, 0.5, {"margin": 0.5}), Phase("batch-all", 0.5, 2.0, {"loss": "infonce"})],
+    "tc-facenet-margin-0.2": (  # the same with FaceNet's margin in the semi-hard phase
+        [Phase("semi-hard", 0.5, 0.5), Phase("batch-all", 0.5, 2.0, {"loss": "infonce"})],
         {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt"}},
     ),
     # the reference's shape (and facenet.yaml's before bench/quality.py): semi-hard -> hard -> batch-hard

@@ -182,7 +182,7 @@ def test_facenet_validates_offline_with_the_shipped_plan():
     c = load_curriculum(FACENET)
     assert c.model.name == "bert-base-uncased"
     assert [(p.mining, p.loss, p.batch_size, p.margin) for p in c.phases] == [
-        ("semi-hard", "margin", 500, 0.2),
+        ("semi-hard", "margin", 500, 0.5),
         ("batch-all", "infonce", 2000, 0.2),
     ]
     assert c.train.lr_scaling == "sqrt" and c.train.lr_reference_batch == 500
