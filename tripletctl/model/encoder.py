@@ -418,10 +418,8 @@ def load_any_model(
     """A `model_folder`: tripletctl's export (its own metadata) or any sentence-transformers folder;
     with the max_seq_length the folder declares (None when it declares none)."""
     if (directory / META_FILE).is_file():
-        model, tokenizer = load_model(directory, device)
-        settings = directory / sbert.TRANSFORMER_CONFIG_FILE
-        length = json.loads(settings.read_text()).get("max_seq_length") if settings.is_file() else None
-        return model, tokenizer, length if isinstance(length, int) else None
+        model, tokenizer = load_model(directory, device)  # a damaged folder failed there, in one line
+        return model, tokenizer, sbert.declared_max_seq_length(directory)
     model, tokenizer, pipeline = load_sentence_transformers(directory, device)
     return model, tokenizer, pipeline.max_seq_length
 

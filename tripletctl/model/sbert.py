@@ -209,19 +209,24 @@ def read_pipeline(directory: Path) -> Pipeline:
             raise ValueError(f"{directory / MODULES_FILE}: module {module.get('type')!r} here is not supported")
     if pooling is None:
         raise ValueError(f"{directory / MODULES_FILE} has no Pooling module")
-    settings = (
-        _read_json(directory / TRANSFORMER_CONFIG_FILE) if (directory / TRANSFORMER_CONFIG_FILE).is_file() else {}
-    )
-    length = settings.get("max_seq_length") if isinstance(settings, dict) else None
     config = _read_json(directory / ST_CONFIG_FILE) if (directory / ST_CONFIG_FILE).is_file() else {}
     similarity = config.get("similarity_fn_name") if isinstance(config, dict) else None
     return Pipeline(
         pooling=pooling,
         dense=tuple(dense),
         normalize=normalize,
-        max_seq_length=length if isinstance(length, int) and length > 0 else None,
+        max_seq_length=declared_max_seq_length(directory),
         similarity=similarity if isinstance(similarity, str) else None,
     )
+
+
+def declared_max_seq_length(directory: Path) -> int | None:
+    """sentence_bert_config.json's max_seq_length (None when the file or the key is absent: recent
+    sentence-transformers releases leave it to the tokenizer)."""
+    path = directory / TRANSFORMER_CONFIG_FILE
+    settings = _read_json(path) if path.is_file() else {}
+    length = settings.get("max_seq_length") if isinstance(settings, dict) else None
+    return length if isinstance(length, int) and length > 0 else None
 
 
 def _pooling_mode(path: Path) -> str:
