@@ -96,12 +96,65 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     ),
     "tc-infonce-guard": ([Phase("batch-all", 1.0, keys={"loss": "infonce", "false_negative_guard": 0.95})], {}),
 }
+
+
+def _facenet_shape(semi_hard: dict, infonce: dict, train: dict, data: dict | None = None, semi_share: float = 0.5):
+    """tc-facenet's two phases with some keys changed: for the screens below."""
+    phases = [
+        Phase("semi-hard", semi_share, 0.5, {"margin": 0.5, **semi_hard}),
+        Phase("batch-all", 1.0 - semi_share, 2.0, {"loss": "infonce", **infonce}),
+    ]
+    return phases, {
+        "train": {"distance": "squared-euclidean", "lr_scaling": "sqrt", **train},
+        **({"data": data} if data else {}),
+    }
+
+
+FLAT = {"decay": "none", "weight_decay": 0.0}  # constant lr after warm-up, no weight decay
+# One-seed screens on fortunes (docs/performance.md, "Screens"): run by name, not in the default table.
+SCREEN_ROWS: dict[str, tuple[list[Phase], dict]] = {
+    # sentence-transformers' semi-hard loss: plain euclidean and margin 5 (on the unit sphere any margin
+    # >= 2 keeps every semi-hard triplet active), the farthest negative where none is semi-hard
+    "tc-semi-hard-wide": ([Phase("semi-hard", 1.0, keys={"margin": 2.0})], {"train": {"distance": "euclidean"}}),
+    "tc-semi-hard-wide-spc2": (
+        [Phase("semi-hard", 1.0, keys={"margin": 2.0, "fallback": "easiest"})],
+        {"train": {"distance": "euclidean", "weight_decay": 0.0}, "data": {"samples_per_class": 2}},
+    ),
+    "tc-facenet-wide": _facenet_shape({"margin": 2.0}, {}, {"distance": "euclidean"}),
+    # more updates for the same samples: a quarter of the batch
+    "tc-semi-hard-small": (
+        [Phase("semi-hard", 1.0, 0.25, {"margin": 0.5})],
+        {"train": {"distance": "squared-euclidean"}},
+    ),
+    "tc-facenet-small": (
+        [Phase("semi-hard", 0.5, 0.25, {"margin": 0.5}), Phase("batch-all", 0.5, 1.0, {"loss": "infonce"})],
+        {"train": {"distance": "squared-euclidean"}},
+    ),
+    # the schedule, the InfoNCE temperature, the phase split, the fallback, the margin, classes per batch
+    "tc-facenet-flat": _facenet_shape({}, {}, FLAT),
+    "tc-flat-t0.1": _facenet_shape({}, {"temperature": 0.1}, FLAT),
+    "tc-flat-long": _facenet_shape({}, {}, FLAT, semi_share=0.3),
+    "tc-flat-easiest": _facenet_shape({"fallback": "easiest"}, {}, FLAT),
+    "tc-flat-m1": _facenet_shape({"margin": 1.0}, {}, FLAT),
+    "tc-semi-hard-spc2": (
+        [Phase("semi-hard", 1.0, keys={"margin": 0.5})],
+        {"train": {"distance": "squared-euclidean"}, "data": {"samples_per_class": 2}},
+    ),
+    "tc-facenet-spc2": _facenet_shape({}, {}, {}, {"samples_per_class": 2}),
+    "tc-flat-spc2": _facenet_shape({}, {}, FLAT, {"samples_per_class": 2}),
+    "tc-flat-spc8": _facenet_shape({}, {}, FLAT, {"samples_per_class": 8}),
+    "tc-flat-t0.1-spc8": _facenet_shape({}, {"temperature": 0.1}, FLAT, {"samples_per_class": 8}),
+}
+
 ST_ROWS = {
     "st-semi-hard": "BatchSemiHardTripletLoss",
     "st-batch-hard": "BatchHardTripletLoss",
     "st-mnrl": "MultipleNegativesRankingLoss",
 }
-ROWS = ["zero-shot", *ST_ROWS, *TRIPLETCTL_ROWS]
+# the anchor with tc-facenet-flat's schedule (constant lr after warm-up): is the gain the schedule's?
+ST_SCREEN_ROWS = {"st-semi-hard-flat": ("BatchSemiHardTripletLoss", "constant_with_warmup")}
+ROWS = ["zero-shot", *ST_ROWS, *TRIPLETCTL_ROWS]  # the default table
+ALL_ROWS = [*ROWS, *ST_SCREEN_ROWS, *SCREEN_ROWS]
 
 
 def base_model() -> Path:
@@ -118,7 +171,9 @@ def read_rows(path: Path) -> list[dict]:
 # the anchors: sentence-transformers' own trainer
 
 
-def train_sentence_transformers(loss_name: str, train_file: Path, out: Path, size: Size, seed: int) -> Path:
+def train_sentence_transformers(
+    loss_name: str, train_file: Path, out: Path, size: Size, seed: int, scheduler: str = "linear"
+) -> Path:
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,
@@ -146,7 +201,7 @@ def train_sentence_transformers(loss_name: str, train_file: Path, out: Path, siz
         per_device_train_batch_size=batch,
         learning_rate=size.lr,
         warmup_steps=max(1, round(WARMUP_SHARE * steps)),
-        lr_scheduler_type="linear",
+        lr_scheduler_type=scheduler,
         batch_sampler=sampler,
         seed=seed,
         data_seed=seed,
@@ -230,7 +285,7 @@ def curriculum(
 def train_tripletctl(row: str, train_file: Path, out: Path, size: Size, seed: int) -> Path:
     from tripletctl.outputs.checkpoint import resolve_checkpoint
 
-    phases, overrides = TRIPLETCTL_ROWS[row]
+    phases, overrides = {**TRIPLETCTL_ROWS, **SCREEN_ROWS}[row]
     run_dir = out / "run"
     plan = curriculum(phases, overrides, train_file, run_dir, size, seed, base_model())
     (out / "curriculum.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
@@ -267,6 +322,9 @@ def run_row(row: str, corpus: str, files: tuple[Path, Path], out: Path, size: Si
         model_dir = base_model()
     elif row in ST_ROWS:
         model_dir = train_sentence_transformers(ST_ROWS[row], train_file, folder, size, seed)
+    elif row in ST_SCREEN_ROWS:
+        loss_name, scheduler = ST_SCREEN_ROWS[row]
+        model_dir = train_sentence_transformers(loss_name, train_file, folder, size, seed, scheduler)
     else:
         model_dir = train_tripletctl(row, train_file, folder, size, seed)
     trained_s = time.perf_counter() - started
@@ -303,7 +361,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--corpus", default=",".join(corpora.CORPORA), help="comma-separated: fortunes,debtags")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {','.join(ROWS)}")
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"comma-separated, of: {','.join(ROWS)}; screens: {','.join(SCREEN_ROWS)}",
+    )
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of every row (default: the size's)")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
@@ -311,16 +373,21 @@ def main() -> None:
     args = parser.parse_args()
     size = SIZES[args.size] if args.lr is None else dataclasses.replace(SIZES[args.size], lr=args.lr)
     rows = args.rows.split(",")
-    unknown = [r for r in rows if r not in ROWS]
+    unknown = [r for r in rows if r not in ALL_ROWS]
     if unknown:
-        parser.error(f"unknown rows {unknown}: choose from {ROWS}")
+        parser.error(f"unknown rows {unknown}: choose from {ALL_ROWS}")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if size.device == "cuda" and not args.report:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--size {args.size} trains on a CUDA device and this machine has none; use --size cpu")
     if args.report:  # the table of every result.json under these folders (runs split across processes)
         results = [
             json.loads(p.read_text()) for folder in args.report for p in sorted(folder.glob("*/*/*/result.json"))
         ]
         counts = {c: corpora.prepare(c, args.out / "corpora")[2] for c in dict.fromkeys(r["corpus"] for r in results)}
-        print(table(sorted(results, key=lambda r: (r["corpus"], ROWS.index(r["row"]), r["seed"])), size, counts))
+        print(table(sorted(results, key=lambda r: (r["corpus"], ALL_ROWS.index(r["row"]), r["seed"])), size, counts))
         return
     results, counts = [], {}
     for corpus in args.corpus.split(","):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -15,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import quality  # noqa: E402
 
 
-@pytest.mark.parametrize("row", sorted(quality.TRIPLETCTL_ROWS))
+@pytest.mark.parametrize("row", sorted({**quality.TRIPLETCTL_ROWS, **quality.SCREEN_ROWS}))
 @pytest.mark.parametrize("size", sorted(quality.SIZES))
 def test_rows_validate_and_spend_the_budget(tmp_path, tiny_bert_dir, assets_dir, row, size):
-    phases, overrides = quality.TRIPLETCTL_ROWS[row]
+    phases, overrides = {**quality.TRIPLETCTL_ROWS, **quality.SCREEN_ROWS}[row]
     budget = quality.SIZES[size]
     plan = quality.curriculum(
         phases, overrides, assets_dir / "many_class.jsonl", tmp_path / "run", budget, 0, tiny_bert_dir
@@ -29,3 +31,12 @@ def test_rows_validate_and_spend_the_budget(tmp_path, tiny_bert_dir, assets_dir,
     assert result.exit_code == 0, result.output
     spent = sum(p["batch_size"] * p["steps"] for p in plan["phases"])
     assert abs(spent - budget.samples) <= 0.05 * budget.samples
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_the_gpu_size_without_a_gpu_is_one_line_and_exit_2():
+    bench = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    done = subprocess.run([sys.executable, str(bench), "--size", "gpu"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--size gpu trains on a CUDA device and this machine has none" in done.stderr
+    assert "Traceback" not in done.stderr
