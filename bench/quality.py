@@ -152,7 +152,11 @@ ST_ROWS = {
     "st-mnrl": "MultipleNegativesRankingLoss",
 }
 # the anchor with tc-facenet-flat's schedule (constant lr after warm-up): is the gain the schedule's?
-ST_SCREEN_ROWS = {"st-semi-hard-flat": ("BatchSemiHardTripletLoss", "constant_with_warmup")}
+ST_SCREEN_ROWS = {
+    "st-semi-hard-flat": ("BatchSemiHardTripletLoss", "constant_with_warmup", None),
+    # the anchor on batches shaped like tripletctl's (16 classes x 4 at batch 64): is the gap the batches?
+    "st-semi-hard-classes-of-4": ("BatchSemiHardTripletLoss", "linear", 4),
+}
 ROWS = ["zero-shot", *ST_ROWS, *TRIPLETCTL_ROWS]  # the default table
 ALL_ROWS = [*ROWS, *ST_SCREEN_ROWS, *SCREEN_ROWS]
 
@@ -172,8 +176,16 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def train_sentence_transformers(
-    loss_name: str, train_file: Path, out: Path, size: Size, seed: int, scheduler: str = "linear"
+    loss_name: str,
+    train_file: Path,
+    out: Path,
+    size: Size,
+    seed: int,
+    scheduler: str = "linear",
+    classes_of: int | None = None,
 ) -> Path:
+    """`classes_of`: batches of `size.batch // classes_of` random classes x `classes_of` rows (tripletctl's
+    class batcher's shape) instead of the label-grouping sampler's; a screen, for the triplet losses."""
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,
@@ -195,6 +207,8 @@ def train_sentence_transformers(
             {"sentence": [r["text"] for r in rows], "label": [labels[r["label"]] for r in rows]}
         )
         batch, sampler, steps = size.batch, BatchSamplers.GROUP_BY_LABEL, size.samples // size.batch
+        if classes_of:
+            sampler = _classes_of_sampler(classes_of)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "trainer"),
         max_steps=steps,
@@ -216,6 +230,37 @@ def train_sentence_transformers(
     SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
     model.save(str(out / "model"))
     return out / "model"
+
+
+def _classes_of_sampler(rows_per_class: int):
+    from sentence_transformers.base.sampler import DefaultBatchSampler
+
+    class ClassesOf(DefaultBatchSampler):
+        """Each batch: batch_size // rows_per_class classes drawn at random, rows_per_class rows of each
+        (drawn without replacement from the class's rows not yet used this epoch, refilled when short)."""
+
+        def __init__(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+            super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, generator=generator, seed=seed)
+            by_label: dict[int, list[int]] = {}
+            for index, label in enumerate(dataset["label"]):
+                by_label.setdefault(label, []).append(index)
+            self.by_label = {k: v for k, v in by_label.items() if len(v) >= rows_per_class}
+            self.rng = random.Random(seed)
+
+        def __len__(self) -> int:
+            return sum(len(v) for v in self.by_label.values()) // self.batch_size
+
+        def __iter__(self):
+            left = {k: self.rng.sample(v, len(v)) for k, v in self.by_label.items()}
+            for _ in range(len(self)):
+                batch = []
+                for label in self.rng.sample(sorted(left), self.batch_size // rows_per_class):
+                    if len(left[label]) < rows_per_class:
+                        left[label] = self.rng.sample(self.by_label[label], len(self.by_label[label]))
+                    batch += [left[label].pop() for _ in range(rows_per_class)]
+                yield batch
+
+    return ClassesOf
 
 
 def _pairs(rows: list[dict], seed: int):
@@ -323,8 +368,8 @@ def run_row(row: str, corpus: str, files: tuple[Path, Path], out: Path, size: Si
     elif row in ST_ROWS:
         model_dir = train_sentence_transformers(ST_ROWS[row], train_file, folder, size, seed)
     elif row in ST_SCREEN_ROWS:
-        loss_name, scheduler = ST_SCREEN_ROWS[row]
-        model_dir = train_sentence_transformers(loss_name, train_file, folder, size, seed, scheduler)
+        loss_name, scheduler, classes_of = ST_SCREEN_ROWS[row]
+        model_dir = train_sentence_transformers(loss_name, train_file, folder, size, seed, scheduler, classes_of)
     else:
         model_dir = train_tripletctl(row, train_file, folder, size, seed)
     trained_s = time.perf_counter() - started

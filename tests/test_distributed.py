@@ -263,7 +263,9 @@ def torchrun_train(
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("dist")
-    runs = launch_ranks([str(Path(__file__).resolve()), "--worker", str(out)])
+    # one worker pair runs every DDP case (~1 min on 2 idle cores); the limit only catches a hang, so it
+    # leaves room for a loaded machine (120 s timed out with a benchmark running beside the suite)
+    runs = launch_ranks([str(Path(__file__).resolve()), "--worker", str(out)], timeout=600)
     for r, run in enumerate(runs):
         assert run.returncode == 0, f"rank {r} failed:\n{run.stdout[-4000:]}"
     return json.loads((out / "results.json").read_text()), out
