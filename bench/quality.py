@@ -121,6 +121,11 @@ SCREEN_ROWS: dict[str, tuple[list[Phase], dict]] = {
         {"train": {"distance": "euclidean", "weight_decay": 0.0}, "data": {"samples_per_class": 2}},
     ),
     "tc-facenet-wide": _facenet_shape({"margin": 2.0}, {}, {"distance": "euclidean"}),
+    # every one of fortunes' 24 training classes in each batch (96 = 24 x 4), as the anchor's sampler does
+    "tc-semi-hard-wide-all-classes": (
+        [Phase("semi-hard", 1.0, 1.5, {"margin": 2.0, "fallback": "easiest"})],
+        {"train": {"distance": "euclidean", "weight_decay": 0.0}},
+    ),
     # more updates for the same samples: a quarter of the batch
     "tc-semi-hard-small": (
         [Phase("semi-hard", 1.0, 0.25, {"margin": 0.5})],
