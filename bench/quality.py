@@ -61,20 +61,26 @@ class Phase:
     keys: dict = field(default_factory=dict)  # more phase keys, e.g. {"loss": "infonce"}
 
 
+def _facenet_shape(semi_hard: dict, infonce: dict, train: dict, data: dict | None = None, semi_share: float = 0.5):
+    """The shipped curricula/facenet.yaml's shape scaled to the budget (semi-hard with margin 0.5 at half
+    the batch, then InfoNCE at twice it), with some keys changed."""
+    phases = [
+        Phase("semi-hard", semi_share, 0.5, {"margin": 0.5, **semi_hard}),
+        Phase("batch-all", 1.0 - semi_share, 2.0, {"loss": "infonce", **infonce}),
+    ]
+    return phases, {
+        "train": {"distance": "squared-euclidean", "lr_scaling": "sqrt", **train},
+        **({"data": data} if data else {}),
+    }
+
+
 # tripletctl rows: phases (samples split by share) and top-level overrides. "tc-facenet" is the
 # shipped curriculum's shape (curricula/facenet.yaml) scaled to the budget.
 TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
     "tc-batch-hard": ([Phase("batch-hard", 1.0)], {}),
-    # the shipped curricula/facenet.yaml, scaled to the budget: semi-hard, then InfoNCE at 4x the batch
-    "tc-facenet": (
-        [Phase("semi-hard", 0.5, 0.5, {"margin": 0.5}), Phase("batch-all", 0.5, 2.0, {"loss": "infonce"})],
-        {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt"}},
-    ),
-    "tc-facenet-margin-0.2": (  # the same with FaceNet's margin in the semi-hard phase
-        [Phase("semi-hard", 0.5, 0.5), Phase("batch-all", 0.5, 2.0, {"loss": "infonce"})],
-        {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt"}},
-    ),
+    "tc-facenet": _facenet_shape({}, {}, {}),  # the shipped curricula/facenet.yaml, scaled to the budget
+    "tc-facenet-margin-0.2": _facenet_shape({"margin": 0.2}, {}, {}),  # with FaceNet's margin in semi-hard
     # the reference's shape (and facenet.yaml's before bench/quality.py): semi-hard -> hard -> batch-hard
     "tc-reference": (
         [Phase("semi-hard", 0.4, 0.5), Phase("hard-negative", 0.3, 1.0), Phase("batch-hard", 0.3, 2.0)],
@@ -98,20 +104,9 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
 }
 
 
-def _facenet_shape(semi_hard: dict, infonce: dict, train: dict, data: dict | None = None, semi_share: float = 0.5):
-    """tc-facenet's two phases with some keys changed: for the screens below."""
-    phases = [
-        Phase("semi-hard", semi_share, 0.5, {"margin": 0.5, **semi_hard}),
-        Phase("batch-all", 1.0 - semi_share, 2.0, {"loss": "infonce", **infonce}),
-    ]
-    return phases, {
-        "train": {"distance": "squared-euclidean", "lr_scaling": "sqrt", **train},
-        **({"data": data} if data else {}),
-    }
-
-
 FLAT = {"decay": "none", "weight_decay": 0.0}  # constant lr after warm-up, no weight decay
-# One-seed screens on fortunes (docs/performance.md, "Screens"): run by name, not in the default table.
+# Screens on fortunes (docs/performance.md, "Five seeds and screens on fortunes"): run by name, not in
+# the default table.
 SCREEN_ROWS: dict[str, tuple[list[Phase], dict]] = {
     # sentence-transformers' semi-hard loss: plain euclidean and margin 5 (on the unit sphere any margin
     # >= 2 keeps every semi-hard triplet active), the farthest negative where none is semi-hard
@@ -164,6 +159,7 @@ ST_SCREEN_ROWS = {
 }
 ROWS = ["zero-shot", *ST_ROWS, *TRIPLETCTL_ROWS]  # the default table
 ALL_ROWS = [*ROWS, *ST_SCREEN_ROWS, *SCREEN_ROWS]
+ALL_TRIPLETCTL_ROWS = {**TRIPLETCTL_ROWS, **SCREEN_ROWS}
 
 
 def base_model() -> Path:
@@ -335,7 +331,7 @@ def curriculum(
 def train_tripletctl(row: str, train_file: Path, out: Path, size: Size, seed: int) -> Path:
     from tripletctl.outputs.checkpoint import resolve_checkpoint
 
-    phases, overrides = {**TRIPLETCTL_ROWS, **SCREEN_ROWS}[row]
+    phases, overrides = ALL_TRIPLETCTL_ROWS[row]
     run_dir = out / "run"
     plan = curriculum(phases, overrides, train_file, run_dir, size, seed, base_model())
     (out / "curriculum.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
@@ -414,7 +410,7 @@ def main() -> None:
     parser.add_argument(
         "--rows",
         default=",".join(ROWS),
-        help=f"comma-separated, of: {','.join(ROWS)}; screens: {','.join(SCREEN_ROWS)}",
+        help=f"comma-separated, of: {','.join(ROWS)}; screens: {','.join([*ST_SCREEN_ROWS, *SCREEN_ROWS])}",
     )
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of every row (default: the size's)")

@@ -35,7 +35,7 @@ def sentence_transformers_loss(embeddings: torch.Tensor, labels: torch.Tensor) -
 def main() -> None:
     generator = torch.Generator().manual_seed(0)
     print(f"{'draw':>4} {'spread':>6} {'st loss - 3':>12} {'tc loss':>10} {'max |grad diff|':>16} {'max |grad|':>11}")
-    worst = 0.0
+    worst, shift = 0.0, ST_MARGIN - TC_MARGIN
     for draw in range(3):
         labels = torch.tensor([c for c in range(24) for _ in range(2)] + [c for c in range(8) for _ in range(2)])
         labels = labels[torch.randperm(len(labels), generator=generator)]
@@ -50,7 +50,6 @@ def main() -> None:
             tc_loss.backward()
             diff = float((st_in.grad - tc_in.grad).abs().max())
             worst = max(worst, diff)
-            shift = ST_MARGIN - TC_MARGIN
             print(
                 f"{draw:>4} {spread:>6} {st_loss.item() - shift:>12.6f} {tc_loss.item():>10.6f} "
                 f"{diff:>16.2e} {float(st_in.grad.abs().max()):>11.2e}"

@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import quality  # noqa: E402
 
 
-@pytest.mark.parametrize("row", sorted({**quality.TRIPLETCTL_ROWS, **quality.SCREEN_ROWS}))
+@pytest.mark.parametrize("row", sorted(quality.ALL_TRIPLETCTL_ROWS))
 @pytest.mark.parametrize("size", sorted(quality.SIZES))
 def test_rows_validate_and_spend_the_budget(tmp_path, tiny_bert_dir, assets_dir, row, size):
-    phases, overrides = {**quality.TRIPLETCTL_ROWS, **quality.SCREEN_ROWS}[row]
+    phases, overrides = quality.ALL_TRIPLETCTL_ROWS[row]
     budget = quality.SIZES[size]
     plan = quality.curriculum(
         phases, overrides, assets_dir / "many_class.jsonl", tmp_path / "run", budget, 0, tiny_bert_dir
