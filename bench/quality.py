@@ -109,7 +109,8 @@ FLAT = {"decay": "none", "weight_decay": 0.0}  # constant lr after warm-up, no w
 # the default table.
 SCREEN_ROWS: dict[str, tuple[list[Phase], dict]] = {
     # sentence-transformers' semi-hard loss: plain euclidean and margin 5 (on the unit sphere any margin
-    # >= 2 keeps every semi-hard triplet active), the farthest negative where none is semi-hard
+    # >= 2 keeps every semi-hard triplet active). Its fallback, where no negative is semi-hard, is the
+    # farthest one: tc-semi-hard-wide keeps tripletctl's `hardest`, the -spc2 and -all-classes rows use it
     "tc-semi-hard-wide": ([Phase("semi-hard", 1.0, keys={"margin": 2.0})], {"train": {"distance": "euclidean"}}),
     "tc-semi-hard-wide-spc2": (
         [Phase("semi-hard", 1.0, keys={"margin": 2.0, "fallback": "easiest"})],
