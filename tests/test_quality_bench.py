@@ -40,3 +40,22 @@ def test_the_gpu_size_without_a_gpu_is_one_line_and_exit_2():
     assert done.returncode == 2
     assert "--size gpu trains on a CUDA device and this machine has none" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_budget_below_one_batch_is_refused_with_exit_2():
+    bench = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    done = subprocess.run([sys.executable, str(bench), "--samples", "10"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--samples must be at least the batch (64), got 10" in done.stderr
+
+
+@pytest.mark.parametrize("row", ["tc-facenet", "tc-semi-hard"])
+def test_a_larger_budget_scales_the_steps_not_the_batches(tmp_path, tiny_bert_dir, assets_dir, row):
+    phases, overrides = quality.ALL_TRIPLETCTL_ROWS[row]
+    cpu = quality.SIZES["cpu"]
+    plans = [
+        quality.curriculum(phases, overrides, assets_dir / "many_class.jsonl", tmp_path, size, 0, tiny_bert_dir)
+        for size in (cpu, quality.dataclasses.replace(cpu, samples=4 * cpu.samples))
+    ]
+    assert [p["batch_size"] for p in plans[0]["phases"]] == [p["batch_size"] for p in plans[1]["phases"]]
+    assert [4 * p["steps"] for p in plans[0]["phases"]] == [p["steps"] for p in plans[1]["phases"]]
