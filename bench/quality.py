@@ -136,6 +136,7 @@ SCREEN_ROWS: dict[str, tuple[list[Phase], dict]] = {
     "tc-facenet-flat": _facenet_shape({}, {}, FLAT),
     "tc-flat-t0.1": _facenet_shape({}, {"temperature": 0.1}, FLAT),
     "tc-flat-long": _facenet_shape({}, {}, FLAT, semi_share=0.3),
+    "tc-facenet-long": _facenet_shape({}, {}, {}, semi_share=0.3),  # 30% semi-hard, 70% InfoNCE
     "tc-flat-easiest": _facenet_shape({"fallback": "easiest"}, {}, FLAT),
     "tc-flat-m1": _facenet_shape({"margin": 1.0}, {}, FLAT),
     "tc-semi-hard-spc2": (
