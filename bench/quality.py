@@ -149,10 +149,12 @@ SCREEN_ROWS: dict[str, tuple[list[Phase], dict]] = {
     "tc-flat-t0.1-spc8": _facenet_shape({}, {"temperature": 0.1}, FLAT, {"samples_per_class": 8}),
 }
 
+# sentence-transformers rows: (loss, lr scheduler, rows per class of the classes-of sampler or None for
+# the library's own sampler)
 ST_ROWS = {
-    "st-semi-hard": "BatchSemiHardTripletLoss",
-    "st-batch-hard": "BatchHardTripletLoss",
-    "st-mnrl": "MultipleNegativesRankingLoss",
+    "st-semi-hard": ("BatchSemiHardTripletLoss", "linear", None),
+    "st-batch-hard": ("BatchHardTripletLoss", "linear", None),
+    "st-mnrl": ("MultipleNegativesRankingLoss", "linear", None),
 }
 # the anchor with tc-facenet-flat's schedule (constant lr after warm-up): is the gain the schedule's?
 ST_SCREEN_ROWS = {
@@ -163,6 +165,7 @@ ST_SCREEN_ROWS = {
 ROWS = ["zero-shot", *ST_ROWS, *TRIPLETCTL_ROWS]  # the default table
 ALL_ROWS = [*ROWS, *ST_SCREEN_ROWS, *SCREEN_ROWS]
 ALL_TRIPLETCTL_ROWS = {**TRIPLETCTL_ROWS, **SCREEN_ROWS}
+ALL_ST_ROWS = {**ST_ROWS, **ST_SCREEN_ROWS}
 
 
 def base_model() -> Path:
@@ -369,10 +372,8 @@ def run_row(row: str, corpus: str, files: tuple[Path, Path], out: Path, size: Si
     started = time.perf_counter()
     if row == "zero-shot":
         model_dir = base_model()
-    elif row in ST_ROWS:
-        model_dir = train_sentence_transformers(ST_ROWS[row], train_file, folder, size, seed)
-    elif row in ST_SCREEN_ROWS:
-        loss_name, scheduler, classes_of = ST_SCREEN_ROWS[row]
+    elif row in ALL_ST_ROWS:
+        loss_name, scheduler, classes_of = ALL_ST_ROWS[row]
         model_dir = train_sentence_transformers(loss_name, train_file, folder, size, seed, scheduler, classes_of)
     else:
         model_dir = train_tripletctl(row, train_file, folder, size, seed)
@@ -421,12 +422,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--report", type=Path, nargs="*", help="only print the table of earlier runs' --out folders")
     args = parser.parse_args()
-    size = SIZES[args.size]
-    size = size if args.lr is None else dataclasses.replace(size, lr=args.lr)
-    if args.samples is not None:
-        if args.samples < size.batch:
-            parser.error(f"--samples must be at least the batch ({size.batch}), got {args.samples}")
-        size = dataclasses.replace(size, samples=args.samples)
+    changes = {key: value for key, value in (("lr", args.lr), ("samples", args.samples)) if value is not None}
+    size = dataclasses.replace(SIZES[args.size], **changes)
+    if size.samples < size.batch:
+        parser.error(f"--samples must be at least the batch ({size.batch}), got {size.samples}")
     rows = args.rows.split(",")
     unknown = [r for r in rows if r not in ALL_ROWS]
     if unknown:

@@ -16,6 +16,8 @@ from tripletctl.cli import app
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import quality  # noqa: E402
 
+BENCH = Path(quality.__file__)
+
 
 @pytest.mark.parametrize("row", sorted(quality.ALL_TRIPLETCTL_ROWS))
 @pytest.mark.parametrize("size", sorted(quality.SIZES))
@@ -35,16 +37,14 @@ def test_rows_validate_and_spend_the_budget(tmp_path, tiny_bert_dir, assets_dir,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_the_gpu_size_without_a_gpu_is_one_line_and_exit_2():
-    bench = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
-    done = subprocess.run([sys.executable, str(bench), "--size", "gpu"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(BENCH), "--size", "gpu"], capture_output=True, text=True)
     assert done.returncode == 2
     assert "--size gpu trains on a CUDA device and this machine has none" in done.stderr
     assert "Traceback" not in done.stderr
 
 
 def test_a_budget_below_one_batch_is_refused_with_exit_2():
-    bench = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
-    done = subprocess.run([sys.executable, str(bench), "--samples", "10"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(BENCH), "--samples", "10"], capture_output=True, text=True)
     assert done.returncode == 2
     assert "--samples must be at least the batch (64), got 10" in done.stderr
 
