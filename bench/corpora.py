@@ -6,6 +6,8 @@
 - `debtags`: Debian's package descriptions (`apt-cache dumpavail`: the machine's own package lists),
   labelled by the package's exact debtags set (e.g. `devel::lang:python, role::shared-lib`): hundreds
   of fine, overlapping classes where neighbours share words and differ in meaning.
+- `debsections`: the same descriptions labelled by their archive section (`libs`, `python`, `games`,
+  `science`...): a few dozen classes of hundreds of rows each, the shape of a large labelled corpus.
 
 Held-out classes are disjoint from the training classes (every third class by a seeded hash), so
 the benchmark measures what a model learned about the texts, not the training labels. Each corpus
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import subprocess
 import tempfile
@@ -56,10 +59,10 @@ def fortunes(work: Path) -> dict[str, list[str]]:
     return _balanced(rows, min_rows=50, max_rows=150)
 
 
-def debtags(work: Path) -> dict[str, list[str]]:
-    """One class per exact debtags set shared by 4 to 40 packages with distinct descriptions."""
+def _packages() -> list[dict[str, str]]:
+    """Every record of `apt-cache dumpavail` as {field: value}, continuation lines joined."""
     dump = subprocess.run(["apt-cache", "dumpavail"], check=True, capture_output=True, text=True).stdout
-    rows: dict[str, list[str]] = defaultdict(list)
+    records = []
     for record in dump.split("\n\n"):
         fields, last = {}, None
         for line in record.splitlines():
@@ -68,18 +71,49 @@ def debtags(work: Path) -> dict[str, list[str]]:
             elif ":" in line:
                 last, _, value = line.partition(":")
                 fields[last] = value.strip()
+        records.append(fields)
+    return records
+
+
+def _description(fields: dict[str, str]) -> str:
+    return " ".join((fields.get("Description", "") or fields.get("Description-en", "")).split())[:MAX_CHARS]
+
+
+def debtags(work: Path) -> dict[str, list[str]]:
+    """One class per exact debtags set shared by 4 to 40 packages with distinct descriptions."""
+    rows: dict[str, list[str]] = defaultdict(list)
+    for fields in _packages():
         tags = fields.get("Tag", "")
         if not tags or "special::" in tags or "not-yet-tagged" in tags:
             continue
         label = ", ".join(sorted(t.strip() for t in tags.split(",")))
-        description = fields.get("Description", "") or fields.get("Description-en", "")
-        text = " ".join(description.split())[:MAX_CHARS]
+        text = _description(fields)
         if len(text) >= 20:
             rows[label].append(text)
     return _balanced({k: v for k, v in rows.items() if len(set(v)) <= 40}, min_rows=4, max_rows=40)
 
 
-CORPORA: dict[str, Callable[[Path], dict[str, list[str]]]] = {"fortunes": fortunes, "debtags": debtags}
+def debsections(work: Path) -> dict[str, list[str]]:
+    """One class per archive section (`libs`, `python`, `games`, `science`...; the `contrib/` and
+    `non-free/` prefixes dropped) with at least 100 distinct descriptions; at most 400 each, a seeded
+    sample. A few dozen classes of hundreds of rows: unlike fortunes and debtags, a budget of tens of
+    thousands of samples is a few passes over it, not dozens."""
+    rows: dict[str, list[str]] = defaultdict(list)
+    for fields in _packages():
+        section = fields.get("Section", "").rpartition("/")[2]
+        text = _description(fields)
+        if section and len(text) >= 20:
+            rows[section].append(text)
+    for section, texts in rows.items():  # a seeded sample, not the alphabetical head (libghc-a*, python3-a*...)
+        random.Random(section).shuffle(texts)
+    return _balanced(rows, min_rows=100, max_rows=400)
+
+
+CORPORA: dict[str, Callable[[Path], dict[str, list[str]]]] = {
+    "fortunes": fortunes,
+    "debtags": debtags,
+    "debsections": debsections,
+}
 
 
 def prepare(name: str, cache: Path) -> tuple[Path, Path, dict[str, int]]:

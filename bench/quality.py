@@ -147,6 +147,15 @@ SCREEN_ROWS: dict[str, tuple[list[Phase], dict]] = {
     "tc-flat-spc2": _facenet_shape({}, {}, FLAT, {"samples_per_class": 2}),
     "tc-flat-spc8": _facenet_shape({}, {}, FLAT, {"samples_per_class": 8}),
     "tc-flat-t0.1-spc8": _facenet_shape({}, {"temperature": 0.1}, FLAT, {"samples_per_class": 8}),
+    # supervised InfoNCE alone at 4x the budget (docs/performance.md, "Four times the budget"): a sharper
+    # temperature, more classes per batch (MNRL's batches of 32 pairs hold ~32 classes, these 16)
+    "tc-infonce-t0.03": ([Phase("batch-all", 1.0, keys={"loss": "infonce", "temperature": 0.03})], {}),
+    "tc-infonce-spc2": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {"data": {"samples_per_class": 2}}),
+    # MoCo-style: 1024 earlier embeddings join InfoNCE's negatives (and positives) from step 10 on
+    "tc-infonce-memory": (
+        [Phase("batch-all", 1.0, keys={"loss": "infonce", "memory": {"size": 1024, "start_step": 10}})],
+        {},
+    ),
 }
 
 # sentence-transformers rows: (loss, lr scheduler, rows per class of the classes-of sampler or None for
@@ -419,10 +428,17 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of every row (default: the size's)")
     parser.add_argument("--samples", type=int, default=None, help="sample budget of every row (default: the size's)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="train and score on this device (default: the size's; --size gpu --device cpu "
+        "with a small --samples runs the GPU size's batches on a CPU: a dry run, its figures mean nothing)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--report", type=Path, nargs="*", help="only print the table of earlier runs' --out folders")
     args = parser.parse_args()
-    changes = {key: value for key, value in (("lr", args.lr), ("samples", args.samples)) if value is not None}
+    given = (("lr", args.lr), ("samples", args.samples), ("device", args.device))
+    changes = {key: value for key, value in given if value is not None}
     size = dataclasses.replace(SIZES[args.size], **changes)
     if size.samples < size.batch:
         parser.error(f"--samples must be at least the batch ({size.batch}), got {size.samples}")
@@ -435,7 +451,10 @@ def main() -> None:
         import torch
 
         if not torch.cuda.is_available():
-            parser.error(f"--size {args.size} trains on a CUDA device and this machine has none; use --size cpu")
+            parser.error(
+                f"--size {args.size} trains on a CUDA device and this machine has none; use --size cpu "
+                "(or --device cpu for a dry run)"
+            )
     if args.report:  # the table of every result.json under these folders (runs split across processes)
         results = [
             json.loads(p.read_text()) for folder in args.report for p in sorted(folder.glob("*/*/*/result.json"))
