@@ -150,6 +150,7 @@ SCREEN_ROWS: dict[str, tuple[list[Phase], dict]] = {
     # supervised InfoNCE alone at 4x the budget (docs/performance.md, "Four times the budget"): a sharper
     # temperature, more classes per batch (MNRL's batches of 32 pairs hold ~32 classes, these 16)
     "tc-infonce-t0.03": ([Phase("batch-all", 1.0, keys={"loss": "infonce", "temperature": 0.03})], {}),
+    "tc-infonce-t0.1": ([Phase("batch-all", 1.0, keys={"loss": "infonce", "temperature": 0.1})], {}),
     "tc-infonce-spc2": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {"data": {"samples_per_class": 2}}),
     # MoCo-style: 1024 earlier embeddings join InfoNCE's negatives (and positives) from step 10 on
     "tc-infonce-memory": (
@@ -209,7 +210,7 @@ def train_sentence_transformers(
         SentenceTransformerTrainingArguments,
     )
     from sentence_transformers.sentence_transformer import losses
-    from sentence_transformers.training_args import BatchSamplers
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
     model = SentenceTransformer(str(base_model()), device=size.device)
     model.max_seq_length = size.max_length
@@ -419,7 +420,9 @@ def _mean_sd(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--corpus", default=",".join(corpora.CORPORA), help="comma-separated: fortunes,debtags")
+    parser.add_argument(
+        "--corpus", default=",".join(corpora.CORPORA), help=f"comma-separated: {','.join(corpora.CORPORA)}"
+    )
     parser.add_argument(
         "--rows",
         default=",".join(ROWS),
