@@ -169,6 +169,7 @@ def _worker(out_dir: Path) -> None:
 
     if ctx.is_main:
         (out_dir / "results.json").write_text(json.dumps(results))
+    del model  # the last DDP wrapper: freed after cleanup, its reducer's gloo group could hang in its destructor
     D.barrier(ctx)
     D.cleanup(ctx)
 

@@ -17,6 +17,7 @@ Everything here is a no-op (identity) in a single process, so the runner calls i
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -300,7 +301,11 @@ def barrier(ctx: DistContext) -> None:
 
 
 def cleanup(ctx: DistContext) -> None:
-    """Leave the process group (torchrun warns about leaked NCCL communicators otherwise)."""
+    """Leave the process group (torchrun warns about leaked NCCL communicators otherwise). Unreachable
+    DDP wrappers are collected first: a reducer that outlives the group destroys it later, and a gloo
+    group destroyed that way can hang in its destructor, joining its worker threads (seen once in
+    tests/test_distributed.py's worker on rank 1, torch 2.13: the run never exited)."""
     if ctx.enabled and dist.is_initialized():
+        gc.collect()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
