@@ -354,6 +354,68 @@ def evaluate(
         _fail(error)
 
 
+@app.command()
+def compare(
+    a: Path = typer.Argument(
+        ..., metavar="A", help="Model A: a run, phase or checkpoint directory, a model folder or a hub name."
+    ),
+    b: Path = typer.Argument(..., metavar="B", help="Model B: the same kinds as A; the differences are B - A."),
+    data: DataOpt = None,
+    format: FormatOpt = None,
+    split: SplitOpt = None,
+    layout: LayoutOpt = None,
+    text_column: TextColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    anchor_column: AnchorColumnOpt = None,
+    positive_column: PositiveColumnOpt = None,
+    negative_column: NegativeColumnOpt = None,
+    load_dataset: LoadDatasetOpt = None,
+    max_rows: int | None = typer.Option(
+        None, "--max-rows", min=1, help="Read at most this many texts (default: A's eval block's max_rows, else 10000)."
+    ),
+    batch_size: int = typer.Option(256, "--batch-size", help="Encoding batch size."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    resamples: int = typer.Option(2000, "--resamples", help="Bootstrap resamples of the queries (at least 1000)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole comparison as JSON instead of a table."),
+) -> None:
+    """Compare two models on the same held-out rows: recall@1/5/10, MAP@R and R-precision of each,
+    B - A with its paired bootstrap 95% interval, and "no detectable difference" where it holds 0.
+    Without --data, the rows are A's eval block (A must then be a run or checkpoint)."""
+    _quiet_libraries()
+    from tripletctl.evaluation.compare import run_compare_command
+    from tripletctl.evaluation.retrieval import held_out_source
+
+    given = _source_options(
+        data,
+        format,
+        split,
+        layout,
+        text_column,
+        label_column,
+        anchor_column,
+        positive_column,
+        negative_column,
+        load_dataset,
+    )
+    try:
+        source, rows = held_out_source(a, given, SOURCE_OPTIONS, max_rows, default_max_rows=10000)
+        run_compare_command(
+            a,
+            b,
+            source,
+            max_rows=rows,
+            batch_size=batch_size,
+            device=device,
+            resamples=resamples,
+            seed=seed,
+            as_json=as_json,
+            console=console,
+        )
+    except TripletctlError as error:
+        _fail(error)
+
+
 @app.command(name="inspect-collapse")
 def inspect_collapse(
     checkpoint: Path = typer.Argument(

@@ -137,6 +137,21 @@ def given_triplet_accuracy(embeddings: Any, triplets: Sequence[tuple[int, int, i
     return float((d_ap < d_an).double().mean().item()), len(triplets)
 
 
+def _per_query_values(rel: torch.Tensor, r: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
+    """hit@k (1.0 or 0.0), AP@R and R-precision of each query of a chunk, from the relevance (float64,
+    1.0 for a same-label row) of its k_chunk nearest rows in order and its R."""
+    k_chunk = rel.shape[1]
+    values = {f"recall@{k}": rel[:, : min(k, k_chunk)].amax(dim=1) for k in ks}
+    positions = torch.arange(1, k_chunk + 1, device=rel.device, dtype=torch.float64)
+    within_r = positions.unsqueeze(0) <= r.unsqueeze(1).to(torch.float64)
+    rel_r = rel * within_r
+    precision_at_i = rel_r.cumsum(dim=1) / positions
+    r_f = r.to(torch.float64)
+    values["map@r"] = (precision_at_i * rel_r).sum(dim=1) / r_f
+    values["r_precision"] = rel_r.sum(dim=1) / r_f
+    return values
+
+
 def retrieval_metrics(
     embeddings: Any,
     labels: Any,
@@ -144,6 +159,7 @@ def retrieval_metrics(
     chunk_size: int = 1024,
     triplet_samples: int = 10000,
     seed: int = 0,
+    per_query_out: dict[str, list[torch.Tensor]] | None = None,
 ) -> dict[str, float | int]:
     """recall@k, MAP@R, R-precision and triplet accuracy of an (N, D) embedding matrix.
 
@@ -151,6 +167,7 @@ def retrieval_metrics(
     k = max(max(ks), largest R in the chunk) neighbours, which is what MAP@R needs even for a
     2-class set where R ~ N/2. Memory is O(chunk_size x N).
     Raises DataError when no label appears twice (no query has an answer).
+    `per_query_out` receives each chunk's query rows and per-query values (see `per_query_metrics`).
     """
     emb, lab = _as_tensor(embeddings, labels)
     n = emb.shape[0]
@@ -190,15 +207,14 @@ def retrieval_metrics(
         nearest = torch.topk(_pessimistic_keys(dist, lab, lab[idx]), k_chunk, dim=1, largest=False, sorted=True).indices
         del dist
         rel = (lab[nearest] == lab[idx].unsqueeze(1)).to(torch.float64)  # (chunk, k_chunk)
+        values = _per_query_values(rel, r, ks)
         for k in ks:
-            hits_at_k[k] += float(rel[:, : min(k, k_chunk)].amax(dim=1).sum().item())
-        positions = torch.arange(1, k_chunk + 1, device=emb.device, dtype=torch.float64)
-        within_r = positions.unsqueeze(0) <= r.unsqueeze(1).to(torch.float64)
-        rel_r = rel * within_r
-        precision_at_i = rel_r.cumsum(dim=1) / positions
-        r_f = r.to(torch.float64)
-        map_sum += float(((precision_at_i * rel_r).sum(dim=1) / r_f).sum().item())
-        rprec_sum += float((rel_r.sum(dim=1) / r_f).sum().item())
+            hits_at_k[k] += float(values[f"recall@{k}"].sum().item())
+        map_sum += float(values["map@r"].sum().item())
+        rprec_sum += float(values["r_precision"].sum().item())
+        if per_query_out is not None:
+            for name, tensor in {"query_rows": idx, **values}.items():
+                per_query_out.setdefault(name, []).append(tensor.cpu())
 
     q = queries.numel()
     out: dict[str, float | int] = {f"recall@{k}": hits_at_k[k] / q for k in ks}
@@ -212,6 +228,35 @@ def retrieval_metrics(
     out["excluded_queries"] = excluded
     out["triplets"] = used
     return out
+
+
+@dataclass(frozen=True)
+class PerQueryMetrics:
+    """The per-query values `retrieval_metrics` averages, for paired comparisons of two models on
+    the same rows (evaluation/bootstrap.py): `values[name][i]` belongs to row `query_rows[i]`."""
+
+    query_rows: np.ndarray  # int64, ascending: the rows whose label appears at least twice
+    values: dict[str, np.ndarray]  # "recall@k" (hit 1.0 / miss 0.0), "map@r" (AP@R), "r_precision": float64
+    rows: int
+    classes: int
+    excluded_queries: int
+
+    def means(self) -> dict[str, float]:
+        return {name: float(values.mean()) for name, values in self.values.items()}
+
+
+def per_query_metrics(
+    embeddings: Any, labels: Any, ks: Sequence[int] = DEFAULT_KS, chunk_size: int = 1024
+) -> PerQueryMetrics:
+    """Each query's hit@k, AP@R and R-precision, from the same search as `retrieval_metrics` (their
+    means are its recall@k, MAP@R and R-precision, up to float rounding of the sum)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    totals = retrieval_metrics(embeddings, labels, ks, chunk_size, triplet_samples=0, per_query_out=out)
+    query_rows = torch.cat(out.pop("query_rows")).numpy().astype(np.int64)
+    values = {name: torch.cat(parts).numpy().astype(np.float64) for name, parts in out.items()}
+    return PerQueryMetrics(
+        query_rows, values, int(totals["rows"]), int(totals["classes"]), int(totals["excluded_queries"])
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,11 +378,15 @@ def held_out_source(
 
 
 def load_checkpoint_and_rows(
-    checkpoint: Path | str, source: SourceConfig, max_rows: int | None = None, device: str = "auto"
+    checkpoint: Path | str,
+    source: SourceConfig,
+    max_rows: int | None = None,
+    device: str = "auto",
+    rows: Any = None,
 ) -> ModelAndRows:
     """Resolve a checkpoint (phase checkpoint, phase dir or run dir) or a model folder (tripletctl's
     export, any sentence-transformers folder or hub name), read the rows (bad input fails before the
-    model is loaded), then load its model."""
+    model is loaded), then load its model. `rows` already read (`compare`'s second model) are kept."""
     from tripletctl.data.sources import read_rows
     from tripletctl.model.encoder import load_any_model, load_model, model_folder
     from tripletctl.outputs.checkpoint import check_contained, resolve_checkpoint
@@ -345,7 +394,7 @@ def load_checkpoint_and_rows(
     device = resolve_device(device)
     folder = model_folder(checkpoint)
     if folder is not None:
-        rows = read_rows(source, limit=max_rows)
+        rows = read_rows(source, limit=max_rows) if rows is None else rows
         model, tokenizer, length = load_any_model(folder, device)
         length = length or min(int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)), 512)
         return ModelAndRows(folder, model, tokenizer, rows, device, length, distance="euclidean", margin=None)
@@ -354,7 +403,7 @@ def load_checkpoint_and_rows(
     model_dir = checkpoint_dir / "model"
     if not model_dir.is_dir():
         raise CheckpointError(f"{checkpoint_dir} has no model/ directory")
-    rows = read_rows(source, limit=max_rows)
+    rows = read_rows(source, limit=max_rows) if rows is None else rows
     try:
         model, tokenizer = load_model(model_dir, device=device)
     except ModelError as error:  # not a tripletctl model, truncated or mismatched files
