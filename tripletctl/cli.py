@@ -8,12 +8,25 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from tripletctl import __version__
+from tripletctl.cli_options import (
+    SOURCE_OPTIONS,
+    AnchorColumnOpt,
+    DataOpt,
+    FormatOpt,
+    LabelColumnOpt,
+    LayoutOpt,
+    LoadDatasetOpt,
+    NegativeColumnOpt,
+    PositiveColumnOpt,
+    SplitOpt,
+    TextColumnOpt,
+    source_options,
+)
 from tripletctl.core.errors import TripletctlError
 from tripletctl.core.exit_codes import EXIT_INTERRUPTED, help_table
 
@@ -303,110 +316,6 @@ def init(
     console.print(f"      tripletctl train {shlex.quote(str(out))}", highlight=False, soft_wrap=True)
 
 
-# The held-out source options of `eval` and `inspect-collapse`, declared once. Each maps 1:1 onto a
-# field of curriculum.SourceConfig (tests check both agree); without --data they change the eval
-# block saved with the run's curriculum.
-SOURCE_OPTIONS = {
-    "source": "--data",
-    "format": "--format",
-    "split": "--split",
-    "layout": "--layout",
-    "text_column": "--text-column",
-    "label_column": "--label-column",
-    "anchor_column": "--anchor-column",
-    "positive_column": "--positive-column",
-    "negative_columns": "--negative-column",
-    "load_dataset": "--load-dataset",
-}
-_PANEL = "Held-out source (default: the run's eval block)"
-DataOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data",
-        help="Hub dataset name, local file, directory or glob (default: the eval block saved with the run's curriculum).",
-        rich_help_panel=_PANEL,
-    ),
-]
-FormatOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--format",
-        help="json | parquet | csv (default: from the file extension, else the hub).",
-        rich_help_panel=_PANEL,
-    ),
-]
-SplitOpt = Annotated[
-    str | None, typer.Option("--split", help="Split to read (default: train).", rich_help_panel=_PANEL)
-]
-LayoutOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--layout", help="labelled | pairs | triplets (docs/data.md) (default: labelled).", rich_help_panel=_PANEL
-    ),
-]
-TextColumnOpt = Annotated[
-    str | None, typer.Option("--text-column", help="labelled: text column (default: text).", rich_help_panel=_PANEL)
-]
-LabelColumnOpt = Annotated[
-    str | None, typer.Option("--label-column", help="labelled: label column (default: label).", rich_help_panel=_PANEL)
-]
-AnchorColumnOpt = Annotated[
-    str | None,
-    typer.Option("--anchor-column", help="pairs/triplets: anchor column (default: anchor).", rich_help_panel=_PANEL),
-]
-PositiveColumnOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--positive-column", help="pairs/triplets: positive column (default: positive).", rich_help_panel=_PANEL
-    ),
-]
-NegativeColumnOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--negative-column",
-        help="triplets: a negative column; repeat for several (default: negative).",
-        rich_help_panel=_PANEL,
-        show_default=False,
-    ),
-]
-LoadDatasetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--load-dataset",
-        help="KEY=VALUE passed unchanged to datasets.load_dataset, e.g. name=pair; repeatable.",
-        rich_help_panel=_PANEL,
-        show_default=False,
-    ),
-]
-
-
-def _source_options(
-    data,
-    format,
-    split,
-    layout,
-    text_column,
-    label_column,
-    anchor_column,
-    positive_column,
-    negative_column,
-    load_dataset,
-) -> dict:
-    """The typed source options by SourceConfig field (None: not given)."""
-    return {
-        "source": data,
-        "format": format,
-        "split": split,
-        "layout": layout,
-        "text_column": text_column,
-        "label_column": label_column,
-        "anchor_column": anchor_column,
-        "positive_column": positive_column,
-        "negative_columns": negative_column,
-        "load_dataset": load_dataset,
-    }
-
-
 @app.command(name="eval")
 def evaluate(
     checkpoint: Path = typer.Argument(
@@ -435,7 +344,7 @@ def evaluate(
     _quiet_libraries()
     from tripletctl.evaluation.retrieval import held_out_source, run_eval_command
 
-    given = _source_options(
+    given = source_options(
         data,
         format,
         split,
@@ -487,7 +396,7 @@ def compare(
     from tripletctl.evaluation.compare import run_compare_command
     from tripletctl.evaluation.retrieval import held_out_source
 
-    given = _source_options(
+    given = source_options(
         data,
         format,
         split,
@@ -553,7 +462,7 @@ def inspect_collapse(
     from tripletctl.evaluation.collapse import run_inspect_command
     from tripletctl.evaluation.retrieval import held_out_source
 
-    given = _source_options(
+    given = source_options(
         data,
         format,
         split,
