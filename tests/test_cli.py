@@ -1,8 +1,10 @@
 """CLI conventions: --version, shell completion, validate --json, tables through a pipe, the exit-code
-table in --help, and resume hints that repeat the overrides in effect (and work when run)."""
+table in --help, resume hints that repeat the overrides in effect (and work when run), and source
+options that map one to one onto the source keys."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,8 +15,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from conftest import QUICKSTART
-from test_runner import write_curriculum
+from helpers import QUICKSTART, write_curriculum
 from typer.testing import CliRunner
 
 import tripletctl.core.exit_codes as exit_codes
@@ -132,3 +133,10 @@ def test_validate_on_the_command_line_imports_no_torch_transformers_or_datasets(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr
+
+
+def test_cli_source_options_map_one_to_one_onto_source_config():
+    from tripletctl.cli import SOURCE_OPTIONS
+    from tripletctl.config.blocks import SourceConfig
+
+    assert list(SOURCE_OPTIONS) == [f.name for f in dataclasses.fields(SourceConfig)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, TINY_BERT
+from helpers import REPO, TINY_BERT
 
 from tripletctl.core.errors import DataError
 from tripletctl.evaluation.compare import compare_per_query

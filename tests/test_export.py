@@ -155,7 +155,7 @@ def test_best_without_a_best_model(run_dir, tmp_path):
 
 
 def test_previous_format_is_resaved_in_the_current_one(tiny_bert_dir, tmp_path):
-    from test_sbert import save_previous_format
+    from helpers import save_previous_format
 
     model, tok = build_model(ModelConfig(name=str(tiny_bert_dir), init="config", head=(16,)), seed=1)
     source = tmp_path / "old"

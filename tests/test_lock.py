@@ -12,8 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_faults import alive, assert_tidy, children, finish, start, steps_logged, wait_for
-from test_runner import one_phase, write_curriculum
+from helpers import alive, assert_tidy, children, finish, one_phase, start, steps_logged, wait_for, write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app

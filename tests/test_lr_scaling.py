@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from test_runner import write_curriculum
+from helpers import write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app

@@ -10,8 +10,8 @@ import re
 import subprocess
 import sys
 
+from helpers import write_curriculum
 from rich.console import Console
-from test_runner import write_curriculum
 
 from tripletctl.train.progress_bar import BarProgress, PlainProgress, phase_progress
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICKSTART, REPO
+from helpers import QUICKSTART, REPO
 
 HELDOUT = REPO / "curricula" / "quickstart" / "heldout.jsonl"
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import ASSETS, TINY_BERT
 
 from tripletctl.core.errors import DataError, NonFiniteError
 from tripletctl.evaluation import retrieval as evaluation
@@ -218,7 +219,6 @@ def test_given_triplet_accuracy_matches_a_loop():
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     """A run directory per eval block (None: no block), holding one untrained tiny-BERT checkpoint."""
-    from conftest import ASSETS, TINY_BERT
     from transformers import AutoConfig, AutoModel
 
     from tripletctl.data.tokenizer import load_tokenizer
@@ -262,7 +262,6 @@ def _cli(*args):
 
 
 def test_eval_on_triplet_data_reports_given_negative_accuracy(saved_run):
-    from conftest import ASSETS
 
     from tripletctl.model.encoder import encode
 
@@ -302,7 +301,6 @@ def test_eval_on_triplet_data_reports_given_negative_accuracy(saved_run):
 
 @pytest.mark.parametrize("layout", ["labelled", "pairs", "triplets"])
 def test_eval_and_inspect_use_the_runs_saved_eval_block(saved_run, layout):
-    from conftest import ASSETS, TINY_BERT
 
     runs, _, _ = saved_run
     result = _cli("eval", runs[layout], "--json")
@@ -331,7 +329,6 @@ def test_eval_and_inspect_use_the_runs_saved_eval_block(saved_run, layout):
 
 @pytest.mark.parametrize("command", ["eval", "inspect-collapse"])
 def test_no_saved_eval_block_and_bad_source_options_are_one_line_exit_2(saved_run, command):
-    from conftest import ASSETS
 
     runs, _, _ = saved_run
     cases = [

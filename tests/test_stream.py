@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from test_sources import NEGATIVES, text_source, triplet_file_rows
+from helpers import NEGATIVES, text_source, triplet_file_rows
 
 from tripletctl.config.blocks import DataConfig
 from tripletctl.core.errors import DataError, TripletctlError

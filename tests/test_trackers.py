@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_runner import write_curriculum
+from helpers import write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app

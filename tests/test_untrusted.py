@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import QUICKSTART_HELDOUT, one_phase, write_curriculum
 from safetensors.torch import load_file, save_file
-from test_runner import QUICKSTART_HELDOUT, one_phase, write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app

@@ -101,7 +101,7 @@ def test_other_architectures_and_left_padding_fall_back_to_the_padded_encoder(ti
 
 def test_a_curriculum_with_model_unpadded_trains_and_resumes_exactly(tmp_path):
     import yaml
-    from test_runner import final_weights, write_curriculum
+    from helpers import final_weights, write_curriculum
 
     from tripletctl.config.validate import load_curriculum
     from tripletctl.train.run import train
