@@ -1,8 +1,8 @@
 """What tripletctl shows of a curriculum before any work: the plan table `validate` prints.
 
-Its own module, apart from curriculum.py, so that loading and checking a curriculum stays plain data
-(no rich), and apart from progress.py, which is the live display of a running phase that the training
-loop imports: the plan is a static description of what will run, needed by `validate` without any of
+Its own module, apart from validate.py, so that loading and checking a curriculum stays plain data
+(no rich), and apart from train/progress_bar.py, which is the live display of a running phase that the
+training loop imports: the plan is a static description of what will run, needed by `validate` without any of
 the loop. Both print through rich, the project's one display library.
 """
 
