@@ -90,17 +90,20 @@ def test_train_quickstart_from_a_wheel_in_a_fresh_venv(tmp_path):
     # this venv's site-packages as a plain path entry: its .pth files (the editable install of this
     # checkout among them) are not processed, so `tripletctl` can only come from the wheel
     (fresh_site / "test-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # without PYTHONPATH: a checkout on it (PYTHONPATH=$PWD) holds the tripletctl.egg-info the wheel's
+    # build just wrote, and pip would take the package as installed already and install nothing
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
     assert install.returncode == 0, install.stderr
 
     work = tmp_path / "empty"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     where = subprocess.run(
         [str(python), "-c", "import tripletctl; print(tripletctl.__file__)"],
         cwd=work,
