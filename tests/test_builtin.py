@@ -11,6 +11,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
 from helpers import FACENET, QUICKSTART, REPO
 from typer.testing import CliRunner
 
@@ -63,6 +64,7 @@ def test_a_name_that_is_neither_a_file_nor_a_builtin_is_one_line(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_train_quickstart_from_a_wheel_in_a_fresh_venv(tmp_path):
     """Build the wheel, install it (no deps, no index) into a new venv that sees this venv's
     packages (torch, transformers, ...) but not this checkout, and train by name in an empty dir."""

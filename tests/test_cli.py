@@ -15,6 +15,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
 from helpers import QUICKSTART, write_curriculum
 from typer.testing import CliRunner
 
@@ -30,6 +31,7 @@ def test_version_is_the_installed_one():
     assert result.exit_code == 0 and result.output.strip() == f"tripletctl {version('tripletctl')}"
 
 
+@pytest.mark.slow
 def test_shell_completion_completes_commands_and_builtin_names():
     env = {**os.environ, "_TRIPLETCTL_COMPLETE": "complete_bash", "COMP_WORDS": "tripletctl cur", "COMP_CWORD": "1"}
     script = str(Path(sys.executable).parent / "tripletctl")  # the console script the shell would complete
@@ -94,6 +96,7 @@ def _hint(output: str) -> list[str]:
     return shlex.split(command[1])
 
 
+@pytest.mark.slow
 def test_resume_hint_after_ctrl_c_repeats_the_overrides_and_works(tmp_path, monkeypatch):
     path = write_curriculum(tmp_path, steps=(3, 1, 1), checkpoint_every=0, output_dir=str(tmp_path / "default"))
     overrides = [f"train.output_dir={tmp_path / 'my run'}", "phases.0.steps=2"]

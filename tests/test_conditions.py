@@ -239,6 +239,7 @@ def until_run(tmp_path_factory) -> Path:
     return path.parent / "run"
 
 
+@pytest.mark.slow
 def test_until_conditions_end_phases_end_to_end(until_run):
     """Each phase ends exactly where the logged numbers, smoothed independently (pandas), say."""
     import pandas as pd
@@ -284,6 +285,7 @@ def test_until_conditions_end_phases_end_to_end(until_run):
     assert logs[1][0][0]["global_step"] == expected0 + 1 and logs[2][0][0]["global_step"] == expected0 + expected1 + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["inside phase 0", "inside phase 2"])
 def test_resume_with_until_ends_phases_at_the_same_steps(until_run, tmp_path, where):
     """Killed (paused) while the smoothing and plateau counters are mid-way, resumed: the phases end
@@ -302,6 +304,7 @@ def test_resume_with_until_ends_phases_at_the_same_steps(until_run, tmp_path, wh
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_eval_plateau_and_loss_below_end_phases_end_to_end(tmp_path):
     """eval_plateau ends a phase on held-out evals; the early end runs the phase-end eval too."""
     path = _until_curriculum(tmp_path, with_eval=True)

@@ -55,6 +55,7 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["run", "phase", "checkpoint"])
 def test_exports_only_the_model_folder(run_dir, tmp_path, which):
     source = {"run": run_dir, "phase": run_dir / "phase-0-only", "checkpoint": run_dir / "phase-0-only" / "checkpoint"}[

@@ -31,6 +31,8 @@ from tripletctl.core.exit_codes import EXIT_INTERRUPTED, EXIT_WORKER_DIED
 from tripletctl.outputs.checkpoint import load_checkpoint
 from tripletctl.train.run import train
 
+pytestmark = pytest.mark.slow  # end to end: the real CLI, subprocesses, several processes or faults
+
 STEPS = (6, 2, 2)  # checkpoint_every=1: 10 saves, 7 of which replace (and discard) an older one
 SEEDED = random.Random(9)
 KILL_POINTS = [  # (fault point, the N-th arrival at which the process kills itself)

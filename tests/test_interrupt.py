@@ -10,10 +10,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
+
+pytestmark = pytest.mark.slow  # end to end: the real CLI, subprocesses, several processes or faults
 
 
 def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path):

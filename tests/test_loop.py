@@ -15,6 +15,8 @@ from tripletctl.config.validate import load_curriculum
 from tripletctl.core.exit_codes import EXIT_NONFINITE
 from tripletctl.train.run import train
 
+pytestmark = pytest.mark.slow  # end to end: the real CLI, subprocesses, several processes or faults
+
 
 @pytest.mark.parametrize(("interrupt_after", "workers"), [(1, 0), (4, 0), (6, 0), (5, 1)])
 def test_resume_matches_uninterrupted_run(tmp_path, interrupt_after, workers):

@@ -213,6 +213,7 @@ def _steps(run, phase_dir):
     return [r for r in map(json.loads, lines) if "event" not in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", choices.LOSSES)
 def test_a_tiny_run_per_loss(tmp_path, loss):
     """The real CLI, three phases with chunked gradient caching (chunks of 16 rows, batches of 16-64),

@@ -111,6 +111,7 @@ def test_not_a_state_at_all_is_a_value_error():
             EmbeddingMemory.from_state_dict(junk)
 
 
+@pytest.mark.slow
 def test_resume_with_memory_matches_uninterrupted_run(tmp_path, interrupt_after=5):
     """A cross-batch memory in every phase (from step 1 on): the checkpoint holds the queue, so a run
     interrupted in phase 1, whose queue was carried over from phase 0, ends with the same weights."""

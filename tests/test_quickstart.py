@@ -14,6 +14,8 @@ import pytest
 import torch
 from helpers import QUICKSTART, REPO
 
+pytestmark = pytest.mark.slow  # end to end: the real CLI, subprocesses, several processes or faults
+
 HELDOUT = REPO / "curricula" / "quickstart" / "heldout.jsonl"
 
 

@@ -261,6 +261,7 @@ def _cli(*args):
     return CliRunner().invoke(app, [*map(str, args), "--device", "cpu"])
 
 
+@pytest.mark.slow
 def test_eval_on_triplet_data_reports_given_negative_accuracy(saved_run):
 
     from tripletctl.model.encoder import encode
@@ -299,6 +300,7 @@ def test_eval_on_triplet_data_reports_given_negative_accuracy(saved_run):
     assert payload["given_negative_accuracy"] == pytest.approx(float(np.mean(wins)), abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["labelled", "pairs", "triplets"])
 def test_eval_and_inspect_use_the_runs_saved_eval_block(saved_run, layout):
 

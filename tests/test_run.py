@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from tripletctl.cli import app
 
+pytestmark = pytest.mark.slow  # end to end: the real CLI, subprocesses, several processes or faults
+
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_train_runs_all_phases_and_writes_outputs(tmp_path, fmt):

@@ -43,6 +43,7 @@ def provenance(distance: str = "euclidean", max_length: int = MAX_LENGTH) -> Pro
     return Provenance(curriculum={"data": {"max_length": max_length}, "phases": [{"name": "p", "distance": distance}]})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("head", [(), (32,), (48, 16)])
 @pytest.mark.parametrize("pooling", ["mean", "cls"])

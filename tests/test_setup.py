@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from tripletctl.cli import app
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tmp_path):
     path = write_curriculum(tmp_path, steps=(1, 1, 1))
     runner = CliRunner()
@@ -48,6 +49,7 @@ def test_layout_mismatch_fails_before_training_in_one_line(tmp_path, overrides, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_to_mix_configurations_inside_a_phase(tmp_path):
     path = write_curriculum(tmp_path, steps=(3, 1, 1), checkpoint_every=0)
     runner = CliRunner()
@@ -87,6 +89,7 @@ def test_resume_refuses_to_mix_configurations_inside_a_phase(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_memory_inside_a_phase(tmp_path):
     """Issue 23 #9: the queue went from 128 to 32 rows inside one phase; now refused like batch_size."""
     path = write_curriculum(tmp_path, steps=(3, 1, 1), checkpoint_every=0, memory={"size": 64})
@@ -107,6 +110,7 @@ def test_resume_refuses_another_memory_inside_a_phase(tmp_path):
     assert runner.invoke(app, ["train", str(path), "phases.1.memory={size: 32}", "--resume"]).exit_code == 0
 
 
+@pytest.mark.slow
 def test_resume_after_removing_the_last_started_phase_is_a_clear_error(tmp_path):
     path = write_curriculum(tmp_path, steps=(1, 4, 1), checkpoint_every=0)
     runner = CliRunner()

@@ -41,6 +41,7 @@ def st_folder(tiny_bert_dir: Path, out: Path, pooling: str = "mean", dense=(), n
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "pooling,dense,normalize",
     [
@@ -81,6 +82,7 @@ def test_unsupported_modules_are_refused_not_guessed(tiny_bert_dir, tmp_path):
         load_sentence_transformers(folder)
 
 
+@pytest.mark.slow
 def test_eval_and_inspect_collapse_take_a_model_folder(tiny_bert_dir, tmp_path, assets_dir):
     folder = st_folder(tiny_bert_dir, tmp_path / "st")
     data = str(assets_dir / "many_class.jsonl")
