@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -264,6 +265,54 @@ def save_previous_format(model, tokenizer, directory: Path) -> None:
         "hidden_size": model.encoder.config.hidden_size,
     }
     (directory / "tripletctl_model.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+ST_MAX_LENGTH = 16  # the tokens of the sentence-transformers folders `st_folder` writes
+
+
+def st_folder(tiny_bert_dir: Path, out: Path, pooling: str = "mean", dense=(), normalize: bool = True) -> Path:
+    """A folder written by sentence-transformers itself around a random 2-layer BERT."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as st_models
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    torch.manual_seed(0)
+    base = out.parent / f"{out.name}-base"
+    AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir)).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(base)
+    transformer = st_models.Transformer(str(base), max_seq_length=ST_MAX_LENGTH)
+    width = transformer.get_embedding_dimension()
+    modules = [transformer, st_models.Pooling(width, pooling_mode=pooling)]
+    for size, activation in dense:
+        modules.append(st_models.Dense(width, size, activation_function=activation))
+        width = size
+    if normalize:
+        modules.append(st_models.Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(out))
+    return out
+
+
+class ListRows:
+    """The rows of a list, epoch after epoch: what stream.py's reader gives batching.py."""
+
+    def __init__(self, rows: list[list], position: int = 0):
+        self.rows, self.position = rows, position
+
+    @property
+    def epoch(self) -> int:
+        return self.position // len(self.rows)
+
+    def next_row(self) -> list:
+        row = list(self.rows[self.position % len(self.rows)])
+        self.position += 1
+        return row
+
+
+def labelled(classes: int, per_class: int, seed: int = 0, first: int = 0) -> list[list]:
+    """[text, label] rows of classes first.. whose text names its class, in a seeded random order."""
+    rows = [[f"c{c} r{r}", c] for c in range(first, first + classes) for r in range(per_class)]
+    random.Random(seed).shuffle(rows)
+    return rows
 
 
 # ----------------------------------------------------------------------- brute-force mining and losses

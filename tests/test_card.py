@@ -136,3 +136,36 @@ def test_usage_examples_run_and_give_the_model_s_embeddings(tiny_bert_dir, tmp_p
     with torch.no_grad():
         exec(hf_code, namespace)
     assert abs(namespace["embeddings"] - ours).max() <= 1e-5
+
+
+def test_a_local_base_model_is_named_by_its_hub_id_never_by_its_path(tmp_path):
+    """Issue 36, item 8: the card named the base model by its local path and had no base_model."""
+    folder = tmp_path / "private" / "minilm-copy"
+    cached = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots" / "abc"
+    for path in (folder, cached):
+        path.mkdir(parents=True)
+    given = {"model": {"name": str(folder), "base_model": "sentence-transformers/all-MiniLM-L6-v2"}, "phases": []}
+    for curriculum in (given, {"model": {"name": str(cached)}, "phases": []}):
+        card = render_card(META, Provenance(curriculum))
+        assert front_matter(card)["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+        assert "| base model | `sentence-transformers/all-MiniLM-L6-v2` (from the local folder `" in card
+        assert str(tmp_path) not in card
+    unnamed = render_card(META, Provenance({"model": {"name": str(folder)}, "phases": []}))
+    assert "base_model" not in front_matter(unnamed) and str(tmp_path) not in unnamed
+    assert "| base model | `minilm-copy` (a local folder) |" in unnamed
+
+
+def test_base_model_is_a_curriculum_key(tmp_path):
+    from tripletctl.config.validate import load_curriculum
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "./m", "base_model": "org/name"},
+                "data": {"source": "x.jsonl"},
+                "phases": [{"name": "a", "mining": "semi-hard", "batch_size": 8, "steps": 1}],
+            }
+        )
+    )
+    assert load_curriculum(path).model.base_model == "org/name"

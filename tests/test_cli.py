@@ -143,3 +143,17 @@ def test_cli_source_options_map_one_to_one_onto_source_config():
     from tripletctl.config.blocks import SourceConfig
 
     assert list(SOURCE_OPTIONS) == [f.name for f in dataclasses.fields(SourceConfig)]
+
+
+def test_help_describes_the_shipped_curricula_and_flags_take_no_value():
+    """Issue 36, item 7: the top-level help described facenet as semi-hard -> hard-negative ->
+    batch-hard at 500 -> 1000 -> 2000, and boolean flags rendered as `--resume <bool>`."""
+    top = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert "500 -> 1000 -> 2000" not in top and "semi-hard, then InfoNCE" in top
+    assert "tripletctl init --data FILE --model FOLDER" in " ".join(top.split())
+    for command in ([], ["train"], ["export"], ["eval"], ["init"]):
+        shown = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+        assert "<bool>" not in shown, command
+    train_help = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert re.search(r"--max-steps\s+<int range>", train_help)  # options that take a value still say which
+    assert re.search(r"--gpu\s+--cpu", CliRunner().invoke(app, ["init", "--help"], env={"COLUMNS": "200"}).output)

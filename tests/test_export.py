@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_previous_format
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
@@ -156,7 +157,6 @@ def test_best_without_a_best_model(run_dir, tmp_path):
 
 
 def test_previous_format_is_resaved_in_the_current_one(tiny_bert_dir, tmp_path):
-    from helpers import save_previous_format
 
     model, tok = build_model(ModelConfig(name=str(tiny_bert_dir), init="config", head=(16,)), seed=1)
     source = tmp_path / "old"
@@ -168,3 +168,14 @@ def test_previous_format_is_resaved_in_the_current_one(tiny_bert_dir, tmp_path):
     assert meta["format_version"] == 2 and (tmp_path / "new" / "modules.json").is_file()
     exported, tok2 = load_model(tmp_path / "new")
     torch.testing.assert_close(encode(exported, tok2, TEXTS), encode(model.eval(), tok, TEXTS), atol=1e-6, rtol=0)
+
+
+def test_every_file_of_the_model_folder_has_the_same_mode(run_dir, tmp_path):
+    """Issue 36, item 8: model.safetensors was 0600 (transformers writes it through a temporary file)
+    while every other file was 0644."""
+    out = tmp_path / "exported"
+    assert export(str(run_dir), str(out)).exit_code == 0
+    for folder in (run_dir / "phase-0-only" / "checkpoint" / "model", out):
+        modes = {p.relative_to(folder).as_posix(): p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()}
+        assert modes["model.safetensors"] == modes["config.json"], modes
+        assert len(set(modes.values())) == 1, modes

@@ -155,3 +155,45 @@ def test_png_path_says_the_real_file(tmp_path):
     assert png_path(tmp_path / "dir", "collapse.png") == tmp_path / "dir" / "collapse.png"
     assert png_path(tmp_path / "figure", "collapse.png") == tmp_path / "figure.png"
     assert png_path(tmp_path / "figure.svg", "collapse.png") == tmp_path / "figure.svg"
+
+
+def test_infonce_gets_its_own_axis_and_the_held_out_panel_its_own_range(tmp_path, monkeypatch):
+    """Issue 36, item 6: InfoNCE (~4.5) and margin losses (0.4-1.0) shared one axis, flattening the
+    margin curves, and the held-out panel was fixed at 0-1, so 0.82 -> 0.83 was invisible."""
+    from tripletctl.evaluation import plots
+
+    run = write_run(tmp_path / "run")
+    (run / "curriculum.yaml").write_text(
+        "phases:\n  - {name: semi-hard}\n  - {name: hard-negative}\n  - {name: batch-hard, loss: infonce}\n"
+    )
+    records = (run / "phase-2-batch-hard" / "metrics.jsonl").read_text().splitlines()
+    lifted = []
+    for line in records:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            lifted.append(line)
+            continue
+        if "event" not in record:
+            record["loss"] = 4.5 - record["step"] * 0.01  # InfoNCE's scale
+        if record.get("event") == "eval":
+            record.update({"recall@1": 0.83, "map@r": 0.82})
+        lifted.append(json.dumps(record))
+    (run / "phase-2-batch-hard" / "metrics.jsonl").write_text("\n".join(lifted) + "\n")
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.plot_run(run)
+    ax_loss, _, _, ax_eval, ax_info = figures[0].axes  # the twin axis is added last
+    assert ax_loss.get_ylim()[1] < 1.0 and ax_info.get_ylim()[0] > 4.0  # each curve on its own scale
+    assert ax_info.get_ylabel() == "InfoNCE loss" and ax_loss.get_ylabel() == "margin loss"
+    assert ax_eval.get_ylim() == pytest.approx(plots.eval_limits([0.3, 0.5, 0.83, 0.1, 0.25, 0.82]))
+    assert plots.eval_limits([0.82, 0.83]) == pytest.approx((0.8, 0.85))
+
+
+def test_a_run_without_infonce_keeps_one_loss_axis(tmp_path, monkeypatch):
+    from tripletctl.evaluation import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.plot_run(write_run(tmp_path / "run"))
+    assert len(figures[0].axes) == 4 and figures[0].axes[0].get_ylabel() == "loss"

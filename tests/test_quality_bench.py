@@ -24,9 +24,11 @@ BENCH = Path(quality.__file__)
 def test_rows_validate_and_spend_the_budget(tmp_path, tiny_bert_dir, assets_dir, row, size):
     phases, overrides = quality.ALL_TRIPLETCTL_ROWS[row]
     budget = quality.SIZES[size]
-    plan = quality.curriculum(
-        phases, overrides, assets_dir / "many_class.jsonl", tmp_path / "run", budget, 0, tiny_bert_dir
-    )
+    data = assets_dir / "many_class.jsonl"
+    if size == "gpu":  # validate reads local data: a stand-in whose classes fill the GPU batches (1,024 rows)
+        data = tmp_path / "stand-in.jsonl"
+        data.write_text("".join(f'{{"text": "k{c} row {i}", "label": "k{c}"}}\n' for c in range(300) for i in range(8)))
+    plan = quality.curriculum(phases, overrides, data, tmp_path / "run", budget, 0, tiny_bert_dir)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(plan))
     result = CliRunner().invoke(app, ["validate", str(path)])

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import ASSETS, TINY_BERT
+from helpers import ASSETS, TINY_BERT, st_folder
 
 from tripletctl.core.errors import DataError, NonFiniteError
 from tripletctl.evaluation import retrieval as evaluation
@@ -396,3 +396,78 @@ def test_non_finite_embeddings_are_refused(bad):
     emb[7, 2] = bad
     with pytest.raises(NonFiniteError, match="non-finite embeddings .* for 1 of 30 rows"):
         retrieval_metrics(emb, labels)
+
+
+# ------------------------------------------------------------------------------------ issue 36: cross-checks and eval
+
+
+@pytest.mark.parametrize(
+    "n,d,classes,seed", [(40, 4, 3, 0), (60, 8, 2, 1), (75, 3, 12, 2), (30, 5, 25, 3), (500, 16, 40, 4)]
+)
+def test_metrics_match_pytorch_metric_learning(n, d, classes, seed):
+    """recall@1, MAP@R and R-precision against pytorch-metric-learning's AccuracyCalculator (the `test`
+    extra): leave-one-out over one set, euclidean, queries with a unique label left out by both."""
+    accuracy = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    emb, labels = random_set(n, d, classes, seed)
+    calculator = accuracy.AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
+        device=torch.device("cpu"),
+    )
+    theirs = calculator.get_accuracy(torch.tensor(emb), torch.tensor(labels))
+    ours = retrieval_metrics(emb, labels, chunk_size=16)
+    assert ours["recall@1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
+    assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_of_a_model_folder_says_the_length_it_cut_at(tmp_path, tiny_bert_dir):
+    """Issue 36, item 9: `eval MODEL_FOLDER` cut texts at the folder's length without saying so."""
+
+    folder = st_folder(tiny_bert_dir, tmp_path / "st")  # its tokenizer says 16 tokens
+    data = ASSETS / "two_class.jsonl"
+    table = _cli("eval", folder, "--data", data, "--max-rows", 60)
+    assert table.exit_code == 0, table.output
+    assert "texts cut at 16 tokens (the tokenizer's model_max_length (at most 512); a run's own held-out" in (
+        " ".join(table.output.split())
+    )
+    default = json.loads(_cli("eval", folder, "--data", data, "--max-rows", 60, "--json").stdout)
+    longer = json.loads(_cli("eval", folder, "--data", data, "--max-rows", 60, "--max-length", 64, "--json").stdout)
+    assert default["max_length"] == 16 and longer["max_length"] == 64 and longer["map@r"] != default["map@r"]
+
+
+def test_eval_with_data_reads_it_with_the_runs_column_names(tmp_path, saved_run):
+    """Issue 36, item 4: `eval RUN --data f.jsonl` without --label-column failed on `label`."""
+    from tripletctl.outputs.checkpoint import save_checkpoint
+
+    _, model, tokenizer = saved_run
+    rows = [{"body": f"{c} text {i}", "topic": c} for c in ("a", "b", "c") for i in range(5)]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curriculum = {"data": {"source": "unused", "text_column": "body", "label_column": "topic", "max_length": 32}}
+    save_checkpoint(
+        tmp_path / "run" / "phase-0-p" / "checkpoint",
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=None,
+        state={"phase_index": 0},
+        stream_state=None,
+        curriculum=curriculum,
+    )
+    result = _cli("eval", tmp_path / "run", "--data", tmp_path / "mine.jsonl", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"] == 15 and json.loads(result.stdout)["classes"] == 3
+
+
+def test_a_split_of_one_local_file_is_refused(saved_run):
+    """Issue 36, item 9: `--split test` on one local file was accepted and read the whole file."""
+
+    runs, _, _ = saved_run
+    result = _cli("eval", runs["none"], "--data", ASSETS / "train.jsonl", "--split", "test")
+    assert result.exit_code == 2
+    assert (
+        "split 'test' asked of the local data source" in result.output and "local files have one split" in result.output
+    )

@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import final_weights, write_curriculum
 from transformers import AutoConfig, AutoModel, RobertaConfig
 
 from tripletctl.model import varlen
@@ -102,7 +103,6 @@ def test_other_architectures_and_left_padding_fall_back_to_the_padded_encoder(ti
 @pytest.mark.slow
 def test_a_curriculum_with_model_unpadded_trains_and_resumes_exactly(tmp_path):
     import yaml
-    from helpers import final_weights, write_curriculum
 
     from tripletctl.config.validate import load_curriculum
     from tripletctl.train.run import train

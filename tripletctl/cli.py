@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,9 +20,9 @@ from tripletctl.core.exit_codes import EXIT_INTERRUPTED, help_table
 app = typer.Typer(
     name="tripletctl",
     help=(
-        "Train triplet-loss text embedding models from YAML curricula "
-        "(semi-hard -> hard-negative -> batch-hard, batches 500 -> 1000 -> 2000), "
-        "evaluate retrieval and detect embedding collapse."
+        "Train triplet-loss text embedding models from YAML curricula: online mining phase by phase "
+        "(the built-in facenet: semi-hard, then InfoNCE over larger batches), evaluate retrieval and detect "
+        "embedding collapse. Own data: `tripletctl init --data FILE --model FOLDER`, then `tripletctl train`."
     ),
     no_args_is_help=True,
     add_completion=True,
@@ -30,6 +31,25 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 PIPE_WIDTH = 1000  # stdout to a file or pipe: tables take the width they need, nothing wraps mid-word
+
+
+def _flags_show_no_type() -> None:
+    """Boolean flags take no value: typer 0.2x shows them as `--resume <bool>`, which reads as if
+    they wanted one. Their type column stays empty (every other option keeps its type)."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_flags_plain", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._flags_plain = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 
 
 def _show_version(value: bool) -> None:
@@ -68,14 +88,18 @@ CURRICULUM_HELP = "Curriculum YAML file, or the name of a built-in one (see `tri
 
 def _curriculum_file(argument: Path) -> Path:
     """The file to load for a curriculum argument: a path, else a built-in curriculum's name."""
-    from tripletctl.config.builtin import names, resolve
+    from tripletctl.api import curriculum_file
 
-    path, builtin = resolve(argument)
-    if not builtin and not path.exists() and "/" not in str(argument) and not str(argument).endswith((".yaml", ".yml")):
-        raise TripletctlError(
-            f"{argument}: no such file, and no built-in curriculum of that name (built-in: {', '.join(names())})"
-        )
-    return path
+    return curriculum_file(argument)
+
+
+def _warn(plan) -> None:
+    """What a curriculum does that is allowed but costly (a new head on a pretrained sentence model)."""
+    from tripletctl.config.model_folder import head_warning
+
+    warning = head_warning(plan.model)
+    if warning:
+        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True, markup=False)
 
 
 TRAIN_HELP = """Run every phase of a curriculum: stream, mine online, step, log, checkpoint.
@@ -108,13 +132,14 @@ def train(
     with StopFlag() as stop:  # first, before the slow imports: a Ctrl-C during start-up is never lost
         try:
             _quiet_libraries()
-            from tripletctl.config.validate import load_curriculum
+            from tripletctl.api import load_checked
             from tripletctl.train.run import train as run_training
 
             path = _curriculum_file(curriculum)
             if path != curriculum:
                 console.print(f"built-in curriculum {curriculum}: {path}", soft_wrap=True, highlight=False)
-            plan = load_curriculum(path, overrides or [])
+            plan = load_checked(path, overrides or [])  # the local data's columns and classes too
+            _warn(plan)
             code = run_training(
                 plan,
                 resume=resume,
@@ -145,19 +170,25 @@ def validate(
         False, "--json", help="Print the fully resolved curriculum (every key, paths resolved) as JSON."
     ),
 ) -> None:
-    """Check a curriculum (and overrides) and print the plan as a table, or every error found."""
+    """Check a curriculum (and overrides) and print the plan as a table, or every error found. Local
+    data is read too (its columns, and the first rows: do the classes fill the batches?)."""
     from tripletctl.config.blocks import curriculum_to_dict
-    from tripletctl.config.plan import plan_table
+    from tripletctl.config.plan import data_lines, plan_table
     from tripletctl.config.validate import load_curriculum
+    from tripletctl.data.header import FactsReader
 
+    reader = FactsReader()
     try:
-        plan = load_curriculum(_curriculum_file(curriculum), overrides or [])
+        plan = load_curriculum(_curriculum_file(curriculum), overrides or [], read_data=reader)
     except TripletctlError as error:
         _fail(error)
+    _warn(plan)
     if as_json:
         print(json.dumps(curriculum_to_dict(plan), indent=2))
     else:
         console.print(plan_table(plan), crop=False)  # caption lines are never cut (see plan_table)
+        for line in data_lines(plan, reader.facts):
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 curricula_app = typer.Typer(help="The built-in curricula: list them, or copy one to edit.", no_args_is_help=False)
@@ -200,6 +231,76 @@ def curricula_copy(
     for path in written:
         console.print(f"wrote {path}", soft_wrap=True, highlight=False)
     console.print(f"train it with: tripletctl train {written[0]}", soft_wrap=True, highlight=False)
+
+
+INIT_HELP = """Write a curriculum sized to your data and model; `tripletctl train OUT` is the next command.
+
+Reads a sample of --data (streamed, at most --sample-rows rows), counts its classes and rows per class, holds out whole classes (with few classes: a share of every class's rows) as the eval block, written as files beside OUT, and sizes the phases, batches, steps (from --budget), learning rate and intervals to them (docs/init.md). Prints what it found and decided; exit 2 on bad input."""
+
+
+@app.command(help=INIT_HELP)
+def init(
+    data: str = typer.Option(..., "--data", help="Hub dataset name, local file, directory or glob."),
+    model: str = typer.Option(..., "--model", help="A local model folder or a hub name."),
+    text_column: str | None = typer.Option(None, "--text-column", help="Text column (default: text, else guessed)."),
+    label_column: str | None = typer.Option(
+        None, "--label-column", help="Class column (default: label, else guessed)."
+    ),
+    format: str | None = typer.Option(None, "--format", help="json | parquet | csv (default: the file extension)."),
+    split: str | None = typer.Option(None, "--split", help="The split to read (default: train)."),
+    load_dataset: list[str] | None = typer.Option(
+        None,
+        "--load-dataset",
+        help="KEY=VALUE passed unchanged to datasets.load_dataset; repeatable.",
+        show_default=False,
+    ),
+    heldout: str | None = typer.Option(
+        None, "--heldout", help="A held-out source (same columns) instead of holding out part of --data."
+    ),
+    budget: int | None = typer.Option(
+        None,
+        "--budget",
+        min=1,
+        help="Training samples (texts embedded in batches); default: 4 passes over the training rows.",
+    ),
+    gpu: bool | None = typer.Option(
+        None, "--gpu/--cpu", help="Size for a CUDA GPU or for the CPU (default: a GPU when one is available)."
+    ),
+    sample_rows: int | None = typer.Option(None, "--sample-rows", min=1, help="Rows read at most (default 50000)."),
+    out: Path = typer.Option(
+        Path("curriculum.yaml"),
+        "--out",
+        "-o",
+        help="The curriculum to write; OUT_STEM-data/ beside it holds the data files.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace OUT and its data files if they exist."),
+) -> None:
+    _quiet_libraries()
+    from tripletctl.api import init as write_curriculum
+
+    options = {"text_column": text_column, "label_column": label_column, "format": format, "split": split}
+    options["load_dataset"] = load_dataset
+    device = None if gpu is None else ("cuda" if gpu else "cpu")
+    typed = shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["init"] else "init"
+    try:
+        done = write_curriculum(
+            data,
+            model,
+            out=out,
+            budget=budget,
+            device=device,
+            heldout=heldout,
+            sample_rows=sample_rows,
+            force=force,
+            command=f"tripletctl {typed}",
+            **{key: value for key, value in options.items() if value},
+        )
+    except TripletctlError as error:
+        _fail(error)
+    for line in (*done.lines, *(f"wrote {path}" for path in done.files)):
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+    console.print(f"next: tripletctl validate {shlex.quote(str(out))}   # the plan", highlight=False, soft_wrap=True)
+    console.print(f"      tripletctl train {shlex.quote(str(out))}", highlight=False, soft_wrap=True)
 
 
 # The held-out source options of `eval` and `inspect-collapse`, declared once. Each maps 1:1 onto a
@@ -325,6 +426,7 @@ def evaluate(
         None, "--max-rows", min=1, help="Read at most this many texts (default: the eval block's max_rows, else 10000)."
     ),
     batch_size: int = typer.Option(256, "--batch-size", help="Encoding batch size."),
+    max_length: int | None = typer.Option(None, "--max-length", min=1, help="Tokens per text (default: the model's)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
 ) -> None:
@@ -347,9 +449,8 @@ def evaluate(
     )
     try:
         source, rows = held_out_source(checkpoint, given, SOURCE_OPTIONS, max_rows, default_max_rows=10000)
-        run_eval_command(
-            checkpoint, source, max_rows=rows, batch_size=batch_size, device=device, as_json=as_json, console=console
-        )
+        settings = dict(max_rows=rows, batch_size=batch_size, device=device, as_json=as_json, max_length=max_length)
+        run_eval_command(checkpoint, source, console=console, **settings)
     except TripletctlError as error:
         _fail(error)
 

@@ -151,6 +151,9 @@ class ModelConfig:
     unpadded: bool = schema.key(
         False, check=schema.boolean, help="BERT: encode the real tokens only, packed (varlen attention on CUDA)"
     )
+    base_model: str | None = schema.key(
+        None, check=schema.text(optional=True), help="hub id of a local model folder, for the model card's base_model"
+    )
 
 
 @dataclass(frozen=True)

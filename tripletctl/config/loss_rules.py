@@ -26,6 +26,7 @@ class LossRule:
     guarded: tuple[str, ...]  # the modes under which `false_negative_guard` applies
     memory: bool = True  # a cross-batch memory's rows may join its candidates
     temperature: bool = False  # it reads the phase's `temperature` (the plan shows it)
+    distance_scale: bool = True  # its values are distances, as the batch-hard yardstick's (plots share an axis)
 
 
 _SOFT_MODES = tuple(m for m in MINING_MODES if m != "batch-all")
@@ -47,6 +48,7 @@ LOSS_RULES: dict[str, LossRule] = {
         instead="",
         guarded=(INFONCE_MINING,),
         temperature=True,
+        distance_scale=False,  # a log of the batch size, ~4-8: its own axis
     ),
 }
 

@@ -19,6 +19,7 @@ from tripletctl.config.blocks import Curriculum, DataConfig, PhaseConfig, descri
 from tripletctl.config.layouts import LAYOUT_OF
 from tripletctl.config.loss_rules import DEFAULT_LOSS, LOSS_RULES
 from tripletctl.config.lr_scaling import EXPONENT, phase_peak_lr, reference_batch
+from tripletctl.config.sizing import DataFacts, batch_fill
 from tripletctl.config.until import describe as describe_until
 
 
@@ -155,3 +156,32 @@ def _caption_lines(c: Curriculum) -> list[str]:
         f"total: {'at most ' if any(p.until for p in c.phases) else ''}{total_steps:,} steps, "
         f"{total_samples:,} samples",
     ]
+
+
+def data_lines(c: Curriculum, facts: dict[str, DataFacts | None]) -> list[str]:
+    """Under the plan: what `validate` read of each source (data/header.py), and the phases whose
+    batches reuse every class because the data has fewer than the batch has slots."""
+    lines = []
+    for block, found in facts.items():
+        if found is None:
+            lines.append(f"{block}: not read here (a hub dataset or remote files): train checks its columns first")
+        elif found.note:
+            lines.append(f"{block}: {found.note}")
+        else:
+            read = (
+                f"all {found.rows_read:,} rows read" if found.complete else f"the first {found.rows_read:,} rows read"
+            )
+            classes = ""
+            if found.class_rows:
+                sizes = found.class_rows
+                more = "" if found.complete else " or more"
+                classes = f", {len(sizes):,}{more} classes of {min(sizes):,}-{max(sizes):,} distinct rows"
+            lines.append(f"{block}: {read}, {found.usable_rows:,} usable{classes}; columns {', '.join(found.columns)}")
+    found = facts.get("data")
+    if found is None or not found.class_rows or LAYOUT_OF[c.data.layout].grouped:
+        return lines
+    for index, phase in enumerate(c.phases):
+        kind, why = batch_fill(found.class_rows, phase.batch_size, c.data.samples_per_class)
+        if kind == "reuse":
+            lines.append(f"batch: phase {index} ({phase.name}) batch {phase.batch_size:,} has {why}")
+    return lines

@@ -34,6 +34,7 @@ from tripletctl.config.layouts import LAYOUT_OF
 from tripletctl.config.loss_rules import DEFAULT_LOSS, refusals
 from tripletctl.config.overrides import apply_override, parse_override_value
 from tripletctl.config.problems import Override, Problems, origin_of, phase_label, show_value, unknown_key
+from tripletctl.config.sizing import DataFacts, batch_fill
 from tripletctl.config.until import CONDITIONS, Plateau, UntilConfig, default_min_steps
 from tripletctl.config.yaml_io import read_yaml
 from tripletctl.core.errors import ConfigError
@@ -336,7 +337,48 @@ def _check_phases(
     return phases
 
 
-def _check_tree(tree: Any, path: str, origins: dict, problems: Problems) -> Curriculum | None:
+ReadData = Callable[[str, SourceConfig], DataFacts | None]
+"""What `load_curriculum` may call to read a block's source ("data" or "eval"): data/header.py's
+`FactsReader` (passed by the CLI: the config layer itself reads no data)."""
+
+
+def _check_data(
+    read_data: ReadData,
+    blocks: list[tuple[str, dict, set[str]]],
+    phases: list[dict] | None,
+    origins: dict,
+    problems: Problems,
+) -> None:
+    """The sources as read (local files): their columns and usable rows, and the phase batch sizes
+    their classes cannot fill (only when the whole source was read: then the counts are exact)."""
+    facts: dict[str, DataFacts | None] = {}
+    for block, values, invalid in blocks:
+        if invalid & set(SOURCE_KEYS):
+            continue  # already reported: nothing sensible to read
+        facts[block] = read_data(block, SourceConfig(**{key: values[key] for key in SOURCE_KEYS}))
+        for problem in facts[block].problems if facts[block] is not None else ():
+            problems.add(f"{block}: {problem}", origin_of(origins, (block, "source")))
+    data, found = blocks[0][1], facts.get("data")
+    if found is None or found.problems or not found.complete or found.class_rows is None:
+        return
+    if "samples_per_class" in blocks[0][2] or LAYOUT_OF[data["layout"]].grouped:
+        return
+    for index, phase in enumerate(phases or []):
+        batch = phase.get("batch_size")
+        if not isinstance(batch, int):
+            continue
+        kind, why = batch_fill(found.class_rows, batch, data["samples_per_class"])
+        if kind == "never":
+            problems.add(
+                f"{phase_label(index, phase)}: batch_size {batch} cannot be filled from data.source "
+                f"'{found.label}' (all {found.rows_read:,} rows read): {why}",
+                origin_of(origins, ("phases", index, "batch_size")),
+            )
+
+
+def _check_tree(
+    tree: Any, path: str, origins: dict, problems: Problems, read_data: ReadData | None = None
+) -> Curriculum | None:
     if tree is None:
         problems.add("the curriculum is empty: expected model, data, train and phases")
         return None
@@ -387,6 +429,11 @@ def _check_tree(tree: Any, path: str, origins: dict, problems: Problems) -> Curr
             f"the rows of one triplet group (anchor, positive and {negatives} negative{'s' if negatives > 1 else ''})",
         )
     phases = _check_phases(tree, train, group, origins, problems, eval_every)
+    if read_data is not None:
+        blocks = [("data", data, invalid_data)] + (
+            [("eval", evaluation, invalid_eval)] if evaluation is not None else []
+        )
+        _check_data(read_data, blocks, phases, origins, problems)
     if phases and "max_buffered_rows" not in invalid_data:
         largest = max((p.get("batch_size") or 0 for p in phases), default=0)
         if data["max_buffered_rows"] < largest:
@@ -407,10 +454,14 @@ def _check_tree(tree: Any, path: str, origins: dict, problems: Problems) -> Curr
     )
 
 
-def load_curriculum(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Curriculum:
+def load_curriculum(
+    path: str | os.PathLike, overrides: Sequence[str] = (), read_data: ReadData | None = None
+) -> Curriculum:
     """Read, override and check a curriculum; raise ConfigError listing every problem found.
 
-    Pure: it reads the one file and touches neither the network nor any path named inside it.
+    Without `read_data` it reads the one file and touches neither the network nor any path named
+    inside it. With it (`validate` and `train` pass data/header.py's), the local data the file names
+    is read too: wrong columns, no usable rows and batch sizes the classes cannot fill join the list.
     """
     label = str(path)
     problems = Problems(label)
@@ -419,22 +470,23 @@ def load_curriculum(path: str | os.PathLike, overrides: Sequence[str] = ()) -> C
     if isinstance(tree, dict):
         for text in overrides:
             apply_override(tree, text, origins, problems)
-    curriculum = _check_tree(tree, label, origins, problems)
+    curriculum = _check_tree(tree, label, origins, problems, read_data)
     if problems.messages or curriculum is None:
         raise ConfigError(problems.messages)
     return curriculum
 
 
-def load_eval_block(path: str | os.PathLike) -> EvalConfig | None:
-    """Only the `eval` block of a curriculum (the copy saved with a run), checked like `load_curriculum`
-    checks it; None when there is none. The rest of the file is not needed to re-run the evaluation."""
+def load_eval_block(path: str | os.PathLike, block: str = "eval") -> EvalConfig | DataConfig | None:
+    """Only the `eval` block (or `block: "data"`) of a curriculum (the copy saved with a run), checked
+    like `load_curriculum` checks it; None when there is none. The rest of the file is not needed to
+    re-run the evaluation."""
     label = str(path)
     problems = Problems(label)
     tree = read_yaml(label, problems)
-    if not isinstance(tree, dict) or tree.get("eval") is None:
+    if not isinstance(tree, dict) or tree.get(block) is None:
         return None
-    values, _ = check_block(tree, "eval", os.path.dirname(os.path.abspath(label)), {}, problems)
-    check_source_block("eval", values, {}, problems)
+    values, _ = check_block(tree, block, os.path.dirname(os.path.abspath(label)), {}, problems)
+    check_source_block(block, values, {}, problems)
     if problems.messages:
         raise ConfigError(problems.messages)
-    return EvalConfig(**values)
+    return BLOCKS[block](**values)

@@ -145,10 +145,26 @@ def resolve(source: str | dict[str, str], format: str | None) -> Source:
     return Source(formats.pop(), files, label=source)
 
 
+LOCAL_SPLIT = "train"  # what `datasets` calls the one split of local files
+
+
+def local_split_problem(label: str, split: str) -> str | None:
+    """Local files have one split, all of their rows: any other name would silently read them whole."""
+    if split == LOCAL_SPLIT:
+        return None
+    return (
+        f"split '{split}' asked of the local data source '{label}': local files have one split, their "
+        f"whole content, so another name would read every row of them; point the source at the "
+        f"held-out file instead (and leave split at {LOCAL_SPLIT})"
+    )
+
+
 def load(src: Source, split: str, kwargs: dict | None, order_seed: int | None):
     """An IterableDataset over the source; local file order is shuffled with `order_seed`."""
     import datasets
 
+    if not src.hub and (problem := local_split_problem(src.label, split)):
+        raise DataError(problem)
     kwargs = dict(kwargs or {})
     kwargs.update(split=split, streaming=True)
 
@@ -251,7 +267,7 @@ def column_names(ds) -> list[str] | None:
 # ----------------------------------------------------------------------------- checks and finite reads
 
 
-def _negative_columns_in(names: list[str], config: SourceConfig) -> list[str]:
+def negative_columns_in(names: list[str], config: SourceConfig) -> list[str]:
     """Columns that hold given negatives: the configured ones, else `negative`, else negative_1..N
     (sentence-transformers' `mine_hard_negatives` output), in number order."""
     found = [c for c in config.negative_columns if c in names]
@@ -266,7 +282,7 @@ def _negative_columns_in(names: list[str], config: SourceConfig) -> list[str]:
 def _fitting_layout(names: list[str], config: SourceConfig) -> str:
     """The layout these columns would fit, as a hint for a mismatch message."""
     if config.anchor_column in names and config.positive_column in names:
-        negatives = _negative_columns_in(names, config)
+        negatives = negative_columns_in(names, config)
         if not negatives:
             return "layout pairs would fit"
         if tuple(negatives) == tuple(config.negative_columns):
@@ -274,15 +290,41 @@ def _fitting_layout(names: list[str], config: SourceConfig) -> str:
         return f"layout triplets with negative columns {', '.join(negatives)} would fit"
     if config.text_column in names and config.label_column in names:
         return "layout labelled would fit"
+    if config.layout == LABELLED.name and (config.text_column in names or config.label_column in names):
+        key = "label_column" if config.text_column in names else "text_column"
+        others = [n for n in names if n not in (config.text_column, config.label_column)]
+        if others:  # one of the two is there: name the columns the other could be
+            return f"set {key} (--{key.replace('_', '-')} on the command line) to one of {', '.join(others)}"
     return (
         "no layout fits with the column names set: name them (text/label columns for labelled; "
         "anchor/positive/negative columns for pairs and triplets)"
     )
 
 
+def columns_problem(names: list[str], cols: Columns, config: SourceConfig, label: str) -> str | None:
+    """One line when the layout's columns are missing from `names` (or pairs would silently drop a
+    negative column), naming the columns found and the layout that would fit them; else None.
+    Shared by the training check below and `validate`'s header check (data/header.py)."""
+    missing = [c for c in cols.names if c not in names]
+    if missing:
+        kind = "column" if len(missing) == 1 else "columns"
+        problem = f"{kind} {', '.join(repr(c) for c in missing)} not found"
+    elif not cols.layout.given_negatives and negative_columns_in(names, config):
+        dropped = negative_columns_in(names, config)
+        problem = (
+            f"layout pairs would drop the negative column{'s' if len(dropped) > 1 else ''} "
+            f"{', '.join(repr(c) for c in dropped)}"
+        )
+    else:
+        return None
+    return (
+        f"data source '{label}' does not fit layout {cols.layout.name}: {problem}; available columns: "
+        f"{', '.join(names)}; {_fitting_layout(names, config)}"
+    )
+
+
 def _check_columns(ds, cols: Columns, config: SourceConfig, label: str) -> None:
-    """The layout's columns exist, and pairs would not silently drop a negative column: else one line
-    naming the columns found and the layout that would fit them."""
+    """The layout's columns exist (`columns_problem`), else a DataError."""
     names = column_names(ds)
     if names is None:
         try:
@@ -292,22 +334,9 @@ def _check_columns(ds, cols: Columns, config: SourceConfig, label: str) -> None:
         names = list(first) if first else None
     if names is None:
         return  # empty: the usable-rows check reports it
-    missing = [c for c in cols.names if c not in names]
-    if missing:
-        kind = "column" if len(missing) == 1 else "columns"
-        problem = f"{kind} {', '.join(repr(c) for c in missing)} not found"
-    elif not cols.layout.given_negatives and _negative_columns_in(names, config):
-        dropped = _negative_columns_in(names, config)
-        problem = (
-            f"layout pairs would drop the negative column{'s' if len(dropped) > 1 else ''} "
-            f"{', '.join(repr(c) for c in dropped)}"
-        )
-    else:
-        return
-    raise DataError(
-        f"data source '{label}' does not fit layout {cols.layout.name}: {problem}; available columns: "
-        f"{', '.join(names)}; {_fitting_layout(names, config)}"
-    )
+    problem = columns_problem(names, cols, config, label)
+    if problem is not None:
+        raise DataError(problem)
 
 
 def _open_checked(config: SourceConfig) -> tuple[Source, Columns, Any]:

@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tripletctl.config.loss_rules import DEFAULT_LOSS, LOSS_RULES
 from tripletctl.core.errors import CheckpointError, TripletctlError
 from tripletctl.outputs.checkpoint import PHASE_DIR_RE, phase_dir
 from tripletctl.outputs.metrics_log import METRICS_FILE, MetricsLog
@@ -90,9 +91,10 @@ def load_run(run_dir: Path | str) -> list[dict[str, Any]]:
 
 
 def _fill_margins(run_dir: Path, phases: list[dict[str, Any]]) -> None:
-    """Margins not in run.json come from the run's curriculum.yaml copy, when there is one."""
-    if all(isinstance(p["margin"], (int, float)) for p in phases):
-        return
+    """Margins not in run.json, and each phase's loss, come from the run's curriculum.yaml copy, when
+    there is one (a phase of unknown loss is drawn as a margin loss)."""
+    for phase in phases:
+        phase.setdefault("loss", DEFAULT_LOSS)
     path = run_dir / "curriculum.yaml"
     if not path.is_file():
         return
@@ -106,13 +108,45 @@ def _fill_margins(run_dir: Path, phases: list[dict[str, Any]]) -> None:
     if not isinstance(listed, list):
         return
     for phase in phases:
-        if (
-            not isinstance(phase["margin"], (int, float))
-            and 0 <= phase["index"] < len(listed)
-            and isinstance(listed[phase["index"]], dict)
-        ):
-            margin = listed[phase["index"]].get("margin", 0.2)
+        if not (0 <= phase["index"] < len(listed) and isinstance(listed[phase["index"]], dict)):
+            continue
+        saved = listed[phase["index"]]
+        if saved.get("loss") in LOSS_RULES:
+            phase["loss"] = saved["loss"]
+        if not isinstance(phase["margin"], (int, float)):
+            margin = saved.get("margin", 0.2)
             phase["margin"] = float(margin) if isinstance(margin, (int, float)) else None
+
+
+def eval_limits(values: list[float]) -> tuple[float, float]:
+    """The held-out panel's range: the values with a margin, at least 0.05 wide, inside [0, 1], so
+    0.82 -> 0.83 shows as a step, not a flat line across a 0-1 axis."""
+    low, high = min(values), max(values)
+    pad = max((high - low) * 0.15, (0.05 - (high - low)) / 2, 0.005)
+    return max(0.0, low - pad), min(1.0, high + pad)
+
+
+def _draw_losses(ax_loss, steps: list[dict[str, Any]], phases: list[dict[str, Any]]):
+    """Margin-type mining losses and the batch-hard loss on the left axis; InfoNCE's (a log of the batch
+    size, ~4-8) on its own right-hand axis, so it does not flatten the margin curves. Returns that axis."""
+    infonce = {p["index"] for p in phases if not LOSS_RULES.get(p.get("loss"), LOSS_RULES[DEFAULT_LOSS]).distance_scale}
+    ax_info = ax_loss.twinx() if infonce else None
+    labelled = set()
+    for phase in phases:
+        records = [r for r in phase["records"] if "event" not in r]
+        on_info = phase["index"] in infonce
+        label = "InfoNCE loss (right axis)" if on_info else "mining loss"
+        (ax_info if on_info else ax_loss).plot(
+            *_series(records, "loss"),
+            lw=1,
+            color="tab:cyan" if on_info else "tab:blue",
+            label=None if label in labelled else label,
+        )
+        labelled.add(label)
+    ax_loss.plot(*_series(steps, "batch_hard_loss"), lw=1, color="tab:red", label="batch-hard loss")
+    if ax_info is not None:
+        ax_info.set_ylabel("InfoNCE loss")
+    return ax_info
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -153,8 +187,7 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
     fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True, gridspec_kw={"height_ratios": [3, 1.4, 1.4, 1.8]})
     ax_loss, ax_active, ax_spread, ax_eval = axes
 
-    ax_loss.plot(*_series(steps, "loss"), lw=1, color="tab:blue", label="mining loss")
-    ax_loss.plot(*_series(steps, "batch_hard_loss"), lw=1, color="tab:red", label="batch-hard loss")
+    ax_info = _draw_losses(ax_loss, steps, phases)
     # margin per phase: loss pinned to it means collapse
     labelled = False
     for phase in phases:
@@ -175,9 +208,13 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
             ax_loss.axvline(r["global_step"], color="magenta", ls="-.", lw=1.5)
     if collapses:
         ax_loss.plot([], [], color="magenta", ls="-.", lw=1.5, label="collapse detected")
-    ax_loss.set_ylabel("loss")
+    ax_loss.set_ylabel("margin loss" if ax_info is not None else "loss")
     ax_loss.set_title(f"{run_dir.resolve().name}: loss per step (margin dashed)", loc="left")
-    ax_loss.legend(loc="upper right", fontsize=8)
+    handles, labels = ax_loss.get_legend_handles_labels()
+    if ax_info is not None:
+        more = ax_info.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax_loss.legend(handles, labels, loc="upper right", fontsize=8)
 
     ax_active.plot(*_series(steps, "active_fraction"), lw=1, color="tab:green")
     ax_active.set_ylabel("active\ntriplets")
@@ -187,15 +224,15 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
     ax_spread.set_ylabel("embedding\nspread")
     ax_spread.set_ylim(bottom=0)
 
-    drew_eval = False
+    drawn: list[float] = []
     for (key, label), colour in zip(EVAL_KEYS, ("tab:orange", "tab:brown")):
         xs, ys = _series(evals, key)
         if xs:
             ax_eval.plot(xs, ys, marker="o", lw=1.2, color=colour, label=label)
-            drew_eval = True
-    if drew_eval:
+            drawn += ys
+    if drawn:
         ax_eval.legend(loc="lower right", fontsize=8)
-        ax_eval.set_ylim(-0.02, 1.02)
+        ax_eval.set_ylim(*eval_limits(drawn))
     else:
         ax_eval.text(0.5, 0.5, "no eval records", ha="center", va="center", transform=ax_eval.transAxes, color="gray")
     ax_eval.set_ylabel("held-out")

@@ -314,6 +314,7 @@ class ModelAndRows:
     max_length: int  # data.max_length the model was trained with (128 when unknown)
     distance: str  # distance of the last phase ("euclidean" when unknown)
     margin: float | None  # margin of the last phase (None when unknown)
+    length_from: str = "the run's data.max_length"  # where max_length comes from, for the notice eval prints
 
 
 def _training_settings(checkpoint_dir: Path) -> dict[str, Any]:
@@ -355,8 +356,9 @@ def held_out_source(
     from tripletctl.model.encoder import model_folder
     from tripletctl.outputs.checkpoint import resolve_checkpoint
 
-    if given.get("source") is not None:
-        return source_from_options(given, option_names), max_rows or default_max_rows
+    if given.get("source") is not None:  # the run's own column names unless given (a model folder has none)
+        base = _saved_columns(checkpoint, given["source"]) if model_folder(checkpoint) is None else None
+        return source_from_options(given, option_names, base=base), max_rows or default_max_rows
     if model_folder(checkpoint) is not None:
         raise DataError(
             f"{checkpoint} is a model folder, which holds no held-out data: pass {option_names['source']} SOURCE"
@@ -375,6 +377,23 @@ def held_out_source(
             f"pass {option_names['source']} SOURCE (and {option_names['layout']} if it is not labelled)"
         )
     return source_from_options(given, option_names, base=saved), max_rows or saved.max_rows
+
+
+def _saved_columns(checkpoint: Path | str, source: Any) -> SourceConfig | None:
+    """The layout and column names of the run's eval block (else its data block), on another source:
+    `eval RUN --data f.jsonl` reads f.jsonl the way the run read its own data."""
+    from tripletctl.config.validate import load_eval_block
+    from tripletctl.outputs.checkpoint import resolve_checkpoint
+
+    try:
+        path = Path(resolve_checkpoint(Path(checkpoint))) / "curriculum.yaml"
+        saved = load_eval_block(path) or load_eval_block(path, block="data")
+    except Exception:  # no run, or an unreadable copy: the options' defaults
+        return None
+    if saved is None:
+        return None
+    keys = ("layout", "text_column", "label_column", "anchor_column", "positive_column", "negative_columns")
+    return SourceConfig(source=source, **{key: getattr(saved, key) for key in keys})
 
 
 def load_checkpoint_and_rows(
@@ -396,8 +415,9 @@ def load_checkpoint_and_rows(
     if folder is not None:
         rows = read_rows(source, limit=max_rows) if rows is None else rows
         model, tokenizer, length = load_any_model(folder, device)
+        said = "the folder's max_seq_length" if length else "the tokenizer's model_max_length (at most 512)"
         length = length or min(int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)), 512)
-        return ModelAndRows(folder, model, tokenizer, rows, device, length, distance="euclidean", margin=None)
+        return ModelAndRows(folder, model, tokenizer, rows, device, length, "euclidean", None, said)
     checkpoint_dir = Path(resolve_checkpoint(Path(checkpoint)))
     check_contained(checkpoint_dir)
     model_dir = checkpoint_dir / "model"
@@ -436,14 +456,18 @@ def run_eval_command(
     device: str = "auto",
     as_json: bool = False,
     console=None,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
-    """`tripletctl eval`: metrics as a rich table, or only JSON on stdout with --json."""
+    """`tripletctl eval`: metrics as a rich table, or only JSON on stdout with --json. `max_length`
+    (--max-length) replaces the model's own length; either way the output says which was used."""
     from rich.console import Console
 
     console = console or Console()
     if batch_size < 1:  # before loading anything
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     loaded = load_checkpoint_and_rows(checkpoint, source, max_rows, device)
+    if max_length is not None:
+        loaded.max_length, loaded.length_from = max_length, "--max-length"
     data = describe_source(source.source)
     metrics = evaluate_model(
         loaded.model,
@@ -458,6 +482,7 @@ def run_eval_command(
         payload = {
             "checkpoint": str(loaded.checkpoint_dir),
             "data": data,
+            "max_length": loaded.max_length,
             **metrics,
         }
         # plain print, not console.print: rich would wrap or colour what scripts parse
@@ -468,6 +493,11 @@ def run_eval_command(
             f"{metrics['rows']} rows, {metrics['classes']} classes, {metrics['queries']} queries "
             f"({metrics['excluded_queries']} with a unique label excluded), "
             f"{metrics['skipped_rows']} rows skipped; checkpoint {loaded.checkpoint_dir}",
+            highlight=False,
+        )
+        console.print(
+            f"texts cut at {loaded.max_length} tokens ({loaded.length_from}; a run's own held-out evals cut at "
+            f"its data.max_length, 128 unless set): pass --max-length N to compare at another length",
             highlight=False,
         )
         if "given_triplets" in metrics:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from tripletctl.config.model_folder import hub_id_of
 from tripletctl.config.until import EVAL_METRICS
 
 DEFAULT_MAX_SEQ_LENGTH = 128  # tripletctl's own default (data.max_length, eval's encoding length)
@@ -58,8 +59,9 @@ def render_card(meta: dict, provenance: Provenance | None = None) -> str:
     base = model.get("name")
     pretrained = model.get("init", "pretrained") == "pretrained"
     front: dict[str, Any] = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity"}
-    if pretrained and is_hub_id(base):
-        front["base_model"] = base
+    hub_id = base_hub_id(model)
+    if pretrained and hub_id:
+        front["base_model"] = hub_id
     front["tags"] = ["sentence-transformers", "sentence-similarity", "feature-extraction", "triplet-loss", "tripletctl"]
     if is_hub_id(data.get("source")):
         front["datasets"] = [data["source"]]
@@ -103,13 +105,28 @@ def _title(base: Any) -> str:
     return os.path.basename(str(base).rstrip("/")) if base else "tripletctl"
 
 
+def base_hub_id(model: dict) -> str | None:
+    """The base model's hub id: `model.base_model`, else `model.name` when it is one, else the id of
+    the hub cache folder it was loaded from; None for any other local folder (never a local path)."""
+    given, name = model.get("base_model"), model.get("name")
+    if isinstance(given, str) and given:
+        return given
+    if is_hub_id(name):
+        return name
+    return hub_id_of(name) if isinstance(name, str) and name else None
+
+
 def _base_text(model: dict) -> str:
     name = model.get("name")
     if not name:
         return "unknown (saved outside a training run)"
+    hub_id = base_hub_id(model)
+    shown = f"`{hub_id}`" if hub_id else f"`{_title(name)}` (a local folder)"  # never the local path itself
+    if hub_id and hub_id != name:
+        shown += f" (from the local folder `{_title(name)}`)"
     if model.get("init") == "config":
-        return f"`{name}` architecture, weights trained from scratch (random init from its config)"
-    return f"`{name}`"
+        return f"{shown} architecture, weights trained from scratch (random init from its config)"
+    return shown
 
 
 def _head_text(meta: dict) -> str:

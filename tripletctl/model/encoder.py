@@ -309,6 +309,8 @@ def save_model(
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (directory / CARD_FILE).write_text(render_card(meta, provenance), encoding="utf-8")
+    for weights in directory.rglob("*.safetensors"):  # written 0600 (a temporary file), every other file per umask
+        weights.chmod((directory / "config.json").stat().st_mode & 0o777)
 
 
 def read_meta(directory: str | Path) -> dict:

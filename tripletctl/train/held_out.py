@@ -3,11 +3,13 @@ ends, without disturbing the training RNG (a resumed run draws what an uninterru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from tripletctl.config.blocks import Curriculum, PhaseConfig
+from tripletctl.config.until import EVAL_METRICS
 from tripletctl.evaluation.retrieval import evaluate_model
 from tripletctl.outputs.checkpoint import capture_rng, restore_rng
 from tripletctl.train.distributed import broadcast_object
@@ -33,8 +35,21 @@ def evaluate_held_out(
         restore_rng(rng)
 
 
-def eval_event(run: Run, progress: RunProgress, phase: PhaseConfig) -> dict:
-    """The held-out eval after this step, as a metrics.jsonl event (kept in progress.eval_history)."""
+def eval_line(metrics: dict, when: str) -> str:
+    """A held-out eval as one line of the log (on a terminal, above the bar), e.g.
+    `held-out phase 0 semi-hard step 80/80: recall@1 0.9512 recall@5 ... (1,200 texts)`."""
+    shown = " ".join(
+        f"{key} {metrics[key]:.4f}"
+        for key in (*EVAL_METRICS, "given_negative_accuracy")
+        if isinstance(metrics.get(key), (int, float))
+    )
+    rows = metrics.get("rows")
+    return f"held-out {when}: {shown}" + (f" ({rows:,} texts)" if isinstance(rows, int) else "")
+
+
+def eval_event(run: Run, progress: RunProgress, phase: PhaseConfig, say: Callable[[str], None] | None = None) -> dict:
+    """The held-out eval after this step, as a metrics.jsonl event (kept in progress.eval_history);
+    `say` prints it as one line (the phase's progress display: plain log line, or above the bar)."""
     ctx = run.ctx
     metrics = (
         evaluate_held_out(run.model, run.tokenizer, run.eval_rows, run.curriculum, ctx.device) if ctx.is_main else {}
@@ -49,4 +64,6 @@ def eval_event(run: Run, progress: RunProgress, phase: PhaseConfig) -> dict:
         **metrics,
     }
     progress.eval_history.append(event)
+    if say is not None and ctx.is_main:
+        say(eval_line(metrics, f"phase {progress.phase_index} {phase.name} step {progress.step}/{phase.steps}"))
     return event

@@ -495,7 +495,7 @@ def _evaluate_and_check_end(
     planned_end = progress.step >= phase.steps
     evaluated = None
     if run.eval_rows is not None and (planned_end or (eval_cfg.every and progress.step % eval_cfg.every == 0)):
-        evaluated = held_out.eval_event(run, progress, phase)
+        evaluated = held_out.eval_event(run, progress, phase, ph.bar.print)
     early_end = None
     if phase.until is not None:
         ph.until_state, held = conditions.advance(
@@ -510,7 +510,7 @@ def _evaluate_and_check_end(
             if run.ctx.is_main:
                 ph.bar.print(f"phase {phase.name} ends at step {progress.step} of {phase.steps}: {early_end['reason']}")
             if run.eval_rows is not None and evaluated is None:  # the phase-end eval, as at a planned end
-                evaluated = held_out.eval_event(run, progress, phase)
+                evaluated = held_out.eval_event(run, progress, phase, ph.bar.print)
     if evaluated is not None:
         events.append(evaluated)
         if run.on_eval is not None and run.ctx.is_main:

@@ -70,6 +70,8 @@ def _train(
     # 1. fail on bad input before any work starts
     previous = check_before_start(curriculum, resume)
     check_source(curriculum.data)
+    if curriculum.eval is not None:  # its columns too, before anything is written to the output directory
+        check_source(curriculum.eval)
     if ctx.is_main:  # a read-only or full output directory fails here, before the model is built
         prepare_output(curriculum)
     if stop.requested:
@@ -95,7 +97,7 @@ def _train(
         )
     index = RunIndex(curriculum, ctx, resumed.progress, {i: "done" for i in range(resumed.progress.phase_index)})
     if ctx.is_main:
-        start_run_index(index, model, tokenizer, eval_rows, resumed.closed_phase, stop)
+        start_run_index(index, model, tokenizer, eval_rows, resumed.closed_phase, stop, say=partial(_say, console))
     if ctx.is_main and not resume and index.extra.get("eval_untrained"):  # step 0 of the first phase's eval
         trackers.log(
             {"event": "eval", "global_step": 0, "phase": curriculum.phases[0].name, **index.extra["eval_untrained"]}
@@ -121,6 +123,10 @@ def _train(
     if resumed.rng is not None:
         restore_rng(resumed.rng)  # last, so nothing above consumes random numbers after the restore
     return run_phases(run, index, resumed, command)
+
+
+def _say(console: Console, line: str) -> None:
+    console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 def run_phases(run: Run, index: RunIndex, resumed: Resumed, command: list[str]) -> int:

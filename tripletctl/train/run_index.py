@@ -5,6 +5,7 @@ Also the best model kept on held-out evals (`train.keep_best`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from tripletctl.outputs.checkpoint import phase_dir as phase_dir_of
 from tripletctl.outputs.metrics_log import MetricsLog
 from tripletctl.outputs.run_file import read_run, run_file, write_run
 from tripletctl.train.distributed import DistContext
-from tripletctl.train.held_out import evaluate_held_out
+from tripletctl.train.held_out import eval_line, evaluate_held_out
 from tripletctl.train.interrupt import StopFlag
 from tripletctl.train.state import RunProgress
 
@@ -83,10 +84,17 @@ def phase_summary(
 
 
 def start_run_index(
-    index: RunIndex, model: torch.nn.Module, tokenizer: Any, eval_rows: Any, closed_phase: int | None, stop: StopFlag
+    index: RunIndex,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    eval_rows: Any,
+    closed_phase: int | None,
+    stop: StopFlag,
+    say: Callable[[str], None] = lambda line: None,
 ) -> None:
     """run.json at start-up (main process): what an earlier invocation recorded (start time, the
-    untrained eval) kept, a closed phase's missing summary written, the untrained eval, the best model."""
+    untrained eval) kept, a closed phase's missing summary written, the untrained eval (said before
+    it starts, it can take minutes, and its numbers after), the best model."""
     curriculum = index.curriculum
     output = Path(curriculum.train.output_dir)
     saved = read_run(output)
@@ -97,7 +105,9 @@ def start_run_index(
     if closed_phase is not None and not summary_path(curriculum, closed_phase).exists():
         write_phase_summary(curriculum, closed_phase, None, index.progress)  # killed before writing it
     if eval_rows is not None and "eval_untrained" not in index.extra and not stop.requested:
+        say(f"evaluating the untrained model on {len(eval_rows.texts):,} held-out texts ...")
         index.extra["eval_untrained"] = evaluate_held_out(model, tokenizer, eval_rows, curriculum, index.ctx.device)
+        say(eval_line(index.extra["eval_untrained"], "untrained"))
     kept = best.read_best(output) if curriculum.train.keep_best else None
     if kept is not None:
         index.extra["best"] = kept
