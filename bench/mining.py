@@ -171,7 +171,7 @@ def _memory_child(spec: str) -> None:
     print((_status_kib("VmHWM") - before) / 1024)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--sizes", default="500,1000,2000", help="comma-separated batch sizes")
@@ -191,7 +191,11 @@ def main() -> None:
         help="comma-separated memory sizes M (e.g. 0,4096,16384): report the cross-batch memory's cost",
     )
     p.add_argument("--_memory", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = _parse_args()
     if args._memory:
         _memory_child(args._memory)
         return
@@ -215,50 +219,8 @@ def main() -> None:
     verdicts = []
     for b in sizes:
         for classes in (2, b // 4):
-            e, y = inputs(b, classes, args.dim, args.device)
-            fns = methods(b, args.naive_limit_gb)
-            times = {name: [] for name in fns}
-            # Round-robin so load changes on a shared machine hit every method alike; the
-            # naive reference runs on its own afterwards, since its gigabytes of short-lived
-            # tensors (page faults, evicted caches) would slow down whichever method runs next.
-            fast = [n for n in fns if n != NAIVE]
-            oom = set()
-            for name in list(fast):  # warm-up; a method that runs out of memory is reported as OOM
-                try:
-                    step(fns[name], e, y, args.device)
-                except torch.OutOfMemoryError:
-                    oom.add(name)
-                    fast.remove(name)
-                    if args.device.startswith("cuda"):
-                        torch.cuda.empty_cache()
-            for _ in range(args.repeats):
-                for name in fast:
-                    times[name].append(step(fns[name], e, y, args.device))
-            if NAIVE in fns:
-                step(fns[NAIVE], e, y, args.device)
-                times[NAIVE] = [step(fns[NAIVE], e, y, args.device) for _ in range(args.repeats)]
-            med = {name: statistics.median(t) * 1e3 for name, t in times.items() if t}
-            for name in fns:
-                if name in oom:
-                    print(f"| {b} | {classes} | {name} | OOM | | |", flush=True)
-                    continue
-                mem = None if args.no_memory else peak_memory_mib(name, b, classes, args)
-                ratio = ""
-                if ST in oom and name != ST:
-                    ratio = "st OOM, PASS"
-                    if b == 2000 and classes == 2 and name in MODES:
-                        verdicts.append((name, None, "PASS (st OOM)"))
-                elif ST in med and name != ST:
-                    r = med[name] / med[ST]
-                    verdict = "PASS" if r <= 1.0 else "FAIL"
-                    ratio = f"{r:.2f}x {verdict}"
-                    if b == 2000 and classes == 2 and name in MODES:
-                        verdicts.append((name, r, verdict))
-                mem_s = "-" if mem is None else f"{mem:.0f}"
-                print(f"| {b} | {classes} | {name} | {med[name]:.1f} | {mem_s} | {ratio} |", flush=True)
-            skipped = [m for m in (NAIVE,) if m not in fns]
-            if skipped:
-                print(f"| {b} | {classes} | {NAIVE} | skipped: B³·4 bytes > {args.naive_limit_gb} GiB | | |")
+            fns, med, oom = _time_case(b, classes, args)
+            verdicts += _print_case(b, classes, fns, med, oom, args)
     if verdicts:
         print(
             "\ntarget (B=2000, 2 classes, mode time <= st semi-hard time): "
@@ -266,6 +228,60 @@ def main() -> None:
         )
     elif 2000 in sizes and st_semi_hard() is None:
         print("\ntarget not checked: sentence-transformers not installed, skipped")
+
+
+def _time_case(b: int, classes: int, args) -> tuple[dict, dict[str, float], set[str]]:
+    """Every method on one batch: its median milliseconds, and the methods that ran out of memory."""
+    e, y = inputs(b, classes, args.dim, args.device)
+    fns = methods(b, args.naive_limit_gb)
+    times = {name: [] for name in fns}
+    # Round-robin so load changes on a shared machine hit every method alike; the
+    # naive reference runs on its own afterwards, since its gigabytes of short-lived
+    # tensors (page faults, evicted caches) would slow down whichever method runs next.
+    fast = [n for n in fns if n != NAIVE]
+    oom = set()
+    for name in list(fast):  # warm-up; a method that runs out of memory is reported as OOM
+        try:
+            step(fns[name], e, y, args.device)
+        except torch.OutOfMemoryError:
+            oom.add(name)
+            fast.remove(name)
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    for _ in range(args.repeats):
+        for name in fast:
+            times[name].append(step(fns[name], e, y, args.device))
+    if NAIVE in fns:
+        step(fns[NAIVE], e, y, args.device)
+        times[NAIVE] = [step(fns[NAIVE], e, y, args.device) for _ in range(args.repeats)]
+    return fns, {name: statistics.median(t) * 1e3 for name, t in times.items() if t}, oom
+
+
+def _print_case(b: int, classes: int, fns: dict, med: dict[str, float], oom: set[str], args) -> list[tuple]:
+    """One table line per method (with its memory); the target's verdicts at B = 2000, two classes."""
+    verdicts = []
+    for name in fns:
+        if name in oom:
+            print(f"| {b} | {classes} | {name} | OOM | | |", flush=True)
+            continue
+        mem = None if args.no_memory else peak_memory_mib(name, b, classes, args)
+        ratio = ""
+        if ST in oom and name != ST:
+            ratio = "st OOM, PASS"
+            if b == 2000 and classes == 2 and name in MODES:
+                verdicts.append((name, None, "PASS (st OOM)"))
+        elif ST in med and name != ST:
+            r = med[name] / med[ST]
+            verdict = "PASS" if r <= 1.0 else "FAIL"
+            ratio = f"{r:.2f}x {verdict}"
+            if b == 2000 and classes == 2 and name in MODES:
+                verdicts.append((name, r, verdict))
+        mem_s = "-" if mem is None else f"{mem:.0f}"
+        print(f"| {b} | {classes} | {name} | {med[name]:.1f} | {mem_s} | {ratio} |", flush=True)
+    skipped = [m for m in (NAIVE,) if m not in fns]
+    if skipped:
+        print(f"| {b} | {classes} | {NAIVE} | skipped: B³·4 bytes > {args.naive_limit_gb} GiB | | |")
+    return verdicts
 
 
 def memory_table(args) -> None:

@@ -185,24 +185,9 @@ def synthetic_batches(cfg: dict, batch: int, vocab_size: int) -> list:
     return batches
 
 
-def worker(cfg: dict) -> dict:
-    """One configuration: build, warm up, time `steps` steps, report the median and the peaks."""
+def _device(cfg: dict):
     import torch
 
-    from tripletctl.data.stream import pad_ragged
-    from tripletctl.model.chunking import (
-        CHUNK_OVERHEAD_TOKENS,
-        Chunking,
-        embed_and_backward,
-        plan_chunks,
-        resolve_chunking,
-    )
-    from tripletctl.train import mining
-
-    if cfg.get("cpus"):
-        os.sched_setaffinity(0, cfg["cpus"])
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
     device = torch.device(
         "cuda"
         if cfg["device"] == "auto" and torch.cuda.is_available()
@@ -211,6 +196,49 @@ def worker(cfg: dict) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def _chunking(cfg: dict, model, device, autocast_dtype):
+    """(a) one chunk of the whole batch, (b) `chunk_size` rows, (c) a token budget; and the per-chunk
+    overhead the token packing charges."""
+    from tripletctl.model.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, resolve_chunking
+
+    batch, mode = cfg["batch"], cfg["mode"]
+    overhead = cfg.get("overhead") or CHUNK_OVERHEAD_TOKENS.get(device.type, CHUNK_OVERHEAD_TOKENS["cpu"])
+    if mode == "padded":
+        return Chunking(rows=batch), overhead
+    if mode == "rows":
+        return Chunking(rows=min(cfg["chunk_size"], batch)), overhead
+    resolved = resolve_chunking(
+        "auto", cfg["chunk_tokens"], batch, model, device, cfg["max_length"], autocast_dtype=autocast_dtype
+    )
+    return Chunking(tokens=resolved.tokens, overhead_tokens=overhead), overhead
+
+
+def _peak_and_name(device) -> tuple[float, str]:
+    """The peak memory of this process's steps (CUDA allocated, or the peak RSS) and the device's name."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, torch.cuda.get_device_name(device)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_mb, f"CPU ({torch.get_num_threads()} threads, {len(os.sched_getaffinity(0))} cores usable)"
+
+
+def worker(cfg: dict) -> dict:
+    """One configuration: build, warm up, time `steps` steps, report the median and the peaks."""
+    import torch
+
+    from tripletctl.data.stream import pad_ragged
+    from tripletctl.model.chunking import embed_and_backward, plan_chunks
+    from tripletctl.train import mining
+
+    if cfg.get("cpus"):
+        os.sched_setaffinity(0, cfg["cpus"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = _device(cfg)
     bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
     autocast_dtype = torch.bfloat16 if bf16 else None
     torch.manual_seed(0)
@@ -222,16 +250,7 @@ def worker(cfg: dict) -> dict:
         raise SystemExit(f"--max-length {cfg['max_length']} > max_position_embeddings {config.max_position_embeddings}")
     params = sum(p.numel() for p in model.parameters())
     batch, mode = cfg["batch"], cfg["mode"]
-    overhead = cfg.get("overhead") or CHUNK_OVERHEAD_TOKENS.get(device.type, CHUNK_OVERHEAD_TOKENS["cpu"])
-    if mode == "padded":
-        chunking = Chunking(rows=batch)
-    elif mode == "rows":
-        chunking = Chunking(rows=min(cfg["chunk_size"], batch))
-    else:
-        resolved = resolve_chunking(
-            "auto", cfg["chunk_tokens"], batch, model, device, cfg["max_length"], autocast_dtype=autocast_dtype
-        )
-        chunking = Chunking(tokens=resolved.tokens, overhead_tokens=overhead)
+    chunking, overhead = _chunking(cfg, model, device, autocast_dtype)
     step_model = torch.compile(model) if cfg["compile"] else model
     # cfg "fused" / "keep_graph" (default on): the switches bench/gpu_check.py measures on and off
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda" and cfg.get("fused", True))
@@ -265,12 +284,7 @@ def worker(cfg: dict) -> dict:
                 chunks, kept = chunks + len(plan.chunks), kept + plan.keep_graph
     except torch.cuda.OutOfMemoryError:
         return {"oom": True}
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        device_name = f"CPU ({torch.get_num_threads()} threads, {len(os.sched_getaffinity(0))} cores usable)"
+    peak_mb, device_name = _peak_and_name(device)
     step_s = statistics.median(times)
     return {
         "step_s": step_s,
@@ -336,6 +350,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    configs = _configs(args)
+    rows = list(zip(configs, _run_all(configs, args)))
+    if args.json:
+        Path(args.json).write_text(json.dumps([{**c, **r} for c, r in rows], indent=1))
+    first = next((r for _, r in rows if "device" in r), None)
+    if first is None:
+        print("every configuration failed")
+        return 1
+    on_cuda = first["device_type"] == "cuda"
+    peak = peak_tflops(first["device"], args.peak_tflops) if on_cuda else None
+    _print_table(rows, args, first, peak)
+    return 1 if _print_verdicts(rows, args, on_cuda, peak) else 0
+
+
+def _overheads(args: argparse.Namespace) -> list[int | None]:
+    return [int(o) for o in args.overhead_tokens.split(",") if o] or [None]
+
+
+def _configs(args: argparse.Namespace) -> list[dict]:
+    """One configuration per attention, batch, mode (and per-chunk overhead for token chunks)."""
     common = {
         "model": args.model,
         "lengths": args.lengths,
@@ -354,12 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     batches = [int(b) for b in args.batch_sizes.split(",")]
     modes = [m for m in args.modes.split(",") if m]
-    overheads = [int(o) for o in args.overhead_tokens.split(",") if o] or [None]
     configs = []
     for attn in args.attn.split(","):
         for batch in batches:
             for mode in modes:
-                for overhead in overheads if mode == "tokens" else [None]:
+                for overhead in _overheads(args) if mode == "tokens" else [None]:
                     quick = mode == "padded" and batch > args.padded_quick_above
                     configs.append(
                         {
@@ -373,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
         if "tokens" in modes and args.memory_batch and args.memory_batch not in batches:
             configs.append({**common, "attn": attn, "batch": args.memory_batch, "mode": "tokens", "overhead": None})
+    return configs
+
+
+def _run_all(configs: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Every configuration in a worker process, `--jobs` at a time (each pinned to its own cores)."""
     slots = None
     if args.jobs > 1:
         slots = queue.Queue()
@@ -385,18 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     order = sorted(range(len(configs)), key=lambda i: -cost[i])
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {i: pool.submit(run_worker, configs[i], slots) for i in order}
-        results = [futures[i].result() for i in range(len(configs))]
-    rows = list(zip(configs, results))
-    if args.json:
-        Path(args.json).write_text(json.dumps([{**c, **r} for c, r in rows], indent=1))
+        return [futures[i].result() for i in range(len(configs))]
 
-    first = next((r for _, r in rows if "device" in r), None)
-    if first is None:
-        print("every configuration failed")
-        return 1
-    on_cuda = first["device_type"] == "cuda"
-    peak = peak_tflops(first["device"], args.peak_tflops) if on_cuda else None
-    mem_label = "peak MiB (CUDA alloc)" if on_cuda else "peak RSS MiB"
+
+def _print_table(rows: list[tuple[dict, dict]], args: argparse.Namespace, first: dict, peak: float | None) -> None:
+    """The header and one line per configuration; each result gets its `mfu`."""
+    mem_label = "peak MiB (CUDA alloc)" if first["device_type"] == "cuda" else "peak RSS MiB"
     lengths = (
         f"log-normal lengths (median {args.median:g}, sigma {args.sigma:g}, max {args.max_length})"
         if args.lengths == "lognormal"
@@ -427,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{f'{mfu:.1%}' if mfu is not None else 'n/a':>6}"
         )
 
+
+def _print_verdicts(rows: list[tuple[dict, dict]], args: argparse.Namespace, on_cuda: bool, peak: float | None) -> bool:
+    """The PASS/FAIL lines of the targets the run can judge; True when one FAILs."""
     failed = False
 
     def verdict(ok: bool) -> str:
@@ -434,9 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         failed |= not ok
         return "PASS" if ok else "FAIL"
 
-    ok = [(c, r) for c, r in rows if "device" in r]
-    first_attn = args.attn.split(",")[0]
-    default_overhead = [(c, r) for c, r in ok if c["attn"] == first_attn and c["overhead"] == overheads[0]]
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    first_attn, first_overhead = args.attn.split(",")[0], _overheads(args)[0]
+    default_overhead = [
+        (c, r) for c, r in rows if "device" in r and c["attn"] == first_attn and c["overhead"] == first_overhead
+    ]
 
     def find(batch: int, mode: str) -> dict | None:
         return next((r for c, r in default_overhead if c["batch"] == batch and c["mode"] == mode), None)
@@ -485,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{verdict(best['mfu'] >= TARGET_MFU)} MFU: {best['mfu']:.1%} at {best['real_tokens']:.0f} real "
                 f"tokens/step (target >= {TARGET_MFU:.0%})"
             )
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":

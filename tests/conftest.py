@@ -1,4 +1,5 @@
-"""Shared test set-up: no network, small CPU budgets, the tiny BERT the repo ships."""
+"""pytest's set-up: no network, the `cuda` marker's skip, and the fixtures. What test files share
+otherwise (paths, curricula, runs, references) is tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -11,12 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = Path(__file__).resolve().parent / "assets"
-TINY_BERT = REPO / "curricula" / "quickstart" / "tiny-bert"
-QUICKSTART = REPO / "curricula" / "quickstart.yaml"
-
+from helpers import ASSETS, TINY_BERT
 
 CUDA_TESTS_ON_CPU = "TRIPLETCTL_CUDA_TESTS_ON_CPU"
 """Set to 1: run the `cuda` tests on the CPU (what can run there), as `bench/gpu_check.py --smoke` does,

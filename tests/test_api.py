@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ASSETS, REPO
+from helpers import ASSETS, REPO, st_folder
 
 import tripletctl
 from tripletctl import api
@@ -20,6 +20,7 @@ def _example() -> str:
     return re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
 
 
+@pytest.mark.slow
 def test_the_documented_example_runs(tmp_path):
     (tmp_path / "curricula").symlink_to(REPO / "curricula")  # its paths are the repository's
     done = subprocess.run([sys.executable, "-c", _example()], capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -48,11 +49,11 @@ def test_train_raises_the_problems_instead_of_exiting(tmp_path):
         tripletctl.train("no-such-curriculum")
 
 
+@pytest.mark.slow
 def test_load_encodes_as_sentence_transformers_and_evaluate_matches_the_command(tmp_path, tiny_bert_dir):
     import json
 
     from sentence_transformers import SentenceTransformer
-    from test_st_folders import st_folder
 
     folder = st_folder(tiny_bert_dir, tmp_path / "st")
     model = tripletctl.load(folder)

@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
 
 import pytest
+from helpers import ListRows, labelled
 
 from tripletctl.core.errors import DataError
 from tripletctl.data.batching import STALL_EPOCHS, STOP_CHECK_ROWS, ClassBatcher, GroupBatcher, Shuffler, Stopped
-
-
-class ListRows:
-    """The rows of a list, epoch after epoch: what stream.py's reader gives batching.py."""
-
-    def __init__(self, rows: list[list], position: int = 0):
-        self.rows, self.position = rows, position
-
-    @property
-    def epoch(self) -> int:
-        return self.position // len(self.rows)
-
-    def next_row(self) -> list:
-        row = list(self.rows[self.position % len(self.rows)])
-        self.position += 1
-        return row
-
-
-def labelled(classes: int, per_class: int, seed: int = 0, first: int = 0) -> list[list]:
-    """[text, label] rows of classes first.. whose text names its class, in a seeded random order."""
-    rows = [[f"c{c} r{r}", c] for c in range(first, first + classes) for r in range(per_class)]
-    random.Random(seed).shuffle(rows)
-    return rows
 
 
 def class_of(text: str) -> int:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_BERT
+from helpers import TINY_BERT
 
 from tripletctl.config.blocks import ModelConfig
 from tripletctl.core.errors import OutputError

@@ -126,6 +126,7 @@ def test_the_interval_has_the_normal_theory_width():
     assert (entry["high"] + entry["low"]) / 2 == pytest.approx(entry["diff"], abs=0.004)
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_by_the_block():
     # 200,000 queries x 1,000 resamples would be 1.6 GB of indices at once; blocks of 2^20 are 8 MB
     n, resamples = 200_000, 1000

@@ -11,11 +11,13 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from conftest import REPO
+import pytest
+from helpers import FACENET, QUICKSTART, REPO
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
 from tripletctl.config.builtin import CURRICULA_DIR, describe, names
+from tripletctl.config.validate import load_curriculum
 
 QUICK = ["phases.0.steps=2", "phases.1.steps=1", "phases.2.steps=1", "eval.max_rows=100"]
 
@@ -62,6 +64,7 @@ def test_a_name_that_is_neither_a_file_nor_a_builtin_is_one_line(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_train_quickstart_from_a_wheel_in_a_fresh_venv(tmp_path):
     """Build the wheel, install it (no deps, no index) into a new venv that sees this venv's
     packages (torch, transformers, ...) but not this checkout, and train by name in an empty dir."""
@@ -89,17 +92,20 @@ def test_train_quickstart_from_a_wheel_in_a_fresh_venv(tmp_path):
     # this venv's site-packages as a plain path entry: its .pth files (the editable install of this
     # checkout among them) are not processed, so `tripletctl` can only come from the wheel
     (fresh_site / "test-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # without PYTHONPATH: a checkout on it (PYTHONPATH=$PWD) holds the tripletctl.egg-info the wheel's
+    # build just wrote, and pip would take the package as installed already and install nothing
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
     assert install.returncode == 0, install.stderr
 
     work = tmp_path / "empty"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     where = subprocess.run(
         [str(python), "-c", "import tripletctl; print(tripletctl.__file__)"],
         cwd=work,
@@ -123,3 +129,37 @@ def test_train_quickstart_from_a_wheel_in_a_fresh_venv(tmp_path):
     assert [p["status"] for p in index["phases"]] == ["done", "done", "done"]
     assert index["eval_untrained"]["rows"] == 100 and index["eval_final"]["recall@1"] > 0
     assert sorted(p.name for p in work.iterdir()) == ["runs"]  # nothing else written to the empty dir
+
+
+def test_quickstart_validates_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = load_curriculum(QUICKSTART)
+    assert c.model.name == str(REPO / "curricula" / "quickstart" / "tiny-bert")
+    assert c.data.source == str(REPO / "curricula" / "quickstart" / "train.jsonl")
+    assert c.eval is not None and c.eval.source == str(REPO / "curricula" / "quickstart" / "heldout.jsonl")
+    assert c.train.output_dir == "runs/quickstart"  # relative to where training runs
+    assert [p.mining for p in c.phases] == ["semi-hard", "hard-negative", "batch-hard"]
+    assert isinstance(c.train.lr, float) and c.train.lr == 1e-3
+
+
+def test_facenet_validates_offline_with_the_shipped_plan():
+    c = load_curriculum(FACENET)
+    assert c.model.name == "bert-base-uncased"
+    assert [(p.mining, p.loss, p.batch_size, p.margin) for p in c.phases] == [
+        ("semi-hard", "margin", 500, 0.5),
+        ("batch-all", "infonce", 2000, 0.2),
+    ]
+    assert c.train.lr_scaling == "sqrt" and c.train.lr_reference_batch == 500
+    assert c.train.lr == 2e-5 and c.train.precision == "auto" and c.train.chunk_size == "auto"
+    assert c.train.warmup_steps > 0
+    assert c.eval is not None and c.eval.split == "test"
+    assert not os.path.exists(c.data.source)  # a hub name, left untouched
+
+
+def test_facenet_triplets_validates_offline():
+    c = load_curriculum(REPO / "curricula" / "facenet-triplets.yaml")
+    assert c.data.layout == c.eval.layout == "triplets"
+    assert c.data.load_dataset == c.eval.load_dataset == {"name": "triplet"}
+    assert [p.batch_size // c.data.rows_per_group for p in c.phases] == [166, 333, 666]
+    result = CliRunner().invoke(app, ["validate", str(REPO / "curricula" / "facenet-triplets.yaml")])
+    assert result.exit_code == 0, result.output

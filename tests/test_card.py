@@ -112,6 +112,7 @@ def test_a_card_without_provenance_still_renders():
     assert "unknown" in card and "max_length=128" in card
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling, normalize", [("mean", True), ("cls", False)])
 def test_usage_examples_run_and_give_the_model_s_embeddings(tiny_bert_dir, tmp_path, pooling, normalize):
     """Each snippet, run as written with the folder's path, reproduces tripletctl's embeddings."""

@@ -316,6 +316,7 @@ print("SECOND SAVE FINISHED", flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["write", "swap"])
 def test_sigkill_during_save_keeps_previous_checkpoint(tiny_bert_dir, tmp_path, stage):
     script = tmp_path / "saver.py"

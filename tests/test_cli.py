@@ -1,8 +1,10 @@
 """CLI conventions: --version, shell completion, validate --json, tables through a pipe, the exit-code
-table in --help, and resume hints that repeat the overrides in effect (and work when run)."""
+table in --help, resume hints that repeat the overrides in effect (and work when run), and source
+options that map one to one onto the source keys."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,8 +15,8 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from conftest import QUICKSTART
-from test_runner import write_curriculum
+import pytest
+from helpers import QUICKSTART, write_curriculum
 from typer.testing import CliRunner
 
 import tripletctl.core.exit_codes as exit_codes
@@ -29,6 +31,7 @@ def test_version_is_the_installed_one():
     assert result.exit_code == 0 and result.output.strip() == f"tripletctl {version('tripletctl')}"
 
 
+@pytest.mark.slow
 def test_shell_completion_completes_commands_and_builtin_names():
     env = {**os.environ, "_TRIPLETCTL_COMPLETE": "complete_bash", "COMP_WORDS": "tripletctl cur", "COMP_CWORD": "1"}
     script = str(Path(sys.executable).parent / "tripletctl")  # the console script the shell would complete
@@ -93,6 +96,7 @@ def _hint(output: str) -> list[str]:
     return shlex.split(command[1])
 
 
+@pytest.mark.slow
 def test_resume_hint_after_ctrl_c_repeats_the_overrides_and_works(tmp_path, monkeypatch):
     path = write_curriculum(tmp_path, steps=(3, 1, 1), checkpoint_every=0, output_dir=str(tmp_path / "default"))
     overrides = [f"train.output_dir={tmp_path / 'my run'}", "phases.0.steps=2"]
@@ -132,6 +136,13 @@ def test_validate_on_the_command_line_imports_no_torch_transformers_or_datasets(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr
+
+
+def test_cli_source_options_map_one_to_one_onto_source_config():
+    from tripletctl.cli import SOURCE_OPTIONS
+    from tripletctl.config.blocks import SourceConfig
+
+    assert list(SOURCE_OPTIONS) == [f.name for f in dataclasses.fields(SourceConfig)]
 
 
 def test_help_describes_the_shipped_curricula_and_flags_take_no_value():

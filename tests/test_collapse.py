@@ -166,6 +166,7 @@ def test_constant_head_encoder_is_collapsed(tiny_bert_dir):
     assert report.near_margin_fraction == 1.0 and report.effective_rank == 0.0
 
 
+@pytest.mark.slow
 def test_untrained_encoder_is_reported_honestly(tiny_bert_dir):
     """Random tiny BERT: whatever the verdict, the numbers must be finite (docs/collapse.md says what it gives)."""
     from tripletctl.model.encoder import encode
@@ -266,6 +267,7 @@ def heldout_file(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cli_exit_code_3_on_a_collapsed_checkpoint(checkpoint_factory, heldout_file, tmp_path):
     from typer.testing import CliRunner
 
@@ -295,6 +297,7 @@ def test_cli_exit_code_3_on_a_collapsed_checkpoint(checkpoint_factory, heldout_f
     assert payload["verdict"] == COLLAPSED and payload["rows"] == 96
 
 
+@pytest.mark.slow
 def test_cli_untrained_checkpoint_exit_code_matches_verdict(checkpoint_factory, heldout_file):
     from typer.testing import CliRunner
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, TINY_BERT
+from helpers import REPO, TINY_BERT
 
 from tripletctl.core.errors import DataError
 from tripletctl.evaluation.compare import compare_per_query
@@ -159,6 +159,7 @@ def _eval_json(model: Path, *args) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_compare_trained_against_barely_trained_in_a_subprocess(two_phase_run, tmp_path):
     start = two_phase_run / "phase-0-start"
     result = tripletctl("compare", start, two_phase_run, "--json", "--device", "cpu", "--seed", 3, cwd=tmp_path)
@@ -185,6 +186,7 @@ def test_compare_trained_against_barely_trained_in_a_subprocess(two_phase_run, t
     assert table.stdout.count("A is better") == len(METRICS) and "95% interval" in table.stdout
 
 
+@pytest.mark.slow
 def test_a_model_against_itself_and_model_folders(two_phase_run, tmp_path):
     from typer.testing import CliRunner
 
@@ -206,6 +208,7 @@ def test_a_model_against_itself_and_model_folders(two_phase_run, tmp_path):
     assert table.exit_code == 0 and table.output.count("no detectable difference") >= len(METRICS)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(two_phase_run, tmp_path):
     from typer.testing import CliRunner
 

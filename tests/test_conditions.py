@@ -1,17 +1,26 @@
 """Phase end conditions on scripted metric sequences: each condition ends a phase at the step worked
 out by hand (or by pandas' EMA for the smoothing), nothing ends before min_steps, and the state
-survives a JSON round trip at any step with the same decisions afterwards (exact resume)."""
+survives a JSON round trip at any step with the same decisions afterwards (exact resume). End to end,
+`until:` ends real phases at the steps their metrics say, also across a `--resume`."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+import yaml
+from helpers import final_weights, write_curriculum
+from typer.testing import CliRunner
 
+from tripletctl.cli import app
 from tripletctl.config.until import Plateau, UntilConfig, describe
+from tripletctl.config.validate import load_curriculum
 from tripletctl.train.conditions import ConditionState, advance, readings
+from tripletctl.train.run import train
 
 
 def run(
@@ -186,3 +195,134 @@ def test_readings_and_descriptions_for_the_display():
         "(checked from step 8, EMA over 20 steps)"
     )
     assert readings(until, state)[0].describe(20) == "active_fraction 0.25 >= 0.05 (EMA over 20 steps)"
+
+
+def _until_curriculum(tmp_path: Path, *, with_eval: bool = False) -> Path:
+    """Run A (no eval): each phase ends on a different condition of the step signals.
+    Run B (eval every 2 steps): the first phase ends on a held-out plateau, the second on a loss threshold."""
+    path = write_curriculum(tmp_path, steps=(10, 10, 10), checkpoint_every=0, with_eval=with_eval)
+    spec = yaml.safe_load(path.read_text())
+    phases = spec["phases"]
+    if not with_eval:
+        phases[0]["mining"] = "batch-all"  # its active fraction falls within a few steps
+        phases[0]["until"] = {"active_fraction_below": 0.97, "window": 2, "min_steps": 2}
+        phases[1]["until"] = {"batch_hard_loss_below": 0.37, "window": 2, "min_steps": 2}
+        phases[2]["until"] = {"plateau": {"metric": "loss", "patience": 2, "min_delta": 0.03}, "min_steps": 2}
+    else:
+        spec["eval"].update(every=2, max_rows=120)
+        phases[0]["until"] = {"eval_plateau": {"metric": "recall@1", "patience": 1, "min_delta": 0.9}}
+        phases[1]["until"] = {"loss_below": 1.0, "min_steps": 2}
+        phases[2]["steps"] = 1
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _phase_logs(run: Path) -> list[tuple[list[dict], list[dict]]]:
+    """(step records, event records) of each phase directory, in order."""
+    out = []
+    for phase_dir in sorted(run.glob("phase-*")):
+        records = [json.loads(line) for line in (phase_dir / "metrics.jsonl").read_text().splitlines()]
+        out.append(([r for r in records if "event" not in r], [r for r in records if "event" in r]))
+    return out
+
+
+def _first_step(holds, min_steps: int, steps: int) -> int:
+    """The step a phase must end at: the first step >= min_steps at which `holds(t)`, else its last step."""
+    return next((t for t in range(min_steps, steps + 1) if holds(t)), steps)
+
+
+@pytest.fixture(scope="module")
+def until_run(tmp_path_factory) -> Path:
+    path = _until_curriculum(tmp_path_factory.mktemp("until"))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    return path.parent / "run"
+
+
+@pytest.mark.slow
+def test_until_conditions_end_phases_end_to_end(until_run):
+    """Each phase ends exactly where the logged numbers, smoothed independently (pandas), say."""
+    import pandas as pd
+
+    logs = _phase_logs(until_run)
+    ema = lambda records, key, window: pd.Series([r[key] for r in records]).ewm(span=window, adjust=False).mean()  # noqa: E731
+    steps0, steps1, steps2 = (steps for steps, _ in logs)
+    # logged records run up to the step the phase ended at; the reference uses the same numbers
+    af = ema(steps0, "active_fraction", 2)
+    expected0 = _first_step(lambda t: af[t - 1] < 0.97, 2, 10)
+    bhl = ema(steps1, "batch_hard_loss", 2)
+    expected1 = _first_step(lambda t: bhl[t - 1] < 0.37, 2, 10)
+    loss = ema(steps2, "loss", 20)
+    best, since, plateau_from = None, 0, None
+    for t, value in enumerate(loss, 1):
+        best, since = (value, 0) if best is None or value < best * (1 - 0.03) else (best, since + 1)
+        if t >= 2 and since >= 2 and plateau_from is None:
+            plateau_from = t
+    expected2 = plateau_from or 10
+    assert [len(steps0), len(steps1), len(steps2)] == [expected0, expected1, expected2]
+    assert max(expected0, expected1, expected2) < 10, "every phase should end early on these numbers"
+
+    index = json.loads((until_run / "run.json").read_text())
+    for phase, (_steps, events), expected, condition, metric in zip(
+        index["phases"],
+        logs,
+        (expected0, expected1, expected2),
+        ("active_fraction_below", "batch_hard_loss_below", "plateau"),
+        ("active_fraction", "batch_hard_loss", "loss"),
+    ):
+        assert phase["status"] == "done" and phase["ended_by"] == "until"
+        assert (phase["steps_planned"], phase["steps_done"]) == (10, expected)
+        (event,) = [e for e in events if e["event"] == "until"]
+        assert (event["condition"], event["metric"], event["step"]) == (condition, metric, expected)
+        summary = json.loads((until_run / phase["dir"] / "summary.json").read_text())
+        assert (summary["steps_planned"], summary["steps_done"], summary["ended_by"]) == (10, expected, "until")
+        assert summary["end_reason"] == event["reason"] and metric in event["reason"]
+        state = json.loads((until_run / phase["dir"] / "checkpoint" / "state.json").read_text())
+        assert state["step"] == expected  # the phase-end checkpoint, as at a planned end
+    assert logs[0][1][0]["value"] == pytest.approx(af[expected0 - 1])
+    assert logs[1][1][0]["value"] == pytest.approx(bhl[expected1 - 1])
+    # the next phase started right after: global steps run on without a gap
+    assert logs[1][0][0]["global_step"] == expected0 + 1 and logs[2][0][0]["global_step"] == expected0 + expected1 + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["inside phase 0", "inside phase 2"])
+def test_resume_with_until_ends_phases_at_the_same_steps(until_run, tmp_path, where):
+    """Killed (paused) while the smoothing and plateau counters are mid-way, resumed: the phases end
+    at the same steps, with the same weights, as the uninterrupted run."""
+    index = json.loads((until_run / "run.json").read_text())
+    done = [p["steps_done"] for p in index["phases"]]
+    stop_after = done[0] - 1 if where == "inside phase 0" else done[0] + done[1] + 1
+    path = _until_curriculum(tmp_path)
+    assert train(load_curriculum(path), max_steps=stop_after) == 0
+    assert train(load_curriculum(path), resume=True) == 0
+    resumed = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [p["steps_done"] for p in resumed["phases"]] == done
+    assert [p["end_reason"] for p in resumed["phases"]] == [p["end_reason"] for p in index["phases"]]
+    a, b = final_weights(until_run), final_weights(tmp_path / "run")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_eval_plateau_and_loss_below_end_phases_end_to_end(tmp_path):
+    """eval_plateau ends a phase on held-out evals; the early end runs the phase-end eval too."""
+    path = _until_curriculum(tmp_path, with_eval=True)
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    (steps0, events0), (steps1, events1), _ = _phase_logs(run)
+    evals0 = [e for e in events0 if e["event"] == "eval"]
+    recalls = [e["recall@1"] for e in evals0]
+    # with min_delta 0.9 an eval must raise recall@1 by 90% to count: the first eval that does not ends it
+    expected = next(2 * (i + 1) for i in range(1, len(recalls)) if recalls[i] <= max(recalls[:i]) * 1.9)
+    assert len(steps0) == expected < 10
+    (until0,) = [e for e in events0 if e["event"] == "until"]
+    assert until0["condition"] == "eval_plateau" and until0["value"] == max(recalls[:-1])
+    assert [e["step"] for e in evals0] == list(range(2, expected + 1, 2))
+    # loss_below 1.0 holds at once: phase 1 ends at min_steps (2), with its phase-end eval at step 2
+    assert len(steps1) == 2
+    assert [e["event"] for e in events1] == ["until", "eval"] and events1[1]["step"] == 2
+    index = json.loads((run / "run.json").read_text())
+    assert [p["ended_by"] for p in index["phases"]] == ["until", "until", "steps"]
+    assert index["eval_final"]["global_step"] == expected + 2 + 1

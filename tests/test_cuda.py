@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BERT
+from helpers import TINY_BERT, final_weights, write_curriculum
 from torch import Tensor
 from transformers import AutoConfig, AutoModel, BertConfig
 
@@ -307,7 +307,6 @@ def test_a_compiled_encoder_replays_dropout_in_the_re_forward():
 def test_resume_on_the_device_gives_the_uninterrupted_run(tmp_path):
     """A three-phase run on the device, paused mid-phase (`--max-steps`) and resumed, ends with the
     weights of the run never interrupted, and logs every step once with the same losses."""
-    from test_runner import final_weights, write_curriculum
 
     from tripletctl.config.validate import load_curriculum
     from tripletctl.train.run import train

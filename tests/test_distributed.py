@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # end to end: the real CLI, subprocesses, several processes or faults
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_BERT = REPO / "curricula" / "quickstart" / "tiny-bert"
 QUICKSTART = REPO / "curricula" / "quickstart.yaml"

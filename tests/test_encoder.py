@@ -141,6 +141,7 @@ def test_encoder_dir_loads_in_plain_transformers(tiny_bert_dir, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_encode_returns_input_order(tiny_bert_dir):
     model, tok = tiny(tiny_bert_dir)
     model.train()
@@ -200,6 +201,7 @@ def test_missing_or_damaged_models_are_model_errors(tiny_bert_dir, tmp_path):
         load_model(tmp_path / "saved")
 
 
+@pytest.mark.slow
 def test_a_compiled_encoder_that_fails_to_compile_runs_eagerly_after_one_warning(tiny_bert_dir, tmp_path):
     """train.compile's fallback: the first compiled call fails (here: a backend that raises), the same
     call runs eagerly and every later one too, with one warning; weights, keys and saving are the
@@ -224,6 +226,7 @@ def test_a_compiled_encoder_that_fails_to_compile_runs_eagerly_after_one_warning
     torch.testing.assert_close(loaded(*batch(tok, TEXTS)), eager, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_compiled_encoder_that_compiles_runs_compiled(tiny_bert_dir):
     model, tok = tiny(tiny_bert_dir)
     eager = model.eval()(*batch(tok, TEXTS))
@@ -233,6 +236,7 @@ def test_a_compiled_encoder_that_compiles_runs_compiled(tiny_bert_dir):
     assert not warnings and model.encoder.failure is None
 
 
+@pytest.mark.slow
 def test_an_error_of_the_model_itself_is_not_hidden_by_the_fallback(tiny_bert_dir):
     model, tok = tiny(tiny_bert_dir)
     model.encoder = CompiledOrEager(model.encoder, backend="eager")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_previous_format
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
@@ -55,6 +56,7 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["run", "phase", "checkpoint"])
 def test_exports_only_the_model_folder(run_dir, tmp_path, which):
     source = {"run": run_dir, "phase": run_dir / "phase-0-only", "checkpoint": run_dir / "phase-0-only" / "checkpoint"}[
@@ -155,7 +157,6 @@ def test_best_without_a_best_model(run_dir, tmp_path):
 
 
 def test_previous_format_is_resaved_in_the_current_one(tiny_bert_dir, tmp_path):
-    from test_sbert import save_previous_format
 
     model, tok = build_model(ModelConfig(name=str(tiny_bert_dir), init="config", head=(16,)), seed=1)
     source = tmp_path / "old"

@@ -17,13 +17,12 @@ import random
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_runner import final_weights, write_curriculum
+from helpers import alive, assert_tidy, children, final_weights, finish, start, steps_logged, wait_for, write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
@@ -31,6 +30,8 @@ from tripletctl.config.validate import load_curriculum
 from tripletctl.core.exit_codes import EXIT_INTERRUPTED, EXIT_WORKER_DIED
 from tripletctl.outputs.checkpoint import load_checkpoint
 from tripletctl.train.run import train
+
+pytestmark = pytest.mark.slow  # end to end: the real CLI, subprocesses, several processes or faults
 
 STEPS = (6, 2, 2)  # checkpoint_every=1: 10 saves, 7 of which replace (and discard) an older one
 SEEDED = random.Random(9)
@@ -71,70 +72,6 @@ def assert_same_weights(run: Path, reference: dict[str, torch.Tensor]) -> None:
     assert weights.keys() == reference.keys()
     for name in weights:
         torch.testing.assert_close(weights[name], reference[name], rtol=0, atol=1e-6, msg=name)
-
-
-def assert_tidy(run: Path, prev_allowed: bool = False) -> None:
-    """No temporary or half-deleted file or directory anywhere in the run directory (a complete
-    `checkpoint.prev` is the valid checkpoint after a stop between the two renames of a save)."""
-    leftovers = [
-        p
-        for p in run.rglob("*")
-        if ".tmp-" in p.name or ".trash-" in p.name or (p.name == "checkpoint.prev" and not prev_allowed)
-    ]
-    assert not leftovers, leftovers
-
-
-def start(path: Path, *args: str, env: dict | None = None, group: bool = False) -> subprocess.Popen:
-    """`group`: in a process group of its own, which a test signals as a terminal does (`os.killpg`)."""
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tripletctl", "train", str(path), *args],
-        cwd=path.parent,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=group,
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    try:
-        return proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"train did not end within {timeout}s: {proc.communicate()[0][-3000:]}") from None
-
-
-def wait_for(condition, timeout: float = 300, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def steps_logged(run: Path, phase: str = "phase-0-semi-hard") -> int:
-    metrics = run / phase / "metrics.jsonl"
-    return metrics.read_text().count("\n") if metrics.exists() else 0
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def catches(pid: int, sig: int) -> bool:

@@ -9,7 +9,10 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+from helpers import REPO
+
+pytestmark = pytest.mark.slow  # end to end: the real CLI, subprocesses, several processes or faults
 
 
 def test_gpu_check_smoke_prints_one_table_of_pass_rows(tmp_path):

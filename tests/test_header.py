@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import yaml
-from conftest import TINY_BERT
+from helpers import TINY_BERT
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
@@ -97,6 +97,7 @@ def test_validate_says_what_it_read_and_which_batches_reuse_classes(tmp_path, as
     assert "batch: phase 1 (p1) batch 48 has all 2 classes in every batch, about 24 rows each" in result.output
 
 
+@pytest.mark.slow
 def test_train_stops_on_the_column_before_building_a_model(tmp_path, assets_dir):
     path = _curriculum(tmp_path, assets_dir)
     result = subprocess.run(

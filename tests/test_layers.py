@@ -126,9 +126,9 @@ def test_the_circle_finder_finds_circles():
     assert _cycles(graph) == [["a", "b", "c"], ["e"]]
 
 
-def test_no_module_over_600_lines_and_no_function_over_80():
+def _too_long(files: dict[str, Path]) -> list[str]:
     too_long = []
-    for name, path in _modules().items():
+    for name, path in files.items():
         text = path.read_text()
         if text.count("\n") > 600:
             too_long.append(f"{name}: {text.count(chr(10))} lines")
@@ -137,4 +137,16 @@ def test_no_module_over_600_lines_and_no_function_over_80():
                 length = node.end_lineno - node.lineno + 1
                 if length > 80:
                     too_long.append(f"{name}.{node.name}: {length} lines")
+    return too_long
+
+
+def test_no_module_over_600_lines_and_no_function_over_80():
+    too_long = _too_long(_modules())
+    assert not too_long, too_long
+
+
+def test_the_bench_scripts_keep_the_same_sizes():
+    """bench/ is no layer of the package (nothing imports it), but its scripts are read and changed
+    the same way: the same limits."""
+    too_long = _too_long({f"bench.{path.stem}": path for path in sorted((PACKAGE.parent / "bench").glob("*.py"))})
     assert not too_long, too_long

@@ -12,8 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_faults import alive, assert_tidy, children, finish, start, steps_logged, wait_for
-from test_runner import one_phase, write_curriculum
+from helpers import alive, assert_tidy, children, finish, one_phase, start, steps_logged, wait_for, write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
@@ -48,6 +47,7 @@ def slow_run(tmp_path: Path, steps: int = 60, **kw) -> Path:
 # ------------------------------------------------------------------------------- the lock
 
 
+@pytest.mark.slow
 def test_a_second_train_or_resume_on_a_held_directory_stops_at_once_and_the_holder_finishes(tmp_path):
     path = slow_run(tmp_path)
     run = tmp_path / "run"
@@ -65,6 +65,7 @@ def test_a_second_train_or_resume_on_a_held_directory_stops_at_once_and_the_hold
     assert_tidy(run)
 
 
+@pytest.mark.slow
 def test_kill9_of_the_holder_leaves_no_stale_lock(tmp_path):
     path = slow_run(tmp_path, tokenizer_workers=1)  # a spawned worker must not keep the lock either
     run = tmp_path / "run"
@@ -78,6 +79,7 @@ def test_kill9_of_the_holder_leaves_no_stale_lock(tmp_path):
     assert cli("train", path, "--resume", "--max-steps", "1").exit_code == 0
 
 
+@pytest.mark.slow
 def test_start_up_cleanup_removes_only_dead_processes_temporaries(tmp_path):
     path = one_phase(write_curriculum(tmp_path, steps=(3, 1, 1), checkpoint_every=1))
     assert cli("train", path, "--max-steps", "1").exit_code == 0
@@ -132,6 +134,7 @@ def test_the_root_and_home_directories_are_refused(tmp_path, monkeypatch, where)
     assert not list(home.iterdir())
 
 
+@pytest.mark.slow
 def test_own_runs_are_recognised_with_or_without_the_marker(tmp_path):
     path = one_phase(write_curriculum(tmp_path, steps=(3, 1, 1), checkpoint_every=1))
     run = tmp_path / "run"

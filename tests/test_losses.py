@@ -1,8 +1,9 @@
 """The losses of a phase (`loss:`, tripletctl/train/losses.py) against brute-force loops over their
 definitions (values, gradients, stats), their memory, `validate`'s refusals, and a tiny CLI run each.
 
-The references below loop over anchors, positives and negatives in plain Python, computing each
-distance and cosine from the embeddings; they share nothing with the O(B²) code but the definitions.
+The references (tests/helpers.py, shared with the mining and guard tests) loop over anchors, positives
+and negatives in plain Python, computing each distance and cosine from the embeddings; they share
+nothing with the O(B²) code but the definitions.
 """
 
 from __future__ import annotations
@@ -13,160 +14,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_mining import LABELS, _MaxNumel
-from test_runner import write_curriculum
+from helpers import (
+    LABELS,
+    TOL,
+    MaxNumel,
+    check_against_reference,
+    distance_of,
+    text_like_embeddings,
+    write_curriculum,
+)
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
 from tripletctl.config import choices
-from tripletctl.model.distances import SQRT_EPS
 from tripletctl.train.mining import mine
-
-TOL = 1e-6
-TRIPLET_MODES = ("semi-hard", "hard-negative", "batch-hard", "batch-all")
-
-
-def _dist(x: torch.Tensor, y: torch.Tensor, distance: str) -> torch.Tensor:
-    sq = ((x - y) ** 2).sum()
-    return sq if distance == "squared-euclidean" else torch.sqrt(torch.clamp(sq, min=SQRT_EPS))
-
-
-def _cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.dot(x, y) / (x.norm() * y.norm())
-
-
-def _candidates(e, labels, memory):
-    if memory is None:
-        return e, [int(v) for v in labels]
-    return torch.cat([e, memory[0]]), [int(v) for v in torch.cat([labels, memory[1]])]
-
-
-def reference_triplets(
-    e, labels, mode, margin, loss, guard=None, distance="euclidean", fallback="hardest", memory=None
-):
-    """(loss, stats) of the mined triplets from loops; `guard` ρ skips n with cos(a,n) > ρ·cos(a,p)."""
-    b = len(labels)
-    cand, lab = _candidates(e, labels, memory)
-    d = {(a, j): _dist(cand[a], cand[j], distance) for a in range(b) for j in range(len(lab))}
-    f = {k: v.item() for k, v in d.items()}
-    pos = {a: [j for j in range(len(lab)) if j != a and lab[j] == lab[a]] for a in range(b)}
-    neg = {a: [j for j in range(len(lab)) if lab[j] != lab[a]] for a in range(b)}
-
-    def kept(a, p):
-        if guard is None:
-            return neg[a]
-        return [n for n in neg[a] if not _cos(cand[a], cand[n]).item() > guard * _cos(cand[a], cand[p]).item()]
-
-    def term(a, p, n):
-        x = d[a, p] - d[a, n]
-        return torch.relu(x + margin) if loss == "margin" else F.softplus(x)
-
-    triplets, skipped = [], 0
-    for a in (a for a in range(b) if pos[a] and neg[a]):
-        positives = [max(pos[a], key=lambda q: f[a, q])] if mode == "batch-hard" else pos[a]
-        for p in positives:
-            negs = kept(a, p)
-            skipped += len(neg[a]) - len(negs)
-            if not negs:
-                continue
-            if mode == "batch-all":
-                triplets += [(a, p, n) for n in negs]
-                continue
-            farther = [n for n in negs if f[a, n] > f[a, p]]
-            if mode == "semi-hard" and not farther:
-                pick = min if fallback == "hardest" else max
-                triplets.append((a, p, pick(negs, key=lambda q: f[a, q])))
-            else:
-                pool = farther if mode == "semi-hard" else negs
-                triplets.append((a, p, min(pool, key=lambda q: f[a, q])))
-    zero = (e * 0).sum()
-    terms = [term(*t) for t in triplets]
-    if mode == "batch-all":
-        active = [x for x in terms if x.item() > 0]
-        value = sum(active, zero) / max(len(active), 1)
-    else:
-        value = sum(terms, zero) / max(len(terms), 1)
-    misordered = [f[a, p] > f[a, n] for a, p, n in triplets]
-    is_active = [x.item() > 0 for x in terms] if loss == "margin" else misordered
-    nt = len(triplets)
-    stats = {
-        "active_fraction": sum(is_active) / nt if nt else 0.0,
-        "mean_ap": sum(f[a, p] for a, p, _ in triplets) / nt if nt else 0.0,
-        "mean_an": sum(f[a, n] for a, _, n in triplets) / nt if nt else 0.0,
-        "num_triplets": nt,
-        "guard_skipped": skipped if guard is not None else 0,
-    }
-    return value, stats
-
-
-def reference_infonce(e, labels, temperature, guard=None, distance="euclidean", memory=None):
-    """Per anchor, per positive: -log(exp(s_ap/τ) / (exp(s_ap/τ) + Σ_n exp(s_an/τ))), mean over the
-    positives, then over the anchors; the guard drops n with s_an > ρ·s_ap from that denominator."""
-    b = len(labels)
-    cand, lab = _candidates(e, labels, memory)
-    zero = (e * 0).sum()
-    per_anchor, pairs, misranked, sum_ap, sum_an, skipped = [], 0, 0, 0.0, 0.0, 0
-    for a in range(b):
-        pos = [j for j in range(len(lab)) if j != a and lab[j] == lab[a]]
-        neg = [j for j in range(len(lab)) if lab[j] != lab[a]]
-        if not pos or not neg:
-            continue
-        terms = []
-        for p in pos:
-            s_ap = _cos(cand[a], cand[p])
-            negs = [n for n in neg if guard is None or not _cos(cand[a], cand[n]).item() > guard * s_ap.item()]
-            skipped += len(neg) - len(negs)
-            if not negs:
-                continue
-            s_an = [_cos(cand[a], cand[n]) for n in negs]
-            numerator = torch.exp(s_ap / temperature)
-            denominator = numerator + sum(torch.exp(s / temperature) for s in s_an)
-            terms.append(-torch.log(numerator / denominator))
-            hardest = max(range(len(negs)), key=lambda i: s_an[i].item())
-            pairs += 1
-            misranked += s_an[hardest].item() > s_ap.item()
-            sum_ap += _dist(cand[a], cand[p], distance).item()
-            sum_an += _dist(cand[a], cand[negs[hardest]], distance).item()
-        if terms:
-            per_anchor.append(sum(terms, zero) / len(terms))
-    value = sum(per_anchor, zero) / max(len(per_anchor), 1)
-    stats = {
-        "active_fraction": misranked / pairs if pairs else 0.0,
-        "mean_ap": sum_ap / pairs if pairs else 0.0,
-        "mean_an": sum_an / pairs if pairs else 0.0,
-        "num_triplets": pairs,
-        "guard_skipped": skipped if guard is not None else 0,
-    }
-    return value, stats
-
-
-def _emb(b, d=6, seed=0, spread=1.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, d, generator=g, dtype=torch.float64)
-    x[:, 0] += 1.0 / spread  # a common direction: positive cosines, as on trained text embeddings
-    return F.normalize(x, dim=1)
-
-
-def _compare(e, labels, mode, loss, memory=None, **kwargs):
-    """`mine` against the reference: loss, gradients (torch.autograd on both) and stats."""
-    leaf, leaf_ref = e.clone().requires_grad_(True), e.clone().requires_grad_(True)
-    mem = {} if memory is None else {"memory_embeddings": memory[0], "memory_labels": memory[1]}
-    value, stats = mine(leaf, labels, mode, 0.2, loss=loss, **kwargs, **mem)
-    if loss == "infonce":
-        options = {k: v for k, v in kwargs.items() if k in ("temperature", "guard", "distance")}
-        ref, ref_stats = reference_infonce(leaf_ref, labels, options.pop("temperature", 0.05), memory=memory, **options)
-    else:
-        ref, ref_stats = reference_triplets(leaf_ref, labels, mode, 0.2, loss, memory=memory, **kwargs)
-    assert value.item() == pytest.approx(ref.item(), abs=TOL, rel=TOL)
-    (grad,) = torch.autograd.grad(value, leaf)
-    (grad_ref,) = torch.autograd.grad(ref, leaf_ref, allow_unused=True)
-    torch.testing.assert_close(grad, torch.zeros_like(e) if grad_ref is None else grad_ref, atol=TOL, rtol=TOL)
-    for key, expected in ref_stats.items():
-        assert getattr(stats, key) == pytest.approx(expected, abs=TOL), key
-    plain = mine(e, labels, "batch-hard", 0.2, distance=kwargs.get("distance", "euclidean"), **mem)[1]
-    assert stats.batch_hard_loss == pytest.approx(plain.batch_hard_loss, abs=1e-12)  # the yardstick stays
-    return value, stats
-
 
 # ----------------------------------------------------------------------------- triplet losses
 
@@ -175,7 +36,7 @@ def _compare(e, labels, mode, loss, memory=None, **kwargs):
 @pytest.mark.parametrize("mode", ["random", "semi-hard", "hard-negative", "batch-hard"])
 def test_soft_margin_matches_the_reference(mode, structure):
     labels = LABELS[structure]()
-    e = _emb(len(labels), seed=len(labels))
+    e = text_like_embeddings(len(labels), seed=len(labels))
     if mode == "random":  # the draws cannot be reproduced independently: soft-margin of the margin mode's picks
         g0, g1 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
         leaf = e.clone().requires_grad_(True)
@@ -185,19 +46,19 @@ def test_soft_margin_matches_the_reference(mode, structure):
         a, p, n = mine_indices(e, labels, mode, generator=g1)
         expected = torch.stack(
             [
-                F.softplus(_dist(e[i], e[j], "euclidean") - _dist(e[i], e[k], "euclidean"))
+                F.softplus(distance_of(e[i], e[j], "euclidean") - distance_of(e[i], e[k], "euclidean"))
                 for i, j, k in zip(a.tolist(), p.tolist(), n.tolist())
             ]
         ).mean()
         assert value.item() == pytest.approx(expected.item(), abs=TOL)
         return
     for distance in choices.DISTANCES:
-        _compare(e, labels, mode, "soft-margin", distance=distance)
+        check_against_reference(e, labels, mode, "soft-margin", distance=distance)
 
 
 def test_margin_is_todays_loss_bit_for_bit():
     labels = LABELS["uneven"]()
-    e = _emb(len(labels)).float()
+    e = text_like_embeddings(len(labels)).float()
     for mode in choices.MINING_MODES:
         g0, g1 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
         a, b = e.clone().requires_grad_(True), e.clone().requires_grad_(True)
@@ -209,7 +70,7 @@ def test_margin_is_todays_loss_bit_for_bit():
 
 def test_soft_margin_ignores_the_margin_and_counts_misordered_triplets():
     labels = LABELS["four-classes"]()
-    e = _emb(len(labels))
+    e = text_like_embeddings(len(labels))
     one, stats = mine(e, labels, "hard-negative", 0.2, loss="soft-margin")
     other, _ = mine(e, labels, "hard-negative", 0.9, loss="soft-margin")
     assert one.item() == other.item() > 0
@@ -223,30 +84,34 @@ def test_soft_margin_ignores_the_margin_and_counts_misordered_triplets():
 @pytest.mark.parametrize("temperature", [0.05, 0.5])
 def test_infonce_matches_the_reference(structure, temperature):
     labels = LABELS[structure]()
-    _compare(_emb(len(labels), seed=7), labels, "batch-all", "infonce", temperature=temperature)
+    check_against_reference(
+        text_like_embeddings(len(labels), seed=7), labels, "batch-all", "infonce", temperature=temperature
+    )
 
 
 @pytest.mark.parametrize("distance", choices.DISTANCES)
 def test_infonce_with_memory_matches_the_reference(distance):
     """Memory rows join as positives and negatives by label; no gradient reaches them."""
     labels = LABELS["four-classes"]()
-    memory = (_emb(10, seed=3), torch.tensor([0, 1, 2, 3, 9, 9, 8, 0, 1, 7]))
-    _, stats = _compare(_emb(16, seed=2), labels, "batch-all", "infonce", memory=memory, distance=distance)
+    memory = (text_like_embeddings(10, seed=3), torch.tensor([0, 1, 2, 3, 9, 9, 8, 0, 1, 7]))
+    _, stats = check_against_reference(
+        text_like_embeddings(16, seed=2), labels, "batch-all", "infonce", memory=memory, distance=distance
+    )
     assert stats.memory_rows == 10
 
 
 def test_infonce_pairs_and_triplets_labels():
     """Pairs: each pair its own class; triplets: given negatives have labels of their own (never anchors)."""
     pairs = torch.arange(12) // 2
-    _compare(_emb(12, seed=4), pairs, "batch-all", "infonce")
+    check_against_reference(text_like_embeddings(12, seed=4), pairs, "batch-all", "infonce")
     triplets = torch.tensor([0, 0, 100, 1, 1, 101, 2, 2, 102])  # anchor, positive, given negative
-    _, stats = _compare(_emb(9, seed=5), triplets, "batch-all", "infonce")
+    _, stats = check_against_reference(text_like_embeddings(9, seed=5), triplets, "batch-all", "infonce")
     assert stats.num_triplets == 6 and stats.skipped_anchors == 3
 
 
 def test_infonce_is_stable_at_a_tiny_temperature_and_collapsed_embeddings():
     labels = LABELS["four-classes"]()
-    leaf = _emb(16).float().requires_grad_(True)
+    leaf = text_like_embeddings(16).float().requires_grad_(True)
     value, _ = mine(leaf, labels, "batch-all", 0.2, loss="infonce", temperature=1e-4)
     value.backward()
     assert math.isfinite(value.item()) and torch.isfinite(leaf.grad).all()
@@ -258,7 +123,7 @@ def test_infonce_is_stable_at_a_tiny_temperature_and_collapsed_embeddings():
 
 
 def test_infonce_with_nothing_valid_is_a_connected_zero():
-    leaf = _emb(6).requires_grad_(True)
+    leaf = text_like_embeddings(6).requires_grad_(True)
     value, stats = mine(leaf, torch.arange(6), "batch-all", 0.2, loss="infonce")
     assert value.item() == 0.0 and value.grad_fn is not None and stats.num_triplets == 0
     value.backward()
@@ -268,7 +133,7 @@ def test_infonce_with_nothing_valid_is_a_connected_zero():
 def test_infonce_memory_is_quadratic(labels):
     b = len(labels)
     leaf = F.normalize(torch.randn(b, 16, generator=torch.Generator().manual_seed(0)), dim=1).requires_grad_(True)
-    probe = _MaxNumel()
+    probe = MaxNumel()
     with probe:
         value, _ = mine(leaf, labels, "batch-all", 0.2, loss="infonce", guard=0.9)
         value.backward()
@@ -278,7 +143,7 @@ def test_infonce_memory_is_quadratic(labels):
 
 def test_infonce_is_bf16_safe():
     labels = LABELS["four-classes"]()
-    e = _emb(16)
+    e = text_like_embeddings(16)
     exact, _ = mine(e, labels, "batch-all", 0.2, loss="infonce")
     low, _ = mine(e.bfloat16(), labels, "batch-all", 0.2, loss="infonce")
     assert low.dtype == torch.float32 and low.item() == pytest.approx(exact.item(), rel=0.05)
@@ -288,7 +153,7 @@ def test_infonce_is_bf16_safe():
 
 
 def test_mine_refuses_combinations_without_meaning():
-    e, labels = _emb(8), torch.arange(8) // 2
+    e, labels = text_like_embeddings(8), torch.arange(8) // 2
     with pytest.raises(ValueError, match="unknown loss"):
         mine(e, labels, "batch-hard", 0.2, loss="hinge")
     with pytest.raises(ValueError, match="mining must be batch-all"):
@@ -348,6 +213,7 @@ def _steps(run, phase_dir):
     return [r for r in map(json.loads, lines) if "event" not in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", choices.LOSSES)
 def test_a_tiny_run_per_loss(tmp_path, loss):
     """The real CLI, three phases with chunked gradient caching (chunks of 16 rows, batches of 16-64),

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from test_runner import write_curriculum
+from helpers import write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
@@ -61,6 +61,7 @@ def test_validate_shows_the_effective_rate(tmp_path):
     assert "train.lr_reference_batch must be a positive integer, got 0" in bad.output
 
 
+@pytest.mark.slow
 def test_a_run_logs_the_scaled_rate(tmp_path):
     path = write_curriculum(tmp_path, steps=(1, 1, 1), checkpoint_every=0, warmup_steps=0, decay="none")
     result = CliRunner().invoke(app, ["train", str(path), "train.lr_scaling=sqrt"])

@@ -1,11 +1,17 @@
-"""The cross-batch memory queue against a plain Python list of the rows pushed so far."""
+"""The cross-batch memory queue against a plain Python list of the rows pushed so far, and a run with a
+memory resumed mid-phase ending with the weights of one never interrupted."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from helpers import final_weights, write_curriculum
 
+from tripletctl.config.validate import load_curriculum
 from tripletctl.train.memory import EmbeddingMemory, carry_over
+from tripletctl.train.run import train
 
 
 def _batch(start: int, rows: int, dim: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,3 +109,42 @@ def test_not_a_state_at_all_is_a_value_error():
     for junk in (torch.zeros(3), [1, 2], {"size": "x"}, {**EmbeddingMemory(3, True).state_dict(), "labels": [1]}):
         with pytest.raises(ValueError):
             EmbeddingMemory.from_state_dict(junk)
+
+
+@pytest.mark.slow
+def test_resume_with_memory_matches_uninterrupted_run(tmp_path, interrupt_after=5):
+    """A cross-batch memory in every phase (from step 1 on): the checkpoint holds the queue, so a run
+    interrupted in phase 1, whose queue was carried over from phase 0, ends with the same weights."""
+    memory = {"size": 48, "start_step": 1}
+    straight = write_curriculum(tmp_path / "straight", checkpoint_every=3, memory=memory)
+    assert train(load_curriculum(straight)) == 0
+    broken = write_curriculum(tmp_path / "broken", checkpoint_every=3, memory=memory)
+    assert train(load_curriculum(broken), max_steps=interrupt_after) == 0
+    assert train(load_curriculum(broken), resume=True) == 0
+
+    a, b = final_weights(tmp_path / "straight" / "run"), final_weights(tmp_path / "broken" / "run")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    queue = [
+        torch.load(run / "phase-2-batch-hard" / "checkpoint" / "memory.pt", weights_only=True)
+        for run in (tmp_path / "straight" / "run", tmp_path / "broken" / "run")
+    ]
+    for key in queue[0]:
+        torch.testing.assert_close(queue[0][key], queue[1][key], rtol=0, atol=1e-6, msg=key)
+    # the queue fills from step 0, is mined from start_step on, and carries into the next phase
+    rows = {}
+    for phase_dir in sorted((tmp_path / "straight" / "run").glob("phase-*")):
+        records = [json.loads(line) for line in (phase_dir / "metrics.jsonl").read_text().splitlines()]
+        rows[phase_dir.name] = [r["memory_rows"] for r in records if "event" not in r]
+    assert rows == {
+        "phase-0-semi-hard": [0, 16, 32, 48],
+        "phase-1-hard-negative": [0, 48, 48],
+        "phase-2-batch-hard": [0, 48, 48],
+    }
+
+    # the memory changes what is learnt (so the comparison above can fail)
+    plain = write_curriculum(tmp_path / "plain", checkpoint_every=3)
+    assert train(load_curriculum(plain)) == 0
+    c = final_weights(tmp_path / "plain" / "run")
+    assert any(not torch.allclose(a[name], c[name], rtol=0, atol=1e-6) for name in a)
+    assert not (tmp_path / "plain" / "run" / "phase-2-batch-hard" / "checkpoint" / "memory.pt").exists()

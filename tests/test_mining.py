@@ -1,8 +1,9 @@
 """tripletctl.train.mining against an independent brute force over all triplets.
 
-The brute force loops over (a, p, n) in plain Python, computing each distance
-from the embeddings with torch ops, and builds the mined set straight from the
-definitions; values and gradients must agree with the O(B²) library to 1e-5.
+The brute force (`reference_triplets` in tests/helpers.py, shared with the loss and guard tests)
+loops over (a, p, n) in plain Python, computing each distance from the embeddings with torch ops,
+and builds the mined set straight from the definitions; values and gradients must agree with the
+O(B²) library to 1e-5.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import LABELS, MaxNumel, reference_triplets
 
 from tripletctl.config.choices import MINING_MODES as MODES
 from tripletctl.model.distances import SQRT_EPS, pairwise_distances
@@ -21,116 +22,12 @@ from tripletctl.train.mining import MiningStats, mine, mine_indices
 TOL = 1e-5
 
 
-# ----------------------------------------------------------------------------- brute force
-
-
-def _bf_dist(e: torch.Tensor, i: int, j: int, distance: str) -> torch.Tensor:
-    sq = ((e[i] - e[j]) ** 2).sum()
-    if distance == "squared-euclidean":
-        return sq
-    return torch.sqrt(torch.clamp(sq, min=SQRT_EPS))
-
-
-def brute_force(
-    e, labels, mode, margin, distance="euclidean", fallback="hardest", negatives=None, memory=None, groups=None
-):
-    """Returns (loss tensor, dict of stats) from plain loops over the definitions.
-
-    ``negatives`` ({(a, p): n}) supplies the draws for ``random``, which cannot be
-    reproduced independently; everything else is decided here.  ``memory``
-    ((M, D) embeddings, (M,) labels): extra candidates numbered B..B+M-1; anchors
-    stay the batch rows, and the batch-hard stat stays in-batch.
-    ``groups`` (triplet data, no memory) replaces ``labels`` by roles: one group id per anchor/positive
-    row, None for a given negative, which is a negative of every anchor and nobody's anchor or positive.
-    """
-    b = len(labels)
-    if memory is not None:
-        in_batch = brute_force(e.detach(), labels, "batch-hard", margin, distance)[1]["batch_hard_loss"]
-        e = torch.cat([e, memory[0]])
-        labels = torch.cat([labels, memory[1]])
-    labels = [int(x) for x in labels]
-    n_cand = len(labels)
-    d = [[_bf_dist(e, i, j, distance) for j in range(n_cand)] for i in range(b)]
-    f = [[d[i][j].item() for j in range(n_cand)] for i in range(b)]
-    pos = {a: [p for p in range(n_cand) if p != a and labels[p] == labels[a]] for a in range(b)}
-    neg = {a: [n for n in range(n_cand) if labels[n] != labels[a]] for a in range(b)}
-    if groups is not None:
-        pos = {
-            a: [p for p in range(b) if p != a and groups[a] is not None and groups[p] == groups[a]] for a in range(b)
-        }
-        neg = {a: [n for n in range(b) if n != a and (groups[n] is None or groups[n] != groups[a])] for a in range(b)}
-    anchors = [a for a in range(b) if pos[a] and neg[a]]
-
-    def term(a, p, n):
-        return torch.relu(d[a][p] - d[a][n] + margin)
-
-    # batch-hard, needed in every mode
-    bh = []
-    for a in anchors:
-        p = max(pos[a], key=lambda q: f[a][q])
-        n = min(neg[a], key=lambda q: f[a][q])
-        bh.append((a, p, n))
-    zero = (e * 0).sum()
-    bh_loss = sum((term(*t) for t in bh), zero) / max(len(bh), 1)
-
-    if mode == "batch-all":
-        triplets = [(a, p, n) for a in anchors for p in pos[a] for n in neg[a]]
-        terms = [term(*t) for t in triplets]
-        active = [x for x in terms if x.item() > 0]
-        loss = sum(active, zero) / max(len(active), 1)
-    else:
-        if mode == "batch-hard":
-            triplets = bh
-        else:
-            triplets = []
-            for a in anchors:
-                for p in pos[a]:
-                    if mode == "hard-negative":
-                        n = min(neg[a], key=lambda q: f[a][q])
-                    elif mode == "semi-hard":
-                        farther = [q for q in neg[a] if f[a][q] > f[a][p]]
-                        if farther:
-                            n = min(farther, key=lambda q: f[a][q])
-                        elif fallback == "hardest":
-                            n = min(neg[a], key=lambda q: f[a][q])
-                        else:
-                            n = max(neg[a], key=lambda q: f[a][q])
-                    else:  # random
-                        n = negatives[(a, p)]
-                    triplets.append((a, p, n))
-        terms = [term(*t) for t in triplets]
-        loss = sum(terms, zero) / max(len(terms), 1)
-    nt = len(triplets)
-    stats = {
-        "batch_hard_loss": bh_loss.item(),
-        "active_fraction": sum(1 for x in terms if x.item() > 0) / nt if nt else 0.0,
-        "mean_ap": sum(f[a][p] for a, p, _ in triplets) / nt if nt else 0.0,
-        "mean_an": sum(f[a][n] for a, _, n in triplets) / nt if nt else 0.0,
-        "num_triplets": nt,
-        "skipped_anchors": b - len(anchors),
-        "memory_rows": n_cand - b,
-    }
-    if memory is not None:
-        stats["batch_hard_loss"] = in_batch
-    return loss, stats
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
 def _emb(b, d=8, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(b, d, generator=g, dtype=dtype), dim=1)
-
-
-LABELS = {
-    "four-classes": lambda: torch.tensor([i % 4 for i in range(16)]),
-    "uneven": lambda: torch.tensor([0] * 7 + [1] * 5 + [2] * 3 + [3] * 2 + [4] * 3),
-    "singletons": lambda: torch.tensor([0, 0, 0, 1, 1, 2, 3, 4, 4, 4, 5, 6, 7, 7]),
-    "two-classes": lambda: torch.tensor([0] * 9 + [1] * 11),
-    "all-distinct": lambda: torch.arange(12),
-    "one-class": lambda: torch.zeros(12, dtype=torch.long),
-}
 
 
 def _random_negatives(e, labels, mode, margin, distance, fallback, seed, memory=None):
@@ -150,7 +47,7 @@ def _compare(e, labels, mode, margin, distance, fallback, seed=0, group_grads=No
     loss, stats = mine(leaf, labels, mode, margin, distance, fallback, generator=g, **mem)
     negs = _random_negatives(e, labels, mode, margin, distance, fallback, seed, memory)
     leaf_bf = e.clone().requires_grad_(True)
-    loss_bf, st_bf = brute_force(leaf_bf, labels, mode, margin, distance, fallback, negs, memory, groups)
+    loss_bf, st_bf = reference_triplets(leaf_bf, labels, mode, margin, distance, fallback, negs, memory, groups)
 
     assert loss.dim() == 0 and loss.grad_fn is not None
     assert loss.item() == pytest.approx(loss_bf.item(), abs=TOL)
@@ -509,21 +406,6 @@ def test_single_sample_batch(mode):
 # ----------------------------------------------------------------------------- memory shape
 
 
-class _MaxNumel(TorchDispatchMode):
-    """Records the largest tensor any op (forward or backward) produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.max_numel, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() > self.max_numel:
-                self.max_numel, self.op = t.numel(), func
-        return out
-
-
 @pytest.mark.parametrize(
     "labels",
     [torch.arange(2000) // 1000, torch.arange(2000) // 4],
@@ -534,7 +416,7 @@ def test_memory_is_quadratic(labels):
     e = F.normalize(torch.randn(b, 32, generator=torch.Generator().manual_seed(0)), dim=1)
     for mode in MODES:
         leaf = e.clone().requires_grad_(True)
-        probe = _MaxNumel()
+        probe = MaxNumel()
         with probe:
             loss, _ = mine(leaf, labels, mode, 0.2, generator=torch.Generator().manual_seed(0))
             loss.backward()
@@ -554,7 +436,7 @@ def test_memory_is_batch_times_candidates(memory_classes):
     mem = F.normalize(torch.randn(m, 16, generator=g), dim=1)
     for mode in MODES:
         leaf = e.clone().requires_grad_(True)
-        probe = _MaxNumel()
+        probe = MaxNumel()
         with probe:
             loss, _ = mine(
                 leaf,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 import yaml
-from test_st_folders import st_folder
+from helpers import st_folder
 from typer.testing import CliRunner
 
 from tripletctl.cli import app

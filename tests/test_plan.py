@@ -1,10 +1,10 @@
 """The plan `validate` prints (display.plan_table): phases, totals, conditions, chunking, keep_best.
-The curricula come from test_curriculum's helpers; the tables are read as a terminal shows them."""
+The curricula come from tests/helpers.py; the tables are read as a terminal shows them."""
 
 from __future__ import annotations
 
+from helpers import FACENET, MINIMAL, edit, phases_with, write
 from rich.console import Console
-from test_curriculum import FACENET, MINIMAL, edit, phases_with, write
 
 from tripletctl.config.plan import plan_table
 from tripletctl.config.validate import load_curriculum

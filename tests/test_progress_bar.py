@@ -10,8 +10,9 @@ import re
 import subprocess
 import sys
 
+import pytest
+from helpers import write_curriculum
 from rich.console import Console
-from test_runner import write_curriculum
 
 from tripletctl.train.progress_bar import BarProgress, PlainProgress, phase_progress
 
@@ -96,6 +97,7 @@ def test_terminal_gets_the_bar_and_a_file_the_lines():
     assert isinstance(phase_progress(Console(file=io.StringIO()), "phase 0 x", 10, 0, "auto"), PlainProgress)
 
 
+@pytest.mark.slow
 def test_train_to_a_file_writes_one_whole_line_per_reported_step(tmp_path):
     """The issue's case: stdout is a file (SLURM, nohup, CI) and the console is 80 columns."""
     path = write_curriculum(tmp_path, steps=(4, 3, 3), checkpoint_every=0)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICKSTART, REPO
+from helpers import QUICKSTART, REPO
+
+pytestmark = pytest.mark.slow  # end to end: the real CLI, subprocesses, several processes or faults
 
 HELDOUT = REPO / "curricula" / "quickstart" / "heldout.jsonl"
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import ASSETS, TINY_BERT, st_folder
 
 from tripletctl.core.errors import DataError, NonFiniteError
 from tripletctl.evaluation import retrieval as evaluation
@@ -218,7 +219,6 @@ def test_given_triplet_accuracy_matches_a_loop():
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     """A run directory per eval block (None: no block), holding one untrained tiny-BERT checkpoint."""
-    from conftest import ASSETS, TINY_BERT
     from transformers import AutoConfig, AutoModel
 
     from tripletctl.data.tokenizer import load_tokenizer
@@ -261,8 +261,8 @@ def _cli(*args):
     return CliRunner().invoke(app, [*map(str, args), "--device", "cpu"])
 
 
+@pytest.mark.slow
 def test_eval_on_triplet_data_reports_given_negative_accuracy(saved_run):
-    from conftest import ASSETS
 
     from tripletctl.model.encoder import encode
 
@@ -300,9 +300,9 @@ def test_eval_on_triplet_data_reports_given_negative_accuracy(saved_run):
     assert payload["given_negative_accuracy"] == pytest.approx(float(np.mean(wins)), abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["labelled", "pairs", "triplets"])
 def test_eval_and_inspect_use_the_runs_saved_eval_block(saved_run, layout):
-    from conftest import ASSETS, TINY_BERT
 
     runs, _, _ = saved_run
     result = _cli("eval", runs[layout], "--json")
@@ -331,7 +331,6 @@ def test_eval_and_inspect_use_the_runs_saved_eval_block(saved_run, layout):
 
 @pytest.mark.parametrize("command", ["eval", "inspect-collapse"])
 def test_no_saved_eval_block_and_bad_source_options_are_one_line_exit_2(saved_run, command):
-    from conftest import ASSETS
 
     runs, _, _ = saved_run
     cases = [
@@ -425,10 +424,9 @@ def test_metrics_match_pytorch_metric_learning(n, d, classes, seed):
     assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_of_a_model_folder_says_the_length_it_cut_at(tmp_path, tiny_bert_dir):
     """Issue 36, item 9: `eval MODEL_FOLDER` cut texts at the folder's length without saying so."""
-    from conftest import ASSETS
-    from test_st_folders import st_folder
 
     folder = st_folder(tiny_bert_dir, tmp_path / "st")  # its tokenizer says 16 tokens
     data = ASSETS / "two_class.jsonl"
@@ -466,7 +464,6 @@ def test_eval_with_data_reads_it_with_the_runs_column_names(tmp_path, saved_run)
 
 def test_a_split_of_one_local_file_is_refused(saved_run):
     """Issue 36, item 9: `--split test` on one local file was accepted and read the whole file."""
-    from conftest import ASSETS
 
     runs, _, _ = saved_run
     result = _cli("eval", runs["none"], "--data", ASSETS / "train.jsonl", "--split", "test")

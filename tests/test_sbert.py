@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sentence_transformers  # the test extra: the real library, never skipped
 import torch
-from safetensors.torch import save_file
+from helpers import save_previous_format
 from transformers import AutoModel
 
 from tripletctl.config.blocks import ModelConfig
@@ -43,6 +43,7 @@ def provenance(distance: str = "euclidean", max_length: int = MAX_LENGTH) -> Pro
     return Provenance(curriculum={"data": {"max_length": max_length}, "phases": [{"name": "p", "distance": distance}]})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("head", [(), (32,), (48, 16)])
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
@@ -149,26 +150,6 @@ def test_capture_sees_a_missing_weight_report(tiny_bert_dir, tmp_path):
         logging.getLogger("transformers").removeHandler(capture)
         transformers_logging.set_verbosity(previous)
     assert info["missing_keys"] and "MISSING" in "\n".join(capture.messages)
-
-
-def save_previous_format(model, tokenizer, directory: Path) -> None:
-    """tripletctl's format 1, as it was written before this layout: encoder without pooler,
-    head in head.safetensors, no sentence-transformers files."""
-    directory.mkdir(parents=True, exist_ok=True)
-    encoder_state = {k: v for k, v in model.encoder.state_dict().items() if not k.startswith("pooler.")}
-    model.encoder.save_pretrained(directory, state_dict=encoder_state, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    if model.head is not None:
-        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(directory / "head.safetensors"))
-    meta = {
-        "format_version": 1,
-        "pooling": model.pooling,
-        "head": list(model.head_sizes),
-        "normalize": model.normalize,
-        "embedding_dim": model.embedding_dim,
-        "hidden_size": model.encoder.config.hidden_size,
-    }
-    (directory / "tripletctl_model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 @pytest.mark.parametrize("head", [(), (32, 16)])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from test_batching import ListRows, labelled
+from helpers import ListRows, labelled
 
 from tripletctl.config import sizing
 from tripletctl.config.sizing import batch_fill, hold_out, largest_fillable, max_length_for, nice, size_run

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from helpers import NEGATIVES, text_source, triplet_file_rows
 
 from tripletctl.config.blocks import DataConfig, SourceConfig
 from tripletctl.core.errors import DataError
@@ -17,25 +16,6 @@ def rows_of(source, limit=None, **kw):
 
 def cfg(assets_dir, name, **kw) -> DataConfig:
     return DataConfig(source=name if isinstance(name, dict) else str(assets_dir / name), **kw)
-
-
-def text_source(assets_dir) -> dict[str, str]:
-    return {f"c{c}": str(assets_dir / "text" / f"c{c}.txt") for c in range(6)}
-
-
-NEGATIVES = {"triplets": ("negative",), "triplets3": ("negative_1", "negative_2", "negative_3")}
-
-
-def triplet_file_rows(path) -> list[tuple[str, ...]]:
-    """The file's rows read independently of tripletctl (json / pandas)."""
-    import pandas as pd
-
-    name = path.name.split(".")[0]
-    if path.suffix == ".jsonl":
-        frame = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines()])
-    else:
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    return [tuple(r) for r in frame[["anchor", "positive", *NEGATIVES[name]]].itertuples(index=False)]
 
 
 # ------------------------------------------------------------------------------ layouts and columns

@@ -5,13 +5,11 @@ training start from them."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ST_MAX_LENGTH, st_folder
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer import modules as st_models
-from transformers import AutoConfig, AutoModel, AutoTokenizer
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
@@ -20,27 +18,10 @@ from tripletctl.core.errors import ModelError
 from tripletctl.model.encoder import build_model, encode, load_sentence_transformers
 
 TEXTS = ["the quick brown fox", "a", "hello world", "tokens tokens tokens and more tokens", "jumps over"]
-MAX_LENGTH = 16
+MAX_LENGTH = ST_MAX_LENGTH
 
 
-def st_folder(tiny_bert_dir: Path, out: Path, pooling: str = "mean", dense=(), normalize: bool = True) -> Path:
-    """A folder written by sentence-transformers itself around a random 2-layer BERT."""
-    torch.manual_seed(0)
-    base = out.parent / f"{out.name}-base"
-    AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir)).save_pretrained(base)
-    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(base)
-    transformer = st_models.Transformer(str(base), max_seq_length=MAX_LENGTH)
-    width = transformer.get_embedding_dimension()
-    modules = [transformer, st_models.Pooling(width, pooling_mode=pooling)]
-    for size, activation in dense:
-        modules.append(st_models.Dense(width, size, activation_function=activation))
-        width = size
-    if normalize:
-        modules.append(st_models.Normalize())
-    SentenceTransformer(modules=modules, device="cpu").save(str(out))
-    return out
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "pooling,dense,normalize",
     [
@@ -81,6 +62,7 @@ def test_unsupported_modules_are_refused_not_guessed(tiny_bert_dir, tmp_path):
         load_sentence_transformers(folder)
 
 
+@pytest.mark.slow
 def test_eval_and_inspect_collapse_take_a_model_folder(tiny_bert_dir, tmp_path, assets_dir):
     folder = st_folder(tiny_bert_dir, tmp_path / "st")
     data = str(assets_dir / "many_class.jsonl")

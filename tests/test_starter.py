@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_BERT
+from helpers import REPO, TINY_BERT
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from tripletctl.config.validate import load_curriculum
+
+pytestmark = pytest.mark.slow  # end to end: `tripletctl init` (and train) on real files
 
 
 def cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from test_sources import NEGATIVES, text_source, triplet_file_rows
+from helpers import NEGATIVES, text_source, triplet_file_rows
 
 from tripletctl.config.blocks import DataConfig
 from tripletctl.core.errors import DataError, TripletctlError
@@ -204,6 +204,7 @@ def test_batches_travel_unpadded_and_pad_like_the_tokenizer(assets_dir, tiny_ber
     assert ids.tolist() == [[7, 8, 9], [-1, -1, -1], [5, -1, -1]] and mask.tolist() == [[1, 1, 1], [0, 0, 0], [1, 0, 0]]
 
 
+@pytest.mark.slow
 def test_worker_processes_tokenise_like_the_main_process(assets_dir, tiny_bert_dir):
     in_process = take(cfg(assets_dir, "train.jsonl"), tiny_bert_dir, 12, 4)
     workers = take(cfg(assets_dir, "train.jsonl", tokenizer_workers=2, prefetch_batches=3), tiny_bert_dir, 12, 4)
@@ -376,6 +377,7 @@ def test_a_positive_is_never_a_copy_of_its_anchor(tmp_path, tiny_bert_dir):
         assert all(len(texts) >= 2 and len(set(texts)) == len(texts) for texts in by_label.values()), by_label
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_tokenizer_that_cannot_load_is_one_line_naming_it(assets_dir, tmp_path, workers):
     missing = tmp_path / "no-tokenizer-here"

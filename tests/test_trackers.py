@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_runner import write_curriculum
+from helpers import write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
@@ -105,6 +105,7 @@ def tracker_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # tripletctl opts in for its own store
 
 
+@pytest.mark.slow
 def test_paused_and_resumed_run_reports_every_record_to_all_three(tmp_path, tracker_env):
     path = write_curriculum(
         tmp_path, steps=(4, 3, 3), checkpoint_every=0, with_eval=True, report_to=["tensorboard", "wandb", "mlflow"]

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import QUICKSTART_HELDOUT, one_phase, write_curriculum
 from safetensors.torch import load_file, save_file
-from test_runner import QUICKSTART_HELDOUT, one_phase, write_curriculum
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
@@ -244,6 +244,7 @@ def _strict(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_a_diverging_run_stops_with_exit_4_and_keeps_the_last_good_checkpoint(tmp_path, mode):
     # lr = 1e6: the first step blows the weights up (still finite), the second loss is NaN; with
@@ -281,6 +282,7 @@ def test_a_diverging_run_stops_with_exit_4_and_keeps_the_last_good_checkpoint(tm
     assert all(e["loss"] is None for e in events)
 
 
+@pytest.mark.slow
 def test_a_finite_divergence_is_never_checkpointed_and_resume_with_a_sane_lr_continues(tmp_path):
     """Issue 23 #10: at lr=1e6 the step before the NaN was checkpointed with weights ~1e8, so the advice
     (lower the lr, --resume) failed with exit 4 every time. Now the exploded step is never saved."""
@@ -316,6 +318,7 @@ def _nan_checkpoint(run_copy: Path) -> None:
     save_file(weights, str(head))
 
 
+@pytest.mark.slow
 def test_eval_and_inspect_refuse_a_nan_model(run_copy, tmp_path):
     _nan_checkpoint(run_copy)
     for command in ("eval", "inspect-collapse"):
@@ -325,6 +328,7 @@ def test_eval_and_inspect_refuse_a_nan_model(run_copy, tmp_path):
         assert "non-finite embeddings" in message and "LinAlgError" not in message
 
 
+@pytest.mark.slow
 def test_a_one_point_model_scores_zero(run_copy):
     head = head_files(checkpoint_of(run_copy) / "model")[-1]
     weights = load_file(str(head))
@@ -372,6 +376,7 @@ def test_plot_of_a_damaged_run_is_one_line(run_copy, damage):
     one_error_line(result)
 
 
+@pytest.mark.slow
 def test_inspect_collapse_plot_says_the_file_it_wrote(run_copy, tmp_path):
     folder = tmp_path / "pictures"
     folder.mkdir()
@@ -404,6 +409,7 @@ def _capped_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "name"),
     [

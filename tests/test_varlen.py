@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import final_weights, write_curriculum
 from transformers import AutoConfig, AutoModel, RobertaConfig
 
 from tripletctl.model import varlen
@@ -99,9 +100,9 @@ def test_other_architectures_and_left_padding_fall_back_to_the_padded_encoder(ti
     torch.testing.assert_close(bert(left_ids, left_mask), padded(left_ids, left_mask), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_curriculum_with_model_unpadded_trains_and_resumes_exactly(tmp_path):
     import yaml
-    from test_runner import final_weights, write_curriculum
 
     from tripletctl.config.validate import load_curriculum
     from tripletctl.train.run import train

@@ -34,6 +34,7 @@ from tripletctl.config.choices import (
     TRACKERS,
 )
 from tripletctl.config.layouts import LAYOUT_OF, LAYOUTS
+from tripletctl.config.loss_rules import DEFAULT_LOSS
 from tripletctl.config.until import EVAL_METRICS, Plateau, UntilConfig
 
 # Keys of data.load_dataset that tripletctl passes itself: a second value would be a TypeError
@@ -369,7 +370,9 @@ class PhaseConfig:
     steps: int = schema.key(check=schema.integer(1), required=True, help="optimiser steps; with `until`, the most")
     margin: float = schema.key(0.2, check=schema.number(), help="the triplet loss margin (and the yardstick's)")
     loss: str = schema.key(
-        "margin", check=schema.choice(LOSSES), help="relu(ap - an + margin), softplus(ap - an), or InfoNCE (losses.py)"
+        DEFAULT_LOSS,
+        check=schema.choice(LOSSES),
+        help="relu(ap - an + margin), softplus(ap - an), or InfoNCE (losses.py)",
     )
     temperature: float = schema.key(0.05, check=schema.number(), help="infonce: logits are cosine / temperature")
     false_negative_guard: float | None = schema.key(

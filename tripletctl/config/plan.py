@@ -1,8 +1,8 @@
 """What tripletctl shows of a curriculum before any work: the plan table `validate` prints.
 
-Its own module, apart from curriculum.py, so that loading and checking a curriculum stays plain data
-(no rich), and apart from progress.py, which is the live display of a running phase that the training
-loop imports: the plan is a static description of what will run, needed by `validate` without any of
+Its own module, apart from validate.py, so that loading and checking a curriculum stays plain data
+(no rich), and apart from train/progress_bar.py, which is the live display of a running phase that the
+training loop imports: the plan is a static description of what will run, needed by `validate` without any of
 the loop. Both print through rich, the project's one display library.
 """
 
@@ -17,6 +17,7 @@ from rich.text import Text
 
 from tripletctl.config.blocks import Curriculum, DataConfig, PhaseConfig, describe_source
 from tripletctl.config.layouts import LAYOUT_OF
+from tripletctl.config.loss_rules import DEFAULT_LOSS, LOSS_RULES
 from tripletctl.config.lr_scaling import EXPONENT, phase_peak_lr, reference_batch
 from tripletctl.config.sizing import DataFacts, batch_fill
 from tripletctl.config.until import describe as describe_until
@@ -98,8 +99,8 @@ def plan_table(c: Curriculum) -> Table:
 def _optional_columns(c: Curriculum) -> dict[str, Callable[[PhaseConfig], str]]:
     """Columns shown only when some phase uses them, so plans without them print as they always did."""
     columns: dict[str, Callable[[PhaseConfig], str]] = {}
-    if any(p.loss != "margin" for p in c.phases):
-        columns["loss"] = lambda p: f"infonce τ={p.temperature:g}" if p.loss == "infonce" else p.loss
+    if any(p.loss != DEFAULT_LOSS for p in c.phases):
+        columns["loss"] = lambda p: f"{p.loss} τ={p.temperature:g}" if LOSS_RULES[p.loss].temperature else p.loss
     if any(p.false_negative_guard is not None for p in c.phases):
         columns["guard"] = lambda p: "-" if p.false_negative_guard is None else f"ρ={p.false_negative_guard:g}"
     if any(p.memory is not None for p in c.phases):

@@ -1,6 +1,6 @@
 """The commented curriculum `tripletctl init` writes: blocks of (key, value, why) and the sized phases
 in, YAML text out, each decision with its reason beside it. Pure and torch-free; `load_curriculum`
-reads the result like any other file (tests/test_init.py checks it does, unchanged)."""
+reads the result like any other file (tests/test_starter.py checks it does, unchanged)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from tripletctl.config.loss_rules import DEFAULT_LOSS
 from tripletctl.config.sizing import PhasePlan
 
 COMMENT_COLUMN = 34  # where the reasons start, so they read as a column
@@ -50,7 +51,7 @@ def _phase(plan: PhasePlan) -> list[str]:
         ("steps", plan.steps),
         ("warmup_steps", plan.warmup_steps),
     ]
-    if plan.loss != "margin":
+    if plan.loss != DEFAULT_LOSS:
         keys.insert(2, ("loss", plan.loss))
     if plan.until:
         keys.append(("until", plan.until))

@@ -30,8 +30,8 @@ from tripletctl.config.blocks import (
     chunking_conflict,
     source_fields,
 )
-from tripletctl.config.choices import COLLAPSE_FALLBACK_MODE, GUARDED_MODES, INFONCE_MINING
 from tripletctl.config.layouts import LAYOUT_OF
+from tripletctl.config.loss_rules import DEFAULT_LOSS, refusals
 from tripletctl.config.overrides import apply_override, parse_override_value
 from tripletctl.config.problems import Override, Problems, origin_of, phase_label, show_value, unknown_key
 from tripletctl.config.sizing import DataFacts, batch_fill
@@ -186,37 +186,21 @@ EVERY_UNKNOWN = -1
 
 
 def _check_loss(values: dict, label: str, index: int, origins: dict, problems: Problems) -> None:
-    """Loss, mining mode, guard and collapse action together: refuse the combinations with no meaning
-    (docs/mining.md, "Losses"), each as one line naming the phase and the key."""
-    loss, mode, guard = values.get("loss", "margin"), values.get("mining"), values.get("false_negative_guard")
+    """Loss, mining mode, guard, memory and collapse action together: the combinations the table of
+    config/loss_rules.py refuses, each as one line naming the phase and the key."""
 
     def origin(*keys: str) -> Override | None:
         return next((o for o in (origin_of(origins, ("phases", index, k)) for k in keys) if o), None)
 
-    if loss == "infonce" and mode is not None and mode != INFONCE_MINING:
-        problems.add(
-            f"{label}: mining must be {INFONCE_MINING} with loss infonce (it uses every positive and negative of "
-            f"the batch; only false_negative_guard and memory change its candidates), got '{mode}'",
-            origin("mining", "loss"),
-        )
-    if loss == "soft-margin" and mode == "batch-all":
-        problems.add(
-            f"{label}: loss soft-margin has no batch-all form (softplus is never 0, so every triplet is active "
-            f"and there is no O(B²) sum): use mining batch-hard, or loss margin or infonce, got mining 'batch-all'",
-            origin("mining", "loss"),
-        )
-    if loss == "infonce" and values.get("on_collapse") == "fallback":
-        problems.add(
-            f"{label}: on_collapse fallback switches to {COLLAPSE_FALLBACK_MODE} mining, which loss infonce does not "
-            f"use: set on_collapse to warn or stop, got 'fallback'",
-            origin("on_collapse", "loss"),
-        )
-    if guard is not None and loss != "infonce" and mode is not None and mode not in GUARDED_MODES:
-        problems.add(
-            f"{label}: false_negative_guard applies to the hard modes ({', '.join(GUARDED_MODES)}) and loss "
-            f"infonce, not to mining '{mode}' (its negatives are drawn uniformly): remove it or change mining",
-            origin("false_negative_guard", "mining"),
-        )
+    found = refusals(
+        values.get("loss", DEFAULT_LOSS),
+        values.get("mining"),
+        guard=values.get("false_negative_guard") is not None,
+        memory=values.get("memory") is not None,
+        on_collapse=values.get("on_collapse"),
+    )
+    for message, keys in found:
+        problems.add(f"{label}: {message}", origin(*keys))
 
 
 def _check_until(

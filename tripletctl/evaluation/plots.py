@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tripletctl.config.loss_rules import DEFAULT_LOSS, LOSS_RULES
 from tripletctl.core.errors import CheckpointError, TripletctlError
 from tripletctl.outputs.checkpoint import PHASE_DIR_RE, phase_dir
 from tripletctl.outputs.metrics_log import METRICS_FILE, MetricsLog
@@ -93,7 +94,7 @@ def _fill_margins(run_dir: Path, phases: list[dict[str, Any]]) -> None:
     """Margins not in run.json, and each phase's loss, come from the run's curriculum.yaml copy, when
     there is one (a phase of unknown loss is drawn as a margin loss)."""
     for phase in phases:
-        phase.setdefault("loss", "margin")
+        phase.setdefault("loss", DEFAULT_LOSS)
     path = run_dir / "curriculum.yaml"
     if not path.is_file():
         return
@@ -110,7 +111,7 @@ def _fill_margins(run_dir: Path, phases: list[dict[str, Any]]) -> None:
         if not (0 <= phase["index"] < len(listed) and isinstance(listed[phase["index"]], dict)):
             continue
         saved = listed[phase["index"]]
-        if saved.get("loss") in ("margin", "soft-margin", "infonce"):
+        if saved.get("loss") in LOSS_RULES:
             phase["loss"] = saved["loss"]
         if not isinstance(phase["margin"], (int, float)):
             margin = saved.get("margin", 0.2)
@@ -128,7 +129,7 @@ def eval_limits(values: list[float]) -> tuple[float, float]:
 def _draw_losses(ax_loss, steps: list[dict[str, Any]], phases: list[dict[str, Any]]):
     """Margin-type mining losses and the batch-hard loss on the left axis; InfoNCE's (a log of the batch
     size, ~4-8) on its own right-hand axis, so it does not flatten the margin curves. Returns that axis."""
-    infonce = {p["index"] for p in phases if p.get("loss") == "infonce"}
+    infonce = {p["index"] for p in phases if not LOSS_RULES.get(p.get("loss"), LOSS_RULES[DEFAULT_LOSS]).distance_scale}
     ax_info = ax_loss.twinx() if infonce else None
     labelled = set()
     for phase in phases:

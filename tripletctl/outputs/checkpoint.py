@@ -84,7 +84,7 @@ class LoadedCheckpoint:
 
 
 def phase_dir(output_dir: str | Path, index: int, name: str) -> Path:
-    """`OUTPUT/phase-K-NAME`, K the 0-based phase index (curriculum.py rejects names with separators)."""
+    """`OUTPUT/phase-K-NAME`, K the 0-based phase index (config/blocks.py `check_phase_name` rejects names with separators)."""
     return Path(output_dir) / f"phase-{index}-{name}"
 
 

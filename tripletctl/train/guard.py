@@ -44,13 +44,3 @@ def kept_in_sorted_similarities(sorted_sims: Tensor, s_ap: Tensor, rho: float, n
         raise ValueError(f"false_negative_guard must be in (0, 1], got {rho}")
     count = torch.searchsorted(sorted_sims.detach(), (rho * s_ap.detach()).contiguous(), right=True)
     return torch.minimum(count, n_neg[:, None])
-
-
-def closest_kept(dist: Tensor, neg_mask: Tensor, limit: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per anchor with one limit (batch-hard): the closest negative at or beyond `limit` (distance,
-    index), whether there is one, and how many negatives were skipped. One B×N pass, no sort."""
-    close = neg_mask & (dist.detach() < limit[:, None])
-    allowed = neg_mask & ~close
-    far = dist.detach().max() + 1.0
-    values, indices = dist.where(allowed, far).min(dim=1)
-    return values, indices, allowed.any(dim=1), close.sum(dim=1)

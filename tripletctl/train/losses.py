@@ -6,6 +6,9 @@ and anchor-negative distances): `margin`, FaceNet's relu(d(a,p) - d(a,n) + margi
 never stops pushing. `infonce` scores the whole batch at once: every same-label row is a positive,
 every other-label row a negative, over cosine similarities / temperature (docs/mining.md has the
 formula). Each is O(B·N) memory for N candidates (the batch and any memory rows).
+
+`mine` finds a loss by its name in `TRIPLET_LOSSES` or `BATCH_LOSSES` and names none itself;
+config/loss_rules.py says which mining modes, guard and memory each goes with.
 """
 
 from __future__ import annotations
@@ -38,12 +41,22 @@ TRIPLET_LOSSES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
 }
 
 
-def active(loss: str, terms: Tensor, d_ap: Tensor, d_an: Tensor, valid: Tensor) -> Tensor:
-    """Triplets still at work (`active_fraction`): margin, loss > 0; soft-margin (never 0), the
-    wrongly ordered ones, d(a,p) > d(a,n), where the loss is above log 2."""
-    if loss == "margin":
-        return terms > 0  # terms are 0 where not valid
+def _above_zero(terms: Tensor, d_ap: Tensor, d_an: Tensor, valid: Tensor) -> Tensor:
+    return terms > 0  # terms are 0 where not valid
+
+
+def _misordered(terms: Tensor, d_ap: Tensor, d_an: Tensor, valid: Tensor) -> Tensor:
     return (d_ap > d_an) & valid
+
+
+# Triplets still at work (`active_fraction`) under each triplet loss: margin, loss > 0; soft-margin
+# (never 0), the wrongly ordered ones, d(a,p) > d(a,n), where the loss is above log 2.
+_ACTIVE = {"margin": _above_zero, "soft-margin": _misordered}
+
+
+def active(loss: str, terms: Tensor, d_ap: Tensor, d_an: Tensor, valid: Tensor) -> Tensor:
+    """The triplets of `terms` still at work under `loss` (bool, the shape of `terms`)."""
+    return _ACTIVE[loss](terms, d_ap, d_an, valid)
 
 
 def cosine_similarities(embeddings: Tensor, memory: Tensor | None = None) -> Tensor:
@@ -56,8 +69,8 @@ def cosine_similarities(embeddings: Tensor, memory: Tensor | None = None) -> Ten
 
 
 @dataclass(frozen=True)
-class InfoNCE:
-    """The InfoNCE loss of a batch and what its statistics are made of."""
+class BatchLoss:
+    """What a batch loss returns: its value and what its statistics are made of."""
 
     loss: Tensor
     pairs: Tensor  # (B, P) bool: the anchor-positive pairs the loss averages over
@@ -73,7 +86,7 @@ def infonce(
     neg_mask: Tensor,
     temperature: float,
     guard: float | None = None,
-) -> InfoNCE:
+) -> BatchLoss:
     """Supervised InfoNCE over the candidates: for anchor i and each positive p,
     ℓ_ip = -log(exp(s_ip/τ) / (exp(s_ip/τ) + Σ_n exp(s_in/τ))) over its negatives n; the loss is the
     mean over anchors of the mean over their positives (other positives are not in the denominator).
@@ -102,8 +115,25 @@ def infonce(
     with torch.no_grad():
         misranked = ((sorted_sims.gather(1, last) > s_ap) & pairs).sum()
         skipped = (n_neg[:, None] - kept).where(valid, torch.zeros_like(kept)).sum()
-    return InfoNCE(loss, pairs, order.gather(1, last), misranked, skipped)
+    return BatchLoss(loss, pairs, order.gather(1, last), misranked, skipped)
 
 
-# Every name of config/choices.py LOSSES, in order: the triplet losses, then the batch loss.
-LOSS_FUNCTIONS: dict[str, Callable] = {**TRIPLET_LOSSES, "infonce": infonce}
+def infonce_of_batch(
+    embeddings: Tensor,
+    memory: Tensor | None,
+    pos_idx: Tensor,
+    valid: Tensor,
+    neg_mask: Tensor,
+    temperature: float,
+    guard: float | None,
+) -> BatchLoss:
+    """`infonce` as `mine` calls a batch loss: from the batch's embeddings and the memory's rows."""
+    return infonce(cosine_similarities(embeddings, memory), pos_idx, valid, neg_mask, temperature, guard)
+
+
+# The losses of a whole batch, which mine nothing: (embeddings, memory, pos_idx, valid, neg_mask,
+# temperature, guard) -> BatchLoss, the layout being train/mining.py's.
+BATCH_LOSSES: dict[str, Callable[..., BatchLoss]] = {"infonce": infonce_of_batch}
+
+# Every name of config/choices.py LOSSES, in order: the triplet losses, then the batch losses.
+LOSS_FUNCTIONS: dict[str, Callable] = {**TRIPLET_LOSSES, **BATCH_LOSSES}

@@ -13,9 +13,11 @@ rows of earlier batches) the anchors stay the B batch rows but the candidates
 are batch ∪ memory: the matrices become B×(B+M), still never three-way, and no
 gradient reaches the memory rows.
 
-The loss (`loss=`, train/losses.py) scores the mined triplets (`margin`, `soft-margin`) or the whole
-batch (`infonce`, which mines nothing); the false-negative guard (`guard=`, train/guard.py) takes
-the closest candidates out of the hard modes' and InfoNCE's choice."""
+The loss (`loss=`) is found in its registry (train/losses.py): a triplet loss scores the triplets
+the mode chose, a batch loss scores the whole batch and mines nothing; which modes, guard and memory
+each goes with is config/loss_rules.py's table, read here by `_check`. The false-negative guard
+(`guard=`, train/guard.py) is applied once, as a filter on each pair's candidate negatives
+(`_Batch.kept_from`), before any mode chooses among them."""
 
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tripletctl.config.choices import FALLBACKS, GUARDED_MODES, INFONCE_MINING, LOSSES
+from tripletctl.config.choices import FALLBACKS, LOSSES
 from tripletctl.config.choices import MINING_MODES as MODES
+from tripletctl.config.loss_rules import DEFAULT_LOSS, refusals
 from tripletctl.model.distances import pairwise_distances, working_dtype
 from tripletctl.train import guard as fn_guard
 from tripletctl.train import losses
@@ -56,7 +59,7 @@ def _check(
     fallback: str,
     memory_embeddings: Tensor | None = None,
     memory_labels: Tensor | None = None,
-    loss: str = "margin",
+    loss: str = DEFAULT_LOSS,
     guard: float | None = None,
 ) -> None:
     if mode not in MODES:
@@ -65,10 +68,9 @@ def _check(
         raise ValueError(f"unknown fallback {fallback!r}; expected one of {', '.join(FALLBACKS)}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
-    if loss == "soft-margin" and mode == "batch-all":
-        raise ValueError("soft-margin has no batch-all form: every triplet is active and there is no O(B²) sum")
-    if guard is not None and loss != "infonce" and mode not in GUARDED_MODES:
-        raise ValueError(f"the false-negative guard applies to {', '.join(GUARDED_MODES)} and infonce, not {mode}")
+    refused = refusals(loss, mode, guard=guard is not None, memory=memory_embeddings is not None)
+    if refused:
+        raise ValueError(refused[0][0])
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be (B, D), got shape {tuple(embeddings.shape)}")
     if embeddings.shape[0] == 0:
@@ -155,7 +157,8 @@ def _closest_negative(dist: Tensor, lay: _Layout) -> tuple[Tensor, Tensor]:
 
 class _Batch:
     """One batch as every mode sees it: distances, layout, anchor-positive distances and the settings.
-    The sorted negatives are computed once, when a mode (semi-hard, batch-all) first asks for them."""
+    What more than one mode reads (the sorted negatives, the closest negatives, the guard's filter) is
+    computed once, when first asked for."""
 
     def __init__(
         self,
@@ -164,7 +167,7 @@ class _Batch:
         margin: float,
         fallback: str,
         generator: torch.Generator | None,
-        loss: str = "margin",
+        loss: str = DEFAULT_LOSS,
         guard: float | None = None,
         distance: str = "euclidean",
     ):
@@ -180,6 +183,41 @@ class _Batch:
             self._sorted = _sorted_negatives(self.dist, self.lay, self.margin)
         return self._sorted
 
+    @functools.cached_property
+    def closest_negative(self) -> tuple[Tensor, Tensor]:
+        return _closest_negative(self.dist, self.lay)
+
+    @functools.cached_property
+    def kept_from(self) -> Tensor:
+        """The false-negative guard, applied once for every mode: per anchor-positive pair (B, P), the
+        column of its sorted row where the negatives it keeps begin. The skipped ones are the pair's
+        closest, a prefix of the row (train/guard.py), so `kept_from == n_neg` leaves none. Without
+        the guard, 0: every negative is kept."""
+        if self.guard is None:
+            return torch.zeros_like(self.lay.pos_idx)
+        limit = fn_guard.distance_limit(self.d_ap, self.guard, self.distance)
+        return fn_guard.skipped_in_sorted(self.sorted_negatives[0], limit, self.lay.n_neg)
+
+    @functools.cached_property
+    def kept_pairs(self) -> Tensor:
+        """(B, P) bool: the valid pairs with a negative left after the guard."""
+        return self.lay.valid & (self.kept_from < self.lay.n_neg[:, None])
+
+    def closest_kept(self, first: Tensor) -> tuple[Tensor, Tensor]:
+        """Distance and index of the closest kept negative of rows whose kept negatives begin at
+        `first` (B, K) of the sorted rows; without the guard, each anchor's closest negative (one
+        masked min, no sort)."""
+        if self.guard is None:
+            values, indices = self.closest_negative
+            return values[:, None].expand_as(first), indices[:, None].expand_as(first)
+        values, indices = self.sorted_negatives
+        col = first.clamp(max=values.shape[1] - 1)
+        return values.gather(1, col), indices.gather(1, col)
+
+    def skipped(self, first: Tensor, rows: Tensor) -> Tensor | None:
+        """`guard_skipped`: the negatives the guard skipped, summed over `rows`; None without it."""
+        return None if self.guard is None else first.where(rows, torch.zeros_like(first)).sum()
+
 
 @dataclass(frozen=True)
 class _Mined:
@@ -190,7 +228,6 @@ class _Mined:
     active: Tensor  # ... of which with loss > 0
     sum_ap: Tensor  # sum of d(a,p) over the mode's triplets
     sum_an: Tensor  # sum of d(a,n)
-    batch_hard_terms: Tensor | None = None  # batch-hard's own per-anchor terms: the yardstick, not computed again
     guard_skipped: Tensor | None = None  # negatives the false-negative guard skipped
 
 
@@ -202,7 +239,7 @@ def _prepare(
     fallback: str,
     memory_embeddings: Tensor | None,
     memory_labels: Tensor | None,
-    loss: str = "margin",
+    loss: str = DEFAULT_LOSS,
     guard: float | None = None,
 ):
     _check(embeddings, labels, mode, fallback, memory_embeddings, memory_labels, loss, guard)
@@ -214,14 +251,13 @@ def _prepare(
 
 
 def _hardest_negatives(batch: _Batch) -> tuple[Tensor, Tensor]:
-    """hard-negative: every pair of an anchor gets the anchor's closest negative."""
-    b, p = batch.d_ap.shape
-    d_an, n_idx = _closest_negative(batch.dist, batch.lay)
-    return d_an[:, None].expand(b, p), n_idx[:, None].expand(b, p)
+    """hard-negative: every pair gets its closest kept negative."""
+    return batch.closest_kept(batch.kept_from)
 
 
 def _random_negatives(batch: _Batch) -> tuple[Tensor, Tensor]:
-    """random: a uniformly drawn negative per pair (the k-th in label order, skipping the anchor's class)."""
+    """random: a uniformly drawn negative per pair (the k-th in label order, skipping the anchor's
+    class); the guard does not apply (config/loss_rules.py)."""
     lay, n = batch.lay, batch.dist.shape[1]
     last = (lay.n_neg - 1).clamp(min=0)[:, None]
     u = torch.rand(batch.d_ap.shape, generator=batch.generator, device=batch.dist.device)
@@ -232,14 +268,13 @@ def _random_negatives(batch: _Batch) -> tuple[Tensor, Tensor]:
 
 
 def _semi_hard_negatives(batch: _Batch) -> tuple[Tensor, Tensor]:
-    """semi-hard (FaceNet): the closest negative strictly farther than the positive; where there is
-    none, the fallback: the hardest (closest) negative, or the easiest (farthest)."""
-    lay = batch.lay
-    last = (lay.n_neg - 1).clamp(min=0)[:, None]
+    """semi-hard (FaceNet): the closest kept negative strictly farther than the positive; where there
+    is none, the fallback: the closest kept negative (hardest) or the farthest (easiest)."""
+    first, n_neg = batch.kept_from, batch.lay.n_neg[:, None]
     values, indices = batch.sorted_negatives
-    col = torch.searchsorted(values.detach(), batch.d_ap.detach().contiguous(), right=True)
-    fallback = torch.zeros_like(last) if batch.fallback == "hardest" else last
-    col = torch.where(col < lay.n_neg[:, None], col, fallback)
+    col = torch.maximum(torch.searchsorted(values.detach(), batch.d_ap.detach().contiguous(), right=True), first)
+    fallback = first if batch.fallback == "hardest" else (n_neg - 1).clamp(min=0).expand_as(first)
+    col = torch.where(col < n_neg, col, fallback).clamp(max=values.shape[1] - 1)
     return values.gather(1, col), indices.gather(1, col)
 
 
@@ -247,91 +282,41 @@ def _semi_hard_negatives(batch: _Batch) -> tuple[Tensor, Tensor]:
 PAIR_NEGATIVES = {"random": _random_negatives, "semi-hard": _semi_hard_negatives, "hard-negative": _hardest_negatives}
 
 
-def _guarded_pair_negatives(batch: _Batch, mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """semi-hard / hard-negative under the guard: each pair's skipped negatives are a prefix of the
-    sorted row, so its choice starts at the first kept column. Also: which pairs kept a negative,
-    and the number skipped."""
-    lay, n_neg = batch.lay, batch.lay.n_neg[:, None]
-    values, indices = batch.sorted_negatives
-    limit = fn_guard.distance_limit(batch.d_ap, batch.guard, batch.distance)
-    first = fn_guard.skipped_in_sorted(values, limit, lay.n_neg)  # (B, P): the first kept column
-    col = first
-    if mode == "semi-hard":
-        col = torch.maximum(torch.searchsorted(values.detach(), batch.d_ap.detach().contiguous(), right=True), first)
-        fallback = first if batch.fallback == "hardest" else (n_neg - 1).clamp(min=0).expand_as(first)
-        col = torch.where(col < n_neg, col, fallback)
-    col = col.clamp(max=values.shape[1] - 1)
-    skipped = first.where(lay.valid, torch.zeros_like(first)).sum()
-    return values.gather(1, col), indices.gather(1, col), first < n_neg, skipped
-
-
-def _batch_hard_terms(batch: _Batch, detached: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Per anchor: the hardest positive's and the hardest negative's distance, and relu(ap - an + margin)."""
-    d_ap, dist = (batch.d_ap.detach(), batch.dist.detach()) if detached else (batch.d_ap, batch.dist)
-    bh_ap = d_ap.where(batch.lay.valid, -1.0).max(dim=1).values
-    if batch._sorted is not None:  # already sorted: its first column is the closest negative
-        bh_an = batch._sorted[0][:, 0].detach() if detached else batch._sorted[0][:, 0]
-    else:
-        bh_an = _closest_negative(dist, batch.lay)[0]
-    return bh_ap, bh_an, torch.relu(bh_ap - bh_an + batch.margin).where(batch.lay.anchors, batch.zero)
+def _batch_hard_choice(batch: _Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Hermans et al.: per anchor, its hardest (farthest) positive and the closest negative that this
+    positive's guard keeps. Returns d(a,p), d(a,n), the negative's index, the positive's slot, the
+    anchors used (one whose negatives were all skipped is left out) and where the kept ones begin."""
+    bh_ap, slot = batch.d_ap.where(batch.lay.valid, -1.0).max(dim=1)
+    first = batch.kept_from.gather(1, slot[:, None])
+    bh_an, n_idx = batch.closest_kept(first)
+    anchors = batch.lay.anchors & (first[:, 0] < batch.lay.n_neg)
+    return bh_ap, bh_an[:, 0], n_idx[:, 0], slot, anchors, first[:, 0]
 
 
 def _mine_batch_hard(batch: _Batch) -> _Mined:
-    """Hermans et al.: per anchor, its hardest positive against its hardest negative (under the guard:
-    the closest negative the hardest positive's limit keeps; an anchor with none left is skipped)."""
-    anchors, zero, skipped = batch.lay.anchors, batch.zero, None
-    if batch.guard is None:
-        bh_ap, bh_an, terms = _batch_hard_terms(batch, detached=False)
-    else:
-        bh_ap = batch.d_ap.where(batch.lay.valid, -1.0).max(dim=1).values
-        limit = fn_guard.distance_limit(bh_ap, batch.guard, batch.distance)
-        bh_an, _, kept, skipped_rows = fn_guard.closest_kept(batch.dist, batch.lay.neg_mask(), limit)
-        anchors, skipped = anchors & kept, skipped_rows.where(anchors, torch.zeros_like(skipped_rows)).sum()
-    if batch.loss != "margin" or batch.guard is not None:
-        terms = losses.TRIPLET_LOSSES[batch.loss](bh_ap, bh_an, batch.margin).where(anchors, zero)
+    """batch-hard: the loss of each anchor's hardest positive against its closest kept negative."""
+    bh_ap, bh_an, _, _, anchors, first = _batch_hard_choice(batch)
+    terms = losses.TRIPLET_LOSSES[batch.loss](bh_ap, bh_an, batch.margin).where(anchors, batch.zero)
     n_anchors = anchors.sum()
     with torch.no_grad():
         sums = (
             losses.active(batch.loss, terms, bh_ap, bh_an, anchors).sum(),
-            bh_ap.where(anchors, zero).sum(),
-            bh_an.where(anchors, zero).sum(),
+            bh_ap.where(anchors, batch.zero).sum(),
+            bh_an.where(anchors, batch.zero).sum(),
         )
-    # batch-hard's own margin terms are the yardstick; other losses and the guard change them
-    yardstick = terms.detach() if batch.loss == "margin" and batch.guard is None else None
-    return _Mined(terms.sum() / n_anchors.clamp(min=1), n_anchors, *sums, yardstick, skipped)
+    skipped = batch.skipped(first, batch.lay.anchors)
+    return _Mined(terms.sum() / n_anchors.clamp(min=1), n_anchors, *sums, guard_skipped=skipped)
 
 
 def _mine_batch_all(batch: _Batch) -> _Mined:
-    """Every valid triplet; the loss is the mean over the active ones, summed without a B×B×B tensor."""
-    if batch.guard is not None:
-        return _mine_batch_all_guarded(batch)
-    dist, lay, d_ap, zero, valid = batch.dist, batch.lay, batch.d_ap, batch.zero, batch.lay.valid
-    values = batch.sorted_negatives[0]
-    query = d_ap + batch.margin
-    # Negatives with d(a,n) < d(a,p) + margin are exactly the active ones;
-    # their summed loss is k*(d_ap + margin) - (sum of the k smallest d_an).
-    k = torch.searchsorted(values.detach(), query.detach().contiguous(), right=False)
-    prefix = torch.cat([values.new_zeros((values.shape[0], 1)), values.cumsum(dim=1)], dim=1)
-    pair_sum = (k.to(dist.dtype) * query - prefix.gather(1, k)).where(valid, zero)
-    active = k.where(valid, torch.zeros_like(k)).sum()
-    loss = pair_sum.sum() / active.clamp(min=1).to(dist.dtype)
-    with torch.no_grad():
-        n_neg = lay.n_neg.to(dist.dtype)
-        n_pos = valid.sum(1).to(dist.dtype)
-        n_trip = (valid.sum(1) * lay.n_neg).sum()
-        sum_ap = (d_ap.where(valid, zero).sum(1) * n_neg).sum()
-        neg_total = prefix.gather(1, lay.n_neg[:, None]).squeeze(1)  # all of a row's negatives
-        sum_an = (neg_total * n_pos).sum()
-    return _Mined(loss, n_trip, active, sum_ap, sum_an)
+    """Every kept triplet; the loss is the mean over the active ones, summed without a B×B×B tensor.
 
-
-def _mine_batch_all_guarded(batch: _Batch) -> _Mined:
-    """Batch-all under the guard: pair (a, p) keeps the sorted negatives from its first kept column
-    `g` on, so its active ones are columns g..k-1 and their sum is (k-g)·(d_ap + margin) - (S[k] - S[g])."""
+    Pair (a, p) keeps its sorted negatives from column g = `kept_from` on (0 without the guard); the
+    active ones, d(a,n) < d(a,p) + margin, are columns g..k-1, and with S the row's prefix sums their
+    summed loss is (k - g)·(d(a,p) + margin) - (S[k] - S[g]) (docs/mining.md)."""
     dist, lay, d_ap, zero, valid = batch.dist, batch.lay, batch.d_ap, batch.zero, batch.lay.valid
-    values = batch.sorted_negatives[0]
+    values, first = batch.sorted_negatives[0], batch.kept_from
     query = d_ap + batch.margin
-    first = fn_guard.skipped_in_sorted(values, fn_guard.distance_limit(d_ap, batch.guard, batch.distance), lay.n_neg)
     k = torch.maximum(torch.searchsorted(values.detach(), query.detach().contiguous(), right=False), first)
     prefix = torch.cat([values.new_zeros((values.shape[0], 1)), values.cumsum(dim=1)], dim=1)
     pair_sum = ((k - first).to(dist.dtype) * query - (prefix.gather(1, k) - prefix.gather(1, first))).where(valid, zero)
@@ -342,19 +327,14 @@ def _mine_batch_all_guarded(batch: _Batch) -> _Mined:
         kept = (n_neg - first).where(valid, torch.zeros_like(first))
         sum_ap = (d_ap.where(valid, zero) * kept.to(dist.dtype)).sum()
         sum_an = (prefix.gather(1, n_neg) - prefix.gather(1, first)).where(valid, zero).sum()
-        skipped = first.where(valid, torch.zeros_like(first)).sum()
-    return _Mined(loss, kept.sum(), active, sum_ap, sum_an, guard_skipped=skipped)
+    return _Mined(loss, kept.sum(), active, sum_ap, sum_an, guard_skipped=batch.skipped(first, valid))
 
 
 def _per_pair(batch: _Batch, mode: str) -> _Mined:
-    """One negative per anchor-positive pair, chosen as `mode` says (PAIR_NEGATIVES); under the guard,
-    pairs whose negatives were all skipped are left out."""
-    d_ap, valid, zero, skipped = batch.d_ap, batch.lay.valid, batch.zero, None
-    if batch.guard is None:
-        d_an, _ = PAIR_NEGATIVES[mode](batch)
-    else:
-        d_an, _, kept, skipped = _guarded_pair_negatives(batch, mode)
-        valid = valid & kept
+    """One kept negative per anchor-positive pair, chosen as `mode` says (PAIR_NEGATIVES); pairs whose
+    negatives the guard all skipped are left out."""
+    d_ap, valid, zero = batch.d_ap, batch.kept_pairs, batch.zero
+    d_an, _ = PAIR_NEGATIVES[mode](batch)
     terms = losses.TRIPLET_LOSSES[batch.loss](d_ap, d_an, batch.margin).where(valid, zero)
     n_trip = valid.sum()
     with torch.no_grad():
@@ -363,14 +343,17 @@ def _per_pair(batch: _Batch, mode: str) -> _Mined:
             d_ap.where(valid, zero).sum(),
             d_an.where(valid, zero).sum(),
         )
+    skipped = batch.skipped(batch.kept_from, batch.lay.valid)
     return _Mined(terms.sum() / n_trip.clamp(min=1).to(batch.dist.dtype), n_trip, *sums, guard_skipped=skipped)
 
 
-def _mine_infonce(batch: _Batch, embeddings: Tensor, memory: Tensor | None, temperature: float) -> _Mined:
-    """InfoNCE over the (global) batch and the memory; its stats read the (detached) distances."""
+def _score_batch(batch: _Batch, embeddings: Tensor, memory: Tensor | None, temperature: float) -> _Mined:
+    """A batch loss (losses.BATCH_LOSSES) over the (global) batch and the memory; its stats read the
+    (detached) distances."""
     lay = batch.lay
-    sim = losses.cosine_similarities(embeddings, memory)
-    out = losses.infonce(sim, lay.pos_idx, lay.valid, lay.neg_mask(), temperature, batch.guard)
+    out = losses.BATCH_LOSSES[batch.loss](
+        embeddings, memory, lay.pos_idx, lay.valid, lay.neg_mask(), temperature, batch.guard
+    )
     with torch.no_grad():
         sum_ap = batch.d_ap.where(out.pairs, batch.zero).sum()
         sum_an = batch.dist.gather(1, out.hardest).where(out.pairs, batch.zero).sum()
@@ -386,15 +369,22 @@ MODE_FUNCTIONS = {
 }
 
 
-def _in_batch_hard_loss(batch: _Batch) -> Tensor:
-    """The batch-hard yardstick over the batch's own rows only (a memory's rows left out), no graph."""
+def _yardstick(batch: _Batch) -> Tensor:
+    """The plain (margin, unguarded) batch-hard loss over the batch's own rows, without graph: what
+    every phase logs beside its own loss, and what the collapse watchdog reads. A memory's rows are
+    left out, so phases with and without one compare."""
     with torch.no_grad():
         b = batch.dist.shape[0]
-        in_batch, dist = _layout(batch.lay.labels), batch.dist[:, :b].detach()
-        hardest_ap = dist.gather(1, in_batch.pos_idx).where(in_batch.valid, -1.0).max(dim=1).values
-        hardest_an = _closest_negative(dist, in_batch)[0]
-        terms = torch.relu(hardest_ap - hardest_an + batch.margin).where(in_batch.anchors, batch.zero)
-        return terms.sum() / in_batch.anchors.sum().clamp(min=1)
+        if batch.dist.shape[1] > b:
+            lay, dist = _layout(batch.lay.labels), batch.dist[:, :b].detach()
+            hardest_ap = dist.gather(1, lay.pos_idx).where(lay.valid, -1.0).max(dim=1).values
+            hardest_an = _closest_negative(dist, lay)[0]
+        else:  # the closest negatives are already there: the sorted rows' first column, or the min
+            lay = batch.lay
+            hardest_ap = batch.d_ap.detach().where(lay.valid, -1.0).max(dim=1).values
+            hardest_an = (batch._sorted[0][:, 0] if batch._sorted is not None else batch.closest_negative[0]).detach()
+        terms = losses.margin_terms(hardest_ap, hardest_an, batch.margin).where(lay.anchors, batch.zero)
+        return terms.sum() / lay.anchors.sum().clamp(min=1)
 
 
 def mine(
@@ -407,7 +397,7 @@ def mine(
     generator: torch.Generator | None = None,
     memory_embeddings: Tensor | None = None,
     memory_labels: Tensor | None = None,
-    loss: str = "margin",
+    loss: str = DEFAULT_LOSS,
     temperature: float = 0.05,
     guard: float | None = None,
 ) -> tuple[Tensor, MiningStats]:
@@ -425,28 +415,15 @@ def mine(
     never differentiated.  ``guard`` ρ skips negatives with sim(a,n) > ρ·sim(a,p).
     ``stats.batch_hard_loss`` stays the plain (margin, unguarded) in-batch one.
     """
-    if loss == "infonce" and mode != INFONCE_MINING:
-        raise ValueError(f"infonce uses every positive and negative: mining must be {INFONCE_MINING}, got {mode}")
-    # with infonce the distances only feed the stats and the yardstick: no graph
-    with torch.no_grad() if loss == "infonce" else contextlib.nullcontext():
+    of_triplets = loss in losses.TRIPLET_LOSSES
+    # a batch loss reads the distances only for its stats and the yardstick: no graph
+    with contextlib.nullcontext() if of_triplets else torch.no_grad():
         dist, lay, memory = _prepare(
             embeddings, labels, mode, distance, fallback, memory_embeddings, memory_labels, loss, guard
         )
     batch = _Batch(dist, lay, margin, fallback, generator, loss, guard, distance)
-    if loss == "infonce":
-        mined = _mine_infonce(batch, embeddings, memory, temperature)
-    else:
-        mined = MODE_FUNCTIONS[mode](batch)
-    # Batch-hard is the yardstick in every mode (compare phases on the hardest task), without graph.
-    memory_rows = dist.shape[1] - dist.shape[0]
-    if memory_rows:  # the logged yardstick stays in-batch, so phases with and without memory compare
-        batch_hard_loss = _in_batch_hard_loss(batch)
-    else:
-        terms = mined.batch_hard_terms
-        if terms is None:
-            terms = _batch_hard_terms(batch, detached=True)[2]
-        batch_hard_loss = terms.sum() / lay.anchors.sum().clamp(min=1)
-    return mined.loss, _stats(embeddings, labels, batch, mined, batch_hard_loss, memory_rows)
+    mined = MODE_FUNCTIONS[mode](batch) if of_triplets else _score_batch(batch, embeddings, memory, temperature)
+    return mined.loss, _stats(embeddings, labels, batch, mined, _yardstick(batch), dist.shape[1] - dist.shape[0])
 
 
 def _stats(
@@ -504,29 +481,17 @@ def mine_indices(
     (0..B-1), then the memory rows (B..B+M-1).  Not for ``batch-all``: it uses
     every active triplet, which is O(B³) to list.
     """
-    if mode == "batch-all":
-        raise ValueError("batch-all uses every active triplet; there is no O(B²) list to return")
+    if mode not in (*PAIR_NEGATIVES, "batch-hard"):
+        raise ValueError(f"{mode} uses every active triplet; there is no O(B²) list to return")
     with torch.no_grad():
         dist, lay, _ = _prepare(
             embeddings, labels, mode, distance, fallback, memory_embeddings, memory_labels, guard=guard
         )
         batch = _Batch(dist, lay, margin, fallback, generator, guard=guard, distance=distance)
         if mode == "batch-hard":
-            slot = batch.d_ap.where(lay.valid, -1.0).argmax(dim=1)
-            anchors = lay.anchors
-            if guard is None:
-                _, n_idx = _closest_negative(dist, lay)
-            else:
-                limit = fn_guard.distance_limit(batch.d_ap.gather(1, slot[:, None])[:, 0], guard, distance)
-                _, n_idx, kept, _ = fn_guard.closest_kept(dist, lay.neg_mask(), limit)
-                anchors = anchors & kept
+            _, _, n_idx, slot, anchors, _ = _batch_hard_choice(batch)
             a = anchors.nonzero().squeeze(1)
             return a, lay.pos_idx[a, slot[a]], n_idx[a]
-        valid = lay.valid
-        if guard is None:
-            _, n_idx = PAIR_NEGATIVES[mode](batch)
-        else:
-            _, n_idx, kept, _ = _guarded_pair_negatives(batch, mode)
-            valid = valid & kept
-        a, j = valid.nonzero(as_tuple=True)
+        _, n_idx = PAIR_NEGATIVES[mode](batch)
+        a, j = batch.kept_pairs.nonzero(as_tuple=True)
         return a, lay.pos_idx[a, j], n_idx[a, j]
