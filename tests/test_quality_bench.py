@@ -139,7 +139,7 @@ def test_report_joins_means_and_intervals_of_one_size(tmp_path, monkeypatch, cap
     assert "tc-facenet − tc-facenet" not in printed and "st-batch-hard (best anchor)" not in printed
 
 
-def test_a_kept_result_is_not_run_again_and_another_size_is_refused(tmp_path, monkeypatch):
+def test_a_kept_result_is_not_run_again_and_another_size_is_refused(tmp_path, monkeypatch, capsys):
     def train_row(*args):
         raise RuntimeError("trained")
 
@@ -149,7 +149,8 @@ def test_a_kept_result_is_not_run_again_and_another_size_is_refused(tmp_path, mo
     kept = quality.run_row("tc-facenet", "fake", files, tmp_path, CPU, 0, force=False, keep=False)
     assert kept["kept"] and kept["recall@1"] == 1.0
     smoke = quality.size_record("smoke", quality.SIZES["smoke"])
-    with pytest.raises(SystemExit, match="holds a result of another size"):
+    with pytest.raises(SystemExit) as refused:
         quality.run_row("tc-facenet", "fake", files, tmp_path, smoke, 0, force=False, keep=False)
+    assert refused.value.code == 2 and "holds a result of another size" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="trained"):
         quality.run_row("tc-facenet", "fake", files, tmp_path, smoke, 0, force=True, keep=False)
