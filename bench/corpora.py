@@ -8,6 +8,9 @@
   of fine, overlapping classes where neighbours share words and differ in meaning.
 - `debsections`: the same descriptions labelled by their archive section (`libs`, `python`, `games`,
   `science`...): a few dozen classes of hundreds of rows each, the shape of a large labelled corpus.
+- `debsource`: the same descriptions labelled by their *source* package (`Source:`, without its
+  version; a package without one is its own source): thousands of small classes (2 to 20 rows) whose
+  members are a library, its `-dev`, `-doc` and tool packages, which share words and differ in role.
 - `debtwo`: two sections only, `admin` and `utils` (600 descriptions each): the reference's two-class
   case, for bench/two_class.py. Close in topic on purpose (system tools against general tools).
 
@@ -117,6 +120,33 @@ def debsections(work: Path) -> dict[str, list[str]]:
     return _balanced(_section_rows(), min_rows=100, max_rows=400)
 
 
+SOURCE_MAX_ROWS = 20  # a few sources build hundreds of binaries (kernels, texlive): no class dominates
+
+
+def _source(fields: dict[str, str]) -> str:
+    """The source package's name: `Source: foo (1.2-3)` names `foo`; no `Source:` means the package's own."""
+    return (fields.get("Source") or fields.get("Package", "")).partition(" (")[0].strip()
+
+
+def debsource(work: Path) -> dict[str, list[str]]:
+    """One class per source package with at least 2 distinct descriptions, at most 20 each (in a
+    seeded order). A description found under two sources is dropped: it would be its own false
+    negative."""
+    rows: dict[str, list[str]] = defaultdict(list)
+    for fields in _packages():
+        source, text = _source(fields), _description(fields)
+        if source and len(text) >= 20:
+            rows[source].append(text)
+    owners: dict[str, set[str]] = defaultdict(set)
+    for source, texts in rows.items():
+        for text in texts:
+            owners[text].add(source)
+    for source, texts in rows.items():
+        texts[:] = sorted({t for t in texts if len(owners[t]) == 1})
+        random.Random(source).shuffle(texts)
+    return _balanced(rows, min_rows=2, max_rows=SOURCE_MAX_ROWS)
+
+
 TWO_SECTIONS = ("admin", "utils")
 TWO_CLASS_ROWS = 600
 
@@ -134,6 +164,7 @@ CORPORA: dict[str, Callable[[Path], dict[str, list[str]]]] = {
     "fortunes": fortunes,
     "debtags": debtags,
     "debsections": debsections,
+    "debsource": debsource,
     "debtwo": debtwo,
 }
 ROW_SPLIT = {"debtwo"}  # too few classes to hold whole classes out: rows are held out instead
