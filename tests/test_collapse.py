@@ -240,7 +240,7 @@ def test_watchdog_state_round_trips():
 @pytest.fixture
 def checkpoint_factory(tmp_path, tiny_bert_dir):
     def make(collapsed: bool) -> Path:
-        from tripletctl.outputs.checkpoint import save_checkpoint
+        from tripletctl.outputs.checkpoint_save import save_checkpoint
 
         model, tokenizer = tiny_encoder(tiny_bert_dir)
         if collapsed:

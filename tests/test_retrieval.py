@@ -168,7 +168,7 @@ def test_eval_cli_json_and_table(tmp_path, tiny_bert_dir):
     from tripletctl.cli import app
     from tripletctl.data.tokenizer import load_tokenizer
     from tripletctl.model.encoder import TripletEncoder
-    from tripletctl.outputs.checkpoint import save_checkpoint
+    from tripletctl.outputs.checkpoint_save import save_checkpoint
 
     torch.manual_seed(0)
     model = TripletEncoder(AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir)), head=(16,))
@@ -223,7 +223,7 @@ def saved_run(tmp_path_factory):
 
     from tripletctl.data.tokenizer import load_tokenizer
     from tripletctl.model.encoder import TripletEncoder
-    from tripletctl.outputs.checkpoint import save_checkpoint
+    from tripletctl.outputs.checkpoint_save import save_checkpoint
 
     torch.manual_seed(0)
     model = TripletEncoder(AutoModel.from_config(AutoConfig.from_pretrained(TINY_BERT)), head=(16,))
@@ -442,7 +442,7 @@ def test_eval_of_a_model_folder_says_the_length_it_cut_at(tmp_path, tiny_bert_di
 
 def test_eval_with_data_reads_it_with_the_runs_column_names(tmp_path, saved_run):
     """Issue 36, item 4: `eval RUN --data f.jsonl` without --label-column failed on `label`."""
-    from tripletctl.outputs.checkpoint import save_checkpoint
+    from tripletctl.outputs.checkpoint_save import save_checkpoint
 
     _, model, tokenizer = saved_run
     rows = [{"body": f"{c} text {i}", "topic": c} for c in ("a", "b", "c") for i in range(5)]

@@ -81,7 +81,7 @@ def compare_per_query(
 def _check_model_exists(model: Path | str) -> None:
     """A missing or unusable B fails in one line before A is loaded (loading can take a while)."""
     from tripletctl.model.encoder import model_folder
-    from tripletctl.outputs.checkpoint import resolve_checkpoint
+    from tripletctl.outputs.checkpoint_find import resolve_checkpoint
 
     if model_folder(model) is None:
         resolve_checkpoint(Path(model))

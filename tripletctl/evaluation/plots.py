@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tripletctl.config.loss_rules import DEFAULT_LOSS, LOSS_RULES
 from tripletctl.core.errors import CheckpointError, TripletctlError
-from tripletctl.outputs.checkpoint import PHASE_DIR_RE, phase_dir
+from tripletctl.outputs.checkpoint_find import PHASE_DIR_RE, phase_dir
 from tripletctl.outputs.metrics_log import METRICS_FILE, MetricsLog
 from tripletctl.outputs.run_file import read_run, run_file
 

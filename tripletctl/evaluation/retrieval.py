@@ -354,7 +354,7 @@ def held_out_source(
     without --data, the eval block saved with the run's curriculum (the options given change it)."""
     from tripletctl.config.validate import load_eval_block, source_from_options
     from tripletctl.model.encoder import model_folder
-    from tripletctl.outputs.checkpoint import resolve_checkpoint
+    from tripletctl.outputs.checkpoint_find import resolve_checkpoint
 
     if given.get("source") is not None:  # the run's own column names unless given (a model folder has none)
         base = _saved_columns(checkpoint, given["source"]) if model_folder(checkpoint) is None else None
@@ -383,7 +383,7 @@ def _saved_columns(checkpoint: Path | str, source: Any) -> SourceConfig | None:
     """The layout and column names of the run's eval block (else its data block), on another source:
     `eval RUN --data f.jsonl` reads f.jsonl the way the run read its own data."""
     from tripletctl.config.validate import load_eval_block
-    from tripletctl.outputs.checkpoint import resolve_checkpoint
+    from tripletctl.outputs.checkpoint_find import resolve_checkpoint
 
     try:
         path = Path(resolve_checkpoint(Path(checkpoint))) / "curriculum.yaml"
@@ -408,7 +408,8 @@ def load_checkpoint_and_rows(
     model is loaded), then load its model. `rows` already read (`compare`'s second model) are kept."""
     from tripletctl.data.sources import read_rows
     from tripletctl.model.encoder import load_any_model, load_model, model_folder
-    from tripletctl.outputs.checkpoint import check_contained, resolve_checkpoint
+    from tripletctl.outputs.checkpoint_find import resolve_checkpoint
+    from tripletctl.outputs.checkpoint_load import check_contained
 
     device = resolve_device(device)
     folder = model_folder(checkpoint)

@@ -23,9 +23,11 @@ from tripletctl.core.errors import WorkerDiedError, writing
 from tripletctl.core.faults import fault_point
 from tripletctl.data.stream import BatchStream, StreamInterrupted, pad_ragged
 from tripletctl.model.chunking import Chunking, ChunkPlan, embed_and_backward, plan_chunks, resolve_chunking
-from tripletctl.outputs.checkpoint import CHECKPOINT, capture_rng, save_checkpoint
-from tripletctl.outputs.checkpoint import phase_dir as phase_dir_of
+from tripletctl.outputs.checkpoint_find import CHECKPOINT
+from tripletctl.outputs.checkpoint_find import phase_dir as phase_dir_of
+from tripletctl.outputs.checkpoint_save import save_checkpoint
 from tripletctl.outputs.metrics_log import MetricsLog
+from tripletctl.outputs.rng import capture_rng
 from tripletctl.train import conditions, held_out, mining
 from tripletctl.train.distributed import (
     all_reduce_sums,

@@ -14,8 +14,8 @@ from rich.console import Console
 from tripletctl.config.blocks import Curriculum, curriculum_to_dict
 from tripletctl.core.exit_codes import EXIT_CRASH, EXIT_DONE, EXIT_INTERRUPTED
 from tripletctl.data.sources import check_source, read_rows
-from tripletctl.outputs.checkpoint import restore_rng
 from tripletctl.outputs.lock import claim_run_dir
+from tripletctl.outputs.rng import restore_rng
 from tripletctl.train.distributed import DistContext, barrier, cleanup, init_distributed, wrap_model
 from tripletctl.train.interrupt import StopFlag
 from tripletctl.train.loop import run_phase
