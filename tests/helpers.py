@@ -559,3 +559,34 @@ def fake_checkpoint(directory: Path, complete: bool = True) -> Path:
     if complete:
         (directory / "COMPLETE").write_text("ok\n")
     return directory
+
+
+def cli_on_cpu(*args):
+    """The real CLI in this process (typer's runner), on the CPU: `eval`, `compare`, `inspect-collapse`."""
+    from typer.testing import CliRunner
+
+    from tripletctl.cli import app
+
+    return CliRunner().invoke(app, [*map(str, args), "--device", "cpu"])
+
+
+# ------------------------------------------------------------------------------------ collapse
+
+
+def tiny_encoder(tiny_bert_dir: Path, seed: int = 0):
+    """The quickstart's tiny BERT with random weights (`init: config`) and a 32-wide head."""
+    from transformers import AutoConfig, AutoModel
+
+    from tripletctl.data.tokenizer import load_tokenizer
+    from tripletctl.model.encoder import TripletEncoder
+
+    torch.manual_seed(seed)
+    encoder = AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir))
+    return TripletEncoder(encoder, pooling="mean", head=(32,), normalize=True), load_tokenizer(str(tiny_bert_dir))
+
+
+def make_collapsed(model) -> None:
+    """Last head layer: zero weights, constant bias -> every input maps to one point."""
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.fill_(0.3)

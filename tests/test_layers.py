@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tripletctl"
-LAYERS = ("core", "config", "data", "model", "outputs", "evaluation", "train")  # lowest first
+LAYERS = ("core", "config", "data", "model", "outputs", "evaluation", "train", "commands")  # lowest first
 TOP = ("cli", "cli_options", "api", "__main__", "__init__")  # tripletctl/*.py: above every layer
 HEAVY = ("torch", "transformers", "datasets", "safetensors", "numpy", "matplotlib")  # config imports none
 

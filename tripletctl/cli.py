@@ -342,7 +342,8 @@ def evaluate(
     """Measure retrieval quality: recall@1/5/10, MAP@R, R-precision, triplet accuracy (and, on triplet
     data, accuracy on the data's own negatives)."""
     _quiet_libraries()
-    from tripletctl.evaluation.retrieval import held_out_source, run_eval_command
+    from tripletctl.commands.eval_command import run_eval_command
+    from tripletctl.commands.loading import held_out_source
 
     given = source_options(
         data,
@@ -393,8 +394,8 @@ def compare(
     B - A with its paired bootstrap 95% interval, and "no detectable difference" where it holds 0.
     Without --data, the rows are A's eval block (A must then be a run or checkpoint)."""
     _quiet_libraries()
-    from tripletctl.evaluation.compare import run_compare_command
-    from tripletctl.evaluation.retrieval import held_out_source
+    from tripletctl.commands.compare_command import run_compare_command
+    from tripletctl.commands.loading import held_out_source
 
     given = source_options(
         data,
@@ -459,8 +460,8 @@ def inspect_collapse(
 ) -> None:
     """Say whether embeddings have collapsed: numbers, a verdict and exit code 0 healthy / 1 at risk / 3 collapsed."""
     _quiet_libraries()
-    from tripletctl.evaluation.collapse import run_inspect_command
-    from tripletctl.evaluation.retrieval import held_out_source
+    from tripletctl.commands.collapse_command import run_inspect_command
+    from tripletctl.commands.loading import held_out_source
 
     given = source_options(
         data,
