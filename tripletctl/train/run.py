@@ -19,10 +19,11 @@ from tripletctl.outputs.rng import restore_rng
 from tripletctl.train.distributed import DistContext, barrier, cleanup, init_distributed, wrap_model
 from tripletctl.train.interrupt import StopFlag
 from tripletctl.train.loop import run_phase
+from tripletctl.train.phase_end import EXIT_CODE_OF_END, PhaseEnd
 from tripletctl.train.report import interrupted_during_start_up, print_outcome
 from tripletctl.train.run_index import RunIndex, keep_best, start_run_index, write_phase_summary
 from tripletctl.train.setup import Resumed, build_run_model, check_before_start, load_resume, prepare_output
-from tripletctl.train.state import EXIT_CODE_OF_END, PhaseEnd, Run
+from tripletctl.train.state import Run
 from tripletctl.train.trackers import Trackers, open_trackers, require_installed
 
 
