@@ -159,7 +159,7 @@ def evaluate(
     if isinstance(model, Encoder):
         if data is None:
             raise TripletctlError("evaluate(Encoder, data=...): a loaded model holds no held-out data")
-        from tripletctl.config.validate import source_from_options
+        from tripletctl.config.block_checks import source_from_options
 
         config = source_from_options(_given(data, source), names)
         rows = read_rows(config, limit=max_rows or 10000)
@@ -193,7 +193,7 @@ def init(
     next step, with no edit. `device` "cpu" or "cuda" (default: CUDA when available); `budget` in
     samples (texts embedded in training batches); `heldout` a held-out source to use instead of
     holding out part of `data`; `source` the other source keys (text_column, label_column, split...)."""
-    from tripletctl.config.validate import source_from_options
+    from tripletctl.config.block_checks import source_from_options
     from tripletctl.train.starter import write_starter
 
     names = {name: name for name in SOURCE_FIELDS}

@@ -23,6 +23,15 @@ from tripletctl.outputs.checkpoint_find import resolve_checkpoint
 MIN_RESAMPLES = 1000  # fewer resamples leave the 2.5% tails to a couple dozen values
 
 
+def _check_options(batch_size: int, resamples: int, seed: int) -> None:
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    if resamples < MIN_RESAMPLES:
+        raise DataError(f"--resamples must be at least {MIN_RESAMPLES}, got {resamples}")
+    if seed < 0:
+        raise DataError(f"--seed must be a non-negative integer, got {seed}")
+
+
 def _check_model_exists(model: Path | str) -> None:
     """A missing or unusable B fails in one line before A is loaded (loading can take a while)."""
     if model_folder(model) is None:
@@ -62,12 +71,7 @@ def run_compare_command(
 ) -> dict[str, Any]:
     """`tripletctl compare`: a table with a verdict per metric, or only JSON on stdout with --json."""
     console = console or Console()
-    if batch_size < 1:  # before loading anything
-        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
-    if resamples < MIN_RESAMPLES:
-        raise DataError(f"--resamples must be at least {MIN_RESAMPLES}, got {resamples}")
-    if seed < 0:
-        raise DataError(f"--seed must be a non-negative integer, got {seed}")
+    _check_options(batch_size, resamples, seed)  # before loading anything
     device = resolve_device(device)
     _check_model_exists(b)
     scored, models, rows = [], {}, None
@@ -106,16 +110,21 @@ def run_compare_command(
     if as_json:
         print(strict_json(result, indent=2))  # plain print: rich would wrap or colour what scripts parse
     else:
-        for side in ("a", "b"):
-            console.print(f"{side.upper()}: {models[side]['checkpoint']}", highlight=False, soft_wrap=True)
-        console.print(f"retrieval on {result['data']}", highlight=False, soft_wrap=True)
-        console.print(comparison_table(result))
-        console.print(
-            f"{result['rows']} rows, {result['classes']} classes, {result['queries']} queries "
-            f"({result['excluded_queries']} with a unique label excluded), {result['skipped_rows']} rows skipped. "
-            f"Paired bootstrap: the queries resampled with replacement {resamples} times, the same resamples "
-            f"for A and B (seed {seed}); percentile interval of B - A; where it holds 0: no detectable difference",
-            highlight=False,
-            soft_wrap=True,
-        )
+        _print_comparison(result, console)
     return result
+
+
+def _print_comparison(result: dict[str, Any], console: Console) -> None:
+    """Which checkpoints A and B are, the data, the table, and what the interval means."""
+    for side in ("a", "b"):
+        console.print(f"{side.upper()}: {result[side]['checkpoint']}", highlight=False, soft_wrap=True)
+    console.print(f"retrieval on {result['data']}", highlight=False, soft_wrap=True)
+    console.print(comparison_table(result))
+    console.print(
+        f"{result['rows']} rows, {result['classes']} classes, {result['queries']} queries "
+        f"({result['excluded_queries']} with a unique label excluded), {result['skipped_rows']} rows skipped. "
+        f"Paired bootstrap: the queries resampled with replacement {result['resamples']} times, the same resamples "
+        f"for A and B (seed {result['seed']}); percentile interval of B - A; where it holds 0: no detectable difference",
+        highlight=False,
+        soft_wrap=True,
+    )

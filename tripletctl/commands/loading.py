@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from tripletctl.config.block_checks import source_from_options
 from tripletctl.config.blocks import SourceConfig
-from tripletctl.config.validate import load_eval_block, source_from_options
+from tripletctl.config.validate import load_eval_block
 from tripletctl.config.yaml_io import read_yaml_file, safe_yaml_load
 from tripletctl.core.errors import CheckpointError, DataError, ModelError
 from tripletctl.data.sources import read_rows

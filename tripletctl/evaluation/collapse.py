@@ -213,21 +213,10 @@ def collapse_report(
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
     directions = _direction_stats(emb, off)
     singular = directions.pop("singular")
-
-    # Wang & Isola 2020 (alpha = 2, t = 2)
     sqd = pairwise_distances(emb, "squared-euclidean").fill_diagonal_(0.0)
-    alignment = float(sqd[same & upper].mean()) if bool((same & upper).any()) else float("nan")
-    all_pairs = sqd[upper]
-    uniformity = float(torch.logsumexp(-2.0 * all_pairs, dim=0) - math.log(all_pairs.numel()))
-
-    # distances the loss sees
-    dist = sqd if distance == "squared-euclidean" else sqd.sqrt()
-    d_ap, d_an = dist[same & upper], dist[diff & upper]
-    ap_q, an_q = _quantiles(d_ap), _quantiles(d_an)
-    separation = an_q.get("p50", float("nan")) - ap_q.get("p50", float("nan"))
+    dist = sqd if distance == "squared-euclidean" else sqd.sqrt()  # the distances the loss sees
+    pairs = _pair_stats(dist, same & upper, diff & upper, margin)
     hardest = _batch_hard_stats(dist, same, diff, margin)
-
-    edges, ap_hist, an_hist = _histograms(d_ap, d_an, margin)
     verdict, reasons = judge(
         mean_cosine=directions["mean_cosine"],
         effective_rank=directions["effective_rank"],
@@ -235,7 +224,7 @@ def collapse_report(
         classes=classes,
         near_margin_fraction=hardest["near_margin_fraction"],
         relative_spread=directions["embedding_spread"] / max(directions["mean_norm"], 1e-12),
-        separation=separation,
+        separation=pairs["separation"],
         margin=margin,
     )
     return CollapseReport(
@@ -245,21 +234,41 @@ def collapse_report(
         margin=float(margin),
         distance=distance,
         **directions,
-        alignment=alignment,
-        uniformity=uniformity,
-        ap_quantiles=ap_q,
-        an_quantiles=an_q,
-        separation=separation,
+        **_alignment_uniformity(sqd, same & upper, upper),
+        **pairs,
         **hardest,
         verdict=verdict,
         reasons=tuple(reasons),
-        hist_edges=edges,
-        ap_hist=ap_hist,
-        an_hist=an_hist,
-        d_ap=d_ap.float().numpy(),
-        d_an=d_an.float().numpy(),
         singular_values=singular.float().numpy(),
     )
+
+
+def _alignment_uniformity(sqd: torch.Tensor, positives: torch.Tensor, pairs: torch.Tensor) -> dict[str, float]:
+    """Wang & Isola 2020 (alpha = 2, t = 2), from squared distances: positives close, all spread."""
+    alignment = float(sqd[positives].mean()) if bool(positives.any()) else float("nan")
+    all_pairs = sqd[pairs]
+    return {
+        "alignment": alignment,
+        "uniformity": float(torch.logsumexp(-2.0 * all_pairs, dim=0) - math.log(all_pairs.numel())),
+    }
+
+
+def _pair_stats(dist: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, margin: float) -> dict[str, Any]:
+    """The anchor-positive and anchor-negative distances (each pair once): quantiles, the separation
+    of their medians, histograms, and the distances themselves (for the picture)."""
+    d_ap, d_an = dist[positives], dist[negatives]
+    ap_q, an_q = _quantiles(d_ap), _quantiles(d_an)
+    edges, ap_hist, an_hist = _histograms(d_ap, d_an, margin)
+    return {
+        "ap_quantiles": ap_q,
+        "an_quantiles": an_q,
+        "separation": an_q.get("p50", float("nan")) - ap_q.get("p50", float("nan")),
+        "hist_edges": edges,
+        "ap_hist": ap_hist,
+        "an_hist": an_hist,
+        "d_ap": d_ap.float().numpy(),
+        "d_an": d_an.float().numpy(),
+    }
 
 
 QUANTILE_SAMPLE = 1 << 24

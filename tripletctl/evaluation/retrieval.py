@@ -185,10 +185,33 @@ def retrieval_metrics(
     # Distances do not change under a shift; with the first row at the origin, identical rows are
     # exactly 0 apart (the expanded form's rounding would otherwise order them at random).
     emb = emb - emb[:1]
+    sums = _summed_per_query(emb, lab, queries, r_all, ks, chunk_size, per_query_out)
+    q = queries.numel()
+    out: dict[str, float | int] = {name: total / q for name, total in sums.items()}
+    acc, used = triplet_accuracy(emb, lab, triplet_samples, seed)
+    out["triplet_accuracy"] = acc
+    out["rows"] = n
+    out["classes"] = int(uniq.numel())
+    out["queries"] = q
+    out["excluded_queries"] = excluded
+    out["triplets"] = used
+    return out
+
+
+def _summed_per_query(
+    emb: torch.Tensor,
+    lab: torch.Tensor,
+    queries: torch.Tensor,
+    r_all: torch.Tensor,
+    ks: tuple[int, ...],
+    chunk_size: int,
+    per_query_out: dict[str, list[torch.Tensor]] | None,
+) -> dict[str, float]:
+    """Each per-query value summed over the queries, searched a chunk of queries at a time (memory
+    O(chunk_size x N)); `per_query_out` receives each chunk's query rows and values."""
+    n = emb.shape[0]
     keys_sq = (emb * emb).sum(dim=1)
-    hits_at_k = {k: 0.0 for k in ks}
-    map_sum = 0.0
-    rprec_sum = 0.0
+    sums = {name: 0.0 for name in (*(f"recall@{k}" for k in ks), "map@r", "r_precision")}
     begin = 0
     while begin < queries.numel():
         idx = queries[begin : begin + chunk_size]
@@ -206,26 +229,12 @@ def retrieval_metrics(
         del dist
         rel = (lab[nearest] == lab[idx].unsqueeze(1)).to(torch.float64)  # (chunk, k_chunk)
         values = _per_query_values(rel, r, ks)
-        for k in ks:
-            hits_at_k[k] += float(values[f"recall@{k}"].sum().item())
-        map_sum += float(values["map@r"].sum().item())
-        rprec_sum += float(values["r_precision"].sum().item())
+        for name in sums:
+            sums[name] += float(values[name].sum().item())
         if per_query_out is not None:
             for name, tensor in {"query_rows": idx, **values}.items():
                 per_query_out.setdefault(name, []).append(tensor.cpu())
-
-    q = queries.numel()
-    out: dict[str, float | int] = {f"recall@{k}": hits_at_k[k] / q for k in ks}
-    out["map@r"] = map_sum / q
-    out["r_precision"] = rprec_sum / q
-    acc, used = triplet_accuracy(emb, lab, triplet_samples, seed)
-    out["triplet_accuracy"] = acc
-    out["rows"] = n
-    out["classes"] = int(uniq.numel())
-    out["queries"] = q
-    out["excluded_queries"] = excluded
-    out["triplets"] = used
-    return out
+    return sums
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
+from tripletctl.config.blocks import PhaseConfig
 from tripletctl.config.choices import COLLAPSE_FALLBACK_MODE
 from tripletctl.config.lr_scaling import phase_peak_lr
 from tripletctl.config.until import STEP_METRICS
 from tripletctl.core.errors import WorkerDiedError, writing
 from tripletctl.core.faults import fault_point
 from tripletctl.data.stream import BatchStream, StreamInterrupted, pad_ragged
-from tripletctl.model.chunking import embed_and_backward, plan_chunks, resolve_chunking
+from tripletctl.model.chunking import Chunking, embed_and_backward, plan_chunks, resolve_chunking
 from tripletctl.outputs.checkpoint_find import phase_dir as phase_dir_of
 from tripletctl.outputs.metrics_log import MetricsLog
 from tripletctl.train import conditions, held_out, mining
@@ -29,13 +30,11 @@ from tripletctl.train.memory import EmbeddingMemory, carry_over
 from tripletctl.train.phase_end import (
     PhaseEnd,
     PhaseOutcome,
+    checkpoint_after_step,
     exploded_weights,
-    save_phase_checkpoint,
-    should_checkpoint,
     skip_nonfinite_step,
     stops_after_step,
     stream_stopped,
-    unsaved_nonfinite_weights,
 )
 from tripletctl.train.progress_bar import phase_progress
 from tripletctl.train.state import Agreed, OpenPhase, Run, RunProgress, StepResult
@@ -60,16 +59,12 @@ def _mining_loss(mined: list, **mine_kwargs: Any) -> Callable:
 
 
 def run_phase(
-    run: Run,
-    phase_index: int,
-    progress: RunProgress,
-    stream_state: dict | None,
-    memory: EmbeddingMemory | None = None,
+    run: Run, phase_index: int, progress: RunProgress, stream_state: dict | None, memory: EmbeddingMemory | None = None
 ) -> PhaseOutcome:
     """Run one phase from `progress.step` to its last step, or until it must stop (the outcome says
     why). `memory` is the cross-batch memory the previous phase (or the checkpoint) left."""
     ph = _open_phase(run, phase_index, progress, stream_state, memory)
-    phase, train_cfg = ph.config, run.curriculum.train
+    phase = ph.config
     try:
         batches = iter(ph.stream)
         while not progress.phase_finished(phase):
@@ -83,26 +78,18 @@ def run_phase(
             run.stop.stepping = True  # a Ctrl-C from now on ends this step first
 
             # 2. learning rate: a pure function of the step (peak scaled to the batch: train.lr_scaling)
-            lr = get_lr(progress.step, phase, train_cfg.decay, peak=phase_peak_lr(run.curriculum, phase_index))
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
+            lr = _set_lr(run, ph, progress)
 
             # 3. embed in chunks, mine over the whole (global) batch, back-propagate chunk by chunk
             mode = progress.mining_override or phase.mining
             result = _embed_mine_backward(run, ph, progress, batch, mode)
 
-            # 4. this rank's collapse watchdog sees the step, then one collective decides for every rank
-            #    (a NaN/inf must never reach the weights)
-            stats = result.stats
-            suspected = result.finite and ph.watchdog.update(
-                stats.batch_hard_loss, phase.margin, stats.embedding_spread
-            )
-            jump = ph.divergence.step_jump(result.loss, result.grad_norm) if result.finite else None
-            agreed = _agree(run, batch, result, collapse_suspected=suspected, diverging=jump is not None)
+            # 4. this rank's collapse watchdog and divergence detector see the step, then one collective
+            #    decides for every rank (a NaN/inf must never reach the weights)
+            agreed, jump = _decide(run, ph, batch, result)
             ph.last_state = batch.state  # this batch is consumed whether or not it is used
             if agreed.nonfinite or agreed.diverging:
-                skipped = skip_nonfinite_step(run, ph, progress, result, agreed, jump)
-                if skipped is not None:
+                if (skipped := skip_nonfinite_step(run, ph, progress, result, agreed, jump)) is not None:
                     return skipped
                 continue
 
@@ -111,9 +98,7 @@ def run_phase(
             if (exploded := _apply_step(run, ph, result)) is not None:
                 return exploded_weights(ph, progress, exploded)  # before any checkpoint holds these weights
             fault_point("step")
-            progress.step += 1
-            progress.global_step += 1
-            progress.samples_seen += phase.batch_size
+            progress.count_step(phase.batch_size)
 
             # 6. log: the phase's mining loss beside the batch-hard loss of the same batch, then the
             #    step's events (collapse, the `until:` end, the held-out eval)
@@ -126,19 +111,36 @@ def run_phase(
 
             # 7. checkpoint: every N steps, at the end of the phase, and whenever the phase stops here
             stopping = stops_after_step(run, progress, collapse_stop, agreed.stop_now)
-            final = done or stopping is not None
-            until = conditions.until_display(phase.until, ph.until_state)
-            ph.bar.update(progress.step, record, phase.batch_size, final=final, until=until)
-            if should_checkpoint(progress.step, train_cfg.checkpoint_every, done, stopping):
-                if not save_phase_checkpoint(run, ph, progress):
-                    return unsaved_nonfinite_weights(ph, progress)
-            if stopping is not None:
-                return PhaseOutcome(stopping, ph.last_state, memory=ph.memory)
+            _show_step(ph, progress, record, final=done or stopping is not None)
+            if (ended := checkpoint_after_step(run, ph, progress, done, stopping)) is not None:
+                return ended
     finally:
-        ph.bar.stop()
-        ph.stream.close()
-        ph.log.close()
+        ph.close()
     return PhaseOutcome(PhaseEnd.DONE, ph.last_state, memory=ph.memory)
+
+
+def _set_lr(run: Run, ph: OpenPhase, progress: RunProgress) -> float:
+    """This step's learning rate, set on every parameter group."""
+    peak = phase_peak_lr(run.curriculum, ph.index)
+    lr = get_lr(progress.step, ph.config, run.curriculum.train.decay, peak=peak)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _decide(run: Run, ph: OpenPhase, batch: Any, result: StepResult) -> tuple[Agreed, str | None]:
+    """This rank's collapse watchdog and divergence detector see a finite step, then `_agree`'s one
+    collective decides for every rank. Also returns this rank's jump (divergence.py), for its event."""
+    stats = result.stats
+    suspected = result.finite and ph.watchdog.update(stats.batch_hard_loss, ph.config.margin, stats.embedding_spread)
+    jump = ph.divergence.step_jump(result.loss, result.grad_norm) if result.finite else None
+    return _agree(run, batch, result, collapse_suspected=suspected, diverging=jump is not None), jump
+
+
+def _show_step(ph: OpenPhase, progress: RunProgress, record: dict, final: bool) -> None:
+    """The live bar (or a plain line every train.log_every steps), with the `until:` conditions' state."""
+    until = conditions.until_display(ph.config.until, ph.until_state)
+    ph.bar.update(progress.step, record, ph.config.batch_size, final=final, until=until)
 
 
 def _open_phase(
@@ -152,31 +154,8 @@ def _open_phase(
     if ctx.is_main:
         with writing(directory):
             directory.mkdir(parents=True, exist_ok=True)
-    # batch_size is the global batch: the stream yields this rank's share of whole classes
-    local_batch = local_batch_size(phase.batch_size, curriculum.data.rows_per_group, ctx)
-    stream = BatchStream(
-        curriculum.data,
-        tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
-        batch_size=phase.batch_size,
-        seed=train_cfg.seed,
-        state=stream_state,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        # a wait for data ends on Ctrl-C/SIGTERM; under torchrun the ranks decide together after the step
-        should_stop=None if ctx.enabled else (lambda: run.stop.requested),
-    )
-    run.train_model.train()  # before the auto chunk probe: dropout masks take memory too
-    autocast_dtype = _autocast_dtype(train_cfg.precision, ctx.device)
-    chunking = resolve_chunking(
-        phase.chunk_size,
-        phase.chunk_tokens,
-        local_batch,
-        run.model,
-        ctx.device,
-        curriculum.data.max_length,
-        autocast_dtype=autocast_dtype,
-        keep_graphs=train_cfg.keep_graphs,
-    )
+    stream = _batch_stream(run, phase, stream_state)
+    chunking, autocast_dtype = _chunking(run, phase)
     watchdog = CollapseWatchdog(train_cfg.collapse_patience, train_cfg.collapse_tolerance)
     if progress.watchdog:
         watchdog.load_state_dict(progress.watchdog)
@@ -215,6 +194,43 @@ def _open_phase(
         until=conditions.until_display(phase.until, ph.until_state),
     )
     return ph
+
+
+def _batch_stream(run: Run, phase: PhaseConfig, stream_state: dict | None) -> BatchStream:
+    """This rank's share of whole classes of each global batch, from where `stream_state` left off."""
+    curriculum, ctx = run.curriculum, run.ctx
+    return BatchStream(
+        curriculum.data,
+        tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
+        batch_size=phase.batch_size,
+        seed=curriculum.train.seed,
+        state=stream_state,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        # a wait for data ends on Ctrl-C/SIGTERM; under torchrun the ranks decide together after the step
+        should_stop=None if ctx.enabled else (lambda: run.stop.requested),
+    )
+
+
+def _chunking(run: Run, phase: PhaseConfig) -> tuple[Chunking, torch.dtype | None]:
+    """How this rank's share of a batch is cut into chunks (rows, or a token budget; `auto` probes the
+    device), and the autocast dtype."""
+    curriculum, ctx, train_cfg = run.curriculum, run.ctx, run.curriculum.train
+    # batch_size is the global batch: the stream yields this rank's share of whole classes
+    local_batch = local_batch_size(phase.batch_size, curriculum.data.rows_per_group, ctx)
+    run.train_model.train()  # before the auto chunk probe: dropout masks take memory too
+    autocast_dtype = _autocast_dtype(train_cfg.precision, ctx.device)
+    chunking = resolve_chunking(
+        phase.chunk_size,
+        phase.chunk_tokens,
+        local_batch,
+        run.model,
+        ctx.device,
+        curriculum.data.max_length,
+        autocast_dtype=autocast_dtype,
+        keep_graphs=train_cfg.keep_graphs,
+    )
+    return chunking, autocast_dtype
 
 
 def _embed_mine_backward(run: Run, ph: OpenPhase, progress: RunProgress, batch: Any, mode: str) -> StepResult:

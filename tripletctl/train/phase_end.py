@@ -126,6 +126,19 @@ def should_checkpoint(step: int, every: int | None, phase_done: bool, stopping: 
     return phase_done or stopping is not None or bool(every and step % every == 0)
 
 
+def checkpoint_after_step(
+    run: Run, ph: OpenPhase, progress: RunProgress, phase_done: bool, stopping: PhaseEnd | None
+) -> PhaseOutcome | None:
+    """After a step: the checkpoint when one is due, then the outcome if the phase stops here (or its
+    weights turned NaN/inf: nothing saved); None: on to the next step (or the phase's normal end)."""
+    if should_checkpoint(progress.step, run.curriculum.train.checkpoint_every, phase_done, stopping):
+        if not save_phase_checkpoint(run, ph, progress):
+            return unsaved_nonfinite_weights(ph, progress)
+    if stopping is not None:
+        return PhaseOutcome(stopping, ph.last_state, memory=ph.memory)
+    return None
+
+
 def exploded_weights(ph: OpenPhase, progress: RunProgress, why: str) -> PhaseOutcome:
     """The step just applied blew the weights up (finite, but training cannot go on from them): stop
     before any checkpoint holds them, so the last one on disk is a good one."""

@@ -52,6 +52,12 @@ class RunProgress:
         self.conditions = {}
         self.nonfinite_streak = 0
 
+    def count_step(self, batch_size: int) -> None:
+        """One optimiser step done."""
+        self.step += 1
+        self.global_step += 1
+        self.samples_seen += batch_size
+
     def phase_finished(self, phase: PhaseConfig) -> bool:
         """The current phase has ended: all its steps done, or an `until:` condition ended it."""
         return str(self.phase_index) in self.phase_ends or self.step >= phase.steps
@@ -113,6 +119,12 @@ class OpenPhase:
     no_sync: Callable | None  # DDP's no_sync under torchrun
     last_state: dict | None  # the stream's state after the last batch consumed
     bar: Any = None  # the progress display (progress_bar.py)
+
+    def close(self) -> None:
+        """The progress display, the stream (its tokenizer workers) and the metrics file."""
+        self.bar.stop()
+        self.stream.close()
+        self.log.close()
 
 
 @dataclass
