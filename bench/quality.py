@@ -254,7 +254,7 @@ def curriculum(
 
 
 def train_tripletctl(row: str, train_file: Path, out: Path, size: Size, seed: int) -> Path:
-    from tripletctl.outputs.checkpoint import resolve_checkpoint
+    from tripletctl.outputs.checkpoint_find import resolve_checkpoint
 
     phases, overrides = TRIPLETCTL_ROWS[row]
     run_dir = out / "run"

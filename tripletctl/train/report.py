@@ -15,7 +15,7 @@ from tripletctl.config.until import EVAL_METRICS
 from tripletctl.core.exit_codes import EXIT_COLLAPSE_STOP, EXIT_DONE, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_WORKER_DIED
 from tripletctl.core.files import FileRefused
 from tripletctl.core.jsonio import read_json
-from tripletctl.outputs.checkpoint import latest_checkpoint
+from tripletctl.outputs.checkpoint_find import latest_checkpoint
 
 
 def train_command(command: list[str], resume: bool) -> str:

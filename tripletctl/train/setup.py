@@ -22,7 +22,9 @@ from tripletctl.core.errors import CheckpointError, ConfigError, TripletctlError
 from tripletctl.core.files import orphaned
 from tripletctl.core.jsonio import replace_text
 from tripletctl.model.encoder import CompiledOrEager, build_model, compile_wanted
-from tripletctl.outputs.checkpoint import CHECKPOINT, clean_leftovers, latest_checkpoint, load_checkpoint
+from tripletctl.outputs.checkpoint_find import CHECKPOINT, latest_checkpoint
+from tripletctl.outputs.checkpoint_load import load_checkpoint
+from tripletctl.outputs.checkpoint_save import clean_leftovers
 from tripletctl.train.distributed import DistContext, check_world_size
 from tripletctl.train.memory import EmbeddingMemory
 from tripletctl.train.state import RunProgress
