@@ -89,7 +89,7 @@ def asker_curriculum(init_file: Path, samples: int, folder: Path) -> Path:
 
 def train_row(row: str, files: tuple[Path, Path], samples: int, seed: int, folder: Path) -> Path:
     """The trained model folder of one row and seed (the run's last checkpoint)."""
-    from tripletctl.outputs.checkpoint import resolve_checkpoint
+    from tripletctl.outputs.checkpoint_find import resolve_checkpoint
 
     init_file = init_curriculum(files, samples, folder)
     curriculum = asker_curriculum(init_file, samples, folder) if row == "asker" else init_file
