@@ -12,7 +12,7 @@ from helpers import ASSETS, cli_on_cpu, st_folder
 
 
 def test_eval_cli_json_and_table(tmp_path, tiny_bert_dir):
-    """`tripletctl eval` on a run directory made by checkpoint.save_checkpoint (latest phase wins)."""
+    """`tripletctl eval` on a run directory made by checkpoint_save.save_checkpoint (latest phase wins)."""
     from pathlib import Path
 
     from transformers import AutoConfig, AutoModel
