@@ -10,6 +10,7 @@ tripletctl reads it back; folders of the previous format (head in `head.safetens
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from tripletctl.config.choices import POOLINGS
 from tripletctl.core.errors import ModelError, TripletctlError, one_line
 from tripletctl.core.files import FileRefused
+from tripletctl.core.folders import check_model_folder
 from tripletctl.core.jsonio import read_json
 from tripletctl.data.tokenizer import load_tokenizer
 from tripletctl.model import sbert, varlen
@@ -154,20 +156,34 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
     config.json under `torch.manual_seed(seed)`, so the same seed gives the same model.
     """
     attention = getattr(model, "attn_implementation", "sdpa")
+    check_model_folder(model.name)  # no custom code, no symlink out, bounded files: before transformers reads it
     try:  # a missing local directory or an unreachable hub name is bad input, not a crash
         if model.init == "pretrained":
             encoder = _with_fallbacks(
-                AutoModel.from_pretrained, model.name, dtype=torch.float32, attn_implementation=attention
+                AutoModel.from_pretrained,
+                model.name,
+                dtype=torch.float32,
+                attn_implementation=attention,
+                trust_remote_code=False,
             )
         elif model.init == "config":
-            config = AutoConfig.from_pretrained(model.name)
+            config = AutoConfig.from_pretrained(model.name, trust_remote_code=False)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 encoder = _with_fallbacks(
-                    AutoModel.from_config, config, dtype=torch.float32, attn_implementation=attention
+                    AutoModel.from_config,
+                    config,
+                    dtype=torch.float32,
+                    attn_implementation=attention,
+                    trust_remote_code=False,
                 )
         else:
             raise ValueError(f"model.init must be 'pretrained' or 'config', got {model.init!r}")
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickle: nothing ran
+        raise ModelError(
+            f"cannot load model {model.name!r} (init: {model.init}): its weights (pytorch_model.bin) hold objects "
+            "that could run code when loaded, or are damaged; refusing to load them (use safetensors weights)"
+        ) from None
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelError(f"cannot load model {model.name!r} (init: {model.init}): {one_line(e)}") from None
     folder = Path(model.name)
@@ -286,6 +302,8 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     encoder = unwrap(model.encoder)
+    encoder.config.__dict__.pop("auto_map", None)  # a saved folder never points at code (core/folders.py)
+    getattr(tokenizer, "init_kwargs", {}).pop("auto_map", None)
     encoder.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     hidden_size = int(encoder.config.hidden_size)
@@ -338,6 +356,7 @@ def load_model(
     ModelError naming the directory.
     """
     directory = Path(directory)
+    check_model_folder(directory)  # no custom code, no symlink out, bounded files
     try:
         meta = read_meta(directory)
         pooling, head, normalize = meta["pooling"], tuple(int(s) for s in meta["head"]), bool(meta["normalize"])
@@ -350,7 +369,12 @@ def load_model(
         )
     try:
         encoder = _with_fallbacks(
-            AutoModel.from_pretrained, str(directory), dtype=torch.float32, use_safetensors=True, local_files_only=True
+            AutoModel.from_pretrained,
+            str(directory),
+            dtype=torch.float32,
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=False,
         )
         if head and meta.get("format_version", 1) >= 2:  # the Dense modules, activations included
             pipeline = sbert.read_pipeline(directory)
@@ -382,10 +406,16 @@ def load_sentence_transformers(
     Weights load from safetensors only, from inside `directory`.
     """
     directory = Path(directory)
+    check_model_folder(directory)
     try:
         pipeline = sbert.read_pipeline(directory)
         encoder = _with_fallbacks(
-            AutoModel.from_pretrained, str(directory), dtype=torch.float32, use_safetensors=True, local_files_only=True
+            AutoModel.from_pretrained,
+            str(directory),
+            dtype=torch.float32,
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=False,
         )
         model = TripletEncoder(
             encoder,
