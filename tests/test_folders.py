@@ -161,3 +161,16 @@ def test_train_never_writes_auto_map_into_a_checkpoint(model_folder, tmp_path):
     save_model(model, tokenizer, tmp_path / "saved")
     check_model_folder(tmp_path / "saved")
     assert "auto_map" not in yaml.safe_load((tmp_path / "saved" / "config.json").read_text())
+
+
+def test_eval_refuses_weights_or_a_dense_module_linked_from_outside(model_folder, tmp_path):
+    for linked in ("model.safetensors", "2_Dense"):
+        folder = tmp_path / linked / "model"
+        shutil.copytree(model_folder, folder)
+        outside = tmp_path / linked / "elsewhere"
+        outside.parent.mkdir(exist_ok=True)
+        shutil.move(folder / linked, outside)
+        (folder / linked).symlink_to(outside)
+        result = CliRunner().invoke(app, ["eval", str(folder), "--data", str(QUICKSTART_HELDOUT)])
+        assert result.exit_code == 2, result.output
+        assert f"{linked} is a symlink to {outside}, outside the model folder" in _one_line(result)

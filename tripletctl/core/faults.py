@@ -3,7 +3,7 @@ would) the N-th time it reaches `fault_point(POINT)`, at moments a test cannot h
 (half-way through writing or replacing a checkpoint). `POINT:N:INT` (or any other signal name) sends
 that signal instead: a Ctrl-C that lands inside a known step however fast the steps run, where one
 sent from outside can arrive after the phase has ended. Read once, here; unset, a point costs one
-comparison. Points: checkpoint-write, checkpoint-swap, checkpoint-cleanup, step (see the callers).
+comparison. Points: checkpoint-write, checkpoint-swap, checkpoint-cleanup, step, export-swap (see the callers).
 """
 
 from __future__ import annotations
