@@ -174,3 +174,25 @@ def test_eval_refuses_weights_or_a_dense_module_linked_from_outside(model_folder
         result = CliRunner().invoke(app, ["eval", str(folder), "--data", str(QUICKSTART_HELDOUT)])
         assert result.exit_code == 2, result.output
         assert f"{linked} is a symlink to {outside}, outside the model folder" in _one_line(result)
+
+
+class _PlantMarker:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_a_code_pickle_as_the_base_models_weights_is_one_line(model_folder, tmp_path):
+    """`train model.init=pretrained` from a folder whose pytorch_model.bin is a code pickle."""
+    import torch
+
+    folder, marker = tmp_path / "base", tmp_path / "PWNED"
+    shutil.copytree(model_folder, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(_PlantMarker(marker), folder / "pytorch_model.bin")
+    path = write_curriculum(tmp_path / "train")
+    result = CliRunner().invoke(app, ["train", str(path), f"model.name={folder}", "model.init=pretrained"])
+    assert result.exit_code == 2, result.output
+    assert "hold objects that could run code" in _one_line(result) and not marker.exists()
