@@ -24,7 +24,7 @@ from tripletctl.config.blocks import SourceConfig, source_fields
 from tripletctl.config.layouts import LAYOUT_OF
 from tripletctl.core.errors import DataError, TripletctlError, one_line
 from tripletctl.data.batching import ClassBatcher, GroupBatcher, Shuffler, Stopped
-from tripletctl.data.sources import CHUNK_ROWS, Columns, column_names, load, resolve, rows_of_chunk
+from tripletctl.data.sources import CHUNK_ROWS, Columns, column_names, load, reading_failed, resolve, rows_of_chunk
 from tripletctl.data.tokenizer import load_tokenizer
 from tripletctl.data.workers import CLOSE_SECONDS, POLL_SECONDS, StreamInterrupted, TokenizerPool, encode
 
@@ -134,7 +134,7 @@ class _RawRows:
             except DataError:
                 raise
             except Exception as error:
-                raise DataError(f"reading data source '{self.src.label}' failed: {one_line(error)}") from error
+                raise reading_failed(self.src, error) from error
             rows, read, skipped = rows_of_chunk(chunk, self.cols)
             self._ds_state = self._ds.state_dict()
             self.pending, self.cursor = rows, 0
