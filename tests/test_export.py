@@ -223,3 +223,32 @@ def test_two_exports_to_one_out_dir_at_once_one_succeeds(run_dir, tmp_path):
     assert len(err.strip().splitlines()) == 1 and "was filled while this export was writing" in err, err
     assert not list(tmp_path.glob(".out.tmp-*"))
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(run_dir, tmp_path, monkeypatch):
+    """A 256 KiB tmpfs where one can be mounted (root): copytree's list of failures used to be ~5 KB of
+    tuples; else the disk 'fills' at the rename (TRIPLETCTL_FAULT=export-swap:1:ENOSPC)."""
+    import os
+    import subprocess
+
+    import tripletctl.core.faults as faults
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = (
+        os.geteuid() == 0
+        and not subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+    )
+    if not mounted:
+        for name, value in (("_POINT", "export-swap"), ("_AT", "1"), ("_SIGNAL", "ENOSPC"), ("_reached", {})):
+            monkeypatch.setattr(faults, name, value)
+    try:
+        line = one_error_line(export(str(run_dir), str(disk / "out")))
+        assert "cannot write" in line and "No space left on device" in line and len(line) < 400, line
+        assert list(disk.iterdir()) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)])

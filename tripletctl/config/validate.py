@@ -50,6 +50,13 @@ def _resolve_path(value: Any, base_dir: str) -> Any:
     return value
 
 
+def _expand_home(value: Any) -> Any:
+    """`~/x` and `~user/x` as the shell would expand them, in a path or in each path of a mapping."""
+    if isinstance(value, dict):
+        return {label: _expand_home(glob) for label, glob in value.items()}
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
 def _check_keys(
     raw: dict,
     checks: dict[str, schema.Check],
@@ -102,6 +109,9 @@ def check_block(
         origins=origins,
         problems=problems,
     )
+    for key in schema.home_paths(BLOCKS[block]):
+        if key in values:
+            values[key] = _expand_home(values[key])
     for key in schema.paths(BLOCKS[block]):
         if key in values:
             base_dir = os.getcwd() if origin_of(origins, (block, key)) else file_dir

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +86,10 @@ def export_model(source: str | Path, out_dir: str | Path, *, best: bool = False,
         _swap(tmp, out, force)
     except shutil.Error as e:  # copytree's list of (source, destination, reason): one reason is enough
         shutil.rmtree(tmp, ignore_errors=True)
-        reasons = [entry[2] for entry in e.args[0] if isinstance(entry, tuple) and len(entry) == 3]
-        raise ExportError(f"cannot write {out}: {one_line(reasons[0] if reasons else e, 200)}") from None
+        reasons = [str(entry[2]) for entry in e.args[0] if isinstance(entry, tuple) and len(entry) == 3]
+        code = re.search(r"\[Errno (\d+)\]", reasons[0] if reasons else "")
+        why = os.strerror(int(code.group(1))) if code else one_line(reasons[0] if reasons else e, 200)
+        raise ExportError(f"cannot write {out}: {why}") from None
     except OSError as e:  # disk full, read-only directory, ...: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"cannot write {out}: {os.strerror(e.errno) if e.errno else one_line(e)}") from None
