@@ -28,6 +28,7 @@ def test_environment_faults_are_one_line_with_what_to_change():
         OSError(errno.EMFILE, "Too many open files"): "ulimit -n",
         OSError(errno.ENAMETOOLONG, "File name too long", "x" * 300): "at most 255 bytes",
         OSError(errno.ENOSPC, "No space left on device", "/full/f.json"): "cannot write /full/f.json",
+        ImportError("_core.so: failed to map segment from shared object"): "raise `ulimit -v`",
     }
     for error, words in cases.items():
         fault = environment_fault(error)

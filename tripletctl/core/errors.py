@@ -133,6 +133,7 @@ _WRITE_ERRNOS = (errno_codes.ENOSPC, errno_codes.EDQUOT, errno_codes.EROFS, errn
 _OOM_TEXT = re.compile(
     r"out of memory|can't allocate memory|CUBLAS_STATUS_ALLOC_FAILED|MPS backend out of memory", re.I
 )
+_NO_ADDRESS_SPACE = re.compile(r"failed to map segment from shared object|cannot allocate memory", re.I)
 OOM_HINT = (
     "lower the batch size (train: the phase's batch_size, or train.chunk_size, which bounds what one forward "
     "pass holds; eval/compare: --batch-size; inspect-collapse: --max-rows) or free memory"
@@ -162,6 +163,11 @@ def environment_fault(error: BaseException) -> TripletctlError | None:
             return TripletctlError(f"out of memory on {where} ({one_line(cause, 120)}): {OOM_HINT}")
         if isinstance(cause, RuntimeError) and _OOM_TEXT.search(str(cause)):
             return TripletctlError(f"out of memory ({one_line(cause, 120)}): {OOM_HINT}")
+        if isinstance(cause, (ImportError, OSError)) and _NO_ADDRESS_SPACE.search(str(cause)):
+            return TripletctlError(
+                f"out of memory while loading a library ({one_line(cause, 160)}): the process may not map "
+                "enough memory; raise `ulimit -v` (several GB) or free memory"
+            )
         if not isinstance(cause, OSError) or cause.errno is None:
             continue
         name = cause.filename or ""
