@@ -196,3 +196,32 @@ def test_a_code_pickle_as_the_base_models_weights_is_one_line(model_folder, tmp_
     result = CliRunner().invoke(app, ["train", str(path), f"model.name={folder}", "model.init=pretrained"])
     assert result.exit_code == 2, result.output
     assert "hold objects that could run code" in _one_line(result) and not marker.exists()
+
+
+def test_a_checkpoint_whose_model_holds_code_is_refused_by_eval(tmp_path):
+    """The checkpoint of a run (as `train` copied .py files and auto_map into model/ before): `eval RUN`."""
+    import torch
+
+    from tripletctl.outputs.checkpoint import save_checkpoint
+
+    model, tokenizer = build_model(ModelConfig(name=str(TINY_BERT), init="config", head=(16,)), seed=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    checkpoint = run / "phase-0-only" / "checkpoint"
+    save_checkpoint(
+        checkpoint,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=torch.optim.AdamW(model.parameters()),
+        state={"phase_index": 0, "phase_name": "only", "step": 1, "global_step": 1},
+        stream_state={"row": 0},
+        curriculum={"model": {"name": "tiny", "init": "config"}, "phases": []},
+    )
+    _, marker = evil_copy(checkpoint / "model", tmp_path / "x")  # the evil files, planted into model/ below
+    evil = tmp_path / "x" / "evil1"
+    for name in ("config.json", "configuration_evil.py", "modeling_evil.py"):
+        shutil.copy(evil / name, checkpoint / "model" / name)
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(QUICKSTART_HELDOUT)], input="y\n")
+    assert result.exit_code == 2 and ("auto_map" in _one_line(result) or ".py" in _one_line(result))
+    assert not marker.exists()
