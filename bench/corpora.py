@@ -8,9 +8,15 @@
   of fine, overlapping classes where neighbours share words and differ in meaning.
 - `debsections`: the same descriptions labelled by their archive section (`libs`, `python`, `games`,
   `science`...): a few dozen classes of hundreds of rows each, the shape of a large labelled corpus.
+- `debsource`: the same descriptions labelled by their *source* package (`Source:`, without its
+  version; a package without one is its own source): thousands of small classes (2 to 20 rows) whose
+  members are a library, its `-dev`, `-doc` and tool packages, which share words and differ in role.
+- `debtwo`: two sections only, `admin` and `utils` (600 descriptions each): the reference's two-class
+  case, for bench/two_class.py. Close in topic on purpose (system tools against general tools).
 
 Held-out classes are disjoint from the training classes (every third class by a seeded hash), so
-the benchmark measures what a model learned about the texts, not the training labels. Each corpus
+the benchmark measures what a model learned about the texts, not the training labels; a corpus of
+`ROW_SPLIT` has too few classes for that and holds out every third *row* of each class instead. Each corpus
 is two JSON-lines files of {"text", "label"} rows, written once into a cache folder.
 """
 
@@ -93,27 +99,75 @@ def debtags(work: Path) -> dict[str, list[str]]:
     return _balanced({k: v for k, v in rows.items() if len(set(v)) <= 40}, min_rows=4, max_rows=40)
 
 
-def debsections(work: Path) -> dict[str, list[str]]:
-    """One class per archive section (`libs`, `python`, `games`, `science`...; the `contrib/` and
-    `non-free/` prefixes dropped) with at least 100 distinct descriptions; at most 400 each, a seeded
-    sample. A few dozen classes of hundreds of rows: unlike fortunes and debtags, a budget of tens of
-    thousands of samples is a few passes over it, not dozens."""
+def _section_rows() -> dict[str, list[str]]:
+    """Descriptions by archive section (the `contrib/` and `non-free/` prefixes dropped), each
+    section in a seeded order, not the alphabetical head (libghc-a*, python3-a*...)."""
     rows: dict[str, list[str]] = defaultdict(list)
     for fields in _packages():
         section = fields.get("Section", "").rpartition("/")[2]
         text = _description(fields)
         if section and len(text) >= 20:
             rows[section].append(text)
-    for section, texts in rows.items():  # a seeded sample, not the alphabetical head (libghc-a*, python3-a*...)
+    for section, texts in rows.items():
         random.Random(section).shuffle(texts)
-    return _balanced(rows, min_rows=100, max_rows=400)
+    return rows
+
+
+def debsections(work: Path) -> dict[str, list[str]]:
+    """One class per archive section (`libs`, `python`, `games`, `science`...) with at least 100
+    distinct descriptions; at most 400 each. A few dozen classes of hundreds of rows: unlike fortunes
+    and debtags, a budget of tens of thousands of samples is a few passes over it, not dozens."""
+    return _balanced(_section_rows(), min_rows=100, max_rows=400)
+
+
+SOURCE_MAX_ROWS = 20  # a few sources build hundreds of binaries (kernels, texlive): no class dominates
+
+
+def _source(fields: dict[str, str]) -> str:
+    """The source package's name: `Source: foo (1.2-3)` names `foo`; no `Source:` means the package's own."""
+    return (fields.get("Source") or fields.get("Package", "")).partition(" (")[0].strip()
+
+
+def debsource(work: Path) -> dict[str, list[str]]:
+    """One class per source package with at least 2 distinct descriptions, at most 20 each (in a
+    seeded order). A description found under two sources is dropped: it would be its own false
+    negative."""
+    rows: dict[str, list[str]] = defaultdict(list)
+    for fields in _packages():
+        source, text = _source(fields), _description(fields)
+        if source and len(text) >= 20:
+            rows[source].append(text)
+    owners: dict[str, set[str]] = defaultdict(set)
+    for source, texts in rows.items():
+        for text in texts:
+            owners[text].add(source)
+    for source, texts in rows.items():
+        texts[:] = sorted({t for t in texts if len(owners[t]) == 1})
+        random.Random(source).shuffle(texts)
+    return _balanced(rows, min_rows=2, max_rows=SOURCE_MAX_ROWS)
+
+
+TWO_SECTIONS = ("admin", "utils")
+TWO_CLASS_ROWS = 600
+
+
+def debtwo(work: Path) -> dict[str, list[str]]:
+    """Sections `admin` and `utils`, 600 distinct descriptions each; a text found in both is dropped
+    (a row with two labels would be its own false negative)."""
+    rows = _section_rows()
+    both = set(rows[TWO_SECTIONS[0]]) & set(rows[TWO_SECTIONS[1]])
+    two = {name: [t for t in rows[name] if t not in both] for name in TWO_SECTIONS}
+    return _balanced(two, min_rows=TWO_CLASS_ROWS, max_rows=TWO_CLASS_ROWS)
 
 
 CORPORA: dict[str, Callable[[Path], dict[str, list[str]]]] = {
     "fortunes": fortunes,
     "debtags": debtags,
     "debsections": debsections,
+    "debsource": debsource,
+    "debtwo": debtwo,
 }
+ROW_SPLIT = {"debtwo"}  # too few classes to hold whole classes out: rows are held out instead
 
 
 def prepare(name: str, cache: Path) -> tuple[Path, Path, dict[str, int]]:
@@ -126,11 +180,15 @@ def prepare(name: str, cache: Path) -> tuple[Path, Path, dict[str, int]]:
         counts = {"train_rows": 0, "train_classes": 0, "heldout_rows": 0, "heldout_classes": 0}
         with train.open("w") as train_out, held_out.open("w") as held_out_out:
             for label, texts in rows.items():
-                side = "heldout" if _held_out(label) else "train"
-                out = held_out_out if side == "heldout" else train_out
-                for text in texts:
-                    out.write(json.dumps({"text": text, "label": label}) + "\n")
-                counts[f"{side}_rows"] += len(texts)
-                counts[f"{side}_classes"] += 1
+                for side in ("train", "heldout"):
+                    if name in ROW_SPLIT:
+                        kept = [t for t in texts if _held_out(t) == (side == "heldout")]
+                    else:
+                        kept = texts if _held_out(label) == (side == "heldout") else []
+                    out = held_out_out if side == "heldout" else train_out
+                    for text in kept:
+                        out.write(json.dumps({"text": text, "label": label}) + "\n")
+                    counts[f"{side}_rows"] += len(kept)
+                    counts[f"{side}_classes"] += bool(kept)
         counts_file.write_text(json.dumps(counts))
     return train, held_out, json.loads(counts_file.read_text())

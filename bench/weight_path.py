@@ -1,11 +1,12 @@
 """Score models along the straight line from their base model through the trained weights.
 
-    python bench/weight_path.py --held-out runs/quality/corpora/debtags/heldout.jsonl \
-        --alphas 0.5,0.75,1,1.25,1.5 runs/quality/debtags/st-mnrl/seed-0/model ...
+    python bench/quality.py --size cpu --corpus debtags --rows st-mnrl --keep-models
+    python bench/weight_path.py --held-out runs/quality/cpu/corpora/debtags/heldout.jsonl \
+        --alphas 0.5,0.75,1,1.25,1.5 runs/quality/cpu/debtags/st-mnrl/seed-0/model ...
 
 For each trained model folder (tripletctl's export or a sentence-transformers folder) and each α, the
 weights base + α·(trained − base) are scored by the same code as bench/quality.py
-(`evaluate_model`: recall@1 and MAP@R on the held-out rows). α = 1 is the model as trained, α = 0 the
+(`per_query_of_model`'s means: recall@1 and MAP@R on the held-out rows). α = 1 is the model as trained, α = 0 the
 base; α < 1 is WiSE-FT's interpolation (Wortsman et al., 2022: fine-tuned weights averaged with the
 zero-shot ones generalise better out of distribution, and held-out classes are out of distribution),
 α > 1 goes further along the update (does the run stop under-trained?). A probe, not a feature:

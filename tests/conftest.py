@@ -42,3 +42,42 @@ def tiny_bert_dir() -> Path:
 @pytest.fixture
 def assets_dir() -> Path:
     return ASSETS
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run directory per eval block (None: no block), holding one untrained tiny-BERT checkpoint
+    (test_eval_command.py, test_loading.py)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from tripletctl.data.tokenizer import load_tokenizer
+    from tripletctl.model.encoder import TripletEncoder
+    from tripletctl.outputs.checkpoint_save import save_checkpoint
+
+    torch.manual_seed(0)
+    model = TripletEncoder(AutoModel.from_config(AutoConfig.from_pretrained(TINY_BERT)), head=(16,))
+    tokenizer = load_tokenizer(str(TINY_BERT))
+    blocks = {
+        "labelled": {"source": str(TINY_BERT.parent / "heldout.jsonl"), "max_rows": 120},
+        "pairs": {"source": str(ASSETS / "pairs.jsonl"), "layout": "pairs", "max_rows": 60},
+        "triplets": {"source": str(ASSETS / "triplets_heldout.jsonl"), "layout": "triplets", "max_rows": 150},
+        "none": None,
+    }
+    root = tmp_path_factory.mktemp("saved")
+    runs = {}
+    for name, block in blocks.items():
+        curriculum = {"data": {"source": "unused", "max_length": 32}}
+        if block is not None:
+            curriculum["eval"] = block
+        save_checkpoint(
+            root / name / "phase-0-p" / "checkpoint",
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=None,
+            state={"phase_index": 0},
+            stream_state=None,
+            curriculum=curriculum,
+        )
+        runs[name] = root / name
+    return runs, model, tokenizer

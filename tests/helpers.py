@@ -23,9 +23,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tripletctl.config.blocks import ModelConfig
 from tripletctl.config.validate import load_curriculum
 from tripletctl.core.errors import ConfigError
 from tripletctl.model.distances import SQRT_EPS
+from tripletctl.model.encoder import build_model
 from tripletctl.train.mining import mine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -525,3 +527,67 @@ class MaxNumel(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.numel() > self.max_numel:
                 self.max_numel, self.op = t.numel(), func
         return out
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+CHECKPOINT_STATE = {
+    "phase_index": 0,
+    "phase": "semi-hard",
+    "step": 3,
+    "global_step": 3,
+    "counters": {"rows_seen": 96},
+    "world_size": 1,
+}
+
+
+def tiny_model(tiny_bert_dir: Path, seed: int = 0, head: tuple[int, ...] = (16,)):
+    """The 2-layer BERT with a head, built from its config (no weights): (model, tokenizer)."""
+    return build_model(ModelConfig(name=str(tiny_bert_dir), init="config", head=head), seed)
+
+
+def assert_same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def fake_checkpoint(directory: Path, complete: bool = True) -> Path:
+    """Enough of a checkpoint for path resolution (which only trusts COMPLETE)."""
+    directory.mkdir(parents=True)
+    (directory / "state.json").write_text("{}")
+    if complete:
+        (directory / "COMPLETE").write_text("ok\n")
+    return directory
+
+
+def cli_on_cpu(*args):
+    """The real CLI in this process (typer's runner), on the CPU: `eval`, `compare`, `inspect-collapse`."""
+    from typer.testing import CliRunner
+
+    from tripletctl.cli import app
+
+    return CliRunner().invoke(app, [*map(str, args), "--device", "cpu"])
+
+
+# ------------------------------------------------------------------------------------ collapse
+
+
+def tiny_encoder(tiny_bert_dir: Path, seed: int = 0):
+    """The quickstart's tiny BERT with random weights (`init: config`) and a 32-wide head."""
+    from transformers import AutoConfig, AutoModel
+
+    from tripletctl.data.tokenizer import load_tokenizer
+    from tripletctl.model.encoder import TripletEncoder
+
+    torch.manual_seed(seed)
+    encoder = AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir))
+    return TripletEncoder(encoder, pooling="mean", head=(32,), normalize=True), load_tokenizer(str(tiny_bert_dir))
+
+
+def make_collapsed(model) -> None:
+    """Last head layer: zero weights, constant bias -> every input maps to one point."""
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.fill_(0.3)

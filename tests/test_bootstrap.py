@@ -1,5 +1,5 @@
 """The paired bootstrap against a brute-force loop with the same seeds, its blocks, its scale and
-its verdicts, on plain arrays (tests/test_compare.py runs it on models)."""
+its verdicts, on plain arrays (tests/test_compare.py and tests/test_compare_command.py run it on models)."""
 
 from __future__ import annotations
 

@@ -139,7 +139,7 @@ def test_validate_on_the_command_line_imports_no_torch_transformers_or_datasets(
 
 
 def test_cli_source_options_map_one_to_one_onto_source_config():
-    from tripletctl.cli import SOURCE_OPTIONS
+    from tripletctl.cli_options import SOURCE_OPTIONS
     from tripletctl.config.blocks import SourceConfig
 
     assert list(SOURCE_OPTIONS) == [f.name for f in dataclasses.fields(SourceConfig)]

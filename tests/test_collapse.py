@@ -1,4 +1,5 @@
-"""Collapse statistics, verdicts on known cases, the live watchdog and `inspect-collapse`."""
+"""Collapse statistics, verdicts on known cases and the live watchdog (`inspect-collapse` is
+test_collapse_command.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_collapsed, tiny_encoder
 
 from tripletctl.evaluation.collapse import AT_RISK, COLLAPSED, EXIT_CODES, HEALTHY, collapse_report, effective_rank
 from tripletctl.train.watchdog import CollapseWatchdog
@@ -29,25 +31,6 @@ def heldout_sample(n: int = 96) -> tuple[list[str], torch.Tensor]:
     rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()[:n]]
     names = sorted({r["label"] for r in rows})
     return [r["text"] for r in rows], torch.tensor([names.index(r["label"]) for r in rows])
-
-
-def tiny_encoder(tiny_bert_dir: Path, seed: int = 0):
-    """The quickstart's tiny BERT with random weights (`init: config`) and a 32-wide head."""
-    from transformers import AutoConfig, AutoModel
-
-    from tripletctl.data.tokenizer import load_tokenizer
-    from tripletctl.model.encoder import TripletEncoder
-
-    torch.manual_seed(seed)
-    encoder = AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir))
-    return TripletEncoder(encoder, pooling="mean", head=(32,), normalize=True), load_tokenizer(str(tiny_bert_dir))
-
-
-def make_collapsed(model) -> None:
-    """Last head layer: zero weights, constant bias -> every input maps to one point."""
-    with torch.no_grad():
-        model.head[-1].weight.zero_()
-        model.head[-1].bias.fill_(0.3)
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -232,90 +215,6 @@ def test_watchdog_state_round_trips():
     resumed.load_state_dict(state)
     assert resumed.state_dict() == dog.state_dict()
     assert resumed.update(0.2, 0.2, 0.0) is True  # the 4th consecutive step, across the resume
-
-
-# ------------------------------------------------------------------------------------ command
-
-
-@pytest.fixture
-def checkpoint_factory(tmp_path, tiny_bert_dir):
-    def make(collapsed: bool) -> Path:
-        from tripletctl.outputs.checkpoint import save_checkpoint
-
-        model, tokenizer = tiny_encoder(tiny_bert_dir)
-        if collapsed:
-            make_collapsed(model)
-        run = tmp_path / ("collapsed-run" if collapsed else "run")
-        curriculum = {"data": {"max_length": 32}, "phases": [{"name": "batch-hard", "margin": 0.2}]}
-        return save_checkpoint(
-            run / "phase-0-batch-hard" / "checkpoint",
-            model=model,
-            tokenizer=tokenizer,
-            optimizer=None,
-            state={"phase_index": 0, "step": 1, "global_step": 1},
-            stream_state=None,
-            curriculum=curriculum,
-        )
-
-    return make
-
-
-@pytest.fixture
-def heldout_file(tmp_path) -> Path:
-    path = tmp_path / "heldout.jsonl"
-    path.write_text("\n".join(HELDOUT.read_text().splitlines()[:96]) + "\n")
-    return path
-
-
-@pytest.mark.slow
-def test_cli_exit_code_3_on_a_collapsed_checkpoint(checkpoint_factory, heldout_file, tmp_path):
-    from typer.testing import CliRunner
-
-    from tripletctl.cli import app
-
-    ckpt = checkpoint_factory(collapsed=True)
-    png = tmp_path / "collapse.png"
-    result = CliRunner().invoke(
-        app,
-        [
-            "inspect-collapse",
-            str(ckpt.parent.parent),
-            "--data",
-            str(heldout_file),
-            "--plot",
-            str(png),
-            "--device",
-            "cpu",
-        ],
-    )
-    assert result.exit_code == 3, result.output
-    assert "collapsed" in result.output and png.is_file()
-
-    result = CliRunner().invoke(app, ["inspect-collapse", str(ckpt), "--data", str(heldout_file), "--json"])
-    assert result.exit_code == 3, result.output
-    payload = json.loads(result.stdout)
-    assert payload["verdict"] == COLLAPSED and payload["rows"] == 96
-
-
-@pytest.mark.slow
-def test_cli_untrained_checkpoint_exit_code_matches_verdict(checkpoint_factory, heldout_file):
-    from typer.testing import CliRunner
-
-    from tripletctl.cli import app
-
-    ckpt = checkpoint_factory(collapsed=False)
-    result = CliRunner().invoke(app, ["inspect-collapse", str(ckpt), "--data", str(heldout_file), "--json"])
-    payload = json.loads(result.stdout)
-    assert result.exit_code == EXIT_CODES[payload["verdict"]]
-
-
-def test_cli_bad_checkpoint_is_exit_2(tmp_path, heldout_file):
-    from typer.testing import CliRunner
-
-    from tripletctl.cli import app
-
-    result = CliRunner().invoke(app, ["inspect-collapse", str(tmp_path / "nope"), "--data", str(heldout_file)])
-    assert result.exit_code == 2
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from tripletctl.cli import app
 from tripletctl.config.blocks import ModelConfig
 from tripletctl.model.encoder import build_model, encode, load_model
-from tripletctl.outputs.checkpoint import save_checkpoint
+from tripletctl.outputs.checkpoint_save import save_checkpoint
 
 TEXTS = ["alpha beta", "gamma", "delta epsilon zeta"]
 CURRICULUM = {

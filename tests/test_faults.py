@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from tripletctl.cli import app
 from tripletctl.config.validate import load_curriculum
 from tripletctl.core.exit_codes import EXIT_INTERRUPTED, EXIT_WORKER_DIED
-from tripletctl.outputs.checkpoint import load_checkpoint
+from tripletctl.outputs.checkpoint_load import load_checkpoint
 from tripletctl.train.run import train
 
 pytestmark = pytest.mark.slow  # end to end: the real CLI, subprocesses, several processes or faults
@@ -303,7 +303,7 @@ def test_a_full_disk_is_one_line_exit_2_and_keeps_the_last_checkpoint(tmp_path, 
     disk = tmp_path / "disk"
     mounted = mount_tmpfs(disk, size)
     if not mounted:  # no tmpfs here: the second checkpoint's writes fail as a full disk would
-        import tripletctl.outputs.checkpoint as checkpoint_module
+        import tripletctl.outputs.checkpoint_save as checkpoint_module
 
         saves = {"n": 0}
         real_write = checkpoint_module._write_contents

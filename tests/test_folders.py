@@ -202,7 +202,7 @@ def test_a_checkpoint_whose_model_holds_code_is_refused_by_eval(tmp_path):
     """The checkpoint of a run (as `train` copied .py files and auto_map into model/ before): `eval RUN`."""
     import torch
 
-    from tripletctl.outputs.checkpoint import save_checkpoint
+    from tripletctl.outputs.checkpoint_save import save_checkpoint
 
     model, tokenizer = build_model(ModelConfig(name=str(TINY_BERT), init="config", head=(16,)), seed=0)
     run = tmp_path / "run"

@@ -16,7 +16,7 @@ from helpers import alive, assert_tidy, children, finish, one_phase, start, step
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
-from tripletctl.outputs.checkpoint import load_checkpoint
+from tripletctl.outputs.checkpoint_load import load_checkpoint
 from tripletctl.outputs.lock import LOCK_FILE
 
 PHASE = "phase-0-semi-hard"

@@ -1,11 +1,14 @@
-"""bench/quality.py's tripletctl rows are curricula the real validator accepts, at the row's budget."""
+"""bench/quality.py: its tripletctl rows are curricula the real validator accepts, at the row's budget;
+its results are kept and joined by `--report` with intervals equal to a brute-force bootstrap."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -61,3 +64,93 @@ def test_a_larger_budget_scales_the_steps_not_the_batches(tmp_path, tiny_bert_di
     ]
     assert [p["batch_size"] for p in plans[0]["phases"]] == [p["batch_size"] for p in plans[1]["phases"]]
     assert [4 * p["steps"] for p in plans[0]["phases"]] == [p["steps"] for p in plans[1]["phases"]]
+
+
+CPU = quality.size_record("cpu", quality.SIZES["cpu"])
+N_QUERIES = 40
+
+
+def fake_result(out: Path, row: str, seed: int, values: dict[str, np.ndarray], size: dict = CPU) -> None:
+    """A result folder as run_row writes it, from given per-query values."""
+    folder = out / "fake" / row / f"seed-{seed}"
+    folder.mkdir(parents=True)
+    np.savez(folder / "per_query.npz", query_rows=2 * np.arange(N_QUERIES), **values)
+    means = {name: float(v.mean()) for name, v in values.items()}
+    result = {"corpus": "fake", "row": row, "seed": seed, "size": size, **means, "queries": N_QUERIES, "train_s": 10}
+    (folder / "result.json").write_text(json.dumps(result))
+
+
+def brute_force_interval(a: np.ndarray, b: np.ndarray) -> str:
+    """B − A and its 95% percentile interval in points, one resample at a time (bootstrap.py's contract)."""
+    d = b - a
+    rng = np.random.default_rng(0)
+    means = [d[rng.integers(0, d.size, size=d.size)].mean() for _ in range(2000)]
+    low, high = np.quantile(means, [0.025, 0.975])
+    return f"{100 * d.mean():+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def test_report_joins_means_and_intervals_of_one_size(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(7)
+    hit_rates = {"zero-shot": 0.5, "st-semi-hard": 0.8, "st-batch-hard": 0.55, "st-mnrl": 0.6}
+    map_shift = {"st-mnrl": 0.3, "tc-facenet": 0.2, "tc-semi-hard": 0.1}  # st-mnrl: the best anchor on MAP@R
+    seeds = {"zero-shot": [0], "st-batch-hard": [0, 1], "tc-semi-hard": [0, 1]}
+    values: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for row in ["zero-shot", "st-semi-hard", "st-batch-hard", "st-mnrl", "tc-facenet", "tc-semi-hard"]:
+        for seed in seeds.get(row, [0, 1, 2]):
+            v = {
+                "recall@1": (rng.random(N_QUERIES) < hit_rates.get(row, 0.7)).astype(float),
+                "map@r": 0.5 * rng.random(N_QUERIES) + map_shift.get(row, 0.0),
+            }
+            values.setdefault(row, {})[seed] = v
+            fake_result(tmp_path, row, seed, v)
+    other = {"recall@1": np.ones(N_QUERIES), "map@r": np.ones(N_QUERIES)}
+    fake_result(tmp_path, "tc-infonce", 0, other, quality.size_record("smoke", quality.SIZES["smoke"]))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--size", "cpu", "--report", "--out", str(tmp_path)])
+    quality.main()
+    printed = capsys.readouterr().out
+
+    assert "tc-infonce" not in printed and "1 results of other sizes left out" in printed
+    for row, by_seed in values.items():
+        cells = []
+        for metric in quality.METRICS:
+            means = [v[metric].mean() for v in by_seed.values()]
+            sd = f"{np.std(means, ddof=1):.4f}" if len(means) > 1 else "-"
+            cells.append(f"{np.mean(means):.4f} ± {sd}")
+        assert f"| {row} | {len(by_seed)} | {cells[0]} | {cells[1]} | 10 |" in printed
+
+    def expected(row: str, reference: str, why: str, metric: str, shared: list[int]) -> str:
+        a = np.mean([values[reference][s][metric] for s in shared], axis=0)
+        b = np.mean([values[row][s][metric] for s in shared], axis=0)
+        per_seed = " ".join(
+            f"{100 * (values[row][s][metric].mean() - values[reference][s][metric].mean()):+.2f}" for s in shared
+        )
+        seeds_text = ",".join(map(str, shared))
+        return f"- {row} − {reference}{why}, {metric}, seeds {seeds_text}: {brute_force_interval(a, b)}; per seed {per_seed}:"
+
+    lines = [
+        expected("tc-facenet", "st-semi-hard", " (best anchor)", "recall@1", [0, 1, 2]),
+        expected("tc-facenet", "st-mnrl", " (best anchor)", "map@r", [0, 1, 2]),
+        expected("tc-semi-hard", "st-semi-hard", " (best anchor)", "recall@1", [0, 1]),
+        expected("tc-semi-hard", "tc-facenet", "", "recall@1", [0, 1]),
+        expected("tc-semi-hard", "tc-facenet", "", "map@r", [0, 1]),
+    ]
+    for line in lines:
+        assert line in printed, f"{line!r} not in\n{printed}"
+    assert "tc-facenet − tc-facenet" not in printed and "st-batch-hard (best anchor)" not in printed
+
+
+def test_a_kept_result_is_not_run_again_and_another_size_is_refused(tmp_path, monkeypatch, capsys):
+    def train_row(*args):
+        raise RuntimeError("trained")
+
+    monkeypatch.setattr(quality, "train_row", train_row)
+    fake_result(tmp_path, "tc-facenet", 0, {"recall@1": np.ones(N_QUERIES), "map@r": np.ones(N_QUERIES)})
+    files = (tmp_path / "train.jsonl", tmp_path / "heldout.jsonl")
+    kept = quality.run_row("tc-facenet", "fake", files, tmp_path, CPU, 0, force=False, keep=False)
+    assert kept["kept"] and kept["recall@1"] == 1.0
+    smoke = quality.size_record("smoke", quality.SIZES["smoke"])
+    with pytest.raises(SystemExit) as refused:
+        quality.run_row("tc-facenet", "fake", files, tmp_path, smoke, 0, force=False, keep=False)
+    assert refused.value.code == 2 and "holds a result of another size" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="trained"):
+        quality.run_row("tc-facenet", "fake", files, tmp_path, smoke, 0, force=True, keep=False)

@@ -1,13 +1,11 @@
-"""Retrieval metrics against brute force, chunked search, and the `eval` command."""
+"""Retrieval metrics against brute force and pytorch-metric-learning, the chunked search, given
+triplets (`tripletctl eval` is test_eval_command.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
-from helpers import ASSETS, TINY_BERT, st_folder
 
 from tripletctl.core.errors import DataError, NonFiniteError
 from tripletctl.evaluation import retrieval as evaluation
@@ -155,54 +153,7 @@ def test_accepts_torch_input():
     assert retrieval_metrics(torch.tensor(emb), torch.tensor(labels)) == pytest.approx(retrieval_metrics(emb, labels))
 
 
-# ------------------------------------------------------------------------------------ command
-
-
-def test_eval_cli_json_and_table(tmp_path, tiny_bert_dir):
-    """`tripletctl eval` on a run directory made by checkpoint.save_checkpoint (latest phase wins)."""
-    from pathlib import Path
-
-    from transformers import AutoConfig, AutoModel
-    from typer.testing import CliRunner
-
-    from tripletctl.cli import app
-    from tripletctl.data.tokenizer import load_tokenizer
-    from tripletctl.model.encoder import TripletEncoder
-    from tripletctl.outputs.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    model = TripletEncoder(AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir)), head=(16,))
-    tokenizer = load_tokenizer(str(tiny_bert_dir))
-    run = tmp_path / "run"
-    save_checkpoint(
-        run / "phase-0-semi-hard" / "checkpoint",
-        model=model,
-        tokenizer=tokenizer,
-        optimizer=None,
-        state={"phase_index": 0},
-        stream_state=None,
-        curriculum={"data": {"max_length": 32}},
-    )
-    heldout = Path(tiny_bert_dir).parent / "heldout.jsonl"
-    data = tmp_path / "heldout.jsonl"
-    data.write_text("\n".join(heldout.read_text().splitlines()[:80]) + "\n")
-
-    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(data), "--json", "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)  # nothing but JSON on stdout
-    assert payload["rows"] == 80 and payload["checkpoint"].endswith("checkpoint")
-    for key in ("recall@1", "recall@5", "recall@10", "map@r", "r_precision", "triplet_accuracy"):
-        assert 0.0 <= payload[key] <= 1.0, key
-
-    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(data), "--max-rows", "40"])
-    assert result.exit_code == 0, result.output
-    assert "recall@1" in result.output and "40 rows" in result.output
-
-    result = CliRunner().invoke(app, ["eval", str(tmp_path / "nothing"), "--data", str(data)])
-    assert result.exit_code == 2 and "does not exist" in result.output
-
-
-# ------------------------------------------------------------------------------------ layouts and saved eval blocks
+# ------------------------------------------------------------------------------------ given triplets
 
 
 def test_given_triplet_accuracy_matches_a_loop():
@@ -214,155 +165,6 @@ def test_given_triplet_accuracy_matches_a_loop():
     acc, used = evaluation.given_triplet_accuracy(torch.tensor(emb), triplets)
     assert used == 201 and acc == pytest.approx(float(expected), abs=1e-12)
     assert np.isnan(evaluation.given_triplet_accuracy(torch.tensor(emb), [])[0])
-
-
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
-    """A run directory per eval block (None: no block), holding one untrained tiny-BERT checkpoint."""
-    from transformers import AutoConfig, AutoModel
-
-    from tripletctl.data.tokenizer import load_tokenizer
-    from tripletctl.model.encoder import TripletEncoder
-    from tripletctl.outputs.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    model = TripletEncoder(AutoModel.from_config(AutoConfig.from_pretrained(TINY_BERT)), head=(16,))
-    tokenizer = load_tokenizer(str(TINY_BERT))
-    blocks = {
-        "labelled": {"source": str(TINY_BERT.parent / "heldout.jsonl"), "max_rows": 120},
-        "pairs": {"source": str(ASSETS / "pairs.jsonl"), "layout": "pairs", "max_rows": 60},
-        "triplets": {"source": str(ASSETS / "triplets_heldout.jsonl"), "layout": "triplets", "max_rows": 150},
-        "none": None,
-    }
-    root = tmp_path_factory.mktemp("saved")
-    runs = {}
-    for name, block in blocks.items():
-        curriculum = {"data": {"source": "unused", "max_length": 32}}
-        if block is not None:
-            curriculum["eval"] = block
-        save_checkpoint(
-            root / name / "phase-0-p" / "checkpoint",
-            model=model,
-            tokenizer=tokenizer,
-            optimizer=None,
-            state={"phase_index": 0},
-            stream_state=None,
-            curriculum=curriculum,
-        )
-        runs[name] = root / name
-    return runs, model, tokenizer
-
-
-def _cli(*args):
-    from typer.testing import CliRunner
-
-    from tripletctl.cli import app
-
-    return CliRunner().invoke(app, [*map(str, args), "--device", "cpu"])
-
-
-@pytest.mark.slow
-def test_eval_on_triplet_data_reports_given_negative_accuracy(saved_run):
-
-    from tripletctl.model.encoder import encode
-
-    runs, model, tokenizer = saved_run
-    data = ASSETS / "triplets3.jsonl"
-    result = _cli(
-        "eval",
-        runs["none"],
-        "--data",
-        data,
-        "--layout",
-        "triplets",
-        "--negative-column",
-        "negative_1",
-        "--negative-column",
-        "negative_2",
-        "--negative-column",
-        "negative_3",
-        "--max-rows",
-        100,
-        "--json",
-    )
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)
-    rows = [json.loads(line) for line in data.read_text().splitlines()][:20]  # 100 texts = 20 rows of 5
-    assert payload["rows"] == 100 and payload["given_triplets"] == 60
-    assert payload["queries"] == 40 and payload["excluded_queries"] == 60  # negatives are distractors only
-    texts = [t for r in rows for t in (r["anchor"], r["positive"], r["negative_1"], r["negative_2"], r["negative_3"])]
-    emb = encode(model, tokenizer, texts, max_length=32, device="cpu").numpy()
-    wins = [
-        np.linalg.norm(emb[5 * i] - emb[5 * i + 1]) < np.linalg.norm(emb[5 * i] - emb[5 * i + j])
-        for i in range(20)
-        for j in (2, 3, 4)
-    ]
-    assert payload["given_negative_accuracy"] == pytest.approx(float(np.mean(wins)), abs=1e-6)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", ["labelled", "pairs", "triplets"])
-def test_eval_and_inspect_use_the_runs_saved_eval_block(saved_run, layout):
-
-    runs, _, _ = saved_run
-    result = _cli("eval", runs[layout], "--json")
-    assert result.exit_code == 0, result.output
-    saved = json.loads(result.stdout)
-    assert saved["rows"] == {"labelled": 120, "pairs": 60, "triplets": 150}[layout]  # the block's max_rows
-    assert ("given_negative_accuracy" in saved) == (layout == "triplets")
-    # the same numbers as the same source typed on the command line
-    data = {
-        "labelled": TINY_BERT.parent / "heldout.jsonl",
-        "pairs": ASSETS / "pairs.jsonl",
-        "triplets": ASSETS / "triplets_heldout.jsonl",
-    }[layout]
-    typed = _cli("eval", runs["none"], "--data", data, "--layout", layout, "--max-rows", saved["rows"], "--json")
-    assert typed.exit_code == 0, typed.output
-    assert {k: v for k, v in json.loads(typed.stdout).items() if k != "checkpoint"} == {
-        k: v for k, v in saved.items() if k != "checkpoint"
-    }
-    # options given without --data change the saved block
-    fewer = _cli("eval", runs[layout], "--max-rows", 30, "--json")
-    assert fewer.exit_code == 0 and json.loads(fewer.stdout)["rows"] == 30
-    inspect = _cli("inspect-collapse", runs[layout], "--json")
-    assert inspect.exit_code in (0, 1, 3), inspect.output
-    assert json.loads(inspect.stdout)["rows"] == saved["rows"]
-
-
-@pytest.mark.parametrize("command", ["eval", "inspect-collapse"])
-def test_no_saved_eval_block_and_bad_source_options_are_one_line_exit_2(saved_run, command):
-
-    runs, _, _ = saved_run
-    cases = [
-        ([runs["none"]], "has no eval block: pass --data SOURCE"),
-        ([runs["none"], "--layout", "pairs"], "has no eval block"),
-        (
-            [runs["none"], "--data", ASSETS / "triplets.jsonl", "--layout", "pairs"],
-            "would drop the negative column 'negative'",
-        ),
-        ([runs["triplets"], "--layout", "pairs"], "layout triplets would fit"),  # changes the saved block
-        (
-            [runs["none"], "--data", ASSETS / "triplets3.parquet", "--layout", "triplets"],
-            "layout triplets with negative columns negative_1, negative_2, negative_3 would fit",
-        ),
-        ([runs["none"], "--data", ASSETS / "pairs.jsonl"], "layout pairs would fit"),
-        (
-            [runs["none"], "--data", ASSETS / "train.jsonl", "--layout", "tripplets"],
-            "--layout must be one of labelled, pairs, triplets, got 'tripplets' (did you mean 'triplets'?)",
-        ),
-        (
-            [runs["none"], "--data", ASSETS / "train.jsonl", "--load-dataset", "split=test"],
-            "--load-dataset must be free of 'split'",
-        ),
-        (
-            [runs["none"], "--data", ASSETS / "train.jsonl", "--load-dataset", "name"],
-            "--load-dataset expects KEY=VALUE",
-        ),
-    ]
-    for args, expected in cases:
-        result = _cli(command, *args)
-        lines = [line for line in result.output.splitlines() if line.strip()]
-        assert result.exit_code == 2 and len(lines) == 1 and expected in lines[0], (args, result.output)
 
 
 def test_a_one_point_model_never_scores_well():
@@ -398,7 +200,7 @@ def test_non_finite_embeddings_are_refused(bad):
         retrieval_metrics(emb, labels)
 
 
-# ------------------------------------------------------------------------------------ issue 36: cross-checks and eval
+# ------------------------------------------------------------------------------------ cross-checks
 
 
 @pytest.mark.parametrize(
@@ -422,52 +224,3 @@ def test_metrics_match_pytorch_metric_learning(n, d, classes, seed):
     assert ours["recall@1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
     assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
     assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
-
-
-@pytest.mark.slow
-def test_eval_of_a_model_folder_says_the_length_it_cut_at(tmp_path, tiny_bert_dir):
-    """Issue 36, item 9: `eval MODEL_FOLDER` cut texts at the folder's length without saying so."""
-
-    folder = st_folder(tiny_bert_dir, tmp_path / "st")  # its tokenizer says 16 tokens
-    data = ASSETS / "two_class.jsonl"
-    table = _cli("eval", folder, "--data", data, "--max-rows", 60)
-    assert table.exit_code == 0, table.output
-    assert "texts cut at 16 tokens (the tokenizer's model_max_length (at most 512); a run's own held-out" in (
-        " ".join(table.output.split())
-    )
-    default = json.loads(_cli("eval", folder, "--data", data, "--max-rows", 60, "--json").stdout)
-    longer = json.loads(_cli("eval", folder, "--data", data, "--max-rows", 60, "--max-length", 64, "--json").stdout)
-    assert default["max_length"] == 16 and longer["max_length"] == 64 and longer["map@r"] != default["map@r"]
-
-
-def test_eval_with_data_reads_it_with_the_runs_column_names(tmp_path, saved_run):
-    """Issue 36, item 4: `eval RUN --data f.jsonl` without --label-column failed on `label`."""
-    from tripletctl.outputs.checkpoint import save_checkpoint
-
-    _, model, tokenizer = saved_run
-    rows = [{"body": f"{c} text {i}", "topic": c} for c in ("a", "b", "c") for i in range(5)]
-    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    curriculum = {"data": {"source": "unused", "text_column": "body", "label_column": "topic", "max_length": 32}}
-    save_checkpoint(
-        tmp_path / "run" / "phase-0-p" / "checkpoint",
-        model=model,
-        tokenizer=tokenizer,
-        optimizer=None,
-        state={"phase_index": 0},
-        stream_state=None,
-        curriculum=curriculum,
-    )
-    result = _cli("eval", tmp_path / "run", "--data", tmp_path / "mine.jsonl", "--json")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["rows"] == 15 and json.loads(result.stdout)["classes"] == 3
-
-
-def test_a_split_of_one_local_file_is_refused(saved_run):
-    """Issue 36, item 9: `--split test` on one local file was accepted and read the whole file."""
-
-    runs, _, _ = saved_run
-    result = _cli("eval", runs["none"], "--data", ASSETS / "train.jsonl", "--split", "test")
-    assert result.exit_code == 2
-    assert (
-        "split 'test' asked of the local data source" in result.output and "local files have one split" in result.output
-    )

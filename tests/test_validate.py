@@ -1,6 +1,7 @@
-"""Curriculum validation (tripletctl/config/validate.py): every error names file, phase and key, every
-problem is reported at once, paths resolve, sources and layouts are checked, and the `validate`
-command prints the plan or exits 2. Pure Python: no model, no data, no network."""
+"""Curriculum validation (tripletctl/config/validate.py): the whole tree, every problem reported at
+once with the file's name, what one block asks of another, overrides, and the `validate` command
+printing the plan or exiting 2 (one block: test_block_checks.py; the phases: test_phase_checks.py).
+Pure Python: no model, no data, no network."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from helpers import FACENET, MINIMAL, QUICKSTART, REPO, edit, only, phases_with, problems_of, write
-from rich.console import Console
 from typer.testing import CliRunner
 
 from tripletctl.cli import app
@@ -21,7 +20,6 @@ from tripletctl.config.blocks import (
     ModelConfig,
     TrainConfig,
 )
-from tripletctl.config.plan import plan_table
 from tripletctl.config.validate import load_curriculum
 from tripletctl.core.errors import ConfigError
 
@@ -45,63 +43,6 @@ def test_minimal_curriculum_fills_defaults_and_resolves_phases_from_train(tmp_pa
         )
 
 
-def test_phase_overrides_win_over_train_block(tmp_path):
-    text = edit(
-        train={"lr": 1e-4, "distance": "squared-euclidean", "chunk_size": 64, "on_collapse": "stop"},
-        phases=phases_with(lr=5e-6, fallback="easiest", chunk_size="auto", warmup_steps=3, margin=0.5),
-    )
-    c = load_curriculum(write(tmp_path, text))
-    assert (c.phases[0].lr, c.phases[0].distance, c.phases[0].chunk_size, c.phases[0].on_collapse) == (
-        1e-4,
-        "squared-euclidean",
-        64,
-        "stop",
-    )
-    hard = c.phases[2]
-    assert (hard.lr, hard.fallback, hard.chunk_size, hard.warmup_steps, hard.margin) == (
-        5e-6,
-        "easiest",
-        "auto",
-        3,
-        0.5,
-    )
-    assert hard.distance == "squared-euclidean"
-
-
-def test_chunk_size_and_chunk_tokens_together_are_refused(tmp_path):
-    path = write(tmp_path, edit(train={"chunk_size": 64, "chunk_tokens": 4096}))
-    assert problems_of(path) == [
-        f"{path}: train: set chunk_size (rows per chunk) or chunk_tokens (a token budget), "
-        f"not both, got chunk_size 64 and chunk_tokens 4096"
-    ]
-    path = write(tmp_path, edit(phases=phases_with(chunk_size=64, chunk_tokens="auto")))
-    assert problems_of(path) == [
-        f"{path}: phases[2] (hard): set chunk_size (rows per chunk) or chunk_tokens "
-        f"(a token budget), not both, got chunk_size 64 and chunk_tokens 'auto'"
-    ]
-    path = write(tmp_path, edit(phases=phases_with(chunk_tokens=0)))
-    assert problems_of(path) == [f"{path}: phases[2] (hard): chunk_tokens must be a positive integer or 'auto', got 0"]
-
-
-@pytest.mark.parametrize(
-    ("value", "hint"),
-    [
-        (4096, "got 4096"),
-        ({"start_step": 3}, "size is missing"),
-        ({"size": 0}, "got {'size': 0}"),
-        ({"size": 64, "start_step": -1}, "start_step"),
-        ({"size": 64, "sise": 3}, "unknown key 'sise'; did you mean 'size'?"),
-    ],
-)
-def test_bad_memory_values_name_file_phase_and_key(tmp_path, value, hint):
-    path = write(tmp_path, edit(phases=phases_with(memory=value)))
-    with pytest.raises(ConfigError) as info:
-        load_curriculum(path)
-    message = str(info.value)
-    assert f"{path}: phases[2] (hard): memory must be null or a mapping {{size: M, start_step: S}}" in message
-    assert hint in message
-
-
 def test_missing_file_is_a_config_error(tmp_path):
     [problem] = problems_of(tmp_path / "nope.yaml")
     assert problem.startswith(f"{tmp_path / 'nope.yaml'}: cannot read the curriculum")
@@ -113,108 +54,9 @@ def test_messages_use_the_path_as_given(tmp_path, monkeypatch):
     assert problems_of("curriculum.yaml") == ["curriculum.yaml: train.lr must be a positive number, got 'fast'"]
 
 
-def test_unknown_phase_key_with_did_you_mean(tmp_path):
-    phases = yaml.safe_load(MINIMAL)["phases"]
-    phases[0]["minning"] = phases[0].pop("mining")
-    path = write(tmp_path, edit(phases=phases))
-    problems = problems_of(path)
-    assert f"{path}: phases[0] (warmup): unknown key 'minning' (did you mean 'mining'?)" in problems
-    assert f"{path}: phases[0] (warmup): missing required key 'mining'" in problems
-
-
-def test_unknown_mining_mode_lists_valid_ones(tmp_path):
-    path = write(tmp_path, edit(phases=phases_with(mining="semihard")))
-    problem = only(problems_of(path), "mining")
-    assert problem.startswith(
-        f"{path}: phases[2] (hard): mining must be one of random, semi-hard, hard-negative, "
-        "batch-hard, batch-all, got 'semihard'"
-    )
-    assert problem.endswith("(did you mean 'semi-hard'?)")
-
-
-@pytest.mark.parametrize(
-    "key, value, expected",
-    [
-        ("steps", 0, "steps must be a positive integer, got 0"),
-        ("steps", -5, "steps must be a positive integer, got -5"),
-        ("steps", True, "steps must be a positive integer, got true"),
-        ("steps", 2.5, "steps must be a positive integer, got 2.5"),
-        ("margin", 0, "margin must be a positive number, got 0"),
-        ("margin", -0.1, "margin must be a positive number, got -0.1"),
-        ("batch_size", 0, "batch_size must be a positive integer, got 0"),
-        ("batch_size", "64", "batch_size must be a positive integer, got '64'"),
-        ("chunk_size", 0, "chunk_size must be a positive integer or 'auto', got 0"),
-        ("chunk_size", "max", "chunk_size must be a positive integer or 'auto', got 'max'"),
-        ("distance", "cosine", "distance must be one of euclidean, squared-euclidean, got 'cosine'"),
-        ("fallback", "median", "fallback must be one of hardest, easiest, got 'median'"),
-        ("on_collapse", "abort", "on_collapse must be one of warn, stop, fallback, got 'abort'"),
-        ("lr", "fast", "lr must be a positive number, got 'fast'"),
-        ("warmup_steps", -1, "warmup_steps must be a non-negative integer, got -1"),
-        (
-            "name",
-            "a/b",
-            "name must be a name of at most 64 letters, digits, '.', '_', '+' or '-' (it becomes a directory name), got 'a/b'",
-        ),
-    ],
-)
-def test_bad_phase_values_name_file_phase_and_key(tmp_path, key, value, expected):
-    path = write(tmp_path, edit(phases=phases_with(**{key: value})))
-    label = "phases[2] (hard)" if key != "name" else "phases[2]"  # an invalid name is not repeated
-    assert problems_of(path) == [f"{path}: {label}: {expected}"]
-
-
-def test_batch_size_must_split_into_whole_classes(tmp_path):
-    path = write(tmp_path, edit(phases=phases_with(batch_size=1002)))
-    assert problems_of(path) == [
-        f"{path}: phases[2] (hard): batch_size must be a multiple of data.samples_per_class (4), got 1002"
-    ]
-
-
-def test_batch_size_needs_at_least_two_classes(tmp_path):
-    path = write(tmp_path, edit(phases=phases_with(batch_size=4)))
-    [problem] = problems_of(path)
-    assert problem.startswith(f"{path}: phases[2] (hard): batch_size must hold at least 2 classes")
-    assert "at least 8, got 4" in problem
-
-
 def test_invalid_samples_per_class_does_not_cascade_into_batch_errors(tmp_path):
     path = write(tmp_path, edit(data={"source": "x", "samples_per_class": 1}))
     assert problems_of(path) == [f"{path}: data.samples_per_class must be an integer >= 2, got 1"]
-
-
-@pytest.mark.parametrize(
-    "phases, expected",
-    [
-        ([], "phases must be a non-empty list of phases, got []"),
-        ("warmup", "phases must be a non-empty list of phases, got 'warmup'"),
-    ],
-)
-def test_empty_phase_list(tmp_path, phases, expected):
-    path = write(tmp_path, edit(phases=phases))
-    assert problems_of(path) == [f"{path}: {expected}"]
-
-
-def test_missing_phase_list(tmp_path):
-    path = write(tmp_path, edit(phases=None))
-    assert problems_of(path) == [f"{path}: missing required key 'phases' (a non-empty list of phases)"]
-
-
-def test_phase_that_is_not_a_mapping(tmp_path):
-    phases = yaml.safe_load(MINIMAL)["phases"] + ["oops"]
-    [problem] = problems_of(write(tmp_path, edit(phases=phases)))
-    assert "phases[3]: must be a mapping with name, mining, batch_size and steps, got 'oops'" in problem
-
-
-def test_missing_phase_keys(tmp_path):
-    path = write(tmp_path, edit(phases=[{"name": "only-a-name"}]))
-    problems = problems_of(path)
-    for key in ("mining", "batch_size", "steps"):
-        assert f"{path}: phases[0] (only-a-name): missing required key '{key}'" in problems
-
-
-def test_duplicate_phase_names(tmp_path):
-    path = write(tmp_path, edit(phases=phases_with(name="easy")))
-    assert problems_of(path) == [f"{path}: phases[2] (easy): duplicate phase name 'easy' (also phases[1])"]
 
 
 def test_unknown_top_level_and_block_keys(tmp_path):
@@ -226,80 +68,6 @@ def test_unknown_top_level_and_block_keys(tmp_path):
     assert f"{path}: unknown key 'train.gizmo'" in problems
 
 
-def test_missing_required_blocks(tmp_path):
-    path = write(tmp_path, edit(model=None, data=None))
-    problems = problems_of(path)
-    assert f"{path}: missing required key 'model.name'" in problems
-    assert f"{path}: missing required key 'data.source'" in problems
-
-
-@pytest.mark.parametrize(
-    "block, key, value, expected",
-    [
-        ("train", "lr", "fast", "train.lr must be a positive number, got 'fast'"),
-        ("train", "lr", True, "train.lr must be a positive number, got true"),
-        ("train", "seed", True, "train.seed must be an integer from 0 to 4294967295, got true"),
-        ("train", "compile", "yes please", "train.compile must be true, false or 'auto', got 'yes please'"),
-        ("train", "keep_graphs", "auto", "train.keep_graphs must be true or false, got 'auto'"),
-        (
-            "train",
-            "precision",
-            "fp16",
-            "train.precision must be one of auto, fp32, bf16, got 'fp16' (did you mean 'bf16'?)",
-        ),
-        (
-            "train",
-            "decay",
-            "cosin",
-            "train.decay must be one of none, linear, cosine, got 'cosin' (did you mean 'cosine'?)",
-        ),
-        ("train", "device", "mps", "train.device must be one of auto, cpu, cuda, got 'mps'"),
-        ("train", "optimizer", "sgd", "train.optimizer must be one of adamw, got 'sgd'"),
-        ("train", "grad_clip", -1, "train.grad_clip must be a non-negative number, got -1"),
-        ("train", "output_dir", "", "train.output_dir must be a non-empty string, got ''"),
-        ("model", "pooling", "max", "model.pooling must be one of mean, cls, got 'max'"),
-        ("model", "init", "random", "model.init must be one of pretrained, config, got 'random'"),
-        (
-            "model",
-            "head",
-            [256, 0],
-            "model.head must be a list of positive integers (layer sizes), e.g. [256, 128], got [256, 0]",
-        ),
-        ("model", "normalize", 1, "model.normalize must be true or false, got 1"),
-        (
-            "data",
-            "layout",
-            "labeled",
-            "data.layout must be one of labelled, pairs, triplets, got 'labeled' (did you mean 'labelled'?)",
-        ),
-        (
-            "data",
-            "format",
-            "jsonl",
-            "data.format must be one of json, parquet, csv, text or null, got 'jsonl' (did you mean 'json'?)",
-        ),
-        ("data", "tokenizer_workers", -1, "data.tokenizer_workers must be a non-negative integer, got -1"),
-        (
-            "data",
-            "load_dataset",
-            ["name"],
-            "data.load_dataset must be a mapping of keyword arguments for datasets.load_dataset, got ['name']",
-        ),
-        (
-            "data",
-            "load_dataset",
-            {"split": "x"},
-            "data.load_dataset must be free of 'split', which is set by data.split, got {'split': 'x'}",
-        ),
-    ],
-)
-def test_bad_block_values(tmp_path, block, key, value, expected):
-    tree = yaml.safe_load(MINIMAL)
-    tree.setdefault(block, {})[key] = value
-    path = write(tmp_path, yaml.safe_dump(tree))
-    assert problems_of(path) == [f"{path}: {expected}"]
-
-
 def test_pairs_layout_requires_two_samples_per_class(tmp_path):
     path = write(tmp_path, edit(data={"source": "x", "layout": "pairs"}))
     [problem] = problems_of(path)
@@ -309,44 +77,10 @@ def test_pairs_layout_requires_two_samples_per_class(tmp_path):
     load_curriculum(write(tmp_path, edit(data={"source": "x", "layout": "pairs", "samples_per_class": 2})))
 
 
-def test_text_format_needs_a_label_mapping_and_vice_versa(tmp_path):
-    path = write(
-        tmp_path,
-        edit(data={"source": "./pos/*.txt", "format": "text"}, eval={"source": {"a": "./a/*.txt"}, "format": "json"}),
-    )
-    problems = problems_of(path)
-    only(problems, "data.source must be a {label: glob} mapping when data.format is text")
-    only(problems, "eval.source is a {label: glob} mapping, which needs eval.format: text, got 'json'")
-
-
-def test_a_label_mapping_implies_the_text_format(tmp_path):
-    # docs/data.md: "format: text  # optional: a mapping implies it"
-    c = load_curriculum(
-        write(tmp_path, edit(data={"source": {"a": "./a/*.txt", "b": "./b.txt"}}, eval={"source": {"a": "./a/*.txt"}}))
-    )
-    assert c.data.format == "text" and c.eval is not None and c.eval.format == "text"
-    assert c.data.source == {"a": str(tmp_path / "a" / "*.txt"), "b": str(tmp_path / "b.txt")}
-
-
-@pytest.mark.parametrize("name", ["x" * 300, "a\x00b", "two\nlines", "tab\there", "a b", "..", "\u00fc", "a/b"])
-def test_phase_names_are_short_and_safe_for_a_directory(tmp_path, name):
-    path = tmp_path / "curriculum.yaml"
-    path.write_text(edit(phases=phases_with(name=name)))  # safe_dump escapes NUL and newline
-    assert yaml.safe_load(path.read_text())["phases"][2]["name"] == name
-    [problem] = problems_of(path)
-    assert problem.startswith(f"{path}: phases[2]: name must be a name of at most 64 letters")
-    assert "\n" not in problem and "\x00" not in problem and len(problem) < 400
-
-
 def test_max_buffered_rows_must_fit_the_largest_batch(tmp_path):
     path = write(tmp_path, edit(data={"source": "x", "max_buffered_rows": 32}))
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}: data.max_buffered_rows must be at least the largest phase batch_size (64)")
-
-
-def test_eval_block_requires_a_source(tmp_path):
-    path = write(tmp_path, edit(eval={"every": 10}))
-    assert problems_of(path) == [f"{path}: missing required key 'eval.source'"]
 
 
 def test_all_problems_are_reported_together(tmp_path):
@@ -368,34 +102,6 @@ def test_all_problems_are_reported_together(tmp_path):
         "override 'trian.lr=1'",
     ]:
         only(problems, fragment)
-
-
-def test_relative_paths_in_the_file_resolve_against_its_directory(tmp_path, monkeypatch):
-    folder = tmp_path / "configs"
-    folder.mkdir()
-    path = write(
-        folder,
-        edit(
-            model={"name": "./models/bert", "tokenizer": "../tok"},
-            data={"source": "./corpus/*.parquet"},
-            eval={"source": {"a": "./a/*.txt", "b": "/abs/b/*.txt"}, "format": "text"},
-            train={"output_dir": "./runs/x"},
-        ),
-    )
-    monkeypatch.chdir(tmp_path / "..")
-    c = load_curriculum(path)
-    assert c.model.name == str(folder / "models" / "bert")
-    assert c.model.tokenizer == str(tmp_path / "tok")
-    assert c.data.source == str(folder / "corpus" / "*.parquet")
-    assert c.eval.source == {"a": str(folder / "a" / "*.txt"), "b": "/abs/b/*.txt"}
-    assert c.train.output_dir == "./runs/x"  # stays relative to the current directory
-
-
-def test_hub_names_are_left_untouched(tmp_path):
-    c = load_curriculum(
-        write(tmp_path, edit(model={"name": "bert-base-uncased", "tokenizer": "org/tok"}, data={"source": "org/name"}))
-    )
-    assert (c.model.name, c.model.tokenizer, c.data.source) == ("bert-base-uncased", "org/tok", "org/name")
 
 
 def test_loading_a_curriculum_never_imports_torch():
@@ -482,114 +188,6 @@ def test_an_unknown_block_suggests_only_keys_that_exist(tmp_path, override, sugg
             load_curriculum(write(tmp_path, MINIMAL), [suggestion + override[override.index("=") :]])
         except ConfigError as error:
             assert not any("unknown key" in p for p in error.problems), error.problems
-
-
-def test_source_from_options(tmp_path):
-    from tripletctl.cli import SOURCE_OPTIONS
-    from tripletctl.config.blocks import SourceConfig
-    from tripletctl.config.validate import source_from_options
-
-    given = {
-        "source": "sentence-transformers/all-nli",
-        "layout": "triplets",
-        "split": "test",
-        "negative_columns": ["negative"],
-        "load_dataset": ["name=triplet", "revision=main", "streaming_x=3"],
-    }
-    source = source_from_options(given, SOURCE_OPTIONS)
-    assert source == SourceConfig(
-        source="sentence-transformers/all-nli",
-        layout="triplets",
-        split="test",
-        negative_columns=("negative",),
-        load_dataset={"name": "triplet", "revision": "main", "streaming_x": 3},
-    )
-    base = SourceConfig(source="a.jsonl", layout="pairs", load_dataset={"name": "pair"})
-    changed = source_from_options({"split": "dev", "load_dataset": ["revision=v1"]}, SOURCE_OPTIONS, base=base)
-    assert changed == SourceConfig(
-        source="a.jsonl", layout="pairs", split="dev", load_dataset={"name": "pair", "revision": "v1"}
-    )
-    with pytest.raises(ConfigError) as caught:
-        source_from_options(
-            {"source": "x.jsonl", "layout": "pair", "format": "text", "anchor_column": "a", "positive_column": "a"},
-            SOURCE_OPTIONS,
-        )
-    problems = caught.value.problems
-    assert all(p.startswith("command line: ") and "\n" not in p for p in problems)
-    assert any(
-        "--layout must be one of labelled, pairs, triplets, got 'pair' (did you mean 'pairs'?)" in p for p in problems
-    )
-    assert any("--data must be a {label: glob} mapping when --format is text" in p for p in problems)
-    with pytest.raises(ConfigError) as caught:
-        source_from_options(
-            {"source": "x.jsonl", "layout": "pairs", "anchor_column": "a", "positive_column": "a"}, SOURCE_OPTIONS
-        )
-    assert caught.value.problems == [
-        "command line: the pairs columns must be distinct, but 'a' is named twice "
-        "among --anchor-column, --positive-column"
-    ]
-
-
-def test_triplets_layout_batch_sizes_count_texts_of_whole_groups(tmp_path):
-    data = {
-        "source": "org/triplets",
-        "layout": "triplets",
-        "samples_per_class": 2,
-        "negative_columns": ["negative_1", "negative_2", "negative_3"],
-    }
-    phases = [
-        {"name": "a", "mining": "semi-hard", "batch_size": 10, "steps": 1},
-        {"name": "b", "mining": "batch-all", "batch_size": 12, "steps": 1},
-        {"name": "c", "mining": "batch-hard", "batch_size": 5, "steps": 1},
-    ]
-    path = write(tmp_path, edit(data=data, phases=phases))
-    assert problems_of(path) == [
-        f"{path}: phases[1] (b): batch_size must be a multiple of the rows of one triplet group "
-        "(anchor, positive and 3 negatives) (5), got 12",
-        f"{path}: phases[2] (c): batch_size must hold at least 2 classes of the rows of one triplet group "
-        "(anchor, positive and 3 negatives) (5) rows, i.e. be at least 10, got 5",
-    ]
-    c = load_curriculum(path, ["phases.1.batch_size=15", "phases.2.batch_size=20"])
-    assert c.data.rows_per_group == 5 and c.data.columns[2:] == ("negative_1", "negative_2", "negative_3")
-    console = Console(record=True, width=160)
-    console.print(plan_table(c))
-    text = console.export_text()
-    assert "anchor, positive and 3 negatives, 5 texts" in " ".join(text.split())
-    header = next(line for line in text.splitlines() if "groups" in line).split()
-    rows = [line.split() for line in text.splitlines() if line.split()[:2] in (["0", "a"], ["2", "c"])]
-    assert [row[header.index("groups")] for row in rows] == ["2", "4"]
-
-
-@pytest.mark.parametrize(
-    "data, fragment",
-    [
-        (
-            {"layout": "triplets"},
-            "data.samples_per_class must be 2 when data.layout is triplets "
-            "(each row's anchor and positive are its class), got 4",
-        ),
-        (
-            {"layout": "triplets", "samples_per_class": 2, "negative_columns": []},
-            "data.negative_columns must be a non-empty list of distinct column names",
-        ),
-        (
-            {"layout": "triplets", "samples_per_class": 2, "negative_columns": ["n", "n"]},
-            "data.negative_columns must be a non-empty list of distinct column names",
-        ),
-        (
-            {"layout": "triplets", "samples_per_class": 2, "negative_columns": ["anchor"]},
-            "the triplets columns must be distinct, but 'anchor' is named twice among data.anchor_column, "
-            "data.positive_column, data.negative_columns",
-        ),
-        (
-            {"layout": "triplets", "format": "text", "source": {"a": "x.txt"}},
-            "data.layout must be labelled when data.format is text, got 'triplets'",
-        ),
-    ],
-)
-def test_triplets_layout_problems(tmp_path, data, fragment):
-    path = write(tmp_path, edit(data={"source": "org/triplets", **data}))
-    only(problems_of(path), fragment)
 
 
 def test_keep_best_takes_an_eval_metric_and_needs_an_eval_block(tmp_path):

@@ -115,7 +115,8 @@ def load(path: str | os.PathLike, *, best: bool = False, device: str = "auto") -
     """A model: a run directory (its latest phase; `best=True`: train.keep_best's model), a phase or
     checkpoint directory, a model folder (tripletctl's export, any sentence-transformers folder) or a
     hub name."""
-    from tripletctl.evaluation.retrieval import DEFAULT_MAX_LENGTH, resolve_device
+    from tripletctl.commands.loading import resolve_device
+    from tripletctl.evaluation.retrieval import DEFAULT_MAX_LENGTH
     from tripletctl.model.encoder import load_any_model, model_folder
     from tripletctl.outputs.export import find_model_dir
 
@@ -150,14 +151,15 @@ def evaluate(
     """Held-out retrieval metrics (recall@k, MAP@R, R-precision, triplet accuracy), as `tripletctl eval`:
     `model` a path or name (`load` accepts the same) or an `Encoder`; `data` a source (default: the
     run's eval block); `source` the other source keys (split, layout, text_column, label_column, ...)."""
+    from tripletctl.commands.loading import held_out_source, load_checkpoint_and_rows
     from tripletctl.data.sources import read_rows
-    from tripletctl.evaluation.retrieval import evaluate_model, held_out_source, load_checkpoint_and_rows
+    from tripletctl.evaluation.retrieval import evaluate_model
 
     names = {name: name for name in SOURCE_FIELDS}
     if isinstance(model, Encoder):
         if data is None:
             raise TripletctlError("evaluate(Encoder, data=...): a loaded model holds no held-out data")
-        from tripletctl.config.validate import source_from_options
+        from tripletctl.config.block_checks import source_from_options
 
         config = source_from_options(_given(data, source), names)
         rows = read_rows(config, limit=max_rows or 10000)
@@ -191,7 +193,7 @@ def init(
     next step, with no edit. `device` "cpu" or "cuda" (default: CUDA when available); `budget` in
     samples (texts embedded in training batches); `heldout` a held-out source to use instead of
     holding out part of `data`; `source` the other source keys (text_column, label_column, split...)."""
-    from tripletctl.config.validate import source_from_options
+    from tripletctl.config.block_checks import source_from_options
     from tripletctl.train.starter import write_starter
 
     names = {name: name for name in SOURCE_FIELDS}

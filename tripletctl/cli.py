@@ -1,5 +1,7 @@
 """The command line: a thin Typer layer. Every command parses arguments and calls one function
-in the module that owns the concept; no training, mining or evaluation logic lives here."""
+in the module that owns the concept; no training, mining or evaluation logic lives here. The
+training commands are here; the commands on a trained model or run are cli_models.py's, and what
+both share (the consoles, `fail`, the held-out source options) is cli_options.py's."""
 
 from __future__ import annotations
 
@@ -10,23 +12,9 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from tripletctl import __version__
-from tripletctl.cli_options import (
-    SOURCE_OPTIONS,
-    AnchorColumnOpt,
-    DataOpt,
-    FormatOpt,
-    LabelColumnOpt,
-    LayoutOpt,
-    LoadDatasetOpt,
-    NegativeColumnOpt,
-    PositiveColumnOpt,
-    SplitOpt,
-    TextColumnOpt,
-    source_options,
-)
+from tripletctl import __version__, cli_models
+from tripletctl.cli_options import PIPE_WIDTH, console, err_console, fail, quiet_libraries
 from tripletctl.core.errors import TripletctlError
 from tripletctl.core.exit_codes import EXIT_INTERRUPTED, help_table
 
@@ -41,9 +29,6 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-PIPE_WIDTH = 1000  # stdout to a file or pipe: tables take the width they need, nothing wraps mid-word
 
 
 def _flags_show_no_type() -> None:
@@ -80,17 +65,6 @@ def _options(
     # Decided per invocation, not at import: tests and wrappers swap sys.stdout.
     for output in (console, err_console):
         output.width = PIPE_WIDTH if not output.is_terminal else None  # None: the terminal's own width
-
-
-def _fail(error: TripletctlError) -> None:
-    """Print every problem on its own line (markup off: messages quote user text) and exit 2."""
-    problems = getattr(error, "problems", None) or [str(error)]
-    if len(problems) > 1:
-        err_console.print(f"[bold red]error:[/] {len(problems)} problems")
-    for problem in problems:
-        err_console.print("[bold red]error:[/] ", end="")
-        err_console.print(problem, highlight=False, soft_wrap=True, markup=False)
-    raise typer.Exit(code=error.exit_code)
 
 
 OVERRIDES_HELP = "key=value overrides applied on top of the file, e.g. phases.2.steps=500 train.lr=3e-5"
@@ -144,7 +118,7 @@ def train(
     plan = None
     with StopFlag() as stop:  # first, before the slow imports: a Ctrl-C during start-up is never lost
         try:
-            _quiet_libraries()
+            quiet_libraries()
             from tripletctl.api import load_checked
             from tripletctl.train.run import train as run_training
 
@@ -162,7 +136,7 @@ def train(
                 command=[str(curriculum), *(overrides or [])],
             )
         except TripletctlError as error:
-            _fail(error)
+            fail(error)
         except KeyboardInterrupt as interrupt:
             stop.settled()
             said = SECOND_MESSAGE if isinstance(interrupt, InterruptedTwice) else "interrupted"
@@ -194,7 +168,7 @@ def validate(
     try:
         plan = load_curriculum(_curriculum_file(curriculum), overrides or [], read_data=reader)
     except TripletctlError as error:
-        _fail(error)
+        fail(error)
     _warn(plan)
     if as_json:
         print(json.dumps(curriculum_to_dict(plan), indent=2))
@@ -240,7 +214,7 @@ def curricula_copy(
     try:
         written = copy(name, dest)
     except TripletctlError as error:
-        _fail(error)
+        fail(error)
     for path in written:
         console.print(f"wrote {path}", soft_wrap=True, highlight=False)
     console.print(f"train it with: tripletctl train {written[0]}", soft_wrap=True, highlight=False)
@@ -288,7 +262,7 @@ def init(
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT and its data files if they exist."),
 ) -> None:
-    _quiet_libraries()
+    quiet_libraries()
     from tripletctl.api import init as write_curriculum
 
     options = {"text_column": text_column, "label_column": label_column, "format": format, "split": split}
@@ -309,249 +283,24 @@ def init(
             **{key: value for key, value in options.items() if value},
         )
     except TripletctlError as error:
-        _fail(error)
+        fail(error)
+    _print_init(done, out)
+
+
+def _print_init(done, out: Path) -> None:
+    """What `init` found and decided, the files it wrote, and the next two commands."""
     for line in (*done.lines, *(f"wrote {path}" for path in done.files)):
         console.print(line, highlight=False, soft_wrap=True, markup=False)
     console.print(f"next: tripletctl validate {shlex.quote(str(out))}   # the plan", highlight=False, soft_wrap=True)
     console.print(f"      tripletctl train {shlex.quote(str(out))}", highlight=False, soft_wrap=True)
 
 
-@app.command(name="eval")
-def evaluate(
-    checkpoint: Path = typer.Argument(
-        ..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."
-    ),
-    data: DataOpt = None,
-    format: FormatOpt = None,
-    split: SplitOpt = None,
-    layout: LayoutOpt = None,
-    text_column: TextColumnOpt = None,
-    label_column: LabelColumnOpt = None,
-    anchor_column: AnchorColumnOpt = None,
-    positive_column: PositiveColumnOpt = None,
-    negative_column: NegativeColumnOpt = None,
-    load_dataset: LoadDatasetOpt = None,
-    max_rows: int | None = typer.Option(
-        None, "--max-rows", min=1, help="Read at most this many texts (default: the eval block's max_rows, else 10000)."
-    ),
-    batch_size: int = typer.Option(256, "--batch-size", help="Encoding batch size."),
-    max_length: int | None = typer.Option(None, "--max-length", min=1, help="Tokens per text (default: the model's)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
-) -> None:
-    """Measure retrieval quality: recall@1/5/10, MAP@R, R-precision, triplet accuracy (and, on triplet
-    data, accuracy on the data's own negatives)."""
-    _quiet_libraries()
-    from tripletctl.evaluation.retrieval import held_out_source, run_eval_command
-
-    given = source_options(
-        data,
-        format,
-        split,
-        layout,
-        text_column,
-        label_column,
-        anchor_column,
-        positive_column,
-        negative_column,
-        load_dataset,
-    )
-    try:
-        source, rows = held_out_source(checkpoint, given, SOURCE_OPTIONS, max_rows, default_max_rows=10000)
-        settings = dict(max_rows=rows, batch_size=batch_size, device=device, as_json=as_json, max_length=max_length)
-        run_eval_command(checkpoint, source, console=console, **settings)
-    except TripletctlError as error:
-        _fail(error)
-
-
-@app.command()
-def compare(
-    a: Path = typer.Argument(
-        ..., metavar="A", help="Model A: a run, phase or checkpoint directory, a model folder or a hub name."
-    ),
-    b: Path = typer.Argument(..., metavar="B", help="Model B: the same kinds as A; the differences are B - A."),
-    data: DataOpt = None,
-    format: FormatOpt = None,
-    split: SplitOpt = None,
-    layout: LayoutOpt = None,
-    text_column: TextColumnOpt = None,
-    label_column: LabelColumnOpt = None,
-    anchor_column: AnchorColumnOpt = None,
-    positive_column: PositiveColumnOpt = None,
-    negative_column: NegativeColumnOpt = None,
-    load_dataset: LoadDatasetOpt = None,
-    max_rows: int | None = typer.Option(
-        None, "--max-rows", min=1, help="Read at most this many texts (default: A's eval block's max_rows, else 10000)."
-    ),
-    batch_size: int = typer.Option(256, "--batch-size", help="Encoding batch size."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    resamples: int = typer.Option(2000, "--resamples", help="Bootstrap resamples of the queries (at least 1000)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
-    as_json: bool = typer.Option(False, "--json", help="Print the whole comparison as JSON instead of a table."),
-) -> None:
-    """Compare two models on the same held-out rows: recall@1/5/10, MAP@R and R-precision of each,
-    B - A with its paired bootstrap 95% interval, and "no detectable difference" where it holds 0.
-    Without --data, the rows are A's eval block (A must then be a run or checkpoint)."""
-    _quiet_libraries()
-    from tripletctl.evaluation.compare import run_compare_command
-    from tripletctl.evaluation.retrieval import held_out_source
-
-    given = source_options(
-        data,
-        format,
-        split,
-        layout,
-        text_column,
-        label_column,
-        anchor_column,
-        positive_column,
-        negative_column,
-        load_dataset,
-    )
-    try:
-        source, rows = held_out_source(a, given, SOURCE_OPTIONS, max_rows, default_max_rows=10000)
-        run_compare_command(
-            a,
-            b,
-            source,
-            max_rows=rows,
-            batch_size=batch_size,
-            device=device,
-            resamples=resamples,
-            seed=seed,
-            as_json=as_json,
-            console=console,
-        )
-    except TripletctlError as error:
-        _fail(error)
-
-
-@app.command(name="inspect-collapse")
-def inspect_collapse(
-    checkpoint: Path = typer.Argument(
-        ..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."
-    ),
-    data: DataOpt = None,
-    format: FormatOpt = None,
-    split: SplitOpt = None,
-    layout: LayoutOpt = None,
-    text_column: TextColumnOpt = None,
-    label_column: LabelColumnOpt = None,
-    anchor_column: AnchorColumnOpt = None,
-    positive_column: PositiveColumnOpt = None,
-    negative_column: NegativeColumnOpt = None,
-    load_dataset: LoadDatasetOpt = None,
-    max_rows: int | None = typer.Option(
-        None, "--max-rows", min=1, help="Sample size in texts (default: the eval block's max_rows, else 2000)."
-    ),
-    margin: float | None = typer.Option(
-        None,
-        "--margin",
-        help="Margin to judge against (default: the last phase's margin in the checkpoint's curriculum, else 0.2).",
-    ),
-    plot: Path | None = typer.Option(
-        None,
-        "--plot",
-        help="Write d(a,p)/d(a,n) histograms and the singular-value spectrum to this PNG (an existing directory gets collapse.png inside; .png is added to a name without a suffix).",
-    ),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-) -> None:
-    """Say whether embeddings have collapsed: numbers, a verdict and exit code 0 healthy / 1 at risk / 3 collapsed."""
-    _quiet_libraries()
-    from tripletctl.evaluation.collapse import run_inspect_command
-    from tripletctl.evaluation.retrieval import held_out_source
-
-    given = source_options(
-        data,
-        format,
-        split,
-        layout,
-        text_column,
-        label_column,
-        anchor_column,
-        positive_column,
-        negative_column,
-        load_dataset,
-    )
-    try:
-        source, rows = held_out_source(checkpoint, given, SOURCE_OPTIONS, max_rows, default_max_rows=2000)
-        code = run_inspect_command(
-            checkpoint, source, max_rows=rows, margin=margin, plot=plot, device=device, as_json=as_json, console=console
-        )
-    except TripletctlError as error:
-        _fail(error)
-    raise typer.Exit(code=code)
-
-
-@app.command()
-def plot(
-    run_dir: Path = typer.Argument(..., help="Run directory (the curriculum's train.output_dir)."),
-    out: Path | None = typer.Option(
-        None,
-        "--out",
-        help="PNG to write (default RUN_DIR/run.png; an existing directory gets run.png inside; .png is added to a name without a suffix).",
-    ),
-) -> None:
-    """Draw a whole run: mining and batch-hard loss with phase boundaries, active fraction, eval metrics."""
-    from tripletctl.evaluation.plots import plot_run
-
-    try:
-        written = plot_run(run_dir, out)
-    except TripletctlError as error:
-        _fail(error)
-    console.print(f"wrote {written}")
-
-
-@app.command()
-def export(
-    checkpoint: Path = typer.Argument(
-        ..., help="A phase checkpoint, a phase directory or a run directory (latest phase)."
-    ),
-    out_dir: Path = typer.Argument(
-        ..., help="Directory to write the model folder to (created; must be empty unless --force)."
-    ),
-    best: bool = typer.Option(
-        False, "--best", help="Export the run's best held-out model (train.keep_best) instead of the latest."
-    ),
-    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty OUT_DIR."),
-) -> None:
-    """Copy only the model folder (no optimizer or stream state), ready for `hf upload`.
-
-    The folder loads with tripletctl, transformers' AutoModel and sentence-transformers'
-    SentenceTransformer, and carries a model card (README.md). Written atomically; exit 2 on a
-    missing, incomplete or damaged checkpoint, or a non-empty OUT_DIR without --force.
-    """
-    _quiet_libraries()
-    from tripletctl.outputs.export import export_model
-
-    try:
-        done = export_model(checkpoint, out_dir, best=best, force=force)
-    except TripletctlError as error:
-        _fail(error)
-    upgraded = " (re-saved from the previous format)" if done.upgraded else ""
-    console.print(
-        f"exported {done.source} -> {done.out_dir}: {done.files} files, {done.bytes / 1e6:.1f} MB{upgraded}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    console.print(f"upload: hf upload USER/NAME {done.out_dir}", highlight=False, soft_wrap=True)
-
-
-def _quiet_libraries() -> None:
-    """Our own progress bars and messages replace the libraries' per-file ones. Called by the commands
-    that load models and data, not at start-up: `validate` and `--help` never pay for importing
-    datasets and transformers (about 2 s)."""
-    try:
-        import datasets
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
+# The commands on a trained model or run (cli_models.py), after the training commands in `--help`.
+app.command(name="eval")(cli_models.evaluate)
+app.command()(cli_models.compare)
+app.command(name="inspect-collapse")(cli_models.inspect_collapse)
+app.command()(cli_models.plot)
+app.command()(cli_models.export)
 
 
 def main() -> None:

@@ -1,11 +1,47 @@
-"""The held-out source options that `eval`, `compare` and `inspect-collapse` share, declared once for
-cli.py (Typer declarations only, no logic)."""
+"""What the commands of cli.py and cli_models.py share: the consoles, `fail` (a TripletctlError as its
+lines on stderr and its exit code), `quiet_libraries`, and the held-out source options of `eval`,
+`compare` and `inspect-collapse`, declared once (Typer declarations, no logic)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+from rich.console import Console
+
+from tripletctl.core.errors import TripletctlError
+
+console = Console()
+err_console = Console(stderr=True)
+PIPE_WIDTH = 1000  # stdout to a file or pipe: tables take the width they need, nothing wraps mid-word
+
+
+def fail(error: TripletctlError) -> None:
+    """Print every problem on its own line (markup off: messages quote user text) and exit 2."""
+    problems = getattr(error, "problems", None) or [str(error)]
+    if len(problems) > 1:
+        err_console.print(f"[bold red]error:[/] {len(problems)} problems")
+    for problem in problems:
+        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print(problem, highlight=False, soft_wrap=True, markup=False)
+    raise typer.Exit(code=error.exit_code)
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars and messages replace the libraries' per-file ones. Called by the commands
+    that load models and data, not at start-up: `validate` and `--help` never pay for importing
+    datasets and transformers (about 2 s)."""
+    try:
+        import datasets
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
 
 # The held-out source options of `eval` and `inspect-collapse`, declared once. Each maps 1:1 onto a
 # field of curriculum.SourceConfig (tests check both agree); without --data they change the eval

@@ -2,7 +2,7 @@
 (train), phase by phase (phases), judged on what (eval).
 
 Each key is declared once, as a field of its block's dataclass (`schema.key`: default, check,
-required / path flags, help); the tables validate.py and overrides.py walk are derived from those
+required / path flags, help); the tables block_checks.py, phase_checks.py and overrides.py walk are derived from those
 fields here. Loading and checking a file is validate.py's job; docs/curricula.md documents every key."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Which losses, mining modes, false-negative guard and memory go together: one table, no torch.
 
-`validate` (config/validate.py `_check_loss`) turns each combination it refuses into one line naming
+`validate` (config/phase_checks.py `_check_loss`) turns each combination it refuses into one line naming
 the phase and the keys; `mine` (train/mining.py `_check`) refuses the same ones when called directly.
 Neither writes a rule of its own: a new loss is a row here, its function in train/losses.py, and its
 row in docs/mining.md ("Losses"), which says why each refusal is one.

@@ -1,5 +1,5 @@
 """How curriculum problems are collected and worded: the file, the override a value came from, the
-phase label and a did-you-mean for unknown keys. Shared by overrides.py and validate.py."""
+phase label and a did-you-mean for unknown keys. Shared by overrides.py and the checks (validate.py, block_checks.py, phase_checks.py)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 converts and validates a value as YAML (or an override) typed it, whether the key is required,
 whether it is a path (resolved against the curriculum's directory) and a line of help. blocks.py
 derives the keys each block accepts, the required keys, the path keys and the defaults from the
-fields (`checks`, `required`, `paths`, `defaults`) and validate.py checks a file against them, so
+fields (`checks`, `required`, `paths`, `defaults`) and block_checks.py checks a file against them, so
 adding a key is one line in one dataclass. The value checks shared by every block live here too;
 until.py declares the `until:` keys with them. Pure Python: no torch, nothing slow to import.
 """

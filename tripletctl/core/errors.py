@@ -65,7 +65,7 @@ def write_failure(path: str | Path, error: BaseException) -> OutputError | None:
     (disk full, read-only, permission), else None (a real bug: let it crash with its traceback).
 
     Writers report this differently: Python raises OSError, safetensors a SafetensorError whose
-    text holds "os error 28", torch.save a RuntimeError without the errno (checkpoint.py records
+    text holds "os error 28", torch.save a RuntimeError without the errno (checkpoint_save.py records
     the OSError for it); as a last resort the file system is asked whether it is full or read-only.
     """
     code = getattr(error, "errno", None) if isinstance(error, OSError) else None

@@ -1,4 +1,5 @@
-"""Has the embedding collapsed? Statistics, a verdict and `tripletctl inspect-collapse`.
+"""Has the embedding collapsed? Statistics and a verdict (`tripletctl inspect-collapse` is
+commands/collapse_command.py).
 
 Collapse is the classic triplet-loss failure: every input maps to (nearly) one point, all
 distances go to 0 and the loss sits at the margin alpha, so no gradient says which way to move.
@@ -8,11 +9,9 @@ healthy ranges and the verdict rules."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,10 +21,6 @@ from tripletctl.core.errors import NonFiniteError
 from tripletctl.core.jsonio import finite_or_null
 from tripletctl.evaluation.retrieval import check_finite
 from tripletctl.model.distances import pairwise_distances
-
-if TYPE_CHECKING:
-    from tripletctl.config.blocks import SourceConfig
-
 
 HEALTHY, AT_RISK, COLLAPSED = "healthy", "at risk", "collapsed"
 
@@ -218,21 +213,10 @@ def collapse_report(
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
     directions = _direction_stats(emb, off)
     singular = directions.pop("singular")
-
-    # Wang & Isola 2020 (alpha = 2, t = 2)
     sqd = pairwise_distances(emb, "squared-euclidean").fill_diagonal_(0.0)
-    alignment = float(sqd[same & upper].mean()) if bool((same & upper).any()) else float("nan")
-    all_pairs = sqd[upper]
-    uniformity = float(torch.logsumexp(-2.0 * all_pairs, dim=0) - math.log(all_pairs.numel()))
-
-    # distances the loss sees
-    dist = sqd if distance == "squared-euclidean" else sqd.sqrt()
-    d_ap, d_an = dist[same & upper], dist[diff & upper]
-    ap_q, an_q = _quantiles(d_ap), _quantiles(d_an)
-    separation = an_q.get("p50", float("nan")) - ap_q.get("p50", float("nan"))
+    dist = sqd if distance == "squared-euclidean" else sqd.sqrt()  # the distances the loss sees
+    pairs = _pair_stats(dist, same & upper, diff & upper, margin)
     hardest = _batch_hard_stats(dist, same, diff, margin)
-
-    edges, ap_hist, an_hist = _histograms(d_ap, d_an, margin)
     verdict, reasons = judge(
         mean_cosine=directions["mean_cosine"],
         effective_rank=directions["effective_rank"],
@@ -240,7 +224,7 @@ def collapse_report(
         classes=classes,
         near_margin_fraction=hardest["near_margin_fraction"],
         relative_spread=directions["embedding_spread"] / max(directions["mean_norm"], 1e-12),
-        separation=separation,
+        separation=pairs["separation"],
         margin=margin,
     )
     return CollapseReport(
@@ -250,21 +234,41 @@ def collapse_report(
         margin=float(margin),
         distance=distance,
         **directions,
-        alignment=alignment,
-        uniformity=uniformity,
-        ap_quantiles=ap_q,
-        an_quantiles=an_q,
-        separation=separation,
+        **_alignment_uniformity(sqd, same & upper, upper),
+        **pairs,
         **hardest,
         verdict=verdict,
         reasons=tuple(reasons),
-        hist_edges=edges,
-        ap_hist=ap_hist,
-        an_hist=an_hist,
-        d_ap=d_ap.float().numpy(),
-        d_an=d_an.float().numpy(),
         singular_values=singular.float().numpy(),
     )
+
+
+def _alignment_uniformity(sqd: torch.Tensor, positives: torch.Tensor, pairs: torch.Tensor) -> dict[str, float]:
+    """Wang & Isola 2020 (alpha = 2, t = 2), from squared distances: positives close, all spread."""
+    alignment = float(sqd[positives].mean()) if bool(positives.any()) else float("nan")
+    all_pairs = sqd[pairs]
+    return {
+        "alignment": alignment,
+        "uniformity": float(torch.logsumexp(-2.0 * all_pairs, dim=0) - math.log(all_pairs.numel())),
+    }
+
+
+def _pair_stats(dist: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, margin: float) -> dict[str, Any]:
+    """The anchor-positive and anchor-negative distances (each pair once): quantiles, the separation
+    of their medians, histograms, and the distances themselves (for the picture)."""
+    d_ap, d_an = dist[positives], dist[negatives]
+    ap_q, an_q = _quantiles(d_ap), _quantiles(d_an)
+    edges, ap_hist, an_hist = _histograms(d_ap, d_an, margin)
+    return {
+        "ap_quantiles": ap_q,
+        "an_quantiles": an_q,
+        "separation": an_q.get("p50", float("nan")) - ap_q.get("p50", float("nan")),
+        "hist_edges": edges,
+        "ap_hist": ap_hist,
+        "an_hist": an_hist,
+        "d_ap": d_ap.float().numpy(),
+        "d_an": d_an.float().numpy(),
+    }
 
 
 QUANTILE_SAMPLE = 1 << 24
@@ -350,97 +354,3 @@ def judge(
         f"mean cosine {mean_cosine:.3f}, effective rank {effective_rank:.1f} of {dim} dims, "
         f"separation {separation:.3f} >= margin/4: no collapse signal"
     ]
-
-
-def report_table(report: CollapseReport):
-    from rich.table import Table
-
-    table = Table(title=f"collapse statistics ({report.rows} rows, {report.classes} classes, dim {report.dim})")
-    table.add_column("statistic")
-    table.add_column("value", justify="right")
-    table.add_column("healthy", style="dim")
-    ap, an = report.ap_quantiles, report.an_quantiles
-    rows = [
-        ("mean pairwise cosine", f"{report.mean_cosine:.4f}", f"< {AT_RISK_COSINE} (collapsed > {COLLAPSED_COSINE})"),
-        ("std pairwise cosine", f"{report.std_cosine:.4f}", "well above 0"),
-        ("embedding spread", f"{report.embedding_spread:.4f}", "~1 on the unit sphere, 0 collapsed"),
-        ("per-dim std mean / min", f"{report.dim_std_mean:.4f} / {report.dim_std_min:.4f}", "min well above 0"),
-        ("effective rank", f"{report.effective_rank:.2f}", f">= {AT_RISK_ERANK_FRACTION} x min(dim, classes-1)"),
-        ("alignment", f"{report.alignment:.4f}", "small (0 = positives identical)"),
-        ("uniformity", f"{report.uniformity:.4f}", "negative; 0 = collapsed"),
-        (
-            "d(a,p) median [p05, p95]",
-            f"{ap.get('p50', float('nan')):.4f} [{ap.get('p05', float('nan')):.3f}, {ap.get('p95', float('nan')):.3f}]",
-            "",
-        ),
-        (
-            "d(a,n) median [p05, p95]",
-            f"{an.get('p50', float('nan')):.4f} [{an.get('p05', float('nan')):.3f}, {an.get('p95', float('nan')):.3f}]",
-            "",
-        ),
-        (
-            "separation (median an - ap)",
-            f"{report.separation:.4f}",
-            f">= margin/4 = {WEAK_SEPARATION * report.margin:.3f}",
-        ),
-        ("batch-hard loss (whole sample)", f"{report.batch_hard_loss:.4f}", f"margin = {report.margin}"),
-        ("batch-hard losses at margin", f"{report.near_margin_fraction:.1%}", f"< {AT_RISK_NEAR_MARGIN:.0%}"),
-    ]
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def run_inspect_command(
-    checkpoint: Path,
-    source: SourceConfig,
-    *,
-    max_rows: int | None = None,
-    margin: float | None = None,
-    plot: Path | None = None,
-    device: str = "auto",
-    as_json: bool = False,
-    console=None,
-) -> int:
-    """`tripletctl inspect-collapse`: report, verdict, reasons, optional PNG; returns 0 / 1 / 3."""
-    from rich.console import Console
-
-    from tripletctl.evaluation.retrieval import load_checkpoint_and_rows
-    from tripletctl.model.encoder import encode
-
-    console = console or Console()
-    from tripletctl.config.blocks import describe_source
-
-    loaded = load_checkpoint_and_rows(checkpoint, source, max_rows, device)
-    data = describe_source(source.source)
-    if len(loaded.rows.texts) < 2:
-        from tripletctl.core.errors import DataError
-
-        raise DataError(f"need at least 2 rows to inspect, got {len(loaded.rows.texts)} from {data}")
-    embeddings = encode(
-        loaded.model, loaded.tokenizer, loaded.rows.texts, max_length=loaded.max_length, device=loaded.device
-    )
-    check_finite(embeddings, f"the model in {loaded.checkpoint_dir}")
-    distance = loaded.distance if loaded.distance in DISTANCES else "euclidean"
-    if margin is None:  # judge against the margin the model was trained with
-        margin = loaded.margin if loaded.margin else 0.2
-    report = collapse_report(embeddings, torch.as_tensor(loaded.rows.labels), margin=margin, distance=distance)
-    written = None
-    if plot is not None:
-        from tripletctl.evaluation.plots import plot_collapse
-
-        written = plot_collapse(report, plot)
-    if as_json:
-        payload = {"checkpoint": str(loaded.checkpoint_dir), "data": data, **report.to_dict()}
-        if written is not None:
-            payload["plot"] = str(written)
-        print(json.dumps(payload, indent=2))
-        return report.exit_code
-    console.print(report_table(report))
-    colour = {HEALTHY: "green", AT_RISK: "yellow", COLLAPSED: "bold red"}[report.verdict]
-    console.print(f"verdict: [{colour}]{report.verdict}[/] (exit code {report.exit_code})")
-    for reason in report.reasons:
-        console.print(f"  - {reason}", highlight=False)
-    if written is not None:
-        console.print(f"wrote {written}", highlight=False)
-    return report.exit_code

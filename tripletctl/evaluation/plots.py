@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tripletctl.config.loss_rules import DEFAULT_LOSS, LOSS_RULES
 from tripletctl.core.errors import CheckpointError, TripletctlError, one_line, write_failure
 from tripletctl.core.faults import fault_point
-from tripletctl.outputs.checkpoint import PHASE_DIR_RE, phase_dir
+from tripletctl.outputs.checkpoint_find import PHASE_DIR_RE, phase_dir
 from tripletctl.outputs.metrics_log import METRICS_FILE, MetricsLog
 from tripletctl.outputs.run_file import read_run, run_file
 
@@ -190,7 +190,32 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
     ax_loss, ax_active, ax_spread, ax_eval = axes
 
     ax_info = _draw_losses(ax_loss, steps, phases)
-    # margin per phase: loss pinned to it means collapse
+    _draw_margins_and_collapses(ax_loss, phases, collapses)
+    ax_loss.set_ylabel("margin loss" if ax_info is not None else "loss")
+    ax_loss.set_title(f"{run_dir.resolve().name}: loss per step (margin dashed)", loc="left")
+    handles, labels = ax_loss.get_legend_handles_labels()
+    if ax_info is not None:
+        more = ax_info.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax_loss.legend(handles, labels, loc="upper right", fontsize=8)
+
+    ax_active.plot(*_series(steps, "active_fraction"), lw=1, color="tab:green")
+    ax_active.set_ylabel("active\ntriplets")
+    ax_active.set_ylim(-0.02, 1.02)
+
+    ax_spread.plot(*_series(steps, "embedding_spread"), lw=1, color="tab:purple")
+    ax_spread.set_ylabel("embedding\nspread")
+    ax_spread.set_ylim(bottom=0)
+
+    _draw_evals(ax_eval, evals)
+    _mark_phases(axes, phases)
+    fig.tight_layout()
+    _save(fig, out)
+    return out
+
+
+def _draw_margins_and_collapses(ax_loss, phases: list[dict[str, Any]], collapses: list[dict[str, Any]]) -> None:
+    """Each phase's margin, dashed (a loss pinned to it means collapse), and where collapse was detected."""
     labelled = False
     for phase in phases:
         xs = [r["global_step"] for r in phase["records"] if isinstance(r.get("global_step"), (int, float))]
@@ -210,22 +235,10 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
             ax_loss.axvline(r["global_step"], color="magenta", ls="-.", lw=1.5)
     if collapses:
         ax_loss.plot([], [], color="magenta", ls="-.", lw=1.5, label="collapse detected")
-    ax_loss.set_ylabel("margin loss" if ax_info is not None else "loss")
-    ax_loss.set_title(f"{run_dir.resolve().name}: loss per step (margin dashed)", loc="left")
-    handles, labels = ax_loss.get_legend_handles_labels()
-    if ax_info is not None:
-        more = ax_info.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    ax_loss.legend(handles, labels, loc="upper right", fontsize=8)
 
-    ax_active.plot(*_series(steps, "active_fraction"), lw=1, color="tab:green")
-    ax_active.set_ylabel("active\ntriplets")
-    ax_active.set_ylim(-0.02, 1.02)
 
-    ax_spread.plot(*_series(steps, "embedding_spread"), lw=1, color="tab:purple")
-    ax_spread.set_ylabel("embedding\nspread")
-    ax_spread.set_ylim(bottom=0)
-
+def _draw_evals(ax_eval, evals: list[dict[str, Any]]) -> None:
+    """The held-out metrics (the untrained model's at step 0), on a range that shows small steps."""
     drawn: list[float] = []
     for (key, label), colour in zip(EVAL_KEYS, ("tab:orange", "tab:brown")):
         xs, ys = _series(evals, key)
@@ -239,11 +252,6 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
         ax_eval.text(0.5, 0.5, "no eval records", ha="center", va="center", transform=ax_eval.transAxes, color="gray")
     ax_eval.set_ylabel("held-out")
     ax_eval.set_xlabel("global step")
-
-    _mark_phases(axes, phases)
-    fig.tight_layout()
-    _save(fig, out)
-    return out
 
 
 def _mark_phases(axes, phases: list[dict[str, Any]]) -> None:

@@ -2,8 +2,8 @@
 
 The maths (`retrieval_metrics`) is a pure function of an embedding matrix and labels. Nearest
 neighbours are searched in chunks of queries so that memory is O(chunk_size x N): a held-out set of
-a million rows never builds an N x N matrix. `run_eval_command` is the thin layer behind
-`tripletctl eval`; `load_checkpoint_and_rows` is shared with `tripletctl inspect-collapse`.
+a million rows never builds an N x N matrix. `evaluate_model` scores a model on labelled rows: the
+held-out evals during training, `tripletctl eval` (commands/eval_command.py) and the Python API.
 
 Definitions follow Musgrave, Belongie & Lim (2020), "A Metric Learning Reality Check":
 for a query with R other items of its label, MAP@R = (1/R) * sum_{i<=R} P(i) * rel(i) and
@@ -16,15 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tripletctl.config.blocks import SourceConfig, describe_source
-from tripletctl.core.errors import CheckpointError, DataError, ModelError, NonFiniteError
-from tripletctl.core.jsonio import strict_json
+from tripletctl.core.errors import DataError, NonFiniteError
+from tripletctl.model.encoder import encode
 
 DEFAULT_KS = (1, 5, 10)
 DEFAULT_MAX_LENGTH = 128
@@ -187,10 +185,33 @@ def retrieval_metrics(
     # Distances do not change under a shift; with the first row at the origin, identical rows are
     # exactly 0 apart (the expanded form's rounding would otherwise order them at random).
     emb = emb - emb[:1]
+    sums = _summed_per_query(emb, lab, queries, r_all, ks, chunk_size, per_query_out)
+    q = queries.numel()
+    out: dict[str, float | int] = {name: total / q for name, total in sums.items()}
+    acc, used = triplet_accuracy(emb, lab, triplet_samples, seed)
+    out["triplet_accuracy"] = acc
+    out["rows"] = n
+    out["classes"] = int(uniq.numel())
+    out["queries"] = q
+    out["excluded_queries"] = excluded
+    out["triplets"] = used
+    return out
+
+
+def _summed_per_query(
+    emb: torch.Tensor,
+    lab: torch.Tensor,
+    queries: torch.Tensor,
+    r_all: torch.Tensor,
+    ks: tuple[int, ...],
+    chunk_size: int,
+    per_query_out: dict[str, list[torch.Tensor]] | None,
+) -> dict[str, float]:
+    """Each per-query value summed over the queries, searched a chunk of queries at a time (memory
+    O(chunk_size x N)); `per_query_out` receives each chunk's query rows and values."""
+    n = emb.shape[0]
     keys_sq = (emb * emb).sum(dim=1)
-    hits_at_k = {k: 0.0 for k in ks}
-    map_sum = 0.0
-    rprec_sum = 0.0
+    sums = {name: 0.0 for name in (*(f"recall@{k}" for k in ks), "map@r", "r_precision")}
     begin = 0
     while begin < queries.numel():
         idx = queries[begin : begin + chunk_size]
@@ -208,26 +229,12 @@ def retrieval_metrics(
         del dist
         rel = (lab[nearest] == lab[idx].unsqueeze(1)).to(torch.float64)  # (chunk, k_chunk)
         values = _per_query_values(rel, r, ks)
-        for k in ks:
-            hits_at_k[k] += float(values[f"recall@{k}"].sum().item())
-        map_sum += float(values["map@r"].sum().item())
-        rprec_sum += float(values["r_precision"].sum().item())
+        for name in sums:
+            sums[name] += float(values[name].sum().item())
         if per_query_out is not None:
             for name, tensor in {"query_rows": idx, **values}.items():
                 per_query_out.setdefault(name, []).append(tensor.cpu())
-
-    q = queries.numel()
-    out: dict[str, float | int] = {f"recall@{k}": hits_at_k[k] / q for k in ks}
-    out["map@r"] = map_sum / q
-    out["r_precision"] = rprec_sum / q
-    acc, used = triplet_accuracy(emb, lab, triplet_samples, seed)
-    out["triplet_accuracy"] = acc
-    out["rows"] = n
-    out["classes"] = int(uniq.numel())
-    out["queries"] = q
-    out["excluded_queries"] = excluded
-    out["triplets"] = used
-    return out
+    return sums
 
 
 @dataclass(frozen=True)
@@ -260,18 +267,7 @@ def per_query_metrics(
 
 
 # --------------------------------------------------------------------------------------------
-# model + data
-
-
-def resolve_device(device: str) -> str:
-    """ "auto" means CUDA when present; asking for CUDA without it is a user error, not a crash."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError(f"--device {device} requested but CUDA is not available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise CheckpointError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return device
+# a model on rows
 
 
 def evaluate_model(
@@ -284,8 +280,6 @@ def evaluate_model(
     what: str = "the model",
 ) -> dict[str, float | int]:
     """Encode labelled rows with the model and score retrieval among them (leave-one-out)."""
-    from tripletctl.model.encoder import encode
-
     if len(rows.texts) < 2:
         raise DataError(f"need at least 2 rows to evaluate, got {len(rows.texts)}")
     if batch_size < 1:
@@ -299,211 +293,4 @@ def evaluate_model(
     if triplets:
         metrics["given_negative_accuracy"], metrics["given_triplets"] = given_triplet_accuracy(embeddings, triplets)
     metrics["skipped_rows"] = int(getattr(rows, "skipped", 0))
-    return metrics
-
-
-@dataclass
-class ModelAndRows:
-    """Everything `eval` and `inspect-collapse` need: model, tokenizer, rows and training settings."""
-
-    checkpoint_dir: Path
-    model: Any
-    tokenizer: Any
-    rows: Any  # data.LabelledRows
-    device: str
-    max_length: int  # data.max_length the model was trained with (128 when unknown)
-    distance: str  # distance of the last phase ("euclidean" when unknown)
-    margin: float | None  # margin of the last phase (None when unknown)
-    length_from: str = "the run's data.max_length"  # where max_length comes from, for the notice eval prints
-
-
-def _training_settings(checkpoint_dir: Path) -> dict[str, Any]:
-    """max_length / distance / margin from the checkpoint's curriculum.yaml, when it is readable."""
-    settings: dict[str, Any] = {"max_length": DEFAULT_MAX_LENGTH, "distance": "euclidean", "margin": None}
-    path = checkpoint_dir / "curriculum.yaml"
-    if not path.is_file():
-        return settings
-    try:
-        from tripletctl.config.yaml_io import read_yaml_file, safe_yaml_load
-
-        plan = safe_yaml_load(read_yaml_file(path)) or {}
-    except Exception:  # an unreadable copy must not block evaluation
-        return settings
-    if not isinstance(plan, dict):
-        return settings
-    data = plan.get("data") or {}
-    train = plan.get("train") or {}
-    phases = plan.get("phases") or []
-    last = phases[-1] if phases and isinstance(phases[-1], dict) else {}
-    if isinstance(data.get("max_length"), int):
-        settings["max_length"] = data["max_length"]
-    settings["distance"] = last.get("distance") or train.get("distance") or "euclidean"
-    if isinstance(last.get("margin"), (int, float)):
-        settings["margin"] = float(last["margin"])
-    return settings
-
-
-def held_out_source(
-    checkpoint: Path | str,
-    given: dict[str, Any],
-    option_names: dict[str, str],
-    max_rows: int | None,
-    default_max_rows: int,
-) -> tuple[SourceConfig, int]:
-    """The rows `eval` / `inspect-collapse` read: the source options given on the command line, or,
-    without --data, the eval block saved with the run's curriculum (the options given change it)."""
-    from tripletctl.config.validate import load_eval_block, source_from_options
-    from tripletctl.model.encoder import model_folder
-    from tripletctl.outputs.checkpoint import resolve_checkpoint
-
-    if given.get("source") is not None:  # the run's own column names unless given (a model folder has none)
-        base = _saved_columns(checkpoint, given["source"]) if model_folder(checkpoint) is None else None
-        return source_from_options(given, option_names, base=base), max_rows or default_max_rows
-    if model_folder(checkpoint) is not None:
-        raise DataError(
-            f"{checkpoint} is a model folder, which holds no held-out data: pass {option_names['source']} SOURCE"
-        )
-    checkpoint_dir = Path(resolve_checkpoint(Path(checkpoint)))
-    path = checkpoint_dir / "curriculum.yaml"
-    if not path.is_file():
-        raise DataError(
-            f"{checkpoint_dir} holds no curriculum.yaml to take an eval block from: "
-            f"pass {option_names['source']} SOURCE"
-        )
-    saved = load_eval_block(path)
-    if saved is None:
-        raise DataError(
-            f"the curriculum saved with {checkpoint_dir} has no eval block: "
-            f"pass {option_names['source']} SOURCE (and {option_names['layout']} if it is not labelled)"
-        )
-    return source_from_options(given, option_names, base=saved), max_rows or saved.max_rows
-
-
-def _saved_columns(checkpoint: Path | str, source: Any) -> SourceConfig | None:
-    """The layout and column names of the run's eval block (else its data block), on another source:
-    `eval RUN --data f.jsonl` reads f.jsonl the way the run read its own data."""
-    from tripletctl.config.validate import load_eval_block
-    from tripletctl.outputs.checkpoint import resolve_checkpoint
-
-    try:
-        path = Path(resolve_checkpoint(Path(checkpoint))) / "curriculum.yaml"
-        saved = load_eval_block(path) or load_eval_block(path, block="data")
-    except Exception:  # no run, or an unreadable copy: the options' defaults
-        return None
-    if saved is None:
-        return None
-    keys = ("layout", "text_column", "label_column", "anchor_column", "positive_column", "negative_columns")
-    return SourceConfig(source=source, **{key: getattr(saved, key) for key in keys})
-
-
-def load_checkpoint_and_rows(
-    checkpoint: Path | str,
-    source: SourceConfig,
-    max_rows: int | None = None,
-    device: str = "auto",
-    rows: Any = None,
-) -> ModelAndRows:
-    """Resolve a checkpoint (phase checkpoint, phase dir or run dir) or a model folder (tripletctl's
-    export, any sentence-transformers folder or hub name), read the rows (bad input fails before the
-    model is loaded), then load its model. `rows` already read (`compare`'s second model) are kept."""
-    from tripletctl.data.sources import read_rows
-    from tripletctl.model.encoder import load_any_model, load_model, model_folder
-    from tripletctl.outputs.checkpoint import check_contained, resolve_checkpoint
-
-    device = resolve_device(device)
-    folder = model_folder(checkpoint)
-    if folder is not None:
-        rows = read_rows(source, limit=max_rows) if rows is None else rows
-        model, tokenizer, length = load_any_model(folder, device)
-        said = "the folder's max_seq_length" if length else "the tokenizer's model_max_length (at most 512)"
-        length = length or min(int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)), 512)
-        return ModelAndRows(folder, model, tokenizer, rows, device, length, "euclidean", None, said)
-    checkpoint_dir = Path(resolve_checkpoint(Path(checkpoint)))
-    check_contained(checkpoint_dir)
-    model_dir = checkpoint_dir / "model"
-    if not model_dir.is_dir():
-        raise CheckpointError(f"{checkpoint_dir} has no model/ directory")
-    rows = read_rows(source, limit=max_rows) if rows is None else rows
-    try:
-        model, tokenizer = load_model(model_dir, device=device)
-    except ModelError as error:  # not a tripletctl model, truncated or mismatched files
-        raise CheckpointError(f"cannot load the model in {model_dir}: {error}") from None
-    settings = _training_settings(checkpoint_dir)
-    return ModelAndRows(checkpoint_dir, model, tokenizer, rows, device, **settings)
-
-
-# --------------------------------------------------------------------------------------------
-# command
-
-
-def metrics_table(metrics: dict[str, Any], title: str):
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    return table
-
-
-def run_eval_command(
-    checkpoint: Path,
-    source: SourceConfig,
-    *,
-    max_rows: int | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    as_json: bool = False,
-    console=None,
-    max_length: int | None = None,
-) -> dict[str, Any]:
-    """`tripletctl eval`: metrics as a rich table, or only JSON on stdout with --json. `max_length`
-    (--max-length) replaces the model's own length; either way the output says which was used."""
-    from rich.console import Console
-
-    console = console or Console()
-    if batch_size < 1:  # before loading anything
-        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
-    loaded = load_checkpoint_and_rows(checkpoint, source, max_rows, device)
-    if max_length is not None:
-        loaded.max_length, loaded.length_from = max_length, "--max-length"
-    data = describe_source(source.source)
-    metrics = evaluate_model(
-        loaded.model,
-        loaded.tokenizer,
-        loaded.rows,
-        batch_size=batch_size,
-        max_length=loaded.max_length,
-        device=loaded.device,
-        what=f"the model in {loaded.checkpoint_dir}",
-    )
-    if as_json:
-        payload = {
-            "checkpoint": str(loaded.checkpoint_dir),
-            "data": data,
-            "max_length": loaded.max_length,
-            **metrics,
-        }
-        # plain print, not console.print: rich would wrap or colour what scripts parse
-        print(strict_json(payload, indent=2))
-    else:
-        console.print(metrics_table(metrics, f"retrieval on {data}"))
-        console.print(
-            f"{metrics['rows']} rows, {metrics['classes']} classes, {metrics['queries']} queries "
-            f"({metrics['excluded_queries']} with a unique label excluded), "
-            f"{metrics['skipped_rows']} rows skipped; checkpoint {loaded.checkpoint_dir}",
-            highlight=False,
-        )
-        console.print(
-            f"texts cut at {loaded.max_length} tokens ({loaded.length_from}; a run's own held-out evals cut at "
-            f"its data.max_length, 128 unless set): pass --max-length N to compare at another length",
-            highlight=False,
-        )
-        if "given_triplets" in metrics:
-            console.print(
-                f"given_negative_accuracy: d(a,p) < d(a,n) on the data's own {metrics['given_triplets']} "
-                f"(anchor, positive, negative) triplets",
-                highlight=False,
-            )
     return metrics

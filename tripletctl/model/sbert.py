@@ -99,23 +99,7 @@ def write_modules(
             "include_prompt": True,
         },
     )
-    dense_dirs = []
-    for linear, activation in head_layers(head):
-        index = len(modules)
-        name = f"{index}_Dense"
-        _write_json(
-            directory / name / "config.json",
-            {
-                "in_features": linear.in_features,
-                "out_features": linear.out_features,
-                "bias": linear.bias is not None,
-                "activation_function": activation,
-            },
-        )
-        state = {f"linear.{k}": v.detach().contiguous().cpu() for k, v in linear.state_dict().items()}
-        save_file(state, str(directory / name / WEIGHTS_FILE), metadata={"format": "pt"})
-        modules.append({"idx": index, "name": str(index), "path": name, "type": "sentence_transformers.models.Dense"})
-        dense_dirs.append(name)
+    dense_dirs = [_write_dense(directory, modules, linear, activation) for linear, activation in head_layers(head)]
     if normalize:
         index = len(modules)
         name = f"{index}_Normalize"
@@ -138,6 +122,26 @@ def write_modules(
         },
     )
     return dense_dirs
+
+
+def _write_dense(directory: Path, modules: list[dict], linear: nn.Linear, activation: str) -> str:
+    """One Linear of the head as the next Dense module (its config and safetensors weights), added to
+    `modules`; returns its directory name."""
+    index = len(modules)
+    name = f"{index}_Dense"
+    _write_json(
+        directory / name / "config.json",
+        {
+            "in_features": linear.in_features,
+            "out_features": linear.out_features,
+            "bias": linear.bias is not None,
+            "activation_function": activation,
+        },
+    )
+    state = {f"linear.{k}": v.detach().contiguous().cpu() for k, v in linear.state_dict().items()}
+    save_file(state, str(directory / name / WEIGHTS_FILE), metadata={"format": "pt"})
+    modules.append({"idx": index, "name": str(index), "path": name, "type": "sentence_transformers.models.Dense"})
+    return name
 
 
 def check_modules(directory: Path) -> None:

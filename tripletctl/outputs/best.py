@@ -27,7 +27,8 @@ from tripletctl.core.files import FileRefused
 from tripletctl.core.jsonio import read_json
 from tripletctl.model.card import Provenance
 from tripletctl.model.encoder import is_finite, save_model
-from tripletctl.outputs.checkpoint import usable_dir, write_complete_dir
+from tripletctl.outputs.checkpoint_find import usable_dir
+from tripletctl.outputs.checkpoint_save import write_complete_dir
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"

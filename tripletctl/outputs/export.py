@@ -30,7 +30,8 @@ from tripletctl.model.card import Provenance
 from tripletctl.model.encoder import META_FILE, MODEL_FORMAT_VERSION, load_model, read_meta, save_model
 from tripletctl.model.sbert import check_modules
 from tripletctl.outputs.best import BEST_DIR, BEST_FILE, best_dir
-from tripletctl.outputs.checkpoint import PHASE_DIR_RE, POSITION_KEYS, resolve_checkpoint, usable_dir
+from tripletctl.outputs.checkpoint_find import PHASE_DIR_RE, resolve_checkpoint, usable_dir
+from tripletctl.outputs.checkpoint_save import POSITION_KEYS
 
 
 class ExportError(TripletctlError):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tripletctl.core.errors import OutputError, TripletctlError, one_line, writing
 from tripletctl.core.files import read_bytes
-from tripletctl.outputs.checkpoint import latest_checkpoint
+from tripletctl.outputs.checkpoint_find import latest_checkpoint
 from tripletctl.outputs.run_file import RUN_FILE, looks_like_ours, read_run, written_by_us
 
 LOCK_FILE = ".tripletctl.lock"

@@ -11,7 +11,7 @@ import torch
 from tripletctl.config.blocks import Curriculum, PhaseConfig
 from tripletctl.config.until import EVAL_METRICS
 from tripletctl.evaluation.retrieval import evaluate_model
-from tripletctl.outputs.checkpoint import capture_rng, restore_rng
+from tripletctl.outputs.rng import capture_rng, restore_rng
 from tripletctl.train.distributed import broadcast_object
 from tripletctl.train.state import Run, RunProgress
 

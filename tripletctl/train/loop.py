@@ -5,42 +5,39 @@ the model, optimiser and output directory, runs the phases in order and evaluate
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from tripletctl.config.blocks import PhaseConfig, curriculum_to_dict
+from tripletctl.config.blocks import PhaseConfig
 from tripletctl.config.choices import COLLAPSE_FALLBACK_MODE
 from tripletctl.config.lr_scaling import phase_peak_lr
 from tripletctl.config.until import STEP_METRICS
 from tripletctl.core.errors import WorkerDiedError, writing
 from tripletctl.core.faults import fault_point
 from tripletctl.data.stream import BatchStream, StreamInterrupted, pad_ragged
-from tripletctl.model.chunking import Chunking, ChunkPlan, embed_and_backward, plan_chunks, resolve_chunking
-from tripletctl.outputs.checkpoint import CHECKPOINT, capture_rng, save_checkpoint
-from tripletctl.outputs.checkpoint import phase_dir as phase_dir_of
+from tripletctl.model.chunking import Chunking, embed_and_backward, plan_chunks, resolve_chunking
+from tripletctl.outputs.checkpoint_find import phase_dir as phase_dir_of
 from tripletctl.outputs.metrics_log import MetricsLog
 from tripletctl.train import conditions, held_out, mining
-from tripletctl.train.distributed import (
-    all_reduce_sums,
-    barrier,
-    gather_labels,
-    gather_object,
-    gather_with_grad,
-    local_batch_size,
-    no_sync_for,
-)
+from tripletctl.train.distributed import all_reduce_sums, gather_labels, gather_with_grad, local_batch_size, no_sync_for
 from tripletctl.train.divergence import DivergenceDetector, weight_norm
 from tripletctl.train.lr import get_lr
 from tripletctl.train.memory import EmbeddingMemory, carry_over
+from tripletctl.train.phase_end import (
+    PhaseEnd,
+    PhaseOutcome,
+    checkpoint_after_step,
+    exploded_weights,
+    skip_nonfinite_step,
+    stops_after_step,
+    stream_stopped,
+)
 from tripletctl.train.progress_bar import phase_progress
-from tripletctl.train.state import PhaseEnd, PhaseOutcome, Run, RunProgress
+from tripletctl.train.state import Agreed, OpenPhase, Run, RunProgress, StepResult
 from tripletctl.train.watchdog import CollapseWatchdog
 
 
@@ -61,67 +58,13 @@ def _mining_loss(mined: list, **mine_kwargs: Any) -> Callable:
     return loss_fn
 
 
-@dataclass
-class _Phase:
-    """One phase's working objects while `run_phase` runs it."""
-
-    index: int
-    config: PhaseConfig
-    directory: Path
-    log: MetricsLog
-    stream: BatchStream
-    chunking: Chunking
-    autocast_dtype: torch.dtype | None
-    watchdog: CollapseWatchdog
-    until_state: conditions.ConditionState
-    divergence: DivergenceDetector
-    memory: EmbeddingMemory | None
-    gather: Callable | None  # all-gather with gradients under torchrun
-    no_sync: Callable | None  # DDP's no_sync under torchrun
-    last_state: dict | None  # the stream's state after the last batch consumed
-    bar: Any = None  # the progress display (tripletctl.progress)
-
-
-@dataclass
-class _StepResult:
-    """What embed -> mine -> backward gave for one batch (the gradients are in the model)."""
-
-    loss: float
-    stats: mining.MiningStats
-    plan: ChunkPlan
-    mined: list  # [(embeddings, labels)] mined over: they join the cross-batch memory if the step is used
-    grad_norm: float
-
-    @property
-    def finite(self) -> bool:
-        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
-
-
-@dataclass
-class _Agreed:
-    """The per-step decision every rank shares, from one all-reduce."""
-
-    rows_seen: int
-    rows_skipped: int
-    classes_evicted: int
-    stop_now: bool  # Ctrl-C/SIGTERM reached some rank
-    collapsed: bool  # the collapse watchdog fired on some rank
-    nonfinite: bool  # a NaN/inf loss or gradient on some rank
-    diverging: bool  # a loss or gradient norm jump (divergence.py) on some rank
-    signals: dict[str, float]  # what `until:` conditions read, averaged over the ranks
-
-
 def run_phase(
-    run: Run,
-    phase_index: int,
-    progress: RunProgress,
-    stream_state: dict | None,
-    memory: EmbeddingMemory | None = None,
+    run: Run, phase_index: int, progress: RunProgress, stream_state: dict | None, memory: EmbeddingMemory | None = None
 ) -> PhaseOutcome:
     """Run one phase from `progress.step` to its last step, or until it must stop (the outcome says
     why). `memory` is the cross-batch memory the previous phase (or the checkpoint) left."""
     ph = _open_phase(run, phase_index, progress, stream_state, memory)
-    phase, train_cfg = ph.config, run.curriculum.train
+    phase = ph.config
     try:
         batches = iter(ph.stream)
         while not progress.phase_finished(phase):
@@ -131,41 +74,31 @@ def run_phase(
             try:
                 batch = next(batches)
             except (StreamInterrupted, WorkerDiedError) as error:
-                return _stream_stopped(run, ph, progress, error)
+                return stream_stopped(run, ph, progress, error)
             run.stop.stepping = True  # a Ctrl-C from now on ends this step first
 
             # 2. learning rate: a pure function of the step (peak scaled to the batch: train.lr_scaling)
-            lr = get_lr(progress.step, phase, train_cfg.decay, peak=phase_peak_lr(run.curriculum, phase_index))
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
+            lr = _set_lr(run, ph, progress)
 
             # 3. embed in chunks, mine over the whole (global) batch, back-propagate chunk by chunk
             mode = progress.mining_override or phase.mining
             result = _embed_mine_backward(run, ph, progress, batch, mode)
 
-            # 4. this rank's collapse watchdog sees the step, then one collective decides for every rank
-            #    (a NaN/inf must never reach the weights)
-            stats = result.stats
-            suspected = result.finite and ph.watchdog.update(
-                stats.batch_hard_loss, phase.margin, stats.embedding_spread
-            )
-            jump = ph.divergence.step_jump(result.loss, result.grad_norm) if result.finite else None
-            agreed = _agree(run, batch, result, collapse_suspected=suspected, diverging=jump is not None)
+            # 4. this rank's collapse watchdog and divergence detector see the step, then one collective
+            #    decides for every rank (a NaN/inf must never reach the weights)
+            agreed, jump = _decide(run, ph, batch, result)
             ph.last_state = batch.state  # this batch is consumed whether or not it is used
             if agreed.nonfinite or agreed.diverging:
-                skipped = _skip_nonfinite_step(run, ph, progress, result, agreed, jump)
-                if skipped is not None:
+                if (skipped := skip_nonfinite_step(run, ph, progress, result, agreed, jump)) is not None:
                     return skipped
                 continue
 
             # 5. the optimiser step; only embeddings of a usable step join the memory
             progress.nonfinite_streak = 0
             if (exploded := _apply_step(run, ph, result)) is not None:
-                return _exploded_weights(ph, progress, exploded)  # before any checkpoint holds these weights
+                return exploded_weights(ph, progress, exploded)  # before any checkpoint holds these weights
             fault_point("step")
-            progress.step += 1
-            progress.global_step += 1
-            progress.samples_seen += phase.batch_size
+            progress.count_step(phase.batch_size)
 
             # 6. log: the phase's mining loss beside the batch-hard loss of the same batch, then the
             #    step's events (collapse, the `until:` end, the held-out eval)
@@ -177,25 +110,42 @@ def run_phase(
             run.trackers.log(record, *events)
 
             # 7. checkpoint: every N steps, at the end of the phase, and whenever the phase stops here
-            stopping = _stops_after_step(run, progress, collapse_stop, agreed.stop_now)
-            final = done or stopping is not None
-            until = conditions.until_display(phase.until, ph.until_state)
-            ph.bar.update(progress.step, record, phase.batch_size, final=final, until=until)
-            if _should_checkpoint(progress.step, train_cfg.checkpoint_every, done, stopping):
-                if not _checkpoint(run, ph, progress):
-                    return _unsaved_nonfinite_weights(ph, progress)
-            if stopping is not None:
-                return PhaseOutcome(stopping, ph.last_state, memory=ph.memory)
+            stopping = stops_after_step(run, progress, collapse_stop, agreed.stop_now)
+            _show_step(ph, progress, record, final=done or stopping is not None)
+            if (ended := checkpoint_after_step(run, ph, progress, done, stopping)) is not None:
+                return ended
     finally:
-        ph.bar.stop()
-        ph.stream.close()
-        ph.log.close()
+        ph.close()
     return PhaseOutcome(PhaseEnd.DONE, ph.last_state, memory=ph.memory)
+
+
+def _set_lr(run: Run, ph: OpenPhase, progress: RunProgress) -> float:
+    """This step's learning rate, set on every parameter group."""
+    peak = phase_peak_lr(run.curriculum, ph.index)
+    lr = get_lr(progress.step, ph.config, run.curriculum.train.decay, peak=peak)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _decide(run: Run, ph: OpenPhase, batch: Any, result: StepResult) -> tuple[Agreed, str | None]:
+    """This rank's collapse watchdog and divergence detector see a finite step, then `_agree`'s one
+    collective decides for every rank. Also returns this rank's jump (divergence.py), for its event."""
+    stats = result.stats
+    suspected = result.finite and ph.watchdog.update(stats.batch_hard_loss, ph.config.margin, stats.embedding_spread)
+    jump = ph.divergence.step_jump(result.loss, result.grad_norm) if result.finite else None
+    return _agree(run, batch, result, collapse_suspected=suspected, diverging=jump is not None), jump
+
+
+def _show_step(ph: OpenPhase, progress: RunProgress, record: dict, final: bool) -> None:
+    """The live bar (or a plain line every train.log_every steps), with the `until:` conditions' state."""
+    until = conditions.until_display(ph.config.until, ph.until_state)
+    ph.bar.update(progress.step, record, ph.config.batch_size, final=final, until=until)
 
 
 def _open_phase(
     run: Run, phase_index: int, progress: RunProgress, stream_state: dict | None, memory: EmbeddingMemory | None
-) -> _Phase:
+) -> OpenPhase:
     """The phase's directory, metrics log, batch stream, chunking, watchdog, `until:` state, memory and
     progress display, as the checkpoint (or the previous phase) left them."""
     curriculum, ctx = run.curriculum, run.ctx
@@ -204,31 +154,8 @@ def _open_phase(
     if ctx.is_main:
         with writing(directory):
             directory.mkdir(parents=True, exist_ok=True)
-    # batch_size is the global batch: the stream yields this rank's share of whole classes
-    local_batch = local_batch_size(phase.batch_size, curriculum.data.rows_per_group, ctx)
-    stream = BatchStream(
-        curriculum.data,
-        tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
-        batch_size=phase.batch_size,
-        seed=train_cfg.seed,
-        state=stream_state,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        # a wait for data ends on Ctrl-C/SIGTERM; under torchrun the ranks decide together after the step
-        should_stop=None if ctx.enabled else (lambda: run.stop.requested),
-    )
-    run.train_model.train()  # before the auto chunk probe: dropout masks take memory too
-    autocast_dtype = _autocast_dtype(train_cfg.precision, ctx.device)
-    chunking = resolve_chunking(
-        phase.chunk_size,
-        phase.chunk_tokens,
-        local_batch,
-        run.model,
-        ctx.device,
-        curriculum.data.max_length,
-        autocast_dtype=autocast_dtype,
-        keep_graphs=train_cfg.keep_graphs,
-    )
+    stream = _batch_stream(run, phase, stream_state)
+    chunking, autocast_dtype = _chunking(run, phase)
     watchdog = CollapseWatchdog(train_cfg.collapse_patience, train_cfg.collapse_tolerance)
     if progress.watchdog:
         watchdog.load_state_dict(progress.watchdog)
@@ -236,7 +163,7 @@ def _open_phase(
     log = MetricsLog(directory)
     if ctx.is_main:  # on resume, what was logged after the checkpoint goes
         log.open(keep_up_to=progress.global_step)
-    ph = _Phase(
+    ph = OpenPhase(
         index=phase_index,
         config=phase,
         directory=directory,
@@ -269,7 +196,44 @@ def _open_phase(
     return ph
 
 
-def _embed_mine_backward(run: Run, ph: _Phase, progress: RunProgress, batch: Any, mode: str) -> _StepResult:
+def _batch_stream(run: Run, phase: PhaseConfig, stream_state: dict | None) -> BatchStream:
+    """This rank's share of whole classes of each global batch, from where `stream_state` left off."""
+    curriculum, ctx = run.curriculum, run.ctx
+    return BatchStream(
+        curriculum.data,
+        tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
+        batch_size=phase.batch_size,
+        seed=curriculum.train.seed,
+        state=stream_state,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        # a wait for data ends on Ctrl-C/SIGTERM; under torchrun the ranks decide together after the step
+        should_stop=None if ctx.enabled else (lambda: run.stop.requested),
+    )
+
+
+def _chunking(run: Run, phase: PhaseConfig) -> tuple[Chunking, torch.dtype | None]:
+    """How this rank's share of a batch is cut into chunks (rows, or a token budget; `auto` probes the
+    device), and the autocast dtype."""
+    curriculum, ctx, train_cfg = run.curriculum, run.ctx, run.curriculum.train
+    # batch_size is the global batch: the stream yields this rank's share of whole classes
+    local_batch = local_batch_size(phase.batch_size, curriculum.data.rows_per_group, ctx)
+    run.train_model.train()  # before the auto chunk probe: dropout masks take memory too
+    autocast_dtype = _autocast_dtype(train_cfg.precision, ctx.device)
+    chunking = resolve_chunking(
+        phase.chunk_size,
+        phase.chunk_tokens,
+        local_batch,
+        run.model,
+        ctx.device,
+        curriculum.data.max_length,
+        autocast_dtype=autocast_dtype,
+        keep_graphs=train_cfg.keep_graphs,
+    )
+    return chunking, autocast_dtype
+
+
+def _embed_mine_backward(run: Run, ph: OpenPhase, progress: RunProgress, batch: Any, mode: str) -> StepResult:
     """Embed the batch in chunks, mine over the whole (global) batch (and the memory's rows, from its
     start_step on), back-propagate chunk by chunk, then clip or measure the gradient norm."""
     phase, train_cfg, device = ph.config, run.curriculum.train, run.ctx.device
@@ -313,10 +277,10 @@ def _embed_mine_backward(run: Run, ph: _Phase, progress: RunProgress, batch: Any
     else:
         grads = [p.grad for p in run.model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-    return _StepResult(float(loss_value), stats, plan, mined, grad_norm)
+    return StepResult(float(loss_value), stats, plan, mined, grad_norm)
 
 
-def _apply_step(run: Run, ph: _Phase, result: _StepResult) -> str | None:
+def _apply_step(run: Run, ph: OpenPhase, result: StepResult) -> str | None:
     """The optimiser step; the embeddings of the step join the memory. Then why the weights diverged
     (divergence.py), or None: the step joins the detector's history."""
     if ph.memory is not None:
@@ -330,7 +294,7 @@ def _apply_step(run: Run, ph: _Phase, result: _StepResult) -> str | None:
     return exploded
 
 
-def _agree(run: Run, batch: Any, result: _StepResult, collapse_suspected: bool, diverging: bool) -> _Agreed:
+def _agree(run: Run, batch: Any, result: StepResult, collapse_suspected: bool, diverging: bool) -> Agreed:
     """One collective per step decides for every rank: stream counters, Ctrl-C/SIGTERM (it may reach
     the ranks at different moments), collapse suspected by some rank's watchdog and a non-finite loss
     or gradient on any rank (each would otherwise step differently), and the signals `until:`
@@ -351,7 +315,7 @@ def _agree(run: Run, batch: Any, result: _StepResult, collapse_suspected: bool, 
         ],
         run.ctx,
     )
-    return _Agreed(
+    return Agreed(
         rows_seen=int(rows_seen),
         rows_skipped=int(rows_skipped),
         classes_evicted=int(classes_evicted),
@@ -363,59 +327,12 @@ def _agree(run: Run, batch: Any, result: _StepResult, collapse_suspected: bool, 
     )
 
 
-def _stream_stopped(run: Run, ph: _Phase, progress: RunProgress, error: Exception) -> PhaseOutcome:
-    """The stream gave no batch: Ctrl-C/SIGTERM while waiting for data, or a tokenizer worker died.
-    Checkpoint what was consumed so far, so `--resume` continues from here."""
-    if isinstance(error, StreamInterrupted):
-        if progress.step > 0:  # at step 0 the last checkpoint (if any) already holds this state
-            _checkpoint(run, ph, progress)
-        return PhaseOutcome(PhaseEnd.INTERRUPTED, ph.last_state, memory=ph.memory)
-    if run.ctx.enabled:  # the other ranks cannot join a checkpoint now: the last good one stays
-        raise error
-    _checkpoint(run, ph, progress)
-    return PhaseOutcome(PhaseEnd.WORKER_DIED, ph.last_state, reason=str(error), memory=ph.memory)
-
-
-def _skip_nonfinite_step(
-    run: Run, ph: _Phase, progress: RunProgress, result: _StepResult, agreed: _Agreed, jump: str | None
-) -> PhaseOutcome | None:
-    """A NaN/inf or diverging (`jump`, divergence.py) loss or gradient on some rank: drop the gradients
-    and log a `nonfinite` or `divergence` event; then stop (on_nonfinite: stop, or
-    train.max_nonfinite_skips in a row), or None: go on to the next batch."""
-    phase, train_cfg = ph.config, run.curriculum.train
-    run.optimizer.zero_grad(set_to_none=True)
-    progress.nonfinite_streak += 1
-    give_up = phase.on_nonfinite == "stop" or progress.nonfinite_streak >= train_cfg.max_nonfinite_skips
-    if not give_up:
-        progress.nonfinite_skipped += 1
-    event = {"event": "nonfinite" if agreed.nonfinite else "divergence", "global_step": progress.global_step + 1}
-    event |= {"phase": phase.name, "step": progress.step + 1, "loss": result.loss, "grad_norm": result.grad_norm}
-    ph.log.append({**event, "action": "stop" if give_up else "skip", "in_a_row": progress.nonfinite_streak})
-    if give_up:
-        why = (
-            "on_nonfinite: stop"
-            if phase.on_nonfinite == "stop"
-            else f"{progress.nonfinite_streak} in a row, train.max_nonfinite_skips: {train_cfg.max_nonfinite_skips}"
-        )
-        what = "non-finite" if agreed.nonfinite else "diverging"
-        detail = f"; {jump}" if jump and not agreed.nonfinite else ""
-        reason = (
-            f"{what} loss or gradient at step {progress.step + 1} of phase {ph.index} ({phase.name}) "
-            f"(loss {result.loss}, gradient norm {result.grad_norm}{detail}; {why}): stopped without a step"
-        )
-        return PhaseOutcome(PhaseEnd.NONFINITE, ph.last_state, reason=reason, memory=ph.memory)
-    if agreed.stop_now:  # Ctrl-C during a skipped step: the weights are still the good ones
-        _checkpoint(run, ph, progress)
-        return PhaseOutcome(PhaseEnd.INTERRUPTED, ph.last_state, memory=ph.memory)
-    return None
-
-
 def _step_record(
     run: Run,
-    ph: _Phase,
+    ph: OpenPhase,
     progress: RunProgress,
-    result: _StepResult,
-    agreed: _Agreed,
+    result: StepResult,
+    agreed: Agreed,
     mode: str,
     lr: float,
     elapsed: float,
@@ -456,7 +373,7 @@ def _step_record(
     return record
 
 
-def _handle_collapse(run: Run, ph: _Phase, progress: RunProgress, stats: Any, mode: str, events: list[dict]) -> bool:
+def _handle_collapse(run: Run, ph: OpenPhase, progress: RunProgress, stats: Any, mode: str, events: list[dict]) -> bool:
     """The watchdog saw the batch-hard loss stuck at the margin with no spread: add a `collapse` event,
     say so, and act on on_collapse (fall back to semi-hard mining, warn and watch again, or stop).
     True: the phase stops here (on_collapse: stop)."""
@@ -487,7 +404,7 @@ def _handle_collapse(run: Run, ph: _Phase, progress: RunProgress, stats: Any, mo
 
 
 def _evaluate_and_check_end(
-    run: Run, ph: _Phase, progress: RunProgress, signals: dict[str, float], events: list[dict]
+    run: Run, ph: OpenPhase, progress: RunProgress, signals: dict[str, float], events: list[dict]
 ) -> bool:
     """After a step: the held-out eval when due, the `until:` conditions (on agreed numbers, so every
     rank ends at the same step), and how the phase ended, in `progress`. True: the phase is done."""
@@ -523,74 +440,4 @@ def _evaluate_and_check_end(
         "ended_by": "until" if early_end else "steps",
         "reason": early_end["reason"] if early_end else f"planned end (step {phase.steps})",
     }
-    return True
-
-
-def _stops_after_step(run: Run, progress: RunProgress, collapse_stop: bool, stop_now: bool) -> PhaseEnd | None:
-    """Whether the phase stops after this step, and why (a collapse stop first, then Ctrl-C/SIGTERM,
-    then the --max-steps budget); None: it goes on (or ends normally)."""
-    if collapse_stop:
-        return PhaseEnd.COLLAPSED
-    if stop_now:
-        return PhaseEnd.INTERRUPTED
-    if run.stop_at_global_step is not None and progress.global_step >= run.stop_at_global_step:
-        return PhaseEnd.PAUSED
-    return None
-
-
-def _should_checkpoint(step: int, every: int | None, phase_done: bool, stopping: PhaseEnd | None) -> bool:
-    """Every `train.checkpoint_every` steps, at the end of the phase, and at any step the phase stops
-    after (Ctrl-C/SIGTERM, --max-steps, a collapse stop), so `--resume` continues from there."""
-    return phase_done or stopping is not None or bool(every and step % every == 0)
-
-
-def _exploded_weights(ph: _Phase, progress: RunProgress, why: str) -> PhaseOutcome:
-    """The step just applied blew the weights up (finite, but training cannot go on from them): stop
-    before any checkpoint holds them, so the last one on disk is a good one."""
-    step = {"global_step": progress.global_step + 1, "phase": ph.config.name, "step": progress.step + 1}
-    ph.log.append({"event": "divergence", **step, "action": "stop", "reason": why})
-    reason = (
-        f"diverging weights after step {progress.step + 1} of phase {ph.index} ({ph.config.name}) ({why}): not saved"
-    )
-    return PhaseOutcome(PhaseEnd.DIVERGED, ph.last_state, reason, memory=ph.memory)
-
-
-def _unsaved_nonfinite_weights(ph: _Phase, progress: RunProgress) -> PhaseOutcome:
-    """A weight became NaN/inf: the phase stops and the last good checkpoint stays as it is."""
-    reason = (
-        f"non-finite weights after step {progress.step} of phase {ph.index} "
-        f"({ph.config.name}): not saved over the last good checkpoint"
-    )
-    return PhaseOutcome(PhaseEnd.NONFINITE, ph.last_state, reason)
-
-
-def _checkpoint(run: Run, ph: _Phase, progress: RunProgress) -> bool:
-    """Save (every rank takes part); False, and nothing written, if a weight is NaN/inf."""
-    model, ctx = run.model, run.ctx
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # equal on every rank
-        return False
-    state_after, rng = ph.last_state, None
-    if ctx.enabled:  # every rank reads its own shard and draws its own dropout: keep each one's
-        state_after = {"per_rank": gather_object(state_after, ctx)}
-        rng = gather_object(capture_rng(), ctx)
-    if ctx.is_main:
-        last_eval = progress.eval_history[-1] if progress.eval_history else None
-        save_checkpoint(
-            ph.directory / CHECKPOINT,
-            model=model,
-            tokenizer=run.tokenizer,
-            optimizer=run.optimizer,
-            state={
-                **progress.__dict__,
-                "watchdog": ph.watchdog.state_dict(),
-                "phase_name": ph.config.name,
-                "world_size": ctx.world_size,
-            },
-            stream_state=state_after,
-            curriculum=curriculum_to_dict(run.curriculum),
-            rng=rng,
-            memory=ph.memory.state_dict() if ph.memory is not None else None,
-            metrics=last_eval if last_eval and last_eval.get("global_step") == progress.global_step else None,
-        )
-    barrier(ctx)
     return True

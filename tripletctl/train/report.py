@@ -15,7 +15,7 @@ from tripletctl.core.exit_codes import EXIT_COLLAPSE_STOP, EXIT_DONE, EXIT_INTER
 from tripletctl.core.files import FileRefused
 from tripletctl.core.jsonio import read_json
 from tripletctl.core.launcher import command_line
-from tripletctl.outputs.checkpoint import latest_checkpoint
+from tripletctl.outputs.checkpoint_find import latest_checkpoint
 
 
 def train_command(command: list[str], resume: bool) -> str:

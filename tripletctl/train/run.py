@@ -7,6 +7,7 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -14,15 +15,16 @@ from rich.console import Console
 from tripletctl.config.blocks import Curriculum, curriculum_to_dict
 from tripletctl.core.exit_codes import EXIT_CRASH, EXIT_DONE, EXIT_INTERRUPTED
 from tripletctl.data.sources import check_source, read_rows
-from tripletctl.outputs.checkpoint import restore_rng
 from tripletctl.outputs.lock import claim_run_dir
+from tripletctl.outputs.rng import restore_rng
 from tripletctl.train.distributed import DistContext, barrier, cleanup, init_distributed, wrap_model
 from tripletctl.train.interrupt import StopFlag
 from tripletctl.train.loop import run_phase
+from tripletctl.train.phase_end import EXIT_CODE_OF_END, PhaseEnd
 from tripletctl.train.report import interrupted_during_start_up, print_outcome
 from tripletctl.train.run_index import RunIndex, keep_best, start_run_index, write_phase_summary
 from tripletctl.train.setup import Resumed, build_run_model, check_before_start, load_resume, prepare_output
-from tripletctl.train.state import EXIT_CODE_OF_END, PhaseEnd, Run
+from tripletctl.train.state import Run
 from tripletctl.train.trackers import Trackers, open_trackers, require_installed
 
 
@@ -83,25 +85,7 @@ def _train(
     if stop.requested:
         return interrupted_during_start_up(console, curriculum, previous, command)
     # 3. held-out rows, trackers, run.json (with the untrained model's eval)
-    eval_rows = None
-    if curriculum.eval is not None:
-        eval_rows = read_rows(curriculum.eval, limit=curriculum.eval.max_rows)
-    trackers = Trackers()
-    if ctx.is_main:  # before the first eval: a tracker that cannot start its run fails early
-        trackers = open_trackers(
-            train_cfg.report_to,
-            Path(train_cfg.output_dir),
-            curriculum_to_dict(curriculum),
-            console=console,
-            resume_step=resumed.progress.global_step if resume else None,
-        )
-    index = RunIndex(curriculum, ctx, resumed.progress, {i: "done" for i in range(resumed.progress.phase_index)})
-    if ctx.is_main:
-        start_run_index(index, model, tokenizer, eval_rows, resumed.closed_phase, stop, say=partial(_say, console))
-    if ctx.is_main and not resume and index.extra.get("eval_untrained"):  # step 0 of the first phase's eval
-        trackers.log(
-            {"event": "eval", "global_step": 0, "phase": curriculum.phases[0].name, **index.extra["eval_untrained"]}
-        )
+    eval_rows, trackers, index = _start_records(curriculum, ctx, resume, resumed, model, tokenizer, stop, console)
     barrier(ctx)
     if stop.requested:
         return interrupted_during_start_up(console, curriculum, previous, command)
@@ -123,6 +107,41 @@ def _train(
     if resumed.rng is not None:
         restore_rng(resumed.rng)  # last, so nothing above consumes random numbers after the restore
     return run_phases(run, index, resumed, command)
+
+
+def _start_records(
+    curriculum: Curriculum,
+    ctx: DistContext,
+    resume: bool,
+    resumed: Resumed,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    stop: StopFlag,
+    console: Console,
+) -> tuple[Any, Trackers, RunIndex]:
+    """The held-out rows, the trackers (opened before the first eval: a tracker that cannot start its
+    run fails early) and run.json with the untrained model's eval, which the trackers get as step 0."""
+    train_cfg = curriculum.train
+    eval_rows = None
+    if curriculum.eval is not None:
+        eval_rows = read_rows(curriculum.eval, limit=curriculum.eval.max_rows)
+    trackers = Trackers()
+    if ctx.is_main:
+        trackers = open_trackers(
+            train_cfg.report_to,
+            Path(train_cfg.output_dir),
+            curriculum_to_dict(curriculum),
+            console=console,
+            resume_step=resumed.progress.global_step if resume else None,
+        )
+    index = RunIndex(curriculum, ctx, resumed.progress, {i: "done" for i in range(resumed.progress.phase_index)})
+    if ctx.is_main:
+        start_run_index(index, model, tokenizer, eval_rows, resumed.closed_phase, stop, say=partial(_say, console))
+    if ctx.is_main and not resume and index.extra.get("eval_untrained"):  # step 0 of the first phase's eval
+        trackers.log(
+            {"event": "eval", "global_step": 0, "phase": curriculum.phases[0].name, **index.extra["eval_untrained"]}
+        )
+    return eval_rows, trackers, index
 
 
 def _say(console: Console, line: str) -> None:

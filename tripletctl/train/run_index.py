@@ -16,7 +16,7 @@ from tripletctl.config.blocks import Curriculum, curriculum_to_dict
 from tripletctl.core.errors import TripletctlError
 from tripletctl.core.jsonio import write_json_atomic
 from tripletctl.outputs import best
-from tripletctl.outputs.checkpoint import phase_dir as phase_dir_of
+from tripletctl.outputs.checkpoint_find import phase_dir as phase_dir_of
 from tripletctl.outputs.metrics_log import MetricsLog
 from tripletctl.outputs.run_file import read_run, run_file, write_run
 from tripletctl.train.distributed import DistContext

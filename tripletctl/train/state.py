@@ -1,10 +1,12 @@
-"""The run's state and outcomes: `RunProgress` (what state.json holds), `Run` (what every phase of
-one invocation shares), `PhaseEnd` and `PhaseOutcome` (how a phase ended), mapped to exit codes once."""
+"""What the training loop holds: `RunProgress` (where the run stands; what state.json holds), `Run`
+(what every phase of one invocation shares), `OpenPhase` (one phase's working objects while
+`run_phase` runs it), `StepResult` and `Agreed` (one step's numbers, and what every rank decided on
+them). How a phase ends is phase_end.py's."""
 
 from __future__ import annotations
 
 import dataclasses
-import enum
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,42 +18,16 @@ from rich.console import Console
 
 from tripletctl.config.blocks import Curriculum, PhaseConfig
 from tripletctl.core.errors import CheckpointError
-from tripletctl.core.exit_codes import EXIT_COLLAPSE_STOP, EXIT_DONE, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_WORKER_DIED
+from tripletctl.data.stream import BatchStream
+from tripletctl.model.chunking import Chunking, ChunkPlan
+from tripletctl.outputs.metrics_log import MetricsLog
+from tripletctl.train import conditions, mining
 from tripletctl.train.distributed import DistContext
+from tripletctl.train.divergence import DivergenceDetector
 from tripletctl.train.interrupt import StopFlag
 from tripletctl.train.memory import EmbeddingMemory
 from tripletctl.train.trackers import Trackers
-
-
-class PhaseEnd(enum.Enum):
-    """Why `run_phase` returned: what happened to the phase, not how the process exits (`EXIT_CODE_OF_END`).
-    The value is the phase's status in run.json when it stopped the run."""
-
-    DONE = "done"  # every planned step done, or an `until:` condition ended it
-    PAUSED = "paused"  # the step budget of this invocation (--max-steps) is spent: resume later
-    INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
-    COLLAPSED = "stopped (collapse)"  # the collapse watchdog, on_collapse: stop
-    NONFINITE = "stopped (non-finite)"  # a non-finite loss, gradient or weight
-    DIVERGED = "stopped (diverged)"  # finite weights that jumped (train.divergence_factor)
-    WORKER_DIED = "stopped (worker died)"  # a tokenizer worker process died
-
-    def status(self, phase_finished: bool) -> str:
-        """The phase's status in run.json once `run_phase` returned."""
-        if self in (PhaseEnd.DONE, PhaseEnd.PAUSED):
-            return "done" if phase_finished else "paused"
-        return self.value
-
-
-# The one place a phase's end becomes the exit code of `train`.
-EXIT_CODE_OF_END = {
-    PhaseEnd.DONE: EXIT_DONE,
-    PhaseEnd.PAUSED: EXIT_DONE,
-    PhaseEnd.INTERRUPTED: EXIT_INTERRUPTED,
-    PhaseEnd.COLLAPSED: EXIT_COLLAPSE_STOP,
-    PhaseEnd.NONFINITE: EXIT_NONFINITE,
-    PhaseEnd.DIVERGED: EXIT_NONFINITE,
-    PhaseEnd.WORKER_DIED: EXIT_WORKER_DIED,
-}
+from tripletctl.train.watchdog import CollapseWatchdog
 
 
 @dataclass
@@ -75,6 +51,12 @@ class RunProgress:
         self.phase_index, self.step, self.mining_override, self.watchdog = index, 0, None, {}
         self.conditions = {}
         self.nonfinite_streak = 0
+
+    def count_step(self, batch_size: int) -> None:
+        """One optimiser step done."""
+        self.step += 1
+        self.global_step += 1
+        self.samples_seen += batch_size
 
     def phase_finished(self, phase: PhaseConfig) -> bool:
         """The current phase has ended: all its steps done, or an `until:` condition ended it."""
@@ -119,8 +101,56 @@ class Run:
 
 
 @dataclass
-class PhaseOutcome:
-    end: PhaseEnd
-    stream_state: dict | None
-    reason: str | None = None  # what stopped the phase, for the closing line
-    memory: EmbeddingMemory | None = None  # the cross-batch memory, for the next phase
+class OpenPhase:
+    """One phase's working objects while `run_phase` runs it."""
+
+    index: int
+    config: PhaseConfig
+    directory: Path
+    log: MetricsLog
+    stream: BatchStream
+    chunking: Chunking
+    autocast_dtype: torch.dtype | None
+    watchdog: CollapseWatchdog
+    until_state: conditions.ConditionState
+    divergence: DivergenceDetector
+    memory: EmbeddingMemory | None
+    gather: Callable | None  # all-gather with gradients under torchrun
+    no_sync: Callable | None  # DDP's no_sync under torchrun
+    last_state: dict | None  # the stream's state after the last batch consumed
+    bar: Any = None  # the progress display (progress_bar.py)
+
+    def close(self) -> None:
+        """The progress display, the stream (its tokenizer workers) and the metrics file."""
+        self.bar.stop()
+        self.stream.close()
+        self.log.close()
+
+
+@dataclass
+class StepResult:
+    """What embed -> mine -> backward gave for one batch (the gradients are in the model)."""
+
+    loss: float
+    stats: mining.MiningStats
+    plan: ChunkPlan
+    mined: list  # [(embeddings, labels)] mined over: they join the cross-batch memory if the step is used
+    grad_norm: float
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+@dataclass
+class Agreed:
+    """The per-step decision every rank shares, from one all-reduce."""
+
+    rows_seen: int
+    rows_skipped: int
+    classes_evicted: int
+    stop_now: bool  # Ctrl-C/SIGTERM reached some rank
+    collapsed: bool  # the collapse watchdog fired on some rank
+    nonfinite: bool  # a NaN/inf loss or gradient on some rank
+    diverging: bool  # a loss or gradient norm jump (divergence.py) on some rank
+    signals: dict[str, float]  # what `until:` conditions read, averaged over the ranks

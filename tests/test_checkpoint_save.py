@@ -1,4 +1,5 @@
-"""Checkpoints: exact round trip, path resolution, and survival of a save killed half-way."""
+"""Saving checkpoints (checkpoint_save.py): the exact round trip, what is refused before anything is
+written, and survival of a save killed half-way or a deletion that dies."""
 
 from __future__ import annotations
 
@@ -14,62 +15,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import CHECKPOINT_STATE, REPO, assert_same_params, fake_checkpoint, tiny_model
 
-from tripletctl.config.blocks import ModelConfig
-from tripletctl.core.errors import CheckpointError
-from tripletctl.model.encoder import build_model
-from tripletctl.outputs.checkpoint import (
-    capture_rng,
-    checkpoint_dir,
-    latest_checkpoint,
-    load_checkpoint,
-    phase_dir,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from tripletctl.outputs.checkpoint_find import checkpoint_dir, resolve_checkpoint
+from tripletctl.outputs.checkpoint_load import load_checkpoint
+from tripletctl.outputs.checkpoint_save import clean_leftovers, save_checkpoint
+from tripletctl.outputs.rng import restore_rng
 
-REPO = Path(__file__).resolve().parent.parent
-STATE = {
-    "phase_index": 0,
-    "phase": "semi-hard",
-    "step": 3,
-    "global_step": 3,
-    "counters": {"rows_seen": 96},
-    "world_size": 1,
-}
 CURRICULUM = {"model": {"name": "tiny", "head": (16,)}, "phases": [{"name": "semi-hard", "steps": 5}]}
-
-
-def tiny(tiny_bert_dir: Path, seed: int = 0, head: tuple[int, ...] = (16,)):
-    return build_model(ModelConfig(name=str(tiny_bert_dir), init="config", head=head), seed)
 
 
 def trained(tiny_bert_dir: Path):
     """A model and an AdamW that has taken one step, so the optimizer has per-param state."""
-    model, tok = tiny(tiny_bert_dir)
+    model, tok = tiny_model(tiny_bert_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     enc = tok(["abc", "de f"], padding=True, return_tensors="pt")
     model(enc["input_ids"], enc["attention_mask"]).sum().backward()
     opt.step()
     opt.zero_grad()
     return model, tok, opt
-
-
-def assert_same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
-
-
-def fake_checkpoint(directory: Path, complete: bool = True) -> Path:
-    """Enough of a checkpoint for path resolution (which only trusts COMPLETE)."""
-    directory.mkdir(parents=True)
-    (directory / "state.json").write_text("{}")
-    if complete:
-        (directory / "COMPLETE").write_text("ok\n")
-    return directory
 
 
 # ------------------------------------------------------------------------------------ round trip
@@ -81,7 +45,13 @@ def test_round_trip_restores_everything(tiny_bert_dir, tmp_path):
     assert target == tmp_path / "phase-0-semi-hard" / "checkpoint"
     stream = {"offset": 12, "buffer": [1, 2, 3]}
     path = save_checkpoint(
-        target, model=model, tokenizer=tok, optimizer=opt, state=STATE, stream_state=stream, curriculum=CURRICULUM
+        target,
+        model=model,
+        tokenizer=tok,
+        optimizer=opt,
+        state=CHECKPOINT_STATE,
+        stream_state=stream,
+        curriculum=CURRICULUM,
     )
     expected = (random.random(), np.random.rand(), torch.rand(2))  # draws right after the save
 
@@ -95,7 +65,7 @@ def test_round_trip_restores_everything(tiny_bert_dir, tmp_path):
         "COMPLETE",
     }
     on_disk = json.loads((target / "state.json").read_text())
-    assert {k: on_disk[k] for k in STATE} == STATE and on_disk["stream"] == stream
+    assert {k: on_disk[k] for k in CHECKPOINT_STATE} == CHECKPOINT_STATE and on_disk["stream"] == stream
     assert on_disk["step"] == 3  # top-level keys: tools and tests read state.json directly
 
     fresh, _, fresh_opt = trained(tiny_bert_dir)
@@ -106,7 +76,7 @@ def test_round_trip_restores_everything(tiny_bert_dir, tmp_path):
 
     loaded = load_checkpoint(tmp_path / "phase-0-semi-hard", model=fresh, optimizer=fresh_opt)
     assert loaded.path == target and loaded.model_dir == target / "model"
-    assert loaded.state == STATE and loaded.stream_state == stream
+    assert loaded.state == CHECKPOINT_STATE and loaded.stream_state == stream
     assert loaded.curriculum == {"model": {"name": "tiny", "head": [16]}, "phases": [{"name": "semi-hard", "steps": 5}]}
     assert_same_params(fresh, model)
     saved_opt, restored_opt = opt.state_dict(), fresh_opt.state_dict()
@@ -121,14 +91,14 @@ def test_round_trip_restores_everything(tiny_bert_dir, tmp_path):
 
 
 def test_non_json_stream_state_goes_to_stream_pt(tiny_bert_dir, tmp_path):
-    model, tok = tiny(tiny_bert_dir)
+    model, tok = tiny_model(tiny_bert_dir)
     stream = {"position": (3, 4), 7: torch.arange(3)}  # tuple and int key do not survive JSON
     save_checkpoint(
         tmp_path / "checkpoint",
         model=model,
         tokenizer=tok,
         optimizer=None,
-        state=STATE,
+        state=CHECKPOINT_STATE,
         stream_state=stream,
         curriculum={},
     )
@@ -139,7 +109,7 @@ def test_non_json_stream_state_goes_to_stream_pt(tiny_bert_dir, tmp_path):
 
 
 def test_reserved_state_keys_are_refused(tiny_bert_dir, tmp_path):
-    model, tok = tiny(tiny_bert_dir)
+    model, tok = tiny_model(tiny_bert_dir)
     with pytest.raises(ValueError, match="reserved"):
         save_checkpoint(
             tmp_path / "checkpoint",
@@ -163,32 +133,8 @@ def test_reserved_state_keys_are_refused(tiny_bert_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_capture_restore_rng_repeats_draws():
-    state = capture_rng()
-    first = (random.random(), np.random.rand(), torch.rand(3))
-    restore_rng(state)
-    again = (random.random(), np.random.rand(), torch.rand(3))
-    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
-
-
-def test_mismatched_model_is_a_clear_error(tiny_bert_dir, tmp_path):
-    model, tok = tiny(tiny_bert_dir, head=(16,))
-    save_checkpoint(
-        tmp_path / "checkpoint",
-        model=model,
-        tokenizer=tok,
-        optimizer=None,
-        state=STATE,
-        stream_state=None,
-        curriculum={},
-    )
-    other, _ = tiny(tiny_bert_dir, head=(8,))
-    with pytest.raises(CheckpointError, match="does not match"):
-        load_checkpoint(tmp_path / "checkpoint", model=other)
-
-
 def test_resave_replaces_and_cleans(tiny_bert_dir, tmp_path):
-    model, tok = tiny(tiny_bert_dir)
+    model, tok = tiny_model(tiny_bert_dir)
     target = tmp_path / "checkpoint"
     stale = fake_checkpoint(tmp_path / "checkpoint.tmp-999999", complete=False)
     for step in (1, 2):
@@ -206,69 +152,6 @@ def test_resave_replaces_and_cleans(tiny_bert_dir, tmp_path):
     assert load_checkpoint(target).state == {"global_step": 2}
 
 
-# ------------------------------------------------------------------------------------ resolution
-
-
-def test_resolve_checkpoint_phase_and_run_dirs(tmp_path):
-    run = tmp_path / "run"
-    (run).mkdir()
-    (run / "run.json").write_text("{}")
-    p0 = fake_checkpoint(phase_dir(run, 0, "random") / "checkpoint")
-    p2 = fake_checkpoint(phase_dir(run, 2, "semi-hard") / "checkpoint")
-    fake_checkpoint(phase_dir(run, 10, "batch-hard") / "checkpoint", complete=False)  # interrupted
-
-    assert resolve_checkpoint(p0) == p0
-    assert resolve_checkpoint(p0.parent) == p0
-    assert resolve_checkpoint(run) == p2  # numeric order; phase 10 has nothing complete
-    assert latest_checkpoint(run) == p2
-    assert latest_checkpoint(tmp_path / "nowhere") is None
-    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
-        resolve_checkpoint(run / "phase-10-batch-hard" / "checkpoint")
-    with pytest.raises(CheckpointError, match="phase directory .* no complete checkpoint"):
-        resolve_checkpoint(run / "phase-10-batch-hard")
-
-
-def test_resolve_run_dir_without_run_json(tmp_path):
-    p1 = fake_checkpoint(tmp_path / "phase-1-hard" / "checkpoint")
-    assert resolve_checkpoint(tmp_path) == p1
-
-
-def test_resolve_prefers_prev_when_checkpoint_incomplete(tmp_path):
-    prev = fake_checkpoint(tmp_path / "checkpoint.prev")
-    assert resolve_checkpoint(tmp_path / "checkpoint") == prev  # checkpoint missing entirely
-    assert resolve_checkpoint(tmp_path) == prev
-    fake_checkpoint(tmp_path / "checkpoint", complete=False)
-    assert resolve_checkpoint(tmp_path / "checkpoint") == prev
-
-
-def test_resolve_junk_is_a_clear_error(tmp_path):
-    (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(CheckpointError, match="not a checkpoint .* phase directory .* run directory"):
-        resolve_checkpoint(tmp_path)
-    with pytest.raises(CheckpointError, match="does not exist"):
-        resolve_checkpoint(tmp_path / "missing")
-    with pytest.raises(CheckpointError, match="not a directory"):
-        resolve_checkpoint(tmp_path / "notes.txt")
-    empty_run = tmp_path / "run"
-    (empty_run / "phase-0-x").mkdir(parents=True)
-    with pytest.raises(CheckpointError, match="no complete checkpoint"):
-        resolve_checkpoint(empty_run)
-
-
-def test_only_prev_after_crash_between_renames(tiny_bert_dir, tmp_path):
-    """Simulated: `checkpoint` → `checkpoint.prev` happened, tmp → `checkpoint` did not."""
-    model, tok = tiny(tiny_bert_dir)
-    target = tmp_path / "phase-0-x" / "checkpoint"
-    save_checkpoint(
-        target, model=model, tokenizer=tok, optimizer=None, state={"global_step": 1}, stream_state=None, curriculum={}
-    )
-    os.replace(target, target.with_name("checkpoint.prev"))
-    fresh, _ = tiny(tiny_bert_dir, seed=1)
-    loaded = load_checkpoint(tmp_path, model=fresh)
-    assert loaded.path.name == "checkpoint.prev" and loaded.state == {"global_step": 1}
-    assert_same_params(fresh, model)
-
-
 # ----------------------------------------------------------------------------- killed mid-save
 
 KILL_SCRIPT = r"""
@@ -276,7 +159,7 @@ import os, sys, time
 from pathlib import Path
 from types import SimpleNamespace
 import torch
-import tripletctl.outputs.checkpoint as ck
+import tripletctl.outputs.checkpoint_save as ck
 from tripletctl.model.encoder import build_model
 
 target, tiny_bert, stage = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -354,8 +237,8 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tiny_bert_dir, tmp_path, 
         assert leftovers == ["checkpoint.prev", tmp_name]
         expected_path = target.with_name("checkpoint.prev")
 
-    first, tok = tiny(tiny_bert_dir, seed=0)  # what the first save held: the seed-0 weights
-    restored, _ = tiny(tiny_bert_dir, seed=3)
+    first, tok = tiny_model(tiny_bert_dir, seed=0)  # what the first save held: the seed-0 weights
+    restored, _ = tiny_model(tiny_bert_dir, seed=3)
     for path in (tmp_path / "run", target.parent, target):
         assert resolve_checkpoint(path) == expected_path
     loaded = load_checkpoint(tmp_path / "run", model=restored)
@@ -377,9 +260,9 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tiny_bert_dir, tmp_path, 
 def test_a_directory_is_renamed_before_it_is_deleted(tiny_bert_dir, tmp_path, monkeypatch):
     """A removal that dies half-way (here: rmtree raising after deleting COMPLETE's siblings) leaves
     a trash directory, never a half-deleted `checkpoint.prev` that still holds COMPLETE."""
-    import tripletctl.outputs.checkpoint as ck
+    import tripletctl.outputs.checkpoint_save as ck
 
-    model, tok = tiny(tiny_bert_dir)
+    model, tok = tiny_model(tiny_bert_dir)
     target = tmp_path / "phase-0-x" / "checkpoint"
 
     def save(step: int) -> None:
@@ -419,9 +302,8 @@ def test_a_directory_is_renamed_before_it_is_deleted(tiny_bert_dir, tmp_path, mo
 
 
 def test_clean_leftovers_removes_what_killed_saves_left(tiny_bert_dir, tmp_path):
-    from tripletctl.outputs.checkpoint import clean_leftovers
 
-    model, tok = tiny(tiny_bert_dir)
+    model, tok = tiny_model(tiny_bert_dir)
     target = tmp_path / "phase-0-x" / "checkpoint"
     save_checkpoint(
         target, model=model, tokenizer=tok, optimizer=None, state={"global_step": 4}, stream_state=None, curriculum={}
@@ -439,52 +321,18 @@ def test_clean_leftovers_removes_what_killed_saves_left(tiny_bert_dir, tmp_path)
     assert resolve_checkpoint(target.parent) == target.with_name("checkpoint.prev")
 
 
-def test_stream_file_must_stay_inside_the_checkpoint(tiny_bert_dir, tmp_path):
-    model, tok = tiny(tiny_bert_dir)
-    target = tmp_path / "checkpoint"
-    save_checkpoint(
-        target,
-        model=model,
-        tokenizer=tok,
-        optimizer=None,
-        state=STATE,
-        stream_state={"position": (1, 2)},
-        curriculum={},
-    )
-    record = json.loads((target / "state.json").read_text())
-    assert record["stream_file"] == "stream.pt"
-    torch.save({"position": (1, 2)}, tmp_path / "outside.pt")
-    for name in (str(tmp_path / "outside.pt"), "../outside.pt", "sub/stream.pt", "", 7):
-        (target / "state.json").write_text(json.dumps({**record, "stream_file": name}))
-        with pytest.raises(
-            CheckpointError, match="stream_file must (name a file inside the checkpoint|be a file name)"
-        ):
-            load_checkpoint(target)
-
-
 def test_a_stream_state_that_needs_code_to_load_is_not_written(tiny_bert_dir, tmp_path):
     import fractions
 
-    model, tok = tiny(tiny_bert_dir)
+    model, tok = tiny_model(tiny_bert_dir)
     with pytest.raises(TypeError, match="cannot load without running code"):
         save_checkpoint(
             tmp_path / "checkpoint",
             model=model,
             tokenizer=tok,
             optimizer=None,
-            state=STATE,
+            state=CHECKPOINT_STATE,
             stream_state={"x": fractions.Fraction(1, 3)},
             curriculum={},
         )
     assert not (tmp_path / "checkpoint").exists()
-
-
-def test_an_alias_bomb_in_the_checkpoint_curriculum_is_refused(tiny_bert_dir, tmp_path):
-    model, tok = tiny(tiny_bert_dir)
-    target = tmp_path / "checkpoint"
-    save_checkpoint(target, model=model, tokenizer=tok, optimizer=None, state=STATE, stream_state=None, curriculum={})
-    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
-    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
-    (target / "curriculum.yaml").write_text("\n".join(lines) + "\nphases: *a8\n")
-    with pytest.raises(CheckpointError, match="curriculum.yaml is damaged: .*expands"):
-        load_checkpoint(target)
