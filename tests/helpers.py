@@ -302,7 +302,8 @@ class ListRows:
 
     @property
     def epoch(self) -> int:
-        return self.position // len(self.rows)
+        """The pass of the last row read (as stream.py's reader counts: a pass starts with its first row)."""
+        return max(self.position - 1, 0) // len(self.rows)
 
     def next_row(self) -> list:
         row = list(self.rows[self.position % len(self.rows)])

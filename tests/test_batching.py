@@ -131,6 +131,19 @@ def test_a_corpus_that_can_never_fill_two_classes_is_an_error_not_a_hang(labels)
     assert source.epoch >= STALL_EPOCHS
 
 
+@pytest.mark.parametrize("buffer", [1, 64, 2000])
+def test_classes_that_fill_but_can_never_make_a_batch_are_an_error_not_a_hang(buffer):
+    """3 classes x 40 distinct rows, batch 64, samples_per_class 4: 16 classes are needed, and reusing
+    the 3 needs 128 rows; they hold 120. It used to wait for ever (3 classes were ready)."""
+    source = ListRows(labelled(3, 40))
+    batcher = ClassBatcher(Shuffler(source, buffer, seed=0), 64, 4, 100_000)
+    with pytest.raises(
+        DataError, match=r"batches of 64 rows: .* only 3 classes .* they hold 120 .*lower the phase's batch_size"
+    ):
+        batcher.next_batch()
+    assert source.position < 120 * (STALL_EPOCHS + 2 + buffer // 120 + 1)  # a few passes, not for ever
+
+
 def test_impossible_settings_are_refused():
     shuffler = Shuffler(ListRows(labelled(4, 4)), 4, seed=0)
     with pytest.raises(DataError, match="cannot hold two classes"):
@@ -214,3 +227,27 @@ def test_group_labels_differ_across_ranks_and_after_resume():
 def test_a_batch_smaller_than_a_group_is_refused():
     with pytest.raises(DataError, match="a triplets batch needs at least 4 rows per rank"):
         GroupBatcher(Shuffler(ListRows(triplet_rows(3)), 1, seed=0), 3, "triplets", 4, rank=0, groups=0)
+
+
+@pytest.mark.parametrize("size", [1, 7, 60, 61, 300])  # smaller than, as large as, larger than the 60 rows
+def test_each_pass_of_the_shuffler_is_every_row_once_also_across_a_resume(size):
+    """The reference: a pass is a permutation of the corpus. Three passes, resumed from a JSON state
+    in the middle of the second; the reader's look-ahead never leaks rows of one pass into another."""
+    rows = labelled(6, 10)
+    source = ListRows(rows)
+    shuffler = Shuffler(source, size, seed=3)
+    out, epochs = [], []
+    for _ in range(100):
+        out.append(shuffler.next_row())
+        epochs.append(shuffler.epoch)
+    state = json.loads(json.dumps(shuffler.state()))
+    resumed = Shuffler(ListRows(rows, source.position), size, seed=99, state=state)
+    for _ in range(80):
+        out.append(resumed.next_row())
+        epochs.append(resumed.epoch)
+    reference = sorted(map(tuple, rows))
+    for k in range(3):
+        assert sorted(map(tuple, out[60 * k : 60 * (k + 1)])) == reference
+        assert epochs[60 * k : 60 * (k + 1)] == [k] * 60
+    if size > 1:
+        assert out[:60] != out[60:120]

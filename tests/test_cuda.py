@@ -21,7 +21,8 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModel, BertConfig
 
 from tripletctl.model.chunking import Chunking, embed_and_backward, plan_chunks, resolve_chunking
-from tripletctl.model.encoder import CompiledOrEager, TripletEncoder
+from tripletctl.model.compiled import CompiledOrEager
+from tripletctl.model.encoder import TripletEncoder
 from tripletctl.train import mining
 
 pytestmark = pytest.mark.cuda

@@ -522,3 +522,31 @@ if __name__ == "__main__":
         _worker(Path(sys.argv[2]))
     else:
         sys.exit("usage: test_distributed.py --worker OUT_DIR (run by the tests, one process per rank)")
+
+
+@pytest.mark.slow
+def test_a_lost_peer_is_one_line_on_the_surviving_rank_with_the_torchrun_resume_command(tmp_path):
+    """Rank 1 is SIGKILLed after its second step (TRIPLETCTL_FAULT=step:2 on rank 1 only): rank 0's
+    next collective fails; it says so in one line (no gloo traceback), exit 5 (EXIT_WORKER_DIED), and
+    the hint repeats the launcher; the checkpoint is kept and a resume finishes the run. (torchrun's
+    own ChildFailedError report follows: the launcher's, not tripletctl's.)"""
+    out = tmp_path / "run"
+    overrides = [f"train.output_dir={out}", "phases.0.steps=6", "train.checkpoint_every=1", "eval.max_rows=200"]
+    overrides += ["phases.1.steps=1", "phases.2.steps=1"]
+    env = {**_env(), "TRIPLETCTL_FAULT": "step:2", "TRIPLETCTL_FAULT_RANK": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1"]
+    cmd += [f"--master_port={free_port()}", "-m", "tripletctl", "train", str(QUICKSTART), *overrides]
+    done = subprocess.run(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+    )
+    ours = [line for line in done.stdout.splitlines() if line.startswith("error: rank 0:")]
+    assert len(ours) == 1, done.stdout[-4000:]
+    assert "lost a peer rank" in ours[0] and "torchrun --nproc-per-node=2 -m tripletctl train" in ours[0], ours[0]
+    assert ours[0].endswith("--resume`")
+    assert (
+        "[rank0]" not in done.stdout and "Traceback" not in done.stdout.split("ChildFailedError")[0].split(ours[0])[0]
+    )
+    assert "exitcode  : 5" in done.stdout, done.stdout[-3000:]
+    assert (out / "phase-0-semi-hard" / "checkpoint" / "COMPLETE").is_file()
+    resumed = torchrun_train(QUICKSTART, *overrides, resume=True)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]

@@ -10,10 +10,9 @@ import torch
 from transformers import AutoModel
 
 from tripletctl.config.blocks import ModelConfig
+from tripletctl.model.compiled import CompiledOrEager, compile_wanted
 from tripletctl.model.encoder import (
-    CompiledOrEager,
     build_model,
-    compile_wanted,
     encode,
     load_model,
     save_model,

@@ -179,3 +179,76 @@ def test_every_file_of_the_model_folder_has_the_same_mode(run_dir, tmp_path):
         modes = {p.relative_to(folder).as_posix(): p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()}
         assert modes["model.safetensors"] == modes["config.json"], modes
         assert len(set(modes.values())) == 1, modes
+
+
+def test_a_symlink_out_of_the_model_folder_or_checkpoint_is_refused_never_copied(run_dir, tmp_path):
+    checkpoint = run_dir / "phase-0-only" / "checkpoint"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    (checkpoint / "model" / "NOTES.txt").symlink_to(secret)
+    for source in (run_dir, checkpoint / "model"):  # a run (its checkpoint) and the model folder itself
+        line = one_error_line(export(str(source), str(tmp_path / "out")))
+        assert f"NOTES.txt is a symlink to {secret}, outside the model folder" in line
+        assert not (tmp_path / "out").exists()
+    (checkpoint / "model" / "NOTES.txt").unlink()
+    (checkpoint / "curriculum.yaml").unlink()
+    (checkpoint / "curriculum.yaml").symlink_to(secret)
+    line = one_error_line(export(str(run_dir), str(tmp_path / "out")))
+    assert "outside the checkpoint" in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_exports_to_one_out_dir_at_once_one_succeeds(run_dir, tmp_path):
+    """Two real processes race for one OUT_DIR: the first is stopped (SIGSTOP at its fault point)
+    just before its rename, the second exports meanwhile; the first, continued, is refused in one line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import wait_for
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "tripletctl", "export", str(run_dir), str(out)]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(command, env={**env, "TRIPLETCTL_FAULT": "export-swap:1:STOP"}, **pipes)
+    stat = Path(f"/proc/{first.pid}/stat")
+    wait_for(lambda: stat.read_text().split(") ")[1].startswith("T"), 300, "the first export to stop")
+    second = subprocess.run(command, env=env, timeout=300, **pipes)
+    assert second.returncode == 0, second.stderr
+    os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1 and "was filled while this export was writing" in err, err
+    assert not list(tmp_path.glob(".out.tmp-*"))
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(run_dir, tmp_path, monkeypatch):
+    """A 256 KiB tmpfs where one can be mounted (root): copytree's list of failures used to be ~5 KB of
+    tuples; else the disk 'fills' at the rename (TRIPLETCTL_FAULT=export-swap:1:ENOSPC)."""
+    import os
+    import subprocess
+
+    import tripletctl.core.faults as faults
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = (
+        os.geteuid() == 0
+        and not subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+    )
+    if not mounted:
+        for name, value in (("_POINT", "export-swap"), ("_AT", "1"), ("_SIGNAL", "ENOSPC"), ("_reached", {})):
+            monkeypatch.setattr(faults, name, value)
+    try:
+        line = one_error_line(export(str(run_dir), str(disk / "out")))
+        assert "cannot write" in line and "No space left on device" in line and len(line) < 400, line
+        assert list(disk.iterdir()) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)])

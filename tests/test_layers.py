@@ -15,7 +15,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tripletctl"
 LAYERS = ("core", "config", "data", "model", "outputs", "evaluation", "train", "commands")  # lowest first
-TOP = ("cli", "cli_models", "cli_options", "api", "__main__", "__init__")  # tripletctl/*.py: above every layer
+TOP = (
+    "cli",
+    "cli_models",
+    "cli_options",
+    "cli_faults",
+    "api",
+    "__main__",
+    "__init__",
+)  # tripletctl/*.py: above every layer
 HEAVY = ("torch", "transformers", "datasets", "safetensors", "numpy", "matplotlib")  # config imports none
 
 

@@ -148,3 +148,12 @@ def test_own_runs_are_recognised_with_or_without_the_marker(tmp_path):
     (run / LOCK_FILE).unlink()
     assert cli("train", path, "--resume", "--max-steps", "1").exit_code == 0
     assert load_checkpoint(run / PHASE).state["step"] == 2
+
+
+def test_a_dangling_symlink_as_output_dir_is_named_as_such(tmp_path):
+    path = one_phase(write_curriculum(tmp_path))
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "gone")
+    line = error_line(cli("train", path, f"train.output_dir={link}"))
+    assert f"train.output_dir {link} is a dangling symlink (to {tmp_path / 'gone'}" in line, line
+    assert link.is_symlink() and not (tmp_path / "gone").exists()

@@ -197,3 +197,59 @@ def test_a_run_without_infonce_keeps_one_loss_axis(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
     plots.plot_run(write_run(tmp_path / "run"))
     assert len(figures[0].axes) == 4 and figures[0].axes[0].get_ylabel() == "loss"
+
+
+def _inject(monkeypatch, point: str, what: str) -> None:
+    """TRIPLETCTL_FAULT=POINT:1:WHAT, as if it had been set when the process started."""
+    import tripletctl.core.faults as faults
+
+    monkeypatch.setattr(faults, "_POINT", point)
+    monkeypatch.setattr(faults, "_AT", "1")
+    monkeypatch.setattr(faults, "_SIGNAL", what)
+    monkeypatch.setattr(faults, "_reached", {})
+
+
+@pytest.mark.parametrize("which", ["plot", "collapse"])
+def test_a_full_disk_while_a_picture_is_written_is_one_line_and_leaves_no_file(tmp_path, monkeypatch, which):
+    """The disk fills after the picture's bytes went out (fault point plot-write): one OutputError
+    line naming the picture, and neither it nor its temporary is left (they were 0-byte PNGs)."""
+    from tripletctl.core.errors import OutputError
+    from tripletctl.evaluation.collapse import collapse_report
+
+    _inject(monkeypatch, "plot-write", "ENOSPC")
+    out = tmp_path / "out" / "x.png"
+    with pytest.raises(OutputError, match=r"cannot write .*x.png: No space left on device"):
+        if which == "plot":
+            plot_run(write_run(tmp_path / "run"), out)
+        else:
+            emb = torch.nn.functional.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+            plot_collapse(collapse_report(emb, torch.arange(4).repeat_interleave(10)), out)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_plot_to_a_real_full_disk_is_one_line_and_leaves_no_file(tmp_path):
+    """A 64 KiB tmpfs (root only): the real ENOSPC, through the real CLI."""
+    import os
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("no tmpfs can be mounted here (the injected ENOSPC above covers the code)")
+    try:
+        run = write_run(tmp_path / "run")
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        done = subprocess.run(
+            [sys.executable, "-m", "tripletctl", "plot", str(run), "--out", str(disk / "run.png")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert "No space left on device" in lines[0] and list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])

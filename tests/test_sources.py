@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import NEGATIVES, text_source, triplet_file_rows
 
@@ -162,3 +164,38 @@ def test_an_empty_file_says_why(tmp_path, suffix):
         reason = message.rsplit("): ", 1)[-1] if "): " in message else message.rsplit(": ", 1)[-1]
         assert reason.strip() and str(path) in message
         assert "empty" in message or "No columns" in message
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "txt"])
+def test_invalid_utf8_names_the_real_byte_offset_and_line(tmp_path, fmt, capfd):
+    """The libraries say "position 0" of an internal block; the error names the file's own offset,
+    and CSV's raw `datasets` log line is not printed before it."""
+    rows = [(f"row {i} some words here", f"c{i % 4}") for i in range(200)]
+    if fmt == "jsonl":
+        text = "".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows)
+    elif fmt == "csv":
+        text = "text,label\n" + "".join(f"{t},{label}\n" for t, label in rows)
+    else:
+        text = "".join(f"{t}\n" for t, _ in rows)
+    data = text.encode()
+    offset = data.index(b"row 10 ")
+    path = tmp_path / f"bad.{fmt}"
+    path.write_bytes(data[:offset] + b"\xff" + data[offset:])
+    line = data.count(b"\n", 0, offset) + 1
+    source = {"a": str(path), "b": str(path)} if fmt == "txt" else str(path)
+    with pytest.raises(DataError) as caught:
+        read_rows(SourceConfig(source=source))
+    assert f"is not UTF-8: byte 0xff at byte offset {offset} (line {line})" in str(caught.value)
+    assert "Failed to read file" not in capfd.readouterr().err
+
+
+def test_the_first_bad_byte_is_found_across_read_blocks(tmp_path):
+    from tripletctl.data.sources import _first_bad_utf8
+
+    path = tmp_path / "big.txt"
+    good = ("é" * 10 + "\n").encode()  # 2-byte characters: some straddle the 1 MiB block boundary
+    body = good * ((1 << 20) // len(good) + 7)
+    path.write_bytes(body + b"\x80rest\n")
+    assert _first_bad_utf8(str(path)) == (len(body), body.count(b"\n") + 1, 0x80)
+    path.write_bytes(body)
+    assert _first_bad_utf8(str(path)) is None

@@ -390,3 +390,54 @@ def test_a_tokenizer_that_cannot_load_is_one_line_naming_it(assets_dir, tmp_path
     message = str(caught.value)
     assert "\n" not in message and f"cannot load the tokenizer '{missing}'" in message
     assert caught.value.exit_code == 2
+
+
+# ------------------------------------------------------------------------------ what an epoch is
+
+
+def _groups(batches) -> list[str]:
+    """The pairs (by anchor text) of grouped batches, in the order they were emitted."""
+    return [batch.texts[i] for batch in batches for i in range(0, len(batch.texts), 2)]
+
+
+@pytest.mark.parametrize("buffer", [1, 8, 39, 40, 64, 2000])  # smaller than, as large as, larger than the 40 rows
+@pytest.mark.parametrize("resume_after", [None, 3, 8])
+def test_an_epoch_emits_every_row_once_whatever_the_shuffle_buffer(assets_dir, tiny_bert_dir, buffer, resume_after):
+    """40 pairs, 5 a batch: batches 0-7 are the first pass, 8-15 the second. Each pass holds every
+    row exactly once (a buffer larger than the corpus used to repeat rows), batches say their pass
+    and rows_seen counts the rows passed on (40 at the end of a pass), also across a resume."""
+    data = cfg(assets_dir, "pairs.jsonl", layout="pairs", shuffle_buffer=buffer)
+    if resume_after is None:
+        batches = take(data, tiny_bert_dir, 10, 16)
+    else:
+        first = take(data, tiny_bert_dir, 10, resume_after)
+        state = json.loads(json.dumps(first[-1].state))
+        batches = first + take(data, tiny_bert_dir, 10, 16 - resume_after, state=state)
+    rows = [json.loads(line)["anchor"] for line in (assets_dir / "pairs.jsonl").read_text().splitlines()]
+    emitted = _groups(batches)
+    assert Counter(emitted[:40]) == Counter(rows) and Counter(emitted[40:]) == Counter(rows)
+    if buffer > 1:
+        assert emitted[:40] != emitted[40:]  # shuffled again in the second pass
+    assert [b.epoch for b in batches] == [0] * 8 + [1] * 8
+    assert [b.rows_seen for b in batches] == [5 * (i + 1) for i in range(16)]
+
+
+@pytest.mark.parametrize("buffer", [1, 64, 2000])
+def test_labelled_batches_see_every_row_once_per_pass_up_to_the_class_buffers(tmp_path, tiny_bert_dir, buffer):
+    """384 rows of 12 classes, batch 64 (6 batches a pass): after k passes' worth of batches every row
+    was emitted k times, give or take the rows a class buffer carries across a pass's end (a row read
+    again while its first copy still waits in its class is dropped, so a positive is never a copy of
+    its anchor: the lag can reach 2 after 4 passes); the
+    default 2000-row buffer (larger than the corpus) gave 286 distinct rows in the first 384 (a row 3x)."""
+    path = tmp_path / "rows.jsonl"
+    rows = [f"c{c} row {r}" for c in range(12) for r in range(32)]
+    path.write_text("".join(json.dumps({"text": text, "label": text.split()[0]}) + "\n" for text in rows))
+    data = DataConfig(source=str(path), tokenizer_workers=0, max_length=16, shuffle_buffer=buffer)
+    batches = take(data, tiny_bert_dir, 64, 24)
+    emitted = [text for batch in batches for text in batch.texts]
+    for passes in (1, 2, 4):
+        counts = Counter(emitted[: 384 * passes])
+        assert set(counts) <= set(rows) and len(counts) >= 384 - 64 if passes == 1 else len(counts) == 384
+        slack = 1 if passes < 4 else 2
+        assert all(abs(counts[text] - passes) <= slack for text in rows), Counter(counts.values())
+    assert [b.epoch for b in batches[:4]] == [0] * 4 and batches[-1].epoch in (3, 4)

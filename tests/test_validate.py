@@ -214,3 +214,24 @@ def test_keep_best_names_are_the_scores_evaluation_reports():
     metrics = retrieval_metrics(torch.randn(12, 4), torch.arange(12) % 3)
     scores = {k for k, v in metrics.items() if isinstance(v, float)}
     assert set(EVAL_METRICS) == scores
+
+
+def test_a_tilde_is_expanded_in_every_path_key_the_same_way(tmp_path, monkeypatch):
+    """train.output_dir (relative to the current directory) too: it used to make a literal ./~/runs/x,
+    while data.source expanded it; validate --json shows the resolved paths."""
+    home = tmp_path / "home"
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "t.jsonl").write_text("")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    overrides = ["train.output_dir=~/runs/x", "model.name=~/models/m", "data.source=~/data/t.jsonl"]
+    plan = load_curriculum(QUICKSTART, overrides)
+    assert plan.train.output_dir == str(home / "runs" / "x")
+    assert plan.model.name == str(home / "models" / "m") and plan.data.source == str(home / "data" / "t.jsonl")
+    shown = CliRunner().invoke(app, ["validate", str(QUICKSTART), *overrides[:2], "--json"])
+    assert f'"output_dir": "{home / "runs" / "x"}"' in shown.output, shown.output
+
+
+def test_a_path_component_over_255_bytes_is_a_problem():
+    problem = only(problems_of(QUICKSTART, ["train.output_dir=runs/" + "x" * 300]), "train.output_dir")
+    assert "at most 255 bytes (one has 300)" in problem

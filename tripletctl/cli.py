@@ -304,9 +304,12 @@ app.command()(cli_models.export)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point; the machine's faults that escape a command are one line there
+    (cli_faults.py), anything else keeps its traceback."""
+    from tripletctl.cli_faults import run_guarded
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    run_guarded(app, err_console)
 
 
 if __name__ == "__main__":

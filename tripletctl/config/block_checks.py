@@ -23,6 +23,13 @@ from tripletctl.config.problems import Override, Problems, origin_of, show_value
 from tripletctl.core.errors import ConfigError
 
 
+def _expand_home(value: Any) -> Any:
+    """`~/x` and `~user/x` as the shell would expand them, in a path or in each path of a mapping."""
+    if isinstance(value, dict):
+        return {label: _expand_home(glob) for label, glob in value.items()}
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
 def _resolve_path(value: Any, base_dir: str) -> Any:
     """`./x` and `../x` are local paths relative to `base_dir`; anything else (a hub name such as
     `bert-base-uncased` or `org/name`, an absolute path) is left as written."""
@@ -85,6 +92,9 @@ def check_block(
         origins=origins,
         problems=problems,
     )
+    for key in schema.home_paths(BLOCKS[block]):
+        if key in values:
+            values[key] = _expand_home(values[key])
     for key in schema.paths(BLOCKS[block]):
         if key in values:
             base_dir = os.getcwd() if origin_of(origins, (block, key)) else file_dir

@@ -293,7 +293,12 @@ class TrainConfig:
     seed: int = schema.key(
         0, check=schema.integer(0, 2**32 - 1), help="seeds initialisation, shuffling and random mining"
     )
-    output_dir: str = schema.key("runs/tripletctl", check=schema.text(), help="relative to the current directory")
+    output_dir: str = schema.key(
+        "runs/tripletctl",
+        check=schema.local_path(),
+        local_path=True,
+        help="relative to the current directory; ~ expanded",
+    )
     checkpoint_every: int = schema.key(
         0, check=schema.integer(0), help="steps; 0 = only at the end of each phase (and on Ctrl-C/SIGTERM)"
     )

@@ -9,13 +9,15 @@ model/sbert.py reads the same files to build the model; this module only describ
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tripletctl.config.blocks import ModelConfig
+from tripletctl.core.errors import TripletctlError
+from tripletctl.core.folders import MAX_MODEL_FILE_BYTES
+from tripletctl.core.jsonio import read_json
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -41,19 +43,19 @@ class FolderFacts:
 
 
 def _json(path: Path) -> dict:
+    """A JSON object of the folder, bounded (a FIFO or an oversized file reads as nothing here: the
+    loader refuses it in one line, core/folders.py)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (OSError, ValueError):
+        value = read_json(path, MAX_MODEL_FILE_BYTES)
+    except (OSError, ValueError, TripletctlError):
         return {}
     return value if isinstance(value, dict) else {}
 
 
 def _modules(folder: Path) -> list[dict]:
     try:
-        with open(folder / "modules.json", encoding="utf-8") as handle:
-            modules = json.load(handle)
-    except (OSError, ValueError):
+        modules = read_json(folder / "modules.json", MAX_MODEL_FILE_BYTES)
+    except (OSError, ValueError, TripletctlError):
         return []
     return [m for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
 

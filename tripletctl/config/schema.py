@@ -64,6 +64,33 @@ def paths(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("path"))
 
 
+def home_paths(cls: type) -> tuple[str, ...]:
+    """Keys whose values may be local paths: `~` and `~user` are expanded in every one of them, the
+    same way (`path` keys, and `local_path` keys such as train.output_dir, relative to the current
+    directory)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("path") or f.metadata.get("local_path"))
+
+
+MAX_NAME_BYTES = 255  # one path component, on every common file system
+
+
+def local_path() -> Check:
+    """A non-empty string whose every component fits a file system (at most 255 bytes): a longer
+    one is refused before the run starts, not as `File name too long` half-way."""
+    as_text = text()
+
+    def check(value: Any, raw: str | None) -> str | None:
+        value = as_text(value, raw)
+        longest = max((part for part in value.split("/")), key=lambda part: len(part.encode()), default="")
+        if len(longest.encode()) > MAX_NAME_BYTES:
+            raise Invalid(
+                f"a path whose components have at most {MAX_NAME_BYTES} bytes (one has {len(longest.encode())})"
+            )
+        return value
+
+    return check
+
+
 def defaults(cls: type) -> dict[str, Any]:
     values = {}
     for f in dataclasses.fields(cls):

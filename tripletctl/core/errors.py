@@ -124,3 +124,74 @@ class ModelError(TripletctlError):
 
 class NonFiniteError(TripletctlError):
     """Embeddings (or weights) that hold NaN or infinity: nothing meaningful can be measured on them."""
+
+
+# ------------------------------------------------------------------ faults of the process's environment
+
+_TOO_MANY_FILES = (errno_codes.EMFILE, errno_codes.ENFILE)
+_WRITE_ERRNOS = (errno_codes.ENOSPC, errno_codes.EDQUOT, errno_codes.EROFS, errno_codes.EFBIG)
+_OOM_TEXT = re.compile(
+    r"out of memory|can't allocate memory|CUBLAS_STATUS_ALLOC_FAILED|MPS backend out of memory", re.I
+)
+_NO_ADDRESS_SPACE = re.compile(r"failed to map segment from shared object|cannot allocate memory", re.I)
+OOM_HINT = (
+    "lower the batch size (train: the phase's batch_size, or train.chunk_size, which bounds what one forward "
+    "pass holds; eval/compare: --batch-size; inspect-collapse: --max-rows) or free memory"
+)
+
+
+def _open_files_limit() -> str:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return ""
+    return f" (the limit is {soft}; the hard limit {'unlimited' if hard < 0 else hard})"
+
+
+def environment_fault(error: BaseException) -> TripletctlError | None:
+    """A `TripletctlError` line for an exception that is the machine's, not a bug: out of memory (host
+    or device), too many open files, a file name too long, a disk full or read-only; else None (a bug:
+    its traceback is the report). The CLI's one boundary (cli.main) asks this of whatever escapes a
+    command, so every writer and reader gets the same words without a try block of its own."""
+    for cause in causes(error):
+        if isinstance(cause, TripletctlError):
+            return cause
+        if isinstance(cause, MemoryError) or type(cause).__name__ == "OutOfMemoryError":
+            where = "the device" if type(cause).__name__ == "OutOfMemoryError" else "the host"
+            return TripletctlError(f"out of memory on {where} ({one_line(cause, 120)}): {OOM_HINT}")
+        if isinstance(cause, RuntimeError) and _OOM_TEXT.search(str(cause)):
+            return TripletctlError(f"out of memory ({one_line(cause, 120)}): {OOM_HINT}")
+        if isinstance(cause, (ImportError, OSError)) and _NO_ADDRESS_SPACE.search(str(cause)):
+            return TripletctlError(
+                f"out of memory while loading a library ({one_line(cause, 160)}): the process may not map "
+                "enough memory; raise `ulimit -v` (several GB) or free memory"
+            )
+        if not isinstance(cause, OSError) or cause.errno is None:
+            continue
+        name = cause.filename or ""
+        if cause.errno in _TOO_MANY_FILES:
+            return TripletctlError(
+                f"too many open files{_open_files_limit()}: raise the limit, e.g. `ulimit -n 4096`, or set "
+                "data.tokenizer_workers lower (each worker holds pipes)"
+            )
+        if cause.errno == errno_codes.ENAMETOOLONG:
+            return TripletctlError(
+                f"a file name is too long: {one_line(str(name), 120)} (a path component may have at most 255 bytes): "
+                "choose a shorter path"
+            )
+        if cause.errno in _WRITE_ERRNOS:
+            return OutputError(f"cannot write {name or 'the output'}: {os.strerror(cause.errno)}")
+        if cause.errno in _ENVIRONMENT_ERRNOS:  # permission, I/O error: a read or a write
+            return OutputError(f"cannot use {name or 'a file'}: {os.strerror(cause.errno)}")
+    return None
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error` and its causes and contexts (a library often wraps the OSError), each once."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__

@@ -15,13 +15,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 TRAIN_EXIT_CODES = {
     EXIT_DONE: "done, or paused by `--max-steps` (continue with `--resume`)",
     EXIT_CRASH: "an unexpected crash only (a bug: please report it)",
-    EXIT_BAD_INPUT: "bad input, a damaged file or an environment fault (disk full, read-only directory, missing "
-    "model, a tracker named but not installed, an output directory another run holds or another tool's files "
-    "fill): one line saying what and where",
+    EXIT_BAD_INPUT: "bad input, a damaged file or an environment fault (disk full, read-only directory, out of "
+    "memory, too many open files, missing model, a tracker named but not installed, an output directory another "
+    "run holds or another tool's files fill): one line saying what and where, and what to change",
     EXIT_COLLAPSE_STOP: "stopped by the collapse watchdog (`on_collapse: stop`), after a checkpoint",
     EXIT_NONFINITE: "stopped on a non-finite, diverging or exploding loss, gradient or weights "
     "(`train.on_nonfinite`, `train.divergence_factor`); the last good checkpoint is kept",
-    EXIT_WORKER_DIED: "a tokenizer worker died (resumable with `--resume`)",
+    EXIT_WORKER_DIED: "a tokenizer worker died, or under torchrun a peer rank did (one line per surviving rank); "
+    "resumable with `--resume`",
     EXIT_INTERRUPTED: "interrupted by Ctrl-C / SIGTERM, after a checkpoint (if a step had begun); the message "
     "repeats the command, overrides included, to `--resume` it (or to start again)",
 }

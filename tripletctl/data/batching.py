@@ -38,37 +38,75 @@ def never_stop() -> bool:
 
 
 class Shuffler:
-    """Reservoir-style shuffle buffer with a seeded RNG: each new row swaps out a random buffered one."""
+    """Reservoir-style shuffle buffer with a seeded RNG: each new row swaps out a random buffered one.
+
+    The buffer never mixes two passes over the data: the first row of the next pass is held back
+    until the buffer has emptied, so every pass emits every row exactly once, in shuffled order,
+    whatever the buffer's size (a buffer larger than the corpus holds the whole corpus, never two
+    copies of a row). `epoch` is the pass of the rows being emitted, not of the reader's look-ahead."""
 
     def __init__(self, rows: Rows, size: int, seed: int, state: dict | None = None):
         self.rows, self.size = rows, max(int(size), 1)
         self.rng = random.Random(seed)
         self.buffer: list[list] = []
+        self.held: list | None = None  # the next pass's first row, read while this pass drains
+        self.pass_epoch: int | None = None  # the pass the buffered rows belong to
         if state:
             self.buffer = list(state["buffer"])
             version, internal, gauss = state["rng"]
             self.rng.setstate((version, tuple(internal), gauss))
+            self.held = state.get("held")
+            self.pass_epoch = state.get("epoch", rows.epoch)  # a state saved before passes were kept apart
 
     @property
     def epoch(self) -> int:
-        return self.rows.epoch
+        return self.rows.epoch if self.pass_epoch is None else self.pass_epoch
+
+    def _take(self, i: int) -> list:
+        """Remove and return buffered row `i`."""
+        self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+        return self.buffer.pop()
+
+    def _read(self) -> bool:
+        """Read one row into the buffer (True), or hold it back when it starts the next pass (False)."""
+        row = self.rows.next_row()
+        if self.buffer and self.pass_epoch is not None and self.rows.epoch != self.pass_epoch:
+            self.held = row
+            return False
+        if not self.buffer:
+            self.pass_epoch = self.rows.epoch
+        self.buffer.append(row)
+        return True
 
     def next_row(self) -> list:
-        if self.size <= 1 and not self.buffer:
-            return self.rows.next_row()
-        if len(self.buffer) > self.size:  # resumed with a smaller buffer: drain without reading
-            i = self.rng.randrange(len(self.buffer))
-            self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
-            return self.buffer.pop()
-        while len(self.buffer) < self.size:
-            self.buffer.append(self.rows.next_row())
+        if not self.buffer and self.held is not None:  # the last pass is drained: the held row starts the next
+            self.buffer, self.held, self.pass_epoch = [self.held], None, self.rows.epoch
+        if self.size <= 1 and not self.buffer and self.held is None:
+            row = self.rows.next_row()
+            self.pass_epoch = self.rows.epoch
+            return row
+        if len(self.buffer) > self.size or self.held is not None:  # a smaller buffer resumed, or a pass draining
+            return self._take(self.rng.randrange(len(self.buffer)))
+        while len(self.buffer) < self.size and self._read():
+            pass
+        if self.held is not None or len(self.buffer) < self.size:
+            return self._take(self.rng.randrange(len(self.buffer)))
         i = self.rng.randrange(self.size)
-        row, self.buffer[i] = self.buffer[i], self.rows.next_row()
+        row = self.buffer[i]
+        if self._read():  # appended at the end: move it into the emptied place
+            self.buffer[i] = self.buffer.pop()
+        else:  # the pass ended: the buffer shrinks from now on
+            self._take(i)
         return row
 
     def state(self) -> dict:
         version, internal, gauss = self.rng.getstate()
-        return {"buffer": list(self.buffer), "rng": [version, list(internal), gauss]}
+        return {
+            "buffer": list(self.buffer),
+            "rng": [version, list(internal), gauss],
+            "held": self.held,
+            "epoch": self.pass_epoch,
+        }
 
 
 class ClassBatcher:
@@ -195,7 +233,7 @@ class ClassBatcher:
         """The next batch's texts and their class labels. Reading until classes fill can take long on a
         corpus of many small classes, so `should_stop` is asked every STOP_CHECK_ROWS rows (`Stopped`)."""
         slots = self.rows // self.spc
-        mark: tuple[int, int] | None = None  # (epoch, classes filled) once the shuffle buffer has turned over
+        mark: int | None = None  # the pass being emitted once the shuffle buffer has turned over
         rows_read = 0
         while True:
             if len(self.ready) >= slots:
@@ -205,26 +243,32 @@ class ClassBatcher:
                 self.ready.clear()
                 return self._take(chosen)
             if rows_read == self.shuffler.size:
-                mark = (self.shuffler.epoch, self.classes_filled)
-            if (
-                mark is not None
-                and len(self.ready) < 2
-                and self.shuffler.epoch - mark[0] >= STALL_EPOCHS
-                and self.classes_filled == mark[1]
-            ):
-                # passes over the data and no class filled up: two never will
-                raise DataError(
-                    f"cannot form class-balanced batches: {STALL_EPOCHS} passes over the data filled no new class "
-                    f"to samples_per_class={self.spc} distinct rows and fewer than 2 are ready ({self.classes_evicted} classes "
-                    f"evicted, max_buffered_rows={self.max_rows}); is data.label_column a real class "
-                    f"(not a unique id), does the corpus hold 2 or more classes, or should "
-                    f"data.samples_per_class be smaller or data.max_buffered_rows larger?"
-                )
+                mark = self.shuffler.epoch
+            if mark is not None and self.shuffler.epoch - mark >= STALL_EPOCHS:
+                raise DataError(self._stalled(slots))  # passes over the data and no batch: none ever will
             rows_read += 1
             if rows_read % STOP_CHECK_ROWS == 0 and should_stop():
                 raise Stopped
             text, label = self.shuffler.next_row()
             self._add(text, label)
+
+    def _stalled(self, slots: int) -> str:
+        """Why STALL_EPOCHS passes over the data made no batch, whatever the reason, in one line."""
+        if len(self.ready) < 2:
+            return (
+                f"cannot form class-balanced batches: {STALL_EPOCHS} passes over the data filled no new class "
+                f"to samples_per_class={self.spc} distinct rows and fewer than 2 are ready ({self.classes_evicted} "
+                f"classes evicted, max_buffered_rows={self.max_rows}); is data.label_column a real class "
+                f"(not a unique id), does the corpus hold 2 or more classes, or should "
+                f"data.samples_per_class be smaller or data.max_buffered_rows larger?"
+            )
+        return (
+            f"cannot form class-balanced batches of {self.rows} rows: after {STALL_EPOCHS} passes over the data "
+            f"only {len(self.ready)} classes hold samples_per_class={self.spc} distinct rows ({slots} needed), "
+            f"and reusing them needs {REUSE_FACTOR * self.rows:,} distinct rows, they hold {self.ready_rows:,} "
+            f"({self.classes_evicted} classes evicted, max_buffered_rows={self.max_rows}); lower the phase's "
+            f"batch_size (or data.samples_per_class), or add data"
+        )
 
     def state(self) -> dict:
         return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import random
 import re
@@ -159,10 +160,15 @@ def local_split_problem(label: str, split: str) -> str | None:
     )
 
 
+_LOUD_BUILDERS = ("datasets.packaged_modules.csv.csv", "datasets.packaged_modules.json.json")
+
+
 def load(src: Source, split: str, kwargs: dict | None, order_seed: int | None):
     """An IterableDataset over the source; local file order is shuffled with `order_seed`."""
     import datasets
 
+    for builder in _LOUD_BUILDERS:  # they log a raw line before raising; the raise becomes our one line
+        logging.getLogger(builder).setLevel(logging.CRITICAL)
     if not src.hub and (problem := local_split_problem(src.label, split)):
         raise DataError(problem)
     kwargs = dict(kwargs or {})
@@ -191,6 +197,8 @@ def load(src: Source, split: str, kwargs: dict | None, order_seed: int | None):
     except DataError:
         raise
     except Exception as error:  # datasets raises many types (FileNotFound, DatasetNotFound, Connection...)
+        if isinstance(error, UnicodeDecodeError) or "codec can't decode" in str(error):
+            raise reading_failed(src, error) from error
         where = (
             f"not a local path; tried the Hugging Face Hub dataset '{src.builder}', split '{split}'"
             if src.hub
@@ -323,18 +331,68 @@ def columns_problem(names: list[str], cols: Columns, config: SourceConfig, label
     )
 
 
-def _check_columns(ds, cols: Columns, config: SourceConfig, label: str) -> None:
+def _local_files(src: Source) -> list[str]:
+    files = src.files if isinstance(src.files, list) else [f for fs in (src.files or {}).values() for f in fs]
+    return [f for f in files if "://" not in f and os.path.isfile(f)]
+
+
+def _first_bad_utf8(path: str) -> tuple[int, int, int] | None:
+    """(byte offset, line, the byte) of the first byte of `path` that is not UTF-8, or None; read in
+    1 MiB blocks (any file size), stopping at the first bad byte."""
+    start = lines = 0  # the file offset of `data`, and the newlines before it
+    carry = b""
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(1 << 20)
+            data = carry + block
+            if not data:
+                return None
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as error:
+                if block and error.reason == "unexpected end of data":  # a character cut by the block's end
+                    carry = data[error.start :]
+                    data = data[: error.start]
+                else:
+                    bad = error.start
+                    return start + bad, lines + data.count(b"\n", 0, bad) + 1, data[bad]
+            if not block:
+                return None
+            start += len(data)
+            lines += data.count(b"\n")
+
+
+def reading_failed(src: Source, error: BaseException) -> DataError:
+    """One line for a read that failed. For a file that is not UTF-8 the libraries say "position 0"
+    of some internal block; the file's own byte offset and line are found here instead."""
+    if isinstance(error, UnicodeDecodeError) or "codec can't decode" in str(error):
+        for path in _local_files(src):
+            try:
+                found = _first_bad_utf8(path)
+            except OSError:
+                continue
+            if found is not None:
+                offset, line, byte = found
+                return DataError(
+                    f"data source '{src.label}': {path} is not UTF-8: byte 0x{byte:02x} at byte offset {offset:,} "
+                    f"(line {line:,}) cannot be decoded; save the file as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)"
+                )
+    return DataError(f"reading data source '{src.label}' failed: {one_line(error)}")
+
+
+def _check_columns(ds, cols: Columns, config: SourceConfig, src: Source) -> None:
     """The layout's columns exist (`columns_problem`), else a DataError."""
     names = column_names(ds)
     if names is None:
         try:
             first = next(iter(ds.take(1)), None)
         except Exception as error:
-            raise DataError(f"reading data source '{label}' failed: {one_line(error)}") from error
+            raise reading_failed(src, error) from error
         names = list(first) if first else None
     if names is None:
         return  # empty: the usable-rows check reports it
-    problem = columns_problem(names, cols, config, label)
+    problem = columns_problem(names, cols, config, src.label)
     if problem is not None:
         raise DataError(problem)
 
@@ -343,7 +401,7 @@ def _open_checked(config: SourceConfig) -> tuple[Source, Columns, Any]:
     src = resolve(config.source, config.format)
     cols = Columns.of(config, src)
     ds = load(src, config.split, dict(config.load_dataset or {}), None)
-    _check_columns(ds, cols, config, src.label)
+    _check_columns(ds, cols, config, src)
     return src, cols, ds
 
 
@@ -361,7 +419,7 @@ def check_source(data: SourceConfig) -> None:
             if good or read >= CHECK_ROWS:
                 break
     except Exception as error:
-        raise DataError(f"reading data source '{src.label}' failed: {one_line(error)}") from error
+        raise reading_failed(src, error) from error
     if read == 0:
         raise DataError(f"data source '{src.label}' has no rows")
     if good == 0:
@@ -405,5 +463,5 @@ def read_rows(source: SourceConfig, limit: int | None = None) -> LabelledRows:
     except DataError:
         raise
     except Exception as error:
-        raise DataError(f"reading data source '{src.label}' failed: {one_line(error)}") from error
+        raise reading_failed(src, error) from error
     return LabelledRows(texts, labels, skipped, triplets)

@@ -24,7 +24,7 @@ from tripletctl.config.blocks import SourceConfig, source_fields
 from tripletctl.config.layouts import LAYOUT_OF
 from tripletctl.core.errors import DataError, TripletctlError, one_line
 from tripletctl.data.batching import ClassBatcher, GroupBatcher, Shuffler, Stopped
-from tripletctl.data.sources import CHUNK_ROWS, Columns, column_names, load, resolve, rows_of_chunk
+from tripletctl.data.sources import CHUNK_ROWS, Columns, column_names, load, reading_failed, resolve, rows_of_chunk
 from tripletctl.data.tokenizer import load_tokenizer
 from tripletctl.data.workers import CLOSE_SECONDS, POLL_SECONDS, StreamInterrupted, TokenizerPool, encode
 
@@ -40,11 +40,11 @@ class Batch:
     lengths: torch.Tensor  # (B,) int64: tokens per row
     labels: torch.Tensor  # (B,) int64: a stable 63-bit hash of the class, equal on every rank
     state: dict  # stream state *after* this batch (JSON-serialisable)
-    rows_seen: int  # cumulative rows read from the source by this rank (bad ones included)
+    rows_seen: int  # cumulative rows this rank's shuffle buffer has passed on, bad ones included (not its look-ahead)
     rows_skipped: int  # cumulative bad rows (missing/empty text, missing label)
     classes_evicted: int  # cumulative classes dropped from the buffers before they filled
     texts: list[str] = field(default_factory=list)  # the rows, in batch order
-    epoch: int = 0  # passes over this rank's shard started so far, minus one
+    epoch: int = 0  # the pass over this rank's shard that the batch's rows come from (0 first)
     rows_evicted: int = 0  # cumulative rows dropped with evicted classes
     pad_id: int = 0  # the tokenizer's padding id
 
@@ -134,7 +134,7 @@ class _RawRows:
             except DataError:
                 raise
             except Exception as error:
-                raise DataError(f"reading data source '{self.src.label}' failed: {one_line(error)}") from error
+                raise reading_failed(self.src, error) from error
             rows, read, skipped = rows_of_chunk(chunk, self.cols)
             self._ds_state = self._ds.state_dict()
             self.pending, self.cursor = rows, 0
@@ -221,6 +221,12 @@ class _Assembler:
             "pairs": self.batcher.groups if grouped else 0,
         }
         self._replay = self._rows_since_snapshot = 0
+
+    def rows_seen(self) -> int:
+        """Rows read (bad ones included) less those still waiting in the reader's chunk or the shuffle
+        buffer: after one pass over N rows it is N, whatever the buffer's size (docs/data.md)."""
+        waiting = len(self.raw.pending) - self.raw.cursor + len(self.shuffler.buffer) + (self.shuffler.held is not None)
+        return self.raw.rows_read - waiting
 
     def _buffered(self) -> int:
         return self.batcher.buffered + len(self.shuffler.buffer) + len(self.raw.pending) - self.raw.cursor
@@ -329,11 +335,11 @@ class BatchStream:
                 else:
                     encoded = encode(self._tokenizer, texts, self.max_length)
                 counters = (
-                    self._assembler.raw.rows_read,
+                    self._assembler.rows_seen(),
                     self._assembler.raw.rows_skipped,
                     self._assembler.batcher.classes_evicted,
                     self._assembler.batcher.rows_evicted,
-                    self._assembler.raw.epoch,
+                    self._assembler.shuffler.epoch,
                 )
                 if not self._put((texts, ids, state, encoded, counters)):
                     return

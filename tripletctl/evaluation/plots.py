@@ -8,6 +8,7 @@ while it trains, after it crashed, or on another machine.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tripletctl.config.loss_rules import DEFAULT_LOSS, LOSS_RULES
-from tripletctl.core.errors import CheckpointError, TripletctlError
+from tripletctl.core.errors import CheckpointError, TripletctlError, one_line, write_failure
+from tripletctl.core.faults import fault_point
 from tripletctl.outputs.checkpoint_find import PHASE_DIR_RE, phase_dir
 from tripletctl.outputs.metrics_log import METRICS_FILE, MetricsLog
 from tripletctl.outputs.run_file import read_run, run_file
@@ -338,11 +340,17 @@ def plot_collapse(report, path: Path | str) -> Path:
 
 
 def _save(fig, path: Path) -> None:
-    """Write the figure; an unknown image suffix or an unwritable place is one clear error."""
+    """Write the figure to a temporary file beside `path`, then rename it into place: a full disk
+    leaves no 0-byte picture behind; an unknown image suffix or an unwritable place is one line."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
+        fault_point("plot-write", str(path))  # tests: a disk that fills while the picture is written
+        os.replace(tmp, path)
     except (OSError, ValueError) as error:
-        raise TripletctlError(f"cannot write the picture {path}: {error}") from None
+        tmp.unlink(missing_ok=True)
+        failure = write_failure(path, error) if isinstance(error, OSError) else None
+        raise (failure or TripletctlError(f"cannot write the picture {path}: {one_line(error)}")) from None
     finally:
         plt.close(fig)

@@ -10,6 +10,7 @@ tripletctl reads it back; folders of the previous format (head in `head.safetens
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,17 +24,23 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from tripletctl.config.choices import POOLINGS
 from tripletctl.core.errors import ModelError, TripletctlError, one_line
 from tripletctl.core.files import FileRefused
+from tripletctl.core.folders import check_model_folder
 from tripletctl.core.jsonio import read_json
 from tripletctl.data.tokenizer import load_tokenizer
 from tripletctl.model import sbert, varlen
 from tripletctl.model.card import CARD_FILE, Provenance, render_card
 from tripletctl.model.chunking import CHUNK_OVERHEAD_TOKENS, Chunking, plan_chunks, right_padded
+from tripletctl.model.compiled import CompiledOrEager
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from tripletctl.config.blocks import ModelConfig
 
+PICKLED_WEIGHTS = (
+    "its weights (pytorch_model.bin) hold objects that could run code when loaded, or are damaged; "
+    "refusing to load them (use safetensors weights)"
+)
 HEAD_FILE = "head.safetensors"  # format 1 only: format 2 keeps the head in the K_Dense modules
 META_FILE = "tripletctl_model.json"
 MODEL_FORMAT_VERSION = 2
@@ -134,8 +141,10 @@ def _with_fallbacks(
     SDPA path. An attention implementation asked for by name (not the default SDPA) that cannot
     be used is an error, not a silent fallback to padded attention.
 
-    The model keeps its pooler (see `_freeze_pooler`), exactly as `AutoModel` builds it.
+    The model keeps its pooler (see `_freeze_pooler`), exactly as `AutoModel` builds it. Every
+    load goes through here: `trust_remote_code=False`, so no code from a folder runs and nothing prompts.
     """
+    kwargs["trust_remote_code"] = False
     try:
         return load(*args, attn_implementation=attn_implementation, **kwargs)
     except (ValueError, ImportError) as e:  # this architecture has no such attention path
@@ -154,13 +163,14 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
     config.json under `torch.manual_seed(seed)`, so the same seed gives the same model.
     """
     attention = getattr(model, "attn_implementation", "sdpa")
+    check_model_folder(model.name)  # no custom code, no symlink out, bounded files: before transformers reads it
     try:  # a missing local directory or an unreachable hub name is bad input, not a crash
         if model.init == "pretrained":
             encoder = _with_fallbacks(
                 AutoModel.from_pretrained, model.name, dtype=torch.float32, attn_implementation=attention
             )
         elif model.init == "config":
-            config = AutoConfig.from_pretrained(model.name)
+            config = AutoConfig.from_pretrained(model.name, trust_remote_code=False)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 encoder = _with_fallbacks(
@@ -168,6 +178,8 @@ def build_model(model: ModelConfig, seed: int) -> tuple[TripletEncoder, PreTrain
                 )
         else:
             raise ValueError(f"model.init must be 'pretrained' or 'config', got {model.init!r}")
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickle: nothing ran
+        raise ModelError(f"cannot load model {model.name!r} (init: {model.init}): {PICKLED_WEIGHTS}") from None
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelError(f"cannot load model {model.name!r} (init: {model.init}): {one_line(e)}") from None
     folder = Path(model.name)
@@ -216,49 +228,6 @@ def _folder_head(folder: Path, model: ModelConfig) -> nn.Sequential | None:
     return head
 
 
-class CompiledOrEager(nn.Module):
-    """`torch.compile(module)` that falls back to `module` itself, once and for good, when a compiled
-    call fails and the same call succeeds eagerly (a missing compiler or Triton, an inductor bug, an
-    unsupported operation): training goes on, slower, after one warning line through `warn`.
-
-    The compiled wrapper is held outside the module tree, so parameters, `state_dict` keys and the
-    optimiser see `module`'s own. Out-of-memory errors are not compile failures: they propagate.
-    """
-
-    def __init__(self, module: nn.Module, warn: Callable[[str], None] | None = None, **compile_options: Any):
-        super().__init__()
-        self.module = module
-        object.__setattr__(self, "_compiled", torch.compile(module, **compile_options))
-        object.__setattr__(self, "_warn", warn)
-        self.failure: str | None = None  # why compiling was given up, once it was
-
-    @property
-    def config(self) -> Any:  # what callers read off a transformers encoder
-        return self.module.config
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failure is None:
-            try:
-                return self._compiled(*args, **kwargs)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as error:  # tried eagerly below: an error of the model itself raises again there
-                out = self.module(*args, **kwargs)
-                self.failure = one_line(error)
-                if self._warn is not None:
-                    self._warn(
-                        f"warning: torch.compile failed, the encoder runs eagerly from now on "
-                        f"(train.compile: false hides this): {self.failure[:300]}"
-                    )
-                return out
-        return self.module(*args, **kwargs)
-
-
-def compile_wanted(setting: bool | str, device: torch.device) -> bool:
-    """train.compile: true, false, or auto (= on CUDA, where it gains: docs/performance.md)."""
-    return setting is True or (setting == "auto" and device.type == "cuda")
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """Strip DDP (`.module`), `CompiledOrEager` and torch.compile (`._orig_mod`) wrappers before saving."""
     while True:
@@ -286,6 +255,8 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     encoder = unwrap(model.encoder)
+    encoder.config.__dict__.pop("auto_map", None)  # a saved folder never points at code (core/folders.py)
+    getattr(tokenizer, "init_kwargs", {}).pop("auto_map", None)
     encoder.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     hidden_size = int(encoder.config.hidden_size)
@@ -338,6 +309,7 @@ def load_model(
     ModelError naming the directory.
     """
     directory = Path(directory)
+    check_model_folder(directory)  # no custom code, no symlink out, bounded files
     try:
         meta = read_meta(directory)
         pooling, head, normalize = meta["pooling"], tuple(int(s) for s in meta["head"]), bool(meta["normalize"])
@@ -382,6 +354,7 @@ def load_sentence_transformers(
     Weights load from safetensors only, from inside `directory`.
     """
     directory = Path(directory)
+    check_model_folder(directory)
     try:
         pipeline = sbert.read_pipeline(directory)
         encoder = _with_fallbacks(

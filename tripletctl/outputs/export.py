@@ -11,7 +11,9 @@ OUT_DIR inside or around the run (or checkpoint) it reads from is refused, even 
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,10 @@ from pathlib import Path
 import yaml
 
 from tripletctl.config.yaml_io import read_yaml_file, safe_yaml_load
-from tripletctl.core.errors import CheckpointError, TripletctlError
+from tripletctl.core.errors import CheckpointError, TripletctlError, one_line
+from tripletctl.core.faults import fault_point
 from tripletctl.core.files import FileRefused
+from tripletctl.core.folders import FolderRefused, check_model_folder, refuse_escapes
 from tripletctl.core.jsonio import read_json
 from tripletctl.model.card import Provenance
 from tripletctl.model.encoder import META_FILE, MODEL_FORMAT_VERSION, load_model, read_meta, save_model
@@ -69,6 +73,7 @@ def export_model(source: str | Path, out_dir: str | Path, *, best: bool = False,
     model_dir = find_model_dir(source, best)
     out = Path(out_dir)
     _check_destination(Path(source), model_dir, out, force)
+    _check_contents(model_dir)
     upgrade = _check_model(model_dir)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
@@ -78,11 +83,17 @@ def export_model(source: str | Path, out_dir: str | Path, *, best: bool = False,
             model, tokenizer = load_model(model_dir)
             save_model(model, tokenizer, tmp, _provenance_near(model_dir))
         else:
-            shutil.copytree(model_dir, tmp)
-        _swap(tmp, out)
+            shutil.copytree(model_dir, tmp, copy_function=_copier(model_dir))
+        _swap(tmp, out, force)
+    except shutil.Error as e:  # copytree's list of (source, destination, reason): one reason is enough
+        shutil.rmtree(tmp, ignore_errors=True)
+        reasons = [str(entry[2]) for entry in e.args[0] if isinstance(entry, tuple) and len(entry) == 3]
+        code = re.search(r"\[Errno (\d+)\]", reasons[0] if reasons else "")
+        why = os.strerror(int(code.group(1))) if code else one_line(reasons[0] if reasons else e, 200)
+        raise ExportError(f"cannot write {out}: {why}") from None
     except OSError as e:  # disk full, read-only directory, ...: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+        raise ExportError(f"cannot write {out}: {os.strerror(e.errno) if e.errno else one_line(e)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -121,6 +132,29 @@ def _check_destination(given: Path, model_dir: Path, out: Path, force: bool) -> 
         raise ExportError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} is not empty: pass --force to replace its contents")
+
+
+def _check_contents(model_dir: Path) -> None:
+    """Nothing the export reads may lead out of what it reads from, nor hold code: the model folder
+    (a symlink to /etc/passwd would be copied as its content), and the checkpoint around it, whose
+    curriculum and state make the model card."""
+    check_model_folder(model_dir)
+    if (model_dir.parent / "COMPLETE").is_file():
+        refuse_escapes(model_dir.parent, "the checkpoint")
+
+
+def _copier(model_dir: Path):
+    """shutil.copy2 for files whose real path lies inside `model_dir` (checked again as each is
+    copied: a symlink swapped in after the check is refused, never followed out)."""
+    top = model_dir.resolve()
+
+    def copy(source: str, destination: str) -> str:
+        real = Path(source).resolve()
+        if top not in real.parents:
+            raise FolderRefused(f"{source} is a symlink to {real}, outside the model folder {model_dir}: refused")
+        return shutil.copy2(real, destination)
+
+    return copy
 
 
 def _check_model(model_dir: Path) -> bool:
@@ -165,8 +199,24 @@ def _provenance_near(model_dir: Path) -> Provenance:
     )
 
 
-def _swap(tmp: Path, out: Path) -> None:
-    """tmp -> out; a replaced OUT_DIR is renamed aside first and removed only once out is in place."""
+def _swap(tmp: Path, out: Path, force: bool) -> None:
+    """tmp -> out. Without --force, one rename that fails when OUT_DIR has meanwhile become a
+    non-empty directory (rename(2) replaces only an empty one), so of two exports to one OUT_DIR at
+    once exactly one succeeds. With --force a replaced OUT_DIR is renamed aside first and removed only
+    once out is in place."""
+    fault_point("export-swap")
+    if not force:
+        try:
+            os.rename(tmp, out)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ExportError(
+                f"{out} was filled while this export was writing (another export or process?): nothing "
+                "replaced; pass --force to replace its contents"
+            ) from None
+        return
     aside = None
     if out.exists():
         aside = out.parent / f".{out.name}.old-{os.getpid()}"

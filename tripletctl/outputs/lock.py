@@ -51,6 +51,11 @@ def check_run_dir(output: str | Path) -> None:
             f"train.output_dir {output} is the home directory: a run writes run.json, curriculum.yaml "
             f"and phase-K-NAME/ into its output directory; {NEW_DIR}"
         )
+    if output.is_symlink() and not output.exists():
+        raise RunDirRefused(
+            f"train.output_dir {output} is a dangling symlink (to {os.readlink(output)}, which does not exist): "
+            f"create that directory, remove the link, or {NEW_DIR}"
+        )
     if not output.exists():
         return
     if not output.is_dir():

@@ -3,7 +3,6 @@ continue, the held-out table (untrained against trained), where the best model i
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from rich.console import Console
@@ -15,12 +14,13 @@ from tripletctl.config.until import EVAL_METRICS
 from tripletctl.core.exit_codes import EXIT_COLLAPSE_STOP, EXIT_DONE, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_WORKER_DIED
 from tripletctl.core.files import FileRefused
 from tripletctl.core.jsonio import read_json
+from tripletctl.core.launcher import command_line
 from tripletctl.outputs.checkpoint_find import latest_checkpoint
 
 
 def train_command(command: list[str], resume: bool) -> str:
     """The command as typed (curriculum and overrides), to run again: the one builder of every hint."""
-    return shlex.join(["tripletctl", "train", *command, *(["--resume"] if resume else [])])
+    return command_line(["train", *command, *(["--resume"] if resume else [])])  # torchrun ... under torchrun
 
 
 def next_command(output: Path, command: list[str]) -> str:

@@ -21,7 +21,8 @@ from tripletctl.config.blocks import Curriculum, MemoryConfig, curriculum_to_dic
 from tripletctl.core.errors import CheckpointError, ConfigError, TripletctlError, writing
 from tripletctl.core.files import orphaned
 from tripletctl.core.jsonio import replace_text
-from tripletctl.model.encoder import CompiledOrEager, build_model, compile_wanted
+from tripletctl.model.compiled import CompiledOrEager, compile_wanted
+from tripletctl.model.encoder import build_model
 from tripletctl.outputs.checkpoint_find import CHECKPOINT, latest_checkpoint
 from tripletctl.outputs.checkpoint_load import load_checkpoint
 from tripletctl.outputs.checkpoint_save import clean_leftovers
