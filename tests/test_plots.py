@@ -253,3 +253,15 @@ def test_plot_to_a_real_full_disk_is_one_line_and_leaves_no_file(tmp_path):
         assert "No space left on device" in lines[0] and list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_run_file_linked_from_outside_the_run_is_refused(tmp_path):
+    from tripletctl.core.folders import FolderRefused
+
+    run = write_run(tmp_path / "run")
+    outside = tmp_path / "elsewhere.json"
+    (run / "run.json").rename(outside)
+    (run / "run.json").symlink_to(outside)
+    with pytest.raises(FolderRefused, match=r"run.json is a symlink to .*elsewhere.json, outside the run"):
+        plot_run(run)
+    assert not (run / "run.png").exists()

@@ -138,6 +138,22 @@ def test_a_symlink_out_of_the_checkpoint_is_refused(run_copy, tmp_path):
         assert result.exit_code == 2 and "outside the checkpoint" in one_error_line(result)
 
 
+def test_a_checkpoint_curriculum_linked_from_outside_is_never_read(run_copy, tmp_path):
+    """`eval RUN` without --data takes the eval block from the checkpoint's curriculum.yaml: one that
+    leads outside the checkpoint is refused before it is read (here: a curriculum without an eval block,
+    which used to be read and answered with "has no eval block")."""
+    checkpoint = checkpoint_of(run_copy)
+    outside = tmp_path / "outside.yaml"
+    spec = yaml.safe_load((checkpoint / "curriculum.yaml").read_text())
+    spec.pop("eval", None)
+    outside.write_text(yaml.safe_dump(spec))
+    (checkpoint / "curriculum.yaml").unlink()
+    (checkpoint / "curriculum.yaml").symlink_to(outside)
+    for command in ("eval", "inspect-collapse"):
+        result = cli(command, run_copy / "run")
+        assert result.exit_code == 2 and "curriculum.yaml is a symlink to" in one_error_line(result), result.output
+
+
 def test_an_old_unsafe_stream_pickle_is_refused_in_one_line(run_copy):
     checkpoint = checkpoint_of(run_copy)
     import fractions

@@ -92,6 +92,7 @@ def held_out_source(
             f"{checkpoint} is a model folder, which holds no held-out data: pass {option_names['source']} SOURCE"
         )
     checkpoint_dir = Path(resolve_checkpoint(Path(checkpoint)))
+    check_contained(checkpoint_dir)  # before its curriculum.yaml is read
     path = checkpoint_dir / "curriculum.yaml"
     if not path.is_file():
         raise DataError(
@@ -111,7 +112,9 @@ def _saved_columns(checkpoint: Path | str, source: Any) -> SourceConfig | None:
     """The layout and column names of the run's eval block (else its data block), on another source:
     `eval RUN --data f.jsonl` reads f.jsonl the way the run read its own data."""
     try:
-        path = Path(resolve_checkpoint(Path(checkpoint))) / "curriculum.yaml"
+        checkpoint_dir = Path(resolve_checkpoint(Path(checkpoint)))
+        check_contained(checkpoint_dir)  # refused again, in one line, when the model is loaded
+        path = checkpoint_dir / "curriculum.yaml"
         saved = load_eval_block(path) or load_eval_block(path, block="data")
     except Exception:  # no run, or an unreadable copy: the options' defaults
         return None

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tripletctl.config.loss_rules import DEFAULT_LOSS, LOSS_RULES
 from tripletctl.core.errors import CheckpointError, TripletctlError, one_line, write_failure
 from tripletctl.core.faults import fault_point
+from tripletctl.core.folders import refuse_escapes
 from tripletctl.outputs.checkpoint_find import PHASE_DIR_RE, phase_dir
 from tripletctl.outputs.metrics_log import METRICS_FILE, MetricsLog
 from tripletctl.outputs.run_file import read_run, run_file
@@ -48,6 +49,7 @@ def load_run(run_dir: Path | str) -> list[dict[str, Any]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
+    refuse_escapes(run_dir, "the run")  # run.json or a metrics.jsonl linked from elsewhere is never read
     phases: list[dict[str, Any]] = []
     run_json = run_file(run_dir)
     meta = read_run(run_dir)
