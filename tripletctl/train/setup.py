@@ -50,8 +50,17 @@ def _seed_everything(seed: int) -> None:
 
 # What a half-done phase must keep on --resume: changing any of them would train one phase under two
 # configurations (and report the new one for all of it). chunk_size, lr, steps... may change.
-RESUME_PHASE_KEYS = ("batch_size", "mining", "margin", "distance", "loss")
-RESUME_DATA_KEYS = ("samples_per_class",)
+RESUME_PHASE_KEYS = (
+    "batch_size",
+    "mining",
+    "margin",
+    "distance",
+    "loss",
+    "batch_classes",
+    "neighbour_share",
+    "neighbour_group",
+)
+RESUME_DATA_KEYS = ("samples_per_class", "neighbour_refresh")  # refresh: which centroid snapshot a batch uses
 
 
 _MISSING = object()  # a key the checkpoint's curriculum does not have (an older tripletctl): not compared
