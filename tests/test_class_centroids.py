@@ -1,0 +1,78 @@
+"""tripletctl/train/class_centroids.py: the running mean per class against a python loop, the
+snapshots published every R batches, and a state that restores exactly (tensors only)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from tripletctl.data.neighbours import version_for_batch
+from tripletctl.train.class_centroids import ClassCentroids
+
+
+def _batches(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        yield torch.randn(12, 5, generator=g), torch.randint(0, 150, (12,), generator=g) * 1_000_003
+
+
+def test_running_mean_matches_a_loop_over_rows():
+    centroids = ClassCentroids(refresh=3)
+    seen: dict[int, list[np.ndarray]] = {}
+    for embeddings, labels in _batches(40):  # 150 classes: the storage grows past its first 64 rows
+        centroids.add(embeddings, labels)
+        for row, label in zip(embeddings, labels.tolist()):
+            seen.setdefault(label, []).append((row / row.norm()).numpy())
+    means = centroids.means()
+    assert sorted(centroids.ids) == sorted(seen)
+    for label, rows in seen.items():
+        np.testing.assert_allclose(means[centroids.row_of[label]].numpy(), np.mean(rows, axis=0), atol=1e-5)
+    snap = centroids.snapshot()
+    for label, rows in seen.items():
+        expected = np.mean(rows, axis=0)
+        np.testing.assert_allclose(snap.vectors[snap.row_of[label]], expected / np.linalg.norm(expected), atol=1e-5)
+
+
+def test_snapshots_every_refresh_batches_and_only_those_a_batch_may_need():
+    centroids = ClassCentroids(refresh=4)
+    centroids.start(0)
+    assert sorted(centroids.board.versions()) == [0]
+    for index, (embeddings, labels) in enumerate(_batches(13)):
+        centroids.after_batch(index, embeddings, labels)
+        if index == 11:
+            classes_after_11 = list(centroids.ids)
+        next_batch = index + 1
+        held = sorted(centroids.board.versions())
+        assert version_for_batch(next_batch, 4) in held  # the batcher never waits on a lost version
+        assert len(held) <= 2
+    assert sorted(centroids.board.versions()) == [2, 3]
+    assert centroids.board.get(3).ids.tolist() == classes_after_11  # published after batch 11
+    centroids.after_batch(13, torch.full((12, 5), float("nan")), torch.zeros(12, dtype=torch.int64))
+    assert not any(np.isnan(centroids.means().numpy()).ravel())  # a non-finite step adds nothing
+
+
+def test_state_restores_exactly_through_weights_only_load():
+    centroids = ClassCentroids(refresh=2)
+    for index, (embeddings, labels) in enumerate(_batches(7)):
+        centroids.after_batch(index, embeddings, labels)
+    buffer = io.BytesIO()
+    torch.save(centroids.state_dict(), buffer)
+    buffer.seek(0)
+    restored = ClassCentroids.from_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.ids == centroids.ids and restored.refresh == 2
+    torch.testing.assert_close(restored.means(), centroids.means())
+    assert sorted(restored.board.versions()) == sorted(centroids.board.versions())
+    for version, snap in centroids.board.versions().items():
+        np.testing.assert_array_equal(restored.board.get(version).vectors, snap.vectors)
+    for index, (embeddings, labels) in enumerate(_batches(3, seed=1), start=7):  # both go on the same way
+        centroids.after_batch(index, embeddings, labels)
+        restored.after_batch(index, embeddings, labels)
+    torch.testing.assert_close(restored.means(), centroids.means())
+
+
+def test_a_start_mid_stream_publishes_the_versions_the_next_batches_need():
+    centroids = ClassCentroids(refresh=5)
+    centroids.start(23)  # a new phase, or a resume without centroids: batches 23.. need versions 3 and 4
+    assert sorted(centroids.board.versions()) == [3, 4]
