@@ -115,3 +115,13 @@ def choose_classes(ready: Sequence[int], snapshot: Snapshot, n_classes: int, sha
         chosen += picked
         free[picked] = with_centroid[picked] = False
     return chosen
+
+
+@dataclass(frozen=True)
+class NeighbourBatches:
+    """What a batcher needs for `batch_classes: neighbours`: the board and the phase's keys."""
+
+    board: CentroidBoard
+    share: float
+    group: int
+    refresh: int
