@@ -225,15 +225,21 @@ class _Assembler:
         self._replay = 0
         self._rows_since_snapshot = 0
         if replay:  # re-assemble (without tokenising) the batches made since the saved snapshot
-            self.batcher.rows = replay_rows
-            if isinstance(self.batcher, ClassBatcher):  # neighbour batches again, without the centroids
-                self.batcher.forced = deque(choices)
-            for _ in range(replay):
-                self.batcher.next_batch()
-            self.batcher.rows = rows_per_step
-            if isinstance(self.batcher, ClassBatcher):
-                self.batcher.forced = None
+            self._replay_batches(replay, replay_rows, rows_per_step, choices)
         self._take_snapshot()
+
+    def _replay_batches(self, replay: int, replay_rows: int, rows_per_step: int, choices: list) -> None:
+        """Batches made before the saved state, made again: neighbour batches take the classes they
+        chose then (`choices`), so no centroid snapshot is needed."""
+        classes = isinstance(self.batcher, ClassBatcher)
+        self.batcher.rows = replay_rows
+        if classes:
+            self.batcher.forced = deque(choices)
+        for _ in range(replay):
+            self.batcher.next_batch()
+        self.batcher.rows = rows_per_step
+        if classes:
+            self.batcher.forced = None
 
     def _take_snapshot(self) -> None:
         grouped = isinstance(self.batcher, GroupBatcher)
