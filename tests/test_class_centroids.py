@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import torch
 
 from tripletctl.data.neighbours import version_for_batch
@@ -76,3 +77,50 @@ def test_a_start_mid_stream_publishes_the_versions_the_next_batches_need():
     centroids = ClassCentroids(refresh=5)
     centroids.start(23)  # a new phase, or a resume without centroids: batches 23.. need versions 3 and 4
     assert sorted(centroids.board.versions()) == [3, 4]
+
+
+def _neighbour_curriculum(directory):
+    """The three-phase test curriculum, its later phases on neighbour classes, a snapshot every 2 batches."""
+    import yaml
+    from helpers import write_curriculum
+
+    path = write_curriculum(directory, checkpoint_every=3, tokenizer_workers=1)
+    spec = yaml.safe_load(path.read_text())
+    spec["data"]["neighbour_refresh"] = 2
+    for phase in spec["phases"][1:]:
+        phase.update(batch_classes="neighbours", neighbour_share=0.5, neighbour_group=2)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_resume_with_neighbour_batches_matches_uninterrupted_run(tmp_path, interrupt_after=5):
+    """Stopped in phase 1 (neighbour batches, centroids fed since phase 0), resumed: the same batches,
+    metrics, centroids and weights as a straight run."""
+    import json
+
+    from helpers import final_weights
+
+    from tripletctl.config.validate import load_curriculum
+    from tripletctl.train.run import train
+
+    straight, broken = _neighbour_curriculum(tmp_path / "straight"), _neighbour_curriculum(tmp_path / "broken")
+    assert train(load_curriculum(straight)) == 0
+    assert train(load_curriculum(broken), max_steps=interrupt_after) == 0
+    assert train(load_curriculum(broken), resume=True) == 0
+    a, b = final_weights(tmp_path / "straight" / "run"), final_weights(tmp_path / "broken" / "run")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    centroids = [
+        torch.load(run / "phase-2-batch-hard" / "checkpoint" / "centroids.pt", weights_only=True)
+        for run in (tmp_path / "straight" / "run", tmp_path / "broken" / "run")
+    ]
+    assert set(centroids[0]) == set(centroids[1]) and len(centroids[0]["ids"]) > 4
+    for key in centroids[0]:
+        torch.testing.assert_close(centroids[0][key], centroids[1][key], rtol=0, atol=1e-6, msg=key)
+    for phase_dir in sorted((tmp_path / "straight" / "run").glob("phase-*")):
+        losses = [
+            [json.loads(line).get("loss") for line in (run / phase_dir.name / "metrics.jsonl").read_text().splitlines()]
+            for run in (tmp_path / "straight" / "run", tmp_path / "broken" / "run")
+        ]
+        assert losses[0] == pytest.approx(losses[1], abs=1e-6), phase_dir.name

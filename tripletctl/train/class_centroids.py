@@ -10,6 +10,8 @@ uses). The sums, the counts and the snapshots a batch may still need are tensors
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -121,3 +123,18 @@ class ClassCentroids:
         except (KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"not a class-centroid state ({e})") from None
         return centroids
+
+
+def for_run(
+    phases: Sequence, refresh: int, device: torch.device, saved: ClassCentroids | None
+) -> ClassCentroids | None:
+    """The run's centroids: None unless some phase has `batch_classes: neighbours` (every phase then feeds
+    them, so a later neighbour phase starts with centroids); the checkpoint's when it held them. A
+    refresh changed between phases keeps the means and starts the snapshots again."""
+    if not any(phase.batch_classes == "neighbours" for phase in phases):
+        return None
+    if saved is None:
+        return ClassCentroids(refresh, device)
+    if saved.refresh != refresh:
+        saved.refresh, saved.board = refresh, CentroidBoard()
+    return saved

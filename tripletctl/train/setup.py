@@ -26,6 +26,7 @@ from tripletctl.model.encoder import build_model
 from tripletctl.outputs.checkpoint_find import CHECKPOINT, latest_checkpoint
 from tripletctl.outputs.checkpoint_load import load_checkpoint
 from tripletctl.outputs.checkpoint_save import clean_leftovers
+from tripletctl.train.class_centroids import ClassCentroids
 from tripletctl.train.distributed import DistContext, check_world_size
 from tripletctl.train.memory import EmbeddingMemory
 from tripletctl.train.state import RunProgress
@@ -191,6 +192,7 @@ class Resumed:
     progress: RunProgress = field(default_factory=RunProgress)
     stream_state: dict | None = None
     memory: EmbeddingMemory | None = None
+    centroids: ClassCentroids | None = None  # batch_classes: neighbours (centroids.pt)
     rng: Any = None  # this rank's RNG state, restored last
     closed_phase: int | None = None  # the checkpoint ended this phase (its summary may be missing)
 
@@ -215,6 +217,11 @@ def load_resume(
             resumed.memory = EmbeddingMemory.from_state_dict(loaded.memory, device=ctx.device)
         except ValueError as e:
             raise CheckpointError(f"checkpoint {loaded.path} is damaged: memory.pt: {e}") from None
+    if loaded.centroids is not None:
+        try:
+            resumed.centroids = ClassCentroids.from_state_dict(loaded.centroids, device=ctx.device)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {loaded.path} is damaged: centroids.pt: {e}") from None
     if isinstance(resumed.rng, list):  # one state per rank (check_world_size made the counts equal)
         if len(resumed.rng) != ctx.world_size:
             raise CheckpointError(
