@@ -108,6 +108,10 @@ def _facenet_shape(semi_hard: dict, infonce: dict, train: dict, data: dict | Non
 # tripletctl rows: phases (samples split by share) and top-level overrides
 TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     "tc-facenet": _facenet_shape({}, {}, {}),  # the shipped curricula/facenet.yaml, scaled to the budget
+    # its InfoNCE phase on neighbour classes (issue 32), guarded: centroids fed from the semi-hard phase
+    "tc-facenet-nb": _facenet_shape(
+        {}, {"batch_classes": "neighbours", "false_negative_guard": 0.95}, {}, data={"neighbour_refresh": 5}
+    ),
     # its two losses alone, each for the whole budget
     "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
     "tc-infonce": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {}),

@@ -38,7 +38,7 @@ def test_running_mean_matches_a_loop_over_rows():
 
 def test_snapshots_every_refresh_batches_and_only_those_a_batch_may_need():
     centroids = ClassCentroids(refresh=4)
-    centroids.start(0)
+    centroids.start(0, new_phase=True)
     assert sorted(centroids.board.versions()) == [0]
     for index, (embeddings, labels) in enumerate(_batches(13)):
         centroids.after_batch(index, embeddings, labels)
@@ -75,8 +75,14 @@ def test_state_restores_exactly_through_weights_only_load():
 
 def test_a_start_mid_stream_publishes_the_versions_the_next_batches_need():
     centroids = ClassCentroids(refresh=5)
-    centroids.start(23)  # a new phase, or a resume without centroids: batches 23.. need versions 3 and 4
-    assert sorted(centroids.board.versions()) == [3, 4]
+    centroids.start(23, new_phase=False)  # a resume without centroids: batches 23.. need versions 3 and 4
+    assert sorted(centroids.board.versions()) == [3, 4] and not len(centroids.board.get(4).ids)
+    embeddings, labels = next(_batches(1))
+    centroids.add(embeddings, labels)
+    centroids.start(23, new_phase=False)  # a resume inside a phase keeps what it restored
+    assert not len(centroids.board.get(4).ids)
+    centroids.start(23, new_phase=True)  # a phase that starts uses the centroids as they are
+    assert [len(centroids.board.get(v).ids) for v in (3, 4)] == [len(centroids.ids)] * 2
 
 
 def _neighbour_curriculum(directory):

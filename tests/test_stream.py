@@ -461,7 +461,7 @@ def _neighbour_run(data, tok, n, centroids, state=None, saved=None):
     stream = BatchStream(
         data, str(tok), 16, 3, state=state, neighbours=NeighbourBatches(centroids.board, 0.5, 2, refresh=3)
     )
-    centroids.start(stream.next_index)
+    centroids.start(stream.next_index, new_phase=state is None)
     batches = []
     try:
         for _ in range(n):

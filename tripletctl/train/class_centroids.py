@@ -79,12 +79,12 @@ class ClassCentroids:
             self.board.publish(version, self.snapshot())
             self.board.keep_from(version - 1)
 
-    def start(self, index: int) -> None:
-        """The stream's next batch is `index`: publish (the current centroids) every version a batch
-        from there may need that the trainer will not publish any more (a fresh run, a new phase);
-        an exact resume already holds them."""
+    def start(self, index: int, new_phase: bool) -> None:
+        """The stream's next batch is `index`: the versions a batch from there may need that the trainer
+        will not publish any more. A phase that starts (nothing made ahead of it) uses the centroids as
+        they are now; a resume inside a phase keeps the restored snapshots, as the straight run had them."""
         for version in range(version_for_batch(index, self.refresh), index // self.refresh + 1):
-            if not self.board.has(version):
+            if new_phase or not self.board.has(version):
                 self.board.publish(version, self.snapshot())
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -166,7 +166,7 @@ def _open_phase(
             directory.mkdir(parents=True, exist_ok=True)
     stream = _batch_stream(run, phase, stream_state)
     if run.centroids is not None:  # the snapshots the stream's next batches use
-        run.centroids.start(stream.next_index)
+        run.centroids.start(stream.next_index, new_phase=progress.step == 0)
     chunking, autocast_dtype = _chunking(run, phase)
     watchdog = CollapseWatchdog(train_cfg.collapse_patience, train_cfg.collapse_tolerance)
     if progress.watchdog:
