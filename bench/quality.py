@@ -35,6 +35,8 @@ row's mean ± sd over seeds, and each tripletctl row's difference to the best se
 anchor of each metric and to `tc-facenet`, with a paired bootstrap 95% interval (queries resampled,
 each query's value averaged over the seeds both rows ran) and the difference of each seed.
 One-off screens of earlier rounds are in notes/performance-log.md (their rows: git history).
+`--rows tc-facenet-nb`: tc-facenet with its InfoNCE phase on neighbour classes (`batch_classes:
+neighbours`, guard 0.95), the lever of issue 32; its per-step cost: bench/neighbours.py.
 """
 
 from __future__ import annotations
