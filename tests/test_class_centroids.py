@@ -85,6 +85,22 @@ def test_a_start_mid_stream_publishes_the_versions_the_next_batches_need():
     assert [len(centroids.board.get(v).ids) for v in (3, 4)] == [len(centroids.ids)] * 2
 
 
+def test_a_damaged_state_is_a_value_error():
+    good = ClassCentroids(refresh=2)
+    good.after_batch(1, *next(_batches(1)))
+    state = good.state_dict()
+    for junk in (
+        {},
+        {**state, "counts": state["counts"][:-1]},
+        {**state, "ids": torch.zeros(len(state["ids"]), dtype=torch.int64)},
+        {k: v for k, v in state.items() if not k.endswith(".vectors")},
+        {**state, "refresh": "x"},
+        {**state, "refresh": torch.tensor(0)},
+    ):
+        with pytest.raises(ValueError):
+            ClassCentroids.from_state_dict(junk)
+
+
 def _neighbour_curriculum(directory):
     """The three-phase test curriculum, its later phases on neighbour classes, a snapshot every 2 batches."""
     import yaml

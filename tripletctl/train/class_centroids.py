@@ -106,6 +106,8 @@ class ClassCentroids:
         """Raises ValueError on a state that does not fit together (a damaged centroids.pt)."""
         try:
             centroids = cls(int(state["refresh"]), device)
+            if centroids.refresh < 1:
+                raise ValueError(f"refresh is {centroids.refresh}")
             ids, sums, counts = state["ids"].tolist(), state["sums"], state["counts"]
             if len(ids) != len(sums) or len(ids) != len(counts) or len(set(ids)) != len(ids):
                 raise ValueError("ids, sums and counts differ in length")
