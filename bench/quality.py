@@ -35,6 +35,8 @@ row's mean ± sd over seeds, and each tripletctl row's difference to the best se
 anchor of each metric and to `tc-facenet`, with a paired bootstrap 95% interval (queries resampled,
 each query's value averaged over the seeds both rows ran) and the difference of each seed.
 One-off screens of earlier rounds are in notes/performance-log.md (their rows: git history).
+`--rows tc-facenet-nb`: tc-facenet with its InfoNCE phase on neighbour classes (`batch_classes:
+neighbours`, guard 0.95), the lever of issue 32; its per-step cost: bench/neighbours.py.
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ def _facenet_shape(semi_hard: dict, infonce: dict, train: dict, data: dict | Non
 # tripletctl rows: phases (samples split by share) and top-level overrides
 TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     "tc-facenet": _facenet_shape({}, {}, {}),  # the shipped curricula/facenet.yaml, scaled to the budget
+    # its InfoNCE phase on neighbour classes (issue 32), guarded: centroids fed from the semi-hard phase
+    "tc-facenet-nb": _facenet_shape(
+        {}, {"batch_classes": "neighbours", "false_negative_guard": 0.95}, {}, data={"neighbour_refresh": 5}
+    ),
     # its two losses alone, each for the whole budget
     "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
     "tc-infonce": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {}),

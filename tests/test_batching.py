@@ -251,3 +251,19 @@ def test_each_pass_of_the_shuffler_is_every_row_once_also_across_a_resume(size):
         assert epochs[60 * k : 60 * (k + 1)] == [k] * 60
     if size > 1:
         assert out[:60] != out[60:120]
+
+
+def test_a_neighbour_batch_waits_for_its_snapshot_and_stops_when_told():
+    from tripletctl.data.neighbours import CentroidBoard, NeighbourBatches
+
+    board = CentroidBoard()  # nothing published: the trainer has not got there
+    batcher = ClassBatcher(
+        Shuffler(ListRows(labelled(20, 6)), 32, seed=0),
+        8,
+        2,
+        1000,
+        neighbours=NeighbourBatches(board, share=0.5, group=2, refresh=5),
+    )
+    with pytest.raises(Stopped):
+        batcher.next_batch(should_stop=lambda: True)
+    assert batcher.batches == 0

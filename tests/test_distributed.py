@@ -517,6 +517,45 @@ def test_torchrun_memory_holds_the_global_batch_and_resumes_exactly(tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_torchrun_neighbour_batches_agree_across_ranks_and_resume_exactly(tmp_path):
+    """Neighbour batches under torchrun: every rank feeds its centroids from the gathered global batch,
+    so the centroids rank 0 checkpoints are every rank's. A run stopped inside a neighbour phase and
+    resumed (every rank loads rank 0's centroids) ends with the weights and centroids of a straight
+    run; ranks that disagreed would choose other classes after the resume."""
+    from safetensors.torch import load_file
+
+    def short(out: Path) -> list[str]:
+        return [
+            f"train.output_dir={out}",
+            "phases.0.steps=3",
+            "phases.1.steps=4",
+            "phases.2.steps=1",
+            "phases.1.batch_classes=neighbours",
+            "phases.2.batch_classes=neighbours",
+            "data.neighbour_refresh=2",
+            "eval.max_rows=100",
+            "phases.0.until=null",
+            "phases.1.until=null",
+            "phases.2.until=null",
+        ]
+
+    straight = torchrun_train(QUICKSTART, *short(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stdout[-4000:]
+    out = tmp_path / "run"
+    first = torchrun_train(QUICKSTART, *short(out), "--max-steps", "5")  # stops inside phase 1
+    assert first.returncode == 0, first.stdout[-4000:]
+    second = torchrun_train(QUICKSTART, *short(out), resume=True)
+    assert second.returncode == 0, second.stdout[-4000:]
+    checkpoints = [o / "phase-2-batch-hard" / "checkpoint" for o in (tmp_path / "straight", out)]
+    a, b = (load_file(str(next((c / "model").glob("model*.safetensors")))) for c in checkpoints)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    a, b = (torch.load(c / "centroids.pt", weights_only=True) for c in checkpoints)
+    assert set(a) == set(b) and len(a["ids"]) > 8
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(Path(sys.argv[2]))

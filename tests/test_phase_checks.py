@@ -208,3 +208,41 @@ def test_triplets_layout_batch_sizes_count_texts_of_whole_groups(tmp_path):
     header = next(line for line in text.splitlines() if "groups" in line).split()
     rows = [line.split() for line in text.splitlines() if line.split()[:2] in (["0", "a"], ["2", "c"])]
     assert [row[header.index("groups")] for row in rows] == ["2", "4"]
+
+
+def test_neighbour_batches_are_off_by_default_and_keys_reach_the_phase(tmp_path):
+    c = load_curriculum(write(tmp_path, edit(phases=phases_with(batch_classes="neighbours", neighbour_group=3))))
+    assert [p.batch_classes for p in c.phases] == ["random", "random", "neighbours"]
+    assert (c.phases[2].neighbour_share, c.phases[2].neighbour_group, c.data.neighbour_refresh) == (0.5, 3, 20)
+
+
+def test_neighbour_group_must_fit_the_classes_of_a_batch(tmp_path):
+    # hard: batch_size 64 / samples_per_class 4 = 16 classes
+    path = write(tmp_path, edit(phases=phases_with(batch_classes="neighbours", neighbour_group=17)))
+    assert problems_of(path) == [
+        f"{path}: phases[2] (hard): neighbour_group 17 must fit the 16 classes of a batch "
+        "(batch_size 64 / data.samples_per_class 4); lower neighbour_group"
+    ]
+    assert load_curriculum(write(tmp_path, edit(phases=phases_with(batch_classes="neighbours", neighbour_group=16))))
+
+
+def test_neighbour_batches_are_refused_for_layouts_of_one_class_a_row(tmp_path):
+    data = {"source": "org/pairs", "layout": "pairs", "samples_per_class": 2}
+    path = write(tmp_path, edit(data=data, phases=phases_with(batch_classes="neighbours")))
+    assert problems_of(path) == [
+        f"{path}: phases[2] (hard): batch_classes neighbours needs classes of several rows; data.layout pairs "
+        "makes every row its own class: use batch_classes random"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"batch_classes": "neighbors"}, "did you mean 'neighbours'"),
+        ({"neighbour_share": 1.5}, "neighbour_share must be a number in (0, 1]"),
+        ({"neighbour_group": 1}, "neighbour_group must be an integer >= 2"),
+    ],
+)
+def test_neighbour_keys_are_checked(tmp_path, change, fragment):
+    path = write(tmp_path, edit(phases=phases_with(**change)))
+    assert fragment in only(problems_of(path), "phases[2] (hard)")

@@ -62,3 +62,15 @@ def test_plan_shows_keep_best(tmp_path):
     console = Console(width=200, record=True)
     console.print(plan_table(load_curriculum(path, ["train.keep_best=recall@1"])))
     assert "keep best: highest held-out recall@1 -> runs/tripletctl/best" in console.export_text()
+
+
+def test_plan_shows_neighbour_classes_only_when_a_phase_uses_them(tmp_path):
+
+    def shown(text: str) -> str:
+        console = Console(record=True, width=200)
+        console.print(plan_table(load_curriculum(write(tmp_path, text))))
+        return console.export_text()
+
+    assert "classes" not in shown(edit())
+    text = shown(edit(phases=phases_with(batch_classes="neighbours", neighbour_share=0.25, neighbour_group=3)))
+    assert "classes" in text and "0.25 in groups of 3" in text and "random" in text

@@ -61,6 +61,8 @@ def test_resume_refuses_to_mix_configurations_inside_a_phase(tmp_path):
         ("phases.0.distance=squared-euclidean", "distance", "'euclidean'", "'squared-euclidean'"),
         ("phases.0.loss=soft-margin", "loss", "'margin'", "'soft-margin'"),
         ("data.samples_per_class=8", "data.samples_per_class", "4", "8"),
+        ("phases.0.batch_classes=neighbours", "batch_classes", "'random'", "'neighbours'"),
+        ("data.neighbour_refresh=5", "data.neighbour_refresh", "20", "5"),
     ]:
         result = runner.invoke(app, ["train", str(path), override, "--resume"])
         assert result.exit_code == 2, result.output

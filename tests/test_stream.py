@@ -441,3 +441,76 @@ def test_labelled_batches_see_every_row_once_per_pass_up_to_the_class_buffers(tm
         slack = 1 if passes < 4 else 2
         assert all(abs(counts[text] - passes) <= slack for text in rows), Counter(counts.values())
     assert [b.epoch for b in batches[:4]] == [0] * 4 and batches[-1].epoch in (3, 4)
+
+
+# ------------------------------------------------------------------------------ neighbour batches
+
+
+def _fake_embeddings(labels: torch.Tensor, index: int) -> torch.Tensor:
+    """What a model would give: a direction per class (seeded by its id) plus a little noise per batch."""
+    rows = [torch.randn(8, generator=torch.Generator().manual_seed(int(c) % 2**31)) for c in labels.tolist()]
+    noise = torch.randn(len(rows), 8, generator=torch.Generator().manual_seed(index))
+    return torch.stack(rows) + 0.1 * noise
+
+
+def _neighbour_run(data, tok, n, centroids, state=None, saved=None):
+    """`n` neighbour batches with a trainer stand-in that feeds `centroids` every batch it consumes;
+    `saved` gets the centroids' state after each batch (as a checkpoint would hold it)."""
+    from tripletctl.data.neighbours import NeighbourBatches
+
+    stream = BatchStream(
+        data, str(tok), 16, 3, state=state, neighbours=NeighbourBatches(centroids.board, 0.5, 2, refresh=3)
+    )
+    centroids.start(stream.next_index, new_phase=state is None)
+    batches = []
+    try:
+        for _ in range(n):
+            batches.append(next(stream))
+            b = batches[-1]
+            centroids.after_batch(b.index, _fake_embeddings(b.labels, b.index), b.labels)
+            if saved is not None:
+                saved.append(roundtrip_torch(centroids.state_dict()))
+    finally:
+        stream.close()
+    return batches
+
+
+@pytest.mark.parametrize("roundtrip", [roundtrip_json, roundtrip_torch])
+def test_neighbour_batches_resume_exactly(assets_dir, tiny_bert_dir, roundtrip):
+    """The stream resumed from a batch's state, with the centroids saved at that batch, makes the same
+    batches: re-assembled batches take their logged classes, later ones the restored snapshots."""
+    from tripletctl.train.class_centroids import ClassCentroids
+
+    data, k, m, saved = cfg(assets_dir, "many_class.jsonl", max_buffered_rows=200), 12, 10, []
+    straight = _neighbour_run(data, tiny_bert_dir, k + m, ClassCentroids(refresh=3), saved=saved)
+    assert [b.index for b in straight] == list(range(k + m))
+    state = straight[k - 1].state
+    assert state["replay"] > 0 and any(state["choices"][: state["replay"]])  # re-assembles neighbour batches
+    resumed = _neighbour_run(
+        data, tiny_bert_dir, m, ClassCentroids.from_state_dict(saved[k - 1]), state=roundtrip(state)
+    )
+    for a, b in zip(straight[k:], resumed):
+        same(a, b)
+    for b in straight:  # class balanced: 4 classes of 4 rows
+        assert sorted(Counter(b.labels.tolist()).values()) == [4, 4, 4, 4]
+
+
+def test_neighbour_batches_hold_closer_classes_than_random_ones(assets_dir, tiny_bert_dir):
+    from tripletctl.train.class_centroids import ClassCentroids
+
+    def mean_pair_cosine(batches, centroids):
+        """Of the batch's last two classes: a neighbour batch's group (its first two are its random share)."""
+        snap, cosines = centroids.snapshot(), []
+        for b in batches[12:]:  # once most classes have a centroid
+            classes = list(dict.fromkeys(b.labels.tolist()))[2:]  # a batch's classes in the order chosen
+            if all(c in snap.row_of for c in classes):
+                cosines.append(float(snap.vectors[snap.row_of[classes[0]]] @ snap.vectors[snap.row_of[classes[1]]]))
+        assert len(cosines) > 10
+        return sum(cosines) / len(cosines)
+
+    data = cfg(assets_dir, "many_class.jsonl", max_buffered_rows=400)
+    centroids = ClassCentroids(refresh=3)
+    neighbour = _neighbour_run(data, tiny_bert_dir, 40, centroids)
+    random_batches = take(data, tiny_bert_dir, 16, 40, seed=3)
+    near, far = mean_pair_cosine(neighbour, centroids), mean_pair_cosine(random_batches, centroids)
+    assert near > far + 0.3, (near, far)

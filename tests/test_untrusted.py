@@ -89,7 +89,16 @@ def head_files(model_dir: Path) -> list[Path]:
 
 @pytest.mark.parametrize(
     "plant",
-    ["rng.pt", "optimizer.pt", "stream.pt", "memory.pt", "stream_file absolute", "stream_file ..", "model pickle"],
+    [
+        "rng.pt",
+        "optimizer.pt",
+        "stream.pt",
+        "memory.pt",
+        "centroids.pt",
+        "stream_file absolute",
+        "stream_file ..",
+        "model pickle",
+    ],
 )
 def test_crafted_pickles_in_a_checkpoint_execute_nothing(run_copy, tmp_path, plant):
     marker = tmp_path / "PWNED"
@@ -97,7 +106,7 @@ def test_crafted_pickles_in_a_checkpoint_execute_nothing(run_copy, tmp_path, pla
     state_path = checkpoint / "state.json"
     state = json.loads(state_path.read_text())
     evil = PlantMarker(marker)
-    if plant in ("rng.pt", "optimizer.pt", "stream.pt", "memory.pt"):
+    if plant in ("rng.pt", "optimizer.pt", "stream.pt", "memory.pt", "centroids.pt"):
         torch.save(evil, checkpoint / plant)
         if plant == "stream.pt":
             state["stream_file"] = "stream.pt"

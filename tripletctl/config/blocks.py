@@ -15,6 +15,7 @@ from typing import Any
 
 from tripletctl.config import schema
 from tripletctl.config.choices import (
+    BATCH_CLASSES,
     DECAYS,
     DEVICES,
     DISTANCES,
@@ -214,6 +215,9 @@ class DataConfig(SourceConfig):
         1, check=schema.integer(0), help="worker processes that tokenise (0 = in the main process)"
     )
     prefetch_batches: int = schema.key(2, check=schema.integer(1), help="batches prepared ahead of the training step")
+    neighbour_refresh: int = schema.key(
+        20, check=schema.integer(1), help="batch_classes neighbours: batches between class-centroid snapshots"
+    )
 
     @property
     def rows_per_group(self) -> int:
@@ -385,6 +389,13 @@ class PhaseConfig:
         check=_guard_ratio,
         help="ρ: skip negatives with sim(a,n) > ρ·sim(a,p) (guard.py); null = off",
     )
+    batch_classes: str = schema.key(
+        "random", check=schema.choice(BATCH_CLASSES), help="neighbours: groups of nearby classes share a batch"
+    )
+    neighbour_share: float = schema.key(
+        0.5, check=schema.fraction, help="batch_classes neighbours: share of a batch's classes in neighbour groups"
+    )
+    neighbour_group: int = schema.key(4, check=schema.integer(2), help="batch_classes neighbours: classes a group")
     lr: float = from_train("lr")
     warmup_steps: int = from_train("warmup_steps")
     distance: str = from_train("distance")

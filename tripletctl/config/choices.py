@@ -11,6 +11,7 @@ from __future__ import annotations
 MINING_MODES = ("random", "semi-hard", "hard-negative", "batch-hard", "batch-all")  # train/mining.py
 LOSSES = ("margin", "soft-margin", "infonce")  # train/losses.py
 INFONCE_MINING = "batch-all"  # infonce uses every positive and negative: the only mode that says so
+BATCH_CLASSES = ("random", "neighbours")  # data/batching.py, data/neighbours.py
 GUARDED_MODES = ("semi-hard", "hard-negative", "batch-hard", "batch-all")  # train/guard.py: the hard modes
 LR_SCALINGS = ("none", "sqrt", "linear")  # config/lr_scaling.py
 DISTANCES = ("euclidean", "squared-euclidean")  # model/distances.py

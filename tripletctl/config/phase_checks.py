@@ -17,6 +17,7 @@ from tripletctl.config.blocks import (
     PhaseConfig,
     chunking_conflict,
 )
+from tripletctl.config.layouts import LAYOUT_OF
 from tripletctl.config.loss_rules import DEFAULT_LOSS, refusals
 from tripletctl.config.problems import Override, Problems, origin_of, phase_label, show_value
 from tripletctl.config.until import CONDITIONS, Plateau, UntilConfig, default_min_steps
@@ -196,3 +197,30 @@ def _check_batch_fits_groups(
             f"i.e. be at least {2 * rows}, got {batch_size}",
             batch_origin,
         )
+
+
+def check_neighbour_phases(
+    phases: list[dict] | None, data: dict, invalid_data: set[str], origins: dict, problems: Problems
+) -> None:
+    """`batch_classes: neighbours` needs classes with several rows (not pairs/triplets, where every row
+    is its own class) and a group that fits the classes of one batch (batch_size / samples_per_class)."""
+    layout = LAYOUT_OF[data["layout"]]
+    spc = None if "samples_per_class" in invalid_data else data["samples_per_class"]
+    for index, values in enumerate(phases or []):
+        if values.get("batch_classes") != "neighbours":
+            continue
+        label, where = phase_label(index, values), ("phases", index, "batch_classes")
+        if layout.grouped:
+            problems.add(
+                f"{label}: batch_classes neighbours needs classes of several rows; data.layout {layout.name} "
+                f"makes every row its own class: use batch_classes random",
+                origin_of(origins, where),
+            )
+            continue
+        batch, group = values.get("batch_size"), values.get("neighbour_group", 4)
+        if isinstance(batch, int) and spc is not None and group > batch // spc:
+            problems.add(
+                f"{label}: neighbour_group {group} must fit the {batch // spc} classes of a batch "
+                f"(batch_size {batch} / data.samples_per_class {spc}); lower neighbour_group",
+                origin_of(origins, ("phases", index, "neighbour_group")) or origin_of(origins, where),
+            )

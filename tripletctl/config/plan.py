@@ -103,6 +103,10 @@ def _optional_columns(c: Curriculum) -> dict[str, Callable[[PhaseConfig], str]]:
         columns["loss"] = lambda p: f"{p.loss} τ={p.temperature:g}" if LOSS_RULES[p.loss].temperature else p.loss
     if any(p.false_negative_guard is not None for p in c.phases):
         columns["guard"] = lambda p: "-" if p.false_negative_guard is None else f"ρ={p.false_negative_guard:g}"
+    if any(p.batch_classes != "random" for p in c.phases):
+        columns["classes"] = lambda p: (
+            "random" if p.batch_classes == "random" else f"{p.neighbour_share:g} in groups of {p.neighbour_group}"
+        )
     if any(p.memory is not None for p in c.phases):
         columns["memory"] = lambda p: (
             "-" if p.memory is None else f"{p.memory.size:,} from step {p.memory.start_step:,}"

@@ -28,7 +28,7 @@ from tripletctl.config.blocks import (
 )
 from tripletctl.config.layouts import LAYOUT_OF
 from tripletctl.config.overrides import apply_override
-from tripletctl.config.phase_checks import EVERY_UNKNOWN, check_phases
+from tripletctl.config.phase_checks import EVERY_UNKNOWN, check_neighbour_phases, check_phases
 from tripletctl.config.problems import Override, Problems, origin_of, phase_label, show_value, unknown_key
 from tripletctl.config.sizing import DataFacts, batch_fill
 from tripletctl.config.yaml_io import read_yaml
@@ -98,6 +98,8 @@ def _check_tree(
     if "every" in invalid_eval:
         eval_every = EVERY_UNKNOWN  # already reported: no second error about it
     phases = check_phases(tree, train, _batch_group(data, invalid_data), origins, problems, eval_every)
+    if "layout" not in invalid_data:
+        check_neighbour_phases(phases, data, invalid_data, origins, problems)
     if read_data is not None:
         blocks = [("data", data, invalid_data)] + (
             [("eval", evaluation, invalid_eval)] if evaluation is not None else []

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from tripletctl.core.errors import DataError
+from tripletctl.data.neighbours import NeighbourBatches, Stopped, choose_classes, version_for_batch
 
 REUSE_FACTOR = 2  # reuse classes once the ready classes hold this many batches of rows
 STOP_CHECK_ROWS = 4096  # rows read between stop checks while a batch is being assembled
 STALL_EPOCHS = 3  # passes over the data with no class filling before the batcher gives up with an error
+POOL_FACTOR = 4  # neighbour batches choose among up to this many batches' worth of ready classes
 
 
 class Rows(Protocol):
@@ -27,10 +29,6 @@ class Rows(Protocol):
     epoch: int
 
     def next_row(self) -> list: ...
-
-
-class Stopped(Exception):
-    """`should_stop` said yes while a batch was being assembled."""
 
 
 def never_stop() -> bool:
@@ -127,8 +125,14 @@ class ClassBatcher:
         samples_per_class: int,
         max_buffered_rows: int,
         state: dict | None = None,
+        neighbours: NeighbourBatches | None = None,
+        key: Callable[[Any], int] = hash,
     ):
         self.shuffler = shuffler
+        self.neighbours, self.key = neighbours, key
+        self.batches = (state or {}).get("batches", 0)  # batches made since the stream began: which snapshot
+        self.log: list | None = None  # per batch made: the classes a neighbour batch chose, None for random
+        self.forced: deque | None = None  # while a resume re-assembles batches: what `log` said of each
         self.rows = rows_per_step
         self.spc = max(int(samples_per_class), 1)
         self.max_rows = int(max_buffered_rows)
@@ -235,13 +239,20 @@ class ClassBatcher:
         slots = self.rows // self.spc
         mark: int | None = None  # the pass being emitted once the shuffle buffer has turned over
         rows_read = 0
+        forced = (self.forced.popleft() if self.forced else None) if self.forced is not None else False
+        neighbours = bool(forced) if forced is not False else self.neighbours is not None
         while True:
-            if len(self.ready) >= slots:
-                return self._take([self.ready.popleft() for _ in range(slots)])
-            if len(self.ready) >= 2 and self.ready_rows >= REUSE_FACTOR * self.rows:
+            if len(self.ready) >= slots and not neighbours:
+                return self._made(None, self._take([self.ready.popleft() for _ in range(slots)]))
+            if len(self.ready) >= slots and self._pool_full(slots, rows_read):
+                chosen = forced or self._choose(slots, should_stop)
+                chosen_set = set(chosen)
+                self.ready = deque(label for label in self.ready if label not in chosen_set)
+                return self._made(chosen, self._take(chosen))
+            if len(self.ready) < slots and len(self.ready) >= 2 and self.ready_rows >= REUSE_FACTOR * self.rows:
                 chosen = list(self.ready)
                 self.ready.clear()
-                return self._take(chosen)
+                return self._made(chosen if neighbours else None, self._take(chosen))
             if rows_read == self.shuffler.size:
                 mark = self.shuffler.epoch
             if mark is not None and self.shuffler.epoch - mark >= STALL_EPOCHS:
@@ -251,6 +262,33 @@ class ClassBatcher:
                 raise Stopped
             text, label = self.shuffler.next_row()
             self._add(text, label)
+
+    def _made(self, chosen: list | None, batch: tuple[list[str], list[Any]]) -> tuple[list[str], list[Any]]:
+        """Count the batch, and log what a resume needs to make it again without the centroids."""
+        self.batches += 1
+        if self.log is not None:
+            self.log.append(chosen)
+        return batch
+
+    def _pool_full(self, slots: int, rows_read: int) -> bool:
+        """Neighbour batches choose among more ready classes than one batch takes: up to POOL_FACTOR
+        batches' worth, or as many as POOL_FACTOR batches of rows (or the shuffle buffer) bring."""
+        enough_rows = min(POOL_FACTOR * self.rows, self.max_rows)
+        return (
+            len(self.ready) >= POOL_FACTOR * slots
+            or self.ready_rows >= enough_rows
+            or rows_read >= min(POOL_FACTOR * self.rows, self.shuffler.size)
+        )
+
+    def _choose(self, slots: int, should_stop: Callable[[], bool]) -> list:
+        """The classes of the next neighbour batch, from the centroid snapshot this batch uses."""
+        nb = self.neighbours
+        snapshot = nb.board.get(version_for_batch(self.batches, nb.refresh), should_stop)
+        ready = list(self.ready)
+        positions = choose_classes(
+            [self.key(label) for label in ready], snapshot, slots, nb.share, min(nb.group, slots)
+        )
+        return [ready[i] for i in positions]
 
     def _stalled(self, slots: int) -> str:
         """Why STALL_EPOCHS passes over the data made no batch, whatever the reason, in one line."""
@@ -276,6 +314,7 @@ class ClassBatcher:
             "ready": list(self.ready),
             "classes_evicted": self.classes_evicted,
             "rows_evicted": self.rows_evicted,
+            "batches": self.batches,
         }
 
 

@@ -14,6 +14,7 @@ import json
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from tripletctl.config.blocks import SourceConfig, source_fields
 from tripletctl.config.layouts import LAYOUT_OF
 from tripletctl.core.errors import DataError, TripletctlError, one_line
 from tripletctl.data.batching import ClassBatcher, GroupBatcher, Shuffler, Stopped
+from tripletctl.data.neighbours import NeighbourBatches
 from tripletctl.data.sources import CHUNK_ROWS, Columns, column_names, load, reading_failed, resolve, rows_of_chunk
 from tripletctl.data.tokenizer import load_tokenizer
 from tripletctl.data.workers import CLOSE_SECONDS, POLL_SECONDS, StreamInterrupted, TokenizerPool, encode
@@ -47,6 +49,7 @@ class Batch:
     epoch: int = 0  # the pass over this rank's shard that the batch's rows come from (0 first)
     rows_evicted: int = 0  # cumulative rows dropped with evicted classes
     pad_id: int = 0  # the tokenizer's padding id
+    index: int = -1  # the batch's count in the stream (0 first, across phases): which centroid snapshot it used
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -167,7 +170,16 @@ class _Assembler:
     since; a snapshot is taken once the rows emitted since the last one reach the rows buffered, and
     resuming re-assembles (without tokenising) at most that many rows."""
 
-    def __init__(self, data: Any, rows_per_step: int, seed: int, rank: int, world_size: int, state: dict | None):
+    def __init__(
+        self,
+        data: Any,
+        rows_per_step: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        state: dict | None,
+        neighbours: NeighbourBatches | None = None,
+    ):
         self.identity = {
             "version": STATE_VERSION,
             "source": _fingerprint(data),
@@ -185,13 +197,20 @@ class _Assembler:
                     )
         replay = (state or {}).get("replay", 0)
         replay_rows = (state or {}).get("replay_rows_per_step", rows_per_step)
+        choices = list(((state or {}).get("choices") or [])[:replay])  # what each batch to re-assemble chose
         state = (state or {}).get("snapshot") or {}
         self.raw = _RawRows(data, seed, rank, world_size, state.get("raw"))
         self.shuffler = Shuffler(self.raw, data.shuffle_buffer, seed * 1_000_003 + rank, state.get("shuffle"))
         self.batcher: ClassBatcher | GroupBatcher
         if not self.raw.cols.layout.grouped:
             self.batcher = ClassBatcher(
-                self.shuffler, rows_per_step, data.samples_per_class, data.max_buffered_rows, state.get("classes")
+                self.shuffler,
+                rows_per_step,
+                data.samples_per_class,
+                data.max_buffered_rows,
+                state.get("classes"),
+                neighbours=neighbours,
+                key=label_id,
             )
         else:  # pairs and triplets: every row is its own group, made of all its texts
             self.batcher = GroupBatcher(
@@ -206,11 +225,21 @@ class _Assembler:
         self._replay = 0
         self._rows_since_snapshot = 0
         if replay:  # re-assemble (without tokenising) the batches made since the saved snapshot
-            self.batcher.rows = replay_rows
-            for _ in range(replay):
-                self.batcher.next_batch()
-            self.batcher.rows = rows_per_step
+            self._replay_batches(replay, replay_rows, rows_per_step, choices)
         self._take_snapshot()
+
+    def _replay_batches(self, replay: int, replay_rows: int, rows_per_step: int, choices: list) -> None:
+        """Batches made before the saved state, made again: neighbour batches take the classes they
+        chose then (`choices`), so no centroid snapshot is needed."""
+        classes = isinstance(self.batcher, ClassBatcher)
+        self.batcher.rows = replay_rows
+        if classes:
+            self.batcher.forced = deque(choices)
+        for _ in range(replay):
+            self.batcher.next_batch()
+        self.batcher.rows = rows_per_step
+        if classes:
+            self.batcher.forced = None
 
     def _take_snapshot(self) -> None:
         grouped = isinstance(self.batcher, GroupBatcher)
@@ -221,6 +250,8 @@ class _Assembler:
             "pairs": self.batcher.groups if grouped else 0,
         }
         self._replay = self._rows_since_snapshot = 0
+        if not grouped and self.batcher.neighbours is not None:
+            self.batcher.log = []  # a new list: states handed out before keep theirs
 
     def rows_seen(self) -> int:
         """Rows read (bad ones included) less those still waiting in the reader's chunk or the shuffle
@@ -247,6 +278,7 @@ class _Assembler:
             "snapshot": self._snapshot,
             "replay": self._replay,
             "replay_rows_per_step": self.batcher.rows,
+            **({"choices": self.batcher.log} if getattr(self.batcher, "log", None) is not None else {}),
         }
 
 
@@ -289,6 +321,7 @@ class BatchStream:
         rank: int = 0,
         world_size: int = 1,
         should_stop: Callable[[], bool] | None = None,
+        neighbours: NeighbourBatches | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"bad rank {rank} for world size {world_size}")
@@ -298,7 +331,8 @@ class BatchStream:
         self.max_length = int(data.max_length)
         self.workers = int(getattr(data, "tokenizer_workers", 1))
         self.prefetch = max(int(getattr(data, "prefetch_batches", 2)), 1)
-        self._assembler = _Assembler(data, self.rows_per_step, seed, rank, world_size, state)
+        self._assembler = _Assembler(data, self.rows_per_step, seed, rank, world_size, state, neighbours)
+        self.next_index = getattr(self._assembler.batcher, "batches", 0)  # the stream's count of its next batch
         self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self._stop = threading.Event()
         self._should_stop = should_stop or (lambda: False)
@@ -340,6 +374,7 @@ class BatchStream:
                     self._assembler.batcher.classes_evicted,
                     self._assembler.batcher.rows_evicted,
                     self._assembler.shuffler.epoch,
+                    getattr(self._assembler.batcher, "batches", 0) - 1,
                 )
                 if not self._put((texts, ids, state, encoded, counters)):
                     return
@@ -375,7 +410,7 @@ class BatchStream:
             if isinstance(item, TripletctlError):
                 raise item
             raise DataError(f"reading the data stream failed: {one_line(item)}") from item
-        texts, ids, state, encoded, (rows_seen, skipped, evicted, rows_evicted, epoch) = item
+        texts, ids, state, encoded, (rows_seen, skipped, evicted, rows_evicted, epoch, index) = item
         if isinstance(encoded, _Ticket):
             try:
                 encoded = self._pool.result(encoded.worker, self._should_stop)
@@ -399,6 +434,7 @@ class BatchStream:
             texts=texts,
             epoch=epoch,
             rows_evicted=rows_evicted,
+            index=index,
         )
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ class LoadedCheckpoint:
     curriculum: dict
     rng: dict | list[dict]  # pass to restore_rng when ready; a list holds one state per rank (torchrun)
     memory: dict | None = None  # EmbeddingMemory.state_dict() when the phase had a memory
+    centroids: dict | None = None  # ClassCentroids.state_dict() when a phase has batch_classes: neighbours
 
     @property
     def model_dir(self) -> Path:
@@ -70,13 +71,20 @@ def load_checkpoint(
         raise CheckpointError(f"{curriculum_path} is damaged: expected a mapping")
     rng = _check_rng(safe_torch_load(path / "rng.pt"), path / "rng.pt")
     memory = safe_torch_load(path / "memory.pt") if (path / "memory.pt").exists() else None
+    centroids = safe_torch_load(path / "centroids.pt") if (path / "centroids.pt").exists() else None
     if model is not None:
         _restore_model(path / "model", model)
     if optimizer is not None:
         _restore_optimizer(path / "optimizer.pt", optimizer, map_location)
     state = {k: v for k, v in record.items() if k not in RESERVED_STATE_KEYS}
     return LoadedCheckpoint(
-        path=path, state=state, stream_state=stream_state, curriculum=curriculum, rng=rng, memory=memory
+        path=path,
+        state=state,
+        stream_state=stream_state,
+        curriculum=curriculum,
+        rng=rng,
+        memory=memory,
+        centroids=centroids,
     )
 
 

@@ -10,6 +10,7 @@ Layout of one checkpoint (`OUTPUT/phase-K-NAME/checkpoint/`, K the 0-based phase
                       (plain containers and tensors only: it loads with weights_only=True)
     rng.pt            python / numpy / torch CPU / torch CUDA RNG states (a list of them, one per rank, under torchrun)
     memory.pt         the cross-batch memory queue (tensors only), in a phase with `memory`
+    centroids.pt      class centroids and their snapshots (tensors only), with `batch_classes: neighbours`
     curriculum.yaml   the curriculum as run
     COMPLETE          written last: a directory without it is never trusted
 
@@ -63,6 +64,7 @@ def save_checkpoint(
     rng: list[dict] | None = None,
     memory: dict | None = None,
     metrics: dict | None = None,
+    centroids: dict | None = None,
 ) -> Path:
     """Write a complete checkpoint at `directory` atomically and return its path.
 
@@ -71,7 +73,8 @@ def save_checkpoint(
     and "stream_file".
     RNG states are captured here, so call this at the point the run would continue from; under
     torchrun pass `rng`, every rank's `capture_rng()` in rank order, so each rank resumes its own.
-    `memory` (a dict of tensors) is the cross-batch memory queue, saved as memory.pt.
+    `memory` (a dict of tensors) is the cross-batch memory queue, saved as memory.pt; `centroids`
+    (a dict of tensors) the class centroids of neighbour batches, saved as centroids.pt.
     `metrics`: the held-out eval of these exact weights, if one was just measured (model card).
     """
     clash = [k for k in RESERVED_STATE_KEYS if k in state]
@@ -91,6 +94,7 @@ def save_checkpoint(
         curriculum=curriculum,
         rng=rng,
         memory=memory,
+        centroids=centroids,
         provenance=provenance,
     )
     try:
@@ -127,7 +131,18 @@ def write_complete_dir(directory: str | Path, fill: Callable[[Path], None]) -> P
 
 
 def _write_contents(
-    tmp: Path, *, model, tokenizer, optimizer, state, stream_state, curriculum, rng, memory, provenance: Provenance
+    tmp: Path,
+    *,
+    model,
+    tokenizer,
+    optimizer,
+    state,
+    stream_state,
+    curriculum,
+    rng,
+    memory,
+    provenance: Provenance,
+    centroids=None,
 ) -> None:
     record: dict[str, Any] = {**state, "format_version": CHECKPOINT_FORMAT_VERSION, "stream": None, "stream_file": None}
     if stream_state is not None and _json_roundtrips(stream_state):
@@ -151,6 +166,8 @@ def _write_contents(
     _torch_save(rng if rng is not None else capture_rng(), tmp / "rng.pt")
     if memory is not None:
         _torch_save(memory, tmp / "memory.pt")
+    if centroids is not None:
+        _torch_save(centroids, tmp / "centroids.pt")
     with writing(tmp / "curriculum.yaml"):
         (tmp / "curriculum.yaml").write_text(yaml.safe_dump(plain(curriculum), sort_keys=False))
 

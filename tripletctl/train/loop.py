@@ -18,6 +18,7 @@ from tripletctl.config.lr_scaling import phase_peak_lr
 from tripletctl.config.until import STEP_METRICS
 from tripletctl.core.errors import WorkerDiedError, writing
 from tripletctl.core.faults import fault_point
+from tripletctl.data.neighbours import NeighbourBatches
 from tripletctl.data.stream import BatchStream, StreamInterrupted, pad_ragged
 from tripletctl.model.chunking import Chunking, embed_and_backward, plan_chunks, resolve_chunking
 from tripletctl.outputs.checkpoint_find import phase_dir as phase_dir_of
@@ -88,6 +89,7 @@ def run_phase(
             #    decides for every rank (a NaN/inf must never reach the weights)
             agreed, jump = _decide(run, ph, batch, result)
             ph.last_state = batch.state  # this batch is consumed whether or not it is used
+            _feed_centroids(run, batch, result)
             if agreed.nonfinite or agreed.diverging:
                 if (skipped := skip_nonfinite_step(run, ph, progress, result, agreed, jump)) is not None:
                     return skipped
@@ -117,6 +119,14 @@ def run_phase(
     finally:
         ph.close()
     return PhaseOutcome(PhaseEnd.DONE, ph.last_state, memory=ph.memory)
+
+
+def _feed_centroids(run: Run, batch: Any, result: StepResult) -> None:
+    """The consumed batch's embeddings (global, detached; none from a non-finite step) join the class
+    centroids, which publish a snapshot for the batcher every data.neighbour_refresh batches."""
+    if run.centroids is not None:
+        embeddings, labels = result.mined[0] if result.finite and result.mined else (None, None)
+        run.centroids.after_batch(batch.index, embeddings, labels)
 
 
 def _set_lr(run: Run, ph: OpenPhase, progress: RunProgress) -> float:
@@ -155,6 +165,8 @@ def _open_phase(
         with writing(directory):
             directory.mkdir(parents=True, exist_ok=True)
     stream = _batch_stream(run, phase, stream_state)
+    if run.centroids is not None:  # the snapshots the stream's next batches use
+        run.centroids.start(stream.next_index, new_phase=progress.step == 0)
     chunking, autocast_dtype = _chunking(run, phase)
     watchdog = CollapseWatchdog(train_cfg.collapse_patience, train_cfg.collapse_tolerance)
     if progress.watchdog:
@@ -199,6 +211,11 @@ def _open_phase(
 def _batch_stream(run: Run, phase: PhaseConfig, stream_state: dict | None) -> BatchStream:
     """This rank's share of whole classes of each global batch, from where `stream_state` left off."""
     curriculum, ctx = run.curriculum, run.ctx
+    neighbours = None
+    if phase.batch_classes == "neighbours" and run.centroids is not None:
+        neighbours = NeighbourBatches(
+            run.centroids.board, phase.neighbour_share, phase.neighbour_group, curriculum.data.neighbour_refresh
+        )
     return BatchStream(
         curriculum.data,
         tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
@@ -209,6 +226,7 @@ def _batch_stream(run: Run, phase: PhaseConfig, stream_state: dict | None) -> Ba
         world_size=ctx.world_size,
         # a wait for data ends on Ctrl-C/SIGTERM; under torchrun the ranks decide together after the step
         should_stop=None if ctx.enabled else (lambda: run.stop.requested),
+        neighbours=neighbours,
     )
 
 

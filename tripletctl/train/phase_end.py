@@ -185,6 +185,7 @@ def save_phase_checkpoint(run: Run, ph: OpenPhase, progress: RunProgress) -> boo
             curriculum=curriculum_to_dict(run.curriculum),
             rng=rng,
             memory=ph.memory.state_dict() if ph.memory is not None else None,
+            centroids=run.centroids.state_dict() if run.centroids is not None else None,
             metrics=last_eval if last_eval and last_eval.get("global_step") == progress.global_step else None,
         )
     barrier(ctx)

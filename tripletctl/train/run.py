@@ -17,6 +17,7 @@ from tripletctl.core.exit_codes import EXIT_CRASH, EXIT_DONE, EXIT_INTERRUPTED
 from tripletctl.data.sources import check_source, read_rows
 from tripletctl.outputs.lock import claim_run_dir
 from tripletctl.outputs.rng import restore_rng
+from tripletctl.train.class_centroids import for_run
 from tripletctl.train.distributed import DistContext, barrier, cleanup, init_distributed, wrap_model
 from tripletctl.train.interrupt import StopFlag
 from tripletctl.train.loop import run_phase
@@ -103,6 +104,7 @@ def _train(
         eval_rows=eval_rows,
         stop_at_global_step=resumed.progress.global_step + max_steps if max_steps is not None else None,
         on_eval=partial(keep_best, index, model, tokenizer) if train_cfg.keep_best else None,
+        centroids=for_run(curriculum.phases, curriculum.data.neighbour_refresh, ctx.device, resumed.centroids),
     )
     if resumed.rng is not None:
         restore_rng(resumed.rng)  # last, so nothing above consumes random numbers after the restore

@@ -26,6 +26,7 @@ from tripletctl.model.encoder import build_model
 from tripletctl.outputs.checkpoint_find import CHECKPOINT, latest_checkpoint
 from tripletctl.outputs.checkpoint_load import load_checkpoint
 from tripletctl.outputs.checkpoint_save import clean_leftovers
+from tripletctl.train.class_centroids import ClassCentroids
 from tripletctl.train.distributed import DistContext, check_world_size
 from tripletctl.train.memory import EmbeddingMemory
 from tripletctl.train.state import RunProgress
@@ -50,8 +51,17 @@ def _seed_everything(seed: int) -> None:
 
 # What a half-done phase must keep on --resume: changing any of them would train one phase under two
 # configurations (and report the new one for all of it). chunk_size, lr, steps... may change.
-RESUME_PHASE_KEYS = ("batch_size", "mining", "margin", "distance", "loss")
-RESUME_DATA_KEYS = ("samples_per_class",)
+RESUME_PHASE_KEYS = (
+    "batch_size",
+    "mining",
+    "margin",
+    "distance",
+    "loss",
+    "batch_classes",
+    "neighbour_share",
+    "neighbour_group",
+)
+RESUME_DATA_KEYS = ("samples_per_class", "neighbour_refresh")  # refresh: which centroid snapshot a batch uses
 
 
 _MISSING = object()  # a key the checkpoint's curriculum does not have (an older tripletctl): not compared
@@ -182,6 +192,7 @@ class Resumed:
     progress: RunProgress = field(default_factory=RunProgress)
     stream_state: dict | None = None
     memory: EmbeddingMemory | None = None
+    centroids: ClassCentroids | None = None  # batch_classes: neighbours (centroids.pt)
     rng: Any = None  # this rank's RNG state, restored last
     closed_phase: int | None = None  # the checkpoint ended this phase (its summary may be missing)
 
@@ -206,6 +217,11 @@ def load_resume(
             resumed.memory = EmbeddingMemory.from_state_dict(loaded.memory, device=ctx.device)
         except ValueError as e:
             raise CheckpointError(f"checkpoint {loaded.path} is damaged: memory.pt: {e}") from None
+    if loaded.centroids is not None:
+        try:
+            resumed.centroids = ClassCentroids.from_state_dict(loaded.centroids, device=ctx.device)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {loaded.path} is damaged: centroids.pt: {e}") from None
     if isinstance(resumed.rng, list):  # one state per rank (check_world_size made the counts equal)
         if len(resumed.rng) != ctx.world_size:
             raise CheckpointError(

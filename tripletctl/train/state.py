@@ -22,6 +22,7 @@ from tripletctl.data.stream import BatchStream
 from tripletctl.model.chunking import Chunking, ChunkPlan
 from tripletctl.outputs.metrics_log import MetricsLog
 from tripletctl.train import conditions, mining
+from tripletctl.train.class_centroids import ClassCentroids
 from tripletctl.train.distributed import DistContext
 from tripletctl.train.divergence import DivergenceDetector
 from tripletctl.train.interrupt import StopFlag
@@ -98,6 +99,7 @@ class Run:
     eval_rows: Any = None  # the held-out rows (data.LabelledRows); None without an eval block
     stop_at_global_step: int | None = None  # --max-steps: pause once the run's step count reaches it
     on_eval: Callable[[dict], None] | None = None  # sees each held-out eval on the main process (keeps the best)
+    centroids: ClassCentroids | None = None  # class centroids, when some phase has batch_classes: neighbours
 
 
 @dataclass
