@@ -13,6 +13,7 @@
   members are a library, its `-dev`, `-doc` and tool packages, which share words and differ in role.
 - `debtwo`: two sections only, `admin` and `utils` (600 descriptions each): the reference's two-class
   case, for bench/two_class.py. Close in topic on purpose (system tools against general tools).
+  `debtwo-net`: `net` and `web` (400 each), a second two-class corpus to confirm a choice made on the first.
 
 Held-out classes are disjoint from the training classes (every third class by a seeded hash), so
 the benchmark measures what a model learned about the texts, not the training labels; a corpus of
@@ -147,17 +148,27 @@ def debsource(work: Path) -> dict[str, list[str]]:
     return _balanced(rows, min_rows=2, max_rows=SOURCE_MAX_ROWS)
 
 
-TWO_SECTIONS = ("admin", "utils")
-TWO_CLASS_ROWS = 600
+TWO_CLASS = {"debtwo": (("admin", "utils"), 600), "debtwo-net": (("net", "web"), 400)}  # sections, rows each
+
+
+def _two_sections(name: str) -> dict[str, list[str]]:
+    """Two archive sections, a fixed number of distinct descriptions each (a seeded sample); a text
+    found in both is dropped (a row with two labels would be its own false negative)."""
+    sections, rows_each = TWO_CLASS[name]
+    rows = _section_rows()
+    both = set(rows[sections[0]]) & set(rows[sections[1]])
+    two = {section: [t for t in rows[section] if t not in both] for section in sections}
+    return _balanced(two, min_rows=rows_each, max_rows=rows_each)
 
 
 def debtwo(work: Path) -> dict[str, list[str]]:
-    """Sections `admin` and `utils`, 600 distinct descriptions each; a text found in both is dropped
-    (a row with two labels would be its own false negative)."""
-    rows = _section_rows()
-    both = set(rows[TWO_SECTIONS[0]]) & set(rows[TWO_SECTIONS[1]])
-    two = {name: [t for t in rows[name] if t not in both] for name in TWO_SECTIONS}
-    return _balanced(two, min_rows=TWO_CLASS_ROWS, max_rows=TWO_CLASS_ROWS)
+    """Sections `admin` and `utils`, 600 descriptions each: close in topic (system tools, general tools)."""
+    return _two_sections("debtwo")
+
+
+def debtwo_net(work: Path) -> dict[str, list[str]]:
+    """Sections `net` and `web`, 400 descriptions each: the second two-class corpus, for confirmation."""
+    return _two_sections("debtwo-net")
 
 
 CORPORA: dict[str, Callable[[Path], dict[str, list[str]]]] = {
@@ -166,8 +177,9 @@ CORPORA: dict[str, Callable[[Path], dict[str, list[str]]]] = {
     "debsections": debsections,
     "debsource": debsource,
     "debtwo": debtwo,
+    "debtwo-net": debtwo_net,
 }
-ROW_SPLIT = {"debtwo"}  # too few classes to hold whole classes out: rows are held out instead
+ROW_SPLIT = set(TWO_CLASS)  # too few classes to hold whole classes out: rows are held out instead
 
 
 def prepare(name: str, cache: Path) -> tuple[Path, Path, dict[str, int]]:

@@ -12,6 +12,8 @@ training samples (texts embedded in training batches), on `debtwo` (bench/corpor
   --budget SAMPLES --cpu` writes, unchanged (no head: init keeps the model's own output).
 - `init-head`: the same curriculum with the asker's head (`model.head=[256,256]`): the set-ups then
   differ only in batches, mining and schedule.
+- `init-semi`, `init-guard`: screens of init's curriculum with its last phase (hard-negative at 16×
+  the first batch) changed: semi-hard with margin 0.5, or the false-negative guard at 0.95.
 - `zero-shot`: the untrained model, for scale.
 
 Each trained row runs the real CLI (`tripletctl train CURRICULUM key=value...`) and is scored on the
@@ -42,7 +44,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 import corpora  # noqa: E402  (bench/ is not a package)
 
-ROWS = ("zero-shot", "asker", "init", "init-head")
+ROWS = ("zero-shot", "asker", "init", "init-head", "init-semi", "init-guard")
+SCREENS = {  # init's curriculum with its last phase changed: what to change if `init` loses
+    "init-semi": ["phases.2.mining=semi-hard", "phases.2.margin=0.5"],
+    "init-guard": ["phases.2.false_negative_guard=0.95"],
+}
 ASKER_HEAD = [256, 256]
 ASKER_BATCH = 12  # 6 + 6: one batch holds both classes, six rows each
 SCORE_MAX_LENGTH = 128  # every row is scored with the same tokens
@@ -97,6 +103,7 @@ def train_row(row: str, files: tuple[Path, Path], samples: int, seed: int, folde
     overrides = [f"train.seed={seed}", f"train.output_dir={run_dir}", "train.checkpoint_every=0", "eval.every=0"]
     if row == "init-head":
         overrides.append(f"model.head={json.dumps(ASKER_HEAD)}")
+    overrides += SCREENS.get(row, [])
     tripletctl("train", str(curriculum), *overrides)
     return resolve_checkpoint(run_dir) / "model"
 
@@ -138,7 +145,7 @@ def seed_mean(folders: dict[int, Path], seeds: list[int], metrics: tuple[str, ..
     return {m: np.mean([arrays[m] for arrays in loaded], axis=0) for m in metrics}
 
 
-def report(out: Path, samples: int) -> str:
+def report(out: Path, samples: int, corpus: str) -> str:
     """Each row's mean ± sd over seeds, and each row against `asker` with its paired interval."""
     from tripletctl.evaluation.bootstrap import paired_bootstrap
 
@@ -150,7 +157,7 @@ def report(out: Path, samples: int) -> str:
     if not results:
         raise SystemExit(f"no results for {samples:,} samples under {out}")
     metrics = ("recall@1", "map@r")
-    lines = [f"debtwo, {samples:,} training samples; held-out rows of both classes", ""]
+    lines = [f"{corpus}, {samples:,} training samples; held-out rows of both classes", ""]
     lines += ["| row | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for row in [r for r in ROWS if r in results]:
         values = [json.loads((f / "result.json").read_text()) for f in results[row].values()]
@@ -175,24 +182,26 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {','.join(ROWS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--samples", type=int, default=8000, help="training samples of every row")
-    parser.add_argument("--out", type=Path, default=Path("runs/two-class"))
+    parser.add_argument("--corpus", choices=sorted(corpora.TWO_CLASS), default="debtwo")
+    parser.add_argument("--out", type=Path, default=Path("runs/two-class"), help="results go to OUT/CORPUS/")
     parser.add_argument("--force", action="store_true", help="train again rows whose result is kept")
     parser.add_argument("--report", action="store_true", help="only join the results under --out")
     args = parser.parse_args()
+    out = args.out if args.corpus == "debtwo" else args.out / args.corpus  # debtwo's results were first
     if args.report:
-        print(report(args.out, args.samples))
+        print(report(out, args.samples, args.corpus))
         return
     rows = args.rows.split(",")
     if unknown := [r for r in rows if r not in ROWS]:
         parser.error(f"unknown rows {unknown}: choose from {ROWS}")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    train_file, held_out, counts = corpora.prepare("debtwo", args.out / "corpora")
-    print(f"debtwo: {counts}", flush=True)
+    train_file, held_out, counts = corpora.prepare(args.corpus, args.out / "corpora")
+    print(f"{args.corpus}: {counts}", flush=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for row in rows:
             if row != "zero-shot" or seed == 0:
-                run(row, (train_file, held_out), args.samples, seed, args.out, args.force)
-    print(report(args.out, args.samples))
+                run(row, (train_file, held_out), args.samples, seed, out, args.force)
+    print(report(out, args.samples, args.corpus))
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def test_debtwo_holds_out_rows_of_both_classes(tmp_path, dumpavail):
     records = [
         record(f"{section}{i}", f"{section} tool number {i} for the system", section=section)
         for section in ("admin", "utils", "games")
-        for i in range(corpora.TWO_CLASS_ROWS + 20)
+        for i in range(corpora.TWO_CLASS["debtwo"][1] + 20)
     ]
     records.append(record("both-a", "a tool found in both sections", section="admin"))
     records.append(record("both-u", "a tool found in both sections", section="utils"))
@@ -157,6 +157,6 @@ def test_debtwo_holds_out_rows_of_both_classes(tmp_path, dumpavail):
     train_texts, held_texts = {r["text"] for r in train_rows}, {r["text"] for r in held_rows}
     assert not train_texts & held_texts
     assert held_texts == {t for t in train_texts | held_texts if corpora._held_out(t)}
-    assert len(train_rows) + len(held_rows) == 2 * corpora.TWO_CLASS_ROWS
+    assert len(train_rows) + len(held_rows) == 2 * corpora.TWO_CLASS["debtwo"][1]
     assert "a tool found in both sections" not in train_texts | held_texts
     assert counts["train_classes"] == counts["heldout_classes"] == 2

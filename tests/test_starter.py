@@ -53,7 +53,7 @@ def test_init_then_train_on_two_classes_beats_the_untrained_model(tmp_path, asse
     assert [(p.mining, p.batch_size) for p in plan.phases] == [
         ("semi-hard", 12),
         ("semi-hard", 48),
-        ("hard-negative", 160),
+        ("semi-hard", 160),
     ]
     run = cli("train", "two.yaml", cwd=tmp_path)  # no edit
     assert run.returncode == 0, run.stderr
