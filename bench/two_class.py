@@ -12,8 +12,9 @@ training samples (texts embedded in training batches), on `debtwo` (bench/corpor
   --budget SAMPLES --cpu` writes, unchanged (no head: init keeps the model's own output).
 - `init-head`: the same curriculum with the asker's head (`model.head=[256,256]`): the set-ups then
   differ only in batches, mining and schedule.
-- `init-semi`, `init-guard`: screens of init's curriculum with its last phase (hard-negative at 16×
-  the first batch) changed: semi-hard with margin 0.5, or the false-negative guard at 0.95.
+- `init-semi`, `init-guard`: screens of the last phase, run when `init` still wrote hard-negative
+  (margin 0.2) there: semi-hard with margin 0.5 (what `init` writes since, so today `init-semi` is
+  `init`), or the false-negative guard at 0.95. docs/init.md has their figures.
 - `zero-shot`: the untrained model, for scale.
 
 Each trained row runs the real CLI (`tripletctl train CURRICULUM key=value...`) and is scored on the
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import corpora  # noqa: E402  (bench/ is not a package)
 
 ROWS = ("zero-shot", "asker", "init", "init-head", "init-semi", "init-guard")
-SCREENS = {  # init's curriculum with its last phase changed: what to change if `init` loses
+SCREENS = {  # init's curriculum with its last phase changed (see the docstring)
     "init-semi": ["phases.2.mining=semi-hard", "phases.2.margin=0.5"],
     "init-guard": ["phases.2.false_negative_guard=0.95"],
 }
