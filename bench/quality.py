@@ -37,6 +37,8 @@ each query's value averaged over the seeds both rows ran) and the difference of 
 One-off screens of earlier rounds are in notes/performance-log.md (their rows: git history).
 `--rows tc-facenet-nb`: tc-facenet with its InfoNCE phase on neighbour classes (`batch_classes:
 neighbours`, guard 0.95), the lever of issue 32; its per-step cost: bench/neighbours.py.
+`--rows tc-facenet-hw`: tc-facenet with `hardness_alpha: 2` in its InfoNCE phase (issue 32's next
+lever, no extra cost: one add per negative); `tc-facenet-nb-hw`: both.
 """
 
 from __future__ import annotations
@@ -113,6 +115,15 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     # its InfoNCE phase on neighbour classes (issue 32), guarded: centroids fed from the semi-hard phase
     "tc-facenet-nb": _facenet_shape(
         {}, {"batch_classes": "neighbours", "false_negative_guard": 0.95}, {}, data={"neighbour_refresh": 5}
+    ),
+    # its InfoNCE phase with hardness-weighted negatives (issue 32, item 5): α 2, sentence-transformers'
+    # recommended value at its scale 20 (our τ 0.05); and both levers together
+    "tc-facenet-hw": _facenet_shape({}, {"hardness_alpha": 2.0}, {}),
+    "tc-facenet-nb-hw": _facenet_shape(
+        {},
+        {"batch_classes": "neighbours", "false_negative_guard": 0.95, "hardness_alpha": 2.0},
+        {},
+        data={"neighbour_refresh": 5},
     ),
     # its two losses alone, each for the whole budget
     "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),

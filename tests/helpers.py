@@ -9,6 +9,7 @@ conftest.py keeps pytest's hooks and fixtures only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -452,9 +453,10 @@ def reference_triplets(
     return value, stats
 
 
-def reference_infonce(e, labels, temperature, guard=None, distance="euclidean", memory=None):
-    """Per anchor, per positive: -log(exp(s_ap/τ) / (exp(s_ap/τ) + Σ_n exp(s_an/τ))), mean over the
-    positives, then over the anchors; the guard drops n with s_an > ρ·s_ap from that denominator."""
+def reference_infonce(e, labels, temperature, guard=None, distance="euclidean", memory=None, hardness=0.0):
+    """Per anchor, per positive: -log(exp(s_ap/τ) / (exp(s_ap/τ) + Σ_n w_an·exp(s_an/τ))), mean over
+    the positives, then over the anchors; the guard drops n with s_an > ρ·s_ap from that denominator.
+    The hardness weight w_an = exp(α·s_an) is a constant: computed from a detached copy."""
     b = len(labels)
     cand, lab = _candidates(e, labels, memory)
     zero = (e * 0).sum()
@@ -473,7 +475,8 @@ def reference_infonce(e, labels, temperature, guard=None, distance="euclidean", 
                 continue
             s_an = [cosine(cand[a], cand[n]) for n in negs]
             numerator = torch.exp(s_ap / temperature)
-            denominator = numerator + sum(torch.exp(s / temperature) for s in s_an)
+            weights = [math.exp(hardness * s.item()) for s in s_an]
+            denominator = numerator + sum(w * torch.exp(s / temperature) for w, s in zip(weights, s_an))
             terms.append(-torch.log(numerator / denominator))
             hardest = max(range(len(negs)), key=lambda i: s_an[i].item())
             pairs += 1
@@ -499,7 +502,7 @@ def check_against_reference(e, labels, mode, loss, memory=None, **kwargs):
     mem = {} if memory is None else {"memory_embeddings": memory[0], "memory_labels": memory[1]}
     value, stats = mine(leaf, labels, mode, 0.2, loss=loss, **kwargs, **mem)
     if loss == "infonce":
-        options = {k: v for k, v in kwargs.items() if k in ("temperature", "guard", "distance")}
+        options = {k: v for k, v in kwargs.items() if k in ("temperature", "guard", "distance", "hardness")}
         ref, ref_stats = reference_infonce(leaf_ref, labels, options.pop("temperature", 0.05), memory=memory, **options)
     else:
         ref, ref_stats = reference_triplets(leaf_ref, labels, mode, 0.2, loss=loss, memory=memory, **kwargs)

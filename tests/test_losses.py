@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from tripletctl.cli import app
 from tripletctl.config import choices
+from tripletctl.train import losses
 from tripletctl.train.mining import mine
 
 # ----------------------------------------------------------------------------- triplet losses
@@ -87,6 +88,35 @@ def test_infonce_matches_the_reference(structure, temperature):
     check_against_reference(
         text_like_embeddings(len(labels), seed=7), labels, "batch-all", "infonce", temperature=temperature
     )
+
+
+@pytest.mark.parametrize("structure", ["four-classes", "uneven", "two-classes"])
+@pytest.mark.parametrize(("hardness", "guard"), [(2.0, None), (5.0, 0.9), (0.5, None)])
+def test_infonce_hardness_matches_the_reference(structure, hardness, guard):
+    """hardness α weights each negative by exp(α·s_an), a constant: value and gradient as the loop's."""
+    labels = LABELS[structure]()
+    e = text_like_embeddings(len(labels), seed=11)
+    check_against_reference(e, labels, "batch-all", "infonce", hardness=hardness, guard=guard)
+    plain, _ = mine(e, labels, "batch-all", 0.2, loss="infonce")
+    weighted, _ = mine(e, labels, "batch-all", 0.2, loss="infonce", hardness=hardness)
+    assert weighted.item() > plain.item()  # every weight exp(α·s) > 1 where the cosines are positive
+
+
+@pytest.mark.parametrize("alpha", [0.0, 3.0])
+def test_infonce_hardness_weighs_each_negative_by_exp_alpha_s(alpha):
+    """The gradient on a negative's similarity is its share of the denominator, w·exp(s/τ)/Z: two
+    negatives' gradients are in the ratio exp((s_1 - s_2)·(1/τ + α)), and the positive's is -(1 - its share)/τ."""
+    tau, s_pos, s_1, s_2 = 0.05, 0.8, 0.7, 0.5
+    sim = torch.tensor([[1.0, s_pos, s_1, s_2]], dtype=torch.float64, requires_grad=True)
+    neg_mask = torch.tensor([[False, False, True, True]])
+    out = losses.infonce(sim, torch.tensor([[1]]), torch.tensor([[True]]), neg_mask, tau, hardness=alpha)
+    out.loss.backward()
+    g = sim.grad[0]
+    assert (g[2] / g[3]).item() == pytest.approx(math.exp((s_1 - s_2) * (1 / tau + alpha)), rel=1e-9)
+    weighted = [math.exp(s_pos / tau), math.exp(s_1 / tau + alpha * s_1), math.exp(s_2 / tau + alpha * s_2)]
+    assert out.loss.item() == pytest.approx(-math.log(weighted[0] / sum(weighted)), rel=1e-9)
+    assert g[1].item() == pytest.approx(-(1 - weighted[0] / sum(weighted)) / tau, rel=1e-9)
+    assert g[0].item() == 0.0
 
 
 @pytest.mark.parametrize("distance", choices.DISTANCES)
@@ -162,6 +192,10 @@ def test_mine_refuses_combinations_without_meaning():
         mine(e, labels, "batch-all", 0.2, loss="soft-margin")
     with pytest.raises(ValueError, match="not random"):
         mine(e, labels, "random", 0.2, guard=0.9)
+    with pytest.raises(ValueError, match="hardness_alpha weights the negatives of loss infonce, not loss margin"):
+        mine(e, labels, "batch-all", 0.2, hardness=2.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        mine(e, labels, "batch-all", 0.2, loss="infonce", hardness=-1.0)
 
 
 def _validate(tmp_path, *overrides):
@@ -185,6 +219,11 @@ def _validate(tmp_path, *overrides):
         (["phases.0.false_negative_guard=1.5"], "false_negative_guard must be a number in (0, 1]"),
         (["phases.0.loss=hinge"], "loss must be one of margin, soft-margin, infonce"),
         (["phases.0.temperature=0"], "temperature must be a positive number"),
+        (
+            ["phases.1.hardness_alpha=2"],
+            "phases[1] (hard-negative): hardness_alpha weights the negatives of loss infonce, not loss margin",
+        ),
+        (["phases.2.hardness_alpha=-1"], "hardness_alpha must be a non-negative number"),
     ],
 )
 def test_validate_refuses_with_one_line(tmp_path, overrides, message):
@@ -202,7 +241,9 @@ def test_validate_shows_the_loss_and_guard_only_when_used(tmp_path):
         tmp_path, "phases.2.loss=infonce", "phases.2.mining=batch-all", "phases.1.false_negative_guard=0.95"
     )
     assert used.exit_code == 0, used.output
-    assert "infonce τ=0.05" in used.output and "ρ=0.95" in used.output
+    assert "infonce τ=0.05" in used.output and "ρ=0.95" in used.output and "α=" not in used.output
+    weighted = _validate(tmp_path, "phases.2.loss=infonce", "phases.2.mining=batch-all", "phases.2.hardness_alpha=2")
+    assert weighted.exit_code == 0 and "infonce τ=0.05 α=2" in weighted.output, weighted.output
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -226,6 +267,7 @@ def test_a_tiny_run_per_loss(tmp_path, loss):
     # untrained model, whose embeddings are all alike (cosines ~0.95; docs/mining.md)
     overrides += ["phases.1.false_negative_guard=1.0", "phases.2.memory={size: 64, start_step: 1}"]
     overrides += ["phases.0.until={loss_below: 0.0001, min_steps: 2}"]
+    overrides += ["phases.2.hardness_alpha=2"] if loss == "infonce" else []
     result = CliRunner().invoke(app, ["train", str(path), *overrides])
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"

@@ -384,6 +384,9 @@ class PhaseConfig:
         help="relu(ap - an + margin), softplus(ap - an), or InfoNCE (losses.py)",
     )
     temperature: float = schema.key(0.05, check=schema.number(), help="infonce: logits are cosine / temperature")
+    hardness_alpha: float = schema.key(
+        0.0, check=schema.number(positive=False), help="infonce: each negative's logit + α·cosine (no gradient)"
+    )
     false_negative_guard: float | None = schema.key(
         None,
         check=_guard_ratio,

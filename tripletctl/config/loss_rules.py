@@ -26,6 +26,7 @@ class LossRule:
     guarded: tuple[str, ...]  # the modes under which `false_negative_guard` applies
     memory: bool = True  # a cross-batch memory's rows may join its candidates
     temperature: bool = False  # it reads the phase's `temperature` (the plan shows it)
+    hardness: bool = False  # it reads the phase's `hardness_alpha` (weights its negatives)
     distance_scale: bool = True  # its values are distances, as the batch-hard yardstick's (plots share an axis)
 
 
@@ -48,6 +49,7 @@ LOSS_RULES: dict[str, LossRule] = {
         instead="",
         guarded=(INFONCE_MINING,),
         temperature=True,
+        hardness=True,
         distance_scale=False,  # a log of the batch size, ~4-8: its own axis
     ),
 }
@@ -58,7 +60,12 @@ def _batch_losses() -> str:
 
 
 def refusals(
-    loss: str, mode: str | None, guard: bool = False, memory: bool = False, on_collapse: str | None = None
+    loss: str,
+    mode: str | None,
+    guard: bool = False,
+    memory: bool = False,
+    on_collapse: str | None = None,
+    hardness: bool = False,
 ) -> list[tuple[str, tuple[str, ...]]]:
     """Every combination the table refuses, each as (one line saying why, the keys it names, the
     most specific first). An unknown loss or mode is another check's problem: nothing is said here."""
@@ -90,4 +97,12 @@ def refusals(
         )
     if memory and not rule.memory:
         found.append((f"loss {loss} takes no cross-batch memory: remove memory", ("memory", "loss")))
+    if hardness and not rule.hardness:
+        weighted = ", ".join(f"loss {name}" for name, r in LOSS_RULES.items() if r.hardness)
+        found.append(
+            (
+                f"hardness_alpha weights the negatives of {weighted}, not loss {loss}: remove it or change loss",
+                ("hardness_alpha", "loss"),
+            )
+        )
     return found

@@ -38,6 +38,7 @@ def _check_loss(values: dict, label: str, index: int, origins: dict, problems: P
         guard=values.get("false_negative_guard") is not None,
         memory=values.get("memory") is not None,
         on_collapse=values.get("on_collapse"),
+        hardness=bool(values.get("hardness_alpha")),
     )
     for message, keys in found:
         problems.add(f"{label}: {message}", origin(*keys))

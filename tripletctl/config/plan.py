@@ -96,11 +96,19 @@ def plan_table(c: Curriculum) -> Table:
     return table
 
 
+def _loss_cell(phase: PhaseConfig) -> str:
+    """The loss, with its temperature (and hardness α when set) for the losses that read them."""
+    if not LOSS_RULES[phase.loss].temperature:
+        return phase.loss
+    alpha = f" α={phase.hardness_alpha:g}" if phase.hardness_alpha else ""
+    return f"{phase.loss} τ={phase.temperature:g}{alpha}"
+
+
 def _optional_columns(c: Curriculum) -> dict[str, Callable[[PhaseConfig], str]]:
     """Columns shown only when some phase uses them, so plans without them print as they always did."""
     columns: dict[str, Callable[[PhaseConfig], str]] = {}
     if any(p.loss != DEFAULT_LOSS for p in c.phases):
-        columns["loss"] = lambda p: f"{p.loss} τ={p.temperature:g}" if LOSS_RULES[p.loss].temperature else p.loss
+        columns["loss"] = _loss_cell
     if any(p.false_negative_guard is not None for p in c.phases):
         columns["guard"] = lambda p: "-" if p.false_negative_guard is None else f"ρ={p.false_negative_guard:g}"
     if any(p.batch_classes != "random" for p in c.phases):

@@ -274,6 +274,7 @@ def _embed_mine_backward(run: Run, ph: OpenPhase, progress: RunProgress, batch: 
         fallback=phase.fallback,
         loss=phase.loss,
         temperature=phase.temperature,
+        hardness=phase.hardness_alpha,
         guard=phase.false_negative_guard,
         generator=generator,
         memory_embeddings=memory_embeddings,

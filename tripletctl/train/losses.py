@@ -86,10 +86,16 @@ def infonce(
     neg_mask: Tensor,
     temperature: float,
     guard: float | None = None,
+    hardness: float = 0.0,
 ) -> BatchLoss:
     """Supervised InfoNCE over the candidates: for anchor i and each positive p,
     ℓ_ip = -log(exp(s_ip/τ) / (exp(s_ip/τ) + Σ_n exp(s_in/τ))) over its negatives n; the loss is the
     mean over anchors of the mean over their positives (other positives are not in the denominator).
+
+    With `hardness` α > 0 each negative's logit gains α·s_in without gradient (Lan et al. 2025, LLaVE,
+    eq. 5; sentence-transformers' `hardness_alpha`): a negative weighs exp(α·s_in) more, so the
+    closer ones pull harder while the positive's logit is unchanged. The logit stays increasing in
+    s_in, so the sorted prefix below still holds each pair's kept negatives.
 
     `sim` (B, N) cosine similarities, `pos_idx`/`valid` (B, P) the anchor-positive layout, `neg_mask`
     (B, N). With `guard` ρ, negatives with s_in > ρ·s_ip leave that pair's denominator; a pair left
@@ -106,7 +112,10 @@ def infonce(
         kept = fn_guard.kept_in_sorted_similarities(sorted_sims, s_ap, guard, n_neg)
     last = (kept - 1).clamp(min=0)
     pairs = valid & (kept > 0)
-    log_negatives = torch.logcumsumexp(sorted_sims / temperature, dim=1).gather(1, last)
+    negative_logits = sorted_sims / temperature
+    if hardness:
+        negative_logits = negative_logits + hardness * sorted_sims.detach()
+    log_negatives = torch.logcumsumexp(negative_logits, dim=1).gather(1, last)
     logit_ap = s_ap / temperature
     terms = (torch.logaddexp(logit_ap, log_negatives) - logit_ap).where(pairs, zero)
     per_anchor = terms.sum(dim=1) / pairs.sum(dim=1).clamp(min=1)
@@ -126,13 +135,15 @@ def infonce_of_batch(
     neg_mask: Tensor,
     temperature: float,
     guard: float | None,
+    hardness: float = 0.0,
 ) -> BatchLoss:
     """`infonce` as `mine` calls a batch loss: from the batch's embeddings and the memory's rows."""
-    return infonce(cosine_similarities(embeddings, memory), pos_idx, valid, neg_mask, temperature, guard)
+    sim = cosine_similarities(embeddings, memory)
+    return infonce(sim, pos_idx, valid, neg_mask, temperature, guard, hardness)
 
 
 # The losses of a whole batch, which mine nothing: (embeddings, memory, pos_idx, valid, neg_mask,
-# temperature, guard) -> BatchLoss, the layout being train/mining.py's.
+# temperature, guard, hardness) -> BatchLoss, the layout being train/mining.py's.
 BATCH_LOSSES: dict[str, Callable[..., BatchLoss]] = {"infonce": infonce_of_batch}
 
 # Every name of config/choices.py LOSSES, in order: the triplet losses, then the batch losses.

@@ -61,6 +61,7 @@ def _check(
     memory_labels: Tensor | None = None,
     loss: str = DEFAULT_LOSS,
     guard: float | None = None,
+    hardness: float = 0.0,
 ) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mining mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -68,9 +69,13 @@ def _check(
         raise ValueError(f"unknown fallback {fallback!r}; expected one of {', '.join(FALLBACKS)}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
-    refused = refusals(loss, mode, guard=guard is not None, memory=memory_embeddings is not None)
+    refused = refusals(
+        loss, mode, guard=guard is not None, memory=memory_embeddings is not None, hardness=hardness != 0
+    )
     if refused:
         raise ValueError(refused[0][0])
+    if not hardness >= 0:
+        raise ValueError(f"hardness must be a non-negative number, got {hardness}")
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be (B, D), got shape {tuple(embeddings.shape)}")
     if embeddings.shape[0] == 0:
@@ -241,8 +246,9 @@ def _prepare(
     memory_labels: Tensor | None,
     loss: str = DEFAULT_LOSS,
     guard: float | None = None,
+    hardness: float = 0.0,
 ):
-    _check(embeddings, labels, mode, fallback, memory_embeddings, memory_labels, loss, guard)
+    _check(embeddings, labels, mode, fallback, memory_embeddings, memory_labels, loss, guard, hardness)
     if memory_embeddings is not None and memory_embeddings.shape[0] == 0:
         memory_embeddings = memory_labels = None  # an empty memory is today's in-batch mining, exactly
     dist = pairwise_distances(embeddings, distance, memory_embeddings)
@@ -347,12 +353,14 @@ def _per_pair(batch: _Batch, mode: str) -> _Mined:
     return _Mined(terms.sum() / n_trip.clamp(min=1).to(batch.dist.dtype), n_trip, *sums, guard_skipped=skipped)
 
 
-def _score_batch(batch: _Batch, embeddings: Tensor, memory: Tensor | None, temperature: float) -> _Mined:
+def _score_batch(
+    batch: _Batch, embeddings: Tensor, memory: Tensor | None, temperature: float, hardness: float
+) -> _Mined:
     """A batch loss (losses.BATCH_LOSSES) over the (global) batch and the memory; its stats read the
     (detached) distances."""
     lay = batch.lay
     out = losses.BATCH_LOSSES[batch.loss](
-        embeddings, memory, lay.pos_idx, lay.valid, lay.neg_mask(), temperature, batch.guard
+        embeddings, memory, lay.pos_idx, lay.valid, lay.neg_mask(), temperature, batch.guard, hardness
     )
     with torch.no_grad():
         sum_ap = batch.d_ap.where(out.pairs, batch.zero).sum()
@@ -400,13 +408,14 @@ def mine(
     loss: str = DEFAULT_LOSS,
     temperature: float = 0.05,
     guard: float | None = None,
+    hardness: float = 0.0,
 ) -> tuple[Tensor, MiningStats]:
     """Mine triplets in one batch and return (differentiable scalar loss, stats).
 
     Loss per triplet is ``relu(d(a,p) - d(a,n) + margin)`` (``loss="soft-margin"``:
     ``softplus(d(a,p) - d(a,n))``), averaged over the mode's triplets (batch-all:
     over the active ones).  ``loss="infonce"`` scores the whole batch instead
-    (``mode`` must be batch-all, ``temperature`` τ).  Anchors without a positive or
+    (``mode`` must be batch-all, ``temperature`` τ, ``hardness`` α).  Anchors without a positive or
     a negative are skipped; with nothing valid the loss is a zero that is still
     connected to ``embeddings``.
 
@@ -419,10 +428,13 @@ def mine(
     # a batch loss reads the distances only for its stats and the yardstick: no graph
     with contextlib.nullcontext() if of_triplets else torch.no_grad():
         dist, lay, memory = _prepare(
-            embeddings, labels, mode, distance, fallback, memory_embeddings, memory_labels, loss, guard
+            embeddings, labels, mode, distance, fallback, memory_embeddings, memory_labels, loss, guard, hardness
         )
     batch = _Batch(dist, lay, margin, fallback, generator, loss, guard, distance)
-    mined = MODE_FUNCTIONS[mode](batch) if of_triplets else _score_batch(batch, embeddings, memory, temperature)
+    if of_triplets:
+        mined = MODE_FUNCTIONS[mode](batch)
+    else:
+        mined = _score_batch(batch, embeddings, memory, temperature, hardness)
     return mined.loss, _stats(embeddings, labels, batch, mined, _yardstick(batch), dist.shape[1] - dist.shape[0])
 
 
