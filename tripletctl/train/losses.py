@@ -101,6 +101,8 @@ def infonce(
     (B, N). With `guard` ρ, negatives with s_in > ρ·s_ip leave that pair's denominator; a pair left
     without negatives leaves the mean. Negatives are sorted by similarity once, so each pair's
     denominator is one `logcumsumexp` prefix: O(B·N), exact and stable for any temperature."""
+    if not hardness >= 0:
+        raise ValueError(f"hardness must be a non-negative number, got {hardness}")
     zero = sim.new_zeros(())
     n_neg = neg_mask.sum(dim=1)
     filler = sim.detach().max() + 1.0  # non-negatives sort after every negative and are never summed

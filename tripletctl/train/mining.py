@@ -5,8 +5,7 @@ layout of the anchor-positive pairs (P = largest class - 1), so memory is O(B²)
 in every mode and for every class structure: no B×B×B tensor is ever built, not
 even for batch-all (see ``docs/mining.md`` for the prefix-sum trick).
 
-Anchor-positive pairs are all ordered pairs (a, p), a != p, with the same label;
-negatives of a are all samples with another label.
+Anchor-positive pairs: every ordered (a, p), a != p, of one label; a's negatives: every other label.
 
 With a cross-batch memory (``memory_embeddings``/``memory_labels``: M detached
 rows of earlier batches) the anchors stay the B batch rows but the candidates
@@ -69,13 +68,9 @@ def _check(
         raise ValueError(f"unknown fallback {fallback!r}; expected one of {', '.join(FALLBACKS)}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
-    refused = refusals(
-        loss, mode, guard=guard is not None, memory=memory_embeddings is not None, hardness=hardness != 0
-    )
+    refused = refusals(loss, mode, guard is not None, memory_embeddings is not None, hardness=hardness != 0)
     if refused:
         raise ValueError(refused[0][0])
-    if not hardness >= 0:
-        raise ValueError(f"hardness must be a non-negative number, got {hardness}")
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be (B, D), got shape {tuple(embeddings.shape)}")
     if embeddings.shape[0] == 0:
@@ -175,9 +170,10 @@ class _Batch:
         loss: str = DEFAULT_LOSS,
         guard: float | None = None,
         distance: str = "euclidean",
+        hardness: float = 0.0,
     ):
         self.dist, self.lay, self.margin, self.fallback, self.generator = dist, lay, margin, fallback, generator
-        self.loss, self.guard, self.distance = loss, guard, distance
+        self.loss, self.guard, self.distance, self.hardness = loss, guard, distance, hardness
         self.d_ap = dist.gather(1, lay.pos_idx)  # (B, P) anchor-positive distances
         self.zero = dist.new_zeros(())
         self._sorted: tuple[Tensor, Tensor] | None = None
@@ -353,14 +349,12 @@ def _per_pair(batch: _Batch, mode: str) -> _Mined:
     return _Mined(terms.sum() / n_trip.clamp(min=1).to(batch.dist.dtype), n_trip, *sums, guard_skipped=skipped)
 
 
-def _score_batch(
-    batch: _Batch, embeddings: Tensor, memory: Tensor | None, temperature: float, hardness: float
-) -> _Mined:
+def _score_batch(batch: _Batch, embeddings: Tensor, memory: Tensor | None, temperature: float) -> _Mined:
     """A batch loss (losses.BATCH_LOSSES) over the (global) batch and the memory; its stats read the
     (detached) distances."""
     lay = batch.lay
     out = losses.BATCH_LOSSES[batch.loss](
-        embeddings, memory, lay.pos_idx, lay.valid, lay.neg_mask(), temperature, batch.guard, hardness
+        embeddings, memory, lay.pos_idx, lay.valid, lay.neg_mask(), temperature, batch.guard, batch.hardness
     )
     with torch.no_grad():
         sum_ap = batch.d_ap.where(out.pairs, batch.zero).sum()
@@ -430,11 +424,8 @@ def mine(
         dist, lay, memory = _prepare(
             embeddings, labels, mode, distance, fallback, memory_embeddings, memory_labels, loss, guard, hardness
         )
-    batch = _Batch(dist, lay, margin, fallback, generator, loss, guard, distance)
-    if of_triplets:
-        mined = MODE_FUNCTIONS[mode](batch)
-    else:
-        mined = _score_batch(batch, embeddings, memory, temperature, hardness)
+    batch = _Batch(dist, lay, margin, fallback, generator, loss, guard, distance, hardness)
+    mined = MODE_FUNCTIONS[mode](batch) if of_triplets else _score_batch(batch, embeddings, memory, temperature)
     return mined.loss, _stats(embeddings, labels, batch, mined, _yardstick(batch), dist.shape[1] - dist.shape[0])
 
 
