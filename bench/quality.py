@@ -38,7 +38,7 @@ One-off screens of earlier rounds are in notes/performance-log.md (their rows: g
 `--rows tc-facenet-nb`: tc-facenet with its InfoNCE phase on neighbour classes (`batch_classes:
 neighbours`, guard 0.95), the lever of issue 32; its per-step cost: bench/neighbours.py.
 `--rows tc-facenet-hw`: tc-facenet with `hardness_alpha: 2` in its InfoNCE phase (issue 32's next
-lever, no extra cost: one add per negative); `tc-facenet-nb-hw`: both.
+lever, no extra cost: one add per negative).
 """
 
 from __future__ import annotations
@@ -117,14 +117,8 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
         {}, {"batch_classes": "neighbours", "false_negative_guard": 0.95}, {}, data={"neighbour_refresh": 5}
     ),
     # its InfoNCE phase with hardness-weighted negatives (issue 32, item 5): α 2, sentence-transformers'
-    # recommended value at its scale 20 (our τ 0.05); and both levers together
+    # recommended value at its scale 20 (our τ 0.05)
     "tc-facenet-hw": _facenet_shape({}, {"hardness_alpha": 2.0}, {}),
-    "tc-facenet-nb-hw": _facenet_shape(
-        {},
-        {"batch_classes": "neighbours", "false_negative_guard": 0.95, "hardness_alpha": 2.0},
-        {},
-        data={"neighbour_refresh": 5},
-    ),
     # its two losses alone, each for the whole budget
     "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
     "tc-infonce": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {}),
