@@ -119,6 +119,10 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     # its InfoNCE phase with hardness-weighted negatives (issue 32, item 5): α 2, sentence-transformers'
     # recommended value at its scale 20 (our τ 0.05)
     "tc-facenet-hw": _facenet_shape({}, {"hardness_alpha": 2.0}, {}),
+    # its InfoNCE phase with negatives mined from the corpus when it starts (issue 32, item 5's first
+    # lever): each class brings the 2 rows of other classes the model then puts closest, below 0.95 x
+    # the class's own similarity; the pool covers the training file (20,612 rows on debsource)
+    "tc-facenet-mined": _facenet_shape({}, {"mined_negatives": {"per_class": 2, "pool_rows": 21000}}, {}),
     # its two losses alone, each for the whole budget
     "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
     "tc-infonce": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {}),
@@ -225,7 +229,8 @@ def curriculum(
 ) -> dict:
     plan_phases = []
     for i, phase in enumerate(phases):
-        batch = int(round(phase.batch_factor * size.batch / SAMPLES_PER_CLASS)) * SAMPLES_PER_CLASS
+        group = SAMPLES_PER_CLASS + phase.keys.get("mined_negatives", {}).get("per_class", 0)  # texts a class
+        batch = int(round(phase.batch_factor * size.batch / group)) * group
         steps = max(1, round(phase.share * size.samples / batch))
         plan_phases.append(
             {

@@ -36,6 +36,7 @@ from tripletctl.config.choices import (
 )
 from tripletctl.config.layouts import LAYOUT_OF, LAYOUTS
 from tripletctl.config.loss_rules import DEFAULT_LOSS
+from tripletctl.config.mined_negatives import MinedNegativesConfig, check_mined_negatives
 from tripletctl.config.until import EVAL_METRICS, Plateau, UntilConfig
 
 # Keys of data.load_dataset that tripletctl passes itself: a second value would be a TypeError
@@ -399,6 +400,9 @@ class PhaseConfig:
         0.5, check=schema.fraction, help="batch_classes neighbours: share of a batch's classes in neighbour groups"
     )
     neighbour_group: int = schema.key(4, check=schema.integer(2), help="batch_classes neighbours: classes a group")
+    mined_negatives: MinedNegativesConfig | None = schema.key(
+        None, check=check_mined_negatives, help="negatives mined from a corpus pool at phase start; None = off"
+    )
     lr: float = from_train("lr")
     warmup_steps: int = from_train("warmup_steps")
     distance: str = from_train("distance")

@@ -178,6 +178,9 @@ def _check_phase(
         values["until"] = _check_until(
             values["until"], values.get("steps"), eval_every, label, index, origins, problems
         )
+    mined = values.get("mined_negatives")
+    if mined is not None and group is not None:  # each class brings its mined rows too (they count in batch_size)
+        group = (group[0] + mined.per_class, f"{group[1]} + mined_negatives.per_class")
     _check_batch_fits_groups(values.get("batch_size"), group, label, index, origins, problems)
     return values
 
@@ -203,11 +206,17 @@ def _check_batch_fits_groups(
 def check_neighbour_phases(
     phases: list[dict] | None, data: dict, invalid_data: set[str], origins: dict, problems: Problems
 ) -> None:
-    """`batch_classes: neighbours` needs classes with several rows (not pairs/triplets, where every row
+    """`batch_classes: neighbours` and `mined_negatives` need classes with several rows (not pairs/triplets, where every row
     is its own class) and a group that fits the classes of one batch (batch_size / samples_per_class)."""
     layout = LAYOUT_OF[data["layout"]]
     spc = None if "samples_per_class" in invalid_data else data["samples_per_class"]
     for index, values in enumerate(phases or []):
+        if values.get("mined_negatives") is not None and layout.grouped:
+            problems.add(
+                f"{phase_label(index, values)}: mined_negatives needs classes of several rows; data.layout "
+                f"{layout.name} makes every row its own class (give negatives in the rows: layout triplets)",
+                origin_of(origins, ("phases", index, "mined_negatives")),
+            )
         if values.get("batch_classes") != "neighbours":
             continue
         label, where = phase_label(index, values), ("phases", index, "batch_classes")

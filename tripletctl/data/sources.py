@@ -430,6 +430,21 @@ def check_source(data: SourceConfig) -> None:
         )
 
 
+def first_labelled_rows(source: SourceConfig, limit: int) -> list[list]:
+    """The first `limit` good [text, label] rows of a labelled source, labels as the stream reads
+    them (data/stream.py's `label_id` hashes them): the pool that `mined_negatives` embeds."""
+    src, cols, ds = _open_checked(source)
+    rows: list[list] = []
+    try:
+        for chunk in ds.iter(batch_size=CHUNK_ROWS):
+            rows += rows_of_chunk(chunk, cols)[0]
+            if len(rows) >= limit:
+                break
+    except Exception as error:
+        raise reading_failed(src, error) from error
+    return rows[:limit]
+
+
 def read_rows(source: SourceConfig, limit: int | None = None) -> LabelledRows:
     """A finite, unshuffled read of up to `limit` texts (for evaluation). Labels become dense ints in
     order of first appearance. Pairs and triplets: each row's anchor and positive get a new label and

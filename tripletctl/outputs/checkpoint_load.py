@@ -37,6 +37,7 @@ class LoadedCheckpoint:
     rng: dict | list[dict]  # pass to restore_rng when ready; a list holds one state per rank (torchrun)
     memory: dict | None = None  # EmbeddingMemory.state_dict() when the phase had a memory
     centroids: dict | None = None  # ClassCentroids.state_dict() when a phase has batch_classes: neighbours
+    mined: dict | None = None  # MinedTable.state_dict() when the open phase has mined_negatives
 
     @property
     def model_dir(self) -> Path:
@@ -72,6 +73,7 @@ def load_checkpoint(
     rng = _check_rng(safe_torch_load(path / "rng.pt"), path / "rng.pt")
     memory = safe_torch_load(path / "memory.pt") if (path / "memory.pt").exists() else None
     centroids = safe_torch_load(path / "centroids.pt") if (path / "centroids.pt").exists() else None
+    mined = safe_torch_load(path / "mined.pt") if (path / "mined.pt").exists() else None
     if model is not None:
         _restore_model(path / "model", model)
     if optimizer is not None:
@@ -85,6 +87,7 @@ def load_checkpoint(
         rng=rng,
         memory=memory,
         centroids=centroids,
+        mined=mined,
     )
 
 

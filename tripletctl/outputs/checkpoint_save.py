@@ -11,6 +11,7 @@ Layout of one checkpoint (`OUTPUT/phase-K-NAME/checkpoint/`, K the 0-based phase
     rng.pt            python / numpy / torch CPU / torch CUDA RNG states (a list of them, one per rank, under torchrun)
     memory.pt         the cross-batch memory queue (tensors only), in a phase with `memory`
     centroids.pt      class centroids and their snapshots (tensors only), with `batch_classes: neighbours`
+    mined.pt          the open phase's mined-negatives table (token ids, tensors only), with `mined_negatives`
     curriculum.yaml   the curriculum as run
     COMPLETE          written last: a directory without it is never trusted
 
@@ -65,6 +66,7 @@ def save_checkpoint(
     memory: dict | None = None,
     metrics: dict | None = None,
     centroids: dict | None = None,
+    mined: dict | None = None,
 ) -> Path:
     """Write a complete checkpoint at `directory` atomically and return its path.
 
@@ -74,7 +76,8 @@ def save_checkpoint(
     RNG states are captured here, so call this at the point the run would continue from; under
     torchrun pass `rng`, every rank's `capture_rng()` in rank order, so each rank resumes its own.
     `memory` (a dict of tensors) is the cross-batch memory queue, saved as memory.pt; `centroids`
-    (a dict of tensors) the class centroids of neighbour batches, saved as centroids.pt.
+    (a dict of tensors) the class centroids of neighbour batches, saved as centroids.pt; `mined` the
+    open phase's mined-negatives table, saved as mined.pt.
     `metrics`: the held-out eval of these exact weights, if one was just measured (model card).
     """
     clash = [k for k in RESERVED_STATE_KEYS if k in state]
@@ -95,6 +98,7 @@ def save_checkpoint(
         rng=rng,
         memory=memory,
         centroids=centroids,
+        mined=mined,
         provenance=provenance,
     )
     try:
@@ -143,6 +147,7 @@ def _write_contents(
     memory,
     provenance: Provenance,
     centroids=None,
+    mined=None,
 ) -> None:
     record: dict[str, Any] = {**state, "format_version": CHECKPOINT_FORMAT_VERSION, "stream": None, "stream_file": None}
     if stream_state is not None and _json_roundtrips(stream_state):
@@ -168,6 +173,8 @@ def _write_contents(
         _torch_save(memory, tmp / "memory.pt")
     if centroids is not None:
         _torch_save(centroids, tmp / "centroids.pt")
+    if mined is not None:
+        _torch_save(mined, tmp / "mined.pt")
     with writing(tmp / "curriculum.yaml"):
         (tmp / "curriculum.yaml").write_text(yaml.safe_dump(plain(curriculum), sort_keys=False))
 

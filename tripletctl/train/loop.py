@@ -15,6 +15,7 @@ import torch
 from tripletctl.config.blocks import PhaseConfig
 from tripletctl.config.choices import COLLAPSE_FALLBACK_MODE
 from tripletctl.config.lr_scaling import phase_peak_lr
+from tripletctl.config.mined_negatives import stream_rows
 from tripletctl.config.until import STEP_METRICS
 from tripletctl.core.errors import WorkerDiedError, writing
 from tripletctl.core.faults import fault_point
@@ -28,6 +29,7 @@ from tripletctl.train.distributed import all_reduce_sums, gather_labels, gather_
 from tripletctl.train.divergence import DivergenceDetector, weight_norm
 from tripletctl.train.lr import get_lr
 from tripletctl.train.memory import EmbeddingMemory, carry_over
+from tripletctl.train.mined_negatives import MinedTable, build_table
 from tripletctl.train.phase_end import (
     PhaseEnd,
     PhaseOutcome,
@@ -76,6 +78,8 @@ def run_phase(
                 batch = next(batches)
             except (StreamInterrupted, WorkerDiedError) as error:
                 return stream_stopped(run, ph, progress, error)
+            if ph.mined is not None:  # each class brings its mined rows (mined_negatives), embedded fresh
+                batch = ph.mined.extend(batch, run.curriculum.data.samples_per_class, _mined_seed(run))
             run.stop.stepping = True  # a Ctrl-C from now on ends this step first
 
             # 2. learning rate: a pure function of the step (peak scaled to the batch: train.lr_scaling)
@@ -175,6 +179,7 @@ def _open_phase(
     log = MetricsLog(directory)
     if ctx.is_main:  # on resume, what was logged after the checkpoint goes
         log.open(keep_up_to=progress.global_step)
+    mined = _mined_table(run, phase_index, progress, log)
     ph = OpenPhase(
         index=phase_index,
         config=phase,
@@ -194,6 +199,7 @@ def _open_phase(
         gather=partial(gather_with_grad, ctx=ctx) if ctx.enabled else None,
         no_sync=no_sync_for(run.train_model) if ctx.enabled else None,
         last_state=stream_state,
+        mined=mined,
     )
     # a live bar on a terminal, plain lines every train.log_every steps in a file or pipe
     ph.bar = phase_progress(
@@ -219,7 +225,7 @@ def _batch_stream(run: Run, phase: PhaseConfig, stream_state: dict | None) -> Ba
     return BatchStream(
         curriculum.data,
         tokenizer_path=curriculum.model.tokenizer or curriculum.model.name,
-        batch_size=phase.batch_size,
+        batch_size=stream_rows(phase.batch_size, curriculum.data.samples_per_class, phase.mined_negatives),
         seed=curriculum.train.seed,
         state=stream_state,
         rank=ctx.rank,
@@ -230,12 +236,39 @@ def _batch_stream(run: Run, phase: PhaseConfig, stream_state: dict | None) -> Ba
     )
 
 
+def _mined_seed(run: Run) -> int:
+    return run.curriculum.train.seed * 1009 + run.ctx.rank
+
+
+def _mined_table(run: Run, phase_index: int, progress: RunProgress, log: MetricsLog) -> MinedTable | None:
+    """A phase with mined_negatives: the checkpoint's table when it resumes inside the phase, else a
+    new one from the model as it stands (its cost printed and logged: the pass is not free)."""
+    phase = run.curriculum.phases[phase_index]
+    config = phase.mined_negatives
+    if config is None:
+        return None
+    if progress.step > 0 and run.resumed_mined is not None:
+        return run.resumed_mined
+    table, cost = build_table(run.model, run.tokenizer, run.curriculum.data, config, _mined_seed(run), run.ctx.device)
+    if run.ctx.is_main:
+        run.console.print(
+            f"phase {phase_index}: mined {config.per_class} negatives for each of {cost['pool_classes']:,} "
+            f"classes from {cost['pool_rows']:,} pool rows in {cost['seconds']:.1f} s"
+            + (f" ({cost['filled_at_random']:,} slots at random)" if cost["filled_at_random"] else "")
+        )
+    event = {"event": "mined_negatives", "global_step": progress.global_step, "phase": phase.name, **cost}
+    log.append(event)
+    run.trackers.log(event)
+    return table
+
+
 def _chunking(run: Run, phase: PhaseConfig) -> tuple[Chunking, torch.dtype | None]:
     """How this rank's share of a batch is cut into chunks (rows, or a token budget; `auto` probes the
     device), and the autocast dtype."""
     curriculum, ctx, train_cfg = run.curriculum, run.ctx, run.curriculum.train
     # batch_size is the global batch: the stream yields this rank's share of whole classes
-    local_batch = local_batch_size(phase.batch_size, curriculum.data.rows_per_group, ctx)
+    group = curriculum.data.rows_per_group + (phase.mined_negatives.per_class if phase.mined_negatives else 0)
+    local_batch = local_batch_size(phase.batch_size, group, ctx)
     run.train_model.train()  # before the auto chunk probe: dropout masks take memory too
     autocast_dtype = _autocast_dtype(train_cfg.precision, ctx.device)
     chunking = resolve_chunking(

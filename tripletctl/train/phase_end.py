@@ -186,6 +186,7 @@ def save_phase_checkpoint(run: Run, ph: OpenPhase, progress: RunProgress) -> boo
             rng=rng,
             memory=ph.memory.state_dict() if ph.memory is not None else None,
             centroids=run.centroids.state_dict() if run.centroids is not None else None,
+            mined=ph.mined.state_dict() if ph.mined is not None and not progress.phase_finished(ph.config) else None,
             metrics=last_eval if last_eval and last_eval.get("global_step") == progress.global_step else None,
         )
     barrier(ctx)

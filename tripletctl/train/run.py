@@ -105,6 +105,7 @@ def _train(
         stop_at_global_step=resumed.progress.global_step + max_steps if max_steps is not None else None,
         on_eval=partial(keep_best, index, model, tokenizer) if train_cfg.keep_best else None,
         centroids=for_run(curriculum.phases, curriculum.data.neighbour_refresh, ctx.device, resumed.centroids),
+        resumed_mined=resumed.mined,
     )
     if resumed.rng is not None:
         restore_rng(resumed.rng)  # last, so nothing above consumes random numbers after the restore

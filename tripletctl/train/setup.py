@@ -27,6 +27,7 @@ from tripletctl.outputs.checkpoint_find import CHECKPOINT, latest_checkpoint
 from tripletctl.outputs.checkpoint_load import load_checkpoint
 from tripletctl.outputs.checkpoint_save import clean_leftovers
 from tripletctl.train.class_centroids import ClassCentroids
+from tripletctl.train.mined_negatives import MinedTable
 from tripletctl.train.distributed import DistContext, check_world_size
 from tripletctl.train.memory import EmbeddingMemory
 from tripletctl.train.state import RunProgress
@@ -193,6 +194,7 @@ class Resumed:
     stream_state: dict | None = None
     memory: EmbeddingMemory | None = None
     centroids: ClassCentroids | None = None  # batch_classes: neighbours (centroids.pt)
+    mined: MinedTable | None = None  # the open phase's mined_negatives table (mined.pt)
     rng: Any = None  # this rank's RNG state, restored last
     closed_phase: int | None = None  # the checkpoint ended this phase (its summary may be missing)
 
@@ -222,6 +224,11 @@ def load_resume(
             resumed.centroids = ClassCentroids.from_state_dict(loaded.centroids, device=ctx.device)
         except ValueError as e:
             raise CheckpointError(f"checkpoint {loaded.path} is damaged: centroids.pt: {e}") from None
+    if loaded.mined is not None:
+        try:
+            resumed.mined = MinedTable.from_state_dict(loaded.mined)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"checkpoint {loaded.path} is damaged: mined.pt: {e}") from None
     if isinstance(resumed.rng, list):  # one state per rank (check_world_size made the counts equal)
         if len(resumed.rng) != ctx.world_size:
             raise CheckpointError(

@@ -23,6 +23,7 @@ from tripletctl.model.chunking import Chunking, ChunkPlan
 from tripletctl.outputs.metrics_log import MetricsLog
 from tripletctl.train import conditions, mining
 from tripletctl.train.class_centroids import ClassCentroids
+from tripletctl.train.mined_negatives import MinedTable
 from tripletctl.train.distributed import DistContext
 from tripletctl.train.divergence import DivergenceDetector
 from tripletctl.train.interrupt import StopFlag
@@ -100,6 +101,7 @@ class Run:
     stop_at_global_step: int | None = None  # --max-steps: pause once the run's step count reaches it
     on_eval: Callable[[dict], None] | None = None  # sees each held-out eval on the main process (keeps the best)
     centroids: ClassCentroids | None = None  # class centroids, when some phase has batch_classes: neighbours
+    resumed_mined: MinedTable | None = None  # the checkpoint's mined_negatives table, for its open phase
 
 
 @dataclass
@@ -121,6 +123,7 @@ class OpenPhase:
     no_sync: Callable | None  # DDP's no_sync under torchrun
     last_state: dict | None  # the stream's state after the last batch consumed
     bar: Any = None  # the progress display (progress_bar.py)
+    mined: MinedTable | None = None  # mined_negatives: the rows each class of a batch brings
 
     def close(self) -> None:
         """The progress display, the stream (its tokenizer workers) and the metrics file."""
