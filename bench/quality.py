@@ -39,6 +39,10 @@ One-off screens of earlier rounds are in notes/performance-log.md (their rows: g
 neighbours`, guard 0.95), the lever of issue 32; its per-step cost: bench/neighbours.py.
 `--rows tc-facenet-hw`: tc-facenet with `hardness_alpha: 2` in its InfoNCE phase (issue 32's next
 lever, no extra cost: one add per negative).
+`--rows tc-facenet-mined`: tc-facenet with `mined_negatives: {per_class: 2}` in its InfoNCE phase
+(each class brings the 2 rows of other classes the model puts closest when the phase starts, positive-
+aware; the pool is the whole training file); `tc-facenet-mined4` with 4, `tc-facenet-mined-hw` with
+`hardness_alpha: 2` too. The pass's cost is in the run's metrics.jsonl (`"event": "mined_negatives"`).
 """
 
 from __future__ import annotations
@@ -123,6 +127,11 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     # lever): each class brings the 2 rows of other classes the model then puts closest, below 0.95 x
     # the class's own similarity; the pool covers the training file (20,612 rows on debsource)
     "tc-facenet-mined": _facenet_shape({}, {"mined_negatives": {"per_class": 2, "pool_rows": 21000}}, {}),
+    # the same with 4 mined rows a class (half the batch mined), and with hardness_alpha 2 on top
+    "tc-facenet-mined4": _facenet_shape({}, {"mined_negatives": {"per_class": 4, "pool_rows": 21000}}, {}),
+    "tc-facenet-mined-hw": _facenet_shape(
+        {}, {"mined_negatives": {"per_class": 2, "pool_rows": 21000}, "hardness_alpha": 2.0}, {}
+    ),
     # its two losses alone, each for the whole budget
     "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
     "tc-infonce": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {}),

@@ -63,6 +63,7 @@ def test_resume_refuses_to_mix_configurations_inside_a_phase(tmp_path):
         ("data.samples_per_class=8", "data.samples_per_class", "4", "8"),
         ("phases.0.batch_classes=neighbours", "batch_classes", "'random'", "'neighbours'"),
         ("data.neighbour_refresh=5", "data.neighbour_refresh", "20", "5"),
+        ("phases.0.mined_negatives={per_class: 4}", "mined_negatives", "None", "{'per_class': 4, 'pool_rows': 20000"),
     ]:
         result = runner.invoke(app, ["train", str(path), override, "--resume"])
         assert result.exit_code == 2, result.output

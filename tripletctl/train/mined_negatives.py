@@ -101,17 +101,23 @@ class MinedTable:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> MinedTable:
-        """From mined.pt; a missing or mistyped tensor raises (the checkpoint loader names the file)."""
-        table = cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+    def from_state_dict(cls, state: Any) -> MinedTable:
+        """From mined.pt; anything missing, mistyped or out of range is a ValueError (the checkpoint
+        loader names the file)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(state, dict) or (missing := [n for n in names if n not in state]):
+            raise ValueError(f"missing {', '.join(missing) if isinstance(state, dict) else 'its tensors'}")
+        if bad := [n for n in names if not isinstance(state[n], Tensor) or state[n].dtype != torch.int64]:
+            raise ValueError(f"{bad[0]} is not an int64 tensor")
+        table = cls(**{n: state[n] for n in names})
         rows = len(table.row_lengths)
-        if not all(isinstance(t, Tensor) for t in table.state_dict().values()) or (
+        if (
             table.negatives.ndim != 2
             or len(table.negatives) != len(table.class_ids)
             or len(table.row_labels) != rows
+            or not len(table.reserve)
             or int(table.row_lengths.sum()) != len(table.row_tokens)
-            or (table.negatives.numel() and not 0 <= int(table.negatives.min()) <= int(table.negatives.max()) < rows)
-            or (table.reserve.numel() and not 0 <= int(table.reserve.min()) <= int(table.reserve.max()) < rows)
+            or any(len(t) and not 0 <= int(t.min()) <= int(t.max()) < rows for t in (table.negatives, table.reserve))
         ):
             raise ValueError("its tensors do not fit together")
         return table

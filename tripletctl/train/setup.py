@@ -27,9 +27,9 @@ from tripletctl.outputs.checkpoint_find import CHECKPOINT, latest_checkpoint
 from tripletctl.outputs.checkpoint_load import load_checkpoint
 from tripletctl.outputs.checkpoint_save import clean_leftovers
 from tripletctl.train.class_centroids import ClassCentroids
-from tripletctl.train.mined_negatives import MinedTable
 from tripletctl.train.distributed import DistContext, check_world_size
 from tripletctl.train.memory import EmbeddingMemory
+from tripletctl.train.mined_negatives import MinedTable
 from tripletctl.train.state import RunProgress
 
 
@@ -123,6 +123,10 @@ def check_resume_compatible(curriculum: Curriculum, saved: dict, state: dict, pr
         (f"data.{key}", saved_data.get(key, _MISSING), getattr(curriculum.data, key)) for key in RESUME_DATA_KEYS
     ]
     changes += _memory_changes(saved_phase(index), phase.memory)
+    # the table in mined.pt was mined under these settings, and per_class sizes every batch
+    changes.append(
+        ("mined_negatives", saved_phase(index).get("mined_negatives", _MISSING), plain(phase.mined_negatives))
+    )
     for key, old, new in changes:
         if old is not _MISSING and old != new:
             old = repr(old) if len(repr(old)) <= 80 else repr(old)[:77] + "..."  # a file may hold anything
@@ -227,7 +231,7 @@ def load_resume(
     if loaded.mined is not None:
         try:
             resumed.mined = MinedTable.from_state_dict(loaded.mined)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except ValueError as e:
             raise CheckpointError(f"checkpoint {loaded.path} is damaged: mined.pt: {e}") from None
     if isinstance(resumed.rng, list):  # one state per rank (check_world_size made the counts equal)
         if len(resumed.rng) != ctx.world_size:

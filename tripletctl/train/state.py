@@ -23,11 +23,11 @@ from tripletctl.model.chunking import Chunking, ChunkPlan
 from tripletctl.outputs.metrics_log import MetricsLog
 from tripletctl.train import conditions, mining
 from tripletctl.train.class_centroids import ClassCentroids
-from tripletctl.train.mined_negatives import MinedTable
 from tripletctl.train.distributed import DistContext
 from tripletctl.train.divergence import DivergenceDetector
 from tripletctl.train.interrupt import StopFlag
 from tripletctl.train.memory import EmbeddingMemory
+from tripletctl.train.mined_negatives import MinedTable
 from tripletctl.train.trackers import Trackers
 from tripletctl.train.watchdog import CollapseWatchdog
 
