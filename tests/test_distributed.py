@@ -556,6 +556,42 @@ def test_torchrun_neighbour_batches_agree_across_ranks_and_resume_exactly(tmp_pa
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_torchrun_mined_negatives_agree_across_ranks_and_resume_exactly(tmp_path):
+    """mined_negatives under torchrun: rank 0 mines, every rank extends its batches from rank 0's table
+    (the one the checkpoint holds). A run stopped inside the mined phase and resumed ends with the
+    weights of a straight run; ranks with tables of their own would not."""
+    from safetensors.torch import load_file
+
+    def short(out: Path) -> list[str]:
+        return [
+            f"train.output_dir={out}",
+            "phases.0.steps=2",
+            "phases.1.steps=4",
+            "phases.2.steps=1",
+            "phases.1.batch_size=132",  # 22 classes of 4 + 2 mined: 11 on each rank
+            "phases.1.mined_negatives={per_class: 2, pool_rows: 400}",
+            "eval.max_rows=100",
+            "phases.0.until=null",
+            "phases.1.until=null",
+            "phases.2.until=null",
+        ]
+
+    straight = torchrun_train(QUICKSTART, *short(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stdout[-4000:]
+    assert "phase 1: mined 2 negatives for each of" in straight.stdout
+    out = tmp_path / "run"
+    first = torchrun_train(QUICKSTART, *short(out), "train.checkpoint_every=1", "--max-steps", "4")  # inside phase 1
+    assert first.returncode == 0, first.stdout[-4000:]
+    assert (out / "phase-1-hard-negative" / "checkpoint" / "mined.pt").exists()
+    second = torchrun_train(QUICKSTART, *short(out), "train.checkpoint_every=1", resume=True)
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert "mined 2 negatives" not in second.stdout  # the checkpoint's table, not a new pass
+    checkpoints = [o / "phase-2-batch-hard" / "checkpoint" for o in (tmp_path / "straight", out)]
+    a, b = (load_file(str(next((c / "model").glob("model*.safetensors")))) for c in checkpoints)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(Path(sys.argv[2]))

@@ -95,6 +95,7 @@ def head_files(model_dir: Path) -> list[Path]:
         "stream.pt",
         "memory.pt",
         "centroids.pt",
+        "mined.pt",
         "stream_file absolute",
         "stream_file ..",
         "model pickle",
@@ -106,7 +107,7 @@ def test_crafted_pickles_in_a_checkpoint_execute_nothing(run_copy, tmp_path, pla
     state_path = checkpoint / "state.json"
     state = json.loads(state_path.read_text())
     evil = PlantMarker(marker)
-    if plant in ("rng.pt", "optimizer.pt", "stream.pt", "memory.pt", "centroids.pt"):
+    if plant in ("rng.pt", "optimizer.pt", "stream.pt", "memory.pt", "centroids.pt", "mined.pt"):
         torch.save(evil, checkpoint / plant)
         if plant == "stream.pt":
             state["stream_file"] = "stream.pt"
@@ -180,7 +181,7 @@ def test_an_old_unsafe_stream_pickle_is_refused_in_one_line(run_copy):
 # ------------------------------------------------------------------------------- damaged files
 
 
-@pytest.mark.parametrize("file", ["memory.pt", "rng.pt", "optimizer.pt"])
+@pytest.mark.parametrize("file", ["memory.pt", "rng.pt", "optimizer.pt", "mined.pt"])
 @pytest.mark.parametrize(
     "garbage",
     [random.Random(0).randbytes(256), b"\x00not a zip\x00" * 20, pickle.dumps({"queue": [1.0, 2.0]})],
@@ -193,6 +194,16 @@ def test_a_garbage_torch_file_is_damaged_not_code(run_copy, file, garbage):
     assert result.exit_code == 2, result.output
     message = one_error_line(result)
     assert f"{file} is damaged" in message and "could run code" not in message, message
+
+
+def test_a_mined_table_that_does_not_fit_together_is_damaged(run_copy):
+    """A loadable mined.pt (tensors only) whose tensors are missing or disagree: one line, exit 2."""
+    torch.save(
+        {"class_ids": torch.tensor([1, 2]), "negatives": torch.tensor([[5]])}, checkpoint_of(run_copy) / "mined.pt"
+    )
+    result = cli("train", run_copy / "curriculum.yaml", "--resume")
+    assert result.exit_code == 2, result.output
+    assert "mined.pt: missing reserve, row_tokens" in one_error_line(result)
 
 
 def _truncate(path: Path) -> None:

@@ -6,7 +6,7 @@ the model, optimiser and output directory, runs the phases in order and evaluate
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -20,7 +20,7 @@ from tripletctl.config.until import STEP_METRICS
 from tripletctl.core.errors import WorkerDiedError, writing
 from tripletctl.core.faults import fault_point
 from tripletctl.data.neighbours import NeighbourBatches
-from tripletctl.data.stream import BatchStream, StreamInterrupted, pad_ragged
+from tripletctl.data.stream import Batch, BatchStream, StreamInterrupted, pad_ragged
 from tripletctl.model.chunking import Chunking, embed_and_backward, plan_chunks, resolve_chunking
 from tripletctl.outputs.checkpoint_find import phase_dir as phase_dir_of
 from tripletctl.outputs.metrics_log import MetricsLog
@@ -29,7 +29,7 @@ from tripletctl.train.distributed import all_reduce_sums, gather_labels, gather_
 from tripletctl.train.divergence import DivergenceDetector, weight_norm
 from tripletctl.train.lr import get_lr
 from tripletctl.train.memory import EmbeddingMemory, carry_over
-from tripletctl.train.mined_negatives import MinedTable, build_table
+from tripletctl.train.mined_negatives import MinedTable, agreed_table
 from tripletctl.train.phase_end import (
     PhaseEnd,
     PhaseOutcome,
@@ -69,7 +69,7 @@ def run_phase(
     ph = _open_phase(run, phase_index, progress, stream_state, memory)
     phase = ph.config
     try:
-        batches = iter(ph.stream)
+        batches = iter(ph.stream) if ph.mined is None else _with_mined_rows(run, ph.mined, iter(ph.stream))
         while not progress.phase_finished(phase):
             started = time.perf_counter()
             # 1. the next class-balanced batch (tokenised in worker processes, pinned memory). Between
@@ -78,8 +78,6 @@ def run_phase(
                 batch = next(batches)
             except (StreamInterrupted, WorkerDiedError) as error:
                 return stream_stopped(run, ph, progress, error)
-            if ph.mined is not None:  # each class brings its mined rows (mined_negatives), embedded fresh
-                batch = ph.mined.extend(batch, run.curriculum.data.samples_per_class, _mined_seed(run))
             run.stop.stepping = True  # a Ctrl-C from now on ends this step first
 
             # 2. learning rate: a pure function of the step (peak scaled to the batch: train.lr_scaling)
@@ -240,25 +238,32 @@ def _mined_seed(run: Run) -> int:
     return run.curriculum.train.seed * 1009 + run.ctx.rank
 
 
+def _with_mined_rows(run: Run, table: MinedTable, batches: Iterator[Batch]) -> Iterator[Batch]:
+    """Each batch with its classes' mined rows after its own (mined_negatives): embedded fresh."""
+    for batch in batches:
+        yield table.extend(batch, run.curriculum.data.samples_per_class, _mined_seed(run))
+
+
 def _mined_table(run: Run, phase_index: int, progress: RunProgress, log: MetricsLog) -> MinedTable | None:
-    """A phase with mined_negatives: the checkpoint's table when it resumes inside the phase, else a
-    new one from the model as it stands (its cost printed and logged: the pass is not free)."""
+    """mined_negatives: the checkpoint's table inside a phase, else one mined now (its cost logged)."""
     phase = run.curriculum.phases[phase_index]
     config = phase.mined_negatives
     if config is None:
         return None
     if progress.step > 0 and run.resumed_mined is not None:
         return run.resumed_mined
-    table, cost = build_table(run.model, run.tokenizer, run.curriculum.data, config, _mined_seed(run), run.ctx.device)
+    table, cost = agreed_table(
+        run.model, run.tokenizer, run.curriculum.data, config, run.curriculum.train.seed, run.ctx
+    )
     if run.ctx.is_main:
         run.console.print(
             f"phase {phase_index}: mined {config.per_class} negatives for each of {cost['pool_classes']:,} "
             f"classes from {cost['pool_rows']:,} pool rows in {cost['seconds']:.1f} s"
             + (f" ({cost['filled_at_random']:,} slots at random)" if cost["filled_at_random"] else "")
         )
-    event = {"event": "mined_negatives", "global_step": progress.global_step, "phase": phase.name, **cost}
-    log.append(event)
-    run.trackers.log(event)
+        event = {"event": "mined_negatives", "global_step": progress.global_step, "phase": phase.name, **cost}
+        log.append(event)
+        run.trackers.log(event)
     return table
 
 

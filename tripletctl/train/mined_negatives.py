@@ -13,7 +13,8 @@ them as any other row, a negative for every class but their own.
 Memory: the pass holds pool × dim floats and one chunk of classes × pool scores; the table keeps
 the token ids of the rows it uses (classes × per_class at most), never classes² or a text. The table
 is part of the checkpoint (`mined.pt`, tensors only), so `--resume` extends every batch the same way.
-Every rank builds the same table from the same pool and weights (the pass is not split).
+Under torchrun rank 0 mines and every rank extends its batches from rank 0's table (the one a
+checkpoint holds), so a resume is exact; the other ranks wait for the pass.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tripletctl.core.errors import DataError
 from tripletctl.data.sources import first_labelled_rows
 from tripletctl.data.stream import Batch, label_id
 from tripletctl.model.encoder import encode
+from tripletctl.train.distributed import DistContext, broadcast_object
 
 CLASS_CHUNK = 1024  # classes scored against the pool at once: chunk × pool floats
 RESERVE_ROWS = 256  # random pool rows for classes the pool lacks (a batch always has its mined share)
@@ -183,3 +185,14 @@ def build_table(
         "seconds": round(time.perf_counter() - started, 2),
     }
     return table, cost
+
+
+def agreed_table(
+    model: torch.nn.Module, tokenizer: Any, data: Any, config: MinedNegativesConfig, seed: int, ctx: DistContext
+) -> tuple[MinedTable, dict[str, Any]]:
+    """build_table on rank 0, its table and cost on every rank (tensors of token ids: small)."""
+    built = build_table(model, tokenizer, data, config, seed, ctx.device) if ctx.is_main else None
+    if not ctx.enabled:
+        return built
+    state, cost = broadcast_object((built[0].state_dict(), built[1]) if built is not None else None, ctx)
+    return MinedTable.from_state_dict(state), cost
