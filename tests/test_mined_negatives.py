@@ -231,3 +231,33 @@ def test_mined_negatives_on_pairs_is_a_one_line_error_exit_2(tmp_path):
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "phases[1] (hard-negative): mined_negatives needs classes of several rows" in result.output
+
+
+def test_validate_counts_only_the_rows_the_batcher_draws(tmp_path):
+    """5 classes of 4 rows: a batch of 30 texts is 5 classes + 10 mined rows (fillable), while 30 rows
+    all from the corpus would need 8 classes (32 rows: refused)."""
+    from typer.testing import CliRunner
+
+    from tripletctl.cli import app
+
+    data = tmp_path / "five.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"row {r} of class {c}", "label": f"c{c}"}) + "\n" for c in range(5) for r in range(4)
+        )
+    )
+    path = _mined_curriculum(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["data"]["source"] = str(data)
+    for phase in spec["phases"]:
+        phase["batch_size"] = 16 if "mined_negatives" not in phase else 30
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    del spec["phases"][1]["mined_negatives"]
+    spec["phases"][1]["batch_size"] = 32
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "phases[1] (hard-negative): batch_size 32 cannot be filled" in " ".join(
+        result.output.split()
+    )

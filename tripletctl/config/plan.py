@@ -19,6 +19,7 @@ from tripletctl.config.blocks import Curriculum, DataConfig, PhaseConfig, descri
 from tripletctl.config.layouts import LAYOUT_OF
 from tripletctl.config.loss_rules import DEFAULT_LOSS, LOSS_RULES
 from tripletctl.config.lr_scaling import EXPONENT, phase_peak_lr, reference_batch
+from tripletctl.config.mined_negatives import stream_rows
 from tripletctl.config.sizing import DataFacts, batch_fill
 from tripletctl.config.until import describe as describe_until
 
@@ -193,7 +194,8 @@ def data_lines(c: Curriculum, facts: dict[str, DataFacts | None]) -> list[str]:
     if found is None or not found.class_rows or LAYOUT_OF[c.data.layout].grouped:
         return lines
     for index, phase in enumerate(c.phases):
-        kind, why = batch_fill(found.class_rows, phase.batch_size, c.data.samples_per_class)
+        drawn = stream_rows(phase.batch_size, c.data.samples_per_class, phase.mined_negatives)  # the rest are mined
+        kind, why = batch_fill(found.class_rows, drawn, c.data.samples_per_class)
         if kind == "reuse":
             lines.append(f"batch: phase {index} ({phase.name}) batch {phase.batch_size:,} has {why}")
     return lines

@@ -27,6 +27,7 @@ from tripletctl.config.blocks import (
     chunking_conflict,
 )
 from tripletctl.config.layouts import LAYOUT_OF
+from tripletctl.config.mined_negatives import MinedNegativesConfig, stream_rows
 from tripletctl.config.overrides import apply_override
 from tripletctl.config.phase_checks import EVERY_UNKNOWN, check_neighbour_phases, check_phases
 from tripletctl.config.problems import Override, Problems, origin_of, phase_label, show_value, unknown_key
@@ -64,7 +65,11 @@ def _check_data(
         batch = phase.get("batch_size")
         if not isinstance(batch, int):
             continue
-        kind, why = batch_fill(found.class_rows, batch, data["samples_per_class"])
+        mined = phase.get("mined_negatives")  # its rows come from the mined table, not the batcher
+        drawn = stream_rows(
+            batch, data["samples_per_class"], mined if isinstance(mined, MinedNegativesConfig) else None
+        )
+        kind, why = batch_fill(found.class_rows, drawn, data["samples_per_class"])
         if kind == "never":
             problems.add(
                 f"{phase_label(index, phase)}: batch_size {batch} cannot be filled from data.source "
