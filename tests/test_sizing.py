@@ -9,6 +9,7 @@ import pytest
 from helpers import ListRows, labelled
 
 from tripletctl.config import sizing
+from tripletctl.config.mined_negatives import MinedNegativesConfig, stream_rows
 from tripletctl.config.sizing import batch_fill, hold_out, largest_fillable, max_length_for, nice, size_run
 from tripletctl.data import batching
 from tripletctl.data.batching import ClassBatcher, Shuffler
@@ -98,14 +99,18 @@ def test_many_classes_take_facenets_shape_sized_to_the_classes():
     assert plan.regime == "many" and plan.samples_per_class == 4
     assert [(p.mining, p.loss, p.batch_size) for p in plan.phases] == [
         ("semi-hard", "margin", 64),
-        ("batch-all", "infonce", 256),
+        ("batch-all", "infonce", 252),  # 42 classes of 4 rows + 2 mined negatives each
     ]
+    assert [p.mined_negatives for p in plan.phases] == [None, {"per_class": 2}]
     for phase in plan.phases:  # batches of distinct classes only: 80 classes hold 320 rows of 4
-        assert batch_fill([12] * 80, phase.batch_size, 4)[0] == "distinct"
+        mined = MinedNegativesConfig(**phase.mined_negatives) if phase.mined_negatives else None
+        assert batch_fill([12] * 80, stream_rows(phase.batch_size, 4, mined), 4)[0] == "distinct"
     gpu = size_run([12] * 3000, budget=6_000_000, device="cuda")
-    assert [p.batch_size for p in gpu.phases] == [512, 2048]
+    assert [p.batch_size for p in gpu.phases] == [512, 2046]
     few_classes = size_run([12] * 20, budget=3000, device="cuda")
-    assert [p.batch_size for p in few_classes.phases] == [80, 80]  # 20 classes × 4 rows: never 500 / 2000
+    assert [p.batch_size for p in few_classes.phases] == [80, 120]  # 20 classes × (4 + 2): never 500 / 2000
+    pairs = size_run([1] * 3000, budget=6_000_000, device="cuda", group=2)
+    assert [p.mined_negatives for p in pairs.phases] == [None, None]  # each row its own class: nothing to mine
 
 
 def test_intervals_follow_the_run_length():

@@ -16,6 +16,7 @@ import yaml
 from helpers import REPO, TINY_BERT
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from tripletctl.config.mined_negatives import stream_rows
 from tripletctl.config.validate import load_curriculum
 
 pytestmark = pytest.mark.slow  # end to end: `tripletctl init` (and train) on real files
@@ -86,7 +87,9 @@ def test_init_then_train_on_many_classes_holds_out_whole_classes(tmp_path):
     plan = load_curriculum(tmp_path / "curriculum.yaml")
     assert plan.model.init == "config" and plan.train.lr == 1e-3  # no weights in the folder: from scratch
     assert [(p.mining, p.loss) for p in plan.phases] == [("semi-hard", "margin"), ("batch-all", "infonce")]
-    assert plan.phases[1].batch_size <= 38 * plan.data.samples_per_class  # batches of distinct classes
+    infonce = plan.phases[1]  # batches of distinct classes, each with 2 mined negatives
+    assert infonce.mined_negatives.per_class == 2
+    assert stream_rows(infonce.batch_size, plan.data.samples_per_class, infonce.mined_negatives) <= 38 * 4
     run = cli("train", "curriculum.yaml", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     record = json.loads((tmp_path / "runs" / "curriculum" / "run.json").read_text())

@@ -21,6 +21,7 @@ CAPS = {"cpu": (64, 256), "cuda": (512, 2048)}  # device: (first batch, largest 
 SHARES_FEW = (0.2, 0.4, 0.4)  # of the budget: semi-hard small (a maximum: `until` ends it), semi-hard, hard
 SHARES_MANY = (0.3, 0.7)  # semi-hard (a maximum), InfoNCE: facenet.yaml's shape
 MIN_STEPS = 3  # a phase shorter than this says nothing
+MINED_PER_CLASS = 2  # labelled rows, InfoNCE phase: negatives each class brings (bench/quality.py tc-facenet-mined)
 ACTIVE_BELOW = 0.3  # semi-hard has little left to teach once fewer triplets than this are active
 BASE_LR = 2e-5  # at the first phase's batch, scaled by sqrt(batch / first): facenet.yaml's anchor
 SMALL_MODEL_LR = 1e-4  # hidden size below 384 (BERT miniatures fine-tune at 1e-4 to 3e-4)
@@ -135,6 +136,7 @@ class PhasePlan:
     warmup_steps: int
     loss: str = "margin"
     until: dict | None = None
+    mined_negatives: dict | None = None
     why: str = ""  # the comment `init` writes above the phase
 
 
@@ -253,7 +255,10 @@ def _many(class_rows: Sequence[int], budget: int, device: str, group: int | None
         spc, capacity = group, group * len(class_rows)
     small, largest = CAPS[device]
     first = max(2 * spc, _floor_to(min(small, capacity), spc))
-    second = max(first, _floor_to(min(4 * first, largest, capacity), spc))
+    # labelled rows: each class of the InfoNCE batch brings mined negatives, which the batcher does not draw
+    mined = {"per_class": MINED_PER_CLASS} if group is None else None
+    unit = spc + MINED_PER_CLASS if mined else spc
+    second = max(2 * unit, _floor_to(min(4 * first, largest, capacity // spc * unit), unit))
     steps = [_steps(share, budget, b) for share, b in zip(SHARES_MANY, (first, second))]
     phases = [
         PhasePlan(
@@ -283,7 +288,9 @@ def _many(class_rows: Sequence[int], budget: int, device: str, group: int | None
             0.2,
             _warmup(steps[1]),
             loss="infonce",
-            why="then supervised InfoNCE over the whole batch (facenet.yaml, set on bench/quality.py)",
+            mined_negatives=mined,
+            why="then supervised InfoNCE over the whole batch (facenet.yaml, set on bench/quality.py)"
+            + (f", each class with {MINED_PER_CLASS} negatives mined from the corpus as it starts" if mined else ""),
         ),
     ]
     classes = f"{len(class_rows):,} {'classes' if group is None else 'rows, each its own class'}"

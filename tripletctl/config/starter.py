@@ -53,6 +53,8 @@ def _phase(plan: PhasePlan) -> list[str]:
     ]
     if plan.loss != DEFAULT_LOSS:
         keys.insert(2, ("loss", plan.loss))
+    if plan.mined_negatives:
+        keys.append(("mined_negatives", plan.mined_negatives))
     if plan.until:
         keys.append(("until", plan.until))
     for position, (key, value) in enumerate(keys):
