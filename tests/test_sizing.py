@@ -97,19 +97,33 @@ def test_small_data_caps_the_batches_at_what_reuse_can_fill():
 def test_many_classes_take_facenets_shape_sized_to_the_classes():
     plan = size_run([12] * 80, budget=3000, device="cpu")
     assert plan.regime == "many" and plan.samples_per_class == 4
-    assert [(p.mining, p.loss, p.batch_size) for p in plan.phases] == [
-        ("semi-hard", "margin", 64),
-        ("batch-all", "infonce", 252),  # 42 classes of 4 rows + 2 mined negatives each
+    assert [(p.mining, p.loss, p.batch_size, p.mined_negatives) for p in plan.phases] == [
+        ("semi-hard", "margin", 64, None),
+        ("batch-all", "infonce", 256, None),  # 64 of 80 classes in a batch: they meet their confusers anyway
     ]
-    assert [p.mined_negatives for p in plan.phases] == [None, {"per_class": 2}]
     for phase in plan.phases:  # batches of distinct classes only: 80 classes hold 320 rows of 4
-        mined = MinedNegativesConfig(**phase.mined_negatives) if phase.mined_negatives else None
-        assert batch_fill([12] * 80, stream_rows(phase.batch_size, 4, mined), 4)[0] == "distinct"
+        assert batch_fill([12] * 80, phase.batch_size, 4)[0] == "distinct"
     gpu = size_run([12] * 3000, budget=6_000_000, device="cuda")
-    assert [p.batch_size for p in gpu.phases] == [512, 2046]
+    assert [p.batch_size for p in gpu.phases] == [512, 2048]
     few_classes = size_run([12] * 20, budget=3000, device="cuda")
-    assert [p.batch_size for p in few_classes.phases] == [80, 120]  # 20 classes × (4 + 2): never 500 / 2000
-    pairs = size_run([1] * 3000, budget=6_000_000, device="cuda", group=2)
+    assert [p.batch_size for p in few_classes.phases] == [80, 80]  # 20 classes × 4 rows: never 500 / 2000
+
+
+def test_mined_negatives_when_a_batch_holds_a_twentieth_of_the_classes_or_less():
+    for classes, device, mined in [
+        (839, "cpu", False),
+        (840, "cpu", True),
+        (6_820, "cuda", True),
+        (6_000, "cuda", False),
+    ]:
+        plan = size_run([12] * classes, budget=3_000_000, device=device)
+        infonce = plan.phases[1]
+        assert (infonce.mined_negatives == {"per_class": 2}) is mined, (classes, device)
+        if mined:  # 42 (cpu) or 341 (cuda) classes of 4 rows + 2 mined each
+            assert infonce.batch_size == {"cpu": 252, "cuda": 2046}[device]
+            config = MinedNegativesConfig(per_class=2)
+            assert batch_fill([12] * classes, stream_rows(infonce.batch_size, 4, config), 4)[0] == "distinct"
+    pairs = size_run([1] * 100_000, budget=6_000_000, device="cuda", group=2)
     assert [p.mined_negatives for p in pairs.phases] == [None, None]  # each row its own class: nothing to mine
 
 

@@ -16,7 +16,6 @@ import yaml
 from helpers import REPO, TINY_BERT
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from tripletctl.config.mined_negatives import stream_rows
 from tripletctl.config.validate import load_curriculum
 
 pytestmark = pytest.mark.slow  # end to end: `tripletctl init` (and train) on real files
@@ -87,9 +86,7 @@ def test_init_then_train_on_many_classes_holds_out_whole_classes(tmp_path):
     plan = load_curriculum(tmp_path / "curriculum.yaml")
     assert plan.model.init == "config" and plan.train.lr == 1e-3  # no weights in the folder: from scratch
     assert [(p.mining, p.loss) for p in plan.phases] == [("semi-hard", "margin"), ("batch-all", "infonce")]
-    infonce = plan.phases[1]  # batches of distinct classes, each with 2 mined negatives
-    assert infonce.mined_negatives.per_class == 2
-    assert stream_rows(infonce.batch_size, plan.data.samples_per_class, infonce.mined_negatives) <= 38 * 4
+    assert plan.phases[1].batch_size <= 38 * plan.data.samples_per_class  # batches of distinct classes
     run = cli("train", "curriculum.yaml", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     record = json.loads((tmp_path / "runs" / "curriculum" / "run.json").read_text())
@@ -170,3 +167,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, assets_dir, case):
     )
     if case == "exists":
         assert (tmp_path / "curriculum.yaml").read_text() == "mine\n"
+
+
+def test_a_plan_with_mined_negatives_is_written_as_the_key():
+    from tripletctl.config.sizing import size_run
+    from tripletctl.config.starter import render
+
+    plan = size_run([12] * 900, budget=100_000, device="cpu")  # 900 classes: 20 x the 42 of a batch
+    phases = yaml.safe_load(render([], {}, plan.phases, "why"))["phases"]
+    assert phases[1]["mined_negatives"] == {"per_class": 2} and phases[1]["batch_size"] == 252
+    assert "mined_negatives" not in phases[0]

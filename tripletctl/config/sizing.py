@@ -22,6 +22,7 @@ SHARES_FEW = (0.2, 0.4, 0.4)  # of the budget: semi-hard small (a maximum: `unti
 SHARES_MANY = (0.3, 0.7)  # semi-hard (a maximum), InfoNCE: facenet.yaml's shape
 MIN_STEPS = 3  # a phase shorter than this says nothing
 MINED_PER_CLASS = 2  # labelled rows, InfoNCE phase: negatives each class brings (bench/quality.py tc-facenet-mined)
+MINED_CLASS_RATIO = 20  # ... when the corpus has this many times the classes of a batch (docs/init.md)
 ACTIVE_BELOW = 0.3  # semi-hard has little left to teach once fewer triplets than this are active
 BASE_LR = 2e-5  # at the first phase's batch, scaled by sqrt(batch / first): facenet.yaml's anchor
 SMALL_MODEL_LR = 1e-4  # hidden size below 384 (BERT miniatures fine-tune at 1e-4 to 3e-4)
@@ -255,10 +256,13 @@ def _many(class_rows: Sequence[int], budget: int, device: str, group: int | None
         spc, capacity = group, group * len(class_rows)
     small, largest = CAPS[device]
     first = max(2 * spc, _floor_to(min(small, capacity), spc))
-    # labelled rows: each class of the InfoNCE batch brings mined negatives, which the batcher does not draw
-    mined = {"per_class": MINED_PER_CLASS} if group is None else None
-    unit = spc + MINED_PER_CLASS if mined else spc
-    second = max(2 * unit, _floor_to(min(4 * first, largest, capacity // spc * unit), unit))
+    second = max(first, _floor_to(min(4 * first, largest, capacity), spc))
+    # labelled rows whose random batches hold few of the classes (a class rarely meets its confusers):
+    # each class of the InfoNCE batch brings mined negatives, which the batcher does not draw
+    mined = None
+    if group is None and len(class_rows) >= MINED_CLASS_RATIO * (second // (spc + MINED_PER_CLASS)):
+        mined = {"per_class": MINED_PER_CLASS}
+        second = max(2 * (spc + MINED_PER_CLASS), _floor_to(second, spc + MINED_PER_CLASS))
     steps = [_steps(share, budget, b) for share, b in zip(SHARES_MANY, (first, second))]
     phases = [
         PhasePlan(
