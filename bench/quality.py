@@ -132,6 +132,45 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     "tc-facenet-mined-hw": _facenet_shape(
         {}, {"mined_negatives": {"per_class": 2, "pool_rows": 21000}, "hardness_alpha": 2.0}, {}
     ),
+    # screens of the mined lever's schedule (issue 32, item 5): mined in the semi-hard phase too; the
+    # InfoNCE phase split in two, each mining afresh with the model as it then stands; InfoNCE for three
+    # quarters of the budget (near `tripletctl init`'s 0.3 / 0.7), with and without the lever, and for
+    # nine tenths; InfoNCE alone, mined
+    "tc-facenet-mined-both": _facenet_shape(
+        {"mined_negatives": {"per_class": 2, "pool_rows": 21000}},
+        {"mined_negatives": {"per_class": 2, "pool_rows": 21000}},
+        {},
+    ),
+    "tc-facenet-mined-remine": (
+        [
+            Phase("semi-hard", 0.5, 0.5, {"margin": 0.5}),
+            *[
+                Phase(
+                    "batch-all", 0.25, 2.0, {"loss": "infonce", "mined_negatives": {"per_class": 2, "pool_rows": 21000}}
+                )
+                for _ in range(2)
+            ],
+        ],
+        {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt"}},
+    ),
+    "tc-facenet-mined-long": _facenet_shape(
+        {}, {"mined_negatives": {"per_class": 2, "pool_rows": 21000}}, {}, semi_share=0.25
+    ),
+    "tc-facenet-long": _facenet_shape({}, {}, {}, semi_share=0.25),
+    "tc-facenet-mined-longer": _facenet_shape(
+        {}, {"mined_negatives": {"per_class": 2, "pool_rows": 21000}}, {}, semi_share=0.1
+    ),
+    "tc-facenet-mined-wide": (  # -long with the InfoNCE batch at 4x (252 at the cpu size, as init's on a CPU)
+        [
+            Phase("semi-hard", 0.25, 0.5, {"margin": 0.5}),
+            Phase("batch-all", 0.75, 4.0, {"loss": "infonce", "mined_negatives": {"per_class": 2, "pool_rows": 21000}}),
+        ],
+        {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt"}},
+    ),
+    "tc-infonce-mined": (
+        [Phase("batch-all", 1.0, 2.0, {"loss": "infonce", "mined_negatives": {"per_class": 2, "pool_rows": 21000}})],
+        {"train": {"lr_scaling": "sqrt"}},
+    ),
     # its two losses alone, each for the whole budget
     "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
     "tc-infonce": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {}),
@@ -237,10 +276,13 @@ def curriculum(
     phases: list[Phase], overrides: dict, train_file: Path, run_dir: Path, size: Size, seed: int, model: Path
 ) -> dict:
     plan_phases = []
+    share_done = spent = 0.0  # steps are rounded against the budget so far, so rounding never adds up
     for i, phase in enumerate(phases):
         group = SAMPLES_PER_CLASS + phase.keys.get("mined_negatives", {}).get("per_class", 0)  # texts a class
         batch = int(round(phase.batch_factor * size.batch / group)) * group
-        steps = max(1, round(phase.share * size.samples / batch))
+        share_done += phase.share
+        steps = max(1, round((share_done * size.samples - spent) / batch))
+        spent += steps * batch
         plan_phases.append(
             {
                 "name": f"p{i}-{phase.mining}",
