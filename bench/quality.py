@@ -127,54 +127,21 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     # lever): each class brings the 2 rows of other classes the model then puts closest, below 0.95 x
     # the class's own similarity; the pool covers the training file (20,612 rows on debsource)
     "tc-facenet-mined": _facenet_shape({}, {"mined_negatives": {"per_class": 2, "pool_rows": 21000}}, {}),
-    # the same with 4 mined rows a class (half the batch mined), and with hardness_alpha 2 on top
-    "tc-facenet-mined4": _facenet_shape({}, {"mined_negatives": {"per_class": 4, "pool_rows": 21000}}, {}),
-    "tc-facenet-mined-hw": _facenet_shape(
-        {}, {"mined_negatives": {"per_class": 2, "pool_rows": 21000}, "hardness_alpha": 2.0}, {}
-    ),
-    # screens of the mined lever's schedule (issue 32, item 5): mined in the semi-hard phase too; the
-    # InfoNCE phase split in two, each mining afresh with the model as it then stands; InfoNCE for three
-    # quarters of the budget (near `tripletctl init`'s 0.3 / 0.7), with and without the lever, and for
-    # nine tenths; InfoNCE alone, mined
-    "tc-facenet-mined-both": _facenet_shape(
-        {"mined_negatives": {"per_class": 2, "pool_rows": 21000}},
-        {"mined_negatives": {"per_class": 2, "pool_rows": 21000}},
-        {},
-    ),
-    "tc-facenet-mined-remine": (
-        [
-            Phase("semi-hard", 0.5, 0.5, {"margin": 0.5}),
-            *[
-                Phase(
-                    "batch-all", 0.25, 2.0, {"loss": "infonce", "mined_negatives": {"per_class": 2, "pool_rows": 21000}}
-                )
-                for _ in range(2)
-            ],
-        ],
-        {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt"}},
-    ),
+    # `tripletctl init`'s shape for labelled data with many classes (semi-hard for about a quarter of the
+    # budget, InfoNCE for the rest, sizing.SHARES_MANY = 0.3 / 0.7), without and with the mined lever that
+    # init turns on where a batch holds at most a twentieth of the classes (issue 32). The screens that
+    # did not beat tc-facenet-mined-long (4 mined a class, hardness α 2 on top, mined in both phases,
+    # re-mined halfway, InfoNCE for 9/10 or alone, a 4x InfoNCE batch) are in git: `git show e007390:bench/quality.py`
+    "tc-facenet-long": _facenet_shape({}, {}, {}, semi_share=0.25),
     "tc-facenet-mined-long": _facenet_shape(
         {}, {"mined_negatives": {"per_class": 2, "pool_rows": 21000}}, {}, semi_share=0.25
-    ),
-    "tc-facenet-long": _facenet_shape({}, {}, {}, semi_share=0.25),
-    "tc-facenet-mined-longer": _facenet_shape(
-        {}, {"mined_negatives": {"per_class": 2, "pool_rows": 21000}}, {}, semi_share=0.1
-    ),
-    "tc-facenet-mined-wide": (  # -long with the InfoNCE batch at 4x (252 at the cpu size, as init's on a CPU)
-        [
-            Phase("semi-hard", 0.25, 0.5, {"margin": 0.5}),
-            Phase("batch-all", 0.75, 4.0, {"loss": "infonce", "mined_negatives": {"per_class": 2, "pool_rows": 21000}}),
-        ],
-        {"train": {"distance": "squared-euclidean", "lr_scaling": "sqrt"}},
-    ),
-    "tc-infonce-mined": (
-        [Phase("batch-all", 1.0, 2.0, {"loss": "infonce", "mined_negatives": {"per_class": 2, "pool_rows": 21000}})],
-        {"train": {"lr_scaling": "sqrt"}},
     ),
     # its two losses alone, each for the whole budget
     "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
     "tc-infonce": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {}),
 }
+# a lever's row on a shape other than tc-facenet's, and that shape without it: the report compares them too
+LEVER_BASE = {"tc-facenet-mined-long": "tc-facenet-long"}
 # sentence-transformers rows: the loss, with the library's own sampler for it
 ST_ROWS = {
     "st-semi-hard": "BatchSemiHardTripletLoss",
@@ -506,6 +473,7 @@ def corpus_report(corpus: str, rows: dict[str, dict[int, Path]], counts: dict | 
     for row in [r for r in _ordered(rows) if r.startswith("tc-")]:
         for metric in METRICS:
             pairs = [(best.get(metric), " (best anchor)"), (REFERENCE_ROW if row != REFERENCE_ROW else None, "")]
+            pairs += [(LEVER_BASE[row], " (the same shape without the lever)")] if row in LEVER_BASE else []
             for reference, why in pairs:
                 if reference in rows and (diff := difference(rows[row], rows[reference], metric)):
                     lines.append(difference_line(row, reference, why, metric, diff))

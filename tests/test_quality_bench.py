@@ -95,7 +95,8 @@ def test_report_joins_means_and_intervals_of_one_size(tmp_path, monkeypatch, cap
     map_shift = {"st-mnrl": 0.3, "tc-facenet": 0.2, "tc-semi-hard": 0.1}  # st-mnrl: the best anchor on MAP@R
     seeds = {"zero-shot": [0], "st-batch-hard": [0, 1], "tc-semi-hard": [0, 1]}
     values: dict[str, dict[int, dict[str, np.ndarray]]] = {}
-    for row in ["zero-shot", "st-semi-hard", "st-batch-hard", "st-mnrl", "tc-facenet", "tc-semi-hard"]:
+    rows = ["zero-shot", "st-semi-hard", "st-batch-hard", "st-mnrl", "tc-facenet", "tc-semi-hard"]
+    for row in [*rows, "tc-facenet-long", "tc-facenet-mined-long"]:  # a lever's row and its base
         for seed in seeds.get(row, [0, 1, 2]):
             v = {
                 "recall@1": (rng.random(N_QUERIES) < hit_rates.get(row, 0.7)).astype(float),
@@ -133,6 +134,7 @@ def test_report_joins_means_and_intervals_of_one_size(tmp_path, monkeypatch, cap
         expected("tc-semi-hard", "st-semi-hard", " (best anchor)", "recall@1", [0, 1]),
         expected("tc-semi-hard", "tc-facenet", "", "recall@1", [0, 1]),
         expected("tc-semi-hard", "tc-facenet", "", "map@r", [0, 1]),
+        expected("tc-facenet-mined-long", "tc-facenet-long", " (the same shape without the lever)", "map@r", [0, 1, 2]),
     ]
     for line in lines:
         assert line in printed, f"{line!r} not in\n{printed}"
