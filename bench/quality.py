@@ -43,6 +43,9 @@ lever, no extra cost: one add per negative).
 (each class brings the 2 rows of other classes the model puts closest when the phase starts, positive-
 aware; the pool is the whole training file); `tc-facenet-mined4` with 4, `tc-facenet-mined-hw` with
 `hardness_alpha: 2` too. The pass's cost is in the run's metrics.jsonl (`"event": "mined_negatives"`).
+`--rows tc-facenet-mined-long`: `tripletctl init`'s shape (InfoNCE for three quarters) with that lever;
+`tc-facenet-long` without it; `tc-facenet-mined-long-spc2` with 2 rows a class, what init picks where a
+quarter of the classes hold fewer than 4 rows (debsource).
 """
 
 from __future__ import annotations
@@ -135,6 +138,15 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     "tc-facenet-long": _facenet_shape({}, {}, {}, semi_share=0.25),
     "tc-facenet-mined-long": _facenet_shape(
         {}, {"mined_negatives": {"per_class": 2, "pool_rows": 21000}}, {}, semi_share=0.25
+    ),
+    # -long with the lever at 2 rows a class, what `tripletctl init` writes for debsource (a quarter of its
+    # classes hold fewer than 4 rows: at 4 a class, 4,454 of its 5,904 classes never fill a batch slot)
+    "tc-facenet-mined-long-spc2": _facenet_shape(
+        {},
+        {"mined_negatives": {"per_class": 2, "pool_rows": 21000}},
+        {},
+        data={"samples_per_class": 2},
+        semi_share=0.25,
     ),
     # its two losses alone, each for the whole budget
     "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
@@ -242,10 +254,11 @@ def _pairs(rows: list[dict], seed: int):
 def curriculum(
     phases: list[Phase], overrides: dict, train_file: Path, run_dir: Path, size: Size, seed: int, model: Path
 ) -> dict:
+    samples_per_class = overrides.get("data", {}).get("samples_per_class", SAMPLES_PER_CLASS)
     plan_phases = []
     share_done = spent = 0.0  # steps are rounded against the budget so far, so rounding never adds up
     for i, phase in enumerate(phases):
-        group = SAMPLES_PER_CLASS + phase.keys.get("mined_negatives", {}).get("per_class", 0)  # texts a class
+        group = samples_per_class + phase.keys.get("mined_negatives", {}).get("per_class", 0)  # texts a class
         batch = int(round(phase.batch_factor * size.batch / group)) * group
         share_done += phase.share
         steps = max(1, round((share_done * size.samples - spent) / batch))

@@ -97,6 +97,31 @@ def test_validate_says_what_it_read_and_which_batches_reuse_classes(tmp_path, as
     assert "batch: phase 1 (p1) batch 48 has all 2 classes in every batch, about 24 rows each" in result.output
 
 
+def test_validate_counts_the_classes_too_small_for_samples_per_class(tmp_path, assets_dir):
+    """Classes with fewer distinct rows than samples_per_class never fill, so no batch takes their rows:
+    validate says how many (debsource: half its rows at 4 a class), and what 2 a class would take."""
+    sizes = [1, 2, 2, 3, 4, 5] + [6] * 20  # distinct rows per class
+    source = tmp_path / "small_classes.jsonl"
+    source.write_text(
+        "".join(f'{{"text": "c{c} row {i}", "label": "c{c}"}}\n' for c, n in enumerate(sizes) for i in range(n))
+    )
+    path = _curriculum(tmp_path, assets_dir, batches=(8, 16), data=str(source))
+    result = CliRunner().invoke(app, ["validate", path, "data.samples_per_class=4"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    small = [n for n in sizes if n < 4]
+    assert (
+        f"data: {len(small)} of {len(sizes)} classes ({sum(small)} of {sum(sizes)} rows) hold fewer than "
+        f"samples_per_class (4) distinct rows: no batch takes them; data.samples_per_class=2 would take "
+        f"{sum(1 for n in small if n >= 2)} of them" in " ".join(result.output.split())
+    )
+    result = CliRunner().invoke(app, ["validate", path], env={"COLUMNS": "200"})  # 2 a class: only the 1-row class
+    assert (
+        f"data: 1 of 26 classes (1 of {sum(sizes)} rows) hold fewer than samples_per_class (2) distinct rows"
+        in " ".join(result.output.split())
+    )
+    assert "would take" not in result.output
+
+
 @pytest.mark.slow
 def test_train_stops_on_the_column_before_building_a_model(tmp_path, assets_dir):
     path = _curriculum(tmp_path, assets_dir)

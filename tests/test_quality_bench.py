@@ -66,6 +66,25 @@ def test_a_larger_budget_scales_the_steps_not_the_batches(tmp_path, tiny_bert_di
     assert [4 * p["steps"] for p in plans[0]["phases"]] == [p["steps"] for p in plans[1]["phases"]]
 
 
+def test_a_rows_own_samples_per_class_sizes_its_batches(tmp_path, tiny_bert_dir, assets_dir):
+    """tc-facenet-mined-long-spc2: 2 rows a class + 2 mined, so the InfoNCE batch is a multiple of 4 (not 6)."""
+    phases, overrides = quality.ALL_TRIPLETCTL_ROWS["tc-facenet-mined-long-spc2"]
+    plan = quality.curriculum(
+        phases, overrides, assets_dir / "many_class.jsonl", tmp_path, quality.SIZES["cpu"], 0, tiny_bert_dir
+    )
+    assert plan["data"]["samples_per_class"] == 2
+    assert [p["batch_size"] for p in plan["phases"]] == [32, 128]  # 0.5 × 64 and 2 × 64, exact multiples
+    four = quality.curriculum(
+        *quality.ALL_TRIPLETCTL_ROWS["tc-facenet-mined-long"],
+        assets_dir / "many_class.jsonl",
+        tmp_path,
+        quality.SIZES["cpu"],
+        0,
+        tiny_bert_dir,
+    )
+    assert [p["batch_size"] for p in four["phases"]] == [32, 126]  # 4 + 2 a class: 21 classes
+
+
 CPU = quality.size_record("cpu", quality.SIZES["cpu"])
 N_QUERIES = 40
 

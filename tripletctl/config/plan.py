@@ -193,6 +193,14 @@ def data_lines(c: Curriculum, facts: dict[str, DataFacts | None]) -> list[str]:
     found = facts.get("data")
     if found is None or not found.class_rows or LAYOUT_OF[c.data.layout].grouped:
         return lines
+    spc = c.data.samples_per_class
+    unused = [n for n in found.class_rows if n < spc]
+    if unused:  # a class never fills, so its rows are never an anchor (only, mined, a negative)
+        lines.append(
+            f"data: {len(unused):,} of {len(found.class_rows):,} classes ({sum(unused):,} of {sum(found.class_rows):,}"
+            f" rows) hold fewer than samples_per_class ({spc}) distinct rows: no batch takes them"
+            + (f"; data.samples_per_class=2 would take {sum(1 for n in unused if n >= 2):,} of them" if spc > 2 else "")
+        )
     for index, phase in enumerate(c.phases):
         drawn = stream_rows(phase.batch_size, c.data.samples_per_class, phase.mined_negatives)  # the rest are mined
         kind, why = batch_fill(found.class_rows, drawn, c.data.samples_per_class)
