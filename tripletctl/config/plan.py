@@ -172,8 +172,9 @@ def _caption_lines(c: Curriculum) -> list[str]:
 
 
 def data_lines(c: Curriculum, facts: dict[str, DataFacts | None]) -> list[str]:
-    """Under the plan: what `validate` read of each source (data/header.py), and the phases whose
-    batches reuse every class because the data has fewer than the batch has slots."""
+    """Under the plan: what `validate` read of each source (data/header.py), the classes too small to
+    ever fill a batch slot, and the phases whose batches reuse every class because the data has fewer
+    than the batch has slots."""
     lines = []
     for block, found in facts.items():
         if found is None:
@@ -195,7 +196,7 @@ def data_lines(c: Curriculum, facts: dict[str, DataFacts | None]) -> list[str]:
         return lines
     spc = c.data.samples_per_class
     unused = [n for n in found.class_rows if n < spc]
-    if unused:  # a class never fills, so its rows are never an anchor (only, mined, a negative)
+    if unused and found.complete:  # exact counts only; such a class never fills: never an anchor, at most mined
         lines.append(
             f"data: {len(unused):,} of {len(found.class_rows):,} classes ({sum(unused):,} of {sum(found.class_rows):,}"
             f" rows) hold fewer than samples_per_class ({spc}) distinct rows: no batch takes them"
