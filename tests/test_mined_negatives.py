@@ -261,3 +261,45 @@ def test_validate_counts_only_the_rows_the_batcher_draws(tmp_path):
     assert result.exit_code == 2 and "phases[1] (hard-negative): batch_size 32 cannot be filled" in " ".join(
         result.output.split()
     )
+
+
+@pytest.mark.slow
+def test_train_says_what_the_pass_does_before_it_starts(tmp_path):
+    """The pass at a phase's start is silent work (minutes on a large pool): the CLI names it first,
+    then what it cost; each once, for the two phases that mine."""
+    from typer.testing import CliRunner
+
+    from tripletctl.cli import app
+
+    path = _mined_curriculum(tmp_path)
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    for phase in (1, 2):
+        starting = f"phase {phase}: mining 2 negatives a class from the first 300 rows of the source"
+        assert result.output.count(starting) == 1, result.output
+        assert result.output.index(starting) < result.output.index(f"phase {phase}: mined 2 negatives for each of")
+
+
+def test_the_pool_is_embedded_behind_a_bar_only_when_asked(monkeypatch, tiny_bert_dir):
+    """build_table hands its `progress` to the encoder (a transient bar on a terminal, none in a log)."""
+    from helpers import ASSETS, tiny_model
+
+    from tripletctl.config.blocks import DataConfig
+    from tripletctl.train import mined_negatives
+
+    seen = []
+    real_encode = mined_negatives.encode
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("progress"))
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(mined_negatives, "encode", spy)
+    model, tokenizer = tiny_model(tiny_bert_dir)
+    data = DataConfig(source=str(ASSETS / "train.jsonl"), max_length=16)
+    config = MinedNegativesConfig(per_class=2, pool_rows=40)
+    for progress in (False, True):
+        mined_negatives.build_table(
+            model, tokenizer, data, config, seed=0, device=torch.device("cpu"), progress=progress
+        )
+    assert seen == [False, True]

@@ -252,8 +252,19 @@ def _mined_table(run: Run, phase_index: int, progress: RunProgress, log: Metrics
         return None
     if progress.step > 0 and run.resumed_mined is not None:
         return run.resumed_mined
+    if run.ctx.is_main:  # the pass is silent work of seconds to minutes: say what it is before it starts
+        run.console.print(
+            f"phase {phase_index}: mining {config.per_class} negatives a class from the first "
+            f"{config.pool_rows:,} rows of the source"
+        )
     table, cost = agreed_table(
-        run.model, run.tokenizer, run.curriculum.data, config, run.curriculum.train.seed, run.ctx
+        run.model,
+        run.tokenizer,
+        run.curriculum.data,
+        config,
+        run.curriculum.train.seed,
+        run.ctx,
+        progress=run.ctx.is_main and run.console.is_terminal,
     )
     if run.ctx.is_main:
         run.console.print(

@@ -151,14 +151,23 @@ class MinedTable:
 
 
 def build_table(
-    model: torch.nn.Module, tokenizer: Any, data: Any, config: MinedNegativesConfig, seed: int, device: torch.device
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: Any,
+    config: MinedNegativesConfig,
+    seed: int,
+    device: torch.device,
+    progress: bool = False,
 ) -> tuple[MinedTable, dict[str, Any]]:
     """Read and embed the pool with the model as it stands, mine each class's rows; also what the
-    pass cost (its seconds, rows and classes, the slots filled at random), for the phase's log."""
+    pass cost (its seconds, rows and classes, the slots filled at random), for the phase's log.
+    `progress`: a transient bar while the pool is embedded (a large pool takes minutes)."""
     started = time.perf_counter()
     rows = first_labelled_rows(data, config.pool_rows)
     texts, labels = [r[0] for r in rows], torch.tensor([label_id(r[1]) for r in rows], dtype=torch.int64)
-    embeddings = encode(model, tokenizer, texts, batch_size=256, max_length=data.max_length, device=device)
+    embeddings = encode(
+        model, tokenizer, texts, batch_size=256, max_length=data.max_length, device=device, progress=progress
+    )
     generator = torch.Generator().manual_seed(seed)
     class_ids, chosen, filled_at_random = mine_pool(embeddings, labels, config, generator)
     reserve = torch.randperm(len(rows), generator=generator)[:RESERVE_ROWS]
@@ -188,10 +197,16 @@ def build_table(
 
 
 def agreed_table(
-    model: torch.nn.Module, tokenizer: Any, data: Any, config: MinedNegativesConfig, seed: int, ctx: DistContext
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: Any,
+    config: MinedNegativesConfig,
+    seed: int,
+    ctx: DistContext,
+    progress: bool = False,
 ) -> tuple[MinedTable, dict[str, Any]]:
     """build_table on rank 0, its table and cost on every rank (tensors of token ids: small)."""
-    built = build_table(model, tokenizer, data, config, seed, ctx.device) if ctx.is_main else None
+    built = build_table(model, tokenizer, data, config, seed, ctx.device, progress) if ctx.is_main else None
     if not ctx.enabled:
         return built
     state, cost = broadcast_object((built[0].state_dict(), built[1]) if built is not None else None, ctx)
