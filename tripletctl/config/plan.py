@@ -203,8 +203,8 @@ def data_lines(c: Curriculum, facts: dict[str, DataFacts | None]) -> list[str]:
             + (f"; data.samples_per_class=2 would take {sum(1 for n in unused if n >= 2):,} of them" if spc > 2 else "")
         )
     for index, phase in enumerate(c.phases):
-        drawn = stream_rows(phase.batch_size, c.data.samples_per_class, phase.mined_negatives)  # the rest are mined
-        kind, why = batch_fill(found.class_rows, drawn, c.data.samples_per_class)
+        drawn = stream_rows(phase.batch_size, spc, phase.mined_negatives)  # the rest are mined
+        kind, why = batch_fill(found.class_rows, drawn, spc)
         if kind == "reuse":
             lines.append(f"batch: phase {index} ({phase.name}) batch {phase.batch_size:,} has {why}")
     return lines
