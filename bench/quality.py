@@ -50,6 +50,9 @@ aware; the pool is the whole training file); `tc-facenet-mined4` with 4, `tc-fac
 `--rows tc-facenet-mined-long`: `tripletctl init`'s shape (InfoNCE for three quarters) with that lever;
 `tc-facenet-long` without it; `tc-facenet-mined-long-spc2` with 2 rows a class, what init picks where a
 quarter of the classes hold fewer than 4 rows (debsource).
+`--rows tc-facenet-long-stop` (and `tc-facenet-mined-long-spc2-stop`): that row with the held-out block
+`tripletctl init` writes: a fifth of the training classes (never the scored ones) kept out of training as
+an eval block, and the InfoNCE phase ending once its MAP@R is flat for 2 evals (`until: eval_plateau`).
 """
 
 from __future__ import annotations
@@ -156,8 +159,14 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
     "tc-semi-hard": ([Phase("semi-hard", 1.0)], {}),
     "tc-infonce": ([Phase("batch-all", 1.0, keys={"loss": "infonce"})], {}),
 }
+# rows that run with the held-out block `tripletctl init` writes: a fifth of the *training* classes (never the
+# scored ones) kept out of training and evaluated every nice(steps / 10), and the last phase ending once
+# held-out MAP@R is flat for 2 evals, where init's rule puts that stop (config/sizing.py `size_run`): a
+# corpus of 1,439 rows at 64,000 samples is 44 passes, and this is init's answer to over-training
+STOP_ROWS = {"tc-facenet-long-stop": "tc-facenet-long", "tc-facenet-mined-long-spc2-stop": "tc-facenet-mined-long-spc2"}
+TRIPLETCTL_ROWS.update({row: TRIPLETCTL_ROWS[base] for row, base in STOP_ROWS.items()})
 # a lever's row on a shape other than tc-facenet's, and that shape without it: the report compares them too
-LEVER_BASE = {"tc-facenet-mined-long": "tc-facenet-long"}
+LEVER_BASE = {"tc-facenet-mined-long": "tc-facenet-long", **STOP_ROWS}
 # sentence-transformers rows: the loss, with the library's own sampler for it
 ST_ROWS = {
     "st-semi-hard": "BatchSemiHardTripletLoss",
@@ -256,7 +265,14 @@ def _pairs(rows: list[dict], seed: int):
 
 
 def curriculum(
-    phases: list[Phase], overrides: dict, train_file: Path, run_dir: Path, size: Size, seed: int, model: Path
+    phases: list[Phase],
+    overrides: dict,
+    train_file: Path,
+    run_dir: Path,
+    size: Size,
+    seed: int,
+    model: Path,
+    eval_file: Path | None = None,
 ) -> dict:
     samples_per_class = overrides.get("data", {}).get("samples_per_class", SAMPLES_PER_CLASS)
     plan_phases = []
@@ -301,7 +317,32 @@ def curriculum(
     }
     for block, keys in overrides.items():
         plan[block] = {**plan.get(block, {}), **keys}
+    if eval_file is not None:  # init's eval block and stop, by its rule (config/sizing.py size_run)
+        from tripletctl.config.sizing import nice
+
+        total = sum(p["steps"] for p in plan_phases)
+        every = nice(total / 10) if total >= 100 else 0
+        plan["eval"] = {"source": str(eval_file), "every": every, "max_rows": 2000}
+        if every and plan_phases[-1]["steps"] >= 4 * every:
+            plan_phases[-1]["until"] = {"eval_plateau": {"metric": "map@r", "patience": 2}}
     return plan
+
+
+def split_for_eval(train_file: Path, folder: Path) -> tuple[Path, Path]:
+    """`tripletctl init`'s hold-out of the training file (config/sizing.py `hold_out`, seed 0: the same split
+    for every seed, as one init run): (the rows left to train on, the held-out rows of the eval block)."""
+    from tripletctl.config.sizing import hold_out
+
+    rows = read_rows(train_file)
+    texts: dict[str, set[str]] = {}
+    for row in rows:
+        texts.setdefault(row["label"], set()).add(row["text"])
+    held = hold_out({label: len(t) for label, t in texts.items()}, seed=0).labels
+    folder.mkdir(parents=True, exist_ok=True)
+    files = (folder / "train.jsonl", folder / "eval.jsonl")
+    for path, keep in zip(files, (False, True)):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows if (row["label"] in held) == keep))
+    return files
 
 
 def train_tripletctl(row: str, train_file: Path, out: Path, size: Size, seed: int) -> Path:
@@ -309,7 +350,10 @@ def train_tripletctl(row: str, train_file: Path, out: Path, size: Size, seed: in
 
     phases, overrides = TRIPLETCTL_ROWS[row]
     run_dir = out / "run"
-    plan = curriculum(phases, overrides, train_file, run_dir, size, seed, base_model())
+    eval_file = None
+    if row in STOP_ROWS:
+        train_file, eval_file = split_for_eval(train_file, out / "split")
+    plan = curriculum(phases, overrides, train_file, run_dir, size, seed, base_model(), eval_file)
     (out / "curriculum.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
     command = [sys.executable, "-m", "tripletctl", "train", str(out / "curriculum.yaml")]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -355,6 +399,19 @@ def train_row(row: str, train_file: Path, folder: Path, size: Size, seed: int) -
     return train_tripletctl(row, train_file, folder, size, seed)
 
 
+def run_events(run_dir: Path) -> dict:
+    """What a tripletctl run's metrics.jsonl say about its held-out block, kept in result.json (the run
+    folder is deleted): MAP@R at each eval (global step, value) and the `until` that ended a phase early."""
+    evals, stops = [], []
+    for path in sorted(run_dir.glob("**/metrics.jsonl")):
+        for event in read_rows(path):
+            if event.get("event") == "eval" and "map@r" in event:
+                evals.append([event["global_step"], round(event["map@r"], 6)])
+            elif event.get("event") == "until":
+                stops.append({k: event[k] for k in ("phase", "step", "steps_planned", "global_step", "reason")})
+    return {**({"evals": sorted(evals)} if evals else {}), **({"until": stops} if stops else {})}
+
+
 def run_row(
     row: str, corpus: str, files: tuple[Path, Path], out: Path, size: dict, seed: int, *, force: bool, keep: bool
 ) -> dict:
@@ -382,8 +439,9 @@ def run_row(
     per_query = per_query_loaded(model, tokenizer, read_held_out(held_out), budget.max_length, budget.device)
     del model
     np.savez(folder / "per_query.npz", query_rows=per_query.query_rows, **per_query.values)
+    events = run_events(folder / "run")
     if not keep:
-        for name in ("model", "trainer", "run"):  # sentence-transformers' model and trainer, tripletctl's run
+        for name in ("model", "trainer", "run", "split"):  # sentence-transformers', tripletctl's run, its eval split
             shutil.rmtree(folder / name, ignore_errors=True)
     result = {
         "corpus": corpus,
@@ -395,6 +453,7 @@ def run_row(
         "queries": int(per_query.query_rows.size),
         "train_s": round(trained_s, 1),
         "score_s": round(time.perf_counter() - started - trained_s, 1),
+        **events,
     }
     partial = folder / "result.json.partial"  # written last and renamed: a result is whole or absent
     partial.write_text(json.dumps(result, indent=2))
@@ -490,7 +549,8 @@ def corpus_report(corpus: str, rows: dict[str, dict[int, Path]], counts: dict | 
     for row in [r for r in _ordered(rows) if r.startswith("tc-")]:
         for metric in METRICS:
             pairs = [(best.get(metric), " (best anchor)"), (REFERENCE_ROW if row != REFERENCE_ROW else None, "")]
-            pairs += [(LEVER_BASE[row], " (the same shape without the lever)")] if row in LEVER_BASE else []
+            lever = "init's held-out stop" if row in STOP_ROWS else "the lever"
+            pairs += [(LEVER_BASE[row], f" (the same shape without {lever})")] if row in LEVER_BASE else []
             for reference, why in pairs:
                 if reference in rows and (diff := difference(rows[row], rows[reference], metric)):
                     lines.append(difference_line(row, reference, why, metric, diff))

@@ -30,8 +30,11 @@ def test_rows_validate_and_spend_the_budget(tmp_path, tiny_bert_dir, assets_dir,
     data = assets_dir / "many_class.jsonl"
     if size == "gpu":  # validate reads local data: a stand-in whose classes fill the GPU batches (1,024 rows)
         data = tmp_path / "stand-in.jsonl"
-        data.write_text("".join(f'{{"text": "k{c} row {i}", "label": "k{c}"}}\n' for c in range(300) for i in range(8)))
-    plan = quality.curriculum(phases, overrides, data, tmp_path / "run", budget, 0, tiny_bert_dir)
+        data.write_text("".join(f'{{"text": "k{c} row {i}", "label": "k{c}"}}\n' for c in range(400) for i in range(8)))
+    eval_file = None
+    if row in quality.STOP_ROWS:
+        data, eval_file = quality.split_for_eval(data, tmp_path / "split")
+    plan = quality.curriculum(phases, overrides, data, tmp_path / "run", budget, 0, tiny_bert_dir, eval_file)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(plan))
     result = CliRunner().invoke(app, ["validate", str(path)])
@@ -83,6 +86,53 @@ def test_a_rows_own_samples_per_class_sizes_its_batches(tmp_path, tiny_bert_dir,
         tiny_bert_dir,
     )
     assert [p["batch_size"] for p in four["phases"]] == [32, 126]  # 4 + 2 a class: 21 classes
+
+
+def test_a_stop_row_trains_without_the_classes_its_eval_block_holds(tmp_path, tiny_bert_dir, assets_dir):
+    """init's hold-out (a fifth of the classes, whole) and its stop (MAP@R flat for 2 evals) on the last phase."""
+    source = assets_dir / "many_class.jsonl"
+    train, held = quality.split_for_eval(source, tmp_path / "split")
+    train_rows, held_rows = quality.read_rows(train), quality.read_rows(held)
+    assert sorted(map(json.dumps, train_rows + held_rows)) == sorted(map(json.dumps, quality.read_rows(source)))
+    held_labels = {r["label"] for r in held_rows}
+    assert len(held_labels) == 20 and not held_labels & {r["label"] for r in train_rows}  # 100 classes
+    assert quality.split_for_eval(source, tmp_path / "again")[1].read_text() == held.read_text()  # one split, any seed
+    size = quality.dataclasses.replace(quality.SIZES["cpu"], samples=64000)
+    plan = quality.curriculum(
+        *quality.TRIPLETCTL_ROWS["tc-facenet-long-stop"], train, tmp_path, size, 1, tiny_bert_dir, held
+    )
+    assert plan["eval"] == {"source": str(held), "every": 50, "max_rows": 2000}  # nice(875 steps / 10)
+    assert plan["phases"][-1]["until"] == {"eval_plateau": {"metric": "map@r", "patience": 2}}
+    assert "until" not in plan["phases"][0]
+    short = quality.dataclasses.replace(size, samples=2560)  # 30 steps: evals at phase ends only, no stop
+    plan = quality.curriculum(
+        *quality.TRIPLETCTL_ROWS["tc-facenet-long-stop"], train, tmp_path, short, 1, tiny_bert_dir, held
+    )
+    assert plan["eval"]["every"] == 0 and "until" not in plan["phases"][-1]
+
+
+def test_a_runs_evals_and_early_end_are_kept_from_its_metrics(tmp_path):
+    phase = tmp_path / "run" / "p1-batch-all"
+    phase.mkdir(parents=True)
+    events = [
+        {"event": "eval", "global_step": 550, "map@r": 0.41},
+        {"event": "step", "global_step": 551, "loss": 1.0},
+        {"event": "eval", "global_step": 500, "map@r": 0.4},
+        {
+            "event": "until",
+            "phase": "p1-batch-all",
+            "step": 150,
+            "steps_planned": 375,
+            "global_step": 650,
+            "reason": "r",
+        },
+    ]
+    (phase / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert quality.run_events(tmp_path / "run") == {
+        "evals": [[500, 0.4], [550, 0.41]],
+        "until": [{"phase": "p1-batch-all", "step": 150, "steps_planned": 375, "global_step": 650, "reason": "r"}],
+    }
+    assert quality.run_events(tmp_path / "nothing") == {}
 
 
 CPU = quality.size_record("cpu", quality.SIZES["cpu"])
