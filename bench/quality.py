@@ -163,8 +163,15 @@ TRIPLETCTL_ROWS: dict[str, tuple[list[Phase], dict]] = {
 # scored ones) kept out of training and evaluated every nice(steps / 10), and the last phase ending once
 # held-out MAP@R is flat for 2 evals, where init's rule puts that stop (config/sizing.py `size_run`): a
 # corpus of 1,439 rows at 64,000 samples is 44 passes, and this is init's answer to over-training
-STOP_ROWS = {"tc-facenet-long-stop": "tc-facenet-long", "tc-facenet-mined-long-spc2-stop": "tc-facenet-mined-long-spc2"}
+STOP_ROWS = {
+    "tc-facenet-long-stop": "tc-facenet-long",
+    "tc-facenet-mined-long-spc2-stop": "tc-facenet-mined-long-spc2",
+    "tc-facenet-long-best": "tc-facenet-long",
+}
 TRIPLETCTL_ROWS.update({row: TRIPLETCTL_ROWS[base] for row, base in STOP_ROWS.items()})
+# -best: also `train.keep_best: map@r` (init writes it commented out), and the model scored is OUTPUT/best:
+# the eval block's best of the whole run, where the stop only ends the last phase on that phase's best
+TRIPLETCTL_ROWS["tc-facenet-long-best"] = _facenet_shape({}, {}, {"keep_best": "map@r"}, semi_share=0.25)
 # a lever's row on a shape other than tc-facenet's, and that shape without it: the report compares them too
 LEVER_BASE = {"tc-facenet-mined-long": "tc-facenet-long", **STOP_ROWS}
 # sentence-transformers rows: the loss, with the library's own sampler for it
@@ -359,6 +366,8 @@ def train_tripletctl(row: str, train_file: Path, out: Path, size: Size, seed: in
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
         fail(f"{row}: tripletctl train exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    if plan["train"].get("keep_best") and (run_dir / "best" / "model").is_dir():
+        return run_dir / "best" / "model"
     return resolve_checkpoint(run_dir) / "model"
 
 
@@ -409,7 +418,11 @@ def run_events(run_dir: Path) -> dict:
                 evals.append([event["global_step"], round(event["map@r"], 6)])
             elif event.get("event") == "until":
                 stops.append({k: event[k] for k in ("phase", "step", "steps_planned", "global_step", "reason")})
-    return {**({"evals": sorted(evals)} if evals else {}), **({"until": stops} if stops else {})}
+    best = {}
+    if (run_dir / "best" / "best.json").is_file():  # train.keep_best: the eval the scored model comes from
+        kept = json.loads((run_dir / "best" / "best.json").read_text())
+        best = {"best": {"global_step": kept["global_step"], "value": round(kept["value"], 6)}}
+    return {**({"evals": sorted(evals)} if evals else {}), **({"until": stops} if stops else {}), **best}
 
 
 def run_row(
