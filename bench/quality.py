@@ -53,6 +53,9 @@ quarter of the classes hold fewer than 4 rows (debsource).
 `--rows tc-facenet-long-stop` (and `tc-facenet-mined-long-spc2-stop`): that row with the held-out block
 `tripletctl init` writes: a fifth of the training classes (never the scored ones) kept out of training as
 an eval block, and the InfoNCE phase ending once its MAP@R is flat for 2 evals (`until: eval_plateau`).
+`-best` (`tc-facenet-long-best`, `tc-facenet-mined-long-spc2-best`): the same with `train.keep_best: map@r`,
+scored from OUTPUT/best (the eval block's best model of the whole run). result.json keeps the run's evals,
+the `until` that ended a phase and the best eval's step.
 """
 
 from __future__ import annotations
@@ -167,11 +170,14 @@ STOP_ROWS = {
     "tc-facenet-long-stop": "tc-facenet-long",
     "tc-facenet-mined-long-spc2-stop": "tc-facenet-mined-long-spc2",
     "tc-facenet-long-best": "tc-facenet-long",
+    "tc-facenet-mined-long-spc2-best": "tc-facenet-mined-long-spc2",
 }
 TRIPLETCTL_ROWS.update({row: TRIPLETCTL_ROWS[base] for row, base in STOP_ROWS.items()})
 # -best: also `train.keep_best: map@r` (init writes it commented out), and the model scored is OUTPUT/best:
 # the eval block's best of the whole run, where the stop only ends the last phase on that phase's best
-TRIPLETCTL_ROWS["tc-facenet-long-best"] = _facenet_shape({}, {}, {"keep_best": "map@r"}, semi_share=0.25)
+for _row in ("tc-facenet-long-best", "tc-facenet-mined-long-spc2-best"):
+    _phases, _overrides = TRIPLETCTL_ROWS[_row]
+    TRIPLETCTL_ROWS[_row] = (_phases, {**_overrides, "train": {**_overrides["train"], "keep_best": "map@r"}})
 # a lever's row on a shape other than tc-facenet's, and that shape without it: the report compares them too
 LEVER_BASE = {"tc-facenet-mined-long": "tc-facenet-long", **STOP_ROWS}
 # sentence-transformers rows: the loss, with the library's own sampler for it
