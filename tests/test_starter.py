@@ -87,10 +87,14 @@ def test_init_then_train_on_many_classes_holds_out_whole_classes(tmp_path):
     assert plan.model.init == "config" and plan.train.lr == 1e-3  # no weights in the folder: from scratch
     assert [(p.mining, p.loss) for p in plan.phases] == [("semi-hard", "margin"), ("batch-all", "infonce")]
     assert plan.phases[1].batch_size <= 38 * plan.data.samples_per_class  # batches of distinct classes
+    assert plan.train.keep_best == "map@r"  # with an eval block, the run's best held-out model is kept
     run = cli("train", "curriculum.yaml", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     record = json.loads((tmp_path / "runs" / "curriculum" / "run.json").read_text())
     assert record["eval_final"]["map@r"] > record["eval_untrained"]["map@r"] + 0.03
+    best = json.loads((tmp_path / "runs" / "curriculum" / "best" / "best.json").read_text())
+    assert best["metric"] == "map@r" and best["value"] >= record["eval_final"]["map@r"]  # the final eval is offered too
+    assert "best model: runs/curriculum/best/model (map@r " in run.stdout
 
 
 def test_the_curriculum_is_commented_and_validates(tmp_path, assets_dir):

@@ -218,7 +218,8 @@ def _data_block(config: SourceConfig, sizing: Sizing, max_length: int) -> list:
     return block
 
 
-def _train_block(sizing: Sizing, lr: float, device: str, out: Path, seed: int) -> list:
+def _train_block(sizing: Sizing, lr: float, device: str, out: Path, seed: int, has_eval: bool) -> list:
+    best = "map@r" if has_eval else Commented("map@r")  # past a few passes a small corpus over-trains: docs/init.md
     return [
         ("lr", lr, f"peak rate at the first phase's batch ({sizing.lr_reference_batch})"),
         ("lr_scaling", "sqrt", "each phase: lr × sqrt(batch / lr_reference_batch)"),
@@ -228,7 +229,7 @@ def _train_block(sizing: Sizing, lr: float, device: str, out: Path, seed: int) -
         ("seed", seed, ""),
         ("output_dir", f"runs/{out.stem}", "relative to the directory train runs in"),
         ("checkpoint_every", sizing.checkpoint_every, "steps (0: at phase ends only); about 10 per run"),
-        ("keep_best", Commented("map@r"), "keep the best held-out model under OUTPUT/best"),
+        ("keep_best", best, "the best held-out model of the run, kept under OUTPUT/best"),
     ]
 
 
@@ -307,7 +308,7 @@ def _finish(found, data, facts, model, model_said, out, budget, device, seed, co
     blocks = {
         "model": model_block,
         "data": _data_block(data.train, sizing, max_length),
-        "train": _train_block(sizing, lr, device, out, seed),
+        "train": _train_block(sizing, lr, device, out, seed, has_eval=data.eval is not None),
     }
     if data.eval is not None:
         blocks["eval"] = _eval_block(data.eval, data.heldout_texts, sizing)
