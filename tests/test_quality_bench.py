@@ -22,10 +22,10 @@ import quality  # noqa: E402
 BENCH = Path(quality.__file__)
 
 
-@pytest.mark.parametrize("row", sorted(quality.ALL_TRIPLETCTL_ROWS))
+@pytest.mark.parametrize("row", sorted(quality.TRIPLETCTL_ROWS))
 @pytest.mark.parametrize("size", sorted(quality.SIZES))
 def test_rows_validate_and_spend_the_budget(tmp_path, tiny_bert_dir, assets_dir, row, size):
-    phases, overrides = quality.ALL_TRIPLETCTL_ROWS[row]
+    phases, overrides = quality.TRIPLETCTL_ROWS[row]
     budget = quality.SIZES[size]
     data = assets_dir / "many_class.jsonl"
     if size == "gpu":  # validate reads local data: a stand-in whose classes fill the GPU batches (1,024 rows)
@@ -59,7 +59,7 @@ def test_a_budget_below_one_batch_is_refused_with_exit_2():
 
 @pytest.mark.parametrize("row", ["tc-facenet", "tc-semi-hard"])
 def test_a_larger_budget_scales_the_steps_not_the_batches(tmp_path, tiny_bert_dir, assets_dir, row):
-    phases, overrides = quality.ALL_TRIPLETCTL_ROWS[row]
+    phases, overrides = quality.TRIPLETCTL_ROWS[row]
     cpu = quality.SIZES["cpu"]
     plans = [
         quality.curriculum(phases, overrides, assets_dir / "many_class.jsonl", tmp_path, size, 0, tiny_bert_dir)
@@ -71,14 +71,14 @@ def test_a_larger_budget_scales_the_steps_not_the_batches(tmp_path, tiny_bert_di
 
 def test_a_rows_own_samples_per_class_sizes_its_batches(tmp_path, tiny_bert_dir, assets_dir):
     """tc-facenet-mined-long-spc2: 2 rows a class + 2 mined, so the InfoNCE batch is a multiple of 4 (not 6)."""
-    phases, overrides = quality.ALL_TRIPLETCTL_ROWS["tc-facenet-mined-long-spc2"]
+    phases, overrides = quality.TRIPLETCTL_ROWS["tc-facenet-mined-long-spc2"]
     plan = quality.curriculum(
         phases, overrides, assets_dir / "many_class.jsonl", tmp_path, quality.SIZES["cpu"], 0, tiny_bert_dir
     )
     assert plan["data"]["samples_per_class"] == 2
     assert [p["batch_size"] for p in plan["phases"]] == [32, 128]  # 0.5 × 64 and 2 × 64, exact multiples
     four = quality.curriculum(
-        *quality.ALL_TRIPLETCTL_ROWS["tc-facenet-mined-long"],
+        *quality.TRIPLETCTL_ROWS["tc-facenet-mined-long"],
         assets_dir / "many_class.jsonl",
         tmp_path,
         quality.SIZES["cpu"],
