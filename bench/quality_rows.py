@@ -79,7 +79,7 @@ STOP_ROWS = {
     "tc-facenet-mined-long-spc2-best": "tc-facenet-mined-long-spc2",
 }
 TRIPLETCTL_ROWS.update({row: TRIPLETCTL_ROWS[base] for row, base in STOP_ROWS.items()})
-# -best: also `train.keep_best: map@r` (init writes it commented out), and the model scored is OUTPUT/best:
+# -best: also `train.keep_best: map@r` (as init writes it now), and the model scored is OUTPUT/best:
 # the eval block's best of the whole run, where the stop only ends the last phase on that phase's best
 for _row in ("tc-facenet-long-best", "tc-facenet-mined-long-spc2-best"):
     _phases, _overrides = TRIPLETCTL_ROWS[_row]
