@@ -254,13 +254,12 @@ def curriculum(
     for block, keys in overrides.items():
         plan[block] = {**plan.get(block, {}), **keys}
     if eval_file is not None:  # init's eval block and stop, by its rule (config/sizing.py size_run)
-        from tripletctl.config.sizing import nice
+        from tripletctl.config.sizing import eval_stop, held_out_every, stops_on_eval
 
-        total = sum(p["steps"] for p in plan_phases)
-        every = nice(total / 10) if total >= 100 else 0
+        every = held_out_every(sum(p["steps"] for p in plan_phases))
         plan["eval"] = {"source": str(eval_file), "every": every, "max_rows": 2000}
-        if every and plan_phases[-1]["steps"] >= 4 * every:
-            plan_phases[-1]["until"] = {"eval_plateau": {"metric": "map@r", "patience": 2}}
+        if stops_on_eval(plan_phases[-1]["steps"], every):
+            plan_phases[-1]["until"] = eval_stop()
     return plan
 
 

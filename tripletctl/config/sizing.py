@@ -166,6 +166,21 @@ def nice(value: float) -> int:
     return max(m * power for m in (1, 2, 5) if m * power <= value)
 
 
+def eval_stop() -> dict:
+    """The last phase's `until` (many classes): held-out MAP@R flat for 2 evals; a new dict each call."""
+    return {"eval_plateau": {"metric": "map@r", "patience": 2}}
+
+
+def held_out_every(total_steps: int) -> int:
+    """Held-out evals about 10 a run; 0 (phase ends only) below 100 steps."""
+    return nice(total_steps / 10) if total_steps >= 100 else 0
+
+
+def stops_on_eval(last_phase_steps: int, eval_every: int) -> bool:
+    """eval_stop() only where the last phase holds 4 evals or more: fewer cannot show a plateau."""
+    return bool(eval_every) and last_phase_steps >= 4 * eval_every
+
+
 def default_budget(train_rows: int, device: str) -> int:
     """Without --budget: four passes over the training rows, within [2,000, 200,000] on a CPU
     ([2,000, 2,000,000] on a GPU)."""
@@ -323,9 +338,9 @@ def size_run(
         spc, phases, why = _many(rows, budget, device, group)
         regime = "many"
     total_steps = sum(p.steps for p in phases)
-    eval_every = nice(total_steps / 10) if has_eval and total_steps >= 100 else 0
-    if regime == "many" and eval_every and phases[-1].steps >= 4 * eval_every:
-        phases[-1] = dataclasses.replace(phases[-1], until={"eval_plateau": {"metric": "map@r", "patience": 2}})
+    eval_every = held_out_every(total_steps) if has_eval else 0
+    if regime == "many" and stops_on_eval(phases[-1].steps, eval_every):
+        phases[-1] = dataclasses.replace(phases[-1], until=eval_stop())
     return Sizing(
         regime=regime,
         samples_per_class=spc,
