@@ -67,6 +67,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -543,7 +544,14 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_on_term() -> None:
+    """`kill` (SIGTERM) becomes SystemExit, so subprocess.run kills a `tripletctl train` child on its
+    way out instead of leaving it training with no one to read its result."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def main() -> None:
+    exit_on_term()
     parser = arguments()
     args = parser.parse_args()
     given = (("lr", args.lr), ("samples", args.samples), ("device", args.device))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +226,23 @@ def test_a_kept_result_is_not_run_again_and_another_size_is_refused(tmp_path, mo
     assert refused.value.code == 2 and "holds a result of another size" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="trained"):
         quality.run_row("tc-facenet", "fake", files, tmp_path, smoke, 0, force=True, keep=False)
+
+
+def test_kill_of_the_bench_takes_its_training_child_with_it(tmp_path):
+    """A stand-in for `tripletctl train` (a long sleep) under exit_on_term: SIGTERM to the bench process
+    must end the child too, not leave it running."""
+    script = (
+        f"import sys, subprocess; sys.path.insert(0, {str(BENCH.parent)!r}); import quality\n"
+        "quality.exit_on_term()\n"
+        "subprocess.run([sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(60)'])\n"
+    )
+    bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(bench.stdout.readline())
+    bench.terminate()
+    assert bench.wait(timeout=20) == 143
+    for _ in range(100):  # the child is killed, then reaped by subprocess.run
+        if not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text().lower():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the training child {child} outlived the bench")
