@@ -255,10 +255,10 @@ def curriculum(
     for block, keys in overrides.items():
         plan[block] = {**plan.get(block, {}), **keys}
     if eval_file is not None:  # init's eval block and stop, by its rule (config/sizing.py size_run)
-        from tripletctl.config.sizing import eval_stop, held_out_every, stops_on_eval
+        from tripletctl.config.sizing import HOLD_OUT_MAX_ROWS, eval_stop, held_out_every, stops_on_eval
 
         every = held_out_every(sum(p["steps"] for p in plan_phases))
-        plan["eval"] = {"source": str(eval_file), "every": every, "max_rows": 2000}
+        plan["eval"] = {"source": str(eval_file), "every": every, "max_rows": HOLD_OUT_MAX_ROWS}
         if stops_on_eval(plan_phases[-1]["steps"], every):
             plan_phases[-1]["until"] = eval_stop()
     return plan

@@ -20,6 +20,7 @@ from tripletctl.config.choices import POOLINGS
 from tripletctl.config.layouts import LAYOUT_OF
 from tripletctl.config.model_folder import FolderFacts, folder_facts
 from tripletctl.config.sizing import (
+    HOLD_OUT_MAX_ROWS,
     HoldOut,
     Sizing,
     default_budget,
@@ -91,7 +92,9 @@ def _file_source(config: SourceConfig, path: Path, base: Path) -> SourceConfig:
 
 def _holdout_for(found: Survey, seed: int) -> HoldOut:
     if found.grouped:  # every row its own class: a share of the rows, as many as a held-out set needs
-        count = min(len(found.rows) // 5, 2000 // len(LAYOUT_OF[found.config.layout].columns(found.config)))
+        count = min(
+            len(found.rows) // 5, HOLD_OUT_MAX_ROWS // len(LAYOUT_OF[found.config.layout].columns(found.config))
+        )
         return HoldOut("rows", rows={None: max(2, count)})
     return hold_out({label: len(texts) for label, texts in found.class_texts().items()}, seed)
 
@@ -243,7 +246,7 @@ def _eval_block(config: SourceConfig, texts: int, sizing: Sizing) -> list:
     for key in LAYOUT_OF[config.layout].column_keys:
         value = getattr(config, key)
         block.append((key, list(value) if isinstance(value, tuple) else value, ""))
-    rows = max(2, min(2000, texts)) if texts else 2000
+    rows = max(2, min(HOLD_OUT_MAX_ROWS, texts)) if texts else HOLD_OUT_MAX_ROWS
     block += [
         ("max_rows", rows, "held-out texts read (retrieval costs their square)"),
         ("every", sizing.eval_every, "steps, and at every phase end (0: phase ends only)"),
