@@ -139,8 +139,8 @@ def _names_globals(file: Path) -> bool:
                     return _imports_in(stream)
         with open(file, "rb") as stream:
             return _imports_in(stream)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError):  # not a pickle: damaged
-        return False
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError, OverflowError):  # not a pickle:
+        return False  # damaged (garbage that reads as a length of 2^62 bytes is a MemoryError)
 
 
 def _imports_in(stream: Any) -> bool:
