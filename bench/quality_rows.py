@@ -84,6 +84,28 @@ TRIPLETCTL_ROWS.update({row: TRIPLETCTL_ROWS[base] for row, base in STOP_ROWS.it
 for _row in ("tc-facenet-long-best", "tc-facenet-mined-long-spc2-best"):
     _phases, _overrides = TRIPLETCTL_ROWS[_row]
     TRIPLETCTL_ROWS[_row] = (_phases, {**_overrides, "train": {**_overrides["train"], "keep_best": "map@r"}})
+# what `tripletctl init` writes for the corpus and budget, by init's own rules (config/sizing.py): on
+# tc-facenet-long's shape (the bench's batch and lr, as every row), a held-out block + keep_best only above
+# OVER_TRAIN_PASSES passes (`holds_out`), rows a class (`samples_per_class_for`) and mined negatives
+# (`mines_negatives`) from the classes left to train. pool_rows 21,000 as the mined rows above (init writes
+# the default 20,000: 97% of debsource's 20,612 training rows). quality.py resolves it per corpus:
+# debsource at 64,000 samples trains tc-facenet-mined-long-spc2, debtags tc-facenet-long-best.
+INIT_ROW = "tc-init"
+
+
+def init_shape(class_rows: list[int], batch: int, block: bool) -> tuple[list[Phase], dict]:
+    """INIT_ROW's phases and overrides for training classes of these sizes at the bench's `batch`."""
+    from tripletctl.config.sizing import mines_negatives, samples_per_class_for
+
+    rows = [n for n in class_rows if n >= 2]  # size_run's: a class of one row trains nothing
+    spc = samples_per_class_for(rows)
+    infonce_batch = round(2 * batch / spc) * spc  # _facenet_shape's InfoNCE batch before mined rows join it
+    mined = mines_negatives(len(rows), infonce_batch, spc)
+    infonce = {"mined_negatives": {"per_class": 2, "pool_rows": 21000}} if mined else {}
+    train = {"keep_best": "map@r"} if block else {}
+    return _facenet_shape({}, infonce, train, data={"samples_per_class": spc}, semi_share=0.25)
+
+
 # a lever's row on a shape other than tc-facenet's, and that shape without it: the report compares them too
 LEVER_BASE = {"tc-facenet-mined-long": "tc-facenet-long", **STOP_ROWS}
 # sentence-transformers rows: the loss, with the library's own sampler for it
@@ -93,5 +115,5 @@ ST_ROWS = {
     "st-mnrl": "MultipleNegativesRankingLoss",
 }
 ROWS = ["zero-shot", *ST_ROWS, REFERENCE_ROW]  # the default table; every other row runs by name
-MORE_ROWS = [r for r in TRIPLETCTL_ROWS if r not in ROWS]
+MORE_ROWS = [*(r for r in TRIPLETCTL_ROWS if r not in ROWS), INIT_ROW]
 ALL_ROWS = [*ROWS, *MORE_ROWS]

@@ -114,6 +114,27 @@ def test_a_stop_row_trains_without_the_classes_its_eval_block_holds(tmp_path, ti
     assert plan["eval"]["every"] == 0 and "until" not in plan["phases"][-1]
 
 
+def test_the_init_row_makes_inits_choices_for_the_corpus_and_budget(tmp_path, tiny_bert_dir, assets_dir):
+    """tc-init: a held-out block + keep_best only above 4 passes, and the rows a class and mined negatives
+    that config/sizing.py picks for the classes left to train; its curriculum is then a named row's."""
+    small = tmp_path / "small.jsonl"  # 1,000 classes of 2 or 3 rows: 2,500 texts
+    small.write_text(
+        "".join(f'{{"text": "k{c} row {i}", "label": "k{c}"}}\n' for c in range(1000) for i in range(2 + c % 2))
+    )
+    cpu = quality.SIZES["cpu"]
+    for source, samples, named in [
+        (small, 2560, "tc-facenet-mined-long-spc2"),  # 1 pass: no block; 1,000 classes ≥ 20 × 32: mined
+        (small, 64000, "tc-facenet-mined-long-spc2-best"),  # 26 passes
+        (assets_dir / "many_class.jsonl", 64000, "tc-facenet-long-best"),  # 100 classes: 4 a class, none mined
+    ]:
+        size = quality.dataclasses.replace(cpu, samples=samples)
+        got = quality.row_plan(quality.INIT_ROW, source, tmp_path / "init" / named, size)
+        want = quality.row_plan(named, source, tmp_path / named, size)
+        assert (got[3] is None) == (named == "tc-facenet-mined-long-spc2") and got[2].read_text() == want[2].read_text()
+        plans = [quality.curriculum(p, o, source, tmp_path, size, 0, tiny_bert_dir) for p, o, *_ in (got, want)]
+        assert plans[0] == plans[1], named
+
+
 def test_a_runs_evals_and_early_end_are_kept_from_its_metrics(tmp_path):
     phase = tmp_path / "run" / "p1-batch-all"
     phase.mkdir(parents=True)

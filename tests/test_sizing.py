@@ -10,7 +10,15 @@ from helpers import ListRows, labelled
 
 from tripletctl.config import sizing
 from tripletctl.config.mined_negatives import MinedNegativesConfig, stream_rows
-from tripletctl.config.sizing import batch_fill, hold_out, largest_fillable, max_length_for, nice, size_run
+from tripletctl.config.sizing import (
+    batch_fill,
+    hold_out,
+    holds_out,
+    largest_fillable,
+    max_length_for,
+    nice,
+    size_run,
+)
 from tripletctl.data import batching
 from tripletctl.data.batching import ClassBatcher, Shuffler
 
@@ -140,6 +148,14 @@ def test_intervals_follow_the_run_length():
 def test_too_few_classes_is_an_error():
     with pytest.raises(ValueError, match="at least 2 classes"):
         size_run([100, 1], budget=1000, device="cpu")
+
+
+def test_a_block_is_held_out_only_past_four_passes():
+    assert not holds_out(4 * 20_612, 20_612, "cpu") and holds_out(4 * 20_612 + 1, 20_612, "cpu")
+    assert not holds_out(None, 20_612, "cpu")  # the default budget is 4 passes
+    assert holds_out(None, 300, "cpu")  # ... at least 2,000 samples: 6.7 passes over 300 texts
+    assert not holds_out(None, 1_000_000, "cuda")  # ... at most 2,000,000: 2 passes
+    assert holds_out(64_000, 1_439, "cpu") and not holds_out(64_000, 20_612, "cpu")  # the bench's debtags, debsource
 
 
 def test_hold_out_takes_whole_classes_when_there_are_enough():

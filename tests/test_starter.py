@@ -70,13 +70,17 @@ def test_init_then_train_on_two_classes_beats_the_untrained_model(tmp_path, asse
     ]
 
 
-def test_init_then_train_on_many_classes_holds_out_whole_classes(tmp_path):
+def _topics(folder: Path, rows_each: int) -> None:
     rows, seen = [], Counter()
     for row in jsonl(REPO / "curricula" / "quickstart" / "train.jsonl"):  # 48 topics: 40 rows of each
-        if seen[row["label"]] < 40:
+        if seen[row["label"]] < rows_each:
             seen[row["label"]] += 1
             rows.append(row)
-    (tmp_path / "topics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "topics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_init_then_train_on_many_classes_holds_out_whole_classes(tmp_path):
+    _topics(tmp_path, 10)  # 480 texts: a budget of 2,000 is 4.2 passes, past OVER_TRAIN_PASSES
     done = cli("init", "--data", "topics.jsonl", "--model", str(TINY_BERT), "--budget", "2000", "--cpu", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "10 whole classes of 48 held out (never seen in training)" in done.stdout
@@ -95,6 +99,37 @@ def test_init_then_train_on_many_classes_holds_out_whole_classes(tmp_path):
     best = json.loads((tmp_path / "runs" / "curriculum" / "best" / "best.json").read_text())
     assert best["metric"] == "map@r" and best["value"] >= record["eval_final"]["map@r"]  # the final eval is offered too
     assert "best model: runs/curriculum/best/model (map@r " in run.stdout
+
+
+def test_a_budget_of_few_passes_holds_nothing_out(tmp_path):
+    """At most OVER_TRAIN_PASSES passes, a block's rows cost training more than a best-model choice gives
+    (config/sizing.py `holds_out`): every row trains, and the curriculum has no eval block."""
+    _topics(tmp_path, 40)  # 1,920 texts
+    done = cli("init", "--data", "topics.jsonl", "--model", str(TINY_BERT), "--budget", "7680", "--cpu", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "held out: nothing: the budget is 4.0 passes over the 1,920 texts, at most 4" in done.stdout
+    assert not (tmp_path / "curriculum-data").exists()  # no file: training reads the source itself
+    plan = load_curriculum(tmp_path / "curriculum.yaml")
+    assert plan.eval is None and plan.train.keep_best is None
+    text = (tmp_path / "curriculum.yaml").read_text()
+    assert yaml.safe_load(text)["data"]["source"] == "./topics.jsonl" and "eval_plateau" not in text
+    assert "# keep_best: map@r" in text  # there to turn on with an eval block
+    for flags, block in [
+        (["--budget", "7681"], True),
+        (["--hold-out"], True),
+        (["--budget", "9000", "--no-hold-out"], False),
+    ]:
+        out = f"c{len(flags)}{block}.yaml"
+        more = cli(
+            "init", "--data", "topics.jsonl", "--model", str(TINY_BERT), "--cpu", "-o", out, *flags, cwd=tmp_path
+        )
+        assert more.returncode == 0, more.stderr
+        assert ("whole classes of 48 held out" in more.stdout) is block, flags
+        assert (load_curriculum(tmp_path / out).eval is not None) is block, flags
+    both = cli("init", "--data", "topics.jsonl", "--model", str(TINY_BERT), "--hold-out", "--heldout", "topics.jsonl",
+               "-o", "both.yaml", cwd=tmp_path)  # fmt: skip
+    assert both.returncode == 2 and "--hold-out keeps part of --data out and --heldout reads another" in both.stderr
+    assert not (tmp_path / "both.yaml").exists()
 
 
 def test_the_curriculum_is_commented_and_validates(tmp_path, assets_dir):

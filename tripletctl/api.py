@@ -182,6 +182,7 @@ def init(
     budget: int | None = None,
     device: str | None = None,
     heldout: str | None = None,
+    hold_out: bool | None = None,
     sample_rows: int | None = None,
     seed: int = 0,
     force: bool = False,
@@ -192,7 +193,8 @@ def init(
     both (docs/init.md), plus its train and held-out files beside it; `tripletctl train OUT` is the
     next step, with no edit. `device` "cpu" or "cuda" (default: CUDA when available); `budget` in
     samples (texts embedded in training batches); `heldout` a held-out source to use instead of
-    holding out part of `data`; `source` the other source keys (text_column, label_column, split...)."""
+    holding out part of `data`; `hold_out` True / False to hold part of `data` out or not (default:
+    only past 4 passes, docs/init.md); `source` the other source keys (text_column, label_column...)."""
     from tripletctl.config.block_checks import source_from_options
     from tripletctl.train.starter import write_starter
 
@@ -208,6 +210,7 @@ def init(
         budget=budget,
         device=device,
         heldout=held,
+        hold_out_block=hold_out,
         sample_rows=sample_rows,
         seed=seed,
         force=force,

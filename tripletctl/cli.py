@@ -222,7 +222,7 @@ def curricula_copy(
 
 INIT_HELP = """Write a curriculum sized to your data and model; `tripletctl train OUT` is the next command.
 
-Reads a sample of --data (streamed, at most --sample-rows rows), counts its classes and rows per class, holds out whole classes (with few classes: a share of every class's rows) as the eval block, written as files beside OUT, and sizes the phases, batches, steps (from --budget), learning rate and intervals to them (docs/init.md). Prints what it found and decided; exit 2 on bad input."""
+Reads a sample of --data (streamed, at most --sample-rows rows), counts its classes and rows per class, holds out whole classes (with few classes: a share of every class's rows) as the eval block where the budget makes more than 4 passes (or with --hold-out), written as files beside OUT, and sizes the phases, batches, steps (from --budget), learning rate and intervals to them (docs/init.md). Prints what it found and decided; exit 2 on bad input."""
 
 
 @app.command(help=INIT_HELP)
@@ -244,21 +244,18 @@ def init(
     heldout: str | None = typer.Option(
         None, "--heldout", help="A held-out source (same columns) instead of holding out part of --data."
     ),
+    hold_out: bool | None = typer.Option(
+        None, "--hold-out/--no-hold-out", help="Hold part of --data out as the eval block (default: past 4 passes)."
+    ),
     budget: int | None = typer.Option(
-        None,
-        "--budget",
-        min=1,
-        help="Training samples (texts embedded in batches); default: 4 passes over the training rows.",
+        None, "--budget", min=1, help="Training samples (texts embedded in batches); default: 4 passes over the rows."
     ),
     gpu: bool | None = typer.Option(
         None, "--gpu/--cpu", help="Size for a CUDA GPU or for the CPU (default: a GPU when one is available)."
     ),
     sample_rows: int | None = typer.Option(None, "--sample-rows", min=1, help="Rows read at most (default 50000)."),
     out: Path = typer.Option(
-        Path("curriculum.yaml"),
-        "--out",
-        "-o",
-        help="The curriculum to write; OUT_STEM-data/ beside it holds the data files.",
+        Path("curriculum.yaml"), "--out", "-o", help="The curriculum to write; OUT_STEM-data/ beside it: data files."
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT and its data files if they exist."),
 ) -> None:
@@ -277,6 +274,7 @@ def init(
             budget=budget,
             device=device,
             heldout=heldout,
+            hold_out=hold_out,
             sample_rows=sample_rows,
             force=force,
             command=f"tripletctl {typed}",

@@ -30,6 +30,7 @@ FROM_SCRATCH_LR = 1e-3  # init: config, random weights (the quickstart's)
 HOLD_OUT_SHARE = 0.2  # of the classes (many) or of each class's rows (few)
 HOLD_OUT_MAX_ROWS = 2000  # held-out rows kept at most (retrieval costs the square)
 HOLD_OUT_MIN_CLASSES = 10  # below this, whole-class hold-out leaves too few classes on either side
+OVER_TRAIN_PASSES = 4  # above this many passes over its texts a run can over-train: only then a block pays
 
 
 # ----------------------------------------------------------------------------- what a batch needs
@@ -102,6 +103,16 @@ class HoldOut:
             f"{held:,} rows held out across all {classes} classes: with {classes} classes whole-class "
             f"hold-out is impossible, so held-out rows share their classes with training"
         )
+
+
+def holds_out(budget: int | None, texts: int, device: str) -> bool:
+    """Whether `init` keeps a held-out block out of a complete source's training rows: only where the
+    run passes over its texts more than OVER_TRAIN_PASSES times. A block's rows and classes are lost to
+    training, and it pays only by choosing the best model of a run that over-trains: on debtags (44
+    passes) the best held-out model tied sentence-transformers' MNRL where the last one trailed by 2.3
+    points of MAP@R; on debsource (3.1 passes) the best was the last within ±0.003, and the block cost
+    0.3 points of recall@1 (docs/init.md)."""
+    return (budget or default_budget(texts, device)) > OVER_TRAIN_PASSES * texts
 
 
 def hold_out(class_rows: Mapping[Hashable, int], seed: int = 0) -> HoldOut:
@@ -259,13 +270,25 @@ def _few(class_rows: Sequence[int], budget: int, device: str) -> tuple[int, list
     return spc, phases, why
 
 
+def samples_per_class_for(class_rows: Sequence[int]) -> int:
+    """4 rows a class, fewer when a quarter of the classes hold fewer: a class of 2 or 3 rows never
+    fills a slot of 4 (on debsource, three quarters of its 5,904 classes)."""
+    ordered = sorted(class_rows)
+    return max(2, min(4, ordered[len(ordered) // 4]))
+
+
+def mines_negatives(classes: int, batch: int, samples_per_class: int) -> bool:
+    """Whether an InfoNCE batch of `batch` labelled rows brings mined negatives: where it holds at most a
+    MINED_CLASS_RATIO-th of the classes, a random batch rarely holds a class's confusers."""
+    return classes >= MINED_CLASS_RATIO * (batch // (samples_per_class + MINED_PER_CLASS))
+
+
 def _many(class_rows: Sequence[int], budget: int, device: str, group: int | None) -> tuple[int, list[PhasePlan], str]:
     """More classes than a small batch holds: facenet.yaml's shape, semi-hard (margin 0.5) until it runs
     out of work, then InfoNCE over a batch up to 4× larger, batches of distinct classes only.
     `group`: the texts of one row for pairs (2) and triplets (2 + negatives), None for labelled rows."""
     if group is None:
-        ordered = sorted(class_rows)
-        spc = max(2, min(4, ordered[len(ordered) // 4]))
+        spc = samples_per_class_for(class_rows)
         capacity = _floor_to(spc * sum(1 for n in class_rows if n >= spc), spc)
     else:
         spc, capacity = group, group * len(class_rows)
@@ -275,7 +298,7 @@ def _many(class_rows: Sequence[int], budget: int, device: str, group: int | None
     # labelled rows whose random batches hold few of the classes (a class rarely meets its confusers):
     # each class of the InfoNCE batch brings mined negatives, which the batcher does not draw
     mined = None
-    if group is None and len(class_rows) >= MINED_CLASS_RATIO * (second // (spc + MINED_PER_CLASS)):
+    if group is None and mines_negatives(len(class_rows), second, spc):
         mined = {"per_class": MINED_PER_CLASS}
         second = max(2 * (spc + MINED_PER_CLASS), _floor_to(second, spc + MINED_PER_CLASS))
     steps = [_steps(share, budget, b) for share, b in zip(SHARES_MANY, (first, second))]

@@ -1,8 +1,8 @@
 """`tripletctl init`: from a labelled corpus and a model to a curriculum `train` runs with no edit.
 
 Reads a bounded sample of the data (data/survey.py), looks at the model folder (config/model_folder.py),
-holds out whole classes (or, with few classes, rows of every class: config/sizing.py `hold_out`),
-sizes the run (`size_run`, the one rule, docs/init.md) and writes the commented curriculum
+holds out whole classes past 4 passes (or, with few classes, rows of every class: config/sizing.py
+`holds_out`, `hold_out`), sizes the run (`size_run`, the one rule, docs/init.md) and writes the commented curriculum
 (config/starter.py) with its train and held-out files beside it, then loads it back as `validate`
 would: a file init writes and `validate` refuses is a bug, and nothing of it is left behind.
 """
@@ -21,10 +21,12 @@ from tripletctl.config.layouts import LAYOUT_OF
 from tripletctl.config.model_folder import FolderFacts, folder_facts
 from tripletctl.config.sizing import (
     HOLD_OUT_MAX_ROWS,
+    OVER_TRAIN_PASSES,
     HoldOut,
     Sizing,
     default_budget,
     hold_out,
+    holds_out,
     learning_rate,
     max_length_for,
     size_run,
@@ -99,11 +101,38 @@ def _holdout_for(found: Survey, seed: int) -> HoldOut:
     return hold_out({label: len(texts) for label, texts in found.class_texts().items()}, seed)
 
 
-def _split_data(found: Survey, heldout: SourceConfig | None, out: Path, seed: int) -> _Data:
+def _no_block(found: Survey, budget: int | None, device: str, keep_block: bool | None) -> str | None:
+    """Why nothing of the data is held out, or None to hold a block out. `keep_block`: --hold-out (True),
+    --no-hold-out (False), or None: init's rule (`holds_out`) for a complete source; a larger one keeps
+    its block, whose rows cost training nothing (they stream in)."""
+    texts = _budget_texts(found, found.rows)
+    if keep_block is False:
+        return "nothing (--no-hold-out): no eval block"
+    if keep_block or not found.complete or holds_out(budget, texts, device):
+        return None
+    passes = (budget or default_budget(texts, device)) / texts
+    return (
+        f"nothing: the budget is {passes:.1f} passes over the {texts:,} texts, at most {OVER_TRAIN_PASSES}, "
+        f"where held-out rows cost training more than choosing the best model gives (docs/init.md); "
+        f"--hold-out keeps a block out anyway, --heldout SOURCE evaluates on another source"
+    )
+
+
+def _split_data(
+    found: Survey,
+    heldout: SourceConfig | None,
+    out: Path,
+    seed: int,
+    budget: int | None,
+    device: str,
+    keep: bool | None,
+) -> _Data:
     base = out.parent
     if heldout is not None:
         said = f"nothing of the data: the eval block reads --heldout {heldout.source}"
         return _Data(_as_written(found.config, base), _as_written(heldout, base), found.rows, 0, [], said)
+    if nothing := _no_block(found, budget, device, keep):
+        return _Data(_as_written(found.config, base), None, found.rows, 0, [], nothing)
     plan = _holdout_for(found, seed)
     train_rows, held_rows = split_rows(found, plan, seed)
     folder = out.parent / f"{out.stem}-data"
@@ -146,6 +175,14 @@ def _with_text_names(config: SourceConfig) -> SourceConfig:
 def _texts(found: Survey, rows: list[list]) -> int:
     """Texts in these rows: one per labelled row, every text of a pair or triplet row."""
     return sum(len(row) for row in rows) if found.grouped else len(rows)
+
+
+def _budget_texts(found: Survey, rows: list[list]) -> int:
+    """The texts a budget's passes are counted over: distinct usable rows per class, every text of a
+    pair or triplet row."""
+    if found.grouped:
+        return len(rows) * len(LAYOUT_OF[found.config.layout].columns(found.config))
+    return sum(_class_rows(found, rows))
 
 
 def _class_rows(found: Survey, rows: list[list]) -> list[int]:
@@ -271,8 +308,11 @@ def write_starter(
     seed: int,
     force: bool,
     command: str,
+    hold_out_block: bool | None = None,
 ) -> InitResult:
     """Everything `tripletctl init` does: what it wrote and said."""
+    if hold_out_block and heldout is not None:
+        raise TripletctlError("--hold-out keeps part of --data out and --heldout reads another source: choose one")
     if out.exists() and not force:
         raise TripletctlError(f"{out} already exists: choose another -o/--out, or pass --force to replace it")
     data_dir = out.parent / f"{out.stem}-data"
@@ -286,7 +326,7 @@ def write_starter(
     found = survey(config, given, sample_rows or SAMPLE_ROWS)
     with writing(out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
-    data = _split_data(found, heldout, out, seed)
+    data = _split_data(found, heldout, out, seed, budget, device, hold_out_block)
     try:
         return _finish(found, data, facts, model, model_said, out, budget, device, seed, command)
     except BaseException:
@@ -300,7 +340,7 @@ def write_starter(
 def _finish(found, data, facts, model, model_said, out, budget, device, seed, command) -> InitResult:
     class_rows = _class_rows(found, data.train_rows)
     group = len(LAYOUT_OF[found.config.layout].columns(found.config)) if found.grouped else None
-    budget = budget or default_budget(sum(class_rows) if group is None else len(data.train_rows) * group, device)
+    budget = budget or default_budget(_budget_texts(found, data.train_rows), device)
     try:
         sizing = size_run(class_rows, budget, device, group=group, has_eval=data.eval is not None)
     except ValueError as error:
