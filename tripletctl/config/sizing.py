@@ -112,7 +112,12 @@ def holds_out(budget: int | None, texts: int, device: str) -> bool:
     passes) the best held-out model tied sentence-transformers' MNRL where the last one trailed by 2.3
     points of MAP@R; on debsource (3.1 passes) the best was the last within ±0.003, and the block cost
     0.3 points of recall@1 (docs/init.md)."""
-    return (budget or default_budget(texts, device)) > OVER_TRAIN_PASSES * texts
+    return passes(budget, texts, device) > OVER_TRAIN_PASSES
+
+
+def passes(budget: int | None, texts: int, device: str) -> float:
+    """Passes a budget (None: `default_budget`'s) makes over these texts."""
+    return (budget or default_budget(texts, device)) / texts
 
 
 def hold_out(class_rows: Mapping[Hashable, int], seed: int = 0) -> HoldOut:

@@ -2,9 +2,10 @@
 
 Reads a bounded sample of the data (data/survey.py), looks at the model folder (config/model_folder.py),
 holds out whole classes past 4 passes (or, with few classes, rows of every class: config/sizing.py
-`holds_out`, `hold_out`), sizes the run (`size_run`, the one rule, docs/init.md) and writes the commented curriculum
-(config/starter.py) with its train and held-out files beside it, then loads it back as `validate`
-would: a file init writes and `validate` refuses is a bug, and nothing of it is left behind.
+`holds_out`, `hold_out`), sizes the run (`size_run`, the one rule, docs/init.md) and writes the
+commented curriculum (config/starter.py) with its train and held-out files beside it, then loads it
+back as `validate` would: a file init writes and `validate` refuses is a bug, and nothing of it is
+left behind.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tripletctl.config.sizing import (
     holds_out,
     learning_rate,
     max_length_for,
+    passes,
     size_run,
 )
 from tripletctl.config.starter import Commented, render
@@ -110,9 +112,9 @@ def _no_block(found: Survey, budget: int | None, device: str, keep_block: bool |
         return "nothing (--no-hold-out): no eval block"
     if keep_block or not found.complete or holds_out(budget, texts, device):
         return None
-    passes = (budget or default_budget(texts, device)) / texts
     return (
-        f"nothing: the budget is {passes:.1f} passes over the {texts:,} texts, at most {OVER_TRAIN_PASSES}, "
+        f"nothing: the budget is {passes(budget, texts, device):.1f} passes over the {texts:,} texts, "
+        f"at most {OVER_TRAIN_PASSES}, "
         f"where held-out rows cost training more than choosing the best model gives (docs/init.md); "
         f"--hold-out keeps a block out anyway, --heldout SOURCE evaluates on another source"
     )
