@@ -95,13 +95,13 @@ INIT_ROW = "tc-init"
 
 def init_shape(class_rows: list[int], batch: int, block: bool) -> tuple[list[Phase], dict]:
     """INIT_ROW's phases and overrides for training classes of these sizes at the bench's `batch`."""
-    from tripletctl.config.sizing import mines_negatives, samples_per_class_for
+    from tripletctl.config.sizing import MINED_PER_CLASS, mines_negatives, samples_per_class_for
 
     rows = [n for n in class_rows if n >= 2]  # size_run's: a class of one row trains nothing
     spc = samples_per_class_for(rows)
     infonce_batch = round(2 * batch / spc) * spc  # _facenet_shape's InfoNCE batch before mined rows join it
     mined = mines_negatives(len(rows), infonce_batch, spc)
-    infonce = {"mined_negatives": {"per_class": 2, "pool_rows": 21000}} if mined else {}
+    infonce = {"mined_negatives": {"per_class": MINED_PER_CLASS, "pool_rows": 21000}} if mined else {}
     train = {"keep_best": "map@r"} if block else {}
     return _facenet_shape({}, infonce, train, data={"samples_per_class": spc}, semi_share=0.25)
 
